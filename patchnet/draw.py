@@ -1,0 +1,74 @@
+"""Figures: patches coloured by training label (the paper's Figure 4)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from .datasets import ImageRecord, load_image  # noqa: E402
+from .sampler import IGNORE, grid_by_scale, label_patches  # noqa: E402
+
+
+OUTLINE = [patheffects.withStroke(linewidth=3, foreground="black")]
+
+
+def class_colors(n: int) -> list:
+    """Distinct saturated colours (no greys, which would read as background): golden-ratio hues."""
+    from matplotlib.colors import hsv_to_rgb
+
+    return [(*hsv_to_rgb(((0.08 + i * 0.618034) % 1.0, 0.9, 1.0)), 1.0) for i in range(n)]
+
+
+def draw_labels(record: ImageRecord, classes: list[str], patches_cfg, out: str | Path) -> Path:
+    """One panel per scale: positives in their class colour, background grey, ignored red dashed."""
+    image = load_image(record.path)
+    grids = grid_by_scale(record.width, record.height, patches_cfg.scales, patches_cfg.step)
+    colors = class_colors(len(classes))
+    cols = min(3, len(grids))
+    rows = math.ceil(len(grids) / cols)
+    aspect = record.height / record.width
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, (4.5 * aspect + 0.4) * rows + 0.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, g in zip(axes.ravel(), grids):
+        labels = label_patches(g.boxes, record.boxes, record.box_classes, record.box_difficult, len(classes),
+                               image_labels=record.labels)
+        ax.imshow(image)
+        centers = (g.boxes[:, :2] + g.boxes[:, 2:]) / 2
+        bg = labels == len(classes)
+        ax.scatter(centers[bg, 0], centers[bg, 1], s=6, c="lightgrey", edgecolors="black", linewidths=0.3)
+        for (x1, y1, x2, y2), lab in zip(g.boxes, labels):
+            if lab == IGNORE:
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", lw=1.0, ls="--"))
+            elif lab != len(classes):
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, facecolor=(*colors[lab][:3], 0.12),
+                                       edgecolor=colors[lab], lw=2.0, path_effects=OUTLINE))
+        for (x1, y1, x2, y2), c, d in zip(record.boxes, record.box_classes, record.box_difficult):
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", lw=1.5,
+                                   ls=":" if d else "-", path_effects=OUTLINE))
+            ax.text(x1 + 2, y1 + 2, classes[c] + (" (difficult)" if d else ""), fontsize=6, va="top",
+                    color="white", path_effects=OUTLINE)
+        pos = int(((labels >= 0) & (labels < len(classes))).sum())
+        ign, nbg = int((labels == IGNORE).sum()), int(bg.sum())
+        ax.set_title(f"λ={g.scale:g} (side {g.side:.0f} px): {pos} pos, {nbg} bg, {ign} ignored", fontsize=8)
+    present = sorted(set(record.box_classes.tolist()))
+    handles = [Line2D([], [], color=colors[c], lw=2, label=classes[c]) for c in present]
+    handles += [Line2D([], [], color="lightgrey", marker="o", ls="", markeredgecolor="k", label="background (centre)"),
+                Line2D([], [], color="red", lw=1, ls="--", label="ignored"),
+                Line2D([], [], color="white", lw=1.5, label="object box")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, facecolor="0.7")
+    fig.suptitle(f"{record.image_id}: training labels of patches", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,159 @@
+"""Patch features from a frozen trunk: exact mode (every patch through the trunk) and shared mode.
+
+Both modes rescale the image once per scale by ``input_size / side``, so that a patch of that scale
+becomes exactly ``input_size`` pixels.
+- exact: each patch is a slice of the rescaled image, and slices run through the whole network
+  in batches (the paper's method, without per-patch resampling).
+- shared: the trunk runs once on each rescaled image, and each patch's region of the feature map is
+  pooled with RoIAlign (the convolutions see context outside the patch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import Backbone
+from .recipe import BackboneConfig, PatchConfig
+from .sampler import ScaleGrid, grid_by_scale
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available; use backbone.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: fp16 on CUDA, bf16 on CPUs with native bf16."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else None
+
+
+@dataclass
+class Level:
+    """One trunk pass of shared mode: the image rescaled by ``factor``, and the scales pooled from it."""
+
+    factor: float
+    grids: list[int]  # indices into the image's scale grids
+
+
+class PatchExtractor:
+    """Computes the features of all patches of an image, in the order of ``patch_grid``."""
+
+    def __init__(self, backbone: Backbone, patches: PatchConfig, backbone_cfg: BackboneConfig | None = None):
+        cfg = backbone_cfg or BackboneConfig()
+        self.patches = patches
+        self.device = resolve_device(cfg.device)
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        self.channels_last = cfg.channels_last
+        self.batch_size = cfg.batch_size
+        self.backbone = backbone.fused().to(self.device)
+        if self.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.size = backbone.input_size
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.feature_dim
+
+    def grids(self, width: int, height: int) -> list[ScaleGrid]:
+        return grid_by_scale(width, height, self.patches.scales, self.patches.step)
+
+    def boxes(self, width: int, height: int) -> np.ndarray:
+        return np.concatenate([g.boxes for g in self.grids(width, height)])
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _prepare(self, image) -> torch.Tensor:
+        """uint8 (H, W, 3) array or (3, H, W) tensor -> float (1, 3, H, W) in [0, 1] on the device."""
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return image.to(self.device, non_blocking=True).unsqueeze(0).float().div_(255)
+
+    def _rescale(self, img: torch.Tensor, factor: float) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        out = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=factor < 1)
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    @torch.inference_mode()
+    def __call__(self, image) -> torch.Tensor:
+        """(N, d) float32 features of all patches, on the CPU."""
+        img = self._prepare(image)
+        h, w = img.shape[-2:]
+        grids = self.grids(w, h)
+        if self.patches.mode == "exact":
+            feats = [self._exact(img, g) for g in grids]
+        else:
+            feats = [None] * len(grids)
+            for level in self.levels(grids, w, h):
+                for i, f in zip(level.grids, self._shared(img, [grids[i] for i in level.grids], level.factor)):
+                    feats[i] = f
+        return torch.cat(feats).float().cpu()
+
+    def _exact(self, img: torch.Tensor, grid: ScaleGrid) -> torch.Tensor:
+        factor = self.size / grid.side
+        scaled = self._rescale(img, factor)
+        sh, sw = scaled.shape[-2:]
+        xs = np.clip(np.round(grid.boxes[:, 0] * factor).astype(int), 0, max(sw - self.size, 0))
+        ys = np.clip(np.round(grid.boxes[:, 1] * factor).astype(int), 0, max(sh - self.size, 0))
+        out = []
+        for start in range(0, len(xs), self.batch_size):
+            crops = [scaled[0, :, y:y + self.size, x:x + self.size] for x, y in zip(xs[start:start + self.batch_size],
+                                                                               ys[start:start + self.batch_size])]
+            batch = torch.stack(crops)
+            if batch.shape[-1] != self.size or batch.shape[-2] != self.size:  # an image smaller than a patch
+                batch = F.interpolate(batch, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                out.append(self.backbone(batch).float())
+        return torch.cat(out)
+
+    def levels(self, grids: list[ScaleGrid], width: int, height: int) -> list[Level]:
+        """Trunk passes of shared mode; each scale is pooled from the level nearest in log-scale."""
+        scales = [g.scale for g in grids]
+        chosen = self.patches.levels or scales
+        assign: dict[float, list[int]] = {}
+        for i, s in enumerate(scales):
+            lv = min(chosen, key=lambda v: abs(math.log(v / s)))
+            assign.setdefault(lv, []).append(i)
+        levels = []
+        short = min(width, height)
+        for lv, members in sorted(assign.items()):
+            factor = self.size * lv / short
+            cap = self.patches.max_side / (max(width, height) * factor)
+            levels.append(Level(factor * min(1.0, cap), members))
+        return levels
+
+    def _shared(self, img: torch.Tensor, grids: list[ScaleGrid], factor: float) -> list[torch.Tensor]:
+        scaled = self._rescale(img, factor)
+        with self._autocast():
+            fmap = self.backbone.feature_map(scaled)
+        # Map pixels to map cells: x' = (x * factor - offset) / stride, per axis after rounding of sizes.
+        fx, fy = scaled.shape[-1] / img.shape[-1], scaled.shape[-2] / img.shape[-2]
+        boxes = torch.from_numpy(np.concatenate([g.boxes for g in grids])).to(self.device, torch.float32)
+        scale = torch.tensor([fx, fy, fx, fy], device=self.device) / self.backbone.stride
+        cells = boxes * scale - self.backbone.offset / self.backbone.stride
+        with self._autocast():
+            feats = self.backbone.pool_regions(fmap, cells).float()
+        return list(torch.split(feats, [len(g.boxes) for g in grids]))

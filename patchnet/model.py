@@ -1,0 +1,76 @@
+"""The adaptation layers trained on top of the frozen trunk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class AdaptationHead(nn.Module):
+    """FCa = Linear(d, hidden) + ReLU + Dropout, then FCb = Linear(hidden, C + 1).
+
+    The last output is the background class; softmax runs over all C + 1 outputs.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, hidden: int = 2048, dropout: float = 0.5):
+        super().__init__()
+        self.num_classes = num_classes
+        self.fca = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.fcb = nn.Linear(hidden, num_classes + 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, d) features -> (N, C + 1) logits."""
+        return self.fcb(self.fca(features))
+
+    @torch.no_grad()
+    def probabilities(self, features, batch_size: int = 16384) -> torch.Tensor:
+        """(N, C + 1) softmax outputs in inference mode; ``features`` may be a memory-mapped fp16 array."""
+        was_training = self.training
+        self.eval()
+        weight = self.fcb.weight
+        out = [self(torch.as_tensor(np.asarray(features[i:i + batch_size]), device=weight.device).to(weight.dtype))
+               .softmax(-1).cpu() for i in range(0, len(features), batch_size)]
+        self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes + 1)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked."""
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write atomically: a kill mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a patchnet checkpoint safely (tensors and plain containers only, no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; runs write checkpoints/<name>/best.pt and last.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable patchnet checkpoint ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("head", "recipe", "classes", "feature_dim") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a patchnet checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def check_compatible(state: dict, path: str | Path, backbone: str, classes: list[str], feature_dim: int) -> None:
+    """Refuse a checkpoint made for another backbone or class list, saying what differs."""
+    theirs = state["recipe"]["backbone"]["name"]
+    if theirs != backbone or state["feature_dim"] != feature_dim:
+        raise CheckpointError(f"{path}: trained on backbone {theirs} ({state['feature_dim']}-d features), "
+                              f"but this run uses {backbone} ({feature_dim}-d)")
+    if list(state["classes"]) != list(classes):
+        raise CheckpointError(f"{path}: trained for classes {state['classes']}, but the data has {classes}")

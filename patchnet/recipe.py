@@ -1,0 +1,216 @@
+"""Typed recipes: dataclasses loaded from YAML, with ``section.field=value`` overrides."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VOC_CLASSES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+]
+# The paper lists these nine values of lambda (its text says "eight scales").
+PAPER_SCALES = [1.0, 1.3, 1.6, 2.0, 2.4, 2.8, 3.2, 3.6, 4.0]
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that cannot be used as given."""
+
+
+@dataclass
+class DataConfig:
+    format: str = "voc"  # voc | coco | demo
+    root: str = ""  # VOC: VOCdevkit/VOC20xx; COCO: folder with annotations/ and images
+    train_split: str = "trainval"
+    val_split: str = "test"  # "" trains without validation
+    classes: list[str] = field(default_factory=lambda: list(VOC_CLASSES))  # COCO: [] = all
+
+
+@dataclass
+class PatchConfig:
+    scales: list[float] = field(default_factory=lambda: list(PAPER_SCALES))
+    step: float = 1 / 3  # grid step as a fraction of the patch side
+    mode: str = "shared"  # exact (the paper's crops) | shared (one trunk pass per scale)
+    levels: list[float] = field(default_factory=list)  # shared: pyramid levels; [] = one per scale
+    max_side: int = 1600  # shared: cap on the long side of a rescaled image (memory bound)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | random (tests) | path to a state_dict file
+    input_size: int = 0  # 0: the backbone's own
+    channels_last: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    batch_size: int = 16  # patches per trunk call in exact mode
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class HeadConfig:
+    hidden: int = 2048
+    dropout: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"  # step | plateau
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.875])  # fractions of epochs
+    plateau_patience: int = 2
+    max_decays: int = 3
+    bg_rate: float = 0.1  # fraction of background patches redrawn each epoch
+    seed: int = 0
+    eval_every: int = 1
+    num_workers: int = 2  # image-decoding worker processes
+    heatmaps: int = 4  # validation images drawn to TensorBoard at each evaluation
+
+
+@dataclass
+class InferConfig:
+    k: float = 5.0  # power of the power-k mean over patches
+
+
+@dataclass
+class CacheConfig:
+    dir: str = ".cache/features"
+    chunk: int = 32  # images per chunk file: a killed run loses at most one chunk of work
+
+
+@dataclass
+class AugConfig:
+    views: int = 0  # extra augmented views per training image (cached like the original)
+    hflip: float = 0.5
+    crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
+    rotate: float = 10.0
+    color: float = 0.2
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    output: str = "checkpoints"  # runs go to <output>/<name>/
+    data: DataConfig = field(default_factory=DataConfig)
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Recipe":
+        _choice("data.format", self.data.format, ("voc", "coco", "demo"))
+        _choice("patches.mode", self.patches.mode, ("exact", "shared"))
+        _choice("backbone.precision", self.backbone.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("train.schedule", self.train.schedule, ("step", "plateau"))
+        if not self.patches.scales or min(self.patches.scales) < 1.0:
+            raise RecipeError(f"patches.scales must be a non-empty list of values >= 1, got {self.patches.scales}")
+        if not 0.0 < self.patches.step <= 0.5:
+            raise RecipeError(
+                f"patches.step must lie in (0, 0.5] so that neighbours overlap by at least 50%, got {self.patches.step}"
+            )
+        if not 0.0 <= self.train.bg_rate <= 1.0:
+            raise RecipeError(f"train.bg_rate must lie in [0, 1], got {self.train.bg_rate}")
+        if self.infer.k <= 0:
+            raise RecipeError(f"infer.k must be positive, got {self.infer.k}")
+        if self.train.epochs < 1 or self.train.batch_size < 1:
+            raise RecipeError("train.epochs and train.batch_size must be at least 1")
+        return self
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise RecipeError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and value is None:
+        return ""
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise RecipeError(f"{key} must be of type {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"valid keys here: {', '.join(prefix + n for n in names)}")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like section.field=value, e.g. train.lr=0.001")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = values
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return values
+
+
+def recipe_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    values = apply_overrides(copy.deepcopy(values), list(overrides or []))
+    return _build(Recipe, values).validate()
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe, apply overrides and validate every field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist; the shipped recipes are in recipes/")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping of sections")
+    try:
+        return recipe_from_dict(values, overrides)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

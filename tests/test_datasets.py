@@ -1,0 +1,252 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASSES, write_image
+from patchnet.datasets import DatasetError, image_size, load_image, open_split, read_coco, read_voc
+from patchnet.recipe import DataConfig
+
+
+def test_voc_reader_converts_boxes_and_reads_class_lists(voc):
+    voc.add("001", 100, 80, [("cat", 11, 21, 50, 60), ("person", 1, 1, 100, 80, 1)])
+    voc.add("002", 64, 64, [("dog", 5, 5, 30, 30)])
+    voc.split("train", ["001", "002"], {"cat": [1, -1], "dog": [-1, 1], "person": [0, 1]})
+    ds = read_voc(voc.root, "train", CLASSES)
+    assert ds.classes == CLASSES and len(ds) == 2
+    r = ds.records[0]
+    assert (r.width, r.height) == (100, 80)
+    # VOC's 1-based inclusive pixels become continuous 0-based coordinates
+    np.testing.assert_allclose(r.boxes, [[10, 20, 50, 60], [0, 0, 100, 80]])
+    assert r.box_classes.tolist() == [0, 2] and r.box_difficult.tolist() == [False, True]
+    assert r.labels.tolist() == [1, -1, 0]
+    # the lists are the image-level truth even where the XML lacks a box (person in 002)
+    assert ds.records[1].labels.tolist() == [-1, 1, 1]
+    assert ds.labels().shape == (2, 3)
+
+
+def test_voc_labels_come_from_boxes_without_class_lists(voc):
+    voc.add("001", 100, 80, [("cat", 11, 21, 50, 60), ("person", 1, 1, 40, 40, 1)])
+    voc.split("train", ["001"])
+    assert read_voc(voc.root, "train", CLASSES).records[0].labels.tolist() == [1, -1, 0]
+
+
+def test_missing_image(voc):
+    voc.add("001", 50, 50, [("cat", 1, 1, 20, 20)])
+    (voc.root / "JPEGImages" / "001.jpg").unlink()
+    voc.split("train", ["001"])
+    with pytest.raises(DatasetError, match=r"names image '001' but .*001.jpg does not exist"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+def test_split_naming_an_image_that_is_not_there(voc):
+    voc.add("001", 50, 50, [("cat", 1, 1, 20, 20)])
+    voc.split("train", ["001", "999"])
+    with pytest.raises(DatasetError, match=r"999.xml: annotation file does not exist"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+def test_malformed_xml(voc):
+    voc.add("001", 50, 50)
+    (voc.root / "Annotations" / "001.xml").write_text("<annotation><object><name>cat</name></annotation>")
+    voc.split("train", ["001"])
+    with pytest.raises(DatasetError, match=r"001.xml: malformed XML"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+def test_entity_expansion_is_refused(voc):
+    voc.add("001", 50, 50)
+    bomb = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>'
+            "<annotation><filename>&lol2;</filename></annotation>")
+    (voc.root / "Annotations" / "001.xml").write_text(bomb)
+    voc.split("train", ["001"])
+    with pytest.raises(DatasetError, match=r"001.xml: refused unsafe XML"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+def test_unknown_class_names_the_file_and_the_accepted_names(voc):
+    voc.add("001", 50, 50, [("unicorn", 1, 1, 20, 20)])
+    voc.split("train", ["001"])
+    with pytest.raises(DatasetError, match=r"001.xml: unknown class 'unicorn'; accepted classes: cat, dog, person"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+def test_missing_coordinate(voc):
+    voc.add("001", 50, 50)
+    (voc.root / "Annotations" / "001.xml").write_text(
+        "<annotation><object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax></bndbox>"
+        "</object></annotation>")
+    voc.split("train", ["001"])
+    with pytest.raises(DatasetError, match=r"001.xml: missing <ymax>"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+def test_boxes_outside_the_image_are_clipped_with_a_count(voc, caplog):
+    voc.add("001", 50, 40, [("cat", -5, 1, 80, 30), ("dog", 1, 1, 10, 10)])
+    voc.add("002", 50, 40, [("cat", 1, 1, 50, 60)])
+    voc.split("train", ["001", "002"])
+    with caplog.at_level(logging.WARNING, logger="patchnet"):
+        ds = read_voc(voc.root, "train", CLASSES)
+    np.testing.assert_allclose(ds.records[0].boxes[0], [0, 0, 50, 30])
+    np.testing.assert_allclose(ds.records[1].boxes[0], [0, 0, 50, 40])
+    assert len(ds.fixes["clipped"]) == 2
+    assert "2 boxes extending outside their image were clipped" in caplog.text
+
+
+def test_zero_area_boxes_are_dropped_with_a_count(voc, caplog):
+    voc.add("001", 50, 40, [("cat", 10, 10, 9, 30), ("dog", 1, 1, 10, 10), ("cat", 60, 1, 70, 10)])
+    voc.split("train", ["001"])
+    with caplog.at_level(logging.WARNING, logger="patchnet"):
+        ds = read_voc(voc.root, "train", CLASSES)
+    r = ds.records[0]
+    assert r.box_classes.tolist() == [1]  # the inverted box and the one wholly outside are gone
+    assert len(ds.fixes["dropped"]) == 2
+    assert "2 zero-area boxes were dropped" in caplog.text
+
+
+def test_empty_split(voc):
+    voc.split("train", [])
+    with pytest.raises(DatasetError, match=r"train.txt: split 'train' is empty"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+def test_unknown_split_lists_the_available_ones(voc):
+    voc.add("001", 50, 50)
+    voc.split("train", ["001"])
+    with pytest.raises(DatasetError, match=r"split list does not exist; splits here: train"):
+        read_voc(voc.root, "val", CLASSES)
+
+
+def test_not_a_voc_root(tmp_path):
+    with pytest.raises(DatasetError, match="not a VOC root"):
+        read_voc(tmp_path, "train", CLASSES)
+
+
+def test_bad_class_list_line(voc):
+    voc.add("001", 50, 50)
+    voc.split("train", ["001"], {"cat": [1], "dog": [-1], "person": [-1]})
+    (voc.root / "ImageSets/Main/dog_train.txt").write_text("001 maybe\n")
+    with pytest.raises(DatasetError, match=r"dog_train.txt: line '001 maybe'"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+def test_class_list_missing_an_image(voc):
+    voc.add("001", 50, 50)
+    voc.add("002", 50, 50)
+    voc.split("train", ["001", "002"], {"cat": [1, 1], "dog": [-1, -1], "person": [-1, -1]})
+    (voc.root / "ImageSets/Main/person_train.txt").write_text("001 -1\n")
+    with pytest.raises(DatasetError, match=r"person_train.txt: has no label for image '002'"):
+        read_voc(voc.root, "train", CLASSES)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P"])
+def test_grayscale_rgba_cmyk_and_palette_images_become_rgb(tmp_path, mode):
+    ext = "png" if mode in ("RGBA", "P") else "jpg"
+    path = write_image(tmp_path / f"img.{ext}", 40, 30, mode=mode)
+    arr = load_image(path)
+    assert arr.shape == (30, 40, 3) and arr.dtype == np.uint8
+
+
+def test_transparent_pixels_are_composited_on_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    assert (load_image(tmp_path / "t.png") == 255).all()
+
+
+def test_exif_rotation_is_honoured(tmp_path, voc):
+    arr = np.zeros((30, 60, 3), np.uint8)
+    arr[:, :10] = 255  # a white band on the left of the stored pixels
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90° clockwise turn
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "rot.jpg")
+    assert out.shape == (60, 30, 3)
+    assert out[:10].mean() > 200 and out[-10:].mean() < 50  # the band is now on top
+    assert image_size(tmp_path / "rot.jpg") == (30, 60)
+
+
+def test_voc_record_uses_the_displayed_size_of_an_exif_rotated_image(voc, caplog):
+    path = voc.add("001", 60, 30, [("cat", 1, 1, 20, 20)])
+    img = Image.open(path)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(path, exif=exif)
+    voc.split("train", ["001"])
+    with caplog.at_level(logging.WARNING, logger="patchnet"):
+        r = read_voc(voc.root, "train", CLASSES).records[0]
+    assert (r.width, r.height) == (30, 60)
+    assert "real size differs" in caplog.text
+
+
+def test_corrupt_image_raises_a_dataset_error_naming_it(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(DatasetError, match="bad.jpg: cannot"):
+        load_image(bad)
+
+
+def write_coco(root, images, annotations, categories, split="train"):
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    for img in images:
+        write_image(root / split / img["file_name"], img["width"], img["height"])
+    data = {"images": images, "annotations": annotations, "categories": categories}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+
+
+def test_coco_reader(tmp_path):
+    cats = [{"id": 3, "name": "dog"}, {"id": 1, "name": "cat"}]
+    images = [{"id": 10, "file_name": "a.jpg", "width": 50, "height": 40},
+              {"id": 11, "file_name": "b.jpg", "width": 30, "height": 30}]
+    anns = [{"id": 1, "image_id": 10, "category_id": 1, "bbox": [5, 6, 10, 20], "iscrowd": 0, "area": 200},
+            {"id": 2, "image_id": 10, "category_id": 3, "bbox": [0, 0, 30, 30], "iscrowd": 1, "area": 900},
+            {"id": 3, "image_id": 11, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 0, "area": 25}]
+    write_coco(tmp_path, images, anns, cats)
+    ds = open_split(DataConfig(format="coco", root=str(tmp_path), classes=[]), "train")
+    assert ds.classes == ["cat", "dog"]  # ordered by category id
+    r = ds.records[0]
+    np.testing.assert_allclose(r.boxes, [[5, 6, 15, 26], [0, 0, 30, 30]])
+    assert r.box_classes.tolist() == [0, 1] and r.box_difficult.tolist() == [False, True]
+    assert r.labels.tolist() == [1, 0]  # dog only as a crowd: difficult-only
+    assert ds.records[1].labels.tolist() == [-1, 1]
+    # a subset of the categories
+    sub = read_coco(tmp_path / "annotations" / "instances_train.json", tmp_path / "train", ["dog"])
+    assert sub.classes == ["dog"] and sub.records[0].box_classes.tolist() == [0]
+
+
+def test_coco_errors(tmp_path):
+    cats = [{"id": 1, "name": "cat"}]
+    write_coco(tmp_path, [{"id": 1, "file_name": "a.jpg", "width": 20, "height": 20}], [], cats)
+    ann = tmp_path / "annotations" / "instances_train.json"
+    with pytest.raises(DatasetError, match="classes \\['dog'\\] are not among its categories: cat"):
+        read_coco(ann, tmp_path / "train", ["dog"])
+    (tmp_path / "train" / "a.jpg").unlink()
+    with pytest.raises(DatasetError, match="names image 'a.jpg' but .* does not exist"):
+        read_coco(ann, tmp_path / "train")
+    ann.write_text("{not json")
+    with pytest.raises(DatasetError, match="instances_train.json: not valid JSON"):
+        read_coco(ann, tmp_path / "train")
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_coco(tmp_path / "nope.json", tmp_path)
+
+
+def test_open_split_requires_a_root():
+    with pytest.raises(DatasetError, match="data.root is empty"):
+        open_split(DataConfig(format="voc", root=""), "train")
+
+
+def test_demo_dataset_is_deterministic_and_readable(tmp_path):
+    from patchnet.demo import DEMO_CLASSES, make_demo
+
+    a = make_demo(tmp_path / "a", seed=3, splits={"train": 6, "test": 3})
+    b = make_demo(tmp_path / "b", seed=3, splits={"train": 6, "test": 3})
+    da, db = read_voc(a, "train", DEMO_CLASSES), read_voc(b, "train", DEMO_CLASSES)
+    assert len(da) == 6 and len(read_voc(a, "test", DEMO_CLASSES)) == 3
+    for ra, rb in zip(da.records, db.records):
+        np.testing.assert_array_equal(ra.boxes, rb.boxes)
+        np.testing.assert_array_equal(load_image(ra.path), load_image(rb.path))
+    assert sum(len(r.boxes) for r in da.records) >= 6
+    assert all((r.labels == 1).any() or (r.labels == 0).any() for r in da.records)

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from patchnet.recipe import PAPER_SCALES, Recipe, RecipeError, load_recipe, recipe_from_dict, save_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_shipped_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert {"demo", "voc07", "voc07_lite0", "voc07_dev", "coco_example"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads(path):
+    r = load_recipe(path)
+    assert isinstance(r, Recipe) and r.name
+    assert all(s >= 1 for s in r.patches.scales)
+
+
+def test_voc07_carries_the_papers_settings():
+    r = load_recipe(Path(__file__).parent.parent / "recipes" / "voc07.yaml")
+    assert r.backbone.name == "alexnet" and r.patches.mode == "exact"
+    assert r.patches.scales == PAPER_SCALES
+    assert (r.train.lr, r.train.momentum, r.train.schedule, r.train.max_decays) == (0.01, 0.9, "plateau", 3)
+    assert (r.train.bg_rate, r.infer.k, r.head.hidden, r.head.dropout) == (0.1, 5.0, 2048, 0.5)
+    assert (r.data.train_split, r.data.val_split) == ("trainval", "test")
+
+
+def test_overrides_are_typed():
+    r = recipe_from_dict({}, ["train.lr=0.001", "train.epochs=3", "patches.scales=[1, 2]", "infer.k=10",
+                              "backbone.channels_last=false", "data.val_split="])
+    assert r.train.lr == 0.001 and isinstance(r.train.lr, float)
+    assert r.train.epochs == 3
+    assert r.patches.scales == [1.0, 2.0] and all(isinstance(s, float) for s in r.patches.scales)
+    assert r.infer.k == 10.0 and r.backbone.channels_last is False
+    assert r.data.val_split == ""
+
+
+def test_unknown_keys_and_bad_types_are_explained():
+    with pytest.raises(RecipeError, match=r"unknown recipe key\(s\) train.learning_rate; valid keys here: train.epochs"):
+        recipe_from_dict({}, ["train.learning_rate=0.1"])
+    with pytest.raises(RecipeError, match=r"train.epochs must be of type int, got 'many'"):
+        recipe_from_dict({}, ["train.epochs=many"])
+    with pytest.raises(RecipeError, match=r"patches.mode must be one of exact, shared; got 'fast'"):
+        recipe_from_dict({}, ["patches.mode=fast"])
+    with pytest.raises(RecipeError, match=r"patches.step must lie in \(0, 0.5\]"):
+        recipe_from_dict({}, ["patches.step=0.7"])
+    with pytest.raises(RecipeError, match="section.field=value"):
+        recipe_from_dict({}, ["train.lr"])
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        recipe_from_dict({"train": 3})
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(RecipeError, match="bad.yaml: .*not valid YAML|bad.yaml is not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: train.lr must be of type float"):
+        load_recipe(bad)
+
+
+def test_saved_recipe_loads_back_identically(tmp_path):
+    r = recipe_from_dict({"name": "x"}, ["train.lr=0.02", "patches.levels=[1, 2]"])
+    save_recipe(r, tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml") == r
