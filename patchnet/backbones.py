@@ -363,11 +363,24 @@ for _name in ("efficientnet_lite1", "efficientnet_lite2"):
         pass  # registered only where its weight package is installed
 
 
-def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0) -> Backbone:
-    """The frozen backbone ``name``; ``weights`` is imagenet, random (tests) or a state_dict path."""
+# alexnet/vgg16 head modules kept for each layer: (Dropout,) FC6, ReLU, Dropout, FC7, ReLU
+_FC_LAYERS = {"alexnet": {"fc6": 3, "fc7": 6}, "vgg16": {"fc6": 2, "fc7": 5}}
+
+
+def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0, layer: str = "") -> Backbone:
+    """The frozen backbone ``name``; ``weights`` is imagenet, random (tests) or a state_dict path.
+
+    ``layer`` picks FC6 or FC7 (the default) as the feature of alexnet and vgg16.
+    """
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
+    if layer and layer not in _FC_LAYERS.get(name, {}):
+        raise BackboneError(f"backbone {name} has no layer {layer!r}; fc6/fc7 exist for "
+                            f"{', '.join(_FC_LAYERS)}; leave backbone.layer empty for the pooled feature")
     backbone = BACKBONES[name](weights)
+    if layer:
+        backbone.head.fc = backbone.head.fc[:_FC_LAYERS[name][layer]]
+        backbone.weights_id += f":{layer}"
     if input_size:
         backbone.input_size = input_size
     return backbone

@@ -30,7 +30,7 @@ from .recipe import AugConfig, Recipe
 
 log = logging.getLogger("patchnet")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump whenever the patch grid or feature code changes what is stored
 
 
 def _digest(value) -> str:
@@ -119,6 +119,12 @@ class FeatureStore:
         return np.repeat(np.arange(len(self)), np.diff(self.offsets))
 
 
+def cached_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0) -> FeatureStore | None:
+    """The complete cache of a split if one exists (a warm cache), without computing anything."""
+    path = Path(recipe.cache.dir) / _digest(cache_fields(recipe, dataset, extractor, views))
+    return FeatureStore(path) if (path / "index.npz").is_file() else None
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -137,11 +143,12 @@ def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, 
     Items are every image (view 0) and, with ``views`` > 0, that many augmented views of each.
     Under ``torchrun`` the ranks share the chunks and rank 0 joins them.
     """
+    warm = cached_features(recipe, dataset, extractor, views)
+    if warm is not None:
+        return warm
     fields = cache_fields(recipe, dataset, extractor, views)
     key = _digest(fields)
     path = Path(recipe.cache.dir) / key
-    if (path / "index.npz").is_file():
-        return FeatureStore(path)
     rank, world = _rank_world()
     items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
     chunk = max(1, recipe.cache.chunk)
@@ -172,7 +179,7 @@ def _compute_chunks(dataset, extractor, chunks, todo, path, recipe, progress):
     source = ItemImages(dataset.records, [item for _, item in flat], recipe.aug, recipe.train.seed)
     workers = recipe.train.num_workers
     loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+                        prefetch_factor=4 if workers else None, pin_memory=extractor.device.type == "cuda")
     pending: dict[int, list] = {c: [] for c in todo}
     bar = tqdm(total=len(flat), desc=f"features {dataset.name.rsplit(':', 1)[-1]}", unit="img", disable=not progress,
                dynamic_ncols=True)

@@ -85,26 +85,30 @@ def eval(
     fmt: Annotated[Optional[str], typer.Option("--format", help="voc, coco or demo (default: the recipe's).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the AP table as JSON and CSV.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="Patch features: exact or shared (default: as trained).")] = None,
+    k: Annotated[Optional[float], typer.Option(help="Power of the power-k mean (default: the recipe's).")] = None,
     verbose: bool = False,
 ):
     """Score a VOC/COCO split and print per-class AP (VOC07 11-point and envelope) and mAP."""
     with _session(verbose):
         from .infer import evaluate_split
 
-        table, n = evaluate_split(checkpoint, data=data, split=split, fmt=fmt, mode=mode)
+        table, n = evaluate_split(checkpoint, data=data, split=split, fmt=fmt, mode=mode, k=k)
         typer.echo(table.format())
         typer.echo(f"{n} images")
-        out = out or checkpoint.parent
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"eval_{split or 'val'}"
-        (out / f"{stem}.json").write_text(json.dumps(table.to_dict(), indent=1))
-        with open(out / f"{stem}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["class", "ap07", "ap"])
-            for c, a, b in zip(table.classes, table.ap07, table.ap):
-                w.writerow([c, f"{a:.6f}", f"{b:.6f}"])
-            w.writerow(["mAP", f"{table.map07:.6f}", f"{table.map:.6f}"])
-        typer.echo(f"wrote {out / stem}.json and .csv")
+        _write_table(table, out or checkpoint.parent, f"eval_{split or 'val'}" + (f"_k{k:g}" if k is not None else ""))
+
+
+def _write_table(table, out: Path, stem: str) -> None:
+    """An AP table as JSON and CSV."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(table.to_dict(), indent=1))
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "ap07", "ap"])
+        for c, a, b in zip(table.classes, table.ap07, table.ap):
+            w.writerow([c, f"{a:.6f}", f"{b:.6f}"])
+        w.writerow(["mAP", f"{table.map07:.6f}", f"{table.map:.6f}"])
+    typer.echo(f"wrote {out / stem}.json and .csv")
 
 
 @app.command()
@@ -173,6 +177,127 @@ def _pick_image(dataset, image_id: str | None):
         if r.image_id == image_id:
             return r
     raise DatasetError(f"image {image_id!r} is not in {dataset.name}")
+
+
+PoolOpt = Annotated[str, typer.Option(help="whole: one pass on the image and its mirror, averaged; "
+                                            "mean/max: over the recipe's multi-scale patch grid.")]
+
+
+def _pooled_recipe(recipe_path: Path, overrides, pool: str):
+    from .linear import whole_image_recipe
+
+    r = load_recipe(recipe_path, overrides)
+    if pool not in ("whole", "mean", "max"):
+        raise RecipeError(f"--pool must be whole, mean or max; got {pool!r}")
+    return (whole_image_recipe(r) if pool == "whole" else r), ("mean" if pool == "whole" else pool)
+
+
+@app.command()
+def features(
+    recipe: RecipeOpt,
+    split: Annotated[str, typer.Option(help="Split of the recipe's dataset.")],
+    out: Annotated[Path, typer.Option(help="Output .npz: ids, features, labels, classes.")],
+    pool: PoolOpt = "whole",
+    overrides: SetOpt = None,
+    verbose: bool = False,
+):
+    """Extract one feature per image of a split (FC6/FC7 of alexnet/vgg16: --set backbone.layer=fc6)."""
+    with _session(verbose):
+        from .datasets import open_split
+        from .linear import split_features
+        from .train import build_extractor
+
+        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        f = split_features(r, open_split(r.data, split), build_extractor(r), reduce)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, ids=np.array(f.ids), features=f.features, labels=f.labels, classes=np.array(f.classes))
+        typer.echo(f"wrote {out}: {f.features.shape[0]} images x {f.features.shape[1]} features")
+
+
+@app.command()
+def linear(
+    recipe: RecipeOpt,
+    train_split: Annotated[Optional[str], typer.Option("--train", help="Training split (default: the recipe's).")] = None,
+    eval_split: Annotated[Optional[str], typer.Option("--eval", help="Scored split (default: the recipe's val).")] = None,
+    method: Annotated[str, typer.Option(help="svm (linear SVM) or logreg (logistic regression).")] = "svm",
+    pool: PoolOpt = "whole",
+    views: Annotated[int, typer.Option(help="Augmented views per training image (the recipe's aug section).")] = 0,
+    c: Annotated[str, typer.Option(help="Comma-separated C values, chosen per class by 3-fold CV AP.")] = "0.01,0.1,1,10",
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the AP table as JSON and CSV.")] = None,
+    overrides: SetOpt = None,
+    verbose: bool = False,
+):
+    """The off-the-shelf baseline: L2-normalised features, one linear classifier per class, VOC AP."""
+    with _session(verbose):
+        from .linear import linear_baseline
+        from .train import build_extractor
+
+        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        try:
+            grid = tuple(float(v) for v in c.split(","))
+        except ValueError:
+            raise RecipeError(f"--c must be comma-separated numbers, got {c!r}") from None
+        table, model = linear_baseline(r, train_split or r.data.train_split, eval_split or r.data.val_split,
+                                       build_extractor, method, reduce, views, grid)
+        typer.echo(table.format())
+        typer.echo("chosen C: " + ", ".join(f"{n} {v:g}" for n, v in zip(model.classes, model.cs)))
+        _write_table(table, out or r.run_dir, f"linear_{method}_{pool}")
+
+
+@app.command()
+def retrieve(
+    recipe: RecipeOpt,
+    split: Annotated[str, typer.Option(help="The collection: a split of the recipe's dataset.")],
+    queries: Annotated[Optional[str], typer.Option(help="Comma-separated image ids of the split to query.")] = None,
+    query_images: Annotated[Optional[list[Path]], typer.Option("--query-image", help="An image file to query.")] = None,
+    num_queries: Annotated[int, typer.Option(help="Queries drawn from the split when none are named.")] = 8,
+    k: Annotated[int, typer.Option(help="Neighbours shown per query.")] = 8,
+    pool: PoolOpt = "whole",
+    out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("retrieval.html"),
+    overrides: SetOpt = None,
+    verbose: bool = False,
+):
+    """Nearest neighbours by L2 distance, written as a self-contained HTML page; prints precision@k per class."""
+    with _session(verbose):
+        from .datasets import open_split
+        from .linear import split_features
+        from .retrieve import distances, nearest, precision_at_k, write_page
+        from .train import build_extractor
+
+        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        dataset = open_split(r.data, split)
+        extractor = build_extractor(r)
+        f = split_features(r, dataset, extractor, reduce)
+        paths = {rec.image_id: rec.path for rec in dataset.records}
+        row = {i: n for n, i in enumerate(f.ids)}
+        # every image as a query, itself left out: what do these features retrieve?
+        every = nearest(distances(f.features, f.features), k, exclude=np.arange(len(f.ids)))
+        precision = precision_at_k(every, f.labels, f.labels)
+        chosen: list[dict] = []
+        if queries:
+            for q in queries.split(","):
+                if q.strip() not in row:
+                    raise DatasetError(f"query {q.strip()!r} is not an image of {dataset.name}")
+                chosen.append({"name": q.strip(), "path": paths[q.strip()], "row": row[q.strip()]})
+        for p in query_images or []:
+            from .datasets import load_image
+
+            image = load_image(p)
+            feats = extractor(image).numpy()
+            chosen.append({"name": p.name, "path": p, "feature": feats.mean(0) if reduce == "mean" else feats.max(0)})
+        if not chosen:
+            pick = np.random.default_rng(r.train.seed).choice(len(f.ids), min(num_queries, len(f.ids)), replace=False)
+            chosen = [{"name": f.ids[i], "path": paths[f.ids[i]], "row": int(i)} for i in sorted(pick)]
+        qf = np.stack([f.features[q["row"]] if "row" in q else q["feature"] for q in chosen])
+        dist = distances(qf, f.features)
+        neighbours = nearest(dist, k, exclude=np.array([q.get("row", -1) for q in chosen]))
+        write_page(out, f"patchnet retrieval: {dataset.name} ({r.backbone.name}, {pool} features)",
+                   [paths[i] for i in f.ids], f.ids, chosen, dist, neighbours, f.classes, precision, k)
+        width = max(len(c) for c in f.classes)
+        for c, p in zip(f.classes, precision):
+            typer.echo(f"{c:<{width}}  P@{k} {'n/a' if np.isnan(p) else f'{100 * p:.1f}'}")
+        typer.echo(f"{'mean':<{width}}  P@{k} {100 * np.nanmean(precision):.1f}")
+        typer.echo(f"wrote {out}")
 
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"

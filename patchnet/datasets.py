@@ -66,6 +66,8 @@ class _Fixes:
         "clipped": "boxes extending outside their image were clipped",
         "dropped": "zero-area boxes were dropped",
         "resized": "images whose real size differs from the annotation: the real size is used",
+        "unreadable": "images cannot be decoded; they are skipped when features are computed",
+        "skipped": "unreadable images without an annotated size were left out",
     }
 
     def __init__(self) -> None:
@@ -108,7 +110,7 @@ def load_image(path: str | Path) -> np.ndarray:
             elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
                 im = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # writable, for torch.from_numpy
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -135,8 +137,17 @@ def _labels_from_boxes(classes: np.ndarray, difficult: np.ndarray, num_classes: 
     return labels
 
 
-def _make_record(image_id, path, size, ann_size, boxes, classes, difficult, num_classes, where, fixes, labels=None):
-    width, height = size
+def _make_record(image_id, path, ann_size, boxes, classes, difficult, num_classes, where, fixes, labels=None):
+    """A record with cleaned boxes, or None for an unreadable image without an annotated size."""
+    try:
+        width, height = image_size(path)
+    except DatasetError:
+        # a corrupt file in a large dataset is skipped (counted), not fatal
+        if ann_size is None:
+            fixes.add("skipped", str(path))
+            return None
+        fixes.add("unreadable", str(path))
+        width, height = ann_size
     if ann_size is not None and tuple(ann_size) != (width, height):
         fixes.add("resized", where)
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
@@ -248,8 +259,9 @@ def read_voc(root: str | Path, split: str, classes: list[str]) -> Dataset:
         if not path.is_file():
             raise DatasetError(f"{list_path}: names image {image_id!r} but {path} does not exist")
         labels = None if image_labels is None else image_labels[n]
-        records.append(_make_record(image_id, path, image_size(path), ann_size, boxes, cls, diff,
-                                    len(classes), str(xml_path), fixes, labels))
+        records.append(_make_record(image_id, path, ann_size, boxes, cls, diff, len(classes), str(xml_path),
+                                    fixes, labels))
+    records = [r for r in records if r is not None]
     name = f"voc:{root}:{split}"
     return Dataset(name, list(classes), records, fixes.report(name))
 
@@ -339,8 +351,9 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, classes: list[
             cls.append(index[ann["category_id"]])
             diff.append(bool(ann.get("iscrowd", 0)))
         ann_size = (info["width"], info["height"]) if "width" in info and "height" in info else None
-        records.append(_make_record(str(img_id), path, image_size(path), ann_size, boxes, cls, diff,
-                                    len(classes), str(annotation_file), fixes))
+        records.append(_make_record(str(img_id), path, ann_size, boxes, cls, diff, len(classes),
+                                    str(annotation_file), fixes))
+    records = [r for r in records if r is not None]
     name = f"coco:{annotation_file}"
     return Dataset(name, list(classes), records, fixes.report(name))
 
@@ -350,12 +363,16 @@ def open_split(cfg, split: str) -> Dataset:
     if cfg.format == "demo":
         from .demo import DEMO_CLASSES, make_demo
 
-        return read_voc(make_demo(cfg.root or "data/demo"), split, DEMO_CLASSES)
-    if not cfg.root:
+        dataset = read_voc(make_demo(cfg.root or "data/demo"), split, DEMO_CLASSES)
+    elif not cfg.root:
         raise DatasetError("data.root is empty; set it to a VOC root (VOCdevkit/VOC2007) or a COCO folder, "
                            "e.g. --set data.root=/path/to/VOCdevkit/VOC2007")
-    if cfg.format == "voc":
-        return read_voc(cfg.root, split, cfg.classes)
-    if cfg.format == "coco":
-        return read_coco(*coco_paths(cfg.root, split), classes=cfg.classes or None)
-    raise DatasetError(f"data.format must be voc, coco or demo; got {cfg.format!r}")
+    elif cfg.format == "voc":
+        dataset = read_voc(cfg.root, split, cfg.classes)
+    elif cfg.format == "coco":
+        dataset = read_coco(*coco_paths(cfg.root, split), classes=cfg.classes or None)
+    else:
+        raise DatasetError(f"data.format must be voc, coco or demo; got {cfg.format!r}")
+    if cfg.limit and cfg.limit < len(dataset):
+        dataset = Dataset(f"{dataset.name}[:{cfg.limit}]", dataset.classes, dataset.records[:cfg.limit], dataset.fixes)
+    return dataset

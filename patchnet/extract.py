@@ -1,5 +1,8 @@
 """Patch features from a frozen trunk: exact mode (every patch through the trunk) and shared mode.
 
+A third mode, ``whole``, is the "CNN features off-the-shelf" baseline: one pass on the whole image
+and one on its mirror image, each pooled over the whole map, as two "patches" of the image.
+
 Both modes rescale the image once per scale by ``input_size / side``, so that a patch of that scale
 becomes exactly ``input_size`` pixels.
 - exact: each patch is a slice of the rescaled image, and slices run through the whole network
@@ -62,7 +65,7 @@ class PatchExtractor:
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.channels_last = cfg.channels_last
-        self.batch_size = cfg.batch_size
+        self.batch_size = cfg.batch_size or (128 if self.device.type == "cuda" else 16)
         self.backbone = backbone.fused().to(self.device)
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -73,6 +76,9 @@ class PatchExtractor:
         return self.backbone.feature_dim
 
     def grids(self, width: int, height: int) -> list[ScaleGrid]:
+        if self.patches.mode == "whole":  # the image and its mirror image, each as one "patch"
+            whole = np.array([[0, 0, width, height]] * 2, np.float32)
+            return [ScaleGrid(1.0, float(min(width, height)), whole)]
         return grid_by_scale(width, height, self.patches.scales, self.patches.step)
 
     def boxes(self, width: int, height: int) -> np.ndarray:
@@ -101,7 +107,9 @@ class PatchExtractor:
         img = self._prepare(image)
         h, w = img.shape[-2:]
         grids = self.grids(w, h)
-        if self.patches.mode == "exact":
+        if self.patches.mode == "whole":
+            feats = [self._whole(img), self._whole(img.flip(-1))]
+        elif self.patches.mode == "exact":
             feats = [self._exact(img, g) for g in grids]
         else:
             feats = [None] * len(grids)
@@ -128,6 +136,16 @@ class PatchExtractor:
             with self._autocast():
                 out.append(self.backbone(batch).float())
         return torch.cat(out)
+
+    def _whole(self, img: torch.Tensor) -> torch.Tensor:
+        """One trunk pass on the whole image, short side at the input size, pooled over the whole map."""
+        h, w = img.shape[-2:]
+        factor = self.size / min(h, w)
+        factor *= min(1.0, self.patches.max_side / (max(h, w) * factor))
+        with self._autocast():
+            fmap = self.backbone.feature_map(self._rescale(img, factor))
+            cells = torch.tensor([[0.0, 0.0, fmap.shape[-1], fmap.shape[-2]]], device=self.device)
+            return self.backbone.pool_regions(fmap, cells).float()
 
     def levels(self, grids: list[ScaleGrid], width: int, height: int) -> list[Level]:
         """Trunk passes of shared mode; each scale is pooled from the level nearest in log-scale."""

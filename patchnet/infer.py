@@ -92,8 +92,8 @@ class Predictor:
             overrides.append(f"patches.mode={mode}")
         self.recipe: Recipe = recipe_from_dict(values, overrides)
         self.classes: list[str] = list(self.state["classes"])
-        backbone = build_backbone(self.recipe.backbone.name, self.recipe.backbone.weights,
-                                  self.recipe.backbone.input_size)
+        b = self.recipe.backbone
+        backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
         check_compatible(self.state, checkpoint, backbone.name, self.classes, backbone.feature_dim)
         self.extractor = PatchExtractor(backbone, self.recipe.patches, self.recipe.backbone)
         self.head = AdaptationHead(backbone.feature_dim, len(self.classes), self.recipe.head.hidden,
@@ -115,9 +115,12 @@ class Predictor:
 
 
 def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split: str | None = None,
-                   fmt: str | None = None, mode: str | None = None, progress: bool = True) -> tuple[APTable, int]:
+                   fmt: str | None = None, mode: str | None = None, k: float | None = None,
+                   progress: bool = True) -> tuple[APTable, int]:
     """VOC APs of a checkpoint on a split (default: its recipe's validation split); also the image count."""
     predictor = Predictor(checkpoint, mode=mode)
+    if k is not None:
+        predictor.k = k
     recipe = predictor.recipe
     if data is not None:
         recipe.data.root = str(data)

@@ -29,10 +29,12 @@ class AdaptationHead(nn.Module):
     @torch.no_grad()
     def probabilities(self, features, batch_size: int = 16384) -> torch.Tensor:
         """(N, C + 1) softmax outputs in inference mode; ``features`` may be a memory-mapped fp16 array."""
+        if isinstance(features, torch.Tensor):
+            features = features.detach().cpu().numpy()
         was_training = self.training
         self.eval()
-        weight = self.fcb.weight
-        out = [self(torch.as_tensor(np.asarray(features[i:i + batch_size]), device=weight.device).to(weight.dtype))
+        weight = self.fcb.weight  # the head's device
+        out = [self(torch.from_numpy(np.array(features[i:i + batch_size], dtype=np.float32)).to(weight.device))
                .softmax(-1).cpu() for i in range(0, len(features), batch_size)]
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.num_classes + 1)

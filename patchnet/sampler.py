@@ -27,7 +27,12 @@ class ScaleGrid:
 def _axis_positions(length: float, side: float, stride: float) -> np.ndarray:
     if length - side <= 1e-6:
         return np.zeros(1)
-    n = math.ceil((length - side) / stride - 1e-6) + 1
+    # A relative tolerance keeps a step written as 0.3333 from adding a snapped near-duplicate of the
+    # last patch; the last gap may then exceed the stride slightly, but never half the side.
+    gaps = max(1, math.ceil((length - side) / stride * (1 - 1e-3)))
+    if (length - side) - (gaps - 1) * stride > 0.5 * side + 1e-9:
+        gaps += 1
+    n = gaps + 1
     pos = np.arange(n, dtype=np.float64) * stride
     pos[-1] = length - side  # snap the last patch to the border
     return pos

@@ -23,6 +23,7 @@ from .backbones import build_backbone
 from .cache import FeatureStore, build_features
 from .datasets import Dataset, open_split
 from .extract import PatchExtractor
+from .heatmaps import log_heatmaps
 from .infer import score_store
 from .metrics import APTable, ap_table
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
@@ -95,7 +96,7 @@ def build_extractor(recipe: Recipe) -> PatchExtractor:
     device = b.device
     if device == "auto" and torch.cuda.is_available() and dist.is_initialized():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    backbone = build_backbone(b.name, b.weights, b.input_size)
+    backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
     return PatchExtractor(backbone, recipe.patches, replace(b, device=device))
 
 
@@ -206,31 +207,33 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def checkpoint(path: Path, done_epoch: int, step: int) -> None:
+    def checkpoint(path: Path, done_epoch: int, step: int, rng: torch.Tensor | None = None) -> None:
         if rank:
             return
         save_checkpoint({
             "head": head.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
             "epoch": done_epoch, "step": step, "best_map07": best, "history": history, "carry": carry,
-            "torch_rng": torch.get_rng_state(), "recipe": recipe.to_dict(), "classes": classes,
+            "torch_rng": torch.get_rng_state() if rng is None else rng, "recipe": recipe.to_dict(), "classes": classes,
             "feature_dim": extractor.feature_dim, "weights_id": extractor.backbone.weights_id,
         }, path)
 
     table = None
+    step_rng = torch.get_rng_state()  # dropout's RNG before the current step, for an exact mid-epoch resume
     features = train_data.store.features
     labels = train_data.labels
     try:
         while epoch < t.epochs:
             order = epoch_indices(labels, num_classes, t.bg_rate, t.seed, epoch)
-            per_rank = t.batch_size // world if world > 1 else t.batch_size
-            steps = len(order) // (per_rank * world) if world > 1 else math.ceil(len(order) / per_rank)
-            if world > 1:
-                order = order[: steps * per_rank * world][rank::world]
+            # whole batches only, so that one process and several see the same global batches
+            per_rank = max(1, t.batch_size // world)
+            steps = max(1, len(order) // (per_rank * world))
+            order = order[rank::world]
             head.train()
             bar = tqdm(total=steps, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
                        disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
             tick = time.perf_counter()
             for step in range(step_in_epoch, steps):
+                step_rng = torch.get_rng_state()
                 idx = np.sort(order[step * per_rank:(step + 1) * per_rank])
                 x = torch.from_numpy(np.asarray(features[idx], dtype=np.float32)).to(device)
                 y = torch.from_numpy(labels[idx]).to(device)
@@ -243,13 +246,13 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
                         f"std {x.std():.3g}, max |x| {x.abs().max():.3g}, any non-finite: {not torch.isfinite(x).all()}; "
                         f"labels {np.bincount(labels[idx], minlength=num_classes + 1).tolist()}. "
                         f"{last_path} is left as it was; lower train.lr or check the feature cache.")
+                loss_sum, correct = loss.item() * len(idx), int((logits.argmax(1) == y).sum())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                carry["loss_sum"] += loss.item() * len(idx)
-                carry["correct"] += int((logits.argmax(1) == y).sum())
-                carry["seen"] += len(idx)
-                step_in_epoch = step + 1
+                carry = {"loss_sum": carry["loss_sum"] + loss_sum, "correct": carry["correct"] + correct,
+                         "seen": carry["seen"] + len(idx)}
+                step_in_epoch, step_rng = step + 1, torch.get_rng_state()
                 bar.update(1)
                 bar.set_postfix(loss=f"{carry['loss_sum'] / carry['seen']:.4f}",
                                 patches_s=f"{carry['seen'] / max(time.perf_counter() - tick, 1e-9):.0f}", refresh=False)
@@ -261,7 +264,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             lr = optimizer.param_groups[0]["lr"]
             epoch += 1
             step_in_epoch, carry = 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}
-            record = {"epoch": epoch, "loss": epoch_loss, "patch_acc": epoch_acc, "lr": lr}
+            record = {"epoch": epoch, "loss": epoch_loss, "patch_acc": epoch_acc, "lr": lr,
+                      "seconds": round(time.perf_counter() - tick, 3)}
             if val_data is not None and (epoch % t.eval_every == 0 or epoch == t.epochs) and rank == 0:
                 table = evaluate_head(head, val_data, recipe.infer.k)
                 record.update(map07=table.map07, map=table.map)
@@ -272,16 +276,19 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             history.append(record)
             if writer is not None:
                 _log_epoch(writer, record, table if "map07" in record else None)
+                if "map07" in record and t.heatmaps:
+                    log_heatmaps(writer, head, val_data, recipe, epoch)
             if rank == 0:
                 log.info("epoch %d: loss %.4f, patch accuracy %.3f, lr %.3g%s", epoch, epoch_loss, epoch_acc, lr,
                          f", val mAP {100 * record['map07']:.1f} (11-pt) {100 * record['map']:.1f} (env)"
                          if "map07" in record else "")
+            step_rng = torch.get_rng_state()
             checkpoint(last_path, epoch, 0)
             if not keep_going:
                 log.info("loss plateaued after %d learning-rate decays: stopping at epoch %d", schedule.decays, epoch)
                 break
     except KeyboardInterrupt:
-        checkpoint(last_path, epoch, step_in_epoch)
+        checkpoint(last_path, epoch, step_in_epoch, rng=step_rng)
         log.warning("interrupted: saved %s at epoch %d, step %d; continue with --resume", last_path, epoch + 1,
                     step_in_epoch)
         raise

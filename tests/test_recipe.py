@@ -43,7 +43,7 @@ def test_unknown_keys_and_bad_types_are_explained():
         recipe_from_dict({}, ["train.learning_rate=0.1"])
     with pytest.raises(RecipeError, match=r"train.epochs must be of type int, got 'many'"):
         recipe_from_dict({}, ["train.epochs=many"])
-    with pytest.raises(RecipeError, match=r"patches.mode must be one of exact, shared; got 'fast'"):
+    with pytest.raises(RecipeError, match=r"patches.mode must be one of exact, shared, whole; got 'fast'"):
         recipe_from_dict({}, ["patches.mode=fast"])
     with pytest.raises(RecipeError, match=r"patches.step must lie in \(0, 0.5\]"):
         recipe_from_dict({}, ["patches.step=0.7"])

@@ -35,7 +35,8 @@ def test_neighbours_overlap_by_at_least_half_and_last_patch_snaps_to_border(step
             assert pos[-1] + g.side == pytest.approx(length, abs=1e-3)
             if len(pos) > 1:
                 assert np.diff(pos).max() <= 0.5 * g.side + 1e-3
-                assert np.diff(pos).max() <= step * g.side + 1e-3
+                assert np.diff(pos)[:-1].max(initial=0) <= step * g.side + 1e-3
+                assert np.diff(pos)[-1] <= step * g.side * 1.002
         # a regular grid: every (x, y) combination present
         assert len(g.boxes) == len(xs) * len(ys)
 
@@ -171,3 +172,10 @@ def test_vectorised_labels_match_the_rules_written_as_loops():
 def test_label_counts():
     counts = label_counts(np.array([0, 0, 2, 3, IGNORE, 3]), 3)
     assert counts.tolist() == [2, 0, 1, 2, 1]
+
+
+def test_a_rounded_step_gives_the_same_grid_as_a_third():
+    for w, h in [(500, 375), (500, 250), (333, 500), (640, 480)]:
+        a, b = patch_grid(w, h, step=1 / 3), patch_grid(w, h, step=0.3333)
+        assert len(a) == len(b)
+        np.testing.assert_allclose(a, b, atol=0.5)

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Wall time of a whole devtrain -> devval run in the default CPU recipe, features included.
+
+Starts from an empty feature cache, times each phase, and extrapolates to a run the size of the
+official VOC2007 train -> val split (2500 + 2508 images).
+
+    python benchmarks/full_run.py                      # recipes/voc07_dev.yaml
+    python benchmarks/full_run.py --set patches.levels=[]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
+from patchnet.recipe import load_recipe
+from patchnet.train import build_extractor, prepare_split, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--voc", default=str(VOC))
+    ap.add_argument("--recipe", default=str(DEV_RECIPE))
+    ap.add_argument("--output", default="checkpoints/bench_full_run")
+    ap.add_argument("--set", nargs="*", default=[])
+    args = ap.parse_args()
+    voc = require_voc(Path(args.voc))
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"cache.dir={tmp}/cache", f"output={args.output}",
+                                           *args.set])
+        with Timer() as total:
+            extractor = build_extractor(recipe)
+            with Timer() as t_train:
+                tr = prepare_split(recipe, recipe.data.train_split, extractor)
+            with Timer() as t_val:
+                va = prepare_split(recipe, recipe.data.val_split, extractor)
+            with Timer() as t_head:
+                result = train(recipe)
+    n_train, n_val = len(tr.dataset), len(va.dataset)
+    per_image = (t_train.seconds + t_val.seconds) / (n_train + n_val)
+    official = per_image * (2500 + 2508) + t_head.seconds * 2500 / n_train
+    print(f"\nmachine: {machine()}; recipe {args.recipe} {' '.join(args.set)}\n")
+    print(table([(f"features, {n_train} training images", f"{t_train.seconds / 60:.1f}",
+                  f"{t_train.seconds / n_train:.2f} s/image"),
+                 (f"features, {n_val} validation images", f"{t_val.seconds / 60:.1f}", f"{t_val.seconds / n_val:.2f} s/image"),
+                 (f"head: {result.epochs} epochs + validation", f"{t_head.seconds / 60:.1f}", ""),
+                 ("whole run", f"{total.seconds / 60:.1f}", "")], ("phase", "minutes", "")))
+    print(f"\ndevval mAP {100 * result.table.map07:.1f} (11-point), {100 * result.table.map:.1f} (envelope)")
+    print(f"extrapolated to VOC2007 train -> val (2500 + 2508 images): {official / 60:.0f} minutes")
+    print(result.table.format())
+
+
+if __name__ == "__main__":
+    main()

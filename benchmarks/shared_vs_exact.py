@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Shared-convolution mode against exact mode: images/s, and devval mAP of heads trained on devtrain.
+
+Modes compared (the recipe's backbone, precision and patch grid; only the feature path differs):
+- exact: every patch through the whole network (the paper);
+- shared: one trunk pass per scale, each patch pooled from the map of its own scale;
+- shared, fewer levels: trunk passes only at --levels; each scale pooled from the nearest level.
+
+    python benchmarks/shared_vs_exact.py --speed-images 4 --limit 300
+    python benchmarks/shared_vs_exact.py --speed-only
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
+from patchnet.datasets import load_image, open_split
+from patchnet.recipe import load_recipe
+from patchnet.train import build_extractor, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--voc", default=str(VOC))
+    ap.add_argument("--recipe", default=str(DEV_RECIPE))
+    ap.add_argument("--levels", default="1,2,3", help="pyramid levels of the fewer-levels mode")
+    ap.add_argument("--speed-images", type=int, default=4, help="devval images timed per mode")
+    ap.add_argument("--limit", type=int, default=300, help="first N images of devtrain and of devval for mAP")
+    ap.add_argument("--modes", default="exact,shared,shared_levels")
+    ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--output", default="checkpoints/bench_shared_vs_exact")
+    ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
+    args = ap.parse_args()
+    voc = require_voc(Path(args.voc))
+    modes = {
+        "exact": ["patches.mode=exact"],
+        "shared": ["patches.mode=shared", "patches.levels=[]"],
+        "shared_levels": ["patches.mode=shared", f"patches.levels=[{args.levels}]"],
+    }
+    names = {"exact": "exact", "shared": "shared, every scale", "shared_levels": f"shared, levels {args.levels}"}
+    base = [f"data.root={voc}", f"output={args.output}", *args.set]
+    rows, speed = [], {}
+    for mode in args.modes.split(","):
+        recipe = load_recipe(args.recipe, base + modes[mode] + [f"name={mode}"])
+        extractor = build_extractor(recipe)
+        images = [load_image(r.path) for r in open_split(recipe.data, recipe.data.val_split).records[:args.speed_images]]
+        extractor(images[0][:160, :160])  # warm-up
+        with Timer() as t:
+            for im in images:
+                extractor(im)
+        speed[mode] = len(images) / t.seconds
+        ap07 = env = float("nan")
+        if not args.speed_only:
+            recipe = load_recipe(args.recipe, base + modes[mode] + [f"name={mode}", f"data.limit={args.limit}"])
+            result = train(recipe)
+            ap07, env = result.table.map07, result.table.map
+        rows.append((mode, speed[mode], ap07, env))
+    exact = speed.get("exact")
+    print(f"\nmachine: {machine()}; recipe {args.recipe}")
+    print(f"speed on {args.speed_images} devval images; mAP: heads trained on the first {args.limit} devtrain "
+          f"images, scored on the first {args.limit} devval images\n")
+    print(table([(names[m], f"{s:.2f}", f"{s / exact:.1f}x" if exact else "-",
+                  "-" if a != a else f"{100 * a:.1f}", "-" if e != e else f"{100 * e:.1f}") for m, s, a, e in rows],
+                ("mode", "images/s", "vs exact", "mAP 11-pt", "mAP envelope")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Where each class was found: per-pixel patch-score maps, heatmap figures and top-scoring patches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .infer import aggregate, score_map  # noqa: E402
+
+
+def class_index(classes: list[str], names: list[str]) -> list[int]:
+    """Indices of class names, with an error that lists the valid names."""
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise ValueError(f"unknown class name(s) {', '.join(unknown)}; valid names: {', '.join(classes)}")
+    return [classes.index(n) for n in names]
+
+
+def heatmap_figure(image: np.ndarray, maps: list[np.ndarray], titles: list[str], cols: int = 3,
+                   alpha: float = 0.5) -> plt.Figure:
+    """The image under a translucent colour map of each score map, side by side, each with a colour bar."""
+    n = len(maps)
+    cols = max(1, min(cols, n))
+    rows = (n + cols - 1) // cols
+    h, w = image.shape[:2]
+    panel = 4.0
+    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols * 1.12, panel * rows * h / w + 0.5 * rows),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    vmax = max(1e-6, max(float(m.max()) for m in maps))
+    for ax, m, title in zip(axes.ravel(), maps, titles):
+        ax.imshow(image)
+        overlay = ax.imshow(m, cmap="jet", alpha=alpha, vmin=0.0, vmax=vmax, interpolation="bilinear")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def class_maps(boxes: np.ndarray, probs: np.ndarray, width: int, height: int, classes: list[int],
+               reduce: str = "mean") -> list[np.ndarray]:
+    """Per-pixel maps of ``y(c|P)`` for each class index, averaged (or maxed) over covering patches."""
+    return [score_map(boxes, probs[:, c], width, height, reduce) for c in classes]
+
+
+def render_heatmaps(image: np.ndarray, boxes: np.ndarray, probs: np.ndarray, class_names: list[str],
+                    chosen: list[int], k: float, out: str | Path, reduce: str = "mean", cols: int = 3) -> Path:
+    """Write one PNG with a heatmap per chosen class; titles give the class and its image score."""
+    h, w = image.shape[:2]
+    scores = aggregate(probs, k)
+    maps = class_maps(boxes, probs, w, h, chosen, reduce)
+    titles = [f"{class_names[c]}: image score {scores[c]:.3f}" for c in chosen]
+    fig = heatmap_figure(image, maps, titles, cols)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def top_classes(probs: np.ndarray, k: float, top: int) -> list[int]:
+    return [int(c) for c in np.argsort(-aggregate(probs, k))[:top]]
+
+
+def log_heatmaps(writer, head, split, recipe, epoch: int) -> None:
+    """Draw the top class of the first few validation images into TensorBoard."""
+    from .datasets import DatasetError, load_image
+
+    store, dataset = split.store, split.dataset
+    shown = 0
+    for i in range(len(store)):
+        if shown >= recipe.train.heatmaps:
+            break
+        if store.view[i] != 0 or not store.ok[i]:
+            continue
+        try:
+            image = load_image(dataset.records[store.record[i]].path)
+        except DatasetError:
+            continue
+        s = store.item_slice(i)
+        probs = head.probabilities(store.features[s]).numpy()
+        chosen = top_classes(probs, recipe.infer.k, 2)
+        h, w = image.shape[:2]
+        scores = aggregate(probs, recipe.infer.k)
+        fig = heatmap_figure(image, class_maps(store.patch_boxes[s], probs, w, h, chosen),
+                             [f"{dataset.classes[c]}: {scores[c]:.3f}" for c in chosen], cols=2)
+        writer.add_figure(f"heatmaps/{dataset.records[store.record[i]].image_id}", fig, epoch)
+        shown += 1
+
+
+def best_patch_per_item(features, offsets: np.ndarray, head, num_classes: int,
+                        batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """For every item and class, the highest ``y(c|P)`` over its patches and that patch's index (-1 if none)."""
+    n = len(offsets) - 1
+    scores = np.full((n, num_classes), -1.0, np.float32)
+    patches = np.full((n, num_classes), -1, np.int64)
+    start = 0
+    while start < n:
+        stop = start + 1  # a group of whole items of about batch_size patches
+        while stop < n and offsets[stop + 1] - offsets[start] <= batch_size:
+            stop += 1
+        base = int(offsets[start])
+        probs = head.probabilities(features[base:int(offsets[stop])]).numpy()[:, :num_classes]
+        for i in range(start, stop):
+            a, b = int(offsets[i]) - base, int(offsets[i + 1]) - base
+            if b > a:
+                j = probs[a:b].argmax(0)
+                patches[i] = j
+                scores[i] = probs[a:b][j, np.arange(num_classes)]
+        start = stop
+    return scores, patches
+
+
+def top_items(scores: np.ndarray, usable: np.ndarray, c: int, n: int = 9) -> list[int]:
+    """The ``n`` items whose best patch scores highest for class ``c``."""
+    usable = usable & (scores[:, c] >= 0)  # items without patches have no best patch
+    order = np.argsort(-np.where(usable, scores[:, c], -np.inf), kind="stable")
+    return [int(i) for i in order[:n] if usable[i]]
+
+
+def contact_sheet(crops: list[np.ndarray], captions: list[str], title: str, out: str | Path, cols: int = 3) -> Path:
+    """A grid of patch crops with a caption under each."""
+    rows = max(1, (len(crops) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, crop, cap in zip(axes.ravel(), crops, captions):
+        ax.imshow(crop)
+        ax.set_title(cap, fontsize=8, y=-0.14)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

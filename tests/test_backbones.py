@@ -1,0 +1,126 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from patchnet.backbones import BACKBONES, BackboneError, Conv2dSame, build_backbone, region_mean
+
+# random weights: tests never download; 64 px is the smallest input AlexNet's layers accept
+SIZE = 64
+
+
+@pytest.fixture(scope="module", params=sorted(BACKBONES))
+def backbone(request):
+    torch.manual_seed(0)
+    # the packaged Lite weights are local; torchvision weights would need a download
+    weights = "imagenet" if request.param.startswith("efficientnet") else "random"
+    return build_backbone(request.param, weights, input_size=SIZE)
+
+
+def test_features_have_the_declared_size(backbone):
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = backbone(x)
+    assert out.shape == (2, backbone.feature_dim)
+    assert torch.isfinite(out).all()
+
+
+def test_frozen_means_no_gradients_and_eval_mode_for_good(backbone):
+    assert all(not p.requires_grad for p in backbone.parameters())
+    backbone.train()  # a caller asking for training mode must not unfreeze BatchNorm or dropout
+    assert not any(m.training for m in backbone.modules())
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    backbone(torch.rand(2, 3, SIZE, SIZE) * 3)  # would move BN running stats in training mode
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fused_copy_gives_the_same_features(backbone):
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a, b = backbone(x), backbone.fused()(x)
+    assert a.abs().max() > 0
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+@pytest.mark.parametrize("size", [7, 8, 9, 223, 224, 225])
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (5, 2), (3, 1), (5, 1)])
+def test_tf_same_padding(size, kernel, stride):
+    conv = Conv2dSame(1, 1, kernel, stride, bias=False)
+    torch.nn.init.ones_(conv.weight)
+    x = torch.ones(1, 1, size, size)
+    y = conv(x)
+    assert y.shape[-1] == math.ceil(size / stride)
+    # TF puts the odd pixel of padding at the end: the first output sees no padding on the left
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    left = total // 2
+    assert y[0, 0, 0, 0].item() == pytest.approx((kernel - left) ** 2)
+
+
+def test_lite0_imagenet_weights_classify_a_real_photo():
+    """The port (padding, ReLU6, BN eps, normalisation) is right if the packaged weights see a cat."""
+    data = pytest.importorskip("skimage.data")
+    from patchnet.backbones import _lite_weight_file, _read_state_dict
+
+    backbone = build_backbone("efficientnet_lite0", "imagenet")
+    state = _read_state_dict(_lite_weight_file("efficientnet_lite0"))
+    image = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
+    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        probs = F.linear(backbone(image), state["_fc.weight"], state["_fc.bias"]).softmax(-1)[0]
+    assert probs.argmax().item() == 285  # ImageNet class 285: Egyptian cat
+    assert probs[285] > 0.5
+
+
+def test_unknown_backbone_lists_the_choices():
+    with pytest.raises(BackboneError, match="unknown backbone 'vgg99'; available: efficientnet_lite0"):
+        build_backbone("vgg99")
+
+
+def test_weight_file_errors(tmp_path):
+    with pytest.raises(BackboneError, match="does not exist"):
+        build_backbone("efficientnet_lite0", str(tmp_path / "none.pt"))
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(BackboneError, match="wrong.pt: does not match backbone efficientnet_lite0"):
+        build_backbone("efficientnet_lite0", str(wrong))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(BackboneError, match="junk.pt: not a loadable state_dict"):
+        build_backbone("efficientnet_lite0", str(junk))
+
+
+def test_local_weight_file_loads_and_names_its_hash(tmp_path):
+    torch.manual_seed(1)
+    ref = build_backbone("resnet50", "random")
+    path = tmp_path / "r50.pth"
+    from torchvision.models import resnet50
+
+    model = resnet50()
+    torch.save({"state_dict": model.state_dict()}, path)
+    loaded = build_backbone("resnet50", str(path))
+    assert loaded.weights_id.startswith("resnet50:") and loaded.weights_id != ref.weights_id
+    assert torch.equal(loaded.trunk[0].weight, model.conv1.weight)
+
+
+def _supersampled_mean(fmap, box, n=400):
+    """Mean of the piecewise-constant map over a box, by dense point sampling."""
+    x1, y1, x2, y2 = box
+    xs = np.linspace(x1, x2, n, endpoint=False) + (x2 - x1) / (2 * n)
+    ys = np.linspace(y1, y2, n, endpoint=False) + (y2 - y1) / (2 * n)
+    cells = fmap[0][:, np.floor(ys).astype(int)][:, :, np.floor(xs).astype(int)]
+    return cells.mean(axis=(1, 2))
+
+
+def test_region_mean_matches_the_integral_over_the_box():
+    rng = np.random.default_rng(0)
+    fmap = rng.random((1, 5, 6, 9)).astype(np.float32)
+    boxes = np.array([[0, 0, 9, 6], [1, 2, 4, 5], [0.3, 1.7, 5.2, 5.9], [2.5, 0.5, 3.5, 1.5]], np.float32)
+    got = region_mean(torch.from_numpy(fmap), torch.from_numpy(boxes)).numpy()
+    for box, row in zip(boxes, got):
+        np.testing.assert_allclose(row, _supersampled_mean(fmap, box), rtol=2e-2, atol=1e-3)
+    # whole cells: the plain mean, as exact mode takes it
+    np.testing.assert_allclose(got[0], fmap[0].mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(got[1], fmap[0][:, 2:5, 1:4].mean(axis=(1, 2)), rtol=1e-5)

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from patchnet.cache import _digest, build_features, cache_fields
+from patchnet.datasets import open_split
+from patchnet.train import build_extractor
+
+
+class CountingExtractor:
+    """Wraps an extractor; counts calls and can fail after a number of them (a simulated kill)."""
+
+    def __init__(self, inner, fail_after=None):
+        self.inner, self.calls, self.fail_after = inner, 0, fail_after
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, image):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return self.inner(image)
+
+
+def _setup(tmp_path, small_voc, *overrides):
+    recipe = tiny_recipe(tmp_path, small_voc, *overrides)
+    return recipe, open_split(recipe.data, "train"), build_extractor(recipe)
+
+
+def test_features_are_computed_once_then_read_from_disk(tmp_path, small_voc):
+    recipe, ds, ex = _setup(tmp_path, small_voc)
+    counting = CountingExtractor(ex)
+    store = build_features(recipe, ds, counting, progress=False)
+    assert counting.calls == len(ds)
+    assert store.features.dtype == np.float16 and isinstance(store.features, np.memmap)
+    assert store.features.shape == (store.num_patches, ex.feature_dim)
+    # the stored rows are the extractor's features of each image, in grid order
+    from patchnet.datasets import load_image
+
+    direct = ex(load_image(ds.records[1].path)).numpy()
+    np.testing.assert_allclose(store.features[store.item_slice(1)], direct, rtol=2e-3, atol=1e-3)
+    np.testing.assert_array_equal(store.patch_boxes[store.item_slice(1)], ex.boxes(ds.records[1].width,
+                                                                                    ds.records[1].height))
+    again = CountingExtractor(ex)
+    store2 = build_features(recipe, ds, again, progress=False)
+    assert again.calls == 0 and store2.path == store.path
+
+
+@pytest.mark.parametrize("override", ["patches.scales=[1.0, 3.0]", "patches.step=0.4", "patches.mode=exact",
+                                      "backbone.input_size=48", "backbone.precision=bf16",
+                                      "patches.levels=[1.0]", "backbone.weights=random"])
+def test_any_input_of_the_features_changes_the_key(tmp_path, small_voc, override):
+    recipe, ds, ex = _setup(tmp_path, small_voc)
+    base = _digest(cache_fields(recipe, ds, ex))
+    recipe2, ds2, ex2 = _setup(tmp_path, small_voc, override)
+    assert _digest(cache_fields(recipe2, ds2, ex2)) != base
+
+
+def test_key_changes_with_the_image_list_and_views_but_not_with_training_settings(tmp_path, small_voc):
+    recipe, ds, ex = _setup(tmp_path, small_voc)
+    base = _digest(cache_fields(recipe, ds, ex))
+    assert _digest(cache_fields(recipe, open_split(recipe.data, "val"), ex)) != base
+    smaller = type(ds)(ds.name, ds.classes, ds.records[:-1])
+    assert _digest(cache_fields(recipe, smaller, ex)) != base
+    assert _digest(cache_fields(recipe, ds, ex, views=2)) != base
+    recipe2, _, _ = _setup(tmp_path, small_voc, "train.lr=0.5", "train.epochs=9", "infer.k=2")
+    assert _digest(cache_fields(recipe2, ds, ex)) == base
+
+
+def test_a_killed_build_resumes_where_it_stopped(tmp_path, small_voc):
+    recipe, ds, ex = _setup(tmp_path, small_voc)  # chunks of 2 images
+    with pytest.raises(KeyboardInterrupt):
+        build_features(recipe, ds, CountingExtractor(ex, fail_after=3), progress=False)
+    # one whole chunk (2 images) was saved; the third image's chunk was not complete
+    resumed = CountingExtractor(ex)
+    store = build_features(recipe, ds, resumed, progress=False)
+    assert resumed.calls == len(ds) - 2
+    clean_recipe, _, _ = _setup(tmp_path / "clean", small_voc)
+    clean = build_features(clean_recipe, ds, ex, progress=False)
+    np.testing.assert_array_equal(store.offsets, clean.offsets)
+    np.testing.assert_allclose(np.asarray(store.features, np.float32), np.asarray(clean.features, np.float32),
+                               atol=1e-3)
+
+
+def test_a_corrupt_image_is_skipped_and_counted(tmp_path, small_voc, caplog):
+    (small_voc / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    recipe, ds, ex = _setup(tmp_path, small_voc)
+    assert len(ds) == 4 and "b.jpg" in ds.fixes["unreadable"][0]
+    store = build_features(recipe, ds, ex, progress=False)
+    assert store.ok.tolist() == [True, False, True, True]
+    assert store.item_slice(1).stop == store.item_slice(1).start
+    assert len(store.failures) == 1 and "b.jpg" in store.failures[0]
+    assert "unreadable" in caplog.text
+
+
+def test_augmented_views_are_cached_with_their_own_boxes(tmp_path, small_voc):
+    recipe, ds, ex = _setup(tmp_path, small_voc, "aug.views=2", "aug.rotate=0", "aug.color=0")
+    store = build_features(recipe, ds, ex, views=2, progress=False)
+    assert len(store) == 3 * len(ds)
+    assert store.view.tolist()[:3] == [0, 1, 2] and store.record.tolist()[:3] == [0, 0, 0]
+    boxes0, _, _ = store.item_objects(0)
+    np.testing.assert_allclose(boxes0, ds.records[0].boxes)
+    for i in (1, 2):
+        b, c, d = store.item_objects(i)
+        assert len(b) >= 1 and c.tolist() == [0] * len(b)
+    # views are fixed: a rebuild in another cache gives the same boxes
+    recipe2, _, _ = _setup(tmp_path / "again", small_voc, "aug.views=2", "aug.rotate=0", "aug.color=0")
+    store2 = build_features(recipe2, ds, ex, views=2, progress=False)
+    np.testing.assert_array_equal(store.boxes, store2.boxes)

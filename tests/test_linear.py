@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_recipe
+from patchnet.cli import app
+from patchnet.linear import SplitFeatures, fit_linear, l2_normalize
+from patchnet.metrics import ap_table
+from patchnet.retrieve import distances, nearest, precision_at_k
+
+
+def _separable(n=60, d=8, seed=0):
+    """Two well-separated clusters (also after L2 normalisation): class "pos" around +mu, "neg" around -mu."""
+    rng = np.random.default_rng(seed)
+    mu = np.zeros(d)
+    mu[0] = 3.0
+    side = np.where(rng.random(n) < 0.5, 1, -1)
+    x = side[:, None] * mu + 0.5 * rng.normal(size=(n, d))
+    labels = np.stack([side, -side], 1).astype(np.int8)
+    return x, labels
+
+
+def test_linear_svm_separates_a_separable_set():
+    x, labels = _separable()
+    train = SplitFeatures([str(i) for i in range(len(x))], x, labels, ["pos", "neg"])
+    model = fit_linear(train, "svm", progress=False)
+    x2, labels2 = _separable(seed=5)  # fresh samples of the same distribution
+    table = ap_table(model.decision(x2), labels2, ["pos", "neg"])
+    assert table.ap.tolist() == pytest.approx([1.0, 1.0])
+    assert all(c in (0.01, 0.1, 1.0, 10.0) for c in model.cs)
+
+
+def test_logistic_regression_and_difficult_labels_left_out():
+    x, labels = _separable(seed=1)
+    labels[:5, 0] = 0  # difficult-only: not used for class 0
+    model = fit_linear(SplitFeatures([], x, labels, ["pos", "neg"]), "logreg", grid=(1.0,), progress=False)
+    assert model.cs == [1.0, 1.0]
+    assert ap_table(model.decision(x), labels, ["pos", "neg"]).map > 0.99
+
+
+def test_l2_distances_and_ranking_on_hand_built_vectors():
+    index = np.array([[1.0, 0, 0], [0, 2.0, 0], [3.0, 3.0, 0], [0, 0, 5.0]])
+    query = np.array([[2.0, 0.1, 0]])
+    d = distances(query, index)
+    # normalised: q ~ (0.9988, 0.0499, 0); distances follow the angle, not the length
+    want = np.linalg.norm(l2_normalize(query) - l2_normalize(index), axis=1)
+    np.testing.assert_allclose(d[0], want)
+    assert nearest(d, 3)[0].tolist() == [0, 2, 1]
+    np.testing.assert_allclose(d[0, 3], np.sqrt(2))
+    # leaving an index out (the query itself, when it is in the collection)
+    assert nearest(d, 2, exclude=np.array([0]))[0].tolist() == [2, 1]
+
+
+def test_precision_at_k_by_hand():
+    labels = np.array([[1, -1], [1, -1], [-1, 1], [1, 1]])
+    neighbours = np.array([[1, 2], [0, 3], [3, 0], [0, 1]])  # of each image as a query
+    p = precision_at_k(neighbours, labels, labels)
+    # class 0 queries: 0 -> 1/2, 1 -> 2/2, 3 -> 2/2; class 1 queries: 2 -> 1/2, 3 -> 0/2
+    np.testing.assert_allclose(p, [(0.5 + 1 + 1) / 3, (0.5 + 0) / 2])
+
+
+runner = CliRunner()
+
+
+def test_features_linear_and_retrieve_commands(tmp_path, small_voc):
+    tiny_recipe(tmp_path, small_voc)  # validates the overrides below
+    recipe_file = tmp_path / "r.yaml"
+    from patchnet.recipe import save_recipe
+
+    save_recipe(tiny_recipe(tmp_path, small_voc), recipe_file)
+    out = tmp_path / "f.npz"
+    r = runner.invoke(app, ["features", "-r", str(recipe_file), "--split", "train", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    with np.load(out) as f:
+        first, ids = f["features"], f["ids"].tolist()
+    assert first.shape == (4, 1280) and ids == ["a", "b", "c", "d"]
+    r = runner.invoke(app, ["features", "-r", str(recipe_file), "--split", "train", "--out", str(out), "--pool", "max"])
+    assert r.exit_code == 0, r.output
+    with np.load(out) as f:
+        assert not np.allclose(f["features"], first)
+    r = runner.invoke(app, ["linear", "-r", str(recipe_file), "--train", "train", "--eval", "val", "--c", "1",
+                            "--out", str(tmp_path / "lin")])
+    assert r.exit_code == 0, r.output
+    assert "mAP" in r.output and (tmp_path / "lin" / "linear_svm_whole.json").is_file()
+    page = tmp_path / "ret.html"
+    r = runner.invoke(app, ["retrieve", "-r", str(recipe_file), "--split", "train", "--queries", "a,c", "--k", "2",
+                            "--out", str(page)])
+    assert r.exit_code == 0, r.output
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and text.count("data:image/jpeg;base64,") == 2 * 3
+    assert "precision@2" in text and "P@2" in r.output
+    r = runner.invoke(app, ["retrieve", "-r", str(recipe_file), "--split", "train", "--queries", "zzz"])
+    assert r.exit_code == 2 and "query 'zzz' is not an image" in r.output

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Render patch-score heatmaps: where in each image a trained patchnet found each class.
+
+    python tools/render_heatmaps.py --checkpoint checkpoints/voc07_dev/best.pt photo.jpg photos/
+    python tools/render_heatmaps.py --checkpoint ... --split devval --limit 20 --classes dog,person
+
+Each pixel shows the mean (or max) of y(c|P) over the patches covering it. For every image a PNG
+holds the top-k predicted classes (or the classes named) side by side; --no-grid writes one PNG
+per class instead. A dataset split uses the feature cache when it is warm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm.auto import tqdm
+
+from patchnet.cache import cached_features
+from patchnet.cli import USER_ERRORS
+from patchnet.datasets import DatasetError, load_image, open_split
+from patchnet.heatmaps import class_index, render_heatmaps, top_classes
+from patchnet.infer import Predictor
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DatasetError(f"{p}: no such file or folder")
+    return files
+
+
+def main(
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders.")] = None,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A trained best.pt or last.pt.")] = ...,
+    split: Annotated[Optional[str], typer.Option(help="A split of the recipe's dataset instead of files.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root for --split (default: the recipe's).")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names (default: the top-k).")] = None,
+    top: Annotated[int, typer.Option(help="Top-scoring classes drawn per image.")] = 3,
+    reduce: Annotated[str, typer.Option(help="Per-pixel reduction over covering patches: mean or max.")] = "mean",
+    grid: Annotated[bool, typer.Option(help="All classes of an image in one PNG (else one PNG each).")] = True,
+    mode: Annotated[Optional[str], typer.Option(help="Patch features: exact or shared (default: as trained).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many images (0: all).")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("heatmaps"),
+):
+    try:
+        if reduce not in ("mean", "max"):
+            raise DatasetError(f"--reduce must be mean or max, got {reduce!r}")
+        predictor = Predictor(checkpoint, mode=mode)
+        names = predictor.classes
+        chosen = class_index(names, [c.strip() for c in classes.split(",")]) if classes else None
+        jobs = []  # (name, loader of the image, cached (boxes, features) or None)
+        if split:
+            recipe = predictor.recipe
+            if data is not None:
+                recipe.data.root = str(data)
+            dataset = open_split(recipe.data, split)
+            store = cached_features(recipe, dataset, predictor.extractor)
+            for i, rec in enumerate(dataset.records):
+                cached = (store.patch_boxes[store.item_slice(i)], store.features[store.item_slice(i)]) \
+                    if store is not None and store.ok[i] else None
+                jobs.append((rec.image_id, rec.path, cached))
+            if store is not None:
+                typer.echo(f"using the warm feature cache {store.path}")
+        else:
+            jobs = [(p.stem, p, None) for p in _image_files(images or [])]
+        if not jobs:
+            raise DatasetError("no images: give image files or folders, or --split")
+        jobs = jobs[:limit] if limit else jobs
+        written = 0
+        for name, path, cached in tqdm(jobs, desc="heatmaps", unit="img"):
+            image = load_image(path)
+            if cached is None:
+                p = predictor.predict(image)
+                boxes, probs = p.boxes, p.probs
+            else:
+                boxes, probs = cached[0], predictor.probabilities(cached[1])
+            cls = chosen or top_classes(probs, predictor.k, top)
+            if grid:
+                render_heatmaps(image, boxes, probs, names, cls, predictor.k, out / f"{name}.png", reduce)
+                written += 1
+            else:
+                for c in cls:
+                    render_heatmaps(image, boxes, probs, names, [c], predictor.k, out / f"{name}_{names[c]}.png",
+                                    reduce)
+                    written += 1
+        typer.echo(f"wrote {written} heatmap PNGs to {out}")
+    except (*USER_ERRORS, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    typer.run(main)

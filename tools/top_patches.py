@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Top-9 patches per class over a dataset split, as 3x3 contact sheets (the Zeiler & Fergus view).
+
+    python tools/top_patches.py --checkpoint checkpoints/voc07_dev/best.pt --split devval
+
+For each class, the 9 images whose best patch scores highest for it contribute that patch; under
+each crop are the image id and y(c|P). Features come from (and go to) the feature cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from PIL import Image
+from tqdm.auto import tqdm
+
+from patchnet.cache import build_features
+from patchnet.cli import USER_ERRORS
+from patchnet.datasets import load_image, open_split
+from patchnet.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
+from patchnet.infer import Predictor
+
+
+def crop(image: np.ndarray, box: np.ndarray, size: int = 160) -> np.ndarray:
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    patch = Image.fromarray(image[max(y1, 0):y2, max(x1, 0):x2])
+    return np.asarray(patch.resize((size, size), Image.BILINEAR))
+
+
+def main(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A trained best.pt or last.pt.")],
+    split: Annotated[Optional[str], typer.Option(help="Split to search (default: the recipe's val split).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root (default: the recipe's).")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names (default: all).")] = None,
+    n: Annotated[int, typer.Option(help="Patches per class.")] = 9,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("top_patches"),
+):
+    try:
+        predictor = Predictor(checkpoint)
+        recipe = predictor.recipe
+        if data is not None:
+            recipe.data.root = str(data)
+        dataset = open_split(recipe.data, split or recipe.data.val_split)
+        names = predictor.classes
+        wanted = class_index(names, [c.strip() for c in classes.split(",")]) if classes else range(len(names))
+        store = build_features(recipe, dataset, predictor.extractor)
+        scores, patches = best_patch_per_item(store.features, store.offsets, predictor.head, len(names))
+        usable = store.ok & (store.view == 0)
+        for c in tqdm(wanted, desc="top patches", unit="class"):
+            crops, captions = [], []
+            for i in top_items(scores, usable, c, n):
+                rec = dataset.records[store.record[i]]
+                box = store.patch_boxes[int(store.offsets[i]) + int(patches[i, c])]
+                crops.append(crop(load_image(rec.path), box))
+                captions.append(f"{rec.image_id}  {scores[i, c]:.3f}")
+            contact_sheet(crops, captions, f"{names[c]}: top {len(crops)} patches of {dataset.name.rsplit(':', 1)[-1]}",
+                          out / f"top{n}_{names[c]}.png")
+        typer.echo(f"wrote {len(wanted)} contact sheets to {out}")
+    except (*USER_ERRORS, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    typer.run(main)
