@@ -13,7 +13,8 @@ VOC = REPO.parent / "shared" / "data" / "VOCdevkit" / "VOC2007"
 DEV_RECIPE = REPO / "recipes" / "voc07_dev.yaml"
 
 
-def require_voc(root: Path = VOC) -> Path:
+def require_voc(root: Path | str = VOC) -> Path:
+    root = Path(root)
     if not (root / "ImageSets" / "Main" / "devval.txt").is_file():
         raise SystemExit(f"benchmark data not found at {root}: the benchmarks run on the VOC2007 images of "
                          "../shared/data (pass --voc /path/to/VOCdevkit/VOC2007)")
