@@ -6,7 +6,7 @@ Modes compared (the recipe's backbone, precision and patch grid; only the featur
 - shared: one trunk pass per scale, each patch pooled from the map of its own scale;
 - shared, fewer levels: trunk passes only at --levels; each scale pooled from the nearest level.
 
-    python benchmarks/shared_vs_exact.py --speed-images 4 --limit 300
+    python benchmarks/shared_vs_exact.py --speed-images 4 --limit 150
     python benchmarks/shared_vs_exact.py --speed-only
 """
 
@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--voc", default=str(VOC))
     ap.add_argument("--recipe", default=str(DEV_RECIPE))
-    ap.add_argument("--levels", default="1,2,3", help="pyramid levels of the fewer-levels mode")
+    ap.add_argument("--levels", default="1,2,4", help="pyramid levels of the fewer-levels mode")
     ap.add_argument("--speed-images", type=int, default=4, help="devval images timed per mode")
     ap.add_argument("--limit", type=int, default=300, help="first N images of devtrain and of devval for mAP")
     ap.add_argument("--modes", default="exact,shared,shared_levels")

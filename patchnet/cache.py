@@ -39,11 +39,11 @@ def _digest(value) -> str:
 
 def cache_fields(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0) -> dict:
     """Everything the cached features depend on; any change gives another key."""
-    images = [(r.image_id, r.path.name, r.path.stat().st_size, r.width, r.height) for r in dataset.records]
+    # Resolved paths, so that a relative and an absolute dataset root share one cache.
+    images = [(r.image_id, str(r.path.resolve()), r.path.stat().st_size, r.width, r.height) for r in dataset.records]
     p = recipe.patches
     fields = {
         "version": CACHE_VERSION,
-        "dataset": dataset.name,
         "images": _digest(images),
         "patches": {"scales": p.scales, "step": p.step, "mode": p.mode, "levels": p.levels, "max_side": p.max_side},
         "backbone": recipe.backbone.name,

@@ -241,7 +241,7 @@ def linear(
                                        build_extractor, method, reduce, views, grid)
         typer.echo(table.format())
         typer.echo("chosen C: " + ", ".join(f"{n} {v:g}" for n, v in zip(model.classes, model.cs)))
-        _write_table(table, out or r.run_dir, f"linear_{method}_{pool}")
+        _write_table(table, out or r.run_dir, f"linear_{method}_{pool}" + (f"_views{views}" if views else ""))
 
 
 @app.command()

@@ -77,14 +77,25 @@ def _classifier(method: str, C: float, seed: int):
     raise ValueError(f"method must be svm or logreg, got {method!r}")
 
 
-def choose_c(x: np.ndarray, y: np.ndarray, method: str, grid=C_GRID, folds: int = 3, seed: int = 0) -> float:
-    """The C of ``grid`` with the best cross-validated 11-point AP on (x, y in {1, -1})."""
-    from sklearn.model_selection import StratifiedKFold
+def cv_folds(y: np.ndarray, groups: np.ndarray | None = None, folds: int = 3, seed: int = 0) -> list:
+    """Stratified (train, test) index pairs that never split a group across train and test."""
+    from sklearn.model_selection import StratifiedGroupKFold
 
+    groups = np.arange(len(y)) if groups is None else groups
+    return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
+
+
+def choose_c(x: np.ndarray, y: np.ndarray, method: str, grid=C_GRID, folds: int = 3, seed: int = 0,
+             groups: np.ndarray | None = None) -> float:
+    """The C of ``grid`` with the best cross-validated 11-point AP on (x, y in {1, -1}).
+
+    Rows with one ``groups`` value (the augmented views of one image) stay in one fold, so that no
+    image is scored by a classifier that saw another view of it.
+    """
     if (y == 1).sum() < folds or (y == -1).sum() < folds:
         return 1.0
     best, best_ap = grid[0], -1.0
-    split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
+    split = cv_folds(y, groups, folds, seed)
     for C in grid:
         scores = np.zeros(len(y))
         for tr, te in split:
@@ -128,7 +139,8 @@ def fit_linear(train: SplitFeatures, method: str = "svm", grid=C_GRID, seed: int
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # liblinear's convergence chatter on hard C values
-            C = choose_c(x[keep], y, method, grid, seed=seed) if len(grid) > 1 else grid[0]
+            C = (choose_c(x[keep], y, method, grid, seed=seed, groups=np.asarray(train.ids)[keep])
+                 if len(grid) > 1 else grid[0])
             models.append(_classifier(method, C, seed).fit(x[keep], y))
         cs.append(C)
     return LinearModel(list(train.classes), models, cs)

@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_recipe
 from patchnet.cli import app
-from patchnet.linear import SplitFeatures, fit_linear, l2_normalize
+from patchnet.linear import SplitFeatures, cv_folds, fit_linear, l2_normalize
 from patchnet.metrics import ap_table
 from patchnet.retrieve import distances, nearest, precision_at_k
 
@@ -33,9 +33,21 @@ def test_linear_svm_separates_a_separable_set():
 def test_logistic_regression_and_difficult_labels_left_out():
     x, labels = _separable(seed=1)
     labels[:5, 0] = 0  # difficult-only: not used for class 0
-    model = fit_linear(SplitFeatures([], x, labels, ["pos", "neg"]), "logreg", grid=(1.0,), progress=False)
+    model = fit_linear(SplitFeatures([str(i) for i in range(len(x))], x, labels, ["pos", "neg"]), "logreg", grid=(1.0,), progress=False)
     assert model.cs == [1.0, 1.0]
     assert ap_table(model.decision(x), labels, ["pos", "neg"]).map > 0.99
+
+
+def test_cv_folds_keep_the_views_of_one_image_together():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.where(rng.random(40) < 0.4, 1, -1), 3)  # 40 images, 3 views each
+    groups = np.repeat(np.arange(40), 3)
+    folds = cv_folds(y, groups, folds=3, seed=0)
+    assert len(folds) == 3
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+        assert (y[test] == 1).any() and (y[test] == -1).any()
+    assert sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(120))
 
 
 def test_l2_distances_and_ranking_on_hand_built_vectors():
