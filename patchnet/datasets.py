@@ -374,5 +374,5 @@ def open_split(cfg, split: str) -> Dataset:
     else:
         raise DatasetError(f"data.format must be voc, coco or demo; got {cfg.format!r}")
     if cfg.limit and cfg.limit < len(dataset):
-        dataset = Dataset(f"{dataset.name}[:{cfg.limit}]", dataset.classes, dataset.records[:cfg.limit], dataset.fixes)
+        dataset = Dataset(f"{dataset.name} (first {cfg.limit})", dataset.classes, dataset.records[:cfg.limit], dataset.fixes)
     return dataset
