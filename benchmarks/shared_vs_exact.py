@@ -4,7 +4,8 @@
 Modes compared (the recipe's backbone, precision and patch grid; only the feature path differs):
 - exact: every patch through the whole network (the paper);
 - shared: one trunk pass per scale, each patch pooled from the map of its own scale;
-- shared, fewer levels: trunk passes only at --levels; each scale pooled from the nearest level.
+- shared, fewer levels: trunk passes only at --levels; each scale pooled from the nearest level;
+- hybrid: the fewer-levels mode, with the coarse scales (up to --exact-up-to) cropped as in exact mode.
 
     python benchmarks/shared_vs_exact.py --speed-images 4 --limit 150
     python benchmarks/shared_vs_exact.py --speed-only
@@ -28,7 +29,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4", help="pyramid levels of the fewer-levels mode")
     ap.add_argument("--speed-images", type=int, default=4, help="devval images timed per mode")
     ap.add_argument("--limit", type=int, default=300, help="first N images of devtrain and of devval for mAP")
-    ap.add_argument("--modes", default="exact,shared,shared_levels")
+    ap.add_argument("--exact-up-to", type=float, default=2.0, help="hybrid mode: scales cropped as in exact mode")
+    ap.add_argument("--modes", default="exact,shared,shared_levels,hybrid")
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--output", default="checkpoints/bench_shared_vs_exact")
     ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
@@ -38,8 +40,10 @@ def main() -> None:
         "exact": ["patches.mode=exact"],
         "shared": ["patches.mode=shared", "patches.levels=[]"],
         "shared_levels": ["patches.mode=shared", f"patches.levels=[{args.levels}]"],
+        "hybrid": ["patches.mode=shared", f"patches.levels=[{args.levels}]", f"patches.exact_up_to={args.exact_up_to}"],
     }
-    names = {"exact": "exact", "shared": "shared, every scale", "shared_levels": f"shared, levels {args.levels}"}
+    names = {"exact": "exact", "shared": "shared, every scale", "shared_levels": f"shared, levels {args.levels}",
+             "hybrid": f"hybrid: exact up to {args.exact_up_to:g}, then levels {args.levels}"}
     base = [f"data.root={voc}", f"output={args.output}", *args.set]
     rows, speed = [], {}
     for mode in args.modes.split(","):

@@ -45,7 +45,7 @@ def cache_fields(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, vi
     fields = {
         "version": CACHE_VERSION,
         "images": _digest(images),
-        "patches": {"scales": p.scales, "step": p.step, "mode": p.mode, "levels": p.levels, "max_side": p.max_side},
+        "patches": dataclasses.asdict(p),
         "backbone": recipe.backbone.name,
         "weights": extractor.backbone.weights_id,
         "input_size": extractor.size,

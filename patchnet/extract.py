@@ -8,7 +8,8 @@ becomes exactly ``input_size`` pixels.
 - exact: each patch is a slice of the rescaled image, and slices run through the whole network
   in batches (the paper's method, without per-patch resampling).
 - shared: the trunk runs once on each rescaled image, and each patch's region of the feature map is
-  pooled with RoIAlign (the convolutions see context outside the patch).
+  pooled with RoIAlign (the convolutions see context outside the patch). With
+  ``patches.exact_up_to``, the coarse scales (few, large patches) are cropped as in exact mode.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class PatchExtractor:
         elif self.patches.mode == "exact":
             feats = [self._exact(img, g) for g in grids]
         else:
-            feats = [None] * len(grids)
+            feats = [self._exact(img, g) if g.scale <= self.patches.exact_up_to else None for g in grids]
             for level in self.levels(grids, w, h):
                 for i, f in zip(level.grids, self._shared(img, [grids[i] for i in level.grids], level.factor)):
                     feats[i] = f
@@ -148,11 +149,16 @@ class PatchExtractor:
             return self.backbone.pool_regions(fmap, cells).float()
 
     def levels(self, grids: list[ScaleGrid], width: int, height: int) -> list[Level]:
-        """Trunk passes of shared mode; each scale is pooled from the level nearest in log-scale."""
+        """Trunk passes of shared mode; each scale is pooled from the level nearest in log-scale.
+
+        Scales up to ``exact_up_to`` are left out: they are cropped as in exact mode.
+        """
         scales = [g.scale for g in grids]
         chosen = self.patches.levels or scales
         assign: dict[float, list[int]] = {}
         for i, s in enumerate(scales):
+            if s <= self.patches.exact_up_to:
+                continue
             lv = min(chosen, key=lambda v: abs(math.log(v / s)))
             assign.setdefault(lv, []).append(i)
         levels = []

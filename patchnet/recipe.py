@@ -41,6 +41,7 @@ class PatchConfig:
     mode: str = "shared"  # exact (the paper's crops) | shared (one trunk pass per scale) | whole (baseline)
     levels: list[float] = field(default_factory=list)  # shared: pyramid levels; [] = one per scale
     max_side: int = 1600  # shared: cap on the long side of a rescaled image (memory bound)
+    exact_up_to: float = 0.0  # shared: scales <= this are cropped and run alone, as in exact mode (0: none)
 
 
 @dataclass
@@ -131,6 +132,9 @@ class Recipe:
             raise RecipeError(
                 f"patches.step must lie in (0, 0.5] so that neighbours overlap by at least 50%, got {self.patches.step}"
             )
+        if self.patches.exact_up_to and (self.patches.exact_up_to < 1.0 or self.patches.mode != "shared"):
+            raise RecipeError(f"patches.exact_up_to applies to shared mode and must be 0 (off) or a scale >= 1; "
+                              f"got {self.patches.exact_up_to} with patches.mode={self.patches.mode}")
         if not 0.0 <= self.train.bg_rate <= 1.0:
             raise RecipeError(f"train.bg_rate must lie in [0, 1], got {self.train.bg_rate}")
         if self.infer.k <= 0:

@@ -50,7 +50,7 @@ def test_features_are_computed_once_then_read_from_disk(tmp_path, small_voc):
 
 @pytest.mark.parametrize("override", ["patches.scales=[1.0, 3.0]", "patches.step=0.4", "patches.mode=exact",
                                       "backbone.input_size=48", "backbone.precision=bf16",
-                                      "patches.levels=[1.0]", "backbone.weights=random"])
+                                      "patches.levels=[1.0]", "patches.exact_up_to=1.0", "backbone.weights=random"])
 def test_any_input_of_the_features_changes_the_key(tmp_path, small_voc, override):
     recipe, ds, ex = _setup(tmp_path, small_voc)
     base = _digest(cache_fields(recipe, ds, ex))

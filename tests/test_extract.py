@@ -73,6 +73,20 @@ def test_fewer_pyramid_levels_pool_each_scale_from_the_nearest_level():
     assert len(ex(_image(100, 80))) == len(ex.boxes(100, 80))
 
 
+def test_exact_up_to_crops_the_coarse_scales_and_shares_the_rest():
+    backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
+    scales, img = [1.0, 1.5, 2.0, 3.0], _image(90, 60)
+    exact = PatchExtractor(backbone, PatchConfig(scales=scales, mode="exact"), FP32)(img)
+    shared = PatchExtractor(backbone, PatchConfig(scales=scales, mode="shared"), FP32)(img)
+    hybrid_ex = PatchExtractor(backbone, PatchConfig(scales=scales, mode="shared", exact_up_to=1.5), FP32)
+    hybrid = hybrid_ex(img)
+    assert [lv.grids for lv in hybrid_ex.levels(hybrid_ex.grids(90, 60), 90, 60)] == [[2], [3]]
+    n = sum(len(g.boxes) for g in hybrid_ex.grids(90, 60) if g.scale <= 1.5)
+    torch.testing.assert_close(hybrid[:n], exact[:n])
+    torch.testing.assert_close(hybrid[n:], shared[n:])
+    assert not torch.allclose(exact[:n], shared[:n], atol=1e-3)  # the two paths do differ there
+
+
 def test_max_side_caps_the_rescaled_image():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
     ex = PatchExtractor(backbone, PatchConfig(scales=[4.0], max_side=64), FP32)
