@@ -113,7 +113,7 @@ class PatchExtractor:
         elif self.patches.mode == "exact":
             feats = [self._exact(img, g) for g in grids]
         else:
-            feats = [self._exact(img, g) if g.scale <= self.patches.exact_up_to else None for g in grids]
+            feats = [self._exact(img, g) if self.cropped(g.scale) else None for g in grids]
             for level in self.levels(grids, w, h):
                 for i, f in zip(level.grids, self._shared(img, [grids[i] for i in level.grids], level.factor)):
                     feats[i] = f
@@ -148,6 +148,10 @@ class PatchExtractor:
             cells = torch.tensor([[0.0, 0.0, fmap.shape[-1], fmap.shape[-2]]], device=self.device)
             return self.backbone.pool_regions(fmap, cells).float()
 
+    def cropped(self, scale: float) -> bool:
+        """Whether shared mode crops this scale's patches as exact mode does (``patches.exact_up_to``)."""
+        return scale <= self.patches.exact_up_to
+
     def levels(self, grids: list[ScaleGrid], width: int, height: int) -> list[Level]:
         """Trunk passes of shared mode; each scale is pooled from the level nearest in log-scale.
 
@@ -157,7 +161,7 @@ class PatchExtractor:
         chosen = self.patches.levels or scales
         assign: dict[float, list[int]] = {}
         for i, s in enumerate(scales):
-            if s <= self.patches.exact_up_to:
+            if self.cropped(s):
                 continue
             lv = min(chosen, key=lambda v: abs(math.log(v / s)))
             assign.setdefault(lv, []).append(i)
