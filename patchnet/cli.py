@@ -16,7 +16,7 @@ import typer
 from .backbones import BackboneError
 from .datasets import DatasetError
 from .model import CheckpointError
-from .recipe import DataConfig, RecipeError, load_recipe
+from .recipe import RecipeError, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-scale patch-based transfer learning on a frozen ImageNet CNN.")
@@ -47,16 +47,11 @@ def _session(verbose: bool = False):
 
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a field: section.field=value.")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root: VOCdevkit/VOC20xx or a COCO folder.")]
-FormatOpt = Annotated[str, typer.Option("--format", help="Dataset format: voc, coco or demo.")]
-
-
-def _data_config(base: DataConfig, data: Path | None, fmt: str | None) -> DataConfig:
-    from dataclasses import replace
-
-    if data is None and fmt is None:
-        return base
-    return replace(base, root=str(data) if data is not None else base.root, format=fmt or base.format)
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset root: VOCdevkit/VOC20xx, a COCO folder, "
+                                                                  "an image folder or a folder of <split>.csv lists.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="Dataset format: voc, coco, demo, folder or csv.")]
+PoolChoice = Annotated[Optional[str], typer.Option(
+    "--pool", help="Pooling of patch scores: power, max, lse or topk (default: the model's own).")]
 
 
 @app.command()
@@ -82,26 +77,40 @@ def eval(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A best.pt or last.pt.")],
     data: DataOpt = None,
     split: Annotated[Optional[str], typer.Option(help="Split to score (default: the recipe's val split).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="voc, coco or demo (default: the recipe's).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="voc, coco, demo, folder or csv (default: the recipe's).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the AP table as JSON and CSV.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="Patch features: exact or shared (default: as trained).")] = None,
-    k: Annotated[Optional[float], typer.Option(help="Power of the power-k mean (default: the recipe's).")] = None,
+    pool: PoolChoice = None,
+    k: Annotated[Optional[float], typer.Option(help="Power of the power-k mean (default: the recipe's pool.k).")] = None,
+    pointing: Annotated[bool, typer.Option(help="Also play the pointing game with the score maps (needs boxes).")] = False,
+    prior: Annotated[float, typer.Option(help="Pointing game: pseudo-patches of the image mean in each pixel's mean "
+                                              "(default: the recipe's infer.map_prior).")] = -1.0,
     verbose: bool = False,
 ):
-    """Score a VOC/COCO split and print per-class AP (VOC07 11-point and envelope) and mAP."""
+    """Score a split: per-class AP (VOC07 11-point and envelope), mAP, accuracy for single-label data."""
     with _session(verbose):
-        from .infer import evaluate_split
+        from .infer import evaluate_split, pointing_game
 
-        table, n = evaluate_split(checkpoint, data=data, split=split, fmt=fmt, mode=mode, k=k)
+        table, n, (predictor, dataset, store, items) = evaluate_split(checkpoint, data=data, split=split, fmt=fmt,
+                                                                      mode=mode, pool=pool, k=k)
         typer.echo(table.format())
-        typer.echo(f"{n} images")
-        _write_table(table, out or checkpoint.parent, f"eval_{split or 'val'}" + (f"_k{k:g}" if k is not None else ""))
+        typer.echo(f"{n} images; pooling {predictor.pool}")
+        values = table.to_dict()
+        if pointing:
+            if not dataset.has_boxes:
+                raise DatasetError(f"--pointing needs boxes, and {dataset.name} has none")
+            result = pointing_game(predictor.head, store, dataset, items, predictor.pool,
+                                   predictor.recipe.infer.map_prior if prior < 0 else prior)
+            typer.echo(result.format())
+            values["pointing"] = result.rates()
+        stem = f"eval_{split or 'val'}" + (f"_{pool}" if pool else "") + (f"_k{k:g}" if k is not None else "")
+        _write_table(table, out or checkpoint.parent, stem, values)
 
 
-def _write_table(table, out: Path, stem: str) -> None:
-    """An AP table as JSON and CSV."""
+def _write_table(table, out: Path, stem: str, values: dict | None = None) -> None:
+    """An AP table as JSON (with any further ``values``) and CSV."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(table.to_dict(), indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(values or table.to_dict(), indent=1))
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "ap07", "ap"])
@@ -116,28 +125,41 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c")],
     top: Annotated[int, typer.Option(help="Classes to print per image.")] = 3,
+    pool: PoolChoice = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all scores as JSON.")] = None,
     verbose: bool = False,
 ):
-    """Print the top classes of each image."""
+    """Print each image's top classes with calibrated probabilities; '*' marks a class judged present."""
     with _session(verbose):
         from .infer import Predictor
 
-        predictor = Predictor(checkpoint)
+        predictor = Predictor(checkpoint, pool=pool)
+        if predictor.calibration is None:
+            log.warning("%s carries no calibration for pooling %s: printing raw pooled scores", checkpoint,
+                        predictor.pool)
         results = {}
         for path in images:
             p = predictor.predict(path)
-            order = np.argsort(-p.scores)[:top]
-            typer.echo(f"{path}: " + ", ".join(f"{predictor.classes[i]} {p.scores[i]:.3f}" for i in order))
-            results[str(path)] = {c: float(s) for c, s in zip(predictor.classes, p.scores)}
+            shown = p.scores if p.probabilities is None else p.probabilities
+            order = np.argsort(-shown)[:top]
+            marks = p.present if p.present is not None else np.zeros(len(shown), bool)
+            typer.echo(f"{path}: " + ", ".join(f"{predictor.classes[i]}{'*' if marks[i] else ''} {shown[i]:.3f}"
+                                               for i in order))
+            results[str(path)] = {c: {"score": float(p.scores[i]),
+                                      **({"probability": float(p.probabilities[i]), "present": bool(p.present[i])}
+                                         if p.probabilities is not None else {})}
+                                  for i, c in enumerate(predictor.classes)}
+        if predictor.calibration is not None:
+            typer.echo("(calibrated probabilities; * = above the class's decision threshold, both fitted on "
+                       "held-out training images)")
         if json_out:
-            json_out.write_text(json.dumps(results, indent=1))
+            json_out.write_text(json.dumps({"pool": predictor.pool, "images": results}, indent=1))
             typer.echo(f"wrote {json_out}")
 
 
 @app.command()
 def inspect(
-    data: Annotated[Path, typer.Option("--data", help="Dataset root (VOC layout, or COCO folder).")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset root (VOC layout, COCO folder, image folder, CSV folder).")],
     split: Annotated[str, typer.Option(help="Split name.")] = "trainval",
     fmt: FormatOpt = "voc",
     recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe for patch settings and classes.")] = None,
@@ -148,16 +170,20 @@ def inspect(
 ):
     """Print label statistics of a split and draw one image's patches coloured by training label."""
     with _session(verbose):
-        from .datasets import open_split
+        from .datasets import data_override, image_label_statistics, open_split
         from .draw import draw_labels
         from .recipe import recipe_from_dict
         from .sampler import split_statistics
 
         r = load_recipe(recipe, overrides) if recipe else recipe_from_dict({}, overrides)
-        cfg = _data_config(r.data, data, fmt)
-        if cfg.format == "coco" and recipe is None:
-            cfg.classes = []
+        cfg = data_override(r.data, data, fmt)
+        if cfg.format in ("coco", "folder", "csv") and recipe is None:
+            cfg.classes = []  # the classes found in the data
         dataset = open_split(cfg, split)
+        typer.echo(image_label_statistics(dataset))
+        if not dataset.has_boxes:
+            typer.echo("no boxes: train with --set train.supervision=images (no patch labels to draw)")
+            return
         stats = split_statistics(dataset, r.patches)
         typer.echo(stats.format())
         target = _pick_image(dataset, image)
@@ -205,7 +231,7 @@ def features(
     with _session(verbose):
         from .datasets import open_split
         from .linear import split_features
-        from .train import build_extractor
+        from .extract import build_extractor
 
         r, reduce = _pooled_recipe(recipe, overrides, pool)
         f = split_features(r, open_split(r.data, split), build_extractor(r), reduce)
@@ -230,7 +256,7 @@ def linear(
     """The off-the-shelf baseline: L2-normalised features, one linear classifier per class, VOC AP."""
     with _session(verbose):
         from .linear import linear_baseline
-        from .train import build_extractor
+        from .extract import build_extractor
 
         r, reduce = _pooled_recipe(recipe, overrides, pool)
         try:
@@ -262,7 +288,7 @@ def retrieve(
         from .datasets import open_split
         from .linear import split_features
         from .retrieve import distances, nearest, precision_at_k, write_page
-        from .train import build_extractor
+        from .extract import build_extractor
 
         r, reduce = _pooled_recipe(recipe, overrides, pool)
         dataset = open_split(r.data, split)
@@ -316,7 +342,7 @@ def demo(
 
         r = load_recipe(recipe, overrides)
         result = run(r)
-        table, n = evaluate_split(result.run_dir / "best.pt")
+        table, n, _ = evaluate_split(result.run_dir / "best.pt")
         typer.echo(table.format())
         typer.echo(f"demo: trained in {result.seconds:.0f} s; test mAP {100 * table.map07:.1f} (VOC07 11-point), "
                    f"{100 * table.map:.1f} (envelope) on {n} images")

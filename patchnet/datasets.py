@@ -1,13 +1,14 @@
-"""Dataset readers (Pascal VOC XML, COCO JSON) that all produce one ``ImageRecord`` type."""
+"""Dataset readers (Pascal VOC XML, COCO JSON, image folders, CSV lists) that all produce one ``ImageRecord`` type."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,15 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def has_boxes(self) -> bool:
+        return any(len(r.boxes) for r in self.records)
+
+    @property
+    def single_label(self) -> bool:
+        """Every image has exactly one class (image folders, MIT-67 style): accuracy is reported too."""
+        return bool(self.records) and bool(((self.labels() == 1).sum(1) == 1).all())
 
     def labels(self) -> np.ndarray:
         """Image-level labels, (N, C) int8."""
@@ -358,6 +368,124 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, classes: list[
     return Dataset(name, list(classes), records, fixes.report(name))
 
 
+# --------------------------------------------------------------------------- image folders and CSV lists
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _box_free_record(image_id: str, path: Path, labels: np.ndarray, where: str, fixes: _Fixes) -> ImageRecord | None:
+    empty = np.zeros((0, 4), np.float32)
+    return _make_record(image_id, path, None, empty, np.zeros(0, np.int64), np.zeros(0, bool), len(labels), where,
+                        fixes, labels)
+
+
+def _resolve_classes(found: list[str], classes: list[str], where: str) -> list[str]:
+    if not classes:
+        return sorted(found)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DatasetError(f"{where}: classes {', '.join(unknown)} are not in data.classes ({', '.join(classes)}); "
+                           "set data.classes: [] to take the classes found in the data")
+    return list(classes)
+
+
+def read_folder(root: str | Path, split: str, classes: list[str] | None = None) -> Dataset:
+    """A single-label image folder: ``root/<split>/<class>/*.jpg`` (torchvision's ImageFolder layout)."""
+    base = Path(root) / split
+    if not base.is_dir():
+        present = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        raise DatasetError(f"{base}: image-folder split does not exist (expected {root}/<split>/<class>/*.jpg); "
+                           f"splits here: {', '.join(present) or 'none'}")
+    folders = sorted(p for p in base.iterdir() if p.is_dir())
+    if not folders:
+        raise DatasetError(f"{base}: holds no class folders (expected {base}/<class>/*.jpg)")
+    classes = _resolve_classes([f.name for f in folders], list(classes or []), str(base))
+    index = {c: i for i, c in enumerate(classes)}
+    fixes, records = _Fixes(), []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            log.warning("%s: class folder %s holds no images (%s)", base, folder.name, ", ".join(IMAGE_SUFFIXES))
+        for path in files:
+            labels = np.full(len(classes), -1, np.int8)
+            labels[index[folder.name]] = 1
+            records.append(_box_free_record(f"{folder.name}/{path.stem}", path, labels, str(path), fixes))
+    records = [r for r in records if r is not None]
+    if not records:
+        raise DatasetError(f"{base}: no readable images in any class folder")
+    name = f"folder:{base}"
+    return Dataset(name, classes, records, fixes.report(name))
+
+
+def read_csv_list(path: str | Path, classes: list[str] | None = None) -> Dataset:
+    """A multi-label CSV list: ``image_path,label1;label2`` per line (paths relative to the file's folder).
+
+    An optional first line ``path,labels`` is a header; an empty label field is an image of no class.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: CSV list does not exist (expected lines 'image_path,label1;label2')")
+    rows = []
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or not "".join(row).strip() or (n == 1 and row[0].strip().lower() in ("path", "image", "file")):
+                continue
+            if len(row) != 2:
+                raise DatasetError(f"{path}, line {n}: expected 'image_path,label1;label2', got {','.join(row)!r}")
+            names = [c.strip() for c in row[1].split(";") if c.strip()]
+            rows.append((n, row[0].strip(), names))
+    if not rows:
+        raise DatasetError(f"{path}: lists no images")
+    if classes:
+        for n, _, names in rows:
+            unknown = [c for c in names if c not in classes]
+            if unknown:
+                raise DatasetError(f"{path}, line {n}: unknown class {unknown[0]!r}; classes: {', '.join(classes)}")
+    classes = list(classes) if classes else sorted({c for _, _, names in rows for c in names})
+    index = {c: i for i, c in enumerate(classes)}
+    fixes, records = _Fixes(), []
+    for n, image, names in rows:
+        image_path = path.parent / image
+        if not image_path.is_file():
+            raise DatasetError(f"{path}, line {n}: image {image!r} does not exist ({image_path})")
+        labels = np.full(len(classes), -1, np.int8)
+        labels[[index[c] for c in names]] = 1
+        records.append(_box_free_record(image, image_path, labels, f"{path}, line {n}", fixes))
+    records = [r for r in records if r is not None]
+    name = f"csv:{path}"
+    return Dataset(name, classes, records, fixes.report(name))
+
+
+def image_label_statistics(dataset: Dataset) -> str:
+    """A table of images per class (present, difficult-only) and of labels per image, for ``patchnet inspect``."""
+    labels = dataset.labels()
+    per_image = (labels == 1).sum(1)
+    width = max(len(c) for c in dataset.classes + ["class"])
+    lines = [f"{dataset.name}: {len(dataset)} images, {int((per_image == 0).sum())} with no class, "
+             f"{per_image.mean():.2f} classes per image (max {per_image.max()}); "
+             f"{'single-label' if dataset.single_label else 'multi-label'}, "
+             f"{'with' if dataset.has_boxes else 'without'} boxes",
+             f"{'class':<{width}}  {'images':>7}  {'difficult-only':>14}"]
+    for c, name in enumerate(dataset.classes):
+        lines.append(f"{name:<{width}}  {int((labels[:, c] == 1).sum()):>7}  {int((labels[:, c] == 0).sum()):>14}")
+    return "\n".join(lines)
+
+
+def without_boxes(dataset: Dataset) -> Dataset:
+    """The same images and image-level labels, with every box dropped (``data.boxes: false``)."""
+    empty = np.zeros((0, 4), np.float32)
+    records = [replace(r, boxes=empty, box_classes=np.zeros(0, np.int64), box_difficult=np.zeros(0, bool))
+               for r in dataset.records]
+    return Dataset(dataset.name, dataset.classes, records, dataset.fixes)
+
+
+def data_override(cfg, root: str | Path | None = None, fmt: str | None = None):
+    """A copy of a recipe's data section with another root and/or format (the CLI's --data/--format)."""
+    if root is None and fmt is None:
+        return cfg
+    return replace(cfg, root=str(root) if root is not None else cfg.root, format=fmt or cfg.format)
+
+
 def open_split(cfg, split: str) -> Dataset:
     """The split ``split`` of the recipe's data section (generating the demo set when needed)."""
     if cfg.format == "demo":
@@ -371,8 +499,14 @@ def open_split(cfg, split: str) -> Dataset:
         dataset = read_voc(cfg.root, split, cfg.classes)
     elif cfg.format == "coco":
         dataset = read_coco(*coco_paths(cfg.root, split), classes=cfg.classes or None)
+    elif cfg.format == "folder":
+        dataset = read_folder(cfg.root, split, cfg.classes)
+    elif cfg.format == "csv":
+        dataset = read_csv_list(Path(cfg.root) / f"{split}.csv", cfg.classes)
     else:
-        raise DatasetError(f"data.format must be voc, coco or demo; got {cfg.format!r}")
+        raise DatasetError(f"data.format must be voc, coco, demo, folder or csv; got {cfg.format!r}")
+    if not getattr(cfg, "boxes", True):
+        dataset = without_boxes(dataset)
     if cfg.limit and cfg.limit < len(dataset):
         dataset = Dataset(f"{dataset.name} (first {cfg.limit})", dataset.classes, dataset.records[:cfg.limit], dataset.fixes)
     return dataset

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone
-from .recipe import BackboneConfig, PatchConfig
+from .backbones import Backbone, build_backbone
+from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import ScaleGrid, grid_by_scale
 
 
@@ -47,6 +48,18 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native else None
+
+
+def build_extractor(recipe: Recipe) -> "PatchExtractor":
+    """The recipe's frozen backbone and patch settings, on its device (under torchrun: this rank's GPU)."""
+    import torch.distributed as dist
+
+    b = recipe.backbone
+    device = b.device
+    if device == "auto" and torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
+    return PatchExtractor(backbone, recipe.patches, replace(b, device=device))
 
 
 @dataclass

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .infer import aggregate, score_map  # noqa: E402
+from .infer import score_map  # noqa: E402
+from .pooling import item_groups, map_values, patch_values, pool  # noqa: E402
 
 
 def class_index(classes: list[str], names: list[str]) -> list[int]:
@@ -43,19 +44,20 @@ def heatmap_figure(image: np.ndarray, maps: list[np.ndarray], titles: list[str],
     return fig
 
 
-def class_maps(boxes: np.ndarray, probs: np.ndarray, width: int, height: int, classes: list[int],
-               reduce: str = "mean") -> list[np.ndarray]:
-    """Per-pixel maps of ``y(c|P)`` for each class index, averaged (or maxed) over covering patches."""
-    return [score_map(boxes, probs[:, c], width, height, reduce) for c in classes]
+def class_maps(boxes: np.ndarray, values: np.ndarray, width: int, height: int, classes: list[int],
+               reduce: str = "mean", prior: float = 0.0) -> list[np.ndarray]:
+    """Per-pixel maps of the patch values of each class index, averaged (or maxed) over covering patches."""
+    return [score_map(boxes, values[:, c], width, height, reduce, prior) for c in classes]
 
 
-def render_heatmaps(image: np.ndarray, boxes: np.ndarray, probs: np.ndarray, class_names: list[str],
-                    chosen: list[int], k: float, out: str | Path, reduce: str = "mean", cols: int = 3) -> Path:
-    """Write one PNG with a heatmap per chosen class; titles give the class and its image score."""
+def render_heatmaps(image: np.ndarray, boxes: np.ndarray, values: np.ndarray, scores: np.ndarray,
+                    class_names: list[str], chosen: list[int], out: str | Path, reduce: str = "mean", cols: int = 3,
+                    probabilities: np.ndarray | None = None, prior: float = 0.0) -> Path:
+    """Write one PNG with a heatmap per chosen class; titles give the class, its image score (and probability)."""
     h, w = image.shape[:2]
-    scores = aggregate(probs, k)
-    maps = class_maps(boxes, probs, w, h, chosen, reduce)
-    titles = [f"{class_names[c]}: image score {scores[c]:.3f}" for c in chosen]
+    maps = class_maps(boxes, values, w, h, chosen, reduce, prior)
+    titles = [f"{class_names[c]}: score {scores[c]:.3g}" + (f", P {probabilities[c]:.2f}" if probabilities is not None
+                                                             else "") for c in chosen]
     fig = heatmap_figure(image, maps, titles, cols)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,56 +66,50 @@ def render_heatmaps(image: np.ndarray, boxes: np.ndarray, probs: np.ndarray, cla
     return out
 
 
-def top_classes(probs: np.ndarray, k: float, top: int) -> list[int]:
-    return [int(c) for c in np.argsort(-aggregate(probs, k))[:top]]
+def top_classes(scores: np.ndarray, top: int) -> list[int]:
+    return [int(c) for c in np.argsort(-np.asarray(scores))[:top]]
 
 
-def log_heatmaps(writer, head, split, recipe, epoch: int) -> None:
-    """Draw the top class of the first few validation images into TensorBoard."""
+def log_heatmaps(writer, head, split, recipe, epoch: int, items: np.ndarray) -> None:
+    """Draw the top two classes of the first few selection images into TensorBoard."""
     from .datasets import DatasetError, load_image
 
-    store, dataset = split.store, split.dataset
+    store, dataset, name = split.store, split.dataset, recipe.infer_pool
     shown = 0
-    for i in range(len(store)):
+    for i in items:
         if shown >= recipe.train.heatmaps:
             break
-        if store.view[i] != 0 or not store.ok[i]:
-            continue
         try:
             image = load_image(dataset.records[store.record[i]].path)
         except DatasetError:
             continue
         s = store.item_slice(i)
-        probs = head.probabilities(store.features[s]).numpy()
-        chosen = top_classes(probs, recipe.infer.k, 2)
+        logits = head.logits(store.features[s])
+        values = map_values(logits, name).numpy()
+        scores = pool(patch_values(logits, name).double(), [len(logits)], recipe.pool, name)[0].numpy()
+        chosen = top_classes(scores, 2)
         h, w = image.shape[:2]
-        scores = aggregate(probs, recipe.infer.k)
-        fig = heatmap_figure(image, class_maps(store.patch_boxes[s], probs, w, h, chosen),
-                             [f"{dataset.classes[c]}: {scores[c]:.3f}" for c in chosen], cols=2)
+        fig = heatmap_figure(image, class_maps(store.patch_boxes[s], values, w, h, chosen),
+                             [f"{dataset.classes[c]}: {scores[c]:.3g}" for c in chosen], cols=2)
         writer.add_figure(f"heatmaps/{dataset.records[store.record[i]].image_id}", fig, epoch)
         shown += 1
 
 
-def best_patch_per_item(features, offsets: np.ndarray, head, num_classes: int,
+def best_patch_per_item(features, offsets: np.ndarray, head, num_classes: int, pool_name: str = "power",
                         batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """For every item and class, the highest ``y(c|P)`` over its patches and that patch's index (-1 if none)."""
+    """For every item and class, the highest map value over its patches and that patch's index (-1 if none)."""
     n = len(offsets) - 1
     scores = np.full((n, num_classes), -1.0, np.float32)
     patches = np.full((n, num_classes), -1, np.int64)
-    start = 0
-    while start < n:
-        stop = start + 1  # a group of whole items of about batch_size patches
-        while stop < n and offsets[stop + 1] - offsets[start] <= batch_size:
-            stop += 1
+    for start, stop in item_groups(np.diff(offsets), batch_size):
         base = int(offsets[start])
-        probs = head.probabilities(features[base:int(offsets[stop])]).numpy()[:, :num_classes]
+        values = map_values(head.logits(features[base:int(offsets[stop])]), pool_name).numpy()
         for i in range(start, stop):
             a, b = int(offsets[i]) - base, int(offsets[i + 1]) - base
             if b > a:
-                j = probs[a:b].argmax(0)
+                j = values[a:b].argmax(0)
                 patches[i] = j
-                scores[i] = probs[a:b][j, np.arange(num_classes)]
-        start = stop
+                scores[i] = values[a:b][j, np.arange(num_classes)]
     return scores, patches
 
 

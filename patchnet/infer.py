@@ -1,4 +1,4 @@
-"""From patch probabilities to image scores (power-k mean) and per-pixel score maps; prediction."""
+"""Scoring with a trained head: image scores through the pooling family, evaluation, prediction, score maps."""
 
 from __future__ import annotations
 
@@ -8,37 +8,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import build_backbone
 from .cache import build_features
-from .datasets import DatasetError, load_image, open_split
-from .extract import PatchExtractor
-from .metrics import APTable, ap_table
+from .calibration import Calibration
+from .datasets import DatasetError, data_override, load_image, open_split
+from .extract import build_extractor
+from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
-from .recipe import Recipe, recipe_from_dict
+from .pooling import map_values, patch_values, pool, pool_items
+from .recipe import PoolConfig, Recipe, recipe_from_dict
 
 
-def aggregate(probs, k: float) -> np.ndarray:
-    """Image scores ``score(c) = (1/M) sum_i y(c|P_i)^k`` of (M, C + 1) patch probabilities.
-
-    The background column (the last) is not scored.
-    """
-    probs = torch.as_tensor(probs, dtype=torch.float64)
-    return probs[:, :-1].pow(k).mean(0).numpy()
-
-
-def aggregate_items(probs, offsets: np.ndarray, k: float) -> np.ndarray:
-    """Power-k mean per item of (P, C + 1) probabilities, items given by ``offsets`` (I + 1,)."""
-    probs = torch.as_tensor(probs, dtype=torch.float64)[:, :-1].pow(k)
-    item = torch.from_numpy(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)))
-    sums = torch.zeros(len(offsets) - 1, probs.shape[1], dtype=torch.float64).index_add_(0, item, probs)
-    counts = torch.from_numpy(np.diff(offsets)).clamp(min=1).double()[:, None]
-    return (sums / counts).numpy()
-
-
-def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, reduce: str = "mean") -> np.ndarray:
+def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, reduce: str = "mean",
+              prior: float = 0.0) -> np.ndarray:
     """(H, W) map: at each pixel, the mean (or max) of ``values`` over the patches that cover it.
 
-    A pixel is covered by a patch when its centre lies inside; uncovered pixels are 0.
+    A pixel is covered by a patch when its centre lies inside; uncovered pixels are 0. ``prior``
+    adds that many pseudo-patches holding the image's mean value to every pixel's mean: near the
+    borders few patches overlap and one high patch would otherwise dominate the mean.
     """
     boxes = np.asarray(boxes, np.float64)
     values = np.asarray(values, np.float64)
@@ -61,71 +47,109 @@ def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, re
         np.add.at(diff[layer], (y2, x1), -v)
         np.add.at(diff[layer], (y2, x2), v)
     sums = diff.cumsum(1).cumsum(2)[:, :height, :width]
-    return np.where(sums[1] > 0.5, sums[0] / np.maximum(sums[1], 1), 0.0).astype(np.float32)
+    mean = values.mean() if len(values) else 0.0
+    return np.where(sums[1] > 0.5, (sums[0] + prior * mean) / np.maximum(sums[1] + prior, 1e-12), 0.0).astype(np.float32)
 
 
-def score_store(head: AdaptationHead, store, k: float) -> tuple[np.ndarray, np.ndarray]:
-    """Power-k scores (I, C) of the original images (view 0) of a feature store, and which were readable."""
-    probs = head.probabilities(store.features)
-    scores = aggregate_items(probs, store.offsets, k)
-    originals = store.view == 0
-    return scores[originals], store.ok[originals]
+def image_scores(head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig, pool: str) -> np.ndarray:
+    """(len(items), C) pooled scores of items of a feature store."""
+    return pool_items(head, store.features, store.offsets, cfg, pool, items)
+
+
+def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:
+    """The store items that are scored: readable originals (view 0), optionally of the given records only."""
+    keep = (store.view == 0) & store.ok
+    if records is not None:
+        keep &= np.isin(store.record, records)
+    return np.flatnonzero(keep)
+
+
+def evaluate(head: AdaptationHead, store, dataset, items: np.ndarray, cfg: PoolConfig, pool: str
+             ) -> tuple[APTable, np.ndarray]:
+    """VOC APs (and accuracy for single-label data) of store ``items``; also their (I, C) scores.
+
+    The one evaluation path: training-time selection, the final report and ``patchnet eval``.
+    """
+    scores = image_scores(head, store, items, cfg, pool)
+    labels = dataset.labels()[store.record[items]]
+    return ap_table(scores, labels, dataset.classes, single_label=dataset.single_label), scores
 
 
 @dataclass
 class Prediction:
-    scores: np.ndarray  # (C,) power-k image scores
+    scores: np.ndarray  # (C,) pooled image scores
+    probabilities: np.ndarray | None  # (C,) calibrated P(class present), when the checkpoint carries a calibration
+    present: np.ndarray | None  # (C,) bool: above the class's decision threshold
     boxes: np.ndarray  # (N, 4) patches
-    probs: np.ndarray  # (N, C + 1) patch probabilities
+    values: np.ndarray  # (N, C) per-patch values for score maps, in [0, 1]
     width: int
     height: int
 
 
 class Predictor:
-    """A trained checkpoint, ready to score images."""
+    """A trained checkpoint, ready to score images with its own pooling (or ``pool``)."""
 
-    def __init__(self, checkpoint: str | Path, device: str | None = None, mode: str | None = None):
+    def __init__(self, checkpoint: str | Path, device: str | None = None, mode: str | None = None,
+                 pool: str | None = None, k: float | None = None):
         self.state = load_checkpoint(checkpoint)
-        values = self.state["recipe"]
         overrides = [f"backbone.device={device}"] if device else []
         if mode:
             overrides.append(f"patches.mode={mode}")
-        self.recipe: Recipe = recipe_from_dict(values, overrides)
+        if pool:
+            overrides.append(f"infer.pool={pool}")
+        if k is not None:
+            overrides.append(f"pool.k={k}")
+        self.recipe: Recipe = recipe_from_dict(self.state["recipe"], overrides)
         self.classes: list[str] = list(self.state["classes"])
-        b = self.recipe.backbone
-        backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
-        check_compatible(self.state, checkpoint, backbone.name, self.classes, backbone.feature_dim)
-        self.extractor = PatchExtractor(backbone, self.recipe.patches, self.recipe.backbone)
-        self.head = AdaptationHead(backbone.feature_dim, len(self.classes), self.recipe.head.hidden,
+        self.extractor = build_extractor(self.recipe)
+        check_compatible(self.state, checkpoint, self.recipe.backbone.name, self.classes, self.extractor.feature_dim,
+                         self.extractor.backbone.weights_id)
+        self.head = AdaptationHead(self.extractor.feature_dim, len(self.classes), self.recipe.head.hidden,
                                    self.recipe.head.dropout)
         self.head.load_state_dict(self.state["head"])
         self.head.eval()
-        self.k = self.recipe.infer.k
+        self.pool = self.recipe.infer_pool
+        cal = self.state.get("calibration")
+        # a calibration holds for the pooling (and power) it was fitted on
+        self.calibration = (Calibration.from_dict(cal) if cal and cal["pool"] == self.pool
+                            and (self.pool != "power" or cal.get("k", self.recipe.pool.k) == self.recipe.pool.k)
+                            else None)
 
-    def probabilities(self, features) -> np.ndarray:
-        return self.head.probabilities(features).numpy()
+    def score(self, logits: torch.Tensor) -> np.ndarray:
+        """(C,) pooled score of one image's (N, C + 1) patch logits."""
+        values = patch_values(logits, self.pool).double()
+        return pool(values, [len(values)], self.recipe.pool, self.pool)[0].numpy()
+
+    def map_values(self, logits: torch.Tensor) -> np.ndarray:
+        return map_values(logits, self.pool).numpy()
 
     def predict(self, image) -> Prediction:
         """Score one image: a path or an RGB uint8 (H, W, 3) array."""
         if isinstance(image, (str, Path)):
             image = load_image(image)
         h, w = image.shape[:2]
-        probs = self.probabilities(self.extractor(image))
-        return Prediction(aggregate(probs, self.k), self.extractor.boxes(w, h), probs, w, h)
+        return self.predict_features(self.extractor(image), self.extractor.boxes(w, h), w, h)
+
+    def predict_features(self, features, boxes: np.ndarray, width: int, height: int) -> Prediction:
+        """Score one image from its patch features (e.g. read from the feature cache)."""
+        logits = self.head.logits(features)
+        scores = self.score(logits)
+        probs = self.calibration.probabilities(scores) if self.calibration else None
+        present = probs >= self.calibration.threshold if self.calibration else None
+        return Prediction(scores, probs, present, np.asarray(boxes), self.map_values(logits), width, height)
 
 
 def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split: str | None = None,
-                   fmt: str | None = None, mode: str | None = None, k: float | None = None,
-                   progress: bool = True) -> tuple[APTable, int]:
-    """VOC APs of a checkpoint on a split (default: its recipe's validation split); also the image count."""
-    predictor = Predictor(checkpoint, mode=mode)
-    if k is not None:
-        predictor.k = k
+                   fmt: str | None = None, mode: str | None = None, pool: str | None = None, k: float | None = None,
+                   progress: bool = True):
+    """Scores of a checkpoint on a split (default: its recipe's validation split).
+
+    Returns the AP table, the number of images scored, and the (predictor, dataset, store, items)
+    behind them for further use (the pointing game).
+    """
+    predictor = Predictor(checkpoint, mode=mode, pool=pool, k=k)
     recipe = predictor.recipe
-    if data is not None:
-        recipe.data.root = str(data)
-    if fmt is not None:
-        recipe.data.format = fmt
+    recipe.data = data_override(recipe.data, data, fmt)
     split = split or recipe.data.val_split
     if not split:
         raise DatasetError("no split given and the recipe has no data.val_split; pass --split")
@@ -134,6 +158,29 @@ def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split
         raise CheckpointError(f"{checkpoint}: trained for classes {predictor.classes}, "
                               f"but {dataset.name} has {dataset.classes}")
     store = build_features(recipe, dataset, predictor.extractor, progress=progress)
-    scores, ok = score_store(predictor.head, store, predictor.k)
-    labels = dataset.labels()[store.record[store.view == 0]]
-    return ap_table(scores[ok], labels[ok], dataset.classes), int(ok.sum())
+    items = evaluation_items(store)
+    table, _ = evaluate(predictor.head, store, dataset, items, recipe.pool, predictor.pool)
+    return table, len(items), (predictor, dataset, store, items)
+
+
+def pointing_game(head: AdaptationHead, store, dataset, items: np.ndarray, pool: str, prior: float = 0.0,
+                  tolerance: float = 15.0) -> PointingResult:
+    """The pointing game (Zhang et al. 2016) on the mean score maps of store items."""
+    hits, centre, hard = [], [], []
+    for i in items:
+        rec = dataset.records[store.record[i]]
+        present = [c for c in range(len(dataset.classes))
+                   if rec.labels[c] == 1 and np.any((rec.box_classes == c) & ~rec.box_difficult)]
+        if not present:
+            continue
+        s = store.item_slice(i)
+        values = map_values(head.logits(store.features[s]), pool).numpy()
+        for c in present:
+            m = score_map(store.patch_boxes[s], values[:, c], rec.width, rec.height, prior=prior)
+            y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+            boxes = rec.boxes[(rec.box_classes == c) & ~rec.box_difficult]
+            hits.append(point_hits(x + 0.5, y + 0.5, boxes, tolerance))
+            centre.append(point_hits(rec.width / 2, rec.height / 2, boxes, tolerance))
+            others = np.any(np.delete(rec.labels, c) == 1)
+            hard.append(bool(others and union_fraction(boxes, rec.width, rec.height) < 0.25))
+    return PointingResult(np.array(hits, bool), np.array(centre, bool), np.array(hard, bool))

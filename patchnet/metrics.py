@@ -31,7 +31,7 @@ def precision_recall(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     scores, positive = scores[order], positive[order]
     tp = np.cumsum(positive)
     fp = np.cumsum(~positive)
-    last_of_tie = np.r_[scores[1:] != scores[:-1], True]
+    last_of_tie = np.r_[scores[1:] != scores[:-1], True] if len(scores) else np.zeros(0, bool)
     tp, fp = tp[last_of_tie], fp[last_of_tie]
     recall = tp / max(npos, 1)
     precision = tp / np.maximum(tp + fp, 1)
@@ -63,11 +63,16 @@ def voc_ap(scores: np.ndarray, labels: np.ndarray, use_07_metric: bool = True) -
 
 @dataclass
 class APTable:
-    """Per-class APs (NaN where undefined) and their means over the defined classes."""
+    """Per-class APs (NaN where undefined) and their means over the defined classes.
+
+    For single-label data it also holds top-1 accuracy and mean per-class accuracy (MIT-67's measure).
+    """
 
     classes: list[str]
     ap07: np.ndarray
     ap: np.ndarray
+    top1: float | None = None
+    mean_class_accuracy: float | None = None
 
     def __post_init__(self) -> None:
         mean_ap(self.ap, self.classes, warn=True)  # warn once about undefined classes
@@ -84,11 +89,14 @@ class APTable:
         def clean(x: float):
             return None if np.isnan(x) else round(float(x), 6)
 
-        return {
+        out = {
             "classes": {c: {"ap07": clean(a), "ap": clean(b)} for c, a, b in zip(self.classes, self.ap07, self.ap)},
             "map07": clean(self.map07),
             "map": clean(self.map),
         }
+        if self.top1 is not None:
+            out.update(top1=clean(self.top1), mean_class_accuracy=clean(self.mean_class_accuracy))
+        return out
 
     def format(self) -> str:
         """A plain-text table in percent."""
@@ -97,6 +105,8 @@ class APTable:
         for c, a, b in zip(self.classes, self.ap07, self.ap):
             lines.append(f"{c:<{width}}  {_pct(a):>6}  {_pct(b):>6}")
         lines.append(f"{'mAP':<{width}}  {_pct(self.map07):>6}  {_pct(self.map):>6}")
+        if self.top1 is not None:
+            lines.append(f"top-1 accuracy {_pct(self.top1)}, mean per-class accuracy {_pct(self.mean_class_accuracy)}")
         return "\n".join(lines)
 
 
@@ -114,11 +124,59 @@ def mean_ap(aps: np.ndarray, classes: list[str] | None = None, warn: bool = True
     return float(aps[~undefined].mean()) if (~undefined).any() else float("nan")
 
 
-def ap_table(scores: np.ndarray, labels: np.ndarray, classes: list[str]) -> APTable:
-    """Both APs for every class of (N, C) image scores and (N, C) 1/-1/0 labels."""
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Top-1 accuracy and mean per-class accuracy of single-label data: the arg-max class against the one label 1."""
+    truth, guess = np.asarray(labels).argmax(1), np.asarray(scores).argmax(1)
+    per_class = [np.mean(guess[truth == c] == c) for c in np.unique(truth)]
+    return float(np.mean(guess == truth)), float(np.mean(per_class))
+
+
+def ap_table(scores: np.ndarray, labels: np.ndarray, classes: list[str], single_label: bool = False) -> APTable:
+    """Both APs for every class of (N, C) image scores and (N, C) 1/-1/0 labels (and accuracy if single-label)."""
     scores, labels = np.asarray(scores), np.asarray(labels)
     if scores.shape != labels.shape or scores.shape[1] != len(classes):
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be (images, {len(classes)})")
     ap07 = np.array([voc_ap(scores[:, c], labels[:, c], True) for c in range(len(classes))])
     ap = np.array([voc_ap(scores[:, c], labels[:, c], False) for c in range(len(classes))])
-    return APTable(list(classes), ap07, ap)
+    return APTable(list(classes), ap07, ap, *(accuracy(scores, labels) if single_label else (None, None)))
+
+
+# --------------------------------------------------------------------------- the pointing game
+
+
+def point_hits(x: float, y: float, boxes: np.ndarray, tolerance: float = 15.0) -> bool:
+    """Whether the point lies within ``tolerance`` pixels of one of the boxes (inside counts as distance 0)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    dx = np.maximum(np.maximum(boxes[:, 0] - x, x - boxes[:, 2]), 0)
+    dy = np.maximum(np.maximum(boxes[:, 1] - y, y - boxes[:, 3]), 0)
+    return bool(np.any(np.hypot(dx, dy) <= tolerance))
+
+
+def union_fraction(boxes: np.ndarray, width: int, height: int) -> float:
+    """The fraction of the image covered by the union of the boxes."""
+    mask = np.zeros((height, width), bool)
+    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
+        mask[int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = True
+    return float(mask.mean())
+
+
+@dataclass
+class PointingResult:
+    """Pointing-game outcomes per (image, present class) pair: the map's maximum, the image centre, and
+    which pairs form the harder subset (the class covers under a quarter of the image, another class is present)."""
+
+    hits: np.ndarray
+    centre: np.ndarray
+    hard: np.ndarray
+
+    def rates(self) -> dict:
+        def rate(x):
+            return float(x.mean()) if len(x) else float("nan")
+
+        return {"all": rate(self.hits), "all_centre": rate(self.centre), "hard": rate(self.hits[self.hard]),
+                "hard_centre": rate(self.centre[self.hard]), "pairs": int(len(self.hits)), "hard_pairs": int(self.hard.sum())}
+
+    def format(self) -> str:
+        r = self.rates()
+        return (f"pointing game: all {r['pairs']} pairs {_pct(r['all'])}% (centre point {_pct(r['all_centre'])}%); "
+                f"harder subset, {r['hard_pairs']} pairs: {_pct(r['hard'])}% (centre point {_pct(r['hard_centre'])}%)")

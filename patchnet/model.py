@@ -27,17 +27,21 @@ class AdaptationHead(nn.Module):
         return self.fcb(self.fca(features))
 
     @torch.no_grad()
-    def probabilities(self, features, batch_size: int = 16384) -> torch.Tensor:
-        """(N, C + 1) softmax outputs in inference mode; ``features`` may be a memory-mapped fp16 array."""
+    def logits(self, features, batch_size: int = 16384) -> torch.Tensor:
+        """(N, C + 1) logits in inference mode, on the CPU; ``features`` may be a memory-mapped fp16 array."""
         if isinstance(features, torch.Tensor):
             features = features.detach().cpu().numpy()
         was_training = self.training
         self.eval()
         weight = self.fcb.weight  # the head's device
         out = [self(torch.from_numpy(np.array(features[i:i + batch_size], dtype=np.float32)).to(weight.device))
-               .softmax(-1).cpu() for i in range(0, len(features), batch_size)]
+               .float().cpu() for i in range(0, len(features), batch_size)]
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.num_classes + 1)
+
+    def probabilities(self, features, batch_size: int = 16384) -> torch.Tensor:
+        """(N, C + 1) softmax outputs in inference mode."""
+        return self.logits(features, batch_size).softmax(-1)
 
 
 class CheckpointError(ValueError):
@@ -68,11 +72,16 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def check_compatible(state: dict, path: str | Path, backbone: str, classes: list[str], feature_dim: int) -> None:
-    """Refuse a checkpoint made for another backbone or class list, saying what differs."""
+def check_compatible(state: dict, path: str | Path, backbone: str, classes: list[str], feature_dim: int,
+                     weights_id: str | None = None) -> None:
+    """Refuse a checkpoint made for another backbone, weights or class list, saying what differs."""
     theirs = state["recipe"]["backbone"]["name"]
     if theirs != backbone or state["feature_dim"] != feature_dim:
         raise CheckpointError(f"{path}: trained on backbone {theirs} ({state['feature_dim']}-d features), "
                               f"but this run uses {backbone} ({feature_dim}-d)")
+    if weights_id is not None and state.get("weights_id") not in (None, weights_id):
+        raise CheckpointError(f"{path}: trained on features of backbone weights {state['weights_id']!r}, but this "
+                              f"run's {backbone} has weights {weights_id!r}; its head would score features it never "
+                              "saw. Use the same backbone.weights as the checkpoint's recipe.yaml")
     if list(state["classes"]) != list(classes):
         raise CheckpointError(f"{path}: trained for classes {state['classes']}, but the data has {classes}")

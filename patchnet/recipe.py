@@ -18,6 +18,9 @@ VOC_CLASSES = [
 ]
 # The paper lists these nine values of lambda (its text says "eight scales").
 PAPER_SCALES = [1.0, 1.3, 1.6, 2.0, 2.4, 2.8, 3.2, 3.6, 4.0]
+POOLINGS = ("power", "max", "lse", "topk")
+FORMATS = ("voc", "coco", "demo", "folder", "csv")
+SUPERVISIONS = ("boxes", "images", "both")
 
 
 class RecipeError(ValueError):
@@ -26,11 +29,13 @@ class RecipeError(ValueError):
 
 @dataclass
 class DataConfig:
-    format: str = "voc"  # voc | coco | demo
+    format: str = "voc"  # voc | coco | demo | folder (root/<split>/<class>/*.jpg) | csv (root/<split>.csv)
     root: str = ""  # VOC: VOCdevkit/VOC20xx; COCO: folder with annotations/ and images
     train_split: str = "trainval"
-    val_split: str = "test"  # "" trains without validation
-    classes: list[str] = field(default_factory=lambda: list(VOC_CLASSES))  # COCO: [] = all
+    val_split: str = "test"  # reported after training, never used to choose a checkpoint; "" = none
+    select_split: str = ""  # a split to choose best.pt on; "" = train.holdout of the training images
+    classes: list[str] = field(default_factory=lambda: list(VOC_CLASSES))  # coco, folder, csv: [] = all found
+    boxes: bool = True  # false: read image-level labels only (VOC/COCO boxes are ignored)
     limit: int = 0  # use only the first N images of each split (0: all), for quick checks
 
 
@@ -63,7 +68,25 @@ class HeadConfig:
 
 
 @dataclass
+class PoolConfig:
+    """How patch scores become image scores (patchnet.pooling); every family's parameters live here."""
+
+    name: str = "power"  # power | max | lse | topk
+    k: float = 5.0  # power: (1/M) sum y(c|P)^k over the softmax outputs
+    r: float = 5.0  # lse: temperature of (1/r) log mean exp(r e) over the evidence
+    top: float = 0.1  # topk: fraction of the highest-evidence patches averaged ...
+    bottom: float = 0.1  # ... plus alpha times the mean of this fraction of the lowest
+    alpha: float = 0.7
+
+
+@dataclass
 class TrainConfig:
+    supervision: str = "boxes"  # boxes (patch labels) | images (image labels only) | both (the sum of the losses)
+    image_weight: float = 1.0  # both: weight of the image loss against the patch loss
+    image_batch: int = 8  # images / both: whole images per step (all their patches in one forward pass)
+    multilabel: bool = False  # boxes / both: keep patches that match objects of several classes, with a sigmoid loss
+    holdout: float = 0.1  # fraction of the training images held out (fixed by the seed) to choose best.pt on
+    precision: str = "auto"  # the head's autocast: auto (bf16 on CUDA and on CPUs with native bf16) | fp32 | bf16 | fp16
     epochs: int = 30
     batch_size: int = 256
     lr: float = 0.01
@@ -82,7 +105,8 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    k: float = 5.0  # power of the power-k mean over patches
+    pool: str = ""  # pooling that scores images: "" = the recipe's pool.name (the model's own), or one of POOLINGS
+    map_prior: float = 0.0  # score maps: pseudo-patches of the image's mean value added to each pixel's mean
 
 
 @dataclass
@@ -108,10 +132,16 @@ class Recipe:
     patches: PatchConfig = field(default_factory=PatchConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+
+    @property
+    def infer_pool(self) -> str:
+        """The pooling that scores images: ``infer.pool``, else the model's own."""
+        return self.infer.pool or self.pool.name
 
     @property
     def run_dir(self) -> Path:
@@ -121,7 +151,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Recipe":
-        _choice("data.format", self.data.format, ("voc", "coco", "demo"))
+        _choice("data.format", self.data.format, FORMATS)
+        _choice("train.supervision", self.train.supervision, SUPERVISIONS)
+        _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("pool.name", self.pool.name, POOLINGS)
+        if self.infer.pool:
+            _choice("infer.pool", self.infer.pool, POOLINGS)
         _choice("patches.mode", self.patches.mode, ("exact", "shared", "whole"))
         _choice("backbone.layer", self.backbone.layer, ("", "fc6", "fc7"))
         _choice("backbone.precision", self.backbone.precision, ("auto", "fp32", "bf16", "fp16"))
@@ -137,8 +172,20 @@ class Recipe:
                               f"got {self.patches.exact_up_to} with patches.mode={self.patches.mode}")
         if not 0.0 <= self.train.bg_rate <= 1.0:
             raise RecipeError(f"train.bg_rate must lie in [0, 1], got {self.train.bg_rate}")
-        if self.infer.k <= 0:
-            raise RecipeError(f"infer.k must be positive, got {self.infer.k}")
+        if self.train.supervision != "boxes" and self.pool.name == "power":
+            raise RecipeError(f"train.supervision={self.train.supervision} trains through the pooling, and pool.name=power "
+                              "scores images at inference only; set pool.name to max, lse or topk "
+                              "(and infer.pool=power to score with the power-k mean)")
+        if self.train.supervision != "images" and not self.data.boxes:
+            raise RecipeError(f"train.supervision={self.train.supervision} needs boxes, but data.boxes is false; "
+                              "use train.supervision=images to learn from image labels alone")
+        p = self.pool
+        if p.k <= 0 or p.r <= 0 or not 0 < p.top <= 1 or not 0 <= p.bottom <= 1:
+            raise RecipeError(f"pool needs k > 0, r > 0, top in (0, 1] and bottom in [0, 1]; got {p}")
+        if not 0.0 <= self.train.holdout < 1.0:
+            raise RecipeError(f"train.holdout must lie in [0, 1), got {self.train.holdout}")
+        if self.train.image_batch < 1 or self.train.image_weight < 0:
+            raise RecipeError("train.image_batch must be at least 1 and train.image_weight non-negative")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise RecipeError("train.epochs and train.batch_size must be at least 1")
         return self
@@ -197,8 +244,16 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def _migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """Recipes written before the pooling family kept the power in ``infer.k``: it is ``pool.k`` now."""
+    infer = values.get("infer")
+    if isinstance(infer, dict) and "k" in infer:
+        values.setdefault("pool", {})["k"] = infer.pop("k")
+    return values
+
+
 def recipe_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
-    values = apply_overrides(copy.deepcopy(values), list(overrides or []))
+    values = _migrate(apply_overrides(copy.deepcopy(values), list(overrides or [])))
     return _build(Recipe, values).validate()
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from .recipe import PAPER_SCALES
 
 IGNORE = -1  # label of patches left out of training
+MULTI = -2  # multi-label mode: a patch that matches objects of several classes (targets kept aside)
 DEFAULT_STEP = 1 / 3  # about 500 patches on a 500x375 image; 1/2 gives about 275
 POSITIVE_PATCH_FRACTION = 0.2  # rule (i):  |P ∩ B| >= 0.2 |P|
 POSITIVE_BOX_FRACTION = 0.6  # rule (ii): |P ∩ B| >= 0.6 |B|
@@ -82,16 +83,22 @@ def label_patches(
     box_difficult: np.ndarray,
     num_classes: int,
     image_labels: np.ndarray | None = None,
-) -> np.ndarray:
+    multilabel: bool = False,
+):
     """Training label of each patch: a class index, ``num_classes`` (background) or ``IGNORE``.
 
     P is positive for object B when |P∩B| >= 0.2|P| and |P∩B| >= 0.6|B| hold for B and for no
     other object. Patches matching two or more objects, or only a difficult one, are ignored.
     If ``image_labels`` (1/-1/0 per class) says a class is present but no box of it exists,
     the image's background patches may show it and are ignored too.
+
+    With ``multilabel``, a patch matching non-difficult objects of one class only is that class,
+    and one matching objects of several classes is ``MULTI``; the result is then ``(labels,
+    targets)`` with ``targets`` the (P, C) bool matrix of matched classes.
     """
     labels = np.full(len(patches), num_classes, np.int64)
     box_classes = np.asarray(box_classes, np.int64)
+    targets = np.zeros((len(patches), num_classes), bool)
     if len(boxes):
         inter = intersection_area(patches, boxes)
         eps = 1e-9  # float rounding must not flip a patch that meets a rule exactly
@@ -104,12 +111,20 @@ def label_patches(
         labels[single] = box_classes[first[single]]
         labels[single & np.asarray(box_difficult, bool)[first]] = IGNORE
         labels[count >= 2] = IGNORE
+        if multilabel:
+            difficult = np.asarray(box_difficult, bool)
+            for c in np.unique(box_classes):
+                targets[:, c] = match[:, box_classes == c].any(1)
+            several = (count >= 2) & ~(match & difficult[None, :]).any(1)
+            n_cls = targets.sum(1)
+            labels[several & (n_cls == 1)] = targets[several & (n_cls == 1)].argmax(1)
+            labels[several & (n_cls >= 2)] = MULTI
     if image_labels is not None:
         boxed = np.zeros(num_classes, bool)
         boxed[box_classes] = True
         if np.any((np.asarray(image_labels) >= 0) & ~boxed):
             labels[labels == num_classes] = IGNORE
-    return labels
+    return (labels, targets) if multilabel else labels
 
 
 def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:

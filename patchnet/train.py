@@ -1,16 +1,26 @@
-"""The training loop: cached trunk features -> adaptation head, with resampled background.
+"""The training loop on cached trunk features: patch loss (boxes), image loss (images), or both.
 
-Epoch e trains on every positive patch and a fraction ``bg_rate`` of background patches drawn
-from a generator seeded by ``(seed, e)``, so an epoch's batches can be replayed exactly on resume.
+- ``boxes``: batches of patches; every positive and a fresh ``bg_rate`` share of background each
+  epoch, softmax cross-entropy over the classes and background (the paper).
+- ``images``: batches of whole images; each class's patch evidence is pooled into an image logit
+  (``patchnet.pooling``) and meets the image labels in a binary cross-entropy (label 0 left out).
+- ``both``: batches of whole images, the image loss plus the patch loss on their positives and a
+  ``bg_rate`` share of their background, from one forward pass.
+
+One ``TrainState`` owns everything that a resumed run must get back. ``run_epoch`` does the steps,
+``end_epoch`` evaluates on held-out training images, steps the schedule and writes checkpoints;
+``last.pt`` is only written from a consistent state. Epoch e draws its order and its background
+from a generator seeded by ``(seed, e)``, so a killed epoch replays exactly on resume.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +29,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbones import build_backbone
 from .cache import FeatureStore, build_features
+from .calibration import calibrate
 from .datasets import Dataset, open_split
-from .extract import PatchExtractor
+from .extract import PatchExtractor, build_extractor, resolve_precision
 from .heatmaps import log_heatmaps
-from .infer import score_store
-from .metrics import APTable, ap_table
+from .infer import evaluate, evaluation_items
+from .metrics import APTable
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from .pooling import gather_items, patch_values, pool
 from .recipe import Recipe, save_recipe
-from .sampler import IGNORE, label_patches
+from .sampler import IGNORE, MULTI, label_patches
 
 log = logging.getLogger("patchnet")
+
+__all__ = ["train", "TrainState", "TrainingError", "SplitData", "prepare_split", "build_extractor"]
 
 
 class TrainingError(RuntimeError):
@@ -43,37 +56,89 @@ class SplitData:
 
     dataset: Dataset
     store: FeatureStore
-    labels: np.ndarray  # (P,) int64: class, C for background, IGNORE
+    labels: np.ndarray  # (P,) int64: class, C for background, IGNORE, or MULTI
+    multi_rows: np.ndarray  # (M,) sorted patch indices labelled MULTI
+    multi_targets: np.ndarray  # (M, C) bool: their classes
+
+    def image_labels(self, items: np.ndarray) -> np.ndarray:
+        return self.dataset.labels()[self.store.record[items]]
 
 
-def patch_labels(store: FeatureStore, dataset: Dataset) -> np.ndarray:
-    """Labels of all cached patches; view 0 uses the current annotations, augmented views their own boxes."""
+def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False):
+    """Labels of all cached patches (view 0: the annotations; augmented views: their own boxes).
+
+    Returns ``(labels, multi_rows, multi_targets)``; the last two are empty without ``multilabel``.
+    """
     num_classes = len(dataset.classes)
     labels = np.full(store.num_patches, IGNORE, np.int64)
+    rows, targets = [], []
     for i in range(len(store)):
         if not store.ok[i]:
             continue
         rec = dataset.records[store.record[i]]
         objects = (rec.boxes, rec.box_classes, rec.box_difficult) if store.view[i] == 0 else store.item_objects(i)
         s = store.item_slice(i)
-        labels[s] = label_patches(store.patch_boxes[s], *objects, num_classes, image_labels=rec.labels)
-    return labels
+        out = label_patches(store.patch_boxes[s], *objects, num_classes, image_labels=rec.labels, multilabel=multilabel)
+        if multilabel:
+            out, t = out
+            multi = np.flatnonzero(out == MULTI)
+            rows.append(multi + s.start), targets.append(t[multi])
+        labels[s] = out
+    if rows:
+        return labels, np.concatenate(rows), np.concatenate(targets)
+    return labels, np.zeros(0, np.int64), np.zeros((0, num_classes), bool)
 
 
 def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, views: int = 0,
                   progress: bool = True) -> SplitData:
+    """Open a split, build (or reuse) its feature cache, and label its patches where boxes are used."""
     dataset = open_split(recipe.data, split)
+    if recipe.train.supervision != "images" and not dataset.has_boxes:
+        raise CheckpointError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
+                              "patch labels; use --set train.supervision=images to learn from image labels alone")
     store = build_features(recipe, dataset, extractor, views=views, progress=progress)
-    return SplitData(dataset, store, patch_labels(store, dataset))
+    if recipe.train.supervision == "images":
+        c = len(dataset.classes)
+        return SplitData(dataset, store, np.full(store.num_patches, IGNORE, np.int64), np.zeros(0, np.int64),
+                         np.zeros((0, c), bool))
+    return SplitData(dataset, store, *patch_labels(store, dataset, recipe.train.multilabel))
+
+
+def holdout_records(num_records: int, fraction: float, seed: int) -> np.ndarray:
+    """The training records held out to choose best.pt on: a fixed random ``fraction`` of them."""
+    n = int(round(fraction * num_records))
+    if fraction > 0 and num_records > 1:
+        n = min(max(n, 1), num_records - 1)
+    return np.sort(np.random.default_rng([seed, 7919]).permutation(num_records)[:n])
 
 
 def epoch_indices(labels: np.ndarray, num_classes: int, bg_rate: float, seed: int, epoch: int) -> np.ndarray:
     """Shuffled patch indices of one epoch: all positives and a fresh ``bg_rate`` share of background."""
     rng = np.random.default_rng([seed, epoch])
-    positives = np.flatnonzero((labels >= 0) & (labels < num_classes))
+    positives = np.flatnonzero(((labels >= 0) & (labels < num_classes)) | (labels == MULTI))
     background = np.flatnonzero(labels == num_classes)
     chosen = background[rng.random(len(background)) < bg_rate]
     return rng.permutation(np.concatenate([positives, chosen]))
+
+
+def patch_targets(labels: np.ndarray, index: np.ndarray, data: SplitData, num_classes: int) -> torch.Tensor:
+    """(N, C + 1) target distributions of patches: one-hot, or spread evenly over a MULTI patch's classes."""
+    t = np.zeros((len(labels), num_classes + 1), np.float32)
+    single = labels >= 0
+    t[np.flatnonzero(single), labels[single]] = 1.0
+    multi = np.flatnonzero(labels == MULTI)
+    if len(multi):
+        m = data.multi_targets[np.searchsorted(data.multi_rows, index[multi])].astype(np.float32)
+        t[multi, :num_classes] = m / m.sum(1, keepdims=True)
+    return torch.from_numpy(t)
+
+
+def image_loss(image_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of (I, C) pooled image logits against 1/-1/0 labels; 0 (difficult only) is left out."""
+    known = labels != 0
+    if not known.any():
+        return image_logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(image_logits[known], (labels[known] > 0).float())
 
 
 def _rank_world() -> tuple[int, int]:
@@ -89,15 +154,6 @@ def init_distributed() -> None:
         dist.init_process_group(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def build_extractor(recipe: Recipe) -> PatchExtractor:
-    b = recipe.backbone
-    device = b.device
-    if device == "auto" and torch.cuda.is_available() and dist.is_initialized():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
-    return PatchExtractor(backbone, recipe.patches, replace(b, device=device))
 
 
 def make_optimizer(head: AdaptationHead, recipe: Recipe) -> torch.optim.SGD:
@@ -146,13 +202,276 @@ class LRSchedule:
         self.decays, self.best, self.bad_epochs = state["decays"], state["best"], state["bad_epochs"]
 
 
+def _zero_carry() -> dict:
+    return {"loss_sum": 0.0, "steps": 0, "correct": 0, "patches": 0}
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class TrainState:
+    """Everything a run must get back on resume: head, optimizer, schedule, counters, sums and RNG states.
+
+    ``rng`` is the generators' state at the start of step ``step`` of epoch ``epoch``, so that a
+    resumed epoch draws the same dropout masks as an uninterrupted one. ``carry`` holds this
+    process's running sums of the epoch (per rank under DDP).
+    """
+
+    def __init__(self, head: AdaptationHead, recipe: Recipe, device: torch.device):
+        self.head, self.device = head, device
+        self.optimizer = make_optimizer(head, recipe)
+        self.schedule = LRSchedule(self.optimizer, recipe)
+        self.epoch, self.step, self.best = 0, 0, -1.0
+        self.history: list[dict] = []
+        self.carry = _zero_carry()
+        self.calibration: dict | None = None
+        self.rng = _rng_state(device)
+
+    def state_dict(self) -> dict:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step": self.step,
+                "best_map07": self.best, "history": list(self.history), "carry": dict(self.carry),
+                "rng": dict(self.rng), "calibration": self.calibration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_map07"]
+        self.history, self.calibration = list(state["history"]), state.get("calibration")
+        self.carry = dict(state["carry"])
+        self.rng = dict(state["rng"])
+        _set_rng_state(self.rng, self.device)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
     epochs: int
-    best_map07: float
-    table: APTable | None
+    best_map07: float  # on the selection images (held-out training images or data.select_split)
+    table: APTable | None  # last.pt on data.val_split, for reporting
     seconds: float
+
+
+class Trainer:
+    """Runs the epochs of one recipe on prepared splits (see the module docstring)."""
+
+    def __init__(self, recipe: Recipe, train_data: SplitData, select: tuple[SplitData, np.ndarray] | None,
+                 state: TrainState, extra: dict, progress: bool = True):
+        self.recipe, self.t, self.data, self.select, self.state = recipe, recipe.train, train_data, select, state
+        self.extra, self.progress = extra, progress
+        self.rank, self.world = _rank_world()
+        self.num_classes = len(train_data.dataset.classes)
+        self.model = (torch.nn.parallel.DistributedDataParallel(state.head) if self.world > 1 else state.head)
+        run_dir = recipe.run_dir
+        self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
+        store = train_data.store
+        held = set() if select is None or select[0] is not train_data else set(select[1].tolist())
+        self.train_items = np.array([i for i in range(len(store)) if store.ok[i] and i not in held], np.int64)
+        self.labels = train_data.labels.copy()
+        for i in held:  # held-out images never train
+            self.labels[store.item_slice(i)] = IGNORE
+        self.writer = None
+        self.dtype = resolve_precision(self.t.precision, state.device)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and state.device.type == "cuda" \
+            else None
+        if self.dtype == torch.float16 and state.device.type != "cuda":
+            self.dtype = torch.bfloat16
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: Path) -> None:
+        if self.rank == 0:
+            save_checkpoint({**self.state.state_dict(), **self.extra}, path)
+
+    # ------------------------------------------------------------------ the two halves of an epoch
+    def run_epoch(self) -> None:
+        """The remaining steps of the current epoch; the state stays consistent after every step."""
+        s, t = self.state, self.t
+        images = t.supervision != "boxes"
+        order = (np.random.default_rng([t.seed, s.epoch]).permutation(self.train_items) if images
+                 else epoch_indices(self.labels, self.num_classes, t.bg_rate, t.seed, s.epoch))
+        per_rank = max(1, (t.image_batch if images else t.batch_size) // (1 if images else self.world))
+        # whole batches only, so that one process and several see the same global batches
+        steps = max(1, len(order) // (per_rank * self.world))
+        order = order[self.rank::self.world]
+        keep_bg = (np.random.default_rng([t.seed, s.epoch, 1]).random(len(self.labels)) < t.bg_rate
+                   if t.supervision == "both" else None)
+        s.head.train()
+        bar = tqdm(total=steps, initial=s.step, desc=f"epoch {s.epoch + 1}/{t.epochs}", unit="batch",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True, leave=False)
+        tick, seen = time.perf_counter(), 0
+        while s.step < steps:
+            batch = np.sort(order[s.step * per_rank:(s.step + 1) * per_rank])
+            loss, correct, patches, n = (self._image_step(batch, keep_bg) if images else self._patch_step(batch))
+            s.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(s.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                s.optimizer.step()
+            c = s.carry
+            s.carry = {"loss_sum": c["loss_sum"] + loss.item(), "steps": c["steps"] + 1,
+                       "correct": c["correct"] + correct, "patches": c["patches"] + patches}
+            s.step, s.rng = s.step + 1, _rng_state(s.device)
+            seen += n
+            bar.update(1)
+            bar.set_postfix(loss=f"{s.carry['loss_sum'] / s.carry['steps']:.4f}",
+                            patches_s=f"{seen / max(time.perf_counter() - tick, 1e-9):.0f}", refresh=False)
+        bar.close()
+        self.epoch_seconds = time.perf_counter() - tick
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32; the head's matrix products run under autocast (``train.precision``)."""
+        device = self.state.device
+        with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model(x.to(device)).float()
+
+    def _patch_loss(self, logits: torch.Tensor, labels: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        if self.t.multilabel:
+            return F.cross_entropy(logits, patch_targets(labels, index, self.data, self.num_classes).to(logits.device))
+        return F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
+
+    def _patch_step(self, idx: np.ndarray):
+        x = torch.from_numpy(np.asarray(self.data.store.features[idx], dtype=np.float32))
+        labels = self.labels[idx]
+        logits = self._forward(x)
+        loss = self._patch_loss(logits, labels, idx)
+        self._check(loss, x, labels)
+        correct = int((logits.argmax(1).cpu().numpy() == labels)[labels >= 0].sum())
+        return loss, correct, int((labels >= 0).sum()), len(idx)
+
+    def _image_step(self, items: np.ndarray, keep_bg: np.ndarray | None):
+        store = self.data.store
+        x = torch.from_numpy(gather_items(store.features, store.offsets, items))
+        counts = np.diff(store.offsets)[items]
+        logits = self._forward(x)
+        image_logits = pool(patch_values(logits, self.recipe.pool.name), counts, self.recipe.pool)
+        loss = image_loss(image_logits, torch.from_numpy(self.data.image_labels(items)).to(logits.device))
+        correct = patches = 0
+        if self.t.supervision == "both":
+            loss = self.t.image_weight * loss
+            index = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in items])
+            labels = self.labels[index]
+            train = ((labels >= 0) & (labels < self.num_classes)) | (labels == MULTI) | \
+                    ((labels == self.num_classes) & keep_bg[index])
+            if train.any():
+                rows = torch.from_numpy(np.flatnonzero(train)).to(logits.device)
+                loss = loss + self._patch_loss(logits[rows], labels[train], index[train])
+                correct = int((logits[rows].argmax(1).cpu().numpy() == labels[train])[labels[train] >= 0].sum())
+                patches = int((labels[train] >= 0).sum())
+        self._check(loss, x, None)
+        return loss, correct, patches, len(x)
+
+    def _check(self, loss: torch.Tensor, x: torch.Tensor, labels: np.ndarray | None) -> None:
+        if torch.isfinite(loss):
+            return
+        s = self.state
+        counts = (f"; labels {np.bincount(labels[labels >= 0], minlength=self.num_classes + 1).tolist()}"
+                  if labels is not None else "")
+        raise TrainingError(
+            f"loss became {loss.item()} at epoch {s.epoch + 1}, step {s.step + 1} "
+            f"(lr {s.optimizer.param_groups[0]['lr']:.3g}); last batch: features mean {x.mean():.3g}, "
+            f"std {x.std():.3g}, max |x| {x.abs().max():.3g}, any non-finite: {not torch.isfinite(x).all()}{counts}. "
+            f"{self.last_path} is left as it was; lower train.lr or check the feature cache.")
+
+    def end_epoch(self) -> bool:
+        """Evaluate, step the schedule, log and checkpoint; False when the plateau schedule stops the run.
+
+        Everything is computed first and committed at the end, so an interrupt before the commit
+        leaves the state at "all steps of epoch E done": resume re-runs exactly this method.
+        """
+        s, t = self.state, self.t
+        c = s.carry
+        totals = torch.tensor([c["loss_sum"], c["steps"], c["correct"], c["patches"]], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(totals)
+        loss, acc = (totals[0] / max(totals[1], 1)).item(), (totals[2] / max(totals[3], 1)).item()
+        done = s.epoch + 1
+        record = {"epoch": done, "loss": loss, "patch_acc": acc, "lr": s.optimizer.param_groups[0]["lr"],
+                  "seconds": round(getattr(self, "epoch_seconds", 0.0), 3)}
+        table = scores = None
+        if self.select is not None and (done % t.eval_every == 0 or done == t.epochs) and self.rank == 0:
+            data, items = self.select
+            table, scores = evaluate(s.head, data.store, data.dataset, items, self.recipe.pool, self.recipe.infer_pool)
+            record.update(select_map07=table.map07, select_map=table.map)
+        calibration = (calibrate(scores, self.select[0].image_labels(self.select[1]), self.recipe.infer_pool).to_dict()
+                       if scores is not None else s.calibration)
+        if calibration is not None and self.recipe.infer_pool == "power":
+            calibration["k"] = self.recipe.pool.k
+        improved = table is not None and table.map07 > s.best
+        # commit
+        keep_going = s.schedule.step(done, loss)
+        s.history.append(record)
+        s.epoch, s.step, s.carry, s.calibration = done, 0, _zero_carry(), calibration
+        if improved:
+            s.best = table.map07
+        if improved or (self.select is None and self.rank == 0):
+            self.save(self.best_path)  # without selection images, the last head is the best we know
+        self.save(self.last_path)
+        self._log(record, table)
+        return keep_going
+
+    def _log(self, record: dict, table: APTable | None) -> None:
+        if self.rank:
+            return
+        if self.writer is not None:
+            e = record["epoch"]
+            for key in ("loss", "patch_acc", "lr"):
+                self.writer.add_scalar(f"train/{key}", record[key], e)
+            if table is not None:
+                self.writer.add_scalar("select/mAP_11pt", table.map07, e)
+                self.writer.add_scalar("select/mAP_envelope", table.map, e)
+                if self.t.heatmaps:
+                    log_heatmaps(self.writer, self.state.head, self.select[0], self.recipe, e, self.select[1])
+            self.writer.flush()
+        sel = (f", selection mAP {100 * record['select_map07']:.1f} (11-pt) {100 * record['select_map']:.1f} (env)"
+               if "select_map07" in record else "")
+        what = "patch accuracy" if self.t.supervision != "images" else "-"
+        log.info("epoch %d: loss %.4f, %s %.3f, lr %.3g%s (%.0f s)", record["epoch"], record["loss"], what,
+                 record["patch_acc"], record["lr"], sel, record["seconds"])
+
+    def fit(self) -> None:
+        s = self.state
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.recipe.run_dir / "tensorboard"))
+        try:
+            while s.epoch < self.t.epochs:
+                self.run_epoch()
+                if not self.end_epoch():
+                    log.info("loss plateaued after %d learning-rate decays: stopping at epoch %d",
+                             s.schedule.decays, s.epoch)
+                    break
+        except KeyboardInterrupt:
+            # every step and end_epoch commit leaves the state consistent; no collective calls here
+            if self.rank:
+                _carry_path(self.recipe.run_dir, self.rank).write_text(json.dumps(self.state.carry))
+            self.save(self.last_path)
+            log.warning("interrupted: saved %s at epoch %d, step %d; continue with --resume", self.last_path,
+                        s.epoch + 1, s.step)
+            raise
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _carry_path(run_dir: Path, rank: int) -> Path:
+    """Under DDP an interrupted rank keeps its own running sums here (rank 0's are in last.pt)."""
+    return run_dir / f"carry.rank{rank}.json"
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -161,13 +480,13 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     rank, world = _rank_world()
     started = time.perf_counter()
     run_dir = recipe.run_dir
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    state = None
+    last_path = run_dir / "last.pt"
+    saved = None
     if resume:
         if not last_path.is_file():
             raise CheckpointError(f"--resume: {last_path} does not exist; start without --resume")
-        state = load_checkpoint(last_path)
-        if _without_epochs(state["recipe"]) != _without_epochs(recipe.to_dict()):
+        saved = load_checkpoint(last_path)
+        if _without_epochs(saved["recipe"]) != _without_epochs(recipe.to_dict()):
             raise CheckpointError(f"--resume: {last_path} was made with another recipe; resume with the saved one: "
                                   f"patchnet train --recipe {run_dir / 'recipe.yaml'} --resume")
     if rank == 0:
@@ -176,128 +495,50 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
 
     extractor = build_extractor(recipe)
     train_data = prepare_split(recipe, recipe.data.train_split, extractor, views=recipe.aug.views, progress=progress)
-    val_data = (prepare_split(recipe, recipe.data.val_split, extractor, progress=progress)
-                if recipe.data.val_split else None)
     classes = train_data.dataset.classes
-    num_classes = len(classes)
-    _log_split("train", train_data)
+    select = _selection(recipe, train_data, extractor, progress)
+    _log_split("train", train_data, select)
+    val = prepare_split(recipe, recipe.data.val_split, extractor, progress=progress) if recipe.data.val_split else None
 
-    t = recipe.train
-    torch.manual_seed(t.seed)
+    torch.manual_seed(recipe.train.seed)
     device = extractor.device
-    head = AdaptationHead(extractor.feature_dim, num_classes, recipe.head.hidden, recipe.head.dropout).to(device)
-    optimizer = make_optimizer(head, recipe)
-    schedule = LRSchedule(optimizer, recipe)
-    epoch, step_in_epoch, best, history = 0, 0, -1.0, []
-    carry = {"loss_sum": 0.0, "correct": 0, "seen": 0}
-    if state is not None:
-        check_compatible(state, last_path, recipe.backbone.name, classes, extractor.feature_dim)
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        epoch, step_in_epoch, best = state["epoch"], state["step"], state["best_map07"]
-        history, carry = list(state["history"]), dict(state["carry"])
-        torch.set_rng_state(state["torch_rng"])
-        log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step_in_epoch)
-    model = torch.nn.parallel.DistributedDataParallel(head) if world > 1 else head
-
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def checkpoint(path: Path, done_epoch: int, step: int, rng: torch.Tensor | None = None) -> None:
+    head = AdaptationHead(extractor.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout).to(device)
+    state = TrainState(head, recipe, device)
+    extra = {"recipe": recipe.to_dict(), "classes": classes, "feature_dim": extractor.feature_dim,
+             "weights_id": extractor.backbone.weights_id}
+    if saved is not None:
+        check_compatible(saved, last_path, recipe.backbone.name, classes, extractor.feature_dim,
+                         extractor.backbone.weights_id)
+        state.load_state_dict(saved)
         if rank:
-            return
-        save_checkpoint({
-            "head": head.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "epoch": done_epoch, "step": step, "best_map07": best, "history": history, "carry": carry,
-            "torch_rng": torch.get_rng_state() if rng is None else rng, "recipe": recipe.to_dict(), "classes": classes,
-            "feature_dim": extractor.feature_dim, "weights_id": extractor.backbone.weights_id,
-        }, path)
-
+            carry = _carry_path(run_dir, rank)
+            state.carry = json.loads(carry.read_text()) if carry.is_file() else _zero_carry()
+        log.info("resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
+    trainer = Trainer(recipe, train_data, select, state, extra, progress)
+    trainer.fit()
+    if rank:
+        _carry_path(run_dir, rank).unlink(missing_ok=True)
     table = None
-    step_rng = torch.get_rng_state()  # dropout's RNG before the current step, for an exact mid-epoch resume
-    features = train_data.store.features
-    labels = train_data.labels
-    try:
-        while epoch < t.epochs:
-            order = epoch_indices(labels, num_classes, t.bg_rate, t.seed, epoch)
-            # whole batches only, so that one process and several see the same global batches
-            per_rank = max(1, t.batch_size // world)
-            steps = max(1, len(order) // (per_rank * world))
-            order = order[rank::world]
-            head.train()
-            bar = tqdm(total=steps, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
-                       disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
-            tick = time.perf_counter()
-            for step in range(step_in_epoch, steps):
-                step_rng = torch.get_rng_state()
-                idx = np.sort(order[step * per_rank:(step + 1) * per_rank])
-                x = torch.from_numpy(np.asarray(features[idx], dtype=np.float32)).to(device)
-                y = torch.from_numpy(labels[idx]).to(device)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                        f"(lr {optimizer.param_groups[0]['lr']:.3g}); last batch: features mean {x.mean():.3g}, "
-                        f"std {x.std():.3g}, max |x| {x.abs().max():.3g}, any non-finite: {not torch.isfinite(x).all()}; "
-                        f"labels {np.bincount(labels[idx], minlength=num_classes + 1).tolist()}. "
-                        f"{last_path} is left as it was; lower train.lr or check the feature cache.")
-                loss_sum, correct = loss.item() * len(idx), int((logits.argmax(1) == y).sum())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                carry = {"loss_sum": carry["loss_sum"] + loss_sum, "correct": carry["correct"] + correct,
-                         "seen": carry["seen"] + len(idx)}
-                step_in_epoch, step_rng = step + 1, torch.get_rng_state()
-                bar.update(1)
-                bar.set_postfix(loss=f"{carry['loss_sum'] / carry['seen']:.4f}",
-                                patches_s=f"{carry['seen'] / max(time.perf_counter() - tick, 1e-9):.0f}", refresh=False)
-            bar.close()
-            totals = torch.tensor([carry["loss_sum"], carry["correct"], carry["seen"]], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(totals)
-            epoch_loss, epoch_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-            lr = optimizer.param_groups[0]["lr"]
-            epoch += 1
-            step_in_epoch, carry = 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}
-            record = {"epoch": epoch, "loss": epoch_loss, "patch_acc": epoch_acc, "lr": lr,
-                      "seconds": round(time.perf_counter() - tick, 3)}
-            if val_data is not None and (epoch % t.eval_every == 0 or epoch == t.epochs) and rank == 0:
-                table = evaluate_head(head, val_data, recipe.infer.k)
-                record.update(map07=table.map07, map=table.map)
-                if table.map07 > best:
-                    best = table.map07
-                    checkpoint(best_path, epoch, 0)
-            keep_going = schedule.step(epoch, epoch_loss)
-            history.append(record)
-            if writer is not None:
-                _log_epoch(writer, record, table if "map07" in record else None)
-                if "map07" in record and t.heatmaps:
-                    log_heatmaps(writer, head, val_data, recipe, epoch)
-            if rank == 0:
-                log.info("epoch %d: loss %.4f, patch accuracy %.3f, lr %.3g%s", epoch, epoch_loss, epoch_acc, lr,
-                         f", val mAP {100 * record['map07']:.1f} (11-pt) {100 * record['map']:.1f} (env)"
-                         if "map07" in record else "")
-            step_rng = torch.get_rng_state()
-            checkpoint(last_path, epoch, 0)
-            if not keep_going:
-                log.info("loss plateaued after %d learning-rate decays: stopping at epoch %d", schedule.decays, epoch)
-                break
-    except KeyboardInterrupt:
-        checkpoint(last_path, epoch, step_in_epoch, rng=step_rng)
-        log.warning("interrupted: saved %s at epoch %d, step %d; continue with --resume", last_path, epoch + 1,
-                    step_in_epoch)
-        raise
-    finally:
-        if writer is not None:
-            writer.close()
-    if val_data is None and rank == 0:
-        checkpoint(best_path, epoch, 0)  # without validation, the last head is the best we know
-    return TrainResult(run_dir, epoch, best, table, time.perf_counter() - started)
+    if val is not None and rank == 0:  # reported, never used to choose
+        table, _ = evaluate(head, val.store, val.dataset, evaluation_items(val.store), recipe.pool, recipe.infer_pool)
+        log.info("last.pt on %s: mAP %.1f (11-pt) %.1f (envelope)", recipe.data.val_split, 100 * table.map07,
+                 100 * table.map)
+    return TrainResult(run_dir, state.epoch, state.best, table, time.perf_counter() - started)
+
+
+def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool):
+    """The images best.pt is chosen on: ``data.select_split``, else ``train.holdout`` of the training images."""
+    if recipe.data.select_split:
+        if recipe.data.select_split == recipe.data.val_split:
+            raise CheckpointError(f"data.select_split and data.val_split are both {recipe.data.val_split!r}: a "
+                                  "checkpoint chosen on the reported split overstates it; choose on another split "
+                                  "or leave select_split empty to hold out train.holdout of the training images")
+        data = prepare_split(recipe, recipe.data.select_split, extractor, progress=progress)
+        return data, evaluation_items(data.store)
+    if recipe.train.holdout <= 0:
+        return None
+    held = holdout_records(len(train_data.dataset), recipe.train.holdout, recipe.train.seed)
+    return train_data, evaluation_items(train_data.store, held)
 
 
 def _without_epochs(values: dict) -> dict:
@@ -305,30 +546,9 @@ def _without_epochs(values: dict) -> dict:
     return {**values, "train": {k: v for k, v in values["train"].items() if k != "epochs"}}
 
 
-def evaluate_head(head: AdaptationHead, split: SplitData, k: float) -> APTable:
-    """VOC APs of the head on a split's cached features (view 0 of each readable image)."""
-    scores, keep = score_store(head, split.store, k)
-    records = [split.dataset.records[r] for r in split.store.record[keep]]
-    labels = np.stack([r.labels for r in records])
-    return ap_table(scores[keep], labels, split.dataset.classes)
-
-
-def _log_split(name: str, data: SplitData) -> None:
+def _log_split(name: str, data: SplitData, select) -> None:
     c = len(data.dataset.classes)
-    counts = np.bincount(np.where(data.labels == IGNORE, c + 1, data.labels), minlength=c + 2)
-    log.info("%s: %d images, %d patches: %d positive, %d background, %d ignored", name, len(data.dataset),
-             len(data.labels), counts[:c].sum(), counts[c], counts[c + 1])
-
-
-def _log_epoch(writer, record: dict, table: APTable | None) -> None:
-    e = record["epoch"]
-    writer.add_scalar("train/loss", record["loss"], e)
-    writer.add_scalar("train/patch_accuracy", record["patch_acc"], e)
-    writer.add_scalar("train/lr", record["lr"], e)
-    if table is not None:
-        writer.add_scalar("val/mAP_11pt", table.map07, e)
-        writer.add_scalar("val/mAP_envelope", table.map, e)
-        for c, a in zip(table.classes, table.ap07):
-            if not np.isnan(a):
-                writer.add_scalar(f"val_ap_11pt/{c}", a, e)
-    writer.flush()
+    counts = np.bincount(np.where(data.labels < 0, c + 1, data.labels), minlength=c + 2)
+    held = f"; {len(select[1])} images held out to choose best.pt" if select is not None and select[0] is data else ""
+    log.info("%s: %d images, %d patches: %d positive, %d background, %d ignored or multi-label%s", name,
+             len(data.dataset), len(data.labels), counts[:c].sum(), counts[c], counts[c + 1], held)

@@ -87,7 +87,7 @@ def tiny_recipe(tmp_path: Path, root: Path, *overrides: str):
     base = [
         "name=tiny", f"output={tmp_path / 'runs'}", "data.format=voc", f"data.root={root}",
         "data.classes=[cat, dog, person]", "data.train_split=train", "data.val_split=val",
-        "patches.scales=[1.0, 2.0]", "patches.step=0.5", "backbone.input_size=32", "backbone.precision=fp32",
+        "patches.scales=[1.0, 2.0]", "patches.step=0.5", "backbone.input_size=32", "backbone.precision=fp32", "train.precision=fp32",
         "backbone.device=cpu", f"cache.dir={tmp_path / 'cache'}", "cache.chunk=2", "train.epochs=2",
         "train.batch_size=8", "train.num_workers=0", "train.bg_rate=0.5", "head.hidden=32", "train.eval_every=1",
     ]

@@ -250,3 +250,73 @@ def test_demo_dataset_is_deterministic_and_readable(tmp_path):
         np.testing.assert_array_equal(load_image(ra.path), load_image(rb.path))
     assert sum(len(r.boxes) for r in da.records) >= 6
     assert all((r.labels == 1).any() or (r.labels == 0).any() for r in da.records)
+
+
+# --------------------------------------------------------------------------- image folders and CSV lists
+
+from patchnet.datasets import image_label_statistics, read_csv_list, read_folder  # noqa: E402
+
+
+def _folder(tmp_path, spec: dict[str, int], split="train"):
+    for n, (cls, count) in enumerate(spec.items()):
+        (tmp_path / "folder" / split / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            write_image(tmp_path / "folder" / split / cls / f"{i}.jpg", 40, 30, seed=10 * n + i)
+    return tmp_path / "folder"
+
+
+def test_image_folder_is_single_label_without_boxes(tmp_path):
+    root = _folder(tmp_path, {"kitchen": 2, "bedroom": 3})
+    ds = read_folder(root, "train")
+    assert ds.classes == ["bedroom", "kitchen"] and len(ds) == 5
+    assert ds.single_label and not ds.has_boxes
+    assert (ds.labels() == 1).sum(1).tolist() == [1] * 5
+    assert ds.records[0].labels.tolist() == [1, -1] and ds.records[-1].labels.tolist() == [-1, 1]
+    assert "5 images" in image_label_statistics(ds) and "single-label" in image_label_statistics(ds)
+
+
+def test_image_folder_warns_about_an_empty_class_folder_and_names_bad_splits(tmp_path, caplog):
+    root = _folder(tmp_path, {"kitchen": 2})
+    (root / "train" / "attic").mkdir()
+    with caplog.at_level(logging.WARNING, logger="patchnet"):
+        ds = read_folder(root, "train")
+    assert "class folder attic holds no images" in caplog.text and ds.classes == ["attic", "kitchen"]
+    with pytest.raises(DatasetError, match="splits here: train"):
+        read_folder(root, "val")
+    with pytest.raises(DatasetError, match=r"classes kitchen are not in data.classes .*data.classes: \[\]"):
+        read_folder(root, "train", ["attic", "bedroom"])
+
+
+def _csv(tmp_path, lines: list[str]):
+    for i in range(3):
+        write_image(tmp_path / "imgs" / f"{i}.jpg", 32, 32, seed=i)
+    path = tmp_path / "train.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_csv_list_is_multi_label_and_allows_images_of_no_class(tmp_path):
+    path = _csv(tmp_path, ["path,labels", "imgs/0.jpg,cat;dog", "imgs/1.jpg,dog", "imgs/2.jpg,"])
+    ds = read_csv_list(path)
+    assert ds.classes == ["cat", "dog"] and not ds.single_label and not ds.has_boxes
+    assert ds.labels().tolist() == [[1, 1], [-1, 1], [-1, -1]]
+    assert open_split(DataConfig(format="csv", root=str(tmp_path), classes=[]), "train").labels().shape == (3, 2)
+
+
+def test_csv_errors_name_the_line(tmp_path):
+    path = _csv(tmp_path, ["imgs/0.jpg,cat", "imgs/9.jpg,dog"])
+    with pytest.raises(DatasetError, match=r"train.csv, line 2: image 'imgs/9.jpg' does not exist"):
+        read_csv_list(path)
+    path = _csv(tmp_path, ["imgs/0.jpg,cat", "imgs/1.jpg,horse"])
+    with pytest.raises(DatasetError, match=r"line 2: unknown class 'horse'; classes: cat, dog"):
+        read_csv_list(path, ["cat", "dog"])
+    path = _csv(tmp_path, ["imgs/0.jpg,cat,extra"])
+    with pytest.raises(DatasetError, match="line 1: expected 'image_path,label1;label2'"):
+        read_csv_list(path)
+
+
+def test_voc_with_boxes_ignored_keeps_the_image_labels(voc):
+    voc.add("001", 100, 80, [("cat", 11, 21, 50, 60)])
+    voc.split("train", ["001"], {"cat": [1], "dog": [-1], "person": [0]})
+    ds = open_split(DataConfig(format="voc", root=str(voc.root), classes=CLASSES, boxes=False), "train")
+    assert not ds.has_boxes and ds.records[0].labels.tolist() == [1, -1, 0]

@@ -133,3 +133,26 @@ def test_bad_inputs_are_rejected():
         voc_ap([0.1, 0.2], [1, 2])
     with pytest.raises(ValueError, match="NaN"):
         voc_ap([np.nan, 0.2], [1, -1])
+
+
+def test_accuracy_and_mean_per_class_accuracy_by_hand():
+    from patchnet.metrics import accuracy
+
+    labels = np.array([[1, -1], [1, -1], [1, -1], [-1, 1]])
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.6]])
+    top1, per_class = accuracy(scores, labels)
+    assert top1 == 0.75 and per_class == pytest.approx((2 / 3 + 1) / 2)
+    t = ap_table(scores, labels, ["a", "b"], single_label=True)
+    assert t.top1 == 0.75 and "mean per-class accuracy 83.3" in t.format()
+
+
+def test_pointing_hits_within_tolerance_and_union_fraction():
+    from patchnet.metrics import PointingResult, point_hits, union_fraction
+
+    box = np.array([[10, 10, 20, 20]])
+    assert point_hits(15, 15, box) and point_hits(34, 15, box) and not point_hits(36, 15, box)
+    assert point_hits(20 + 10, 20 + 10, box) and not point_hits(20 + 11, 20 + 11, box)  # diagonal distance
+    assert union_fraction(np.array([[0, 0, 5, 10], [2, 0, 5, 10]]), 10, 10) == 0.5
+    r = PointingResult(np.array([True, False, True]), np.array([False, False, True]), np.array([True, True, False]))
+    rates = r.rates()
+    assert rates["all"] == pytest.approx(2 / 3) and rates["hard"] == 0.5 and rates["hard_centre"] == 0.0

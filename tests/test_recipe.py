@@ -24,7 +24,7 @@ def test_voc07_carries_the_papers_settings():
     assert r.backbone.name == "alexnet" and r.patches.mode == "exact"
     assert r.patches.scales == PAPER_SCALES
     assert (r.train.lr, r.train.momentum, r.train.schedule, r.train.max_decays) == (0.01, 0.9, "plateau", 3)
-    assert (r.train.bg_rate, r.infer.k, r.head.hidden, r.head.dropout) == (0.1, 5.0, 2048, 0.5)
+    assert (r.train.bg_rate, r.pool.k, r.head.hidden, r.head.dropout) == (0.1, 5.0, 2048, 0.5)
     assert (r.data.train_split, r.data.val_split) == ("trainval", "test")
 
 
@@ -34,12 +34,12 @@ def test_overrides_are_typed():
     assert r.train.lr == 0.001 and isinstance(r.train.lr, float)
     assert r.train.epochs == 3
     assert r.patches.scales == [1.0, 2.0] and all(isinstance(s, float) for s in r.patches.scales)
-    assert r.infer.k == 10.0 and r.backbone.channels_last is False
+    assert r.pool.k == 10.0 and r.backbone.channels_last is False  # infer.k, as older recipes wrote it
     assert r.data.val_split == ""
 
 
 def test_unknown_keys_and_bad_types_are_explained():
-    with pytest.raises(RecipeError, match=r"unknown recipe key\(s\) train.learning_rate; valid keys here: train.epochs"):
+    with pytest.raises(RecipeError, match=r"unknown recipe key\(s\) train.learning_rate; valid keys here: train.supervision"):
         recipe_from_dict({}, ["train.learning_rate=0.1"])
     with pytest.raises(RecipeError, match=r"train.epochs must be of type int, got 'many'"):
         recipe_from_dict({}, ["train.epochs=many"])
@@ -73,3 +73,14 @@ def test_saved_recipe_loads_back_identically(tmp_path):
     r = recipe_from_dict({"name": "x"}, ["train.lr=0.02", "patches.levels=[1, 2]"])
     save_recipe(r, tmp_path / "r.yaml")
     assert load_recipe(tmp_path / "r.yaml") == r
+
+
+def test_image_supervision_needs_an_evidence_pooling_and_boxes_need_boxes():
+    with pytest.raises(RecipeError, match="pool.name to max, lse or topk"):
+        recipe_from_dict({}, ["train.supervision=both"])
+    with pytest.raises(RecipeError, match="train.supervision=images"):
+        recipe_from_dict({}, ["data.boxes=false"])
+    with pytest.raises(RecipeError, match="boxes, images, both"):
+        recipe_from_dict({}, ["train.supervision=pixels"])
+    r = recipe_from_dict({}, ["train.supervision=images", "pool.name=topk", "data.boxes=false", "infer.pool=power"])
+    assert r.infer_pool == "power" and recipe_from_dict({}, ["pool.name=lse"]).infer_pool == "lse"

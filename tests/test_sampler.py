@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from patchnet.recipe import PAPER_SCALES
-from patchnet.sampler import IGNORE, grid_by_scale, label_counts, label_patches, patch_grid
+from patchnet.sampler import IGNORE, MULTI, grid_by_scale, label_counts, label_patches, patch_grid
 
 
 def test_grid_on_a_typical_voc_image_has_about_500_patches():
@@ -179,3 +179,19 @@ def test_a_rounded_step_gives_the_same_grid_as_a_third():
         a, b = patch_grid(w, h, step=1 / 3), patch_grid(w, h, step=0.3333)
         assert len(a) == len(b)
         np.testing.assert_allclose(a, b, atol=0.5)
+
+
+def test_multilabel_keeps_a_patch_of_two_classes_with_both_targets():
+    boxes = np.array([[10, 10, 40, 40], [50, 10, 80, 40], [100, 10, 130, 40]], np.float32)
+    classes, difficult = np.array([0, 2, 2]), np.zeros(3, bool)
+    patches = np.array([[0, 0, 90, 50],  # cat + person: MULTI with both targets
+                        [45, 0, 135, 50],  # two persons: that class
+                        [5, 5, 45, 45]], np.float32)  # one cat
+    labels, targets = label_patches(patches, boxes, classes, difficult, 3, multilabel=True)
+    assert labels.tolist() == [MULTI, 2, 0]
+    assert targets[0].tolist() == [True, False, True]
+    # the default keeps the paper's rule (iii): both multi-object patches are ignored
+    assert label_patches(patches, boxes, classes, difficult, 3).tolist() == [IGNORE, IGNORE, 0]
+    # a difficult object among the matches still makes the patch ignored
+    labels, _ = label_patches(patches, boxes, classes, np.array([False, True, False]), 3, multilabel=True)
+    assert labels[0] == IGNORE

@@ -13,6 +13,7 @@ from conftest import tiny_recipe
 from patchnet.cli import app
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import recipe_from_dict
+from patchnet.sampler import MULTI
 from patchnet.train import LRSchedule, TrainingError, epoch_indices, train
 
 
@@ -29,27 +30,30 @@ def test_training_writes_checkpoints_recipe_and_logs(tmp_path, small_voc):
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert state["history"][-1]["loss"] > 0 and 0 <= result.best_map07 <= 1
-    assert set(state["history"][-1]) >= {"loss", "patch_acc", "lr", "map07", "map"}
+    assert set(state["history"][-1]) >= {"loss", "patch_acc", "lr", "select_map07", "select_map"}
     assert result.table is not None and result.table.classes == ["cat", "dog", "person"]
 
 
-def test_trunk_parameters_and_batchnorm_statistics_never_change(tmp_path, small_voc, monkeypatch):
+def test_the_trunk_that_runs_never_changes(tmp_path, small_voc, monkeypatch):
+    """The extractor runs a fused copy of the backbone: check that copy, before and after training."""
     built = []
-    original = train_module.build_backbone
+    original = train_module.build_extractor
 
-    def spy(*args, **kwargs):
-        built.append(original(*args, **kwargs))
-        return built[-1]
+    def spy(recipe):
+        built.append(original(recipe))
+        built.append({k: v.clone() for k, v in built[0].backbone.state_dict().items()})
+        return built[0]
 
-    monkeypatch.setattr(train_module, "build_backbone", spy)
-    recipe = tiny_recipe(tmp_path, small_voc)
-    torch.manual_seed(0)
-    reference = original(recipe.backbone.name, recipe.backbone.weights, recipe.backbone.input_size).state_dict()
+    monkeypatch.setattr(train_module, "build_extractor", spy)
+    recipe = tiny_recipe(tmp_path, small_voc, "train.supervision=both", "pool.name=topk", "train.image_batch=2")
     train(recipe, progress=False)
-    (backbone,) = built
-    after = backbone.state_dict()
-    assert any("running_mean" in k for k in after)
-    for k, v in reference.items():
+    extractor, before = built
+    trunk = extractor.backbone
+    assert not trunk.training and all(not m.training for m in trunk.modules())
+    assert not any(p.requires_grad for p in trunk.parameters())
+    after = trunk.state_dict()
+    assert before.keys() == after.keys() and len(after) > 10
+    for k, v in before.items():
         assert torch.equal(v, after[k]), k
 
 
@@ -184,8 +188,10 @@ def test_eval_and_predict_commands(tmp_path, small_voc):
     img = small_voc / "JPEGImages" / "a.jpg"
     result = runner.invoke(app, ["predict", "--checkpoint", str(ckpt), str(img), "--json", str(tmp_path / "p.json")])
     assert result.exit_code == 0, result.output
-    scores = json.loads((tmp_path / "p.json").read_text())[str(img)]
-    assert set(scores) == {"cat", "dog", "person"} and all(0 <= v <= 1 for v in scores.values())
+    out = json.loads((tmp_path / "p.json").read_text())
+    scores = out["images"][str(img)]
+    assert out["pool"] == "power" and set(scores) == {"cat", "dog", "person"}
+    assert all(0 <= v["score"] <= 1 and 0 <= v["probability"] <= 1 for v in scores.values())
 
 
 def test_eval_refuses_a_dataset_with_other_classes(tmp_path, small_voc):
@@ -221,10 +227,146 @@ def test_ddp_on_cpu_with_gloo_two_processes(tmp_path, small_voc):
     mp.spawn(_ddp_worker, args=(2, port, tmp_path, small_voc, tmp_path), nprocs=2, join=True)
     assert (tmp_path / "done0.pt").is_file() and (tmp_path / "done1.pt").is_file()
     state = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
-    assert state["epoch"] == 2 and "map07" in state["history"][-1]
+    assert state["epoch"] == 2 and "select_map07" in state["history"][-1]
     # the same global batches on one process give the same head (dropout off), up to summation order
     single = train(tiny_recipe(tmp_path / "single", small_voc, "head.dropout=0.0",
                                "cache.dir=" + str(tmp_path / "cache")), progress=False)
     ref = load_checkpoint(single.run_dir / "last.pt")["head"]
     for k in ref:
         assert torch.allclose(ref[k], state["head"][k], atol=1e-5), k
+
+
+# --------------------------------------------------------------------------- image-level supervision
+
+from patchnet.train import holdout_records, image_loss, patch_targets  # noqa: E402
+
+
+def test_image_loss_leaves_label_zero_out():
+    logits = torch.tensor([[2.0, -1.0, 5.0], [0.5, 0.0, -3.0]])
+    labels = torch.tensor([[1, -1, 0], [-1, 0, 1]])
+    got = image_loss(logits, labels)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert torch.allclose(got, want)
+    changed = logits.clone()
+    changed[0, 2], changed[1, 1] = -40.0, 40.0  # the difficult-only entries: no effect
+    assert torch.allclose(image_loss(changed, labels), got)
+    assert image_loss(logits, torch.zeros(2, 3, dtype=torch.long)).item() == 0.0
+
+
+def test_multilabel_patch_targets_spread_over_the_classes():
+    from patchnet.train import SplitData
+
+    data = SplitData(None, None, None, np.array([4, 9]), np.array([[True, False, True], [False, True, True]]))
+    t = patch_targets(np.array([1, 3, MULTI]), np.array([0, 1, 9]), data, 3)
+    np.testing.assert_allclose(t.numpy(), [[0, 1, 0, 0], [0, 0, 0, 1], [0, 0.5, 0.5, 0]])
+
+
+def test_holdout_is_fixed_by_the_seed_and_never_everything():
+    a = holdout_records(100, 0.1, 0)
+    assert len(a) == 10 and np.array_equal(a, holdout_records(100, 0.1, 0))
+    assert not np.array_equal(a, holdout_records(100, 0.1, 1))
+    assert len(holdout_records(3, 0.1, 0)) == 1 and len(holdout_records(1, 0.5, 0)) == 0
+
+
+@pytest.fixture
+def boxless_voc(tmp_path):
+    """A VOC folder whose XML has no objects: image labels come from the per-class lists only."""
+    from conftest import VocWriter
+
+    w = VocWriter(tmp_path / "VOCnobox")
+    ids = [f"{i:03d}" for i in range(8)]
+    for n, i in enumerate(ids):
+        w.add(i, 72 + 8 * (n % 3), 64, [], seed=n)
+    labels = {"cat": [1, -1, 1, -1, 0, 1, -1, -1], "dog": [-1, 1, 1, -1, -1, -1, 1, -1],
+              "person": [-1, -1, -1, -1, 1, 1, -1, -1]}  # 003 and 007 have no class at all
+    w.split("train", ids[:6], {c: v[:6] for c, v in labels.items()})
+    w.split("val", ids[6:], {c: v[6:] for c, v in labels.items()})
+    return w.root
+
+
+def test_images_mode_trains_on_a_set_without_any_box(tmp_path, boxless_voc):
+    recipe = tiny_recipe(tmp_path, boxless_voc, "train.supervision=images", "pool.name=topk", "train.image_batch=2",
+                         "data.boxes=false", "train.holdout=0.2")
+    result = train(recipe, progress=False)
+    state = load_checkpoint(result.run_dir / "last.pt")
+    assert state["epoch"] == 2 and state["history"][-1]["loss"] > 0
+    assert result.table is not None and state["calibration"]["pool"] == "topk"
+    # the patch-label path refuses the same data with the fix in the message
+    with pytest.raises(CheckpointError, match="train.supervision=images"):
+        train(tiny_recipe(tmp_path / "b", boxless_voc), progress=False)
+
+
+def test_both_mode_adds_the_patch_loss_and_resumes_exactly(tmp_path, small_voc, monkeypatch):
+    cache = "cache.dir=" + str(tmp_path / "c")
+    args = ("train.supervision=both", "pool.name=lse", "train.image_batch=2", "train.multilabel=true",
+            "train.epochs=3", "train.precision=bf16", cache)
+    straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if path.name == "last.pt" and state["epoch"] == 1:
+            raise Killed
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    recipe = tiny_recipe(tmp_path / "b", small_voc, *args)
+    with pytest.raises(Killed):
+        train(recipe, progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = train(recipe, resume=True, progress=False)
+    a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+    assert _heads_equal(a["head"], b["head"]) and a["history"][-1]["patch_acc"] > 0
+
+
+def test_ctrl_c_during_the_evaluation_of_a_milestone_epoch_keeps_the_decay(tmp_path, small_voc, monkeypatch):
+    """Bug: the interrupt used to save epoch E+1 before the schedule stepped, so resume skipped a decay."""
+    cache = "cache.dir=" + str(tmp_path / "c")
+    args = ("train.epochs=4", "train.milestones=[0.5]", cache)
+    straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def interrupt_second_evaluation(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # end of epoch 2, the milestone
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(train_module, "evaluate", interrupt_second_evaluation)
+    recipe = tiny_recipe(tmp_path / "b", small_voc, *args)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, progress=False)
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    resumed = train(recipe, resume=True, progress=False)
+    a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+    assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]] == [0.01, 0.01, 0.001, 0.001]
+    assert _heads_equal(a["head"], b["head"])
+
+
+def test_a_checkpoint_of_other_backbone_weights_is_refused(tmp_path, small_voc):
+    recipe = tiny_recipe(tmp_path, small_voc, "train.epochs=1")
+    train(recipe, progress=False)
+    state = load_checkpoint(recipe.run_dir / "last.pt")
+    state["weights_id"] = "efficientnet_lite0:some-other-weights"
+    torch.save(state, recipe.run_dir / "last.pt")
+    with pytest.raises(CheckpointError, match="weights 'efficientnet_lite0:some-other-weights'"):
+        train(tiny_recipe(tmp_path, small_voc, "train.epochs=2"), resume=True, progress=False)
+
+
+def test_best_is_chosen_on_held_out_training_images_not_on_the_val_split(tmp_path, small_voc, monkeypatch):
+    seen = []
+    real_evaluate = train_module.evaluate
+
+    def spy(head, store, dataset, items, *a, **k):
+        seen.append((dataset.name, tuple(items)))
+        return real_evaluate(head, store, dataset, items, *a, **k)
+
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    recipe = tiny_recipe(tmp_path, small_voc, "train.holdout=0.25")
+    train(recipe, progress=False)
+    selection = [s for s in seen[:-1]]
+    assert selection and all(name.endswith(":train") and len(items) == 1 for name, items in selection)
+    assert seen[-1][0].endswith(":val")  # the report, once, at the end
+    with pytest.raises(CheckpointError, match="overstates"):
+        train(tiny_recipe(tmp_path / "x", small_voc, "data.select_split=val"), progress=False)

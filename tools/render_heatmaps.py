@@ -4,7 +4,8 @@
     python tools/render_heatmaps.py --checkpoint checkpoints/voc07_dev/best.pt photo.jpg photos/
     python tools/render_heatmaps.py --checkpoint ... --split devval --limit 20 --classes dog,person
 
-Each pixel shows the mean (or max) of y(c|P) over the patches covering it. For every image a PNG
+Each pixel shows the mean (or max) over the patches covering it of their value for the class: y(c|P)
+for a model scored by the power-k mean, the sigmoid of the patch's evidence for evidence poolings. For every image a PNG
 holds the top-k predicted classes (or the classes named) side by side; --no-grid writes one PNG
 per class instead. A dataset split uses the feature cache when it is warm.
 """
@@ -48,13 +49,16 @@ def main(
     reduce: Annotated[str, typer.Option(help="Per-pixel reduction over covering patches: mean or max.")] = "mean",
     grid: Annotated[bool, typer.Option(help="All classes of an image in one PNG (else one PNG each).")] = True,
     mode: Annotated[Optional[str], typer.Option(help="Patch features: exact or shared (default: as trained).")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="Pooling: power, max, lse or topk (default: the model's).")] = None,
+    prior: Annotated[float, typer.Option(help="Pseudo-patches of the image mean per pixel (default: the recipe's).")] = -1.0,
     limit: Annotated[int, typer.Option(help="At most this many images (0: all).")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("heatmaps"),
 ):
     try:
         if reduce not in ("mean", "max"):
             raise DatasetError(f"--reduce must be mean or max, got {reduce!r}")
-        predictor = Predictor(checkpoint, mode=mode)
+        predictor = Predictor(checkpoint, mode=mode, pool=pool)
+        prior = predictor.recipe.infer.map_prior if prior < 0 else prior
         names = predictor.classes
         chosen = class_index(names, [c.strip() for c in classes.split(",")]) if classes else None
         jobs = []  # (name, loader of the image, cached (boxes, features) or None)
@@ -80,18 +84,14 @@ def main(
             image = load_image(path)
             if cached is None:
                 p = predictor.predict(image)
-                boxes, probs = p.boxes, p.probs
             else:
-                boxes, probs = cached[0], predictor.probabilities(cached[1])
-            cls = chosen or top_classes(probs, predictor.k, top)
-            if grid:
-                render_heatmaps(image, boxes, probs, names, cls, predictor.k, out / f"{name}.png", reduce)
+                p = predictor.predict_features(cached[1], cached[0], image.shape[1], image.shape[0])
+            cls = chosen or top_classes(p.scores, top)
+            for group in ([cls] if grid else [[c] for c in cls]):
+                stem = name if grid else f"{name}_{names[group[0]]}"
+                render_heatmaps(image, p.boxes, p.values, p.scores, names, group, out / f"{stem}.png", reduce,
+                                probabilities=p.probabilities, prior=prior)
                 written += 1
-            else:
-                for c in cls:
-                    render_heatmaps(image, boxes, probs, names, [c], predictor.k, out / f"{name}_{names[c]}.png",
-                                    reduce)
-                    written += 1
         typer.echo(f"wrote {written} heatmap PNGs to {out}")
     except (*USER_ERRORS, ValueError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -4,7 +4,7 @@
     python tools/top_patches.py --checkpoint checkpoints/voc07_dev/best.pt --split devval
 
 For each class, the 9 images whose best patch scores highest for it contribute that patch; under
-each crop are the image id and y(c|P). Features come from (and go to) the feature cache.
+each crop are the image id and the patch's value for the class (y(c|P), or the sigmoid of its evidence). Features come from (and go to) the feature cache.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main(
         names = predictor.classes
         wanted = class_index(names, [c.strip() for c in classes.split(",")]) if classes else range(len(names))
         store = build_features(recipe, dataset, predictor.extractor)
-        scores, patches = best_patch_per_item(store.features, store.offsets, predictor.head, len(names))
+        scores, patches = best_patch_per_item(store.features, store.offsets, predictor.head, len(names), predictor.pool)
         usable = store.ok & (store.view == 0)
         for c in tqdm(wanted, desc="top patches", unit="class"):
             crops, captions = [], []
