@@ -1,54 +1,122 @@
 #!/usr/bin/env python
-"""patchnet against the "CNN features off-the-shelf" baseline with the same backbone, in one run.
+"""The honest baseline table: box-free linear baselines against patchnet's three supervisions, in one run.
 
-The baseline: one forward pass on the whole image and one on its mirror image (features averaged),
-L2-normalised, a linear SVM per class with C chosen by cross-validation on devtrain — the same as
-`patchnet linear`. patchnet: the recipe's patch training (or a given checkpoint), scored by
-`patchnet eval`'s code. Both are trained on devtrain and scored on devval.
+Every row uses the same frozen backbone, is trained on devtrain and scored on devval:
+- whole image (and its mirror) at 224 and at 448 px, L2-normalised, a linear SVM per class (`patchnet linear`);
+- the cached patch features of the recipe, mean- or max-pooled per image, the same linear SVM (no boxes used);
+- patchnet trained with `train.supervision` boxes, images and both.
 
-    python benchmarks/baseline.py                                   # trains recipes/voc07_dev.yaml
-    python benchmarks/baseline.py --checkpoint checkpoints/voc07_dev/best.pt
+C is chosen per class by cross-validation on devtrain; patchnet rows are scored from `last.pt`, never
+from a checkpoint chosen on devval. Per-class APs and the epoch times go to --out as JSON.
+
+    python benchmarks/baseline.py                       # every row (about an hour on a 2-core CPU)
+    python benchmarks/baseline.py --rows whole224 max both
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import replace
 from pathlib import Path
 
-from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
+from common import DEV_RECIPE, VOC, Timer, machine, require_voc, table
+from patchnet.extract import build_extractor
 from patchnet.infer import evaluate_split
 from patchnet.linear import linear_baseline, whole_image_recipe
 from patchnet.recipe import load_recipe
-from patchnet.train import build_extractor, train
+from patchnet.train import train
+
+ROWS = {
+    "whole224": "whole image 224 + mirror, linear SVM",
+    "whole448": "whole image 448 + mirror, linear SVM",
+    "mean": "patch features mean-pooled per image, linear SVM",
+    "max": "patch features max-pooled per image, linear SVM (no boxes)",
+    "boxes": "patchnet, train.supervision=boxes",
+    "images": "patchnet, train.supervision=images (no boxes)",
+    "both": "patchnet, train.supervision=both",
+}
+# the supervisions' own settings; the recipe supplies everything else
+SUPERVISION = {
+    "boxes": ["train.supervision=boxes", "pool.name=power", "infer.pool="],
+    "images": ["train.supervision=images", "pool.name=topk", "infer.pool=power"],
+    "both": ["train.supervision=both", "pool.name=topk", "infer.pool=power"],
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--voc", default=str(VOC))
     ap.add_argument("--recipe", default=str(DEV_RECIPE))
-    ap.add_argument("--checkpoint", help="score this patchnet run instead of training one")
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--method", default="svm", choices=["svm", "logreg"])
+    ap.add_argument("--out", default="checkpoints/baseline", help="folder for the runs and baseline.json")
     ap.add_argument("--set", nargs="*", default=[])
     args = ap.parse_args()
     voc = require_voc(Path(args.voc))
-    recipe = load_recipe(args.recipe, [f"data.root={voc}", *args.set])
-    with Timer() as t_base:
-        base, model = linear_baseline(whole_image_recipe(recipe), recipe.data.train_split, recipe.data.val_split,
-                                      build_extractor, args.method)
-    with Timer() as t_patch:
-        if args.checkpoint:
-            ours, _ = evaluate_split(args.checkpoint, data=voc, split=recipe.data.val_split)
-        else:
-            ours = evaluate_split(train(recipe).run_dir / "best.pt", data=voc, split=recipe.data.val_split)[0]
-    print(f"\nmachine: {machine()}; backbone {recipe.backbone.name}; "
-          f"{recipe.data.train_split} -> {recipe.data.val_split}\n")
-    rows = [(c, f"{100 * a:.1f}", f"{100 * b:.1f}", f"{100 * (b - a):+.1f}", f"{100 * d:.1f}", f"{100 * e:.1f}")
-            for c, a, b, d, e in zip(base.classes, base.ap07, ours.ap07, base.ap, ours.ap)]
-    rows.append(("mAP", f"{100 * base.map07:.1f}", f"{100 * ours.map07:.1f}", f"{100 * (ours.map07 - base.map07):+.1f}",
-                 f"{100 * base.map:.1f}", f"{100 * ours.map:.1f}"))
-    print(table(rows, ("class", "baseline 11-pt", "patchnet 11-pt", "gain", "baseline env", "patchnet env")))
-    print(f"\nbaseline ({args.method}, whole image + mirror): {t_base.seconds / 60:.1f} min; "
-          f"patchnet ({'given checkpoint' if args.checkpoint else 'trained here'}): {t_patch.seconds / 60:.1f} min")
+    recipe = load_recipe(args.recipe, [f"data.root={voc}", f"output={args.out}", *args.set])
+    results, seconds, epochs = {}, {}, {}
+    for row in args.rows:
+        with Timer() as t:
+            if row in SUPERVISION:
+                r = load_recipe(args.recipe, [f"data.root={voc}", f"output={args.out}", f"name=baseline_{row}",
+                                              *SUPERVISION[row], *args.set])
+                result = train(r)
+                results[row] = result.table  # last.pt on devval
+                epochs[row] = _epoch_seconds(result.run_dir)
+                if r.infer.fuse:  # the head alone, without the fused max-pool SVM
+                    results[row + "_head"] = evaluate_split(result.run_dir / "last.pt", data=voc, fuse=False)[0]
+                    seconds[row + "_head"] = 0.0
+            else:
+                if row.startswith("whole"):
+                    r = whole_image_recipe(recipe)
+                    r = replace(r, backbone=replace(r.backbone, input_size=int(row[5:])))
+                    pool = "mean"
+                else:
+                    r, pool = recipe, row
+                results[row], _ = linear_baseline(r, recipe.data.train_split, recipe.data.val_split,
+                                                  build_extractor, args.method, pool)
+        seconds[row] = t.seconds
+        print(f"{row}: mAP {100 * results[row].map07:.1f} (11-pt) {100 * results[row].map:.1f} (env) "
+              f"in {t.seconds / 60:.1f} min", flush=True)
+
+    print(f"\nmachine: {machine()}; backbone {recipe.backbone.name}; {recipe.data.train_split} -> "
+          f"{recipe.data.val_split}; patchnet rows from last.pt\n")
+    rows = [(_label(k, results), f"{100 * v.map07:.1f}", f"{100 * v.map:.1f}", f"{seconds[k] / 60:.1f}") for k, v in results.items()]
+    print(table(rows, ("method", "mAP 11-pt", "mAP envelope", "minutes")))
+    classes = next(iter(results.values())).classes
+    per_class = [(c, *(f"{100 * v.ap07[i]:.1f}" for v in results.values())) for i, c in enumerate(classes)]
+    print("\nper-class AP (11-point)\n")
+    print(table(per_class, ("class", *results)))
+    if "max" in results:
+        for k in ("images", "both", "boxes"):
+            if k in results:
+                print(f"{k} - max-pool SVM: {100 * (results[k].map07 - results['max'].map07):+.1f} mAP (11-pt)")
+    if epochs:
+        print("\nmean epoch seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in epochs.items()))
+        if "boxes" in epochs:
+            for k in ("images", "both"):
+                if k in epochs:
+                    print(f"{k} epoch / boxes epoch: {epochs[k] / epochs['boxes']:.2f}x")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "baseline.json").write_text(json.dumps(
+        {"machine": machine(), "rows": {k: {"label": _label(k, results), **v.to_dict(), "minutes": seconds[k] / 60}
+                                        for k, v in results.items()}, "epoch_seconds": epochs}, indent=1))
+    print(f"\nwrote {out / 'baseline.json'}")
+
+
+def _label(row: str, results: dict) -> str:
+    if row.endswith("_head"):
+        return ROWS[row[:-5]] + ", the head alone (no fusion)"
+    return ROWS[row] + (", fused with the max-pool SVM (infer.fuse)" if row + "_head" in results else "")
+
+
+def _epoch_seconds(run_dir: Path) -> float:
+    from patchnet.model import load_checkpoint
+
+    history = load_checkpoint(run_dir / "last.pt")["history"]
+    return sum(h["seconds"] for h in history) / max(len(history), 1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
 from patchnet.recipe import load_recipe
-from patchnet.train import build_extractor, prepare_split, train
+from patchnet.extract import build_extractor
+from patchnet.train import prepare_split, train
 
 
 def main() -> None:

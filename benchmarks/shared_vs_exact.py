@@ -19,7 +19,8 @@ from pathlib import Path
 from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
 from patchnet.datasets import load_image, open_split
 from patchnet.recipe import load_recipe
-from patchnet.train import build_extractor, train
+from patchnet.extract import build_extractor
+from patchnet.train import train
 
 
 def main() -> None:

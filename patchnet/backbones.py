@@ -19,11 +19,13 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import roi_align
 
+from .errors import PatchnetError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BackboneError(ValueError):
+class BackboneError(PatchnetError, ValueError):
     """A backbone or its weights cannot be built as asked."""
 
 

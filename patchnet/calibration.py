@@ -67,27 +67,29 @@ class Calibration:
     a: np.ndarray
     b: np.ndarray
     threshold: np.ndarray
+    fused: bool = False  # fitted on fused scores (patchnet.linear.Fusion), which are z-scores already
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
-        z = self.a * score_feature(scores, self.pool) + self.b
+        z = self.a * (scores if self.fused else score_feature(scores, self.pool)) + self.b
         return 1 / (1 + np.exp(-np.clip(z, -60, 60)))
 
     def to_dict(self) -> dict:
-        return {"pool": self.pool, "a": self.a.tolist(), "b": self.b.tolist(), "threshold": self.threshold.tolist()}
+        return {"pool": self.pool, "a": self.a.tolist(), "b": self.b.tolist(), "threshold": self.threshold.tolist(),
+                "fused": self.fused}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(d["pool"], np.asarray(d["a"], np.float64), np.asarray(d["b"], np.float64),
-                   np.asarray(d["threshold"], np.float64))
+                   np.asarray(d["threshold"], np.float64), bool(d.get("fused", False)))
 
 
-def calibrate(scores: np.ndarray, labels: np.ndarray, pool: str) -> Calibration:
+def calibrate(scores: np.ndarray, labels: np.ndarray, pool: str, fused: bool = False) -> Calibration:
     """Fit one Platt scaling and one F1-best threshold per class on held-out (N, C) scores and 1/-1/0 labels.
 
     A class without both positive and negative held-out images keeps the identity map on its
     transformed score and a threshold of 0.5.
     """
-    x = score_feature(scores, pool)
+    x = np.asarray(scores, np.float64) if fused else score_feature(scores, pool)
     n = x.shape[1]
     a, b, thr = np.ones(n), np.zeros(n), np.full(n, 0.5)
     for c in range(n):
@@ -97,4 +99,4 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, pool: str) -> Calibration:
             a[c], b[c] = fit_platt(x[keep, c], y)
             p = 1 / (1 + np.exp(-np.clip(a[c] * x[keep, c] + b[c], -60, 60)))
             thr[c] = best_threshold(p, y)
-    return Calibration(pool, a, b, thr)
+    return Calibration(pool, a, b, thr, fused)

@@ -13,16 +13,14 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from .backbones import BackboneError
 from .datasets import DatasetError
-from .model import CheckpointError
+from .errors import PatchnetError
 from .recipe import RecipeError, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-scale patch-based transfer learning on a frozen ImageNet CNN.")
 log = logging.getLogger("patchnet")
 
-USER_ERRORS = (DatasetError, RecipeError, BackboneError, CheckpointError)
 
 
 @contextmanager
@@ -30,14 +28,12 @@ def _session(verbose: bool = False):
     """Log through tqdm, and turn errors about the user's input into one line and exit code 2."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .train import TrainingError
-
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("patchnet").setLevel(logging.DEBUG if verbose else logging.INFO)
     try:
         with logging_redirect_tqdm():
             yield
-    except (*USER_ERRORS, TrainingError) as e:
+    except PatchnetError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -82,6 +78,7 @@ def eval(
     mode: Annotated[Optional[str], typer.Option(help="Patch features: exact or shared (default: as trained).")] = None,
     pool: PoolChoice = None,
     k: Annotated[Optional[float], typer.Option(help="Power of the power-k mean (default: the recipe's pool.k).")] = None,
+    fuse: Annotated[bool, typer.Option(help="Add the checkpoint's fused max-pool classifier (infer.fuse), if any.")] = True,
     pointing: Annotated[bool, typer.Option(help="Also play the pointing game with the score maps (needs boxes).")] = False,
     prior: Annotated[float, typer.Option(help="Pointing game: pseudo-patches of the image mean in each pixel's mean "
                                               "(default: the recipe's infer.map_prior).")] = -1.0,
@@ -92,9 +89,10 @@ def eval(
         from .infer import evaluate_split, pointing_game
 
         table, n, (predictor, dataset, store, items) = evaluate_split(checkpoint, data=data, split=split, fmt=fmt,
-                                                                      mode=mode, pool=pool, k=k)
+                                                                      mode=mode, pool=pool, k=k, fuse=fuse)
         typer.echo(table.format())
-        typer.echo(f"{n} images; pooling {predictor.pool}")
+        typer.echo(f"{n} images; pooling {predictor.pool}" + (f", fused with the max-pool SVM (weight "
+                                                              f"{predictor.fusion.weight:g})" if predictor.fusion else ""))
         values = table.to_dict()
         if pointing:
             if not dataset.has_boxes:
@@ -103,7 +101,8 @@ def eval(
                                    predictor.recipe.infer.map_prior if prior < 0 else prior)
             typer.echo(result.format())
             values["pointing"] = result.rates()
-        stem = f"eval_{split or 'val'}" + (f"_{pool}" if pool else "") + (f"_k{k:g}" if k is not None else "")
+        stem = (f"eval_{split or 'val'}" + (f"_{pool}" if pool else "") + (f"_k{k:g}" if k is not None else "")
+                + ("" if fuse else "_nofuse"))
         _write_table(table, out or checkpoint.parent, stem, values)
 
 

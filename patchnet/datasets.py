@@ -16,12 +16,14 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import PatchnetError
+
 log = logging.getLogger("patchnet")
 
 EXIF_ORIENTATION = 0x0112
 
 
-class DatasetError(ValueError):
+class DatasetError(PatchnetError, ValueError):
     """Input data that cannot be read; the message names the file and the problem."""
 
 

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .datasets import DatasetError  # noqa: E402
 from .infer import score_map  # noqa: E402
 from .pooling import item_groups, map_values, patch_values, pool  # noqa: E402
 
@@ -18,7 +19,7 @@ def class_index(classes: list[str], names: list[str]) -> list[int]:
     """Indices of class names, with an error that lists the valid names."""
     unknown = [n for n in names if n not in classes]
     if unknown:
-        raise ValueError(f"unknown class name(s) {', '.join(unknown)}; valid names: {', '.join(classes)}")
+        raise DatasetError(f"unknown class name(s) {', '.join(unknown)}; valid names: {', '.join(classes)}")
     return [classes.index(n) for n in names]
 
 

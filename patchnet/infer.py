@@ -14,7 +14,8 @@ from .datasets import DatasetError, data_override, load_image, open_split
 from .extract import build_extractor
 from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
-from .pooling import map_values, patch_values, pool, pool_items
+from .linear import Fusion
+from .pooling import map_values, patch_values, pool, pool_features, pool_items
 from .recipe import PoolConfig, Recipe, recipe_from_dict
 
 
@@ -51,9 +52,13 @@ def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, re
     return np.where(sums[1] > 0.5, (sums[0] + prior * mean) / np.maximum(sums[1] + prior, 1e-12), 0.0).astype(np.float32)
 
 
-def image_scores(head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig, pool: str) -> np.ndarray:
-    """(len(items), C) pooled scores of items of a feature store."""
-    return pool_items(head, store.features, store.offsets, cfg, pool, items)
+def image_scores(head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig, pool: str,
+                 fusion: Fusion | None = None) -> np.ndarray:
+    """(len(items), C) pooled scores of items of a feature store (fused with the max-pool classifier if given)."""
+    scores = pool_items(head, store.features, store.offsets, cfg, pool, items)
+    if fusion is None:
+        return scores
+    return fusion.combine(scores, fusion.decision(pool_features(store.features, store.offsets, items, "max")))
 
 
 def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:
@@ -64,13 +69,13 @@ def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def evaluate(head: AdaptationHead, store, dataset, items: np.ndarray, cfg: PoolConfig, pool: str
-             ) -> tuple[APTable, np.ndarray]:
+def evaluate(head: AdaptationHead, store, dataset, items: np.ndarray, cfg: PoolConfig, pool: str,
+             fusion: Fusion | None = None) -> tuple[APTable, np.ndarray]:
     """VOC APs (and accuracy for single-label data) of store ``items``; also their (I, C) scores.
 
     The one evaluation path: training-time selection, the final report and ``patchnet eval``.
     """
-    scores = image_scores(head, store, items, cfg, pool)
+    scores = image_scores(head, store, items, cfg, pool, fusion)
     labels = dataset.labels()[store.record[items]]
     return ap_table(scores, labels, dataset.classes, single_label=dataset.single_label), scores
 
@@ -90,7 +95,7 @@ class Predictor:
     """A trained checkpoint, ready to score images with its own pooling (or ``pool``)."""
 
     def __init__(self, checkpoint: str | Path, device: str | None = None, mode: str | None = None,
-                 pool: str | None = None, k: float | None = None):
+                 pool: str | None = None, k: float | None = None, fuse: bool = True):
         self.state = load_checkpoint(checkpoint)
         overrides = [f"backbone.device={device}"] if device else []
         if mode:
@@ -109,16 +114,26 @@ class Predictor:
         self.head.load_state_dict(self.state["head"])
         self.head.eval()
         self.pool = self.recipe.infer_pool
+        fusion = self.state.get("fusion")
+        # a fusion (and the calibration fitted on its scores) holds for the pooling it was fitted with
+        self.fusion = (Fusion.from_dict(fusion) if fuse and fusion and fusion["pool"] == self.pool
+                       and self._same_k(fusion) else None)
         cal = self.state.get("calibration")
         # a calibration holds for the pooling (and power) it was fitted on
-        self.calibration = (Calibration.from_dict(cal) if cal and cal["pool"] == self.pool
-                            and (self.pool != "power" or cal.get("k", self.recipe.pool.k) == self.recipe.pool.k)
-                            else None)
+        self.calibration = (Calibration.from_dict(cal) if cal and cal["pool"] == self.pool and self._same_k(cal)
+                            and bool(cal.get("fused")) == (self.fusion is not None) else None)
 
-    def score(self, logits: torch.Tensor) -> np.ndarray:
-        """(C,) pooled score of one image's (N, C + 1) patch logits."""
+    def _same_k(self, fitted: dict) -> bool:
+        return self.pool != "power" or fitted.get("k", self.recipe.pool.k) == self.recipe.pool.k
+
+    def score(self, logits: torch.Tensor, features) -> np.ndarray:
+        """(C,) score of one image from its (N, C + 1) patch logits and (N, d) patch features."""
         values = patch_values(logits, self.pool).double()
-        return pool(values, [len(values)], self.recipe.pool, self.pool)[0].numpy()
+        scores = pool(values, [len(values)], self.recipe.pool, self.pool)[0].numpy()
+        if self.fusion is None:
+            return scores
+        pooled = np.asarray(features, np.float32).max(0, keepdims=True)
+        return self.fusion.combine(scores[None], self.fusion.decision(pooled))[0]
 
     def map_values(self, logits: torch.Tensor) -> np.ndarray:
         return map_values(logits, self.pool).numpy()
@@ -133,7 +148,7 @@ class Predictor:
     def predict_features(self, features, boxes: np.ndarray, width: int, height: int) -> Prediction:
         """Score one image from its patch features (e.g. read from the feature cache)."""
         logits = self.head.logits(features)
-        scores = self.score(logits)
+        scores = self.score(logits, features)
         probs = self.calibration.probabilities(scores) if self.calibration else None
         present = probs >= self.calibration.threshold if self.calibration else None
         return Prediction(scores, probs, present, np.asarray(boxes), self.map_values(logits), width, height)
@@ -141,13 +156,13 @@ class Predictor:
 
 def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split: str | None = None,
                    fmt: str | None = None, mode: str | None = None, pool: str | None = None, k: float | None = None,
-                   progress: bool = True):
+                   fuse: bool = True, progress: bool = True):
     """Scores of a checkpoint on a split (default: its recipe's validation split).
 
     Returns the AP table, the number of images scored, and the (predictor, dataset, store, items)
     behind them for further use (the pointing game).
     """
-    predictor = Predictor(checkpoint, mode=mode, pool=pool, k=k)
+    predictor = Predictor(checkpoint, mode=mode, pool=pool, k=k, fuse=fuse)
     recipe = predictor.recipe
     recipe.data = data_override(recipe.data, data, fmt)
     split = split or recipe.data.val_split
@@ -159,7 +174,7 @@ def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split
                               f"but {dataset.name} has {dataset.classes}")
     store = build_features(recipe, dataset, predictor.extractor, progress=progress)
     items = evaluation_items(store)
-    table, _ = evaluate(predictor.head, store, dataset, items, recipe.pool, predictor.pool)
+    table, _ = evaluate(predictor.head, store, dataset, items, recipe.pool, predictor.pool, predictor.fusion)
     return table, len(items), (predictor, dataset, store, items)
 
 

@@ -7,6 +7,7 @@ result is scored by the same VOC AP code as ``patchnet eval``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from .cache import FeatureStore, build_features
 from .datasets import Dataset, open_split
 from .metrics import APTable, ap_table, voc_ap
+from .pooling import pool_features
 from .recipe import Recipe
 
 log = logging.getLogger("patchnet")
@@ -35,22 +37,13 @@ class SplitFeatures:
 
 
 def pool_store(store: FeatureStore, pool: str = "mean", view: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One row per item of a view (None: every view): the mean or max of its patch features.
+    """One row per readable item of a view (None: every view): the mean or max of its patch features.
 
-    Returns (rows, record index of each row); unreadable images are left out.
+    Returns (rows, record index of each row).
     """
-    if pool not in ("mean", "max"):
-        raise ValueError(f"pool must be mean or max, got {pool!r}")
-    rows, records = [], []
-    for i in range(len(store)):
-        if not store.ok[i] or (view is not None and store.view[i] != view):
-            continue
-        f = np.asarray(store.features[store.item_slice(i)], np.float32)
-        rows.append(f.mean(0) if pool == "mean" else f.max(0))
-        records.append(int(store.record[i]))
-    if not rows:
-        return np.zeros((0, store.feature_dim), np.float32), np.zeros(0, np.int64)
-    return np.stack(rows), np.array(records)
+    keep = store.ok & ((store.view == view) if view is not None else True)
+    items = np.flatnonzero(keep)
+    return pool_features(store.features, store.offsets, items, pool), store.record[items].astype(np.int64)
 
 
 def split_features(recipe: Recipe, dataset: Dataset, extractor, pool: str = "mean", views: int = 0,
@@ -160,3 +153,73 @@ def linear_baseline(recipe: Recipe, train_split: str, eval_split: str, extractor
     eval_f = split_features(recipe, eval_ds, extractor, pool, progress=progress)
     model = fit_linear(train_f, method, grid, seed=recipe.train.seed, progress=progress)
     return ap_table(model.decision(eval_f.features), eval_f.labels, eval_f.classes), model
+
+
+# --------------------------------------------------------------------------- fusion with the patch head
+
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+@dataclass
+class Fusion:
+    """The head's pooled image score plus ``weight`` times a max-pool linear classifier's decision.
+
+    Both are z-scored per class (a power-k mean on its logarithm) with statistics of held-out
+    training images, on which ``weight`` is chosen too. The classifier is a box-free view of the
+    image (its strongest response to each feature over all patches) that the head misses.
+    """
+
+    pool: str
+    coef: np.ndarray  # (C, d) on L2-normalised max-pooled features
+    intercept: np.ndarray  # (C,)
+    head_mean: np.ndarray
+    head_std: np.ndarray
+    linear_mean: np.ndarray
+    linear_std: np.ndarray
+    weight: float
+
+    def decision(self, pooled: np.ndarray) -> np.ndarray:
+        return l2_normalize(pooled) @ self.coef.T + self.intercept
+
+    def combine(self, head_scores: np.ndarray, decisions: np.ndarray) -> np.ndarray:
+        from .calibration import score_feature
+
+        h = (score_feature(head_scores, self.pool) - self.head_mean) / self.head_std
+        return h + self.weight * (decisions - self.linear_mean) / self.linear_std
+
+    def to_dict(self) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fusion":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (np.asarray(v, np.float64) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+def linear_arrays(model: LinearModel, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(C, d) weights and (C,) biases of per-class linear models (zeros for a class without one)."""
+    coef, intercept = np.zeros((len(model.models), dim)), np.zeros(len(model.models))
+    for c, m in enumerate(model.models):
+        if m is not None:
+            coef[c], intercept[c] = np.ravel(m.coef_), float(np.ravel(m.intercept_)[0])
+    return coef, intercept
+
+
+def fit_fusion(pool: str, coef: np.ndarray, intercept: np.ndarray, head_scores: np.ndarray, pooled: np.ndarray,
+               labels: np.ndarray, weights=FUSION_WEIGHTS) -> tuple[Fusion, dict]:
+    """Choose the fusion weight by 11-point mAP on held-out (head scores, max-pooled features, labels).
+
+    Returns the fusion and the held-out mAP of every weight tried.
+    """
+    from .calibration import score_feature
+
+    decisions = l2_normalize(pooled) @ coef.T + intercept
+    h = score_feature(head_scores, pool)
+    stats = dict(head_mean=h.mean(0), head_std=h.std(0) + 1e-12, linear_mean=decisions.mean(0),
+                 linear_std=decisions.std(0) + 1e-12)
+    tried = {}
+    for w in weights:
+        fused = Fusion(pool, coef, intercept, **stats, weight=float(w))
+        tried[float(w)] = ap_table(fused.combine(head_scores, decisions), labels, [str(i) for i in range(len(coef))]).map07
+    best = max(tried, key=lambda w: (np.nan_to_num(tried[w], nan=-1.0), -w))  # ties: the smaller weight
+    return Fusion(pool, coef, intercept, **stats, weight=best), tried

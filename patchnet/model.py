@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import PatchnetError
+
 
 class AdaptationHead(nn.Module):
     """FCa = Linear(d, hidden) + ReLU + Dropout, then FCb = Linear(hidden, C + 1).
@@ -44,7 +46,7 @@ class AdaptationHead(nn.Module):
         return self.logits(features, batch_size).softmax(-1)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PatchnetError, ValueError):
     """A checkpoint that cannot be used as asked."""
 
 

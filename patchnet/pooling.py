@@ -19,7 +19,7 @@ import torch
 
 from .recipe import POOLINGS, PoolConfig
 
-__all__ = ["POOLINGS", "patch_values", "map_values", "pool", "pool_items", "item_groups", "gather_items"]
+__all__ = ["POOLINGS", "patch_values", "map_values", "pool", "pool_items", "pool_features", "item_groups", "gather_items"]
 
 
 def patch_values(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -122,4 +122,20 @@ def pool_items(head, features, offsets: np.ndarray, cfg: PoolConfig, name: str |
             continue
         logits = head.logits(gather_items(features, offsets, items[keep]))
         out[keep] = pool(patch_values(logits, name).double(), counts[keep], cfg, name).cpu().numpy()
+    return out
+
+
+def pool_features(features, offsets: np.ndarray, items: np.ndarray, name: str = "max",
+                  max_patches: int = 32768) -> np.ndarray:
+    """(len(items), d) float32 mean- or max-pooled raw patch features of items with at least one patch."""
+    if name not in ("mean", "max"):
+        raise ValueError(f"features are pooled by mean or max, got {name!r}")
+    items = np.asarray(items, np.int64)
+    counts = np.diff(offsets)[items]
+    out = np.zeros((len(items), features.shape[1]), np.float32)
+    for start, stop in item_groups(counts, max_patches):
+        x = torch.from_numpy(gather_items(features, offsets, items[start:stop]))
+        c = torch.from_numpy(counts[start:stop])
+        out[start:stop] = (_padded(x, c, -torch.inf)[0].amax(1) if name == "max"
+                           else _padded(x, c, 0.0)[0].sum(1) / c[:, None]).numpy()
     return out

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from .errors import PatchnetError
+
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -23,7 +25,7 @@ FORMATS = ("voc", "coco", "demo", "folder", "csv")
 SUPERVISIONS = ("boxes", "images", "both")
 
 
-class RecipeError(ValueError):
+class RecipeError(PatchnetError, ValueError):
     """A recipe file or override that cannot be used as given."""
 
 
@@ -107,6 +109,7 @@ class TrainConfig:
 class InferConfig:
     pool: str = ""  # pooling that scores images: "" = the recipe's pool.name (the model's own), or one of POOLINGS
     map_prior: float = 0.0  # score maps: pseudo-patches of the image's mean value added to each pixel's mean
+    fuse: bool = False  # add a max-pool linear SVM's decision to the pooled score (weight chosen on held-out images)
 
 
 @dataclass

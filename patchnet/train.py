@@ -32,12 +32,14 @@ from tqdm.auto import tqdm
 from .cache import FeatureStore, build_features
 from .calibration import calibrate
 from .datasets import Dataset, open_split
+from .errors import PatchnetError
 from .extract import PatchExtractor, build_extractor, resolve_precision
 from .heatmaps import log_heatmaps
-from .infer import evaluate, evaluation_items
+from .infer import evaluate, evaluation_items, image_scores
+from .linear import Fusion, SplitFeatures, fit_fusion, fit_linear, linear_arrays
 from .metrics import APTable
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
-from .pooling import gather_items, patch_values, pool
+from .pooling import gather_items, patch_values, pool, pool_features
 from .recipe import Recipe, save_recipe
 from .sampler import IGNORE, MULTI, label_patches
 
@@ -46,7 +48,7 @@ log = logging.getLogger("patchnet")
 __all__ = ["train", "TrainState", "TrainingError", "SplitData", "prepare_split", "build_extractor"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PatchnetError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN)."""
 
 
@@ -518,12 +520,52 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     trainer.fit()
     if rank:
         _carry_path(run_dir, rank).unlink(missing_ok=True)
+    fusion = None
+    if recipe.infer.fuse and select is not None and rank == 0:
+        fusion = fuse_checkpoints(recipe, train_data, select, [trainer.best_path, trainer.last_path])[-1]
     table = None
     if val is not None and rank == 0:  # reported, never used to choose
-        table, _ = evaluate(head, val.store, val.dataset, evaluation_items(val.store), recipe.pool, recipe.infer_pool)
+        table, _ = evaluate(head, val.store, val.dataset, evaluation_items(val.store), recipe.pool, recipe.infer_pool,
+                            fusion)
         log.info("last.pt on %s: mAP %.1f (11-pt) %.1f (envelope)", recipe.data.val_split, 100 * table.map07,
                  100 * table.map)
     return TrainResult(run_dir, state.epoch, state.best, table, time.perf_counter() - started)
+
+
+def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitData, np.ndarray],
+                     paths: list[Path]) -> list[Fusion]:
+    """Fit the max-pool linear SVM on the training images and fuse it into each checkpoint (``infer.fuse``).
+
+    The SVM never sees the selection images; the fusion weight, the z-score statistics and the
+    calibration of the fused scores are fitted on them. Returns the fusion written to each path.
+    """
+    store, sel, held = train_data.store, select[0], select[1]
+    items = np.flatnonzero(store.ok & ~np.isin(np.arange(len(store)), held if sel is train_data else []))
+    log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
+    pooled = pool_features(store.features, store.offsets, items, "max")
+    ids = [train_data.dataset.records[r].image_id for r in store.record[items]]
+    model = fit_linear(SplitFeatures(ids, pooled, train_data.image_labels(items), train_data.dataset.classes),
+                       seed=recipe.train.seed, progress=False)
+    coef, intercept = linear_arrays(model, store.feature_dim)
+    held_pooled, labels = pool_features(sel.store.features, sel.store.offsets, held, "max"), sel.image_labels(held)
+    fusions = []
+    for path in paths:
+        state = load_checkpoint(path)
+        head = AdaptationHead(store.feature_dim, len(train_data.dataset.classes), recipe.head.hidden,
+                              recipe.head.dropout)
+        head.load_state_dict(state["head"])
+        scores = image_scores(head, sel.store, held, recipe.pool, recipe.infer_pool)
+        fusion, tried = fit_fusion(recipe.infer_pool, coef, intercept, scores, held_pooled, labels)
+        log.info("fusion for %s: selection mAP by weight %s; chose %g", path.name,
+                 ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()), fusion.weight)
+        calibration = calibrate(fusion.combine(scores, fusion.decision(held_pooled)), labels, recipe.infer_pool,
+                                fused=True).to_dict()
+        if recipe.infer_pool == "power":
+            calibration["k"] = recipe.pool.k
+        save_checkpoint({**state, "fusion": {**fusion.to_dict(), "k": recipe.pool.k}, "calibration": calibration},
+                        path)
+        fusions.append(fusion)
+    return fusions
 
 
 def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool):

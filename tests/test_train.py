@@ -370,3 +370,21 @@ def test_best_is_chosen_on_held_out_training_images_not_on_the_val_split(tmp_pat
     assert seen[-1][0].endswith(":val")  # the report, once, at the end
     with pytest.raises(CheckpointError, match="overstates"):
         train(tiny_recipe(tmp_path / "x", small_voc, "data.select_split=val"), progress=False)
+
+
+def test_fused_checkpoint_scores_through_eval_and_predict(tmp_path, small_voc):
+    from patchnet.infer import Predictor, evaluate_split
+
+    recipe = tiny_recipe(tmp_path, small_voc, "infer.fuse=true", "train.holdout=0.5")
+    result = train(recipe, progress=False)
+    state = load_checkpoint(result.run_dir / "last.pt")
+    assert state["fusion"]["pool"] == "power" and state["calibration"]["fused"]
+    predictor = Predictor(result.run_dir / "last.pt")
+    assert predictor.fusion is not None and predictor.calibration is not None
+    table, n, _ = evaluate_split(result.run_dir / "last.pt", split="val", progress=False)
+    np.testing.assert_allclose(table.ap07, result.table.ap07)  # training's report and eval: one path
+    p = predictor.predict(small_voc / "JPEGImages" / "e.jpg")
+    assert p.probabilities.shape == (3,) and p.present.dtype == bool
+    # another pooling than the fused one scores without the fusion and its calibration
+    other = Predictor(result.run_dir / "last.pt", pool="max")
+    assert other.fusion is None and other.calibration is None

@@ -19,7 +19,7 @@ import typer
 from tqdm.auto import tqdm
 
 from patchnet.cache import cached_features
-from patchnet.cli import USER_ERRORS
+from patchnet.errors import PatchnetError
 from patchnet.datasets import DatasetError, load_image, open_split
 from patchnet.heatmaps import class_index, render_heatmaps, top_classes
 from patchnet.infer import Predictor
@@ -93,7 +93,7 @@ def main(
                                 probabilities=p.probabilities, prior=prior)
                 written += 1
         typer.echo(f"wrote {written} heatmap PNGs to {out}")
-    except (*USER_ERRORS, ValueError) as e:
+    except PatchnetError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from patchnet.cache import build_features
-from patchnet.cli import USER_ERRORS
+from patchnet.errors import PatchnetError
 from patchnet.datasets import load_image, open_split
 from patchnet.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
 from patchnet.infer import Predictor
@@ -59,7 +59,7 @@ def main(
             contact_sheet(crops, captions, f"{names[c]}: top {len(crops)} patches of {dataset.name.rsplit(':', 1)[-1]}",
                           out / f"top{n}_{names[c]}.png")
         typer.echo(f"wrote {len(wanted)} contact sheets to {out}")
-    except (*USER_ERRORS, ValueError) as e:
+    except PatchnetError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
