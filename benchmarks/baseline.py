@@ -54,12 +54,12 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[])
     args = ap.parse_args()
     voc = require_voc(Path(args.voc))
-    recipe = load_recipe(args.recipe, [f"data.root={voc}", f"output={args.out}", *args.set])
+    recipe = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.output={args.out}", *args.set])
     results, seconds, epochs = {}, {}, {}
     for row in args.rows:
         with Timer() as t:
             if row in SUPERVISION:
-                r = load_recipe(args.recipe, [f"data.root={voc}", f"output={args.out}", f"name=baseline_{row}",
+                r = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.output={args.out}", f"name=baseline_{row}",
                                               *SUPERVISION[row], *args.set])
                 result = train(r)
                 results[row] = result.table  # last.pt on devval

@@ -37,8 +37,8 @@ def main() -> None:
     args = ap.parse_args()
     voc = require_voc(args.voc)
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"data.limit={args.limit}", f"cache.dir={tmp}/cache",
-                                           f"output={tmp}/runs", "train.epochs=1", "data.val_split=", *args.set])
+        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"data.limit={args.limit}", f"runtime.cache_dir={tmp}/cache",
+                                           f"runtime.output={tmp}/runs", "train.epochs=1", "data.val_split=", *args.set])
         dataset = open_split(recipe.data, recipe.data.train_split)
         extractor = build_extractor(recipe)
         with Timer() as t_trunk:
@@ -47,8 +47,8 @@ def main() -> None:
         epoch = load_checkpoint(result.run_dir / "last.pt")["history"][0]["seconds"]
         others = {}
         for sup in ("images", "both"):
-            r = load_recipe(args.recipe, [f"data.root={voc}", f"data.limit={args.limit}", f"cache.dir={tmp}/cache",
-                                          f"output={tmp}/runs", "train.epochs=1", "data.val_split=", f"name={sup}",
+            r = load_recipe(args.recipe, [f"data.root={voc}", f"data.limit={args.limit}", f"runtime.cache_dir={tmp}/cache",
+                                          f"runtime.output={tmp}/runs", "train.epochs=1", "data.val_split=", f"name={sup}",
                                           f"train.supervision={sup}", "pool.name=topk", *args.set])
             others[sup] = load_checkpoint(train(r).run_dir / "last.pt")["history"][0]["seconds"]
     rows = [("cached features: the head only (patch loss, train.supervision=boxes)", f"{epoch:.2f}", "1"),

@@ -66,7 +66,7 @@ def main() -> None:
     ds = read_voc(require_voc(args.voc), "devval", VOC_CLASSES)
     images = [load_image(r.path) for r in ds.records[:args.images]]
     plain = build_backbone(args.backbone)  # the unoptimised fp32 NCHW model of the naive loop
-    ex = PatchExtractor(plain, PatchConfig(mode="exact"), BackboneConfig(precision=args.precision, batch_size=args.batch))
+    ex = PatchExtractor(plain, PatchConfig(mode="exact"), BackboneConfig(precision=args.precision), batch_size=args.batch)
     ex(images[0][:200, :200])  # warm-up
     total = sum(len(ex.boxes(im.shape[1], im.shape[0])) for im in images)
     with Timer() as t_bound:

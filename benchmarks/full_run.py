@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     voc = require_voc(Path(args.voc))
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"cache.dir={tmp}/cache", f"output={args.output}",
+        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.cache_dir={tmp}/cache", f"runtime.output={args.output}",
                                            *args.set])
         with Timer() as total:
             extractor = build_extractor(recipe)

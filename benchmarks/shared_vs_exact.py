@@ -45,7 +45,7 @@ def main() -> None:
     }
     names = {"exact": "exact", "shared": "shared, every scale", "shared_levels": f"shared, levels {args.levels}",
              "hybrid": f"hybrid: exact up to {args.exact_up_to:g}, then levels {args.levels}"}
-    base = [f"data.root={voc}", f"output={args.output}", *args.set]
+    base = [f"data.root={voc}", f"runtime.output={args.output}", *args.set]
     rows, speed = [], {}
     for mode in args.modes.split(","):
         recipe = load_recipe(args.recipe, base + modes[mode] + [f"name={mode}"])

@@ -121,7 +121,7 @@ class FeatureStore:
 
 def cached_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0) -> FeatureStore | None:
     """The complete cache of a split if one exists (a warm cache), without computing anything."""
-    path = Path(recipe.cache.dir) / _digest(cache_fields(recipe, dataset, extractor, views))
+    path = Path(recipe.runtime.cache_dir) / _digest(cache_fields(recipe, dataset, extractor, views))
     return FeatureStore(path) if (path / "index.npz").is_file() else None
 
 
@@ -148,7 +148,7 @@ def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, 
         return warm
     fields = cache_fields(recipe, dataset, extractor, views)
     key = _digest(fields)
-    path = Path(recipe.cache.dir) / key
+    path = Path(recipe.runtime.cache_dir) / key
     rank, world = _rank_world()
     items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
     chunk = max(1, recipe.cache.chunk)
@@ -177,7 +177,7 @@ def _chunk_path(path: Path, c: int) -> Path:
 def _compute_chunks(dataset, extractor, chunks, todo, path, recipe, progress):
     flat = [(c, item) for c in todo for item in chunks[c]]
     source = ItemImages(dataset.records, [item for _, item in flat], recipe.aug, recipe.train.seed)
-    workers = recipe.train.num_workers
+    workers = recipe.runtime.workers
     loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
                         prefetch_factor=4 if workers else None, pin_memory=extractor.device.type == "cuda")
     pending: dict[int, list] = {c: [] for c in todo}

@@ -284,40 +284,12 @@ def retrieve(
 ):
     """Nearest neighbours by L2 distance, written as a self-contained HTML page; prints precision@k per class."""
     with _session(verbose):
-        from .datasets import open_split
-        from .linear import split_features
-        from .retrieve import distances, nearest, precision_at_k, write_page
-        from .extract import build_extractor
+        from .retrieve import retrieval_page
 
         r, reduce = _pooled_recipe(recipe, overrides, pool)
-        dataset = open_split(r.data, split)
-        extractor = build_extractor(r)
-        f = split_features(r, dataset, extractor, reduce)
-        paths = {rec.image_id: rec.path for rec in dataset.records}
-        row = {i: n for n, i in enumerate(f.ids)}
-        # every image as a query, itself left out: what do these features retrieve?
-        every = nearest(distances(f.features, f.features), k, exclude=np.arange(len(f.ids)))
-        precision = precision_at_k(every, f.labels, f.labels)
-        chosen: list[dict] = []
-        if queries:
-            for q in queries.split(","):
-                if q.strip() not in row:
-                    raise DatasetError(f"query {q.strip()!r} is not an image of {dataset.name}")
-                chosen.append({"name": q.strip(), "path": paths[q.strip()], "row": row[q.strip()]})
-        for p in query_images or []:
-            from .datasets import load_image
-
-            image = load_image(p)
-            feats = extractor(image).numpy()
-            chosen.append({"name": p.name, "path": p, "feature": feats.mean(0) if reduce == "mean" else feats.max(0)})
-        if not chosen:
-            pick = np.random.default_rng(r.train.seed).choice(len(f.ids), min(num_queries, len(f.ids)), replace=False)
-            chosen = [{"name": f.ids[i], "path": paths[f.ids[i]], "row": int(i)} for i in sorted(pick)]
-        qf = np.stack([f.features[q["row"]] if "row" in q else q["feature"] for q in chosen])
-        dist = distances(qf, f.features)
-        neighbours = nearest(dist, k, exclude=np.array([q.get("row", -1) for q in chosen]))
-        write_page(out, f"patchnet retrieval: {dataset.name} ({r.backbone.name}, {pool} features)",
-                   [paths[i] for i in f.ids], f.ids, chosen, dist, neighbours, f.classes, precision, k)
+        names = [q.strip() for q in queries.split(",")] if queries else []
+        f, precision = retrieval_page(r, split, reduce, out, names, list(query_images or []), num_queries, k,
+                                      f"{pool} features")
         width = max(len(c) for c in f.classes)
         for c, p in zip(f.classes, precision):
             typer.echo(f"{c:<{width}}  P@{k} {'n/a' if np.isnan(p) else f'{100 * p:.1f}'}")

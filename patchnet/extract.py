@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available; use backbone.device=cpu or auto")
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available; use runtime.device=cpu or auto")
     return torch.device(name)
 
 
@@ -54,12 +54,11 @@ def build_extractor(recipe: Recipe) -> "PatchExtractor":
     """The recipe's frozen backbone and patch settings, on its device (under torchrun: this rank's GPU)."""
     import torch.distributed as dist
 
-    b = recipe.backbone
-    device = b.device
+    b, device = recipe.backbone, recipe.runtime.device
     if device == "auto" and torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
-    return PatchExtractor(backbone, recipe.patches, replace(b, device=device))
+    return PatchExtractor(backbone, recipe.patches, b, device, recipe.runtime.trunk_batch)
 
 
 @dataclass
@@ -73,13 +72,14 @@ class Level:
 class PatchExtractor:
     """Computes the features of all patches of an image, in the order of ``patch_grid``."""
 
-    def __init__(self, backbone: Backbone, patches: PatchConfig, backbone_cfg: BackboneConfig | None = None):
+    def __init__(self, backbone: Backbone, patches: PatchConfig, backbone_cfg: BackboneConfig | None = None,
+                 device: str = "auto", batch_size: int = 0):
         cfg = backbone_cfg or BackboneConfig()
         self.patches = patches
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.channels_last = cfg.channels_last
-        self.batch_size = cfg.batch_size or (128 if self.device.type == "cuda" else 16)
+        self.batch_size = batch_size or (128 if self.device.type == "cuda" else 16)
         self.backbone = backbone.fused().to(self.device)
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)

@@ -78,7 +78,7 @@ def log_heatmaps(writer, head, split, recipe, epoch: int, items: np.ndarray) -> 
     store, dataset, name = split.store, split.dataset, recipe.infer_pool
     shown = 0
     for i in items:
-        if shown >= recipe.train.heatmaps:
+        if shown >= recipe.runtime.heatmaps:
             break
         try:
             image = load_image(dataset.records[store.record[i]].path)

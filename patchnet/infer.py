@@ -97,7 +97,7 @@ class Predictor:
     def __init__(self, checkpoint: str | Path, device: str | None = None, mode: str | None = None,
                  pool: str | None = None, k: float | None = None, fuse: bool = True):
         self.state = load_checkpoint(checkpoint)
-        overrides = [f"backbone.device={device}"] if device else []
+        overrides = [f"runtime.device={device}"] if device else []
         if mode:
             overrides.append(f"patches.mode={mode}")
         if pool:

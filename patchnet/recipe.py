@@ -61,8 +61,6 @@ class BackboneConfig:
     layer: str = ""  # alexnet/vgg16: fc6 or fc7 (the default); others: the pooled penultimate feature
     channels_last: bool = True
     precision: Precision = "auto"  # auto | fp32 | bf16 | fp16
-    batch_size: int = 0  # patches per trunk call in exact mode; 0: 16 on CPU (faster than 64 there), 128 on CUDA
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -103,8 +101,6 @@ class TrainConfig:
     bg_rate: float = 0.1  # fraction of background patches redrawn each epoch
     seed: int = 0
     eval_every: int = 1
-    num_workers: int = 2  # image-decoding worker processes
-    heatmaps: int = 4  # validation images drawn to TensorBoard at each evaluation
 
 
 @dataclass
@@ -116,8 +112,19 @@ class InferConfig:
 
 @dataclass
 class CacheConfig:
-    dir: str = ".cache/features"
     chunk: int = 32  # images per chunk file: a killed run loses at most one chunk of work
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how a run executes. None of it changes the results, so ``--resume`` ignores it."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trunk_batch: int = 0  # patches per trunk call in exact mode; 0: 16 on CPU (faster than 64 there), 128 on CUDA
+    workers: int = 2  # image-decoding worker processes
+    cache_dir: str = ".cache/features"
+    output: str = "checkpoints"  # runs go to <output>/<name>/
+    heatmaps: int = 4  # selection images drawn to TensorBoard at each evaluation
 
 
 @dataclass
@@ -132,7 +139,6 @@ class AugConfig:
 @dataclass
 class Recipe:
     name: str = "run"
-    output: str = "checkpoints"  # runs go to <output>/<name>/
     data: DataConfig = field(default_factory=DataConfig)
     patches: PatchConfig = field(default_factory=PatchConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -142,6 +148,7 @@ class Recipe:
     infer: InferConfig = field(default_factory=InferConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
     def infer_pool(self) -> str:
@@ -150,7 +157,7 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output) / self.name
+        return Path(self.runtime.output) / self.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -246,11 +253,20 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+# Keys of older recipes and where they live now.
+_MOVED = {("infer", "k"): ("pool", "k"), ("backbone", "device"): ("runtime", "device"),
+          ("backbone", "batch_size"): ("runtime", "trunk_batch"), ("train", "num_workers"): ("runtime", "workers"),
+          ("train", "heatmaps"): ("runtime", "heatmaps"), ("cache", "dir"): ("runtime", "cache_dir")}
+
+
 def _migrate(values: dict[str, Any]) -> dict[str, Any]:
-    """Recipes written before the pooling family kept the power in ``infer.k``: it is ``pool.k`` now."""
-    infer = values.get("infer")
-    if isinstance(infer, dict) and "k" in infer:
-        values.setdefault("pool", {})["k"] = infer.pop("k")
+    """Move the keys of older recipes (and checkpoints) to their current sections."""
+    for (sec, key), (new_sec, new_key) in _MOVED.items():
+        old = values.get(sec)
+        if isinstance(old, dict) and key in old:
+            values.setdefault(new_sec, {})[new_key] = old.pop(key)
+    if "output" in values:
+        values.setdefault("runtime", {})["output"] = values.pop("output")
     return values
 
 

@@ -126,3 +126,41 @@ def write_page(out: Path, title: str, collection_paths: list[Path], collection_i
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     return out
+
+
+def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], query_images: list, num_queries: int,
+                   k: int, what: str):
+    """Features of a split, precision@k of every image as a query, and the HTML page of the chosen queries.
+
+    Queries are image ids of the split, image files, or (neither given) ``num_queries`` drawn by the seed.
+    Returns the split's features and the per-class precision@k.
+    """
+    from .datasets import DatasetError, load_image, open_split
+    from .extract import build_extractor
+    from .linear import split_features
+
+    dataset = open_split(recipe.data, split)
+    extractor = build_extractor(recipe)
+    f = split_features(recipe, dataset, extractor, reduce)
+    paths = {rec.image_id: rec.path for rec in dataset.records}
+    row = {i: n for n, i in enumerate(f.ids)}
+    # every image as a query, itself left out: what do these features retrieve?
+    every = nearest(distances(f.features, f.features), k, exclude=np.arange(len(f.ids)))
+    precision = precision_at_k(every, f.labels, f.labels)
+    chosen: list[dict] = []
+    for q in query_ids:
+        if q not in row:
+            raise DatasetError(f"query {q!r} is not an image of {dataset.name}")
+        chosen.append({"name": q, "path": paths[q], "row": row[q]})
+    for p in query_images:
+        feats = extractor(load_image(p)).numpy()
+        chosen.append({"name": p.name, "path": p, "feature": feats.mean(0) if reduce == "mean" else feats.max(0)})
+    if not chosen:
+        pick = np.random.default_rng(recipe.train.seed).choice(len(f.ids), min(num_queries, len(f.ids)), replace=False)
+        chosen = [{"name": f.ids[i], "path": paths[f.ids[i]], "row": int(i)} for i in sorted(pick)]
+    qf = np.stack([f.features[q["row"]] if "row" in q else q["feature"] for q in chosen])
+    dist = distances(qf, f.features)
+    neighbours = nearest(dist, k, exclude=np.array([q.get("row", -1) for q in chosen]))
+    write_page(out, f"patchnet retrieval: {dataset.name} ({recipe.backbone.name}, {what})",
+               [paths[i] for i in f.ids], f.ids, chosen, dist, neighbours, f.classes, precision, k)
+    return f, precision

@@ -40,7 +40,7 @@ from .linear import Fusion, SplitFeatures, fit_fusion, fit_linear, linear_arrays
 from .metrics import APTable
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .pooling import gather_items, patch_values, pool, pool_features
-from .recipe import Recipe, save_recipe
+from .recipe import Recipe, recipe_from_dict, save_recipe
 from .sampler import IGNORE, MULTI, label_patches
 
 log = logging.getLogger("patchnet")
@@ -436,7 +436,7 @@ class Trainer:
             if table is not None:
                 self.writer.add_scalar("select/mAP_11pt", table.map07, e)
                 self.writer.add_scalar("select/mAP_envelope", table.map, e)
-                if self.t.heatmaps:
+                if self.recipe.runtime.heatmaps:
                     log_heatmaps(self.writer, self.state.head, self.select[0], self.recipe, e, self.select[1])
             self.writer.flush()
         sel = (f", selection mAP {100 * record['select_map07']:.1f} (11-pt) {100 * record['select_map']:.1f} (env)"
@@ -488,7 +488,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         if not last_path.is_file():
             raise CheckpointError(f"--resume: {last_path} does not exist; start without --resume")
         saved = load_checkpoint(last_path)
-        if _without_epochs(saved["recipe"]) != _without_epochs(recipe.to_dict()):
+        if _resume_key(recipe_from_dict(saved["recipe"]).to_dict()) != _resume_key(recipe.to_dict()):
             raise CheckpointError(f"--resume: {last_path} was made with another recipe; resume with the saved one: "
                                   f"patchnet train --recipe {run_dir / 'recipe.yaml'} --resume")
     if rank == 0:
@@ -583,9 +583,11 @@ def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool)
     return train_data, evaluation_items(train_data.store, held)
 
 
-def _without_epochs(values: dict) -> dict:
-    """A recipe dict without train.epochs: a resumed run may be extended."""
-    return {**values, "train": {k: v for k, v in values["train"].items() if k != "epochs"}}
+def _resume_key(values: dict) -> dict:
+    """What a resumed run must share with the saved one: all but the runtime section and train.epochs
+    (a finished run may be extended)."""
+    return {**{k: v for k, v in values.items() if k != "runtime"},
+            "train": {k: v for k, v in values["train"].items() if k != "epochs"}}
 
 
 def _log_split(name: str, data: SplitData, select) -> None:

@@ -85,10 +85,10 @@ def tiny_recipe(tmp_path: Path, root: Path, *overrides: str):
     from patchnet.recipe import recipe_from_dict
 
     base = [
-        "name=tiny", f"output={tmp_path / 'runs'}", "data.format=voc", f"data.root={root}",
+        "name=tiny", f"runtime.output={tmp_path / 'runs'}", "data.format=voc", f"data.root={root}",
         "data.classes=[cat, dog, person]", "data.train_split=train", "data.val_split=val",
         "patches.scales=[1.0, 2.0]", "patches.step=0.5", "backbone.input_size=32", "backbone.precision=fp32", "train.precision=fp32",
-        "backbone.device=cpu", f"cache.dir={tmp_path / 'cache'}", "cache.chunk=2", "train.epochs=2",
-        "train.batch_size=8", "train.num_workers=0", "train.bg_rate=0.5", "head.hidden=32", "train.eval_every=1",
+        "runtime.device=cpu", f"runtime.cache_dir={tmp_path / 'cache'}", "cache.chunk=2", "train.epochs=2",
+        "train.batch_size=8", "runtime.workers=0", "train.bg_rate=0.5", "head.hidden=32", "train.eval_every=1",
     ]
     return recipe_from_dict({}, base + list(overrides))

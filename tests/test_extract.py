@@ -8,7 +8,7 @@ from patchnet.extract import PatchExtractor, resolve_precision
 from patchnet.recipe import BackboneConfig, PatchConfig
 from patchnet.sampler import patch_grid
 
-FP32 = BackboneConfig(precision="fp32", device="cpu")
+FP32 = BackboneConfig(precision="fp32")
 
 
 def _image(w, h, seed=0):
@@ -22,8 +22,8 @@ def test_shared_mode_equals_exact_mode_for_one_whole_image_patch(name, size, tol
     torch.manual_seed(0)
     backbone = build_backbone(name, "imagenet" if name.startswith("efficientnet") else "random", input_size=size)
     img = _image(size, size)
-    exact = PatchExtractor(backbone, PatchConfig(scales=[1.0], mode="exact"), FP32)(img)
-    shared = PatchExtractor(backbone, PatchConfig(scales=[1.0], mode="shared"), FP32)(img)
+    exact = PatchExtractor(backbone, PatchConfig(scales=[1.0], mode="exact"), FP32, "cpu")(img)
+    shared = PatchExtractor(backbone, PatchConfig(scales=[1.0], mode="shared"), FP32, "cpu")(img)
     assert exact.shape == shared.shape == (1, backbone.feature_dim)
     scale = exact.abs().max()
     assert scale > 0
@@ -35,7 +35,7 @@ def test_exact_mode_feeds_each_patch_through_the_whole_network():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
     img = _image(80, 64)
     cfg = PatchConfig(scales=[1.0, 2.0], step=0.5, mode="exact")
-    feats = PatchExtractor(backbone, cfg, FP32)(img)
+    feats = PatchExtractor(backbone, cfg, FP32, "cpu")(img)
     boxes = patch_grid(80, 64, cfg.scales, cfg.step)
     assert feats.shape == (len(boxes), backbone.feature_dim)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
@@ -56,7 +56,7 @@ def test_shared_mode_gives_one_feature_per_patch_in_grid_order():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
     img = _image(90, 60)
     cfg = PatchConfig(scales=[1.0, 1.5, 2.0, 3.0], mode="shared")
-    ex = PatchExtractor(backbone, cfg, FP32)
+    ex = PatchExtractor(backbone, cfg, FP32, "cpu")
     feats = ex(img)
     assert feats.shape == (len(patch_grid(90, 60, cfg.scales, cfg.step)), backbone.feature_dim)
     # two patches at different places of the same scale see different content
@@ -65,7 +65,7 @@ def test_shared_mode_gives_one_feature_per_patch_in_grid_order():
 
 def test_fewer_pyramid_levels_pool_each_scale_from_the_nearest_level():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
-    ex = PatchExtractor(backbone, PatchConfig(scales=[1.0, 1.3, 2.0, 2.8, 4.0], levels=[1.0, 2.0, 4.0]), FP32)
+    ex = PatchExtractor(backbone, PatchConfig(scales=[1.0, 1.3, 2.0, 2.8, 4.0], levels=[1.0, 2.0, 4.0]), FP32, "cpu")
     levels = ex.levels(ex.grids(100, 80), 100, 80)
     assert [lv.grids for lv in levels] == [[0, 1], [2, 3], [4]]
     assert levels[1].factor == pytest.approx(32 * 2.0 / 80)
@@ -76,9 +76,9 @@ def test_fewer_pyramid_levels_pool_each_scale_from_the_nearest_level():
 def test_exact_up_to_crops_the_coarse_scales_and_shares_the_rest():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
     scales, img = [1.0, 1.5, 2.0, 3.0], _image(90, 60)
-    exact = PatchExtractor(backbone, PatchConfig(scales=scales, mode="exact"), FP32)(img)
-    shared = PatchExtractor(backbone, PatchConfig(scales=scales, mode="shared"), FP32)(img)
-    hybrid_ex = PatchExtractor(backbone, PatchConfig(scales=scales, mode="shared", exact_up_to=1.5), FP32)
+    exact = PatchExtractor(backbone, PatchConfig(scales=scales, mode="exact"), FP32, "cpu")(img)
+    shared = PatchExtractor(backbone, PatchConfig(scales=scales, mode="shared"), FP32, "cpu")(img)
+    hybrid_ex = PatchExtractor(backbone, PatchConfig(scales=scales, mode="shared", exact_up_to=1.5), FP32, "cpu")
     hybrid = hybrid_ex(img)
     assert [lv.grids for lv in hybrid_ex.levels(hybrid_ex.grids(90, 60), 90, 60)] == [[2], [3]]
     n = sum(len(g.boxes) for g in hybrid_ex.grids(90, 60) if g.scale <= 1.5)
@@ -89,7 +89,7 @@ def test_exact_up_to_crops_the_coarse_scales_and_shares_the_rest():
 
 def test_max_side_caps_the_rescaled_image():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
-    ex = PatchExtractor(backbone, PatchConfig(scales=[4.0], max_side=64), FP32)
+    ex = PatchExtractor(backbone, PatchConfig(scales=[4.0], max_side=64), FP32, "cpu")
     (level,) = ex.levels(ex.grids(300, 30), 300, 30)
     assert 300 * level.factor == pytest.approx(64)
 
@@ -97,7 +97,7 @@ def test_max_side_caps_the_rescaled_image():
 def test_images_smaller_than_the_input_size_work_in_both_modes():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=64)
     for mode in ("exact", "shared"):
-        feats = PatchExtractor(backbone, PatchConfig(scales=[1.0, 2.0], mode=mode), FP32)(_image(20, 15))
+        feats = PatchExtractor(backbone, PatchConfig(scales=[1.0, 2.0], mode=mode), FP32, "cpu")(_image(20, 15))
         assert feats.shape[0] == len(patch_grid(20, 15, [1.0, 2.0])) and torch.isfinite(feats).all()
 
 
@@ -114,8 +114,8 @@ def test_bf16_features_stay_close_to_fp32():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=64)
     img = _image(96, 80)
     cfg = PatchConfig(scales=[1.0, 2.0])
-    a = PatchExtractor(backbone, cfg, FP32)(img)
-    b = PatchExtractor(backbone, cfg, BackboneConfig(precision="bf16", device="cpu"))(img)
+    a = PatchExtractor(backbone, cfg, FP32, "cpu")(img)
+    b = PatchExtractor(backbone, cfg, BackboneConfig(precision="bf16"), "cpu")(img)
     cos = F.cosine_similarity(a, b, dim=1)
     assert cos.min() > 0.98
 
@@ -126,6 +126,6 @@ def test_cuda_amp_matches_cpu():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=64)
     img = _image(96, 80)
     cfg = PatchConfig(scales=[1.0, 2.0])
-    a = PatchExtractor(backbone, cfg, FP32)(img)
-    b = PatchExtractor(backbone, cfg, BackboneConfig(precision="auto", device="cuda"))(img)
+    a = PatchExtractor(backbone, cfg, FP32, "cpu")(img)
+    b = PatchExtractor(backbone, cfg, BackboneConfig(precision="auto"), "cuda")(img)
     assert F.cosine_similarity(a, b, dim=1).min() > 0.98

@@ -105,3 +105,11 @@ def test_choices_are_checked_by_their_literal_types():
         recipe_from_dict({}, ["patches.mode=crop"])
     with pytest.raises(RecipeError, match="infer.pool must be one of '', power, max, lse, topk"):
         recipe_from_dict({}, ["infer.pool=mean"])
+
+
+def test_keys_of_older_recipes_move_to_the_runtime_and_pool_sections():
+    r = recipe_from_dict({"output": "runs", "backbone": {"device": "cpu", "batch_size": 8}, "cache": {"dir": "c"},
+                          "train": {"num_workers": 0, "heatmaps": 1}, "infer": {"k": 3}})
+    rt = r.runtime
+    assert (rt.output, rt.device, rt.trunk_batch, rt.cache_dir, rt.workers, rt.heatmaps) == ("runs", "cpu", 8, "c", 0, 1)
+    assert r.pool.k == 3.0 and str(r.run_dir) == "runs/run"

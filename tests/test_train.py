@@ -58,8 +58,8 @@ def test_the_trunk_that_runs_never_changes(tmp_path, small_voc, monkeypatch):
 
 
 def test_same_seed_same_head(tmp_path, small_voc):
-    a = train(tiny_recipe(tmp_path / "a", small_voc, "cache.dir=" + str(tmp_path / "c")), progress=False)
-    b = train(tiny_recipe(tmp_path / "b", small_voc, "cache.dir=" + str(tmp_path / "c")), progress=False)
+    a = train(tiny_recipe(tmp_path / "a", small_voc, "runtime.cache_dir=" + str(tmp_path / "c")), progress=False)
+    b = train(tiny_recipe(tmp_path / "b", small_voc, "runtime.cache_dir=" + str(tmp_path / "c")), progress=False)
     assert _heads_equal(load_checkpoint(a.run_dir / "last.pt")["head"], load_checkpoint(b.run_dir / "last.pt")["head"])
 
 
@@ -68,7 +68,7 @@ class Killed(Exception):
 
 
 def test_resume_after_a_kill_between_epochs_continues_exactly(tmp_path, small_voc, monkeypatch):
-    cache = "cache.dir=" + str(tmp_path / "c")
+    cache = "runtime.cache_dir=" + str(tmp_path / "c")
     straight = train(tiny_recipe(tmp_path / "a", small_voc, cache, "train.epochs=3"), progress=False)
     real_save = train_module.save_checkpoint
 
@@ -96,7 +96,7 @@ def test_a_finished_run_can_be_extended(tmp_path, small_voc):
 
 
 def test_resume_after_ctrl_c_mid_epoch_continues_exactly(tmp_path, small_voc, monkeypatch):
-    cache = "cache.dir=" + str(tmp_path / "c")
+    cache = "runtime.cache_dir=" + str(tmp_path / "c")
     straight = train(tiny_recipe(tmp_path / "a", small_voc, cache), progress=False)
     calls = {"n": 0}
     real_ce = train_module.F.cross_entropy
@@ -230,7 +230,7 @@ def test_ddp_on_cpu_with_gloo_two_processes(tmp_path, small_voc):
     assert state["epoch"] == 2 and "select_map07" in state["history"][-1]
     # the same global batches on one process give the same head (dropout off), up to summation order
     single = train(tiny_recipe(tmp_path / "single", small_voc, "head.dropout=0.0",
-                               "cache.dir=" + str(tmp_path / "cache")), progress=False)
+                               "runtime.cache_dir=" + str(tmp_path / "cache")), progress=False)
     ref = load_checkpoint(single.run_dir / "last.pt")["head"]
     for k in ref:
         assert torch.allclose(ref[k], state["head"][k], atol=1e-5), k
@@ -298,7 +298,7 @@ def test_images_mode_trains_on_a_set_without_any_box(tmp_path, boxless_voc):
 
 
 def test_both_mode_adds_the_patch_loss_and_resumes_exactly(tmp_path, small_voc, monkeypatch):
-    cache = "cache.dir=" + str(tmp_path / "c")
+    cache = "runtime.cache_dir=" + str(tmp_path / "c")
     args = ("train.supervision=both", "pool.name=lse", "train.image_batch=2", "train.multilabel=true",
             "train.epochs=3", "train.precision=bf16", cache)
     straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
@@ -321,7 +321,7 @@ def test_both_mode_adds_the_patch_loss_and_resumes_exactly(tmp_path, small_voc, 
 
 def test_ctrl_c_during_the_evaluation_of_a_milestone_epoch_keeps_the_decay(tmp_path, small_voc, monkeypatch):
     """Bug: the interrupt used to save epoch E+1 before the schedule stepped, so resume skipped a decay."""
-    cache = "cache.dir=" + str(tmp_path / "c")
+    cache = "runtime.cache_dir=" + str(tmp_path / "c")
     args = ("train.epochs=4", "train.milestones=[0.5]", cache)
     straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
     real_evaluate = train_module.evaluate
@@ -388,3 +388,10 @@ def test_fused_checkpoint_scores_through_eval_and_predict(tmp_path, small_voc):
     # another pooling than the fused one scores without the fusion and its calibration
     other = Predictor(result.run_dir / "last.pt", pool="max")
     assert other.fusion is None and other.calibration is None
+
+
+def test_resume_ignores_the_runtime_section(tmp_path, small_voc):
+    train(tiny_recipe(tmp_path, small_voc, "train.epochs=1"), progress=False)
+    longer = train(tiny_recipe(tmp_path, small_voc, "train.epochs=2", "runtime.heatmaps=0", "runtime.trunk_batch=4"),
+                   resume=True, progress=False)
+    assert longer.epochs == 2

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from patchnet.cache import cached_features
 from patchnet.errors import PatchnetError
-from patchnet.datasets import DatasetError, load_image, open_split
+from patchnet.datasets import DatasetError, data_override, load_image, open_split
 from patchnet.heatmaps import class_index, render_heatmaps, top_classes
 from patchnet.infer import Predictor
 
@@ -64,8 +64,7 @@ def main(
         jobs = []  # (name, loader of the image, cached (boxes, features) or None)
         if split:
             recipe = predictor.recipe
-            if data is not None:
-                recipe.data.root = str(data)
+            recipe.data = data_override(recipe.data, data)
             dataset = open_split(recipe.data, split)
             store = cached_features(recipe, dataset, predictor.extractor)
             for i, rec in enumerate(dataset.records):

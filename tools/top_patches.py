@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from patchnet.cache import build_features
 from patchnet.errors import PatchnetError
-from patchnet.datasets import load_image, open_split
+from patchnet.datasets import data_override, load_image, open_split
 from patchnet.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
 from patchnet.infer import Predictor
 
@@ -41,8 +41,7 @@ def main(
     try:
         predictor = Predictor(checkpoint)
         recipe = predictor.recipe
-        if data is not None:
-            recipe.data.root = str(data)
+        recipe.data = data_override(recipe.data, data)
         dataset = open_split(recipe.data, split or recipe.data.val_split)
         names = predictor.classes
         wanted = class_index(names, [c.strip() for c in classes.split(",")]) if classes else range(len(names))
