@@ -67,9 +67,9 @@ class Killed(Exception):
     """Stands for SIGKILL: nothing in the trainer catches it."""
 
 
-def test_resume_after_a_kill_between_epochs_continues_exactly(tmp_path, small_voc, monkeypatch):
-    cache = "runtime.cache_dir=" + str(tmp_path / "c")
-    straight = train(tiny_recipe(tmp_path / "a", small_voc, cache, "train.epochs=3"), progress=False)
+def _straight_and_killed_after_epoch_1(tmp_path, root, monkeypatch, *args):
+    """last.pt of an uninterrupted run, and of the same run killed after epoch 1 and resumed."""
+    straight = train(tiny_recipe(tmp_path / "a", root, *args), progress=False)
     real_save = train_module.save_checkpoint
 
     def save_then_die(state, path):
@@ -78,12 +78,17 @@ def test_resume_after_a_kill_between_epochs_continues_exactly(tmp_path, small_vo
             raise Killed
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    recipe = tiny_recipe(tmp_path / "b", small_voc, cache, "train.epochs=3")
+    recipe = tiny_recipe(tmp_path / "b", root, *args)
     with pytest.raises(Killed):
         train(recipe, progress=False)
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     resumed = train(recipe, resume=True, progress=False)
-    a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+    return load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+
+
+def test_resume_after_a_kill_between_epochs_continues_exactly(tmp_path, small_voc, monkeypatch):
+    a, b = _straight_and_killed_after_epoch_1(tmp_path, small_voc, monkeypatch,
+                                              "runtime.cache_dir=" + str(tmp_path / "c"), "train.epochs=3")
     assert _heads_equal(a["head"], b["head"])
     untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in h] for h in (a["history"], b["history"])]
     assert untimed[0] == untimed[1]
@@ -95,26 +100,33 @@ def test_a_finished_run_can_be_extended(tmp_path, small_voc):
     assert longer.epochs == 2 and len(load_checkpoint(longer.run_dir / "last.pt")["history"]) == 2
 
 
-def test_resume_after_ctrl_c_mid_epoch_continues_exactly(tmp_path, small_voc, monkeypatch):
-    cache = "runtime.cache_dir=" + str(tmp_path / "c")
-    straight = train(tiny_recipe(tmp_path / "a", small_voc, cache), progress=False)
-    calls = {"n": 0}
-    real_ce = train_module.F.cross_entropy
+def _interrupt_then_resume(monkeypatch, recipe, owner, name: str, at_call: int):
+    """Ctrl-C on the ``at_call``-th call of ``owner.name`` during training, then resume without it.
 
-    def interrupt_at_step_5(*args, **kwargs):
+    Returns last.pt as the interrupt left it, and the resumed run's result.
+    """
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def interrupting(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == at_call:
             raise KeyboardInterrupt
-        return real_ce(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", interrupt_at_step_5)
-    recipe = tiny_recipe(tmp_path / "b", small_voc, cache)
+    monkeypatch.setattr(owner, name, interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(recipe, progress=False)
     saved = load_checkpoint(recipe.run_dir / "last.pt")
+    monkeypatch.setattr(owner, name, real)
+    return saved, train(recipe, resume=True, progress=False)
+
+
+def test_resume_after_ctrl_c_mid_epoch_continues_exactly(tmp_path, small_voc, monkeypatch):
+    cache = "runtime.cache_dir=" + str(tmp_path / "c")
+    straight = train(tiny_recipe(tmp_path / "a", small_voc, cache), progress=False)
+    saved, resumed = _interrupt_then_resume(monkeypatch, tiny_recipe(tmp_path / "b", small_voc, cache),
+                                            train_module.F, "cross_entropy", 5)
     assert saved["step"] > 0  # saved mid-epoch, with the batches already done
-    monkeypatch.setattr(train_module.F, "cross_entropy", real_ce)
-    resumed = train(recipe, resume=True, progress=False)
     assert _heads_equal(load_checkpoint(straight.run_dir / "last.pt")["head"],
                         load_checkpoint(resumed.run_dir / "last.pt")["head"])
 
@@ -298,24 +310,9 @@ def test_images_mode_trains_on_a_set_without_any_box(tmp_path, boxless_voc):
 
 
 def test_both_mode_adds_the_patch_loss_and_resumes_exactly(tmp_path, small_voc, monkeypatch):
-    cache = "runtime.cache_dir=" + str(tmp_path / "c")
-    args = ("train.supervision=both", "pool.name=lse", "train.image_batch=2", "train.multilabel=true",
-            "train.epochs=3", "train.precision=bf16", cache)
-    straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(state, path):
-        real_save(state, path)
-        if path.name == "last.pt" and state["epoch"] == 1:
-            raise Killed
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    recipe = tiny_recipe(tmp_path / "b", small_voc, *args)
-    with pytest.raises(Killed):
-        train(recipe, progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    resumed = train(recipe, resume=True, progress=False)
-    a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+    a, b = _straight_and_killed_after_epoch_1(
+        tmp_path, small_voc, monkeypatch, "train.supervision=both", "pool.name=lse", "train.image_batch=2",
+        "train.multilabel=true", "train.epochs=3", "train.precision=bf16", "runtime.cache_dir=" + str(tmp_path / "c"))
     assert _heads_equal(a["head"], b["head"]) and a["history"][-1]["patch_acc"] > 0
 
 
@@ -324,21 +321,9 @@ def test_ctrl_c_during_the_evaluation_of_a_milestone_epoch_keeps_the_decay(tmp_p
     cache = "runtime.cache_dir=" + str(tmp_path / "c")
     args = ("train.epochs=4", "train.milestones=[0.5]", cache)
     straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
-    real_evaluate = train_module.evaluate
-    calls = {"n": 0}
-
-    def interrupt_second_evaluation(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:  # end of epoch 2, the milestone
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(train_module, "evaluate", interrupt_second_evaluation)
-    recipe = tiny_recipe(tmp_path / "b", small_voc, *args)
-    with pytest.raises(KeyboardInterrupt):
-        train(recipe, progress=False)
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
-    resumed = train(recipe, resume=True, progress=False)
+    # the second evaluation is the end of epoch 2, the milestone
+    _, resumed = _interrupt_then_resume(monkeypatch, tiny_recipe(tmp_path / "b", small_voc, *args), train_module,
+                                        "evaluate", 2)
     a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
     assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]] == [0.01, 0.01, 0.001, 0.001]
     assert _heads_equal(a["head"], b["head"])
