@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .cache import FeatureStore, build_features
 from .calibration import calibrate
-from .datasets import Dataset, open_split
+from .datasets import Dataset, DatasetError, open_split
 from .errors import PatchnetError
 from .extract import PatchExtractor, build_extractor, resolve_precision
 from .heatmaps import log_heatmaps
@@ -96,7 +96,7 @@ def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, views: 
     """Open a split, build (or reuse) its feature cache, and label its patches where boxes are used."""
     dataset = open_split(recipe.data, split)
     if recipe.train.supervision != "images" and not dataset.has_boxes:
-        raise CheckpointError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
+        raise DatasetError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
                               "patch labels; use --set train.supervision=images to learn from image labels alone")
     store = build_features(recipe, dataset, extractor, views=views, progress=progress)
     if recipe.train.supervision == "images":
@@ -112,6 +112,13 @@ def holdout_records(num_records: int, fraction: float, seed: int) -> np.ndarray:
     if fraction > 0 and num_records > 1:
         n = min(max(n, 1), num_records - 1)
     return np.sort(np.random.default_rng([seed, 7919]).permutation(num_records)[:n])
+
+
+def held_out(store: FeatureStore, train_data: SplitData, select) -> np.ndarray:
+    """(items,) bool: the store items of held-out training images, every augmented view included."""
+    if select is None or select[0] is not train_data:
+        return np.zeros(len(store), bool)
+    return np.isin(store.record, store.record[select[1]])
 
 
 def epoch_indices(labels: np.ndarray, num_classes: int, bg_rate: float, seed: int, epoch: int) -> np.ndarray:
@@ -278,11 +285,10 @@ class Trainer:
         run_dir = recipe.run_dir
         self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
         store = train_data.store
-        held = set() if select is None or select[0] is not train_data else set(select[1].tolist())
-        self.train_items = np.array([i for i in range(len(store)) if store.ok[i] and i not in held], np.int64)
-        self.labels = train_data.labels.copy()
-        for i in held:  # held-out images never train
-            self.labels[store.item_slice(i)] = IGNORE
+        held = held_out(store, train_data, select)
+        self.train_items = np.flatnonzero(store.ok & ~held)
+        # held-out images, and their augmented views, never train
+        self.labels = np.where(np.repeat(held, np.diff(store.offsets)), IGNORE, train_data.labels)
         self.writer = None
         self.dtype = resolve_precision(self.t.precision, state.device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range
@@ -540,7 +546,7 @@ def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitD
     calibration of the fused scores are fitted on them. Returns the fusion written to each path.
     """
     store, sel, held = train_data.store, select[0], select[1]
-    items = np.flatnonzero(store.ok & ~np.isin(np.arange(len(store)), held if sel is train_data else []))
+    items = np.flatnonzero(store.ok & ~held_out(store, train_data, select))
     log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
     pooled = pool_features(store.features, store.offsets, items, "max")
     ids = [train_data.dataset.records[r].image_id for r in store.record[items]]

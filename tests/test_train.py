@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import patchnet.train as train_module
 from conftest import tiny_recipe
 from patchnet.cli import app
+from patchnet.datasets import DatasetError
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import recipe_from_dict
 from patchnet.sampler import MULTI
@@ -305,7 +306,7 @@ def test_images_mode_trains_on_a_set_without_any_box(tmp_path, boxless_voc):
     assert state["epoch"] == 2 and state["history"][-1]["loss"] > 0
     assert result.table is not None and state["calibration"]["pool"] == "topk"
     # the patch-label path refuses the same data with the fix in the message
-    with pytest.raises(CheckpointError, match="train.supervision=images"):
+    with pytest.raises(DatasetError, match="has no boxes.*train.supervision=images"):
         train(tiny_recipe(tmp_path / "b", boxless_voc), progress=False)
 
 
@@ -380,3 +381,17 @@ def test_resume_ignores_the_runtime_section(tmp_path, small_voc):
     longer = train(tiny_recipe(tmp_path, small_voc, "train.epochs=2", "runtime.heatmaps=0", "runtime.trunk_batch=4"),
                    resume=True, progress=False)
     assert longer.epochs == 2
+
+
+def test_augmented_views_of_held_out_images_never_train(tmp_path, small_voc):
+    from patchnet.train import _selection, held_out, prepare_split
+    from patchnet.extract import build_extractor
+
+    recipe = tiny_recipe(tmp_path, small_voc, "aug.views=1", "train.holdout=0.25")
+    extractor = build_extractor(recipe)
+    data = prepare_split(recipe, "train", extractor, views=1, progress=False)
+    select = _selection(recipe, data, extractor, False)
+    held = held_out(data.store, data, select)
+    assert held.sum() == 2  # the held-out image and its augmented view
+    assert set(data.store.record[held]) == set(data.store.record[select[1]])
+    assert set(data.store.view[held]) == {0, 1}
