@@ -36,6 +36,7 @@ def main() -> None:
         predictor = Predictor(ckpt)
         recipe = predictor.recipe
         recipe.data.root = str(voc)
+        recipe.data.boxes = True  # a model trained without boxes is still judged against them
         train = open_split(recipe.data, recipe.data.train_split)
         store = build_features(recipe, train, predictor.extractor)
         held = evaluation_items(store, holdout_records(len(train), recipe.train.holdout or 0.1, recipe.train.seed))
