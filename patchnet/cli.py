@@ -313,7 +313,7 @@ def demo(
 
         r = load_recipe(recipe, overrides)
         result = run(r)
-        table, n, _ = evaluate_split(result.run_dir / "best.pt")
+        table, n, _ = evaluate_split(result.run_dir / "best.pt", split="test")
         typer.echo(table.format())
         typer.echo(f"demo: trained in {result.seconds:.0f} s; test mAP {100 * table.map07:.1f} (VOC07 11-point), "
                    f"{100 * table.map:.1f} (envelope) on {n} images")

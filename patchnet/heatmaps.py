@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from .datasets import DatasetError  # noqa: E402
 from .infer import score_map  # noqa: E402
-from .pooling import item_groups, map_values, patch_values, pool  # noqa: E402
+from .pooling import item_groups, map_values, pool_image  # noqa: E402
 
 
 def class_index(classes: list[str], names: list[str]) -> list[int]:
@@ -87,7 +87,7 @@ def log_heatmaps(writer, head, split, recipe, epoch: int, items: np.ndarray) -> 
         s = store.item_slice(i)
         logits = head.logits(store.features[s])
         values = map_values(logits, name).numpy()
-        scores = pool(patch_values(logits, name).double(), [len(logits)], recipe.pool, name)[0].numpy()
+        scores = pool_image(logits, recipe.pool, name)
         chosen = top_classes(scores, 2)
         h, w = image.shape[:2]
         fig = heatmap_figure(image, class_maps(store.patch_boxes[s], values, w, h, chosen),

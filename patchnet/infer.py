@@ -15,7 +15,7 @@ from .extract import build_extractor
 from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
 from .linear import Fusion
-from .pooling import map_values, patch_values, pool, pool_features, pool_items
+from .pooling import map_values, pool_features, pool_image, pool_items
 from .recipe import PoolConfig, Recipe, recipe_from_dict
 
 
@@ -128,8 +128,7 @@ class Predictor:
 
     def score(self, logits: torch.Tensor, features) -> np.ndarray:
         """(C,) score of one image from its (N, C + 1) patch logits and (N, d) patch features."""
-        values = patch_values(logits, self.pool).double()
-        scores = pool(values, [len(values)], self.recipe.pool, self.pool)[0].numpy()
+        scores = pool_image(logits, self.recipe.pool, self.pool)
         if self.fusion is None:
             return scores
         pooled = np.asarray(features, np.float32).max(0, keepdims=True)

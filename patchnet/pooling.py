@@ -19,7 +19,7 @@ import torch
 
 from .recipe import POOLINGS, PoolConfig
 
-__all__ = ["POOLINGS", "patch_values", "map_values", "pool", "pool_items", "pool_features", "item_groups", "gather_items"]
+__all__ = ["POOLINGS", "patch_values", "map_values", "pool", "pool_image", "pool_items", "pool_features", "item_groups", "gather_items"]
 
 
 def patch_values(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -78,6 +78,12 @@ def pool(values: torch.Tensor, counts, cfg: PoolConfig, name: str | None = None)
             out = out + cfg.alpha * _masked_mean(ordered, low)
         return out
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {name!r}")
+
+
+def pool_image(logits: torch.Tensor, cfg: PoolConfig, name: str | None = None) -> np.ndarray:
+    """(C,) score of one image from its (N, C + 1) patch logits."""
+    name = name or cfg.name
+    return pool(patch_values(logits, name).double(), [len(logits)], cfg, name)[0].numpy()
 
 
 def _masked_mean(ordered: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

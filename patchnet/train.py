@@ -121,10 +121,15 @@ def held_out(store: FeatureStore, train_data: SplitData, select) -> np.ndarray:
     return np.isin(store.record, store.record[select[1]])
 
 
+def is_positive(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Patches that train as positives: one class, or several (MULTI)."""
+    return ((labels >= 0) & (labels < num_classes)) | (labels == MULTI)
+
+
 def epoch_indices(labels: np.ndarray, num_classes: int, bg_rate: float, seed: int, epoch: int) -> np.ndarray:
     """Shuffled patch indices of one epoch: all positives and a fresh ``bg_rate`` share of background."""
     rng = np.random.default_rng([seed, epoch])
-    positives = np.flatnonzero(((labels >= 0) & (labels < num_classes)) | (labels == MULTI))
+    positives = np.flatnonzero(is_positive(labels, num_classes))
     background = np.flatnonzero(labels == num_classes)
     chosen = background[rng.random(len(background)) < bg_rate]
     return rng.permutation(np.concatenate([positives, chosen]))
@@ -211,6 +216,12 @@ class LRSchedule:
         self.decays, self.best, self.bad_epochs = state["decays"], state["best"], state["bad_epochs"]
 
 
+def _accuracy_counts(logits: torch.Tensor, labels: np.ndarray) -> tuple[int, int]:
+    """Correct arg-max predictions among the single-label patches, and their number."""
+    single = labels >= 0
+    return int((logits.argmax(1).cpu().numpy() == labels)[single].sum()), int(single.sum())
+
+
 def _zero_carry() -> dict:
     return {"loss_sum": 0.0, "steps": 0, "correct": 0, "patches": 0}
 
@@ -290,6 +301,7 @@ class Trainer:
         # held-out images, and their augmented views, never train
         self.labels = np.where(np.repeat(held, np.diff(store.offsets)), IGNORE, train_data.labels)
         self.writer = None
+        self.epoch_seconds = 0.0  # of the last run_epoch (0 when resuming at end_epoch)
         self.dtype = resolve_precision(self.t.precision, state.device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and state.device.type == "cuda" \
@@ -358,8 +370,7 @@ class Trainer:
         logits = self._forward(x)
         loss = self._patch_loss(logits, labels, idx)
         self._check(loss, x, labels)
-        correct = int((logits.argmax(1).cpu().numpy() == labels)[labels >= 0].sum())
-        return loss, correct, int((labels >= 0).sum()), len(idx)
+        return (loss, *_accuracy_counts(logits, labels), len(idx))
 
     def _image_step(self, items: np.ndarray, keep_bg: np.ndarray | None):
         store = self.data.store
@@ -373,13 +384,11 @@ class Trainer:
             loss = self.t.image_weight * loss
             index = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in items])
             labels = self.labels[index]
-            train = ((labels >= 0) & (labels < self.num_classes)) | (labels == MULTI) | \
-                    ((labels == self.num_classes) & keep_bg[index])
+            train = is_positive(labels, self.num_classes) | ((labels == self.num_classes) & keep_bg[index])
             if train.any():
                 rows = torch.from_numpy(np.flatnonzero(train)).to(logits.device)
                 loss = loss + self._patch_loss(logits[rows], labels[train], index[train])
-                correct = int((logits[rows].argmax(1).cpu().numpy() == labels[train])[labels[train] >= 0].sum())
-                patches = int((labels[train] >= 0).sum())
+                correct, patches = _accuracy_counts(logits[rows], labels[train])
         self._check(loss, x, None)
         return loss, correct, patches, len(x)
 
@@ -409,16 +418,14 @@ class Trainer:
         loss, acc = (totals[0] / max(totals[1], 1)).item(), (totals[2] / max(totals[3], 1)).item()
         done = s.epoch + 1
         record = {"epoch": done, "loss": loss, "patch_acc": acc, "lr": s.optimizer.param_groups[0]["lr"],
-                  "seconds": round(getattr(self, "epoch_seconds", 0.0), 3)}
+                  "seconds": round(self.epoch_seconds, 3)}
         table = scores = None
         if self.select is not None and (done % t.eval_every == 0 or done == t.epochs) and self.rank == 0:
             data, items = self.select
             table, scores = evaluate(s.head, data.store, data.dataset, items, self.recipe.pool, self.recipe.infer_pool)
             record.update(select_map07=table.map07, select_map=table.map)
-        calibration = (calibrate(scores, self.select[0].image_labels(self.select[1]), self.recipe.infer_pool).to_dict()
+        calibration = (_calibration(self.recipe, scores, self.select[0].image_labels(self.select[1]))
                        if scores is not None else s.calibration)
-        if calibration is not None and self.recipe.infer_pool == "power":
-            calibration["k"] = self.recipe.pool.k
         improved = table is not None and table.map07 > s.best
         # commit
         keep_going = s.schedule.step(done, loss)
@@ -538,6 +545,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     return TrainResult(run_dir, state.epoch, state.best, table, time.perf_counter() - started)
 
 
+def _calibration(recipe: Recipe, scores: np.ndarray, labels: np.ndarray, fused: bool = False) -> dict:
+    """The checkpoint entry of a calibration of held-out scores, with the power it holds for."""
+    out = calibrate(scores, labels, recipe.infer_pool, fused).to_dict()
+    if recipe.infer_pool == "power":
+        out["k"] = recipe.pool.k
+    return out
+
+
 def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitData, np.ndarray],
                      paths: list[Path]) -> list[Fusion]:
     """Fit the max-pool linear SVM on the training images and fuse it into each checkpoint (``infer.fuse``).
@@ -564,10 +579,7 @@ def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitD
         fusion, tried = fit_fusion(recipe.infer_pool, coef, intercept, scores, held_pooled, labels)
         log.info("fusion for %s: selection mAP by weight %s; chose %g", path.name,
                  ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()), fusion.weight)
-        calibration = calibrate(fusion.combine(scores, fusion.decision(held_pooled)), labels, recipe.infer_pool,
-                                fused=True).to_dict()
-        if recipe.infer_pool == "power":
-            calibration["k"] = recipe.pool.k
+        calibration = _calibration(recipe, fusion.combine(scores, fusion.decision(held_pooled)), labels, fused=True)
         save_checkpoint({**state, "fusion": {**fusion.to_dict(), "k": recipe.pool.k}, "calibration": calibration},
                         path)
         fusions.append(fusion)

@@ -25,7 +25,7 @@ def test_voc07_carries_the_papers_settings():
     assert r.patches.scales == PAPER_SCALES
     assert (r.train.lr, r.train.momentum, r.train.schedule, r.train.max_decays) == (0.01, 0.9, "plateau", 3)
     assert (r.train.bg_rate, r.pool.k, r.head.hidden, r.head.dropout) == (0.1, 5.0, 2048, 0.5)
-    assert (r.data.train_split, r.data.val_split) == ("trainval", "test")
+    assert (r.data.train_split, r.data.val_split) == ("trainval", "")  # test is never touched in training
 
 
 def test_overrides_are_typed():
