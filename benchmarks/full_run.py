@@ -25,11 +25,15 @@ def main() -> None:
     ap.add_argument("--voc", default=str(VOC))
     ap.add_argument("--recipe", default=str(DEV_RECIPE))
     ap.add_argument("--output", default="checkpoints/bench_full_run")
+    ap.add_argument("--cache-dir", default="", help="an empty folder to keep the cache in (default: a temporary one)")
     ap.add_argument("--set", nargs="*", default=[])
     args = ap.parse_args()
     voc = require_voc(Path(args.voc))
+    if args.cache_dir and Path(args.cache_dir).exists() and any(Path(args.cache_dir).iterdir()):
+        raise SystemExit(f"--cache-dir {args.cache_dir} is not empty: the run must start from an empty cache")
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.cache_dir={tmp}/cache", f"runtime.output={args.output}",
+        cache = args.cache_dir or f"{tmp}/cache"
+        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.cache_dir={cache}", f"runtime.output={args.output}",
                                            *args.set])
         with Timer() as total:
             extractor = build_extractor(recipe)

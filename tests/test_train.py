@@ -1,6 +1,9 @@
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from conftest import tiny_recipe
 from patchnet.cli import app
 from patchnet.datasets import DatasetError
 from patchnet.model import CheckpointError, load_checkpoint
-from patchnet.recipe import recipe_from_dict
+from patchnet.recipe import recipe_from_dict, save_recipe
 from patchnet.sampler import MULTI
 from patchnet.train import LRSchedule, TrainingError, epoch_indices, train
 
@@ -132,6 +135,30 @@ def test_resume_after_ctrl_c_mid_epoch_continues_exactly(tmp_path, small_voc, mo
                         load_checkpoint(resumed.run_dir / "last.pt")["head"])
 
 
+def test_sigint_to_a_real_train_process_then_resume_matches_a_straight_run(tmp_path, small_voc):
+    """Ctrl-C as a user sends it: SIGINT to a running ``patchnet train``, then ``--resume``."""
+    args = ("train.epochs=30", "train.eval_every=10", "train.milestones=[0.5]", "runtime.cache_dir=" + str(tmp_path / "c"))
+    straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
+    recipe = tiny_recipe(tmp_path / "b", small_voc, *args)
+    save_recipe(recipe, tmp_path / "recipe.yaml")
+    cli = [sys.executable, "-c", "from patchnet.cli import main; main()", "train", "--recipe", str(tmp_path / "recipe.yaml")]
+    proc = subprocess.Popen(cli, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    for line in proc.stderr:  # the first epoch's log line: training has started
+        if line.startswith("INFO: epoch 1:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert "interrupted: saved" in rest and "continue with --resume" in rest
+    saved = load_checkpoint(recipe.run_dir / "last.pt")
+    assert 1 <= saved["epoch"] < 30  # the signal landed mid-run
+    resumed = subprocess.run(cli + ["--resume"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(recipe.run_dir / "last.pt")
+    assert b["epoch"] == 30 and [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]]
+    assert _heads_equal(a["head"], b["head"])
+
+
 def test_nan_loss_stops_with_the_facts_and_keeps_last_pt(tmp_path, small_voc, monkeypatch):
     recipe = tiny_recipe(tmp_path, small_voc, "train.epochs=1")
     train(recipe, progress=False)
@@ -233,6 +260,49 @@ def _ddp_worker(rank, world, port, tmp_path, root, out):
     train(recipe, progress=False)
     torch.save({"rank": rank}, out / f"done{rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+def _ddp_interrupt_worker(rank, world, port, tmp_path, root, mode):
+    """One rank of a DDP run: ``straight``, ``interrupt`` (Ctrl-C at the 3rd patch loss) or ``resume``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    recipe = tiny_recipe(tmp_path / mode.replace("resume", "interrupt"), root, "head.dropout=0.0", "train.epochs=2",
+                         "train.supervision=boxes", f"runtime.cache_dir={tmp_path / 'cache'}")
+    if mode == "interrupt":
+        real, calls = train_module.F.cross_entropy, {"n": 0}
+
+        def interrupting(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        train_module.F.cross_entropy = interrupting
+        try:
+            train(recipe, progress=False)
+        except KeyboardInterrupt:
+            pass
+    else:
+        train(recipe, resume=mode == "resume", progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ctrl_c_mid_epoch_keeps_every_ranks_running_loss(tmp_path, small_voc):
+    """Bug: a mid-epoch save kept rank 0's running loss only, and every rank restored it."""
+    for mode in ("straight", "interrupt", "resume"):
+        mp.spawn(_ddp_interrupt_worker, args=(2, _free_port(), tmp_path, small_voc, mode), nprocs=2, join=True)
+        if mode == "interrupt":
+            saved = load_checkpoint(tmp_path / "interrupt" / "runs" / "tiny" / "last.pt")
+            assert saved["epoch"] == 0 and saved["step"] == 2  # two steps of epoch 1 done on each rank
+            assert (tmp_path / "interrupt" / "runs" / "tiny" / "carry.rank1.json").is_file()
+    a = load_checkpoint(tmp_path / "straight" / "runs" / "tiny" / "last.pt")
+    b = load_checkpoint(tmp_path / "interrupt" / "runs" / "tiny" / "last.pt")
+    assert b["epoch"] == 2 and not (tmp_path / "interrupt" / "runs" / "tiny" / "carry.rank1.json").exists()
+    # the epoch loss is the mean over both ranks' steps, before and after the interrupt
+    assert [r["loss"] for r in a["history"]] == pytest.approx([r["loss"] for r in b["history"]], rel=1e-6)
+    for k in a["head"]:
+        assert torch.allclose(a["head"][k], b["head"][k], atol=1e-6), k
 
 
 def test_ddp_on_cpu_with_gloo_two_processes(tmp_path, small_voc):
