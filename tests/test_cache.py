@@ -1,6 +1,11 @@
+import json
+import os
+import socket
+
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from conftest import tiny_recipe
 from patchnet.cache import _digest, build_features, cache_fields
@@ -46,6 +51,41 @@ def test_features_are_computed_once_then_read_from_disk(tmp_path, small_voc):
     again = CountingExtractor(ex)
     store2 = build_features(recipe, ds, again, progress=False)
     assert again.calls == 0 and store2.path == store.path
+
+
+def _shard_worker(rank, world, port, tmp_path, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    recipe, ds, ex = _setup(tmp_path, root, "cache.chunk=1")
+    seen = []
+
+    class Recording(CountingExtractor):
+        def __call__(self, image):
+            seen.append(list(image.shape[-2:]))
+            return super().__call__(image)
+
+    build_features(recipe, ds, Recording(ex), progress=False)
+    (tmp_path / f"seen{rank}.json").write_text(json.dumps(seen))
+    torch.distributed.destroy_process_group()
+
+
+def test_extraction_under_torchrun_splits_the_images_across_ranks(tmp_path, small_voc):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shard_worker, args=(2, port, tmp_path, small_voc), nprocs=2, join=True)
+    seen = [{tuple(hw) for hw in json.loads((tmp_path / f"seen{r}.json").read_text())} for r in range(2)]
+    recipe, ds, ex = _setup(tmp_path, small_voc, "cache.chunk=1")
+    sizes = {(r.height, r.width) for r in ds.records}
+    assert len(sizes) == len(ds) == 4  # the fixture's training images all differ in size
+    assert seen[0] and seen[1] and not seen[0] & seen[1] and seen[0] | seen[1] == sizes
+    # the joined cache holds every image, in dataset order, as one process would have written it
+    joined = build_features(recipe, ds, CountingExtractor(ex, fail_after=0), progress=False)
+    single = build_features(tiny_recipe(tmp_path / "one", small_voc, "cache.chunk=1"), ds, ex, progress=False)
+    np.testing.assert_array_equal(joined.offsets, single.offsets)
+    np.testing.assert_allclose(np.asarray(joined.features, np.float32), np.asarray(single.features, np.float32),
+                               atol=1e-3)
 
 
 @pytest.mark.parametrize("override", ["patches.scales=[1.0, 3.0]", "patches.step=0.4", "patches.mode=exact",
