@@ -187,11 +187,14 @@ class PatchExtractor:
         return levels
 
     def _shared(self, img: torch.Tensor, grids: list[ScaleGrid], factor: float) -> list[torch.Tensor]:
-        scaled = self._rescale(img, factor)
+        return self._shared_level(self._rescale(img, factor), grids, img.shape[-1], img.shape[-2])
+
+    def _shared_level(self, scaled: torch.Tensor, grids: list[ScaleGrid], width: int, height: int) -> list[torch.Tensor]:
+        """Features of ``grids`` (boxes in pixels of the width x height image) pooled from one trunk pass."""
         with self._autocast():
             fmap = self.backbone.feature_map(scaled)
         # Map pixels to map cells: x' = (x * factor - offset) / stride, per axis after rounding of sizes.
-        fx, fy = scaled.shape[-1] / img.shape[-1], scaled.shape[-2] / img.shape[-2]
+        fx, fy = scaled.shape[-1] / width, scaled.shape[-2] / height
         boxes = torch.from_numpy(np.concatenate([g.boxes for g in grids])).to(self.device, torch.float32)
         scale = torch.tensor([fx, fy, fx, fy], device=self.device) / self.backbone.stride
         cells = boxes * scale - self.backbone.offset / self.backbone.stride
