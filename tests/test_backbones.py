@@ -145,6 +145,8 @@ def test_timm_feature_of_a_whole_patch_is_the_models_own_pre_logits(arch):
         got = backbone(x)
     assert got.shape == ref.shape == (2, backbone.feature_dim)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    fused = backbone.fused()
+    assert fused.head.trunk[0] is fused.trunk  # the copy's head runs the copy's model, and moves with it
 
 
 def test_timm_vit_map_is_its_patch_token_grid_and_its_feature_their_mean():
