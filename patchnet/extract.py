@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone, backbone_spec, build_backbone, check_patch_mode
 from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import ScaleGrid, grid_by_scale
 
@@ -75,6 +75,7 @@ class PatchExtractor:
     def __init__(self, backbone: Backbone, patches: PatchConfig, backbone_cfg: BackboneConfig | None = None,
                  device: str = "auto", batch_size: int = 0):
         cfg = backbone_cfg or BackboneConfig()
+        check_patch_mode(backbone_spec(backbone.name), patches.mode, backbone.input_size)
         self.patches = patches
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)

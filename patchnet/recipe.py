@@ -163,10 +163,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Recipe":
-        from .backbones import BackboneError, backbone_spec, check_layer
+        from .backbones import BackboneError, backbone_spec, check_layer, check_patch_mode
 
-        try:  # names and layers come from the backbone registry
-            check_layer(backbone_spec(self.backbone.name), self.backbone.layer)
+        try:  # names, layers and the modes a backbone can run come from the backbone registry
+            spec = backbone_spec(self.backbone.name)
+            check_layer(spec, self.backbone.layer)
+            check_patch_mode(spec, self.patches.mode, self.backbone.input_size)
         except BackboneError as e:
             raise RecipeError(f"backbone: {e}") from None
         if not self.patches.scales or min(self.patches.scales) < 1.0:

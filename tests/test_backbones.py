@@ -1,17 +1,22 @@
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from patchnet.backbones import BACKBONES, BackboneError, Conv2dSame, build_backbone, region_mean
+from patchnet.backbones import (BACKBONES, BackboneError, Conv2dSame, _weights_id, backbone_spec, build_backbone,
+                                 region_mean)
+from patchnet.recipe import RecipeError, recipe_from_dict
 
 # random weights: tests never download; 64 px is the smallest input AlexNet's layers accept
 SIZE = 64
+TIMM = ["timm/resnet18", "timm/vit_tiny_patch16_224"]
 
 
-@pytest.fixture(scope="module", params=sorted(BACKBONES))
+@pytest.fixture(scope="module", params=sorted(BACKBONES) + TIMM)
 def backbone(request):
     torch.manual_seed(0)
     # the packaged Lite weights are local; torchvision weights would need a download
@@ -124,3 +129,97 @@ def test_region_mean_matches_the_integral_over_the_box():
     # whole cells: the plain mean, as exact mode takes it
     np.testing.assert_allclose(got[0], fmap[0].mean(axis=(1, 2)), rtol=1e-5)
     np.testing.assert_allclose(got[1], fmap[0][:, 2:5, 1:4].mean(axis=(1, 2)), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- timm
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_atto", "mobilenetv3_small_050"])
+def test_timm_feature_of_a_whole_patch_is_the_models_own_pre_logits(arch):
+    """The head after pooling is timm's: ConvNeXt's LayerNorm, MobileNetV3's 1x1 conv to 1024 channels."""
+    torch.manual_seed(0)
+    backbone = build_backbone(f"timm/{arch}", "random", input_size=SIZE)
+    model, x = backbone.trunk.model, torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features((x - backbone.mean) / backbone.std), pre_logits=True)
+        got = backbone(x)
+    assert got.shape == ref.shape == (2, backbone.feature_dim)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    fused = backbone.fused()
+    assert fused.head.trunk[0] is fused.trunk  # the copy's head runs the copy's model, and moves with it
+
+
+def test_timm_vit_map_is_its_patch_token_grid_and_its_feature_their_mean():
+    torch.manual_seed(0)
+    backbone = build_backbone("timm/vit_tiny_patch16_224", "random", input_size=SIZE)
+    model, x = backbone.trunk.model, torch.rand(1, 3, 70, 90)  # no multiple of 16: padded to 5 x 6 patches
+    with torch.no_grad():
+        fmap = backbone.feature_map(x)
+        tokens = model.forward_features((x - backbone.mean) / backbone.std)
+        feature = backbone(x[..., :SIZE, :SIZE])
+        ref = model.forward_features((x[..., :SIZE, :SIZE] - backbone.mean) / backbone.std)[:, 1:].mean(1)
+    assert fmap.shape == (1, 192, 5, 6) and tokens.shape == (1, 1 + 30, 192)
+    torch.testing.assert_close(fmap[0, :, 1, 2], tokens[0, 1 + 6 + 2])  # the class token is dropped
+    torch.testing.assert_close(feature, ref)
+
+
+def test_timm_spec_comes_from_the_model_and_its_pretrained_cfg():
+    r18, vit = backbone_spec("timm/resnet18"), backbone_spec("timm/vit_tiny_patch16_224")
+    assert (r18.feature_dim, r18.input_size, r18.stride, r18.layout, r18.fixed_size) == (512, 224, 32, "nchw", False)
+    assert r18.timm_name == "resnet18.a1_in1k" and r18.mean == (0.485, 0.456, 0.406)
+    assert (vit.feature_dim, vit.stride, vit.layout, vit.mean) == (192, 16, "tokens", (0.5, 0.5, 0.5))
+    assert vit.timm_kwargs == {"dynamic_img_size": True, "dynamic_img_pad": True} and not vit.fixed_size
+    # the weights are named by their pretrained tag, which comes without loading them
+    assert _weights_id("timm/resnet18", "imagenet") == "timm/resnet18:resnet18.a1_in1k"
+    assert _weights_id("timm/resnet18.a1_in1k", "random") == "timm/resnet18.a1_in1k:random"
+
+
+def test_timm_names_validate_in_recipes_and_unknown_ones_say_how_to_find_names():
+    assert recipe_from_dict({}, ["backbone.name=timm/convnext_tiny.fb_in22k"]).backbone.name.startswith("timm/")
+    with pytest.raises(RecipeError, match=r"unknown timm model 'resnet5O'.*resnet50.*timm.list_models\('resnet\*'\)"):
+        recipe_from_dict({}, ["backbone.name=timm/resnet5O"])
+    with pytest.raises(RecipeError, match="Invalid pretrained tag"):
+        recipe_from_dict({}, ["backbone.name=timm/resnet50.no_such_tag"])
+
+
+def test_a_fixed_size_timm_model_runs_in_exact_mode_only():
+    assert backbone_spec("timm/mixer_s32_224").fixed_size  # its token-mixing MLPs fix the token count
+    recipe_from_dict({}, ["backbone.name=timm/mixer_s32_224", "patches.mode=exact"])
+    with pytest.raises(RecipeError, match="runs only on 224x224 inputs.*set patches.mode: exact"):
+        recipe_from_dict({}, ["backbone.name=timm/mixer_s32_224", "patches.mode=shared"])
+    with pytest.raises(RecipeError, match="backbone.input_size: 0"):
+        recipe_from_dict({}, ["backbone.name=timm/mixer_s32_224", "patches.mode=exact", "backbone.input_size=64"])
+
+
+def test_timm_weight_files_load_and_name_their_hash(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = timm.create_model("resnet18")  # with its 1000-class classifier, as timm's files have it
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    save_file(model.state_dict(), tmp_path / "r18.safetensors")
+    for path in (tmp_path / "r18.pth", tmp_path / "r18.safetensors"):
+        loaded = build_backbone("timm/resnet18", str(path))
+        assert torch.equal(loaded.trunk.model.conv1.weight, model.conv1.weight)
+        assert loaded.weights_id.startswith("timm/resnet18:") and loaded.weights_id != "timm/resnet18:random"
+    with pytest.raises(BackboneError, match="none.pth does not exist"):
+        build_backbone("timm/resnet18", str(tmp_path / "none.pth"))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(BackboneError, match="wrong.pth: cannot be loaded as timm model resnet18.a1_in1k"):
+        build_backbone("timm/resnet18", str(tmp_path / "wrong.pth"))
+
+
+def test_timm_imagenet_weights_missing_offline_say_how_to_supply_them(tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(BackboneError, match=r"resnet18.a1_in1k.*Hugging Face cache \(.*hub/models--timm--resnet18.a1_in1k\)"
+                                            r".*backbone.weights"):
+        build_backbone("timm/resnet18", "imagenet")
+
+
+def test_timm_is_imported_only_when_a_timm_backbone_is_used():
+    code = "import sys, patchnet.train, patchnet.cli; assert 'timm' not in sys.modules, 'timm imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -16,7 +16,9 @@ def _image(w, h, seed=0):
 
 
 @pytest.mark.parametrize("name,size,tol", [("efficientnet_lite0", 224, 1e-5), ("resnet50", 224, 1e-5),
-                                           ("mobilenet_v3_large", 224, 1e-5), ("vgg16", 224, 1e-4)])
+                                           ("mobilenet_v3_large", 224, 1e-5), ("vgg16", 224, 1e-4),
+                                           ("timm/resnet18", 224, 1e-5), ("timm/convnext_atto", 64, 1e-5),
+                                           ("timm/vit_tiny_patch16_224", 64, 1e-5)])
 def test_shared_mode_equals_exact_mode_for_one_whole_image_patch(name, size, tol):
     """Tolerance: float32 rounding only, relative to the feature's scale."""
     torch.manual_seed(0)
@@ -129,3 +131,18 @@ def test_cuda_amp_matches_cpu():
     a = PatchExtractor(backbone, cfg, FP32, "cpu")(img)
     b = PatchExtractor(backbone, cfg, BackboneConfig(precision="auto"), "cuda")(img)
     assert F.cosine_similarity(a, b, dim=1).min() > 0.98
+
+
+def test_timm_vit_shared_mode_pools_its_token_grid():
+    """A ViT built with a resampled position embedding runs once on the whole rescaled image, as CNNs do."""
+    torch.manual_seed(0)
+    backbone = build_backbone("timm/vit_tiny_patch16_224", "random", input_size=32)
+    img = _image(96, 64)  # scale 1: side 64, two patches 32 px apart; rescaled by 1/2 to 3 x 2 tokens of 16 px
+    feats = PatchExtractor(backbone, PatchConfig(scales=[1.0], step=0.5, mode="shared"), FP32, "cpu")(img)
+    assert feats.shape == (2, 192)
+    x = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, size=(32, 48), mode="bilinear",
+                      antialias=True)
+    with torch.no_grad():
+        tokens = backbone.feature_map(x)  # (1, 192, 2, 3)
+    torch.testing.assert_close(feats[0], tokens[0, :, :, 0:2].mean(dim=(1, 2)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats[1], tokens[0, :, :, 1:3].mean(dim=(1, 2)), rtol=1e-4, atol=1e-5)

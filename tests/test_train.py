@@ -465,3 +465,17 @@ def test_augmented_views_of_held_out_images_never_train(tmp_path, small_voc):
     assert held.sum() == 2  # the held-out image and its augmented view
     assert set(data.store.record[held]) == set(data.store.record[select[1]])
     assert set(data.store.view[held]) == {0, 1}
+
+
+@pytest.mark.parametrize("mode", ["exact", "shared"])
+def test_a_timm_backbone_trains_and_evaluates(tmp_path, small_voc, mode):
+    recipe = tiny_recipe(tmp_path, small_voc, "backbone.name=timm/resnet18", "backbone.weights=random",
+                         f"patches.mode={mode}", "train.epochs=1")
+    result = train(recipe, progress=False)
+    state = load_checkpoint(recipe.run_dir / "last.pt")
+    assert state["weights_id"] == "timm/resnet18:random" and state["history"][-1]["loss"] > 0
+    assert result.table is not None and result.table.classes == ["cat", "dog", "person"]
+    out = runner.invoke(app, ["eval", "--checkpoint", str(recipe.run_dir / "best.pt"), "--split", "val",
+                              "--out", str(tmp_path / "ev")])
+    assert out.exit_code == 0, out.output
+    assert set(json.loads((tmp_path / "ev" / "eval_val.json").read_text())["classes"]) == {"cat", "dog", "person"}
