@@ -2,7 +2,9 @@
 
 A backbone splits into ``trunk`` (image -> convolutional feature map) and ``head`` (a pooled map
 region -> the d-dimensional feature the adaptation layers see). Exact mode runs both on each patch;
-shared mode runs the trunk once per scale and pools each patch's region of the map.
+shared mode runs the trunk once per scale and pools each patch's region of the map. Each spec
+also lists the trunk's ``stages`` (block ends, then FC layers or the feature), whose maps one
+trunk pass gives for the per-layer study and the unit views.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Backbone(nn.Module):
         return head(region_mean(fmap, cells).to(fmap.dtype))
 
     def stage(self, name: str) -> "Stage":
+        """The stage called ``name``, or an error that lists this backbone's stages."""
         for s in self.stages:
             if s.name == name:
                 return s

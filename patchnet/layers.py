@@ -208,7 +208,7 @@ class LayerStudy:
     def format(self) -> str:
         """A plain-text table: one row per stage, mAP (11-point / envelope) per method, in percent."""
         single = self.results[0].tables[self.methods[0]].top1 is not None
-        width = max(len(r.stage) for r in self.results + [LayerResult("stage", 0, 0, 0, {}, {})])
+        width = max(len("stage"), *(len(r.stage) for r in self.results))
         head = f"{'stage':<{width}}  {'dim':>5}  {'stride':>6}  {'RF':>5}"
         for m in self.methods:
             head += f"  {m + ' mAP07':>12}  {m + ' mAP':>11}" + (f"  {m + ' top-1':>12}" if single else "")
