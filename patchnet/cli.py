@@ -258,15 +258,44 @@ def linear(
         from .extract import build_extractor
 
         r, reduce = _pooled_recipe(recipe, overrides, pool)
-        try:
-            grid = tuple(float(v) for v in c.split(","))
-        except ValueError:
-            raise RecipeError(f"--c must be comma-separated numbers, got {c!r}") from None
         table, model = linear_baseline(r, train_split or r.data.train_split, eval_split or r.data.val_split,
-                                       build_extractor, method, reduce, views, grid)
+                                       build_extractor, method, reduce, views, _c_grid(c))
         typer.echo(table.format())
         typer.echo("chosen C: " + ", ".join(f"{n} {v:g}" for n, v in zip(model.classes, model.cs)))
         _write_table(table, out or r.run_dir, f"linear_{method}_{pool}" + (f"_views{views}" if views else ""))
+
+
+@app.command()
+def layers(
+    recipe: RecipeOpt,
+    train_split: Annotated[Optional[str], typer.Option("--train-split", help="Training split (default: the recipe's).")] = None,
+    val_split: Annotated[Optional[str], typer.Option("--val-split", help="Scored split (default: the recipe's val).")] = None,
+    pool: Annotated[str, typer.Option(help="whole: each stage averaged over the image and its mirror; max: averaged "
+                                           "over each patch (shared mode), max-pooled over the image's patches.")] = "whole",
+    methods: Annotated[str, typer.Option(help="Comma-separated: svm (linear SVM), logreg (logistic regression).")] = "svm,logreg",
+    c: Annotated[str, typer.Option(help="Comma-separated C values, chosen per class by 3-fold CV AP.")] = "0.01,0.1,1,10",
+    out: Annotated[Optional[Path], typer.Option(help="Folder for layers.json and layers.png "
+                                                     "(default: <output>/<name>/layers_<pool>).")] = None,
+    overrides: SetOpt = None,
+    verbose: bool = False,
+):
+    """Per-layer transfer: a linear classifier on each stage of the trunk, one trunk pass per image for all."""
+    with _session(verbose):
+        from .layers import layer_study, write_study
+
+        r = load_recipe(recipe, overrides)
+        study = layer_study(r, train_split or r.data.train_split, val_split or r.data.val_split, pool,
+                            [m.strip() for m in methods.split(",") if m.strip()], _c_grid(c))
+        typer.echo(study.format())
+        json_path, png_path = write_study(study, out or r.run_dir / f"layers_{pool}")
+        typer.echo(f"wrote {json_path} and {png_path}")
+
+
+def _c_grid(c: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in c.split(","))
+    except ValueError:
+        raise RecipeError(f"--c must be comma-separated numbers, got {c!r}") from None
 
 
 @app.command()

@@ -73,7 +73,7 @@ class PatchExtractor:
     """Computes the features of all patches of an image, in the order of ``patch_grid``."""
 
     def __init__(self, backbone: Backbone, patches: PatchConfig, backbone_cfg: BackboneConfig | None = None,
-                 device: str = "auto", batch_size: int = 0):
+                 device: str = "auto", batch_size: int = 0, fuse: bool = True):
         cfg = backbone_cfg or BackboneConfig()
         check_patch_mode(backbone_spec(backbone.name), patches.mode, backbone.input_size)
         self.patches = patches
@@ -81,7 +81,7 @@ class PatchExtractor:
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.channels_last = cfg.channels_last
         self.batch_size = batch_size or (128 if self.device.type == "cuda" else 16)
-        self.backbone = backbone.fused().to(self.device)
+        self.backbone = (backbone.fused() if fuse else backbone).to(self.device)
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.size = backbone.input_size
@@ -152,13 +152,16 @@ class PatchExtractor:
                 out.append(self.backbone(batch).float())
         return torch.cat(out)
 
+    def whole_factor(self, width: int, height: int) -> float:
+        """The rescaling of whole mode: the short side to the input size, the long one at most ``max_side``."""
+        factor = self.size / min(width, height)
+        return factor * min(1.0, self.patches.max_side / (max(width, height) * factor))
+
     def _whole(self, img: torch.Tensor) -> torch.Tensor:
         """One trunk pass on the whole image, short side at the input size, pooled over the whole map."""
         h, w = img.shape[-2:]
-        factor = self.size / min(h, w)
-        factor *= min(1.0, self.patches.max_side / (max(h, w) * factor))
         with self._autocast():
-            fmap = self.backbone.feature_map(self._rescale(img, factor))
+            fmap = self.backbone.feature_map(self._rescale(img, self.whole_factor(w, h)))
             cells = torch.tensor([[0.0, 0.0, fmap.shape[-1], fmap.shape[-2]]], device=self.device)
             return self.backbone.pool_regions(fmap, cells).float()
 

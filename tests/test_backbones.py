@@ -223,3 +223,51 @@ def test_timm_is_imported_only_when_a_timm_backbone_is_used():
     code = "import sys, patchnet.train, patchnet.cli; assert 'timm' not in sys.modules, 'timm imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_lite0_stages_end_each_block_stage_at_the_documented_channels_and_strides():
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0", "random", input_size=SIZE)
+    with torch.no_grad():
+        maps = backbone.stage_maps(torch.rand(1, 3, SIZE, SIZE))
+    assert [(s.name, s.module) for s in backbone.stages] == [
+        ("stage1", "_blocks.0"), ("stage2", "_blocks.2"), ("stage3", "_blocks.4"), ("stage4", "_blocks.7"),
+        ("stage5", "_blocks.10"), ("stage6", "_blocks.14"), ("stage7", "_blocks.15"), ("head", "")]
+    shapes = [tuple(m.shape[1:]) for m in maps.values()]
+    assert shapes == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (80, 4, 4), (112, 4, 4), (192, 2, 2), (320, 2, 2),
+                      (1280, 2, 2)]
+    # depth scaling moves the stage ends: Lite2 has 1, 3, 3, 4, 4, 5, 1 blocks per stage
+    lite2 = BACKBONES["efficientnet_lite2"]
+    assert [s.module for s in lite2.stages[:-1]] == [f"_blocks.{i}" for i in (0, 3, 6, 10, 14, 19, 20)]
+    assert [s.dim for s in lite2.stages] == [16, 24, 48, 88, 120, 208, 352, 1280]
+
+
+def test_stage_maps_match_their_specs(backbone):
+    """Every stage of every backbone: its channels, its stride (by map size and by the trunk's layers), its vector."""
+    from patchnet.units import stage_receptive_field
+
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        maps = backbone.stage_maps(x)
+        assert list(maps) == [s.name for s in backbone.stages]
+        for s in backbone.stages:
+            m = maps[s.name]
+            cells = torch.tensor([[0.0, 0.0, m.shape[-1], m.shape[-2]]])
+            assert backbone.pool_stage(s, m, cells).shape == (1, s.dim), s
+            assert stage_receptive_field(backbone, s).stride == s.stride, s
+            if not s.head:
+                assert m.shape[1] == s.dim, s
+                assert abs(m.shape[-1] - SIZE / s.stride) <= 1, s  # AlexNet's unpadded layers lose a cell
+        # the last stage is the backbone's feature
+        last = backbone.stages[-1]
+        fmap = backbone.feature_map(x)
+        whole = torch.tensor([[0.0, 0.0, fmap.shape[-1], fmap.shape[-2]]])
+        torch.testing.assert_close(backbone.pool_stage(last, maps[last.name], whole), backbone.pool_regions(fmap, whole))
+
+
+def test_a_traced_trunk_has_no_stage_maps():
+    backbone = build_backbone("resnet50", "random", input_size=SIZE).fused()  # FX-fused: layer1 never runs as a module
+    with pytest.raises(BackboneError, match="use the unfused backbone"):
+        backbone.stage_maps(torch.rand(1, 3, SIZE, SIZE), ["layer1"])
+    with pytest.raises(BackboneError, match="has no stage 'conv9'; its stages: layer1, layer2"):
+        backbone.stage("conv9")
