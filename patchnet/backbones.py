@@ -62,9 +62,13 @@ class Backbone(nn.Module):
         # Frozen: BatchNorm statistics and dropout stay in inference mode whatever the caller asks.
         return super().train(False)
 
-    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images in [0, 1] -> (B, C, ~H/stride, ~W/stride) map."""
-        return self.trunk((images - self.mean.to(images.dtype)) / self.std.to(images.dtype))
+    def feature_map(self, images: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] -> (B, C, ~H/stride, ~W/stride) map.
+
+        ``stop``: only the trunk parts before it, the frozen ones of ``train.unlock`` (see ``Unlock``).
+        """
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return self.trunk(x) if stop is None else self.trunk.run(x, 0, stop)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, d) features of input-size patches: the exact mode."""
@@ -136,6 +140,27 @@ class Backbone(nn.Module):
         if stage.head > 0:  # the first modules of AlexNet's or VGG's FC6/FC7 head
             head = FlattenFC(head.fc[:stage.head])
         return self.pool_regions(fmap, cells, head)
+
+    def unlocked_state(self, unlock: "Unlock") -> dict[str, torch.Tensor]:
+        """The trunk's weights and BatchNorm statistics of the unlocked stages: what a checkpoint carries."""
+        return {k: v for k, v in self.trunk.state_dict().items() if k.startswith(unlock.prefixes)}
+
+    def load_unlocked(self, state: dict[str, torch.Tensor], unlock: "Unlock") -> None:
+        """Load trained stages (``unlocked_state`` of a trained trunk); ``weights_id`` then names them too.
+
+        Load before ``fused()``: the copy folds BatchNorm into the trained convolutions.
+        """
+        expected = self.unlocked_state(unlock)
+        if set(state) != set(expected):
+            raise BackboneError(f"the trained stages hold {len(state)} tensors ({sorted(state)[:2]}...), but "
+                                f"train.unlock={unlock.n} of {self.name} has {len(expected)} "
+                                f"({sorted(expected)[:2]}...)")
+        self.trunk.load_state_dict(state, strict=False)
+        digest = hashlib.sha256()
+        for k in sorted(state):
+            digest.update(k.encode())
+            digest.update(state[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.weights_id += f"+unlock{unlock.n}:{digest.hexdigest()[:16]}"
 
     def fused(self) -> "Backbone":
         """A copy for inference with BatchNorm folded into the convolutions (same outputs, faster)."""
@@ -281,11 +306,23 @@ class EfficientNetLiteTrunk(nn.Module):
             block.fuse()
         self._conv_head, self._bn1 = fuse_conv_bn_eval(self._conv_head, self._bn1), nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
-        for block in self._blocks:
+    def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Parts ``[start, stop)`` of the trunk: part 0 is the stem, 1 to B the B blocks, B + 1 the head convolution.
+
+        ``train.unlock`` caches the map after the frozen parts and trains the others on it.
+        """
+        head = len(self._blocks) + 1
+        stop = head + 1 if stop is None else stop
+        if start == 0 < stop:
+            x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
+        for block in self._blocks[max(start - 1, 0):max(stop - 1, 0)]:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        if start <= head < stop:
+            x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
 
 
 def _lite_weight_file(name: str) -> Path:
@@ -551,6 +588,38 @@ class BackboneSpec:
     layout: str = "nchw"  # timm: what forward_features returns: nchw | nhwc | tokens
     stages: tuple[Stage, ...] = ()  # shallow to deep; the last one is the feature itself
     shortcuts: tuple[str, ...] = ()  # names of modules beside the main path (left out of receptive fields)
+
+
+@dataclass(frozen=True)
+class Unlock:
+    """``train.unlock``: the last ``n`` stages of the trunk train with the head; the others stay frozen.
+
+    The map of ``boundary``, the last frozen stage, is what the cache keeps: ``trunk.run(x, 0, part)``
+    computes it, ``trunk.run(m, part)`` the unlocked stages on it. The trunk's state_dict keys of the
+    unlocked stages start with one of ``prefixes``.
+    """
+
+    n: int
+    boundary: Stage
+    part: int
+    prefixes: tuple[str, ...]
+
+
+def unlock_split(spec: BackboneSpec, n: int) -> Unlock:
+    """The split of ``train.unlock = n``: the last n entries of the spec's stages (Lite: the head convolution
+    counts as one, so 1 unlocks it alone, 2 also stage7, and so on)."""
+    if spec.family != "lite":
+        lite = ", ".join(s.name for s in BACKBONES.values() if s.family == "lite")
+        raise BackboneError(f"train.unlock is supported for the EfficientNet-Lite backbones ({lite}), whose trunk is "
+                            f"one sequence of blocks; with {spec.name} only the head trains: set train.unlock: 0")
+    stages = spec.stages
+    if not 1 <= n < len(stages):
+        raise BackboneError(f"train.unlock={n}: {spec.name} unlocks 1 (its head convolution) to {len(stages) - 1} of "
+                            f"its last stages ({', '.join(s.name for s in stages)}), or 0 to train the head alone")
+    boundary = stages[-n - 1]
+    last, blocks = (int(s.module.rsplit(".", 1)[1]) for s in (boundary, stages[-2]))  # "_blocks.<k>"
+    prefixes = tuple(f"_blocks.{k}." for k in range(last + 1, blocks + 1)) + ("_conv_head.", "_bn1.")
+    return Unlock(n, boundary, last + 2, prefixes)
 
 
 def _lite(name: str, width: float, depth: float, size: int) -> BackboneSpec:

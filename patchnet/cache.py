@@ -4,6 +4,10 @@ The trunk is frozen, so a patch's feature depends only on the image, the patch g
 and its weights, the input size and the precision; the cache key is a hash of exactly those.
 Building writes chunks of images atomically, so a killed run resumes at the first missing chunk;
 when all chunks exist they are joined into one memory-mapped ``features.f16``.
+
+With ``train.unlock`` the last stages of the trunk train, so their features change at every step:
+``build_maps`` caches instead each image's maps at the boundary below them (``MapStore``), from
+which the unlocked stages compute the patch features on demand.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 from tqdm.auto import tqdm
 
 from .augment import augment, build_pipeline, view_seed
+from .backbones import backbone_spec, unlock_split
 from .datasets import Dataset, DatasetError, ImageRecord, load_image
-from .extract import PatchExtractor
+from .errors import PatchnetError
+from .extract import ImageMaps, PatchExtractor, UnlockedStages
 from .recipe import AugConfig, Recipe
 
 log = logging.getLogger("patchnet")
@@ -261,3 +267,198 @@ def _join_chunks(path: Path, num_chunks: int, dim: int) -> None:
     shutil.rmtree(path / "chunks", ignore_errors=True)
     if failures:
         log.warning("feature cache: %d unreadable images skipped (first: %s)", len(failures), failures[0])
+
+
+# --------------------------------------------------------------------------- boundary maps (train.unlock)
+
+MAP_VERSION = 1  # bump whenever what build_maps stores changes
+
+
+class MapStore(FeatureStore):
+    """A complete cache of boundary maps (``train.unlock``), opened read-only.
+
+    Per item and level, the (h, w, C) map at the boundary below the unlocked stages, fp16 and
+    memory-mapped as rows of cells (``maps``); per patch, the level it is pooled from
+    (``patch_level``); the item indexes of ``FeatureStore``. ``features`` are computed on read by
+    the unlocked stages once ``attach`` has given them.
+    """
+
+    def __init__(self, path: Path):  # FeatureStore's indexes, and maps in place of features
+        self.path = path
+        meta = json.loads((path / "meta.json").read_text())
+        self.fields, self.feature_dim, self.map_dim = meta["fields"], meta["feature_dim"], meta["map_dim"]
+        with np.load(path / "index.npz") as idx:
+            for name in idx.files:
+                setattr(self, name, idx[name])
+        total = int(self.cell_offsets[-1])
+        self.maps = (np.memmap(path / "maps.f16", dtype=np.float16, mode="r", shape=(total, self.map_dim))
+                     if total else np.zeros((0, self.map_dim), np.float16))
+        self.features: MapFeatures | None = None
+        self.failures: list[str] = meta.get("failures", [])
+
+    def item_maps(self, i: int) -> ImageMaps:
+        """The boundary maps of item ``i`` and its patches."""
+        a, b = int(self.level_offsets[i]), int(self.level_offsets[i + 1])
+        maps = [self.maps[self.cell_offsets[lv]:self.cell_offsets[lv + 1]].reshape(*self.level_shape[lv], self.map_dim)
+                for lv in range(a, b)]
+        s = self.item_slice(i)
+        return ImageMaps(maps, self.level_factor[a:b], self.patch_boxes[s], self.patch_level[s])
+
+    def attach(self, stages: UnlockedStages, dtype: torch.dtype | None) -> "MapStore":
+        """From now on, read ``features`` through ``stages`` as they are at the time of reading."""
+        self.features = MapFeatures(self, stages, dtype)
+        return self
+
+
+class MapFeatures:
+    """The (P, d) float32 patch features of a ``MapStore``, computed on read by the unlocked stages.
+
+    Read by slices of rows (``features[a:b]``), as ``patchnet.pooling``, ``AdaptationHead.logits``
+    and the heatmaps do; the items the slice touches run whole, under autocast to ``dtype`` (None: fp32).
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, store: MapStore, stages: UnlockedStages, dtype: torch.dtype | None):
+        self.store, self.stages, self.autocast = store, stages, dtype
+        self.shape = (store.num_patches, store.feature_dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        start, stop, step = index.indices(len(self)) if isinstance(index, slice) else (0, 0, 0)
+        if step != 1:
+            raise TypeError(f"the features of a map store are read by slices of consecutive rows, not {index!r}")
+        if stop <= start:
+            return np.zeros((0, self.shape[1]), np.float32)
+        offsets = self.store.offsets
+        first, last = int(np.searchsorted(offsets, start, "right")) - 1, int(np.searchsorted(offsets, stop, "left"))
+        device = self.stages.backbone.mean.device
+        with torch.inference_mode(), torch.autocast(device.type, dtype=self.autocast or torch.float32,
+                                                    enabled=self.autocast is not None):
+            feats = self.stages([self.store.item_maps(i) for i in range(first, last)])
+        base = int(offsets[first])
+        return feats.float().cpu().numpy()[start - base:stop - base]
+
+
+def build_maps(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0,
+               progress: bool = True) -> MapStore:
+    """Open the cached boundary maps of a split for ``train.unlock``, computing what is missing first.
+
+    Items, chunks and resumption as in ``build_features``; the key adds the unlocked stages.
+    """
+    p = recipe.patches
+    if p.mode != "shared" or p.exact_up_to:
+        raise PatchnetError(f"train.unlock trains on the cached maps of shared mode's trunk passes, which patches.mode="
+                            f"{p.mode} with patches.exact_up_to={p.exact_up_to} does not make; set patches.mode: shared "
+                            "and patches.exact_up_to: 0, or train.unlock: 0")
+    unlock = unlock_split(backbone_spec(recipe.backbone.name), recipe.train.unlock)
+    fields = {**cache_fields(recipe, dataset, extractor, views), "maps": MAP_VERSION, "unlock": unlock.n,
+              "boundary": unlock.boundary.name}
+    key = _digest(fields)
+    path = Path(recipe.runtime.cache_dir) / key
+    if (path / "index.npz").is_file():
+        return MapStore(path)
+    rank, world = _rank_world()
+    items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
+    chunk = max(1, recipe.cache.chunk)
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    (path / "chunks").mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (path / "meta.json").write_text(json.dumps({"fields": fields, "feature_dim": extractor.feature_dim,
+                                                    "map_dim": unlock.boundary.dim, "items": len(items),
+                                                    "chunk": chunk}, indent=1))
+    todo = [c for c in range(len(chunks)) if c % world == rank and not _chunk_path(path, c).is_file()]
+    if todo:
+        _compute_map_chunks(dataset, extractor, unlock, chunks, todo, path, recipe, progress and rank == 0)
+    _barrier()
+    if rank == 0:
+        _join_map_chunks(path, len(chunks), unlock.boundary.dim)
+    _barrier()
+    return MapStore(path)
+
+
+def _compute_map_chunks(dataset, extractor, unlock, chunks, todo, path, recipe, progress):
+    flat = [(c, item) for c in todo for item in chunks[c]]
+    source = ItemImages(dataset.records, [item for _, item in flat], recipe.aug, recipe.train.seed)
+    workers = recipe.runtime.workers
+    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
+                        prefetch_factor=4 if workers else None, pin_memory=extractor.device.type == "cuda")
+    pending: dict[int, list] = {c: [] for c in todo}
+    for i, image, info in tqdm(loader, total=len(flat), desc=f"maps {dataset.name.rsplit(':', 1)[-1]}", unit="img",
+                               disable=not progress, dynamic_ncols=True):
+        c = flat[i][0]
+        if image is None:
+            log.warning("skipped unreadable image: %s", info)
+        pending[c].append((None if image is None else extractor.maps(image, unlock.part), info))
+        if len(pending[c]) == len(chunks[c]):
+            _write_map_chunk(_chunk_path(path, c), pending.pop(c), unlock.boundary.dim)
+
+
+def _write_map_chunk(target: Path, results: list, dim: int) -> None:
+    maps, shapes, factors, levels, level_counts, patch_boxes, counts, ok, objects, failures = ([] for _ in range(10))
+    for m, info in results:
+        if m is None:
+            level_counts.append(0), counts.append(0), ok.append(False), failures.append(info)
+            objects.append((np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)))
+        else:
+            maps += [x.reshape(-1, x.shape[-1]) for x in m.maps]
+            shapes += [x.shape[:2] for x in m.maps]
+            factors.append(m.factors), levels.append(m.level), level_counts.append(len(m.maps))
+            patch_boxes.append(m.boxes), counts.append(len(m.boxes)), ok.append(True), objects.append(info)
+    tmp = target.with_suffix(".tmp.npz")
+    np.savez(tmp,
+             maps=np.concatenate(maps) if maps else np.zeros((0, dim), np.float16),
+             level_shape=np.array(shapes, np.int64).reshape(-1, 2),
+             level_factor=np.concatenate(factors) if factors else np.zeros((0, 2)),
+             level_counts=np.array(level_counts, np.int64),
+             patch_level=np.concatenate(levels) if levels else np.zeros(0, np.int64),
+             patch_boxes=np.concatenate(patch_boxes) if patch_boxes else np.zeros((0, 4), np.float32),
+             counts=np.array(counts, np.int64), ok=np.array(ok),
+             box_counts=np.array([len(o[0]) for o in objects], np.int64),
+             boxes=np.concatenate([o[0] for o in objects]).astype(np.float32),
+             box_classes=np.concatenate([o[1] for o in objects]).astype(np.int64),
+             box_difficult=np.concatenate([o[2] for o in objects]).astype(bool),
+             failures=np.array(failures, dtype=str))
+    os.replace(tmp, target)
+
+
+def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    parts = [np.load(_chunk_path(path, c)) for c in range(num_chunks)]
+    shapes = np.concatenate([p["level_shape"] for p in parts]).reshape(-1, 2)
+    cells = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
+    tmp = path / "maps.f16.tmp"
+    if cells[-1]:
+        out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(int(cells[-1]), dim))
+        pos = 0
+        for p in parts:
+            m = p["maps"]
+            out[pos:pos + len(m)] = m
+            pos += len(m)
+        out.flush()
+        del out
+    else:
+        tmp.write_bytes(b"")
+    counts = np.concatenate([p["counts"] for p in parts])
+    views = meta["fields"]["views"] + 1
+    cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
+    np.savez(path / "index.tmp.npz",
+             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+             record=np.repeat(np.arange(len(counts) // views), views), view=np.tile(np.arange(views), len(counts) // views),
+             ok=cat("ok"), patch_boxes=cat("patch_boxes"), patch_level=cat("patch_level"),
+             level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
+             level_shape=shapes, level_factor=cat("level_factor").reshape(-1, 2), cell_offsets=cells,
+             box_offsets=np.concatenate([[0], np.cumsum(cat("box_counts"))]).astype(np.int64),
+             boxes=cat("boxes").reshape(-1, 4), box_classes=cat("box_classes"), box_difficult=cat("box_difficult"))
+    failures = [str(s) for p in parts for s in p["failures"]]
+    for p in parts:
+        p.close()
+    meta["failures"] = failures
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path / "maps.f16")
+    os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
+    shutil.rmtree(path / "chunks", ignore_errors=True)
+    if failures:
+        log.warning("map cache: %d unreadable images skipped (first: %s)", len(failures), failures[0])

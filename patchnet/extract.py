@@ -23,7 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone, backbone_spec, build_backbone, check_patch_mode
+from torch import nn
+
+from .backbones import Backbone, Unlock, backbone_spec, build_backbone, check_patch_mode
 from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import ScaleGrid, grid_by_scale
 
@@ -50,15 +52,84 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if native else None
 
 
-def build_extractor(recipe: Recipe) -> "PatchExtractor":
-    """The recipe's frozen backbone and patch settings, on its device (under torchrun: this rank's GPU)."""
+def build_extractor(recipe: Recipe, backbone: Backbone | None = None) -> "PatchExtractor":
+    """The recipe's frozen backbone and patch settings, on its device (under torchrun: this rank's GPU).
+
+    ``backbone``: the recipe's backbone already built (with trained stages loaded, for instance).
+    """
     import torch.distributed as dist
 
     b, device = recipe.backbone, recipe.runtime.device
     if device == "auto" and torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
+    backbone = backbone or build_backbone(b.name, b.weights, b.input_size, b.layer)
     return PatchExtractor(backbone, recipe.patches, b, device, recipe.runtime.trunk_batch)
+
+
+def map_cells(backbone: Backbone, boxes: torch.Tensor, fx: float, fy: float) -> torch.Tensor:
+    """Boxes (N, 4) in pixels of an image -> cells of the map of that image rescaled by ``fx`` x ``fy``.
+
+    x' = (x * fx - offset) / stride, per axis (the rescaled size was rounded, so fx and fy differ a little).
+    """
+    scale = torch.tensor([fx, fy, fx, fy], device=boxes.device) / backbone.stride
+    return boxes * scale - backbone.offset / backbone.stride
+
+
+@dataclass
+class ImageMaps:
+    """Shared mode stopped at the boundary below the unlocked stages (``train.unlock``) for one image."""
+
+    maps: list[np.ndarray]  # (h, w, C) float16 boundary map of each level
+    factors: np.ndarray  # (L, 2) x and y rescaling of the image at each level
+    boxes: np.ndarray  # (P, 4) patches in image pixels, in the order of ``patch_grid``
+    level: np.ndarray  # (P,) the level each patch is pooled from
+
+    def subset(self, rows: np.ndarray) -> "ImageMaps":
+        """The same maps with only the patches ``rows``."""
+        return ImageMaps(self.maps, self.factors, self.boxes[rows], self.level[rows])
+
+
+class UnlockedStages(nn.Module):
+    """The last stages of a backbone trained on its cached boundary maps (``train.unlock``).
+
+    Each level's map runs through the stages, and each patch's region of the result is pooled as in
+    shared mode; all of it is differentiable. BatchNorm stays in eval mode (the backbone's ``train``
+    keeps it there), so its statistics never move; its affine weights train with the convolutions.
+    """
+
+    def __init__(self, backbone: Backbone, unlock: Unlock):
+        super().__init__()
+        self.backbone, self.unlock = backbone, unlock
+        for name, p in backbone.trunk.named_parameters():
+            p.requires_grad_(name.startswith(unlock.prefixes))
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.backbone.trunk.named_parameters() if p.requires_grad]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.backbone.unlocked_state(self.unlock)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.backbone.trunk.load_state_dict(state, strict=False)
+
+    def forward(self, items: list[ImageMaps]) -> torch.Tensor:
+        """(P, d) features of the patches of ``items``, one image after another."""
+        device = self.backbone.mean.device
+        out = []
+        for item in items:
+            parts, order = [], []
+            for lv in np.unique(item.level):  # the levels that pool patches
+                rows = np.flatnonzero(item.level == lv)
+                x = torch.from_numpy(np.array(item.maps[lv])).to(device, non_blocking=True).float()
+                fmap = self.backbone.trunk.run(x.permute(2, 0, 1)[None], self.unlock.part)  # a channels-last view
+                boxes = torch.from_numpy(np.asarray(item.boxes[rows], np.float32)).to(device)
+                cells = map_cells(self.backbone, boxes, float(item.factors[lv, 0]), float(item.factors[lv, 1]))
+                parts.append(self.backbone.pool_regions(fmap, cells))
+                order.append(rows)
+            if parts:
+                back = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable")).to(device)
+                out.append(torch.cat(parts)[back])
+        return torch.cat(out) if out else torch.zeros(0, self.backbone.feature_dim, device=device)
 
 
 @dataclass
@@ -197,11 +268,29 @@ class PatchExtractor:
         """Features of ``grids`` (boxes in pixels of the width x height image) pooled from one trunk pass."""
         with self._autocast():
             fmap = self.backbone.feature_map(scaled)
-        # Map pixels to map cells: x' = (x * factor - offset) / stride, per axis after rounding of sizes.
-        fx, fy = scaled.shape[-1] / width, scaled.shape[-2] / height
         boxes = torch.from_numpy(np.concatenate([g.boxes for g in grids])).to(self.device, torch.float32)
-        scale = torch.tensor([fx, fy, fx, fy], device=self.device) / self.backbone.stride
-        cells = boxes * scale - self.backbone.offset / self.backbone.stride
+        cells = map_cells(self.backbone, boxes, scaled.shape[-1] / width, scaled.shape[-2] / height)
         with self._autocast():
             feats = self.backbone.pool_regions(fmap, cells).float()
         return list(torch.split(feats, [len(g.boxes) for g in grids]))
+
+    @torch.inference_mode()
+    def maps(self, image, part: int) -> ImageMaps:
+        """Shared mode's trunk passes (whatever ``patches.mode``) stopped before trunk part ``part``
+        (``train.unlock``): each level's map, and the level each patch is pooled from."""
+        img = self._prepare(image)
+        h, w = img.shape[-2:]
+        grids = self.grids(w, h)
+        starts = np.cumsum([0] + [len(g.boxes) for g in grids])
+        level = np.zeros(starts[-1], np.int64)
+        maps, factors = [], []
+        for lv, group in enumerate(self.levels(grids, w, h)):
+            scaled = self._rescale(img, group.factor)
+            with self._autocast():
+                fmap = self.backbone.feature_map(scaled, part)
+            maps.append(fmap[0].permute(1, 2, 0).to(torch.float16).cpu().numpy())
+            factors.append((scaled.shape[-1] / w, scaled.shape[-2] / h))
+            for i in group.grids:
+                level[starts[i]:starts[i + 1]] = lv
+        boxes = np.concatenate([g.boxes for g in grids])
+        return ImageMaps(maps, np.array(factors, np.float64).reshape(-1, 2), boxes, level)

@@ -11,7 +11,8 @@ import torch
 from .cache import build_features
 from .calibration import Calibration
 from .datasets import DatasetError, data_override, load_image, open_split
-from .extract import build_extractor
+from .backbones import BackboneError, backbone_spec, build_backbone, unlock_split
+from .extract import PatchExtractor, build_extractor
 from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
 from .linear import Fusion
@@ -106,9 +107,7 @@ class Predictor:
             overrides.append(f"pool.k={k}")
         self.recipe: Recipe = recipe_from_dict(self.state["recipe"], overrides)
         self.classes: list[str] = list(self.state["classes"])
-        self.extractor = build_extractor(self.recipe)
-        check_compatible(self.state, checkpoint, self.recipe.backbone.name, self.classes, self.extractor.feature_dim,
-                         self.extractor.backbone.weights_id)
+        self.extractor = checkpoint_extractor(self.state, checkpoint, self.recipe)
         self.head = AdaptationHead(self.extractor.feature_dim, len(self.classes), self.recipe.head.hidden,
                                    self.recipe.head.dropout)
         self.head.load_state_dict(self.state["head"])
@@ -151,6 +150,23 @@ class Predictor:
         probs = self.calibration.probabilities(scores) if self.calibration else None
         present = probs >= self.calibration.threshold if self.calibration else None
         return Prediction(scores, probs, present, np.asarray(boxes), self.map_values(logits), width, height)
+
+
+def checkpoint_extractor(state: dict, path: str | Path, recipe: Recipe) -> PatchExtractor:
+    """The extractor that scores images for a checkpoint: its recipe's backbone, checked against it, with the
+    trained stages of ``train.unlock`` loaded before the extractor folds BatchNorm into them."""
+    b = recipe.backbone
+    backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
+    check_compatible(state, path, b.name, list(state["classes"]), backbone.feature_dim, backbone.weights_id)
+    if recipe.train.unlock:
+        if "trunk" not in state:
+            raise CheckpointError(f"{path}: its recipe unlocks {recipe.train.unlock} trunk stages, but it carries no "
+                                  "trained stages (trunk); it is not a complete patchnet checkpoint")
+        try:
+            backbone.load_unlocked(state["trunk"], unlock_split(backbone_spec(b.name), recipe.train.unlock))
+        except BackboneError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    return build_extractor(recipe, backbone)
 
 
 def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split: str | None = None,

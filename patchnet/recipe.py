@@ -99,6 +99,8 @@ class TrainConfig:
     plateau_patience: int = 2
     max_decays: int = 3
     bg_rate: float = 0.1  # fraction of background patches redrawn each epoch
+    unlock: int = 0  # also train the trunk's last N stages (EfficientNet-Lite; 1: its head convolution); 0: the head alone
+    unlock_lr: float = 0.1  # learning rate of the unlocked stages, as a fraction of train.lr
     seed: int = 0
     eval_every: int = 1
 
@@ -163,14 +165,18 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Recipe":
-        from .backbones import BackboneError, backbone_spec, check_layer, check_patch_mode
+        from .backbones import BackboneError, backbone_spec, check_layer, check_patch_mode, unlock_split
 
-        try:  # names, layers and the modes a backbone can run come from the backbone registry
+        try:  # names, layers, the modes a backbone can run and its stages come from the backbone registry
             spec = backbone_spec(self.backbone.name)
             check_layer(spec, self.backbone.layer)
             check_patch_mode(spec, self.patches.mode, self.backbone.input_size)
+            if self.train.unlock:
+                unlock_split(spec, self.train.unlock)
         except BackboneError as e:
             raise RecipeError(f"backbone: {e}") from None
+        if self.train.unlock_lr <= 0:
+            raise RecipeError(f"train.unlock_lr must be positive (a fraction of train.lr), got {self.train.unlock_lr}")
         if not self.patches.scales or min(self.patches.scales) < 1.0:
             raise RecipeError(f"patches.scales must be a non-empty list of values >= 1, got {self.patches.scales}")
         if not 0.0 < self.patches.step <= 0.5:

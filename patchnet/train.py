@@ -7,6 +7,10 @@
 - ``both``: batches of whole images, the image loss plus the patch loss on their positives and a
   ``bg_rate`` share of their background, from one forward pass.
 
+With ``train.unlock`` the trunk's last stages train too: the cache holds the maps at the boundary
+below them, and every supervision steps on batches of whole images, whose maps run through the
+unlocked stages before their patches are pooled and fed to the head.
+
 One ``TrainState`` owns everything that a resumed run must get back. ``run_epoch`` does the steps,
 ``end_epoch`` evaluates on held-out training images, steps the schedule and writes checkpoints;
 ``last.pt`` is only written from a consistent state. Epoch e draws its order and its background
@@ -27,13 +31,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from .cache import FeatureStore, build_features
+from .backbones import backbone_spec, build_backbone, unlock_split
+from .cache import FeatureStore, MapStore, build_features, build_maps
 from .calibration import calibrate
 from .datasets import Dataset, DatasetError, open_split
 from .errors import PatchnetError
-from .extract import PatchExtractor, build_extractor, resolve_precision
+from .extract import ImageMaps, PatchExtractor, UnlockedStages, build_extractor, resolve_precision
 from .heatmaps import log_heatmaps
 from .infer import evaluate, evaluation_items, image_scores
 from .linear import Fusion, SplitFeatures, fit_fusion, fit_linear, linear_arrays
@@ -57,7 +63,7 @@ class SplitData:
     """A split with its cached features and the training label of every cached patch."""
 
     dataset: Dataset
-    store: FeatureStore
+    store: FeatureStore  # a MapStore with train.unlock
     labels: np.ndarray  # (P,) int64: class, C for background, IGNORE, or MULTI
     multi_rows: np.ndarray  # (M,) sorted patch indices labelled MULTI
     multi_targets: np.ndarray  # (M, C) bool: their classes
@@ -93,12 +99,14 @@ def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False
 
 def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, views: int = 0,
                   progress: bool = True) -> SplitData:
-    """Open a split, build (or reuse) its feature cache, and label its patches where boxes are used."""
+    """Open a split, build (or reuse) its feature cache (boundary maps with ``train.unlock``), and label its
+    patches where boxes are used."""
     dataset = open_split(recipe.data, split)
     if recipe.train.supervision != "images" and not dataset.has_boxes:
         raise DatasetError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
                               "patch labels; use --set train.supervision=images to learn from image labels alone")
-    store = build_features(recipe, dataset, extractor, views=views, progress=progress)
+    build = build_maps if recipe.train.unlock else build_features
+    store = build(recipe, dataset, extractor, views=views, progress=progress)
     if recipe.train.supervision == "images":
         c = len(dataset.classes)
         return SplitData(dataset, store, np.full(store.num_patches, IGNORE, np.int64), np.zeros(0, np.int64),
@@ -170,13 +178,40 @@ def init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def make_optimizer(head: AdaptationHead, recipe: Recipe) -> torch.optim.SGD:
-    """SGD with both parameter groups from the start (weights decayed, biases not), so resume matches."""
+def make_optimizer(head: AdaptationHead, recipe: Recipe, stages: UnlockedStages | None = None) -> torch.optim.SGD:
+    """SGD with all parameter groups from the start (weights decayed, biases not), so resume matches.
+
+    Unlocked stages get two groups of their own at ``train.unlock_lr`` x ``train.lr``: the convolutions,
+    decayed, and the BatchNorm weights and biases, not.
+    """
     t = recipe.train
     weights = [p for n, p in head.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in head.named_parameters() if n.endswith("bias")]
-    return torch.optim.SGD([{"params": weights, "weight_decay": t.weight_decay},
-                            {"params": biases, "weight_decay": 0.0}], lr=t.lr, momentum=t.momentum)
+    groups = [{"params": weights, "weight_decay": t.weight_decay}, {"params": biases, "weight_decay": 0.0}]
+    if stages is not None:
+        trunk = [p for _, p in stages.trainable()]
+        groups += [{"params": [p for p in trunk if p.ndim > 1], "weight_decay": t.weight_decay, "lr": t.lr * t.unlock_lr},
+                   {"params": [p for p in trunk if p.ndim <= 1], "weight_decay": 0.0, "lr": t.lr * t.unlock_lr}]
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The training autocast dtype (``train.precision``); fp16 only on CUDA, where gradients are loss-scaled."""
+    dtype = resolve_precision(precision, device)
+    return torch.bfloat16 if dtype == torch.float16 and device.type != "cuda" else dtype
+
+
+class MapsAndHead(nn.Module):
+    """The unlocked stages and the head as one module (``train.unlock``), so that DDP averages both's gradients."""
+
+    def __init__(self, stages: UnlockedStages, head: AdaptationHead):
+        super().__init__()
+        self.stages, self.head = stages, head
+
+    def forward(self, items: list[ImageMaps]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch features of ``items`` and their logits."""
+        x = self.stages(items)
+        return x, self.head(x)
 
 
 class LRSchedule:
@@ -240,16 +275,18 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 class TrainState:
-    """Everything a run must get back on resume: head, optimizer, schedule, counters, sums and RNG states.
+    """Everything a run must get back on resume: head (and unlocked stages), optimizer, schedule, counters,
+    sums and RNG states.
 
     ``rng`` is the generators' state at the start of step ``step`` of epoch ``epoch``, so that a
     resumed epoch draws the same dropout masks as an uninterrupted one. ``carry`` holds this
     process's running sums of the epoch (per rank under DDP).
     """
 
-    def __init__(self, head: AdaptationHead, recipe: Recipe, device: torch.device):
-        self.head, self.device = head, device
-        self.optimizer = make_optimizer(head, recipe)
+    def __init__(self, head: AdaptationHead, recipe: Recipe, device: torch.device,
+                 stages: UnlockedStages | None = None):
+        self.head, self.stages, self.device = head, stages, device
+        self.optimizer = make_optimizer(head, recipe, stages)
         self.schedule = LRSchedule(self.optimizer, recipe)
         self.epoch, self.step, self.best = 0, 0, -1.0
         self.history: list[dict] = []
@@ -258,13 +295,16 @@ class TrainState:
         self.rng = _rng_state(device)
 
     def state_dict(self) -> dict:
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+        trunk = {} if self.stages is None else {"trunk": {k: v.cpu() for k, v in self.stages.state().items()}}
+        return {"head": self.head.state_dict(), **trunk, "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step": self.step,
                 "best_map07": self.best, "history": list(self.history), "carry": dict(self.carry),
                 "rng": dict(self.rng), "calibration": self.calibration}
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
+        if self.stages is not None:
+            self.stages.load(state["trunk"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_map07"]
@@ -292,7 +332,8 @@ class Trainer:
         self.extra, self.progress = extra, progress
         self.rank, self.world = _rank_world()
         self.num_classes = len(train_data.dataset.classes)
-        self.model = (torch.nn.parallel.DistributedDataParallel(state.head) if self.world > 1 else state.head)
+        net = state.head if state.stages is None else MapsAndHead(state.stages, state.head)
+        self.model = torch.nn.parallel.DistributedDataParallel(net) if self.world > 1 else net
         run_dir = recipe.run_dir
         self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
         store = train_data.store
@@ -302,12 +343,9 @@ class Trainer:
         self.labels = np.where(np.repeat(held, np.diff(store.offsets)), IGNORE, train_data.labels)
         self.writer = None
         self.epoch_seconds = 0.0  # of the last run_epoch (0 when resuming at end_epoch)
-        self.dtype = resolve_precision(self.t.precision, state.device)
+        self.dtype = autocast_dtype(self.t.precision, state.device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and state.device.type == "cuda" \
-            else None
-        if self.dtype == torch.float16 and state.device.type != "cuda":
-            self.dtype = torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: Path) -> None:
@@ -318,7 +356,7 @@ class Trainer:
     def run_epoch(self) -> None:
         """The remaining steps of the current epoch; the state stays consistent after every step."""
         s, t = self.state, self.t
-        images = t.supervision != "boxes"
+        images = t.supervision != "boxes" or s.stages is not None  # batches of whole images
         order = (np.random.default_rng([t.seed, s.epoch]).permutation(self.train_items) if images
                  else epoch_indices(self.labels, self.num_classes, t.bg_rate, t.seed, s.epoch))
         per_rank = max(1, (t.image_batch if images else t.batch_size) // (1 if images else self.world))
@@ -326,7 +364,7 @@ class Trainer:
         steps = max(1, len(order) // (per_rank * self.world))
         order = order[self.rank::self.world]
         keep_bg = (np.random.default_rng([t.seed, s.epoch, 1]).random(len(self.labels)) < t.bg_rate
-                   if t.supervision == "both" else None)
+                   if images and t.supervision != "images" else None)
         s.head.train()
         bar = tqdm(total=steps, initial=s.step, desc=f"epoch {s.epoch + 1}/{t.epochs}", unit="batch",
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True, leave=False)
@@ -373,24 +411,46 @@ class Trainer:
         return (loss, *_accuracy_counts(logits, labels), len(idx))
 
     def _image_step(self, items: np.ndarray, keep_bg: np.ndarray | None):
-        store = self.data.store
-        x = torch.from_numpy(gather_items(store.features, store.offsets, items))
+        """A step on whole images: the image loss (images, both), the patch loss (both; boxes with unlock)."""
+        store, sup = self.data.store, self.t.supervision
         counts = np.diff(store.offsets)[items]
-        logits = self._forward(x)
-        image_logits = pool(patch_values(logits, self.recipe.pool.name), counts, self.recipe.pool)
-        loss = image_loss(image_logits, torch.from_numpy(self.data.image_labels(items)).to(logits.device))
-        correct = patches = 0
-        if self.t.supervision == "both":
-            loss = self.t.image_weight * loss
-            index = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in items])
-            labels = self.labels[index]
-            train = is_positive(labels, self.num_classes) | ((labels == self.num_classes) & keep_bg[index])
-            if train.any():
-                rows = torch.from_numpy(np.flatnonzero(train)).to(logits.device)
-                loss = loss + self._patch_loss(logits[rows], labels[train], index[train])
-                correct, patches = _accuracy_counts(logits[rows], labels[train])
+        index = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in items])
+        labels = self.labels[index]
+        train = (is_positive(labels, self.num_classes) | ((labels == self.num_classes) & keep_bg[index])
+                 if sup != "images" else None)
+        if self.state.stages is None:
+            x = torch.from_numpy(gather_items(store.features, store.offsets, items))
+            logits = self._forward(x)
+        else:  # the patch loss alone needs the features of the trained patches only
+            x, logits = self._forward_maps(items, counts, train if sup == "boxes" else None)
+        loss, correct, patches = None, 0, 0
+        if sup != "boxes":
+            image_logits = pool(patch_values(logits, self.recipe.pool.name), counts, self.recipe.pool)
+            loss = image_loss(image_logits, torch.from_numpy(self.data.image_labels(items)).to(logits.device))
+            if sup == "both":
+                loss = self.t.image_weight * loss
+        if sup != "images" and train.any():
+            rows = np.flatnonzero(train) if sup != "boxes" else np.arange(int(train.sum()))
+            rows = torch.from_numpy(rows).to(logits.device)
+            patch = self._patch_loss(logits[rows], labels[train], index[train])
+            loss = patch if loss is None else loss + patch
+            correct, patches = _accuracy_counts(logits[rows], labels[train])
+        if loss is None:  # no patch of these images trains (boxes): a step without a gradient
+            loss = logits.sum() * 0.0
         self._check(loss, x, None)
         return loss, correct, patches, len(x)
+
+    def _forward_maps(self, items: np.ndarray, counts: np.ndarray, rows: np.ndarray | None):
+        """Features and fp32 logits of the patches of ``items`` (those where ``rows`` is set, if given) through
+        the unlocked stages and the head, under autocast (``train.precision``)."""
+        maps = [self.data.store.item_maps(i) for i in items]
+        if rows is not None:
+            ends = np.cumsum(counts)
+            maps = [m.subset(np.flatnonzero(rows[e - n:e])) for m, n, e in zip(maps, counts, ends)]
+        device = self.state.device
+        with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            x, logits = self.model(maps)
+        return x.detach().float(), logits.float()
 
     def _check(self, loss: torch.Tensor, x: torch.Tensor, labels: np.ndarray | None) -> None:
         if torch.isfinite(loss):
@@ -508,7 +568,11 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
 
-    extractor = build_extractor(recipe)
+    backbone = None
+    if recipe.train.unlock:  # the trunk whose last stages train; the extractor runs a fused copy of its frozen part
+        b = recipe.backbone
+        backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
+    extractor = build_extractor(recipe) if backbone is None else build_extractor(recipe, backbone)
     train_data = prepare_split(recipe, recipe.data.train_split, extractor, views=recipe.aug.views, progress=progress)
     classes = train_data.dataset.classes
     select = _selection(recipe, train_data, extractor, progress)
@@ -518,7 +582,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     torch.manual_seed(recipe.train.seed)
     device = extractor.device
     head = AdaptationHead(extractor.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout).to(device)
-    state = TrainState(head, recipe, device)
+    stages = None
+    if backbone is not None:
+        stages = UnlockedStages(backbone, unlock_split(backbone_spec(backbone.name), recipe.train.unlock)).to(
+            device, memory_format=torch.channels_last if recipe.backbone.channels_last else torch.contiguous_format)
+        for data in (train_data, select[0] if select else None, val):
+            if data is not None:  # their features come from the stages as they are when read
+                data.store.attach(stages, autocast_dtype(recipe.train.precision, device))
+    state = TrainState(head, recipe, device, stages)
     extra = {"recipe": recipe.to_dict(), "classes": classes, "feature_dim": extractor.feature_dim,
              "weights_id": extractor.backbone.weights_id}
     if saved is not None:
@@ -535,7 +606,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         _carry_path(run_dir, rank).unlink(missing_ok=True)
     fusion = None
     if recipe.infer.fuse and select is not None and rank == 0:
-        fusion = fuse_checkpoints(recipe, train_data, select, [trainer.best_path, trainer.last_path])[-1]
+        fusion = fuse_checkpoints(recipe, train_data, select, [trainer.best_path, trainer.last_path], stages)[-1]
     table = None
     if val is not None and rank == 0:  # reported, never used to choose
         table, _ = evaluate(head, val.store, val.dataset, evaluation_items(val.store), recipe.pool, recipe.infer_pool,
@@ -554,24 +625,34 @@ def _calibration(recipe: Recipe, scores: np.ndarray, labels: np.ndarray, fused: 
 
 
 def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitData, np.ndarray],
-                     paths: list[Path]) -> list[Fusion]:
+                     paths: list[Path], stages: UnlockedStages | None = None) -> list[Fusion]:
     """Fit the max-pool linear SVM on the training images and fuse it into each checkpoint (``infer.fuse``).
 
     The SVM never sees the selection images; the fusion weight, the z-score statistics and the
     calibration of the fused scores are fitted on them. Returns the fusion written to each path.
+    With unlocked ``stages`` the features are each checkpoint's own: its stages are loaded into
+    ``stages`` (the last path's stay) and the SVM is fitted anew.
     """
     store, sel, held = train_data.store, select[0], select[1]
     items = np.flatnonzero(store.ok & ~held_out(store, train_data, select))
-    log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
-    pooled = pool_features(store.features, store.offsets, items, "max")
-    ids = [train_data.dataset.records[r].image_id for r in store.record[items]]
-    model = fit_linear(SplitFeatures(ids, pooled, train_data.image_labels(items), train_data.dataset.classes),
-                       seed=recipe.train.seed, progress=False)
-    coef, intercept = linear_arrays(model, store.feature_dim)
-    held_pooled, labels = pool_features(sel.store.features, sel.store.offsets, held, "max"), sel.image_labels(held)
-    fusions = []
+    labels = sel.image_labels(held)
+
+    def fit_svm():
+        log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
+        pooled = pool_features(store.features, store.offsets, items, "max")
+        ids = [train_data.dataset.records[r].image_id for r in store.record[items]]
+        model = fit_linear(SplitFeatures(ids, pooled, train_data.image_labels(items), train_data.dataset.classes),
+                           seed=recipe.train.seed, progress=False)
+        return (*linear_arrays(model, store.feature_dim), pool_features(sel.store.features, sel.store.offsets, held))
+
+    fusions, svm = [], None
     for path in paths:
         state = load_checkpoint(path)
+        if stages is not None:
+            stages.load(state["trunk"])
+        if svm is None or stages is not None:
+            svm = fit_svm()
+        coef, intercept, held_pooled = svm
         head = AdaptationHead(store.feature_dim, len(train_data.dataset.classes), recipe.head.hidden,
                               recipe.head.dropout)
         head.load_state_dict(state["head"])
