@@ -204,6 +204,25 @@ def region_mean(fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return total / area
 
 
+def region_weights(cells: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, h * w) weights whose product with an (h * w, C) map gives ``region_mean`` of boxes ``cells``.
+
+    A box's weight on a cell is the cell's area inside the box over the box's area (both clipped to
+    the map). Far faster than the summed-area table to differentiate on the small maps of the last
+    stages (``train.unlock``); but it grows with the map, so inference keeps ``region_mean``.
+    """
+    x1, y1, x2, y2 = cells.float().unbind(1)
+    x1, x2 = x1.clamp(0, w), x2.clamp(0, w)
+    y1, y2 = y1.clamp(0, h), y2.clamp(0, h)
+
+    def overlap(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:  # (N, n): each cell's length inside
+        j = torch.arange(n, device=cells.device, dtype=torch.float32)
+        return (torch.minimum(hi[:, None], j + 1) - torch.maximum(lo[:, None], j)).clamp(min=0)
+
+    area = ((x2 - x1) * (y2 - y1)).clamp(min=1e-6)[:, None, None]
+    return (overlap(y1, y2, h)[:, :, None] * overlap(x1, x2, w)[:, None, :] / area).reshape(len(cells), h * w)
+
+
 class FlattenFC(nn.Module):
     """Flatten a fixed-size region, then the FC6/FC7 layers of AlexNet or VGG."""
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from torch import nn
 
-from .backbones import Backbone, Unlock, backbone_spec, build_backbone, check_patch_mode
+from .backbones import Backbone, Unlock, backbone_spec, build_backbone, check_patch_mode, region_weights
 from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import ScaleGrid, grid_by_scale
 
@@ -92,8 +92,9 @@ class ImageMaps:
 class UnlockedStages(nn.Module):
     """The last stages of a backbone trained on its cached boundary maps (``train.unlock``).
 
-    Each level's map runs through the stages, and each patch's region of the result is pooled as in
-    shared mode; all of it is differentiable. BatchNorm stays in eval mode (the backbone's ``train``
+    Each level's map runs through the stages, and each patch's region of the result is averaged as in
+    shared mode (``region_weights``: a matrix product, quick to differentiate); all of it is differentiable.
+    The backbone's head must take the region means (no ``roi_size``), as Lite's does. BatchNorm stays in eval mode (the backbone's ``train``
     keeps it there), so its statistics never move; its affine weights train with the convolutions.
     """
 
@@ -124,7 +125,8 @@ class UnlockedStages(nn.Module):
                 fmap = self.backbone.trunk.run(x.permute(2, 0, 1)[None], self.unlock.part)  # a channels-last view
                 boxes = torch.from_numpy(np.asarray(item.boxes[rows], np.float32)).to(device)
                 cells = map_cells(self.backbone, boxes, float(item.factors[lv, 0]), float(item.factors[lv, 1]))
-                parts.append(self.backbone.pool_regions(fmap, cells))
+                pooled = region_weights(cells, *fmap.shape[-2:]) @ fmap[0].flatten(1).T  # (N, h w) @ (h w, C)
+                parts.append(self.backbone.head(pooled))
                 order.append(rows)
             if parts:
                 back = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable")).to(device)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from patchnet.backbones import (BACKBONES, BackboneError, Conv2dSame, _weights_id, backbone_spec, build_backbone,
-                                 region_mean)
+                                 region_mean, region_weights)
 from patchnet.recipe import RecipeError, recipe_from_dict
 
 # random weights: tests never download; 64 px is the smallest input AlexNet's layers accept
@@ -129,6 +129,20 @@ def test_region_mean_matches_the_integral_over_the_box():
     # whole cells: the plain mean, as exact mode takes it
     np.testing.assert_allclose(got[0], fmap[0].mean(axis=(1, 2)), rtol=1e-5)
     np.testing.assert_allclose(got[1], fmap[0][:, 2:5, 1:4].mean(axis=(1, 2)), rtol=1e-5)
+
+
+def test_region_weights_give_region_mean_as_a_matrix_product():
+    """Also for boxes that leave the map, and with gradients to the map (train.unlock differentiates it)."""
+    rng = np.random.default_rng(1)
+    fmap = torch.from_numpy(rng.random((1, 7, 5, 8)).astype(np.float32)).requires_grad_()
+    boxes = torch.tensor([[0, 0, 8, 5], [-1.5, 0.5, 3.2, 2.9], [6.1, 3.3, 9.4, 7.0], [2.5, 1.5, 2.6, 1.9]])
+    ref = region_mean(fmap, boxes)
+    got = region_weights(boxes, 5, 8) @ fmap[0].flatten(1).T
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # the table loses digits on the tiny box
+    g = torch.rand_like(ref)
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), fmap)
+    (got_grad,) = torch.autograd.grad((got * g).sum(), fmap)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- timm
