@@ -163,7 +163,7 @@ body{{font-family:sans-serif;margin:20px;color:#222}} h2{{margin-top:32px}}
 .row{{display:flex;flex-wrap:wrap;align-items:flex-start;gap:8px}} figure{{margin:0;text-align:center;font-size:11px}}
 figure img{{border:1px solid #ccc}} .q img{{border:3px solid #1f77b4}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ddd;padding:2px 8px;font-size:12px;text-align:right}} .cmp{{display:flex;gap:24px}}
-#map{{width:100%;height:640px;border:1px solid #bbb;cursor:grab;display:block}}
+#map{{width:100%;height:max(480px,70vh);border:1px solid #bbb;cursor:grab;display:block}}
 #legend span{{display:inline-block;margin:0 10px 4px 0;font-size:12px;cursor:pointer}}
 #legend i{{display:inline-block;width:11px;height:11px;margin-right:4px;vertical-align:-1px}}
 #legend .off{{opacity:.3}} #hood figure{{cursor:pointer;max-width:110px}} #hood img{{border:3px solid #ccc}}
@@ -193,12 +193,13 @@ const M=JSON.parse(document.getElementById('map-data').textContent),N=M.ids.leng
 const cv=document.getElementById('map'),cx=cv.getContext('2d'),hood=document.getElementById('hood');
 const I=M.thumbs.map(s=>{const im=new Image();im.src=s;return im;});
 let W=0,H=0,S=0,zoom=1,ox=0,oy=0,sel=-1,only=-1,raf=0,drag=null;
+const x0=Math.min(...M.x),y0=Math.min(...M.y),xr=Math.max(...M.x)-x0||1,yr=Math.max(...M.y)-y0||1;
 const colour=i=>M.main[i]>=0?M.colours[M.main[i]]:'#555';
-const sx=i=>ox+zoom*((W-S)/2+S*M.x[i]),sy=i=>oy+zoom*((H-S)/2+S*M.y[i]);
-const side=()=>Math.min(64,Math.max(10,S/Math.sqrt(N))*Math.sqrt(zoom));
+const sx=i=>ox+zoom*((W-S*xr)/2+S*(M.x[i]-x0)),sy=i=>oy+zoom*((H-S*yr)/2+S*(M.y[i]-y0));
+const side=()=>Math.min(64,Math.max(10,S*Math.sqrt(xr*yr/N))*Math.sqrt(zoom));
 const big=()=>Math.max(side(),48);
 function resize(){const r=window.devicePixelRatio||1;W=cv.clientWidth;H=cv.clientHeight;cv.width=W*r;cv.height=H*r;
-  cx.setTransform(r,0,0,r,0,0);S=Math.min(W,H)-50;draw();}
+  cx.setTransform(r,0,0,r,0,0);S=Math.min((W-50)/xr,(H-50)/yr);draw();}
 function put(i,t,lw){const X=sx(i),Y=sy(i);if(X<-t||Y<-t||X>W+t||Y>H+t)return;
   const im=I[i],w0=im.naturalWidth||1,h0=im.naturalHeight||1,f=t/Math.max(w0,h0),w=w0*f,h=h0*f;
   cx.fillStyle=colour(i);cx.fillRect(X-w/2-lw,Y-h/2-lw,w+2*lw,h+2*lw);
@@ -220,7 +221,7 @@ function fig(j,cap,q){const f=document.createElement('figure'),im=document.creat
 function open(i){sel=i;document.getElementById('hoodtitle').textContent='Neighbourhood of '+M.ids[i];
   hood.replaceChildren(fig(i,'query '+M.ids[i]+'\\n'+names(i),true),
     ...M.neighbours[i].map((j,r)=>fig(j,M.ids[j]+'\\nd = '+M.distances[i][r].toFixed(3)+'\\n'+names(j))));redraw();}
-window.openImage=open;
+window.openImage=open;window.mapPoint=i=>[sx(i),sy(i)];  // for scripts that drive the page
 cv.addEventListener('wheel',e=>{e.preventDefault();const z=Math.min(80,Math.max(1,zoom*Math.exp(-e.deltaY*0.002))),f=z/zoom;
   ox=e.offsetX-(e.offsetX-ox)*f;oy=e.offsetY-(e.offsetY-oy)*f;zoom=z;redraw();},{passive:false});
 cv.addEventListener('mousedown',e=>{drag={x:e.clientX,y:e.clientY,ox,oy,moved:false};});
