@@ -6,7 +6,9 @@ The collection is synthetic: demo-style images (patchnet.demo) and features made
 clusters to show. The page is built by the same function as `patchnet retrieve`, then opened in
 headless Chromium (Debian's `chromium`, driven by playwright: `pip install -e .[bench]`; no browser is
 downloaded) and timed until the load event and until the map is drawn (every thumbnail decoded and
-drawn: `window.mapDrawnAt`), both in ms since navigation start, the median of --repeats fresh tabs.
+drawn: `window.mapDrawnAt`), both in ms since navigation start, then the time to redraw the whole map
+(a tiny zoom step: from the wheel event to the end of the frame that draws it), the median of --repeats
+fresh tabs.
 
     python benchmarks/retrieval_page.py                    # N = 500 and 5000 (about 5 min on 2 CPU cores)
     python benchmarks/retrieval_page.py --sizes 500 --repeats 1
@@ -51,11 +53,19 @@ def synthetic_collection(folder: Path, n: int, dims: int = 1280, seed: int = 0):
     return paths, SplitFeatures(ids, features.astype(np.float32), labels, list(DEMO_CLASSES)), area
 
 
-def load_times(page: Path, chromium: str, repeats: int) -> tuple[float, float]:
-    """Median ms from navigation start to the load event and to the drawn map, over fresh tabs."""
+REDRAW = """async () => {
+  const cv = document.getElementById('map'), t = performance.now();
+  cv.dispatchEvent(new WheelEvent('wheel', {deltaY: -1, clientX: 400, clientY: 300, bubbles: true, cancelable: true}));
+  await new Promise(r => requestAnimationFrame(r));  // runs after the map's own frame callback
+  return performance.now() - t;
+}"""
+
+
+def load_times(page: Path, chromium: str, repeats: int) -> tuple[float, float, float]:
+    """Median ms from navigation start to the load event and to the drawn map, and of a redraw, over fresh tabs."""
     from playwright.sync_api import sync_playwright
 
-    loads, drawn = [], []
+    loads, drawn, redraw = [], [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         for _ in range(repeats):
@@ -64,9 +74,10 @@ def load_times(page: Path, chromium: str, repeats: int) -> tuple[float, float]:
             tab.wait_for_function("window.mapDrawn === true", timeout=300_000)
             loads.append(tab.evaluate("performance.getEntriesByType('navigation')[0].loadEventEnd"))
             drawn.append(tab.evaluate("window.mapDrawnAt"))
+            redraw.append(statistics.median(tab.evaluate(REDRAW) for _ in range(5)))
             tab.close()
         browser.close()
-    return statistics.median(loads), statistics.median(drawn)
+    return statistics.median(loads), statistics.median(drawn), statistics.median(redraw)
 
 
 def main() -> None:
@@ -86,12 +97,13 @@ def main() -> None:
         queries = [{"name": f.ids[i], "path": paths[i], "row": i} for i in range(min(8, n))]
         with Timer() as build:
             collection_page(out, f"synthetic collection of {n}", paths, f, queries, args.k, area)
-        load, drawn = load_times(out, args.chromium, args.repeats)
+        load, drawn, redraw = load_times(out, args.chromium, args.repeats)
         mb = out.stat().st_size / 2**20
-        rows.append((n, f"{mb:.1f}", f"{1024 * mb / n:.2f}", f"{build.seconds:.0f}", f"{load:.0f}", f"{drawn:.0f}"))
+        rows.append((n, f"{mb:.1f}", f"{1024 * mb / n:.2f}", f"{build.seconds:.0f}", f"{load:.0f}", f"{drawn:.0f}",
+                     f"{redraw:.0f}"))
         print(rows[-1], flush=True)
     print(f"\n{machine()}; {args.chromium} headless, software rendering; median of {args.repeats} loads\n")
-    print(table(rows, ("images", "page MB", "KB per image", "build s", "load event ms", "map drawn ms")))
+    print(table(rows, ("images", "page MB", "KB per image", "build s", "load event ms", "map drawn ms", "redraw ms")))
 
 
 if __name__ == "__main__":

@@ -185,9 +185,9 @@ Scroll to zoom, drag to pan, click an image to see its {k} nearest neighbours (c
 <h3 id="hoodtitle">Click an image of the map</h3><div class="row" id="hood"></div>
 <script type="application/json" id="map-data">{data}</script><script>{js}</script>"""
 
-# The map: one <canvas>; each thumbnail is decoded once into an Image and drawn at its t-SNE position,
-# only when inside the view. window.mapDrawn turns true (mapDrawnAt: ms since navigation) once every
-# thumbnail is decoded and drawn.
+# The map: one <canvas>; each thumbnail is decoded once into an ImageBitmap (an <img> would be decoded
+# again at every frame once there are thousands) and drawn at its t-SNE position, only when inside the
+# view. window.mapDrawn turns true (mapDrawnAt: ms since navigation) once every thumbnail is drawn.
 MAP_JS = """(function(){
 const M=JSON.parse(document.getElementById('map-data').textContent),N=M.ids.length;
 const cv=document.getElementById('map'),cx=cv.getContext('2d'),hood=document.getElementById('hood');
@@ -201,9 +201,9 @@ const big=()=>Math.max(side(),48);
 function resize(){const r=window.devicePixelRatio||1;W=cv.clientWidth;H=cv.clientHeight;cv.width=W*r;cv.height=H*r;
   cx.setTransform(r,0,0,r,0,0);S=Math.min((W-50)/xr,(H-50)/yr);draw();}
 function put(i,t,lw){const X=sx(i),Y=sy(i);if(X<-t||Y<-t||X>W+t||Y>H+t)return;
-  const im=I[i],w0=im.naturalWidth||1,h0=im.naturalHeight||1,f=t/Math.max(w0,h0),w=w0*f,h=h0*f;
+  const im=I[i],w0=im.width||1,h0=im.height||1,f=t/Math.max(w0,h0),w=w0*f,h=h0*f;
   cx.fillStyle=colour(i);cx.fillRect(X-w/2-lw,Y-h/2-lw,w+2*lw,h+2*lw);
-  if(im.complete&&im.naturalWidth)cx.drawImage(im,X-w/2,Y-h/2,w,h);}
+  if(im.width)cx.drawImage(im,X-w/2,Y-h/2,w,h);}
 function draw(){raf=0;cx.clearRect(0,0,W,H);const t=side(),lw=t>24?2:1;
   for(let i=0;i<N;i++){cx.globalAlpha=only<0||M.main[i]===only?1:0.1;put(i,t,lw);}
   cx.globalAlpha=1;if(sel<0)return;
@@ -236,7 +236,8 @@ M.classes.forEach((c,k)=>{const n=M.main.filter(m=>m===k).length;if(!n)return;
   s.append(b,c+' ('+n+')');s.onclick=()=>{only=only===k?-1:k;
     for(const o of legend.children)o.className=only<0||o===s?'':'off';redraw();};legend.append(s);});
 window.addEventListener('resize',resize);resize();
-Promise.allSettled(I.map(im=>im.decode())).then(()=>{draw();window.mapDrawnAt=performance.now();window.mapDrawn=true;});
+Promise.allSettled(I.map((im,i)=>im.decode().then(()=>createImageBitmap(im)).then(b=>{I[i]=b;redraw();})))
+  .then(()=>{draw();window.mapDrawnAt=performance.now();window.mapDrawn=true;});
 })();"""
 
 
