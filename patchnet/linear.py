@@ -43,13 +43,16 @@ def pool_store(store: FeatureStore, pool: str = "mean", view: int | None = 0) ->
     """
     keep = store.ok & ((store.view == view) if view is not None else True)
     items = np.flatnonzero(keep)
-    return pool_features(store.features, store.offsets, items, pool), store.record[items].astype(np.int64)
+    return pool_features(store.rows, store.offsets, items, pool), store.record[items].astype(np.int64)
 
 
 def split_features(recipe: Recipe, dataset: Dataset, extractor, pool: str = "mean", views: int = 0,
-                   progress: bool = True) -> SplitFeatures:
-    """Per-image features of a split through the feature cache; augmented views become extra rows."""
-    store = build_features(recipe, dataset, extractor, views=views, progress=progress)
+                   progress: bool = True, codec=None) -> SplitFeatures:
+    """Per-image features of a split through the feature cache; augmented views become extra rows.
+
+    ``codec``: how the cache stores the rows; default the recipe's (``patchnet.cache.feature_codec``).
+    """
+    store = build_features(recipe, dataset, extractor, views=views, progress=progress, codec=codec)
     rows, records = pool_store(store, pool, view=None)
     return SplitFeatures([dataset.records[r].image_id for r in records], rows, dataset.labels()[records],
                          list(dataset.classes))
