@@ -97,20 +97,22 @@ class ItemImages(TorchDataset):
 class Rows:
     """The (P, d) float32 feature rows of a store, decoded on read: ``rows[a:b]``, ``rows[index_array]``, ``rows[i]``.
 
+    With a ``codec``, rows are mapped back through its projection (``FeatureCodec.unproject``).
     Functions that take a feature array (``patchnet.pooling``, ``AdaptationHead.logits``) take this too.
     """
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, features: np.ndarray, scales: np.ndarray | None = None):
-        self.stored, self.scales = features, scales
-        self.shape = features.shape
+    def __init__(self, features: np.ndarray, scales: np.ndarray | None = None, codec: FeatureCodec | None = None):
+        self.stored, self.scales, self.codec = features, scales, codec
+        self.shape = (len(features), features.shape[1] if codec is None else codec.components.shape[1])
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        return decode_rows(self.stored[index], None if self.scales is None else self.scales[index])
+        rows = decode_rows(self.stored[index], None if self.scales is None else self.scales[index])
+        return rows if self.codec is None else self.codec.unproject(rows)
 
 
 def _file(name: str, dtype: np.dtype) -> str:
@@ -120,7 +122,9 @@ def _file(name: str, dtype: np.dtype) -> str:
 class FeatureStore:
     """A complete cache, opened read-only: feature rows (P, d) memory-mapped, and per-item indexes.
 
-    ``feature_dim`` is the stored dimension (``cache.pca_dim`` after a projection); ``rows`` decodes.
+    ``rows`` decodes the rows the head reads; ``feature_dim`` is their dimension (``cache.pca_dim``
+    after a projection). ``trunk_rows`` maps them back to the trunk's space for features pooled by
+    their maximum (the same view as ``rows`` without a projection).
     """
 
     def __init__(self, path: Path):
@@ -136,6 +140,12 @@ class FeatureStore:
                   if total else np.zeros((0, width), dtype)
                   for name, (dtype, width) in stored_layout(self.compress, self.feature_dim).items()}
         self.rows = Rows(**arrays)
+        projection = {}
+        if (path / "projection.npz").is_file():
+            with np.load(path / "projection.npz") as z:
+                projection = {"mean": z["mean"], "components": z["components"]}
+        self.codec = FeatureCodec(self.compress, **projection)
+        self.trunk_rows = self.rows if self.codec.components is None else Rows(**arrays, codec=self.codec)
         self.failures: list[str] = meta.get("failures", [])
 
     def __len__(self) -> int:
@@ -212,6 +222,7 @@ def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, 
     (path / "chunks").mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
+        _save_projection(path, codec)
     todo = [c for c in range(len(chunks)) if c % world == rank and not _chunk_path(path, c).is_file()]
     done = len(chunks) - sum(1 for c in range(len(chunks)) if not _chunk_path(path, c).is_file())
     if done and todo:
@@ -360,12 +371,20 @@ def _write_rows(path: Path, layout: dict, total: int, blocks) -> None:
 def _transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: dict, block: int = 65536) -> None:
     """Encode a complete fp16 cache into ``path`` with ``codec``: the same items and index, no trunk."""
     path.mkdir(parents=True, exist_ok=True)
+    _save_projection(path, codec)
     total = source.num_patches
     _write_rows(path, codec.layout(source.feature_dim), total,
                 (codec.encode(source.rows[s:s + block]) for s in range(0, total, block)))
     (path / "meta.json").write_text(json.dumps({**meta, "failures": source.failures}, indent=1))
     shutil.copyfile(source.path / "index.npz", path / "index.tmp.npz")
     os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
+
+
+def _save_projection(path: Path, codec: FeatureCodec) -> None:
+    """The projection beside the rows, so that a store maps them back on its own (``trunk_rows``)."""
+    if codec.components is not None:
+        np.savez(path / "projection.tmp.npz", mean=codec.mean, components=codec.components)
+        os.replace(path / "projection.tmp.npz", path / "projection.npz")
 
 
 def _join_chunks(path: Path, num_chunks: int, layout: dict) -> None:

@@ -130,6 +130,16 @@ class FeatureCodec:
         """(N, d) trunk features -> float32 rows as the head reads them from a cache of this codec."""
         return decode_rows(**self.encode(features))
 
+    def unproject(self, rows) -> np.ndarray:
+        """Decoded rows -> float32 rows in the trunk's space (the same rows without a projection).
+
+        Pooling a feature over patches by its maximum (the fused SVM, the linear baselines) means
+        something in the trunk's space, where the features are non-negative responses; the maximum
+        of a signed projection does not.
+        """
+        rows = np.asarray(rows, np.float32)
+        return rows if self.components is None else rows @ self.components + self.mean
+
     @property
     def digest(self) -> str:
         """Identity of the projection's values (empty without one)."""

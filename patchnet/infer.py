@@ -59,7 +59,7 @@ def image_scores(head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig
     scores = pool_items(head, store.rows, store.offsets, cfg, pool, items)
     if fusion is None:
         return scores
-    return fusion.combine(scores, fusion.decision(pool_features(store.rows, store.offsets, items, "max")))
+    return fusion.combine(scores, fusion.decision(pool_features(store.trunk_rows, store.offsets, items, "max")))
 
 
 def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:
@@ -130,11 +130,11 @@ class Predictor:
         return self.pool != "power" or fitted.get("k", self.recipe.pool.k) == self.recipe.pool.k
 
     def score(self, logits: torch.Tensor, features) -> np.ndarray:
-        """(C,) score of one image from its (N, C + 1) patch logits and (N, d) patch features."""
+        """(C,) score of one image from its (N, C + 1) patch logits and (N, d) patch features (as stored)."""
         scores = pool_image(logits, self.recipe.pool, self.pool)
         if self.fusion is None:
             return scores
-        pooled = np.asarray(features, np.float32).max(0, keepdims=True)
+        pooled = self.codec.unproject(features).max(0, keepdims=True)
         return self.fusion.combine(scores[None], self.fusion.decision(pooled))[0]
 
     def map_values(self, logits: torch.Tensor) -> np.ndarray:

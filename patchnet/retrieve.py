@@ -155,7 +155,7 @@ def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], q
             raise DatasetError(f"query {q!r} is not an image of {dataset.name}")
         chosen.append({"name": q, "path": paths[q], "row": row[q]})
     for p in query_images:
-        feats = codec.roundtrip(extractor(load_image(p)))
+        feats = codec.unproject(codec.roundtrip(extractor(load_image(p))))
         chosen.append({"name": p.name, "path": p, "feature": feats.mean(0) if reduce == "mean" else feats.max(0)})
     if not chosen:
         pick = np.random.default_rng(recipe.train.seed).choice(len(f.ids), min(num_queries, len(f.ids)), replace=False)

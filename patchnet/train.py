@@ -573,12 +573,12 @@ def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitD
     store, sel, held = train_data.store, select[0], select[1]
     items = np.flatnonzero(store.ok & ~held_out(store, train_data, select))
     log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
-    pooled = pool_features(store.rows, store.offsets, items, "max")
+    pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
     ids = [train_data.dataset.records[r].image_id for r in store.record[items]]
     model = fit_linear(SplitFeatures(ids, pooled, train_data.image_labels(items), train_data.dataset.classes),
                        seed=recipe.train.seed, progress=False)
-    coef, intercept = linear_arrays(model, store.feature_dim)
-    held_pooled, labels = pool_features(sel.store.rows, sel.store.offsets, held, "max"), sel.image_labels(held)
+    coef, intercept = linear_arrays(model, pooled.shape[1])
+    held_pooled, labels = pool_features(sel.store.trunk_rows, sel.store.offsets, held, "max"), sel.image_labels(held)
     fusions = []
     for path in paths:
         state = load_checkpoint(path)

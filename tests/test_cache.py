@@ -153,6 +153,10 @@ def test_pca_is_fitted_on_the_training_split_and_reused_by_the_others(tmp_path, 
     assert again.calls == len(val)
     assert val_store.fields["projection"] == store.fields["projection"] == codec.digest
     assert len(list((tmp_path / "cache" / "projections").iterdir())) == 1
+    # the store maps its rows back to the trunk's space on its own, for features pooled by their maximum
+    s = val_store.item_slice(0)
+    np.testing.assert_allclose(val_store.trunk_rows[s], val_store.rows[s] @ ref.components_ + ref.mean_, atol=1e-3)
+    assert val_store.trunk_rows.shape == (val_store.num_patches, 1280)
     np.testing.assert_allclose(val_store.rows[val_store.item_slice(0)], ref.transform(_fp16(ex, val.records[0])),
                                rtol=1e-3, atol=1e-3)
 
@@ -166,7 +170,8 @@ def test_a_compressed_cache_is_encoded_from_the_fp16_cache_without_the_trunk(tmp
     store = build_features(r, ds, counting, progress=False)
     assert counting.calls == 0  # the PCA sample too is read from the fp16 cache
     dim = 1280 if compress == "int8" else 5
-    assert sorted(f.name for f in store.path.iterdir()) == ["features.u8", "index.npz", "meta.json", "scales.f32"]
+    files = ["features.u8", "index.npz", "meta.json", "scales.f32"] + (["projection.npz"] if dim == 5 else [])
+    assert sorted(f.name for f in store.path.iterdir()) == sorted(files)
     assert (store.path / "features.u8").stat().st_size == store.num_patches * dim
     assert (store.path / "scales.f32").stat().st_size == store.num_patches * 8
     # the same cache as one built from the images

@@ -401,7 +401,8 @@ def test_augmented_views_of_held_out_images_never_train(tmp_path, small_voc):
 def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_does(tmp_path, small_voc, compress):
     from patchnet.infer import Predictor, evaluate_split
 
-    recipe = tiny_recipe(tmp_path, small_voc, f"cache.compress={compress}", "cache.pca_dim=8", "train.epochs=1")
+    recipe = tiny_recipe(tmp_path, small_voc, f"cache.compress={compress}", "cache.pca_dim=8", "train.epochs=1",
+                         "infer.fuse=true", "train.holdout=0.5")
     result = train(recipe, progress=False)
     state = load_checkpoint(result.run_dir / "last.pt")
     dim = 8 if compress == "pca" else 1280
@@ -411,6 +412,8 @@ def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_do
                                                                   progress=False)
     np.testing.assert_allclose(table.ap07, result.table.ap07)  # eval finds the cache that training reported on
     assert store.compress == compress and store.feature_dim == dim and n == 2
+    # the fused SVM max-pools features in the trunk's space, also over projections
+    assert predictor.fusion is not None and predictor.fusion.coef.shape == (3, 1280)
     # the images scored from the extractor (as `patchnet predict` does with new images), not the cache
     fresh = Predictor(result.run_dir / "last.pt")
     for i in items:
