@@ -119,10 +119,10 @@ def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_
     keys = {_digest(fields)}
     for overrides in (["cache.compress=int8"], ["cache.compress=pca", "cache.pca_dim=4"],
                       ["cache.compress=pca", "cache.pca_dim=6"], ["cache.compress=pca_int8", "cache.pca_dim=4"]):
-        r, _, _ = _setup(tmp_path, small_voc, *overrides)
+        r = tiny_recipe(tmp_path, small_voc, *overrides)
         keys.add(_digest(cache_fields(r, ds, ex, codec=feature_codec(r, ex, progress=False))))
     assert len(keys) == 5
-    r, _, _ = _setup(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=2000")
+    r = tiny_recipe(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=2000")
     with pytest.raises(CodecError, match="at most 1280"):
         feature_codec(r, ex)
 
@@ -165,7 +165,7 @@ def test_pca_is_fitted_on_the_training_split_and_reused_by_the_others(tmp_path, 
 def test_a_compressed_cache_is_encoded_from_the_fp16_cache_without_the_trunk(tmp_path, small_voc, compress):
     recipe, ds, ex = _setup(tmp_path, small_voc)
     build_features(recipe, ds, ex, progress=False)
-    r, _, _ = _setup(tmp_path, small_voc, f"cache.compress={compress}", "cache.pca_dim=5")
+    r = tiny_recipe(tmp_path, small_voc, f"cache.compress={compress}", "cache.pca_dim=5")
     counting = CountingExtractor(ex)
     store = build_features(r, ds, counting, progress=False)
     assert counting.calls == 0  # the PCA sample too is read from the fp16 cache
@@ -175,7 +175,7 @@ def test_a_compressed_cache_is_encoded_from_the_fp16_cache_without_the_trunk(tmp
     assert (store.path / "features.u8").stat().st_size == store.num_patches * dim
     assert (store.path / "scales.f32").stat().st_size == store.num_patches * 8
     # the same cache as one built from the images
-    fresh_recipe, _, _ = _setup(tmp_path / "fresh", small_voc, f"cache.compress={compress}", "cache.pca_dim=5")
+    fresh_recipe = tiny_recipe(tmp_path / "fresh", small_voc, f"cache.compress={compress}", "cache.pca_dim=5")
     fresh = build_features(fresh_recipe, ds, ex, progress=False)
     assert fresh.path.name == store.path.name
     np.testing.assert_array_equal(store.rows.stored, fresh.rows.stored)
