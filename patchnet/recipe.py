@@ -24,6 +24,7 @@ Pooling = Literal["power", "max", "lse", "topk"]
 Format = Literal["voc", "coco", "demo", "folder", "csv"]
 Supervision = Literal["boxes", "images", "both"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Compress = Literal["none", "int8", "pca", "pca_int8"]
 POOLINGS = typing.get_args(Pooling)
 
 
@@ -113,6 +114,11 @@ class InferConfig:
 @dataclass
 class CacheConfig:
     chunk: int = 32  # images per chunk file: a killed run loses at most one chunk of work
+    # how patch features are stored (patchnet.codec; README, Feature cache): none (fp16) | int8 (8-bit codes
+    # per row) | pca (fp16 projections on pca_dim principal components of the training split) | pca_int8
+    compress: Compress = "none"
+    pca_dim: int = 256  # pca, pca_int8: components kept; the head then reads pca_dim values per patch
+    pca_images: int = 200  # pca, pca_int8: training images (fixed draw) whose patches the projection is fitted on
 
 
 @dataclass
@@ -196,6 +202,9 @@ class Recipe:
             raise RecipeError(f"train.holdout must lie in [0, 1), got {self.train.holdout}")
         if self.train.image_batch < 1 or self.train.image_weight < 0:
             raise RecipeError("train.image_batch must be at least 1 and train.image_weight non-negative")
+        if self.cache.pca_dim < 1 or self.cache.pca_images < 1:
+            raise RecipeError(f"cache.pca_dim and cache.pca_images must be at least 1, got {self.cache.pca_dim} "
+                              f"and {self.cache.pca_images}")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise RecipeError("train.epochs and train.batch_size must be at least 1")
         return self

@@ -313,13 +313,15 @@ def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], q
     Queries are image ids of the split, image files, or (neither given) ``num_queries`` drawn by the seed.
     Returns the split's features and the per-class precision@k.
     """
+    from .cache import feature_codec
     from .datasets import DatasetError, load_image, open_split
     from .extract import build_extractor
     from .linear import split_features
 
     dataset = open_split(recipe.data, split)
     extractor = build_extractor(recipe)
-    f = split_features(recipe, dataset, extractor, reduce)
+    codec = feature_codec(recipe, extractor)  # query images are stored as the collection is
+    f = split_features(recipe, dataset, extractor, reduce, codec=codec)
     records = {rec.image_id: rec for rec in dataset.records}
     row = {i: n for n, i in enumerate(f.ids)}
     chosen: list[dict] = []
@@ -328,7 +330,7 @@ def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], q
             raise DatasetError(f"query {q!r} is not an image of {dataset.name}")
         chosen.append({"name": q, "path": records[q].path, "row": row[q]})
     for p in query_images:
-        feats = extractor(load_image(p)).numpy()
+        feats = codec.unproject(codec.roundtrip(extractor(load_image(p))))
         chosen.append({"name": p.name, "path": p, "feature": feats.mean(0) if reduce == "mean" else feats.max(0)})
     if not chosen:
         pick = np.random.default_rng(recipe.train.seed).choice(len(f.ids), min(num_queries, len(f.ids)), replace=False)

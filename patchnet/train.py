@@ -29,8 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import FeatureStore, build_features
+from .cache import FeatureStore, build_features, feature_codec
 from .calibration import calibrate
+from .codec import FeatureCodec
 from .datasets import Dataset, DatasetError, open_split
 from .errors import PatchnetError
 from .extract import PatchExtractor, build_extractor, resolve_precision
@@ -92,13 +93,16 @@ def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False
 
 
 def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, views: int = 0,
-                  progress: bool = True) -> SplitData:
-    """Open a split, build (or reuse) its feature cache, and label its patches where boxes are used."""
+                  progress: bool = True, codec: FeatureCodec | None = None) -> SplitData:
+    """Open a split, build (or reuse) its feature cache, and label its patches where boxes are used.
+
+    ``codec``: how the cache stores the rows; default the recipe's (``patchnet.cache.feature_codec``).
+    """
     dataset = open_split(recipe.data, split)
     if recipe.train.supervision != "images" and not dataset.has_boxes:
         raise DatasetError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
                               "patch labels; use --set train.supervision=images to learn from image labels alone")
-    store = build_features(recipe, dataset, extractor, views=views, progress=progress)
+    store = build_features(recipe, dataset, extractor, views=views, progress=progress, codec=codec)
     if recipe.train.supervision == "images":
         c = len(dataset.classes)
         return SplitData(dataset, store, np.full(store.num_patches, IGNORE, np.int64), np.zeros(0, np.int64),
@@ -365,7 +369,7 @@ class Trainer:
         return F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
 
     def _patch_step(self, idx: np.ndarray):
-        x = torch.from_numpy(np.asarray(self.data.store.features[idx], dtype=np.float32))
+        x = torch.from_numpy(self.data.store.rows[idx])
         labels = self.labels[idx]
         logits = self._forward(x)
         loss = self._patch_loss(logits, labels, idx)
@@ -374,7 +378,7 @@ class Trainer:
 
     def _image_step(self, items: np.ndarray, keep_bg: np.ndarray | None):
         store = self.data.store
-        x = torch.from_numpy(gather_items(store.features, store.offsets, items))
+        x = torch.from_numpy(gather_items(store.rows, store.offsets, items))
         counts = np.diff(store.offsets)[items]
         logits = self._forward(x)
         image_logits = pool(patch_values(logits, self.recipe.pool.name), counts, self.recipe.pool)
@@ -509,18 +513,24 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         save_recipe(recipe, run_dir / "recipe.yaml")
 
     extractor = build_extractor(recipe)
-    train_data = prepare_split(recipe, recipe.data.train_split, extractor, views=recipe.aug.views, progress=progress)
+    # a resumed run keeps the projection its head was trained on
+    codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else feature_codec(recipe, extractor,
+                                                                                                 progress)
+    train_data = prepare_split(recipe, recipe.data.train_split, extractor, views=recipe.aug.views, progress=progress,
+                               codec=codec)
     classes = train_data.dataset.classes
-    select = _selection(recipe, train_data, extractor, progress)
+    select = _selection(recipe, train_data, extractor, progress, codec)
     _log_split("train", train_data, select)
-    val = prepare_split(recipe, recipe.data.val_split, extractor, progress=progress) if recipe.data.val_split else None
+    val = (prepare_split(recipe, recipe.data.val_split, extractor, progress=progress, codec=codec)
+           if recipe.data.val_split else None)
 
     torch.manual_seed(recipe.train.seed)
     device = extractor.device
-    head = AdaptationHead(extractor.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout).to(device)
+    head = AdaptationHead(train_data.store.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout).to(device)
     state = TrainState(head, recipe, device)
+    # feature_dim: the trunk's; the head reads codec.dim(feature_dim) values, the codec's projection applied
     extra = {"recipe": recipe.to_dict(), "classes": classes, "feature_dim": extractor.feature_dim,
-             "weights_id": extractor.backbone.weights_id}
+             "weights_id": extractor.backbone.weights_id, "codec": codec.state_dict()}
     if saved is not None:
         check_compatible(saved, last_path, recipe.backbone.name, classes, extractor.feature_dim,
                          extractor.backbone.weights_id)
@@ -563,12 +573,12 @@ def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitD
     store, sel, held = train_data.store, select[0], select[1]
     items = np.flatnonzero(store.ok & ~held_out(store, train_data, select))
     log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
-    pooled = pool_features(store.features, store.offsets, items, "max")
+    pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
     ids = [train_data.dataset.records[r].image_id for r in store.record[items]]
     model = fit_linear(SplitFeatures(ids, pooled, train_data.image_labels(items), train_data.dataset.classes),
                        seed=recipe.train.seed, progress=False)
-    coef, intercept = linear_arrays(model, store.feature_dim)
-    held_pooled, labels = pool_features(sel.store.features, sel.store.offsets, held, "max"), sel.image_labels(held)
+    coef, intercept = linear_arrays(model, pooled.shape[1])
+    held_pooled, labels = pool_features(sel.store.trunk_rows, sel.store.offsets, held, "max"), sel.image_labels(held)
     fusions = []
     for path in paths:
         state = load_checkpoint(path)
@@ -586,14 +596,14 @@ def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitD
     return fusions
 
 
-def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool):
+def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool, codec: FeatureCodec | None = None):
     """The images best.pt is chosen on: ``data.select_split``, else ``train.holdout`` of the training images."""
     if recipe.data.select_split:
         if recipe.data.select_split == recipe.data.val_split:
             raise CheckpointError(f"data.select_split and data.val_split are both {recipe.data.val_split!r}: a "
                                   "checkpoint chosen on the reported split overstates it; choose on another split "
                                   "or leave select_split empty to hold out train.holdout of the training images")
-        data = prepare_split(recipe, recipe.data.select_split, extractor, progress=progress)
+        data = prepare_split(recipe, recipe.data.select_split, extractor, progress=progress, codec=codec)
         return data, evaluation_items(data.store)
     if recipe.train.holdout <= 0:
         return None
