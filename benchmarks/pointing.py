@@ -38,7 +38,7 @@ def main() -> None:
         recipe.data.root = str(voc)
         recipe.data.boxes = True  # a model trained without boxes is still judged against them
         train = open_split(recipe.data, recipe.data.train_split)
-        store = build_features(recipe, train, predictor.extractor)
+        store = build_features(recipe, train, predictor.extractor, codec=predictor.codec)
         held = evaluation_items(store, holdout_records(len(train), recipe.train.holdout or 0.1, recipe.train.seed))
         chosen = {}
         for prior in args.priors:
@@ -48,7 +48,7 @@ def main() -> None:
                   f"hard {100 * r['hard']:.1f}%", flush=True)
         best = max(chosen, key=chosen.get)
         val = open_split(recipe.data, args.split)
-        vstore = build_features(recipe, val, predictor.extractor)
+        vstore = build_features(recipe, val, predictor.extractor, codec=predictor.codec)
         items = evaluation_items(vstore)
         for prior in sorted({0.0, best}):
             r = pointing_game(predictor.head, vstore, val, items, predictor.pool, prior).rates()

@@ -1,9 +1,15 @@
-"""On-disk fp16 feature cache: trunk features of every patch of every image (and augmented view).
+"""On-disk feature cache: trunk features of every patch of every image (and augmented view).
 
 The trunk is frozen, so a patch's feature depends only on the image, the patch grid, the backbone
-and its weights, the input size and the precision; the cache key is a hash of exactly those.
+and its weights, the input size and the precision; the cache key is a hash of exactly those, plus
+the storage codec (``cache.compress``, see ``patchnet.codec``) and its projection when it has one.
 Building writes chunks of images atomically, so a killed run resumes at the first missing chunk;
-when all chunks exist they are joined into one memory-mapped ``features.f16``.
+when all chunks exist they are joined into memory-mapped arrays (``features.f16``; or
+``features.u8`` and ``scales.f32``). Readers go through ``FeatureStore.rows``, which decodes.
+
+A PCA projection is fitted once on the training split (``cache.pca_images`` images, a fixed seed)
+and kept in ``<cache_dir>/projections/``; every split of a run, and every later evaluation through
+the checkpoint, which carries the projection, stores its rows through that same projection.
 
 With ``train.unlock`` the last stages of the trunk train, so their features change at every step:
 ``build_maps`` caches instead each image's maps at the boundary below them (``MapStore``), from
@@ -29,7 +35,8 @@ from tqdm.auto import tqdm
 
 from .augment import augment, build_pipeline, view_seed
 from .backbones import backbone_spec, unlock_split
-from .datasets import Dataset, DatasetError, ImageRecord, load_image
+from .codec import CodecError, FeatureCodec, Moments, decode_rows, stored_layout
+from .datasets import Dataset, DatasetError, ImageRecord, load_image, open_split
 from .errors import PatchnetError
 from .extract import ImageMaps, PatchExtractor, UnlockedStages
 from .recipe import AugConfig, Recipe
@@ -37,14 +44,16 @@ from .recipe import AugConfig, Recipe
 log = logging.getLogger("patchnet")
 
 CACHE_VERSION = 2  # bump whenever the patch grid or feature code changes what is stored
+PCA_SEED = 0  # draws the training images a projection is fitted on; fixed, so that runs share projections
 
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def cache_fields(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0) -> dict:
-    """Everything the cached features depend on; any change gives another key."""
+def cache_fields(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0,
+                 codec: FeatureCodec | None = None) -> dict:
+    """Everything the cached features depend on (``codec``: how they are stored); any change gives another key."""
     # Resolved paths, so that a relative and an absolute dataset root share one cache.
     images = [(r.image_id, str(r.path.resolve()), r.path.stat().st_size, r.width, r.height) for r in dataset.records]
     p = recipe.patches
@@ -64,7 +73,7 @@ def cache_fields(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, vi
         fields["seed"] = recipe.train.seed
         fields["annotations"] = _digest([(r.boxes.tolist(), r.box_classes.tolist(), r.box_difficult.tolist())
                                          for r in dataset.records])
-    return fields
+    return {**fields, **(codec or FeatureCodec()).fields()}
 
 
 class ItemImages(TorchDataset):
@@ -91,19 +100,58 @@ class ItemImages(TorchDataset):
         return i, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), tuple(objects)
 
 
+class Rows:
+    """The (P, d) float32 feature rows of a store, decoded on read: ``rows[a:b]``, ``rows[index_array]``, ``rows[i]``.
+
+    With a ``codec``, rows are mapped back through its projection (``FeatureCodec.unproject``).
+    Functions that take a feature array (``patchnet.pooling``, ``AdaptationHead.logits``) take this too.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, features: np.ndarray, scales: np.ndarray | None = None, codec: FeatureCodec | None = None):
+        self.stored, self.scales, self.codec = features, scales, codec
+        self.shape = (len(features), features.shape[1] if codec is None else codec.components.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = decode_rows(self.stored[index], None if self.scales is None else self.scales[index])
+        return rows if self.codec is None else self.codec.unproject(rows)
+
+
+def _file(name: str, dtype: np.dtype) -> str:
+    return f"{name}.{ {'float16': 'f16', 'uint8': 'u8', 'float32': 'f32'}[dtype.name]}"
+
+
 class FeatureStore:
-    """A complete cache, opened read-only: features (P, d) fp16 memory-mapped, and per-item indexes."""
+    """A complete cache, opened read-only: feature rows (P, d) memory-mapped, and per-item indexes.
+
+    ``rows`` decodes the rows the head reads; ``feature_dim`` is their dimension (``cache.pca_dim``
+    after a projection). ``trunk_rows`` maps them back to the trunk's space for features pooled by
+    their maximum (the same view as ``rows`` without a projection).
+    """
 
     def __init__(self, path: Path):
         self.path = path
         meta = json.loads((path / "meta.json").read_text())
         self.fields, self.feature_dim = meta["fields"], meta["feature_dim"]
+        self.compress: str = meta.get("compress", "none")
         with np.load(path / "index.npz") as idx:
             for name in idx.files:
                 setattr(self, name, idx[name])
         total = int(self.offsets[-1])
-        self.features = (np.memmap(path / "features.f16", dtype=np.float16, mode="r", shape=(total, self.feature_dim))
-                         if total else np.zeros((0, self.feature_dim), np.float16))
+        arrays = {name: np.memmap(path / _file(name, dtype), dtype=dtype, mode="r", shape=(total, width))
+                  if total else np.zeros((0, width), dtype)
+                  for name, (dtype, width) in stored_layout(self.compress, self.feature_dim).items()}
+        self.rows = Rows(**arrays)
+        projection = {}
+        if (path / "projection.npz").is_file():
+            with np.load(path / "projection.npz") as z:
+                projection = {"mean": z["mean"], "components": z["components"]}
+        self.codec = FeatureCodec(self.compress, **projection)
+        self.trunk_rows = self.rows if self.codec.components is None else Rows(**arrays, codec=self.codec)
         self.failures: list[str] = meta.get("failures", [])
 
     def __len__(self) -> int:
@@ -125,9 +173,14 @@ class FeatureStore:
         return np.repeat(np.arange(len(self)), np.diff(self.offsets))
 
 
-def cached_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0) -> FeatureStore | None:
-    """The complete cache of a split if one exists (a warm cache), without computing anything."""
-    path = Path(recipe.runtime.cache_dir) / _digest(cache_fields(recipe, dataset, extractor, views))
+def cached_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0,
+                    codec: FeatureCodec | None = None) -> FeatureStore | None:
+    """The complete cache of a split if one exists (a warm cache), without extracting it.
+
+    ``codec``: how the rows are stored; default the recipe's (:func:`feature_codec`).
+    """
+    codec = codec or feature_codec(recipe, extractor)
+    path = Path(recipe.runtime.cache_dir) / _digest(cache_fields(recipe, dataset, extractor, views, codec))
     return FeatureStore(path) if (path / "index.npz").is_file() else None
 
 
@@ -143,44 +196,113 @@ def _barrier() -> None:
 
 
 def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0,
-                   progress: bool = True) -> FeatureStore:
+                   progress: bool = True, codec: FeatureCodec | None = None) -> FeatureStore:
     """Open the cached features of a split, computing what is missing first.
 
     Items are every image (view 0) and, with ``views`` > 0, that many augmented views of each.
+    ``codec``: how the rows are stored; default the recipe's (:func:`feature_codec`). A compressed
+    cache is encoded from the split's fp16 cache when that exists, without running the trunk.
     Under ``torchrun`` the ranks share the chunks and rank 0 joins them.
     """
-    warm = cached_features(recipe, dataset, extractor, views)
+    codec = codec or feature_codec(recipe, extractor, progress)
+    warm = cached_features(recipe, dataset, extractor, views, codec)
     if warm is not None:
         return warm
-    fields = cache_fields(recipe, dataset, extractor, views)
+    fields = cache_fields(recipe, dataset, extractor, views, codec)
     key = _digest(fields)
     path = Path(recipe.runtime.cache_dir) / key
     rank, world = _rank_world()
     items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
     chunk = max(1, recipe.cache.chunk)
+    meta = {"fields": fields, "feature_dim": codec.dim(extractor.feature_dim), "compress": codec.compress,
+            "items": len(items), "chunk": chunk}
+    layout = codec.layout(extractor.feature_dim)
+    source = cached_features(recipe, dataset, extractor, views, FeatureCodec()) if codec.compress != "none" else None
+    if source is not None:
+        if rank == 0:
+            log.info("feature cache %s: encoding the fp16 cache %s as %s", key, source.path.name, codec.compress)
+            _transcode(source, codec, path, meta)
+        _barrier()
+        return FeatureStore(path)
     chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     (path / "chunks").mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (path / "meta.json").write_text(json.dumps({"fields": fields, "feature_dim": extractor.feature_dim,
-                                                    "items": len(items), "chunk": chunk}, indent=1))
+        (path / "meta.json").write_text(json.dumps(meta, indent=1))
+        _save_projection(path, codec)
     todo = [c for c in range(len(chunks)) if c % world == rank and not _chunk_path(path, c).is_file()]
     done = len(chunks) - sum(1 for c in range(len(chunks)) if not _chunk_path(path, c).is_file())
     if done and todo:
         log.info("feature cache %s: resuming, %d of %d chunks already done", key, done, len(chunks))
     if todo:
-        _compute_chunks(dataset, extractor, chunks, todo, path, recipe, progress and rank == 0)
+        _compute_chunks(dataset, extractor, codec, chunks, todo, path, recipe, progress and rank == 0)
     _barrier()
     if rank == 0:
-        _join_chunks(path, len(chunks), extractor.feature_dim)
+        _join_chunks(path, len(chunks), layout)
     _barrier()
     return FeatureStore(path)
+
+
+def feature_codec(recipe: Recipe, extractor: PatchExtractor, progress: bool = True) -> FeatureCodec:
+    """The recipe's ``cache.compress``, with its projection when it has one.
+
+    A projection is fitted once on ``cache.pca_images`` images of the training split (drawn with a
+    fixed seed; all their patches) and kept in ``<cache_dir>/projections/``, keyed by the training
+    split's features and the PCA settings, so that every split and every run of them shares it.
+    """
+    c = recipe.cache
+    if not c.compress.startswith("pca"):
+        return FeatureCodec(c.compress)
+    if c.pca_dim > extractor.feature_dim:
+        raise CodecError(f"cache.pca_dim={c.pca_dim} exceeds the {extractor.feature_dim}-d features of "
+                         f"{recipe.backbone.name}; choose at most {extractor.feature_dim}")
+    dataset = open_split(recipe.data, recipe.data.train_split)
+    fields = {"features": cache_fields(recipe, dataset, extractor), "pca_dim": c.pca_dim,
+              "pca_images": c.pca_images, "seed": PCA_SEED}
+    path = Path(recipe.runtime.cache_dir) / "projections" / f"{_digest(fields)}.npz"
+    if _rank_world()[0] == 0 and not path.is_file():
+        moments = Moments(extractor.feature_dim)
+        for rows in _projection_sample(recipe, dataset, extractor, progress):
+            moments.add(rows)
+        mean, components, kept = moments.pca(c.pca_dim)
+        log.info("PCA projection on %d patches of %s: %d components keep %.1f%% of the variance", moments.n,
+                 dataset.name, c.pca_dim, 100 * kept)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, mean=mean.astype(np.float32), components=components.astype(np.float32), kept=kept,
+                 patches=moments.n, fields=json.dumps(fields))
+        os.replace(tmp, path)
+    _barrier()
+    with np.load(path) as z:
+        return FeatureCodec(c.compress, z["mean"], z["components"])
+
+
+def _projection_sample(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, progress: bool):
+    """fp16 features of all patches of ``cache.pca_images`` training images (a fixed draw), image by image.
+
+    Read from the split's fp16 cache when it exists, else extracted (the same rows either way).
+    """
+    chosen = np.sort(np.random.default_rng(PCA_SEED).permutation(len(dataset.records))[:recipe.cache.pca_images])
+    warm = cached_features(recipe, dataset, extractor, codec=FeatureCodec())
+    if warm is not None:
+        for i in np.flatnonzero(np.isin(warm.record, chosen) & (warm.view == 0)):
+            yield warm.rows[warm.item_slice(i)]
+        return
+    workers = recipe.runtime.workers
+    loader = DataLoader(ItemImages(dataset.records, [(int(r), 0) for r in chosen]), batch_size=None, shuffle=False,
+                        num_workers=workers, prefetch_factor=4 if workers else None)
+    for _, image, info in tqdm(loader, total=len(chosen), desc="PCA sample", unit="img", disable=not progress,
+                               dynamic_ncols=True):
+        if image is None:
+            log.warning("PCA sample: skipped unreadable image: %s", info)
+            continue
+        yield extractor(image).numpy().astype(np.float16).astype(np.float32)
 
 
 def _chunk_path(path: Path, c: int) -> Path:
     return path / "chunks" / f"{c:06d}.npz"
 
 
-def _compute_chunks(dataset, extractor, chunks, todo, path, recipe, progress):
+def _compute_chunks(dataset, extractor, codec, chunks, todo, path, recipe, progress):
     flat = [(c, item) for c in todo for item in chunks[c]]
     source = ItemImages(dataset.records, [item for _, item in flat], recipe.aug, recipe.train.seed)
     workers = recipe.runtime.workers
@@ -196,29 +318,30 @@ def _compute_chunks(dataset, extractor, chunks, todo, path, recipe, progress):
             log.warning("skipped unreadable image: %s", info)
             pending[c].append((None, None, info))
         else:
-            feats = extractor(image).to(torch.float16).numpy()
             h, w = image.shape[-2:]
-            pending[c].append((feats, extractor.boxes(w, h), info))
-            patches += len(feats)
+            boxes = extractor.boxes(w, h)
+            pending[c].append((codec.encode(extractor(image)), boxes, info))
+            patches += len(boxes)
         bar.update(1)
         bar.set_postfix(patches_s=f"{patches / (time.perf_counter() - start):.0f}", refresh=False)
         if len(pending[c]) == len(chunks[c]):
-            _write_chunk(_chunk_path(path, c), pending.pop(c), extractor.feature_dim)
+            _write_chunk(_chunk_path(path, c), pending.pop(c), codec.layout(extractor.feature_dim))
     bar.close()
 
 
-def _write_chunk(target: Path, results: list, dim: int) -> None:
+def _write_chunk(target: Path, results: list, layout: dict) -> None:
     feats, patch_boxes, counts, ok, objects, failures = [], [], [], [], [], []
     for f, boxes, info in results:
         if f is None:
             counts.append(0), ok.append(False), failures.append(info)
             objects.append((np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)))
         else:
-            feats.append(f), patch_boxes.append(boxes), counts.append(len(f)), ok.append(True)
+            feats.append(f), patch_boxes.append(boxes), counts.append(len(boxes)), ok.append(True)
             objects.append(info)
     tmp = target.with_suffix(".tmp.npz")
     np.savez(tmp,
-             features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float16),
+             **{name: np.concatenate([f[name] for f in feats]) if feats else np.zeros((0, width), dtype)
+                for name, (dtype, width) in layout.items()},
              patch_boxes=np.concatenate(patch_boxes) if patch_boxes else np.zeros((0, 4), np.float32),
              counts=np.array(counts, np.int64), ok=np.array(ok),
              box_counts=np.array([len(o[0]) for o in objects], np.int64),
@@ -229,23 +352,52 @@ def _write_chunk(target: Path, results: list, dim: int) -> None:
     os.replace(tmp, target)
 
 
-def _join_chunks(path: Path, num_chunks: int, dim: int) -> None:
+def _write_rows(path: Path, layout: dict, total: int, blocks) -> None:
+    """Write ``total`` rows of each stored array from ``blocks`` (dicts of consecutive rows) as memory maps."""
+    files = {name: path / _file(name, dtype) for name, (dtype, _) in layout.items()}
+    outs = {name: np.memmap(f"{files[name]}.tmp", dtype=dtype, mode="w+", shape=(total, width)) if total else None
+            for name, (dtype, width) in layout.items()}
+    pos = 0
+    for block in blocks:
+        n = len(block["features"])
+        for name, out in outs.items():
+            out[pos:pos + n] = block[name]
+        pos += n
+    for out in outs.values():
+        if out is not None:
+            out.flush()
+    outs.clear()
+    for f in files.values():
+        tmp = Path(f"{f}.tmp")
+        if not total:
+            tmp.write_bytes(b"")
+        os.replace(tmp, f)
+
+
+def _transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: dict, block: int = 65536) -> None:
+    """Encode a complete fp16 cache into ``path`` with ``codec``: the same items and index, no trunk."""
+    path.mkdir(parents=True, exist_ok=True)
+    _save_projection(path, codec)
+    total = source.num_patches
+    _write_rows(path, codec.layout(source.feature_dim), total,
+                (codec.encode(source.rows[s:s + block]) for s in range(0, total, block)))
+    (path / "meta.json").write_text(json.dumps({**meta, "failures": source.failures}, indent=1))
+    shutil.copyfile(source.path / "index.npz", path / "index.tmp.npz")
+    os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
+
+
+def _save_projection(path: Path, codec: FeatureCodec) -> None:
+    """The projection beside the rows, so that a store maps them back on its own (``trunk_rows``)."""
+    if codec.components is not None:
+        np.savez(path / "projection.tmp.npz", mean=codec.mean, components=codec.components)
+        os.replace(path / "projection.tmp.npz", path / "projection.npz")
+
+
+def _join_chunks(path: Path, num_chunks: int, layout: dict) -> None:
     meta = json.loads((path / "meta.json").read_text())
     parts = [np.load(_chunk_path(path, c)) for c in range(num_chunks)]
     counts = np.concatenate([p["counts"] for p in parts])
-    total = int(counts.sum())
-    tmp = path / "features.f16.tmp"
-    if total:
-        out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(total, dim))
-        pos = 0
-        for p in parts:
-            f = p["features"]
-            out[pos:pos + len(f)] = f
-            pos += len(f)
-        out.flush()
-        del out
-    else:
-        tmp.write_bytes(b"")
+    _write_rows(path, layout, int(counts.sum()), ({name: p[name] for name in layout} for p in parts))
     n = len(counts)
     record = np.repeat(np.arange(n // (meta["fields"]["views"] + 1)), meta["fields"]["views"] + 1)
     view = np.tile(np.arange(meta["fields"]["views"] + 1), n // (meta["fields"]["views"] + 1))
@@ -262,7 +414,6 @@ def _join_chunks(path: Path, num_chunks: int, dim: int) -> None:
         p.close()
     meta["failures"] = failures
     (path / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path / "features.f16")
     os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
     shutil.rmtree(path / "chunks", ignore_errors=True)
     if failures:
@@ -279,8 +430,9 @@ class MapStore(FeatureStore):
 
     Per item and level, the (h, w, C) map at the boundary below the unlocked stages, fp16 and
     memory-mapped as rows of cells (``maps``); per patch, the level it is pooled from
-    (``patch_level``); the item indexes of ``FeatureStore``. ``features`` are computed on read by
-    the unlocked stages once ``attach`` has given them.
+    (``patch_level``); the item indexes of ``FeatureStore``. Its ``rows`` (and ``trunk_rows``, the
+    same: nothing is projected) are computed on read by the unlocked stages once ``attach`` has
+    given them.
     """
 
     def __init__(self, path: Path):  # FeatureStore's indexes, and maps in place of features
@@ -293,7 +445,7 @@ class MapStore(FeatureStore):
         total = int(self.cell_offsets[-1])
         self.maps = (np.memmap(path / "maps.f16", dtype=np.float16, mode="r", shape=(total, self.map_dim))
                      if total else np.zeros((0, self.map_dim), np.float16))
-        self.features: MapFeatures | None = None
+        self.rows = self.trunk_rows = None
         self.failures: list[str] = meta.get("failures", [])
 
     def item_maps(self, i: int) -> ImageMaps:
@@ -305,16 +457,17 @@ class MapStore(FeatureStore):
         return ImageMaps(maps, self.level_factor[a:b], self.patch_boxes[s], self.patch_level[s])
 
     def attach(self, stages: UnlockedStages, dtype: torch.dtype | None) -> "MapStore":
-        """From now on, read ``features`` through ``stages`` as they are at the time of reading."""
-        self.features = MapFeatures(self, stages, dtype)
+        """From now on, read ``rows`` through ``stages`` as they are at the time of reading."""
+        self.rows = self.trunk_rows = MapFeatures(self, stages, dtype)
         return self
 
 
 class MapFeatures:
     """The (P, d) float32 patch features of a ``MapStore``, computed on read by the unlocked stages.
 
-    Read by slices of rows (``features[a:b]``), as ``patchnet.pooling``, ``AdaptationHead.logits``
-    and the heatmaps do; the items the slice touches run whole, under autocast to ``dtype`` (None: fp32).
+    Read by slices (``rows[a:b]``), as ``patchnet.pooling``, ``AdaptationHead.logits`` and the
+    heatmaps read ``FeatureStore.rows``; the items a slice touches run whole, under autocast to
+    ``dtype`` (None: fp32).
     """
 
     dtype = np.dtype(np.float32)
@@ -329,7 +482,7 @@ class MapFeatures:
     def __getitem__(self, index) -> np.ndarray:
         start, stop, step = index.indices(len(self)) if isinstance(index, slice) else (0, 0, 0)
         if step != 1:
-            raise TypeError(f"the features of a map store are read by slices of consecutive rows, not {index!r}")
+            raise TypeError(f"the rows of a map store are read by slices of consecutive rows, not {index!r}")
         if stop <= start:
             return np.zeros((0, self.shape[1]), np.float32)
         offsets = self.store.offsets

@@ -305,13 +305,14 @@ def retrieve(
     queries: Annotated[Optional[str], typer.Option(help="Comma-separated image ids of the split to query.")] = None,
     query_images: Annotated[Optional[list[Path]], typer.Option("--query-image", help="An image file to query.")] = None,
     num_queries: Annotated[int, typer.Option(help="Queries drawn from the split when none are named.")] = 8,
-    k: Annotated[int, typer.Option(help="Neighbours shown per query.")] = 8,
+    k: Annotated[int, typer.Option(help="Neighbours shown per query and per image of the map.")] = 8,
     pool: PoolOpt = "whole",
     out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("retrieval.html"),
     overrides: SetOpt = None,
     verbose: bool = False,
 ):
-    """Nearest neighbours by L2 distance, written as a self-contained HTML page; prints precision@k per class."""
+    """Nearest neighbours by L2 distance and a t-SNE map of the split, as one self-contained HTML page;
+    prints precision@k per class."""
     with _session(verbose):
         from .retrieve import retrieval_page
 

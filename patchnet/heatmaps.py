@@ -85,7 +85,7 @@ def log_heatmaps(writer, head, split, recipe, epoch: int, items: np.ndarray) -> 
         except DatasetError:
             continue
         s = store.item_slice(i)
-        logits = head.logits(store.features[s])
+        logits = head.logits(store.rows[s])
         values = map_values(logits, name).numpy()
         scores = pool_image(logits, recipe.pool, name)
         chosen = top_classes(scores, 2)

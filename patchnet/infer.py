@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backbones import BackboneError, backbone_spec, build_backbone, unlock_split
 from .cache import build_features
 from .calibration import Calibration
+from .codec import FeatureCodec
 from .datasets import DatasetError, data_override, load_image, open_split
-from .backbones import BackboneError, backbone_spec, build_backbone, unlock_split
 from .extract import PatchExtractor, build_extractor
 from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
@@ -56,10 +57,10 @@ def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, re
 def image_scores(head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig, pool: str,
                  fusion: Fusion | None = None) -> np.ndarray:
     """(len(items), C) pooled scores of items of a feature store (fused with the max-pool classifier if given)."""
-    scores = pool_items(head, store.features, store.offsets, cfg, pool, items)
+    scores = pool_items(head, store.rows, store.offsets, cfg, pool, items)
     if fusion is None:
         return scores
-    return fusion.combine(scores, fusion.decision(pool_features(store.features, store.offsets, items, "max")))
+    return fusion.combine(scores, fusion.decision(pool_features(store.trunk_rows, store.offsets, items, "max")))
 
 
 def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:
@@ -108,8 +109,10 @@ class Predictor:
         self.recipe: Recipe = recipe_from_dict(self.state["recipe"], overrides)
         self.classes: list[str] = list(self.state["classes"])
         self.extractor = checkpoint_extractor(self.state, checkpoint, self.recipe)
-        self.head = AdaptationHead(self.extractor.feature_dim, len(self.classes), self.recipe.head.hidden,
-                                   self.recipe.head.dropout)
+        # the head reads features stored as in training: through the checkpoint's projection and quantisation
+        self.codec = FeatureCodec.from_state(self.state.get("codec"))
+        self.head = AdaptationHead(self.codec.dim(self.extractor.feature_dim), len(self.classes),
+                                   self.recipe.head.hidden, self.recipe.head.dropout)
         self.head.load_state_dict(self.state["head"])
         self.head.eval()
         self.pool = self.recipe.infer_pool
@@ -126,11 +129,11 @@ class Predictor:
         return self.pool != "power" or fitted.get("k", self.recipe.pool.k) == self.recipe.pool.k
 
     def score(self, logits: torch.Tensor, features) -> np.ndarray:
-        """(C,) score of one image from its (N, C + 1) patch logits and (N, d) patch features."""
+        """(C,) score of one image from its (N, C + 1) patch logits and (N, d) patch features (as stored)."""
         scores = pool_image(logits, self.recipe.pool, self.pool)
         if self.fusion is None:
             return scores
-        pooled = np.asarray(features, np.float32).max(0, keepdims=True)
+        pooled = self.codec.unproject(features).max(0, keepdims=True)
         return self.fusion.combine(scores[None], self.fusion.decision(pooled))[0]
 
     def map_values(self, logits: torch.Tensor) -> np.ndarray:
@@ -141,10 +144,11 @@ class Predictor:
         if isinstance(image, (str, Path)):
             image = load_image(image)
         h, w = image.shape[:2]
-        return self.predict_features(self.extractor(image), self.extractor.boxes(w, h), w, h)
+        return self.predict_features(self.codec.roundtrip(self.extractor(image)), self.extractor.boxes(w, h), w, h)
 
     def predict_features(self, features, boxes: np.ndarray, width: int, height: int) -> Prediction:
-        """Score one image from its patch features (e.g. read from the feature cache)."""
+        """Score one image from its patch features as the cache stores them (``FeatureStore.rows``, or the
+        extractor's output through ``self.codec.roundtrip``)."""
         logits = self.head.logits(features)
         scores = self.score(logits, features)
         probs = self.calibration.probabilities(scores) if self.calibration else None
@@ -187,7 +191,7 @@ def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split
     if dataset.classes != predictor.classes:
         raise CheckpointError(f"{checkpoint}: trained for classes {predictor.classes}, "
                               f"but {dataset.name} has {dataset.classes}")
-    store = build_features(recipe, dataset, predictor.extractor, progress=progress)
+    store = build_features(recipe, dataset, predictor.extractor, progress=progress, codec=predictor.codec)
     items = evaluation_items(store)
     table, _ = evaluate(predictor.head, store, dataset, items, recipe.pool, predictor.pool, predictor.fusion)
     return table, len(items), (predictor, dataset, store, items)
@@ -204,7 +208,7 @@ def pointing_game(head: AdaptationHead, store, dataset, items: np.ndarray, pool:
         if not present:
             continue
         s = store.item_slice(i)
-        values = map_values(head.logits(store.features[s]), pool).numpy()
+        values = map_values(head.logits(store.rows[s]), pool).numpy()
         for c in present:
             m = score_map(store.patch_boxes[s], values[:, c], rec.width, rec.height, prior=prior)
             y, x = np.unravel_index(int(np.argmax(m)), m.shape)

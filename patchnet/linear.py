@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .cache import FeatureStore, build_features
+from .codec import FeatureCodec
 from .datasets import Dataset, open_split
 from .metrics import APTable, ap_table, voc_ap
 from .pooling import pool_features
@@ -37,19 +38,23 @@ class SplitFeatures:
 
 
 def pool_store(store: FeatureStore, pool: str = "mean", view: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One row per readable item of a view (None: every view): the mean or max of its patch features.
+    """One row per readable item of a view (None: every view): the mean or max of its patch features
+    (in the trunk's space, also when the cache stores projections).
 
     Returns (rows, record index of each row).
     """
     keep = store.ok & ((store.view == view) if view is not None else True)
     items = np.flatnonzero(keep)
-    return pool_features(store.features, store.offsets, items, pool), store.record[items].astype(np.int64)
+    return pool_features(store.trunk_rows, store.offsets, items, pool), store.record[items].astype(np.int64)
 
 
 def split_features(recipe: Recipe, dataset: Dataset, extractor, pool: str = "mean", views: int = 0,
-                   progress: bool = True) -> SplitFeatures:
-    """Per-image features of a split through the feature cache; augmented views become extra rows."""
-    store = build_features(recipe, dataset, extractor, views=views, progress=progress)
+                   progress: bool = True, codec: FeatureCodec | None = None) -> SplitFeatures:
+    """Per-image features of a split through the feature cache; augmented views become extra rows.
+
+    ``codec``: how the cache stores the rows; default the recipe's (``patchnet.cache.feature_codec``).
+    """
+    store = build_features(recipe, dataset, extractor, views=views, progress=progress, codec=codec)
     rows, records = pool_store(store, pool, view=None)
     return SplitFeatures([dataset.records[r].image_id for r in records], rows, dataset.labels()[records],
                          list(dataset.classes))

@@ -24,6 +24,7 @@ Pooling = Literal["power", "max", "lse", "topk"]
 Format = Literal["voc", "coco", "demo", "folder", "csv"]
 Supervision = Literal["boxes", "images", "both"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Compress = Literal["none", "int8", "pca", "pca_int8"]
 POOLINGS = typing.get_args(Pooling)
 
 
@@ -115,6 +116,11 @@ class InferConfig:
 @dataclass
 class CacheConfig:
     chunk: int = 32  # images per chunk file: a killed run loses at most one chunk of work
+    # how patch features are stored (patchnet.codec; README, Feature cache): none (fp16) | int8 (8-bit codes
+    # per row) | pca (fp16 projections on pca_dim principal components of the training split) | pca_int8
+    compress: Compress = "none"
+    pca_dim: int = 256  # pca, pca_int8: components kept; the head then reads pca_dim values per patch
+    pca_images: int = 200  # pca, pca_int8: training images (fixed draw) whose patches the projection is fitted on
 
 
 @dataclass
@@ -177,6 +183,9 @@ class Recipe:
             raise RecipeError(f"backbone: {e}") from None
         if self.train.unlock_lr <= 0:
             raise RecipeError(f"train.unlock_lr must be positive (a fraction of train.lr), got {self.train.unlock_lr}")
+        if self.train.unlock and self.cache.compress != "none":
+            raise RecipeError(f"train.unlock caches fp16 maps below the unlocked stages, not patch features, so "
+                              f"cache.compress={self.cache.compress} has nothing to compress; set cache.compress: none")
         if not self.patches.scales or min(self.patches.scales) < 1.0:
             raise RecipeError(f"patches.scales must be a non-empty list of values >= 1, got {self.patches.scales}")
         if not 0.0 < self.patches.step <= 0.5:
@@ -202,6 +211,9 @@ class Recipe:
             raise RecipeError(f"train.holdout must lie in [0, 1), got {self.train.holdout}")
         if self.train.image_batch < 1 or self.train.image_weight < 0:
             raise RecipeError("train.image_batch must be at least 1 and train.image_weight non-negative")
+        if self.cache.pca_dim < 1 or self.cache.pca_images < 1:
+            raise RecipeError(f"cache.pca_dim and cache.pca_images must be at least 1, got {self.cache.pca_dim} "
+                              f"and {self.cache.pca_images}")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise RecipeError("train.epochs and train.batch_size must be at least 1")
         return self

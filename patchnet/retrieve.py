@@ -1,7 +1,8 @@
 """Nearest-neighbour retrieval by L2 distance between L2-normalised features, and a page to browse it.
 
 The page follows the tasks of the "Do deep features retrieve X?" tool: browse the collection's
-neighbourhoods, explore a query's neighbours, and explore and compare distance distributions.
+neighbourhoods (a t-SNE map of thumbnails; a click shows an image's neighbours), explore a query's
+neighbours, and explore and compare distance distributions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from .linear import l2_normalize  # noqa: E402
 
@@ -38,6 +40,68 @@ def nearest(dist: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.n
     return np.argsort(d, axis=1, kind="stable")[:, :k]
 
 
+def all_neighbours(features: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) indices and distances of every row's k nearest other rows, in chunks of rows to bound memory."""
+    n = len(features)
+    k = min(k, n - 1)
+    idx, dist = np.empty((n, k), np.int64), np.empty((n, k))
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(start + chunk, n))
+        d = distances(features[rows], features)
+        idx[rows] = nearest(d, k, exclude=rows)
+        dist[rows] = np.take_along_axis(d, idx[rows], 1)
+    return idx, dist
+
+
+def embed_2d(features: np.ndarray, seed: int = 0, pca_dims: int = 50) -> np.ndarray:
+    """(N, 2) t-SNE map of the L2-normalised features (PCA to ``pca_dims`` first, as usual), in [0, 1]².
+
+    The larger extent spans [0, 1] and the other is centred in it, so that the map keeps its shape.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    n = len(features)
+    if n < 2:
+        return np.full((n, 2), 0.5)
+    x = l2_normalize(features.astype(np.float32))
+    if x.shape[1] > pca_dims and n > pca_dims:
+        x = PCA(pca_dims, random_state=seed).fit_transform(x)
+    # t-SNE needs a perplexity below the number of points
+    xy = TSNE(2, perplexity=min(30.0, max(1.0, (n - 1) / 3)), init="pca", learning_rate="auto",
+              random_state=seed).fit_transform(x)
+    xy -= xy.min(0)
+    xy /= max(xy.max(), 1e-12)
+    return xy + (1 - xy.max(0)) / 2
+
+
+def box_area(records, num_classes: int) -> np.ndarray:
+    """(N, C) total area of each image's non-difficult boxes per class."""
+    out = np.zeros((len(records), num_classes))
+    for n, rec in enumerate(records):
+        keep = ~rec.box_difficult
+        wh = rec.boxes[keep, 2:] - rec.boxes[keep, :2]
+        out[n] = np.bincount(rec.box_classes[keep], weights=wh[:, 0] * wh[:, 1], minlength=num_classes)
+    return out
+
+
+def main_class(labels: np.ndarray, area: np.ndarray | None = None) -> np.ndarray:
+    """Per image the class it is coloured by: of its classes (label 1) the one with the largest box area,
+    without boxes the first; -1 for an image without a class."""
+    key = np.where(labels == 1, 0.0 if area is None else area, -np.inf)
+    return np.where((labels == 1).any(1), key.argmax(1), -1)
+
+
+def class_colours(num_classes: int) -> list[str]:
+    """One colour per class: matplotlib's tab20 with its ten strong hues first, turbo beyond 20 classes."""
+    from matplotlib.colors import to_hex
+
+    if num_classes <= 20:
+        tab = plt.get_cmap("tab20").colors
+        return [to_hex(c) for c in (tab[0::2] + tab[1::2])[:num_classes]]
+    return [to_hex(plt.get_cmap("turbo")(i / (num_classes - 1))) for i in range(num_classes)]
+
+
 def precision_at_k(neighbours: np.ndarray, labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
     """Per class: the mean over queries showing the class of the share of their neighbours showing it.
 
@@ -50,12 +114,28 @@ def precision_at_k(neighbours: np.ndarray, labels: np.ndarray, query_labels: np.
         return np.where(showing.any(0), (share * showing).sum(0) / np.maximum(showing.sum(0), 1), np.nan)
 
 
-def _thumb(path: Path, size: int = 150) -> str:
-    img = Image.open(path).convert("RGB")
+def _thumb(path: Path, size: int = 150, quality: int = 80) -> str:
+    img = Image.open(path)
+    img.draft("RGB", (size, size))  # JPEGs decode at a reduced scale: much faster for small thumbnails
+    img = img.convert("RGB")
     img.thumbnail((size, size))
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
+    img.save(buf, format="JPEG", quality=quality, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def browse_data(paths: list[Path], ids: list[str], xy: np.ndarray, neighbours: np.ndarray, neighbour_d: np.ndarray,
+                labels: np.ndarray, classes: list[str], main: np.ndarray, thumb: int = 64) -> dict:
+    """The map's data for the page: each image's thumbnail once (a small JPEG), its map position, its
+    classes and main class, and its neighbours with their distances (indices into the same lists)."""
+    return {
+        "ids": list(ids),
+        "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
+        "thumbs": [_thumb(p, thumb, quality=70) for p in tqdm(paths, desc="thumbnails", unit="img", leave=False)],
+        "neighbours": neighbours.tolist(), "distances": np.round(neighbour_d, 3).tolist(),
+        "classes": list(classes), "colours": class_colours(len(classes)),
+        "labels": [np.flatnonzero(row == 1).tolist() for row in labels], "main": main.tolist(),
+    }
 
 
 def _png(fig) -> str:
@@ -83,19 +163,96 @@ body{{font-family:sans-serif;margin:20px;color:#222}} h2{{margin-top:32px}}
 .row{{display:flex;flex-wrap:wrap;align-items:flex-start;gap:8px}} figure{{margin:0;text-align:center;font-size:11px}}
 figure img{{border:1px solid #ccc}} .q img{{border:3px solid #1f77b4}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ddd;padding:2px 8px;font-size:12px;text-align:right}} .cmp{{display:flex;gap:24px}}
-</style></head><body><h1>{title}</h1><p>{summary}</p>
+#map{{width:100%;height:max(480px,70vh);border:1px solid #bbb;cursor:grab;display:block}}
+#legend span{{display:inline-block;margin:0 10px 4px 0;font-size:12px;cursor:pointer}}
+#legend i{{display:inline-block;width:11px;height:11px;margin-right:4px;vertical-align:-1px}}
+#legend .off{{opacity:.3}} #hood figure{{cursor:pointer;max-width:110px}} #hood img{{border:3px solid #ccc}}
+#hood .q img{{border-width:5px}}
+</style></head><body><h1>{title}</h1><p>{summary}</p>{browse}
 <h2>Compare two queries' distance distributions</h2><div class="cmp">
 <div><select id="a" onchange="show('a')">{options}</select><br><img id="ia"></div>
 <div><select id="b" onchange="show('b')">{options_b}</select><br><img id="ib"></div></div>
 {table}<h2>Neighbourhoods</h2>{sections}
-<script>const H={hist_js};function show(s){{document.getElementById('i'+s).src=H[document.getElementById(s).value];}}
+<script>const H={hist_js};function show(s){{const v=document.getElementById(s).value;
+if(v in H)document.getElementById('i'+s).src=H[v];}}
 show('a');show('b');</script></body></html>"""
+
+BROWSE = """<h2>Browse: a map of the collection</h2>
+<p>A t-SNE map of the features of all {n} images: images close on the map look alike to the network.
+The border colour is the image's main class (the largest boxes; click a class to show only its images).
+Scroll to zoom, drag to pan, click an image to see its {k} nearest neighbours (click one of them to go on).
+<button id="reset">reset view</button></p><div id="legend"></div><canvas id="map"></canvas>
+<h3 id="hoodtitle">Click an image of the map</h3><div class="row" id="hood"></div>
+<script type="application/json" id="map-data">{data}</script><script>{js}</script>"""
+
+# The map: one <canvas>; each thumbnail is decoded once into an ImageBitmap (an <img> would be decoded
+# again at every frame once there are thousands) and drawn at its t-SNE position, only when inside the
+# view. window.mapDrawn turns true (mapDrawnAt: ms since navigation) once every thumbnail is drawn.
+MAP_JS = """(function(){
+const M=JSON.parse(document.getElementById('map-data').textContent),N=M.ids.length;
+const cv=document.getElementById('map'),cx=cv.getContext('2d'),hood=document.getElementById('hood');
+const I=M.thumbs.map(s=>{const im=new Image();im.src=s;return im;});
+let W=0,H=0,S=0,zoom=1,ox=0,oy=0,sel=-1,only=-1,raf=0,drag=null;
+const x0=Math.min(...M.x),y0=Math.min(...M.y),xr=Math.max(...M.x)-x0||1,yr=Math.max(...M.y)-y0||1;
+const colour=i=>M.main[i]>=0?M.colours[M.main[i]]:'#555';
+const sx=i=>ox+zoom*((W-S*xr)/2+S*(M.x[i]-x0)),sy=i=>oy+zoom*((H-S*yr)/2+S*(M.y[i]-y0));
+const side=()=>Math.min(64,Math.max(10,S*Math.sqrt(xr*yr/N))*Math.sqrt(zoom));
+const big=()=>Math.max(side(),48);
+function resize(){const r=window.devicePixelRatio||1;W=cv.clientWidth;H=cv.clientHeight;cv.width=W*r;cv.height=H*r;
+  cx.setTransform(r,0,0,r,0,0);S=Math.min((W-50)/xr,(H-50)/yr);draw();}
+function put(i,t,lw){const X=sx(i),Y=sy(i);if(X<-t||Y<-t||X>W+t||Y>H+t)return;
+  const im=I[i],w0=im.width||1,h0=im.height||1,f=t/Math.max(w0,h0),w=w0*f,h=h0*f;
+  cx.fillStyle=colour(i);cx.fillRect(X-w/2-lw,Y-h/2-lw,w+2*lw,h+2*lw);
+  if(im.width)cx.drawImage(im,X-w/2,Y-h/2,w,h);}
+function draw(){raf=0;cx.clearRect(0,0,W,H);const t=side(),lw=t>24?2:1;
+  for(let i=0;i<N;i++){cx.globalAlpha=only<0||M.main[i]===only?1:0.1;put(i,t,lw);}
+  cx.globalAlpha=1;if(sel<0)return;
+  cx.strokeStyle='#000';cx.lineWidth=1.5;cx.beginPath();
+  for(const j of M.neighbours[sel]){cx.moveTo(sx(sel),sy(sel));cx.lineTo(sx(j),sy(j));}cx.stroke();
+  for(const j of M.neighbours[sel])put(j,big(),3);put(sel,big()*1.4,5);}
+function redraw(){if(!raf)raf=requestAnimationFrame(draw);}
+function hit(mx,my){const near=(i,t)=>Math.abs(sx(i)-mx)<=t/2+2&&Math.abs(sy(i)-my)<=t/2+2;
+  if(sel>=0){if(near(sel,big()*1.4))return sel;for(const j of M.neighbours[sel])if(near(j,big()))return j;}
+  for(let i=N-1;i>=0;i--)if((only<0||M.main[i]===only)&&near(i,side()))return i;return -1;}
+const names=i=>M.labels[i].map(c=>M.classes[c]).join(', ')||'no class';
+function fig(j,cap,q){const f=document.createElement('figure'),im=document.createElement('img'),c=document.createElement('figcaption');
+  if(q)f.className='q';im.src=M.thumbs[j];im.style.borderColor=colour(j);c.innerText=cap;f.append(im,c);
+  f.onclick=()=>open(j);return f;}
+function open(i){sel=i;document.getElementById('hoodtitle').textContent='Neighbourhood of '+M.ids[i];
+  hood.replaceChildren(fig(i,'query '+M.ids[i]+'\\n'+names(i),true),
+    ...M.neighbours[i].map((j,r)=>fig(j,M.ids[j]+'\\nd = '+M.distances[i][r].toFixed(3)+'\\n'+names(j))));redraw();}
+window.openImage=open;window.mapPoint=i=>[sx(i),sy(i)];  // for scripts that drive the page
+cv.addEventListener('wheel',e=>{e.preventDefault();const z=Math.min(80,Math.max(1,zoom*Math.exp(-e.deltaY*0.002))),f=z/zoom;
+  ox=e.offsetX-(e.offsetX-ox)*f;oy=e.offsetY-(e.offsetY-oy)*f;zoom=z;redraw();},{passive:false});
+cv.addEventListener('mousedown',e=>{drag={x:e.clientX,y:e.clientY,ox,oy,moved:false};});
+window.addEventListener('mousemove',e=>{if(!drag)return;const dx=e.clientX-drag.x,dy=e.clientY-drag.y;
+  if(Math.abs(dx)+Math.abs(dy)>3)drag.moved=true;if(drag.moved){ox=drag.ox+dx;oy=drag.oy+dy;redraw();}});
+window.addEventListener('mouseup',e=>{if(drag&&!drag.moved&&e.target===cv){const i=hit(e.offsetX,e.offsetY);if(i>=0)open(i);}drag=null;});
+cv.addEventListener('mousemove',e=>{const i=drag?-1:hit(e.offsetX,e.offsetY);cv.title=i<0?'':M.ids[i]+': '+names(i);});
+document.getElementById('reset').onclick=()=>{zoom=1;ox=oy=0;redraw();};
+const legend=document.getElementById('legend');
+M.classes.forEach((c,k)=>{const n=M.main.filter(m=>m===k).length;if(!n)return;
+  const s=document.createElement('span'),b=document.createElement('i');b.style.background=M.colours[k];
+  s.append(b,c+' ('+n+')');s.onclick=()=>{only=only===k?-1:k;
+    for(const o of legend.children)o.className=only<0||o===s?'':'off';redraw();};legend.append(s);});
+window.addEventListener('resize',resize);resize();
+Promise.allSettled(I.map((im,i)=>im.decode().then(()=>createImageBitmap(im)).then(b=>{I[i]=b;redraw();})))
+  .then(()=>{draw();window.mapDrawnAt=performance.now();window.mapDrawn=true;});
+})();"""
+
+
+def _browse_section(data: dict) -> str:
+    # "<" escaped so that no image id can close the script element
+    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    k = len(data["neighbours"][0]) if data["neighbours"] else 0
+    return BROWSE.format(n=len(data["ids"]), k=k, data=blob, js=MAP_JS)
 
 
 def write_page(out: Path, title: str, collection_paths: list[Path], collection_ids: list[str], queries: list[dict],
                dist: np.ndarray, neighbours: np.ndarray, classes: list[str] | None = None,
-               precision: np.ndarray | None = None, k: int = 8) -> Path:
-    """A self-contained HTML page (thumbnails and plots inlined) for the given queries."""
+               precision: np.ndarray | None = None, k: int = 8, browse: dict | None = None) -> Path:
+    """A self-contained HTML page (thumbnails and plots inlined) for the given queries, with the map of
+    ``browse`` (from ``browse_data``) when given."""
     sections, hists = [], {}
     for qi, q in enumerate(queries):
         nd = dist[qi, neighbours[qi]]
@@ -121,11 +278,32 @@ def write_page(out: Path, title: str, collection_paths: list[Path], collection_i
                  f"<tr><th>mean</th><td>{100 * np.nanmean(precision):.1f}</td></tr></table>")
     page = PAGE.format(title=html.escape(title), summary=f"{len(queries)} queries against {dist.shape[1]} images, "
                        f"L2 distance between L2-normalised features.", options=options, options_b=options_b,
+                       browse=_browse_section(browse) if browse else "",
                        table=table, sections="".join(sections), hist_js=json.dumps(hists))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     return out
+
+
+def collection_page(out, title: str, paths: list[Path], f, queries: list[dict], k: int, area: np.ndarray | None = None,
+                    seed: int = 0) -> np.ndarray:
+    """The page of a collection's features ``f`` (a SplitFeatures) and the queries; returns precision@k per class.
+
+    A query is ``{"name", "path"}`` with either ``"row"`` (an image of the collection) or ``"feature"``.
+    """
+    # every image as a query, itself left out: what do these features retrieve? (also the map's neighbourhoods)
+    every, every_d = all_neighbours(f.features, k)
+    precision = precision_at_k(every, f.labels, f.labels)
+    dist, neighbours = np.zeros((0, len(f.ids))), np.zeros((0, k), np.int64)
+    if queries:
+        qf = np.stack([f.features[q["row"]] if "row" in q else q["feature"] for q in queries])
+        dist = distances(qf, f.features)
+        neighbours = nearest(dist, k, exclude=np.array([q.get("row", -1) for q in queries]))
+    browse = browse_data(paths, f.ids, embed_2d(f.features, seed), every, every_d, f.labels, f.classes,
+                         main_class(f.labels, area))
+    write_page(out, title, paths, f.ids, queries, dist, neighbours, f.classes, precision, k, browse)
+    return precision
 
 
 def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], query_images: list, num_queries: int,
@@ -135,32 +313,29 @@ def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], q
     Queries are image ids of the split, image files, or (neither given) ``num_queries`` drawn by the seed.
     Returns the split's features and the per-class precision@k.
     """
+    from .cache import feature_codec
     from .datasets import DatasetError, load_image, open_split
     from .extract import build_extractor
     from .linear import split_features
 
     dataset = open_split(recipe.data, split)
     extractor = build_extractor(recipe)
-    f = split_features(recipe, dataset, extractor, reduce)
-    paths = {rec.image_id: rec.path for rec in dataset.records}
+    codec = feature_codec(recipe, extractor)  # query images are stored as the collection is
+    f = split_features(recipe, dataset, extractor, reduce, codec=codec)
+    records = {rec.image_id: rec for rec in dataset.records}
     row = {i: n for n, i in enumerate(f.ids)}
-    # every image as a query, itself left out: what do these features retrieve?
-    every = nearest(distances(f.features, f.features), k, exclude=np.arange(len(f.ids)))
-    precision = precision_at_k(every, f.labels, f.labels)
     chosen: list[dict] = []
     for q in query_ids:
         if q not in row:
             raise DatasetError(f"query {q!r} is not an image of {dataset.name}")
-        chosen.append({"name": q, "path": paths[q], "row": row[q]})
+        chosen.append({"name": q, "path": records[q].path, "row": row[q]})
     for p in query_images:
-        feats = extractor(load_image(p)).numpy()
+        feats = codec.unproject(codec.roundtrip(extractor(load_image(p))))
         chosen.append({"name": p.name, "path": p, "feature": feats.mean(0) if reduce == "mean" else feats.max(0)})
     if not chosen:
         pick = np.random.default_rng(recipe.train.seed).choice(len(f.ids), min(num_queries, len(f.ids)), replace=False)
-        chosen = [{"name": f.ids[i], "path": paths[f.ids[i]], "row": int(i)} for i in sorted(pick)]
-    qf = np.stack([f.features[q["row"]] if "row" in q else q["feature"] for q in chosen])
-    dist = distances(qf, f.features)
-    neighbours = nearest(dist, k, exclude=np.array([q.get("row", -1) for q in chosen]))
-    write_page(out, f"patchnet retrieval: {dataset.name} ({recipe.backbone.name}, {what})",
-               [paths[i] for i in f.ids], f.ids, chosen, dist, neighbours, f.classes, precision, k)
+        chosen = [{"name": f.ids[i], "path": records[f.ids[i]].path, "row": int(i)} for i in sorted(pick)]
+    rows = [records[i] for i in f.ids]
+    precision = collection_page(out, f"patchnet retrieval: {dataset.name} ({recipe.backbone.name}, {what})",
+                                [r.path for r in rows], f, chosen, k, box_area(rows, len(f.classes)), recipe.train.seed)
     return f, precision

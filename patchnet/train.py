@@ -35,8 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import backbone_spec, build_backbone, unlock_split
-from .cache import FeatureStore, MapStore, build_features, build_maps
+from .cache import FeatureStore, MapStore, build_features, build_maps, feature_codec
 from .calibration import calibrate
+from .codec import FeatureCodec
 from .datasets import Dataset, DatasetError, open_split
 from .errors import PatchnetError
 from .extract import ImageMaps, PatchExtractor, UnlockedStages, build_extractor, resolve_precision
@@ -98,15 +99,20 @@ def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False
 
 
 def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, views: int = 0,
-                  progress: bool = True) -> SplitData:
-    """Open a split, build (or reuse) its feature cache (boundary maps with ``train.unlock``), and label its
-    patches where boxes are used."""
+                  progress: bool = True, codec: FeatureCodec | None = None) -> SplitData:
+    """Open a split, build (or reuse) its feature cache, and label its patches where boxes are used.
+
+    ``codec``: how the cache stores the rows; default the recipe's (``patchnet.cache.feature_codec``).
+    With ``train.unlock`` the cache holds the maps below the unlocked stages instead (``build_maps``).
+    """
     dataset = open_split(recipe.data, split)
     if recipe.train.supervision != "images" and not dataset.has_boxes:
         raise DatasetError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
                               "patch labels; use --set train.supervision=images to learn from image labels alone")
-    build = build_maps if recipe.train.unlock else build_features
-    store = build(recipe, dataset, extractor, views=views, progress=progress)
+    if recipe.train.unlock:
+        store = build_maps(recipe, dataset, extractor, views=views, progress=progress)
+    else:
+        store = build_features(recipe, dataset, extractor, views=views, progress=progress, codec=codec)
     if recipe.train.supervision == "images":
         c = len(dataset.classes)
         return SplitData(dataset, store, np.full(store.num_patches, IGNORE, np.int64), np.zeros(0, np.int64),
@@ -403,7 +409,7 @@ class Trainer:
         return F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
 
     def _patch_step(self, idx: np.ndarray):
-        x = torch.from_numpy(np.asarray(self.data.store.features[idx], dtype=np.float32))
+        x = torch.from_numpy(self.data.store.rows[idx])
         labels = self.labels[idx]
         logits = self._forward(x)
         loss = self._patch_loss(logits, labels, idx)
@@ -419,7 +425,7 @@ class Trainer:
         train = (is_positive(labels, self.num_classes) | ((labels == self.num_classes) & keep_bg[index])
                  if sup != "images" else None)
         if self.state.stages is None:
-            x = torch.from_numpy(gather_items(store.features, store.offsets, items))
+            x = torch.from_numpy(gather_items(store.rows, store.offsets, items))
             logits = self._forward(x)
         else:  # the patch loss alone needs the features of the trained patches only
             x, logits = self._forward_maps(items, counts, train if sup == "boxes" else None)
@@ -573,15 +579,22 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         b = recipe.backbone
         backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
     extractor = build_extractor(recipe) if backbone is None else build_extractor(recipe, backbone)
-    train_data = prepare_split(recipe, recipe.data.train_split, extractor, views=recipe.aug.views, progress=progress)
+    if recipe.train.unlock:  # its maps are stored as they are (the recipe refuses cache.compress with it)
+        codec = FeatureCodec()
+    else:  # a resumed run keeps the projection its head was trained on
+        codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else feature_codec(recipe, extractor,
+                                                                                                     progress)
+    train_data = prepare_split(recipe, recipe.data.train_split, extractor, views=recipe.aug.views, progress=progress,
+                               codec=codec)
     classes = train_data.dataset.classes
-    select = _selection(recipe, train_data, extractor, progress)
+    select = _selection(recipe, train_data, extractor, progress, codec)
     _log_split("train", train_data, select)
-    val = prepare_split(recipe, recipe.data.val_split, extractor, progress=progress) if recipe.data.val_split else None
+    val = (prepare_split(recipe, recipe.data.val_split, extractor, progress=progress, codec=codec)
+           if recipe.data.val_split else None)
 
     torch.manual_seed(recipe.train.seed)
     device = extractor.device
-    head = AdaptationHead(extractor.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout).to(device)
+    head = AdaptationHead(train_data.store.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout).to(device)
     stages = None
     if backbone is not None:
         stages = UnlockedStages(backbone, unlock_split(backbone_spec(backbone.name), recipe.train.unlock)).to(
@@ -590,8 +603,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
             if data is not None:  # their features come from the stages as they are when read
                 data.store.attach(stages, autocast_dtype(recipe.train.precision, device))
     state = TrainState(head, recipe, device, stages)
+    # feature_dim: the trunk's; the head reads codec.dim(feature_dim) values, the codec's projection applied
     extra = {"recipe": recipe.to_dict(), "classes": classes, "feature_dim": extractor.feature_dim,
-             "weights_id": extractor.backbone.weights_id}
+             "weights_id": extractor.backbone.weights_id, "codec": codec.state_dict()}
     if saved is not None:
         check_compatible(saved, last_path, recipe.backbone.name, classes, extractor.feature_dim,
                          extractor.backbone.weights_id)
@@ -639,11 +653,11 @@ def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitD
 
     def fit_svm():
         log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
-        pooled = pool_features(store.features, store.offsets, items, "max")
+        pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
         ids = [train_data.dataset.records[r].image_id for r in store.record[items]]
         model = fit_linear(SplitFeatures(ids, pooled, train_data.image_labels(items), train_data.dataset.classes),
                            seed=recipe.train.seed, progress=False)
-        return (*linear_arrays(model, store.feature_dim), pool_features(sel.store.features, sel.store.offsets, held))
+        return (*linear_arrays(model, pooled.shape[1]), pool_features(sel.store.trunk_rows, sel.store.offsets, held))
 
     fusions, svm = [], None
     for path in paths:
@@ -667,14 +681,14 @@ def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitD
     return fusions
 
 
-def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool):
+def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool, codec: FeatureCodec | None = None):
     """The images best.pt is chosen on: ``data.select_split``, else ``train.holdout`` of the training images."""
     if recipe.data.select_split:
         if recipe.data.select_split == recipe.data.val_split:
             raise CheckpointError(f"data.select_split and data.val_split are both {recipe.data.val_split!r}: a "
                                   "checkpoint chosen on the reported split overstates it; choose on another split "
                                   "or leave select_split empty to hold out train.holdout of the training images")
-        data = prepare_split(recipe, recipe.data.select_split, extractor, progress=progress)
+        data = prepare_split(recipe, recipe.data.select_split, extractor, progress=progress, codec=codec)
         return data, evaluation_items(data.store)
     if recipe.train.holdout <= 0:
         return None

@@ -8,8 +8,9 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import tiny_recipe
-from patchnet.cache import _digest, build_features, cache_fields
-from patchnet.datasets import open_split
+from patchnet.cache import _digest, build_features, cache_fields, feature_codec
+from patchnet.codec import CodecError, FeatureCodec
+from patchnet.datasets import load_image, open_split
 from patchnet.train import build_extractor
 
 
@@ -39,13 +40,13 @@ def test_features_are_computed_once_then_read_from_disk(tmp_path, small_voc):
     counting = CountingExtractor(ex)
     store = build_features(recipe, ds, counting, progress=False)
     assert counting.calls == len(ds)
-    assert store.features.dtype == np.float16 and isinstance(store.features, np.memmap)
-    assert store.features.shape == (store.num_patches, ex.feature_dim)
+    assert store.rows.stored.dtype == np.float16 and isinstance(store.rows.stored, np.memmap)
+    assert store.rows.shape == (store.num_patches, ex.feature_dim) and store.feature_dim == ex.feature_dim
     # the stored rows are the extractor's features of each image, in grid order
     from patchnet.datasets import load_image
 
     direct = ex(load_image(ds.records[1].path)).numpy()
-    np.testing.assert_allclose(store.features[store.item_slice(1)], direct, rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(store.rows[store.item_slice(1)], direct, rtol=2e-3, atol=1e-3)
     np.testing.assert_array_equal(store.patch_boxes[store.item_slice(1)], ex.boxes(ds.records[1].width,
                                                                                     ds.records[1].height))
     again = CountingExtractor(ex)
@@ -84,7 +85,7 @@ def test_extraction_under_torchrun_splits_the_images_across_ranks(tmp_path, smal
     joined = build_features(recipe, ds, CountingExtractor(ex, fail_after=0), progress=False)
     single = build_features(tiny_recipe(tmp_path / "one", small_voc, "cache.chunk=1"), ds, ex, progress=False)
     np.testing.assert_array_equal(joined.offsets, single.offsets)
-    np.testing.assert_allclose(np.asarray(joined.features, np.float32), np.asarray(single.features, np.float32),
+    np.testing.assert_allclose(joined.rows[:], single.rows[:], rtol=2e-3,
                                atol=1e-3)
 
 
@@ -120,7 +121,7 @@ def test_a_killed_build_resumes_where_it_stopped(tmp_path, small_voc):
     clean_recipe, _, _ = _setup(tmp_path / "clean", small_voc)
     clean = build_features(clean_recipe, ds, ex, progress=False)
     np.testing.assert_array_equal(store.offsets, clean.offsets)
-    np.testing.assert_allclose(np.asarray(store.features, np.float32), np.asarray(clean.features, np.float32),
+    np.testing.assert_allclose(store.rows[:], clean.rows[:],
                                atol=1e-3)
 
 
@@ -149,3 +150,75 @@ def test_augmented_views_are_cached_with_their_own_boxes(tmp_path, small_voc):
     recipe2, _, _ = _setup(tmp_path / "again", small_voc, "aug.views=2", "aug.rotate=0", "aug.color=0")
     store2 = build_features(recipe2, ds, ex, views=2, progress=False)
     np.testing.assert_array_equal(store.boxes, store2.boxes)
+
+
+def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_voc):
+    recipe, ds, ex = _setup(tmp_path, small_voc)
+    fields = cache_fields(recipe, ds, ex)
+    assert "compress" not in fields and cache_fields(recipe, ds, ex, codec=FeatureCodec()) == fields
+    keys = {_digest(fields)}
+    for overrides in (["cache.compress=int8"], ["cache.compress=pca", "cache.pca_dim=4"],
+                      ["cache.compress=pca", "cache.pca_dim=6"], ["cache.compress=pca_int8", "cache.pca_dim=4"]):
+        r = tiny_recipe(tmp_path, small_voc, *overrides)
+        keys.add(_digest(cache_fields(r, ds, ex, codec=feature_codec(r, ex, progress=False))))
+    assert len(keys) == 5
+    r = tiny_recipe(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=2000")
+    with pytest.raises(CodecError, match="at most 1280"):
+        feature_codec(r, ex)
+
+
+def _fp16(ex, rec):
+    return ex(load_image(rec.path)).numpy().astype(np.float16).astype(np.float32)
+
+
+def test_pca_is_fitted_on_the_training_split_and_reused_by_the_others(tmp_path, small_voc):
+    from sklearn.decomposition import PCA
+
+    recipe, ds, ex = _setup(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=6")
+    counting = CountingExtractor(ex)
+    store = build_features(recipe, ds, counting, progress=False)
+    assert counting.calls == 2 * len(ds)  # the PCA sample (all 4 images, pca_images >= 4), then the cache
+    assert store.feature_dim == 6 and store.rows.shape == (store.num_patches, 6) and store.compress == "pca"
+    # the reference: sklearn's PCA of the fp16 features of every patch of the training images
+    ref = PCA(6, svd_solver="full").fit(np.concatenate([_fp16(ex, r) for r in ds.records]))
+    codec = feature_codec(recipe, ex)
+    np.testing.assert_allclose(codec.components, ref.components_, atol=1e-4)
+    # stored in fp16: 3 significant digits
+    np.testing.assert_allclose(store.rows[store.item_slice(1)], ref.transform(_fp16(ex, ds.records[1])), rtol=1e-3,
+                               atol=1e-3)
+    # the val split is stored through the training split's projection, which is fitted once
+    val = open_split(recipe.data, "val")
+    again = CountingExtractor(ex)
+    val_store = build_features(recipe, val, again, progress=False)
+    assert again.calls == len(val)
+    assert val_store.fields["projection"] == store.fields["projection"] == codec.digest
+    assert len(list((tmp_path / "cache" / "projections").iterdir())) == 1
+    # the store maps its rows back to the trunk's space on its own, for features pooled by their maximum
+    s = val_store.item_slice(0)
+    np.testing.assert_allclose(val_store.trunk_rows[s], val_store.rows[s] @ ref.components_ + ref.mean_, atol=1e-3)
+    assert val_store.trunk_rows.shape == (val_store.num_patches, 1280)
+    np.testing.assert_allclose(val_store.rows[val_store.item_slice(0)], ref.transform(_fp16(ex, val.records[0])),
+                               rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("compress", ["int8", "pca_int8"])
+def test_a_compressed_cache_is_encoded_from_the_fp16_cache_without_the_trunk(tmp_path, small_voc, compress):
+    recipe, ds, ex = _setup(tmp_path, small_voc)
+    build_features(recipe, ds, ex, progress=False)
+    r = tiny_recipe(tmp_path, small_voc, f"cache.compress={compress}", "cache.pca_dim=5")
+    counting = CountingExtractor(ex)
+    store = build_features(r, ds, counting, progress=False)
+    assert counting.calls == 0  # the PCA sample too is read from the fp16 cache
+    dim = 1280 if compress == "int8" else 5
+    files = ["features.u8", "index.npz", "meta.json", "scales.f32"] + (["projection.npz"] if dim == 5 else [])
+    assert sorted(f.name for f in store.path.iterdir()) == sorted(files)
+    assert (store.path / "features.u8").stat().st_size == store.num_patches * dim
+    assert (store.path / "scales.f32").stat().st_size == store.num_patches * 8
+    # the same cache as one built from the images
+    fresh_recipe = tiny_recipe(tmp_path / "fresh", small_voc, f"cache.compress={compress}", "cache.pca_dim=5")
+    fresh = build_features(fresh_recipe, ds, ex, progress=False)
+    assert fresh.path.name == store.path.name
+    np.testing.assert_array_equal(store.rows.stored, fresh.rows.stored)
+    np.testing.assert_array_equal(store.rows.scales, fresh.rows.scales)
+    np.testing.assert_array_equal(store.offsets, fresh.offsets)
+    np.testing.assert_array_equal(store.patch_boxes, fresh.patch_boxes)

@@ -38,10 +38,10 @@ def test_score_map_prior_pulls_thinly_covered_pixels_towards_the_image_mean():
 
 
 class _Store:
-    """A one-image feature store whose 'features' are the head's logits (see _Identity)."""
+    """A one-image feature store whose feature rows are the head's logits (see _Identity)."""
 
     def __init__(self, boxes, logits):
-        self.patch_boxes, self.features = np.asarray(boxes, np.float32), np.asarray(logits, np.float32)
+        self.patch_boxes, self.rows = np.asarray(boxes, np.float32), np.asarray(logits, np.float32)
         self.offsets, self.record, self.view, self.ok = np.array([0, len(boxes)]), np.array([0]), np.array([0]), np.array([True])
 
     def item_slice(self, i):

@@ -4,9 +4,8 @@ from typer.testing import CliRunner
 
 from conftest import tiny_recipe
 from patchnet.cli import app
-from patchnet.linear import SplitFeatures, cv_folds, fit_linear, l2_normalize
+from patchnet.linear import SplitFeatures, cv_folds, fit_linear
 from patchnet.metrics import ap_table
-from patchnet.retrieve import distances, nearest, precision_at_k
 
 
 def _separable(n=60, d=8, seed=0):
@@ -50,27 +49,6 @@ def test_cv_folds_keep_the_views_of_one_image_together():
     assert sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(120))
 
 
-def test_l2_distances_and_ranking_on_hand_built_vectors():
-    index = np.array([[1.0, 0, 0], [0, 2.0, 0], [3.0, 3.0, 0], [0, 0, 5.0]])
-    query = np.array([[2.0, 0.1, 0]])
-    d = distances(query, index)
-    # normalised: q ~ (0.9988, 0.0499, 0); distances follow the angle, not the length
-    want = np.linalg.norm(l2_normalize(query) - l2_normalize(index), axis=1)
-    np.testing.assert_allclose(d[0], want)
-    assert nearest(d, 3)[0].tolist() == [0, 2, 1]
-    np.testing.assert_allclose(d[0, 3], np.sqrt(2))
-    # leaving an index out (the query itself, when it is in the collection)
-    assert nearest(d, 2, exclude=np.array([0]))[0].tolist() == [2, 1]
-
-
-def test_precision_at_k_by_hand():
-    labels = np.array([[1, -1], [1, -1], [-1, 1], [1, 1]])
-    neighbours = np.array([[1, 2], [0, 3], [3, 0], [0, 1]])  # of each image as a query
-    p = precision_at_k(neighbours, labels, labels)
-    # class 0 queries: 0 -> 1/2, 1 -> 2/2, 3 -> 2/2; class 1 queries: 2 -> 1/2, 3 -> 0/2
-    np.testing.assert_allclose(p, [(0.5 + 1 + 1) / 3, (0.5 + 0) / 2])
-
-
 runner = CliRunner()
 
 
@@ -99,7 +77,7 @@ def test_features_linear_and_retrieve_commands(tmp_path, small_voc):
                             "--out", str(page)])
     assert r.exit_code == 0, r.output
     text = page.read_text()
-    assert text.startswith("<!doctype html>") and text.count("data:image/jpeg;base64,") == 2 * 3
+    assert text.startswith("<!doctype html>") and text.count("data:image/jpeg;base64,") == 2 * 3 + 4  # + the map's
     assert "precision@2" in text and "P@2" in r.output
     r = runner.invoke(app, ["retrieve", "-r", str(recipe_file), "--split", "train", "--queries", "zzz"])
     assert r.exit_code == 2 and "query 'zzz' is not an image" in r.output

@@ -113,3 +113,12 @@ def test_keys_of_older_recipes_move_to_the_runtime_and_pool_sections():
     rt = r.runtime
     assert (rt.output, rt.device, rt.trunk_batch, rt.cache_dir, rt.workers, rt.heatmaps) == ("runs", "cpu", 8, "c", 0, 1)
     assert r.pool.k == 3.0 and str(r.run_dir) == "runs/run"
+
+
+def test_cache_compression_settings():
+    r = recipe_from_dict({}, ["cache.compress=pca_int8", "cache.pca_dim=128"])
+    assert r.cache.compress == "pca_int8" and r.cache.pca_dim == 128 and Recipe().cache.compress == "none"
+    with pytest.raises(RecipeError, match="cache.compress must be one of none, int8, pca, pca_int8"):
+        recipe_from_dict({}, ["cache.compress=fp8"])
+    with pytest.raises(RecipeError, match="cache.pca_dim and cache.pca_images must be at least 1"):
+        recipe_from_dict({}, ["cache.compress=pca", "cache.pca_dim=0"])

@@ -479,3 +479,31 @@ def test_a_timm_backbone_trains_and_evaluates(tmp_path, small_voc, mode):
                               "--out", str(tmp_path / "ev")])
     assert out.exit_code == 0, out.output
     assert set(json.loads((tmp_path / "ev" / "eval_val.json").read_text())["classes"]) == {"cat", "dog", "person"}
+
+
+@pytest.mark.parametrize("compress", ["pca", "int8"])
+def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_does(tmp_path, small_voc, compress):
+    from patchnet.infer import Predictor, evaluate_split
+
+    recipe = tiny_recipe(tmp_path, small_voc, f"cache.compress={compress}", "cache.pca_dim=8", "train.epochs=1",
+                         "infer.fuse=true", "train.holdout=0.5")
+    result = train(recipe, progress=False)
+    state = load_checkpoint(result.run_dir / "last.pt")
+    dim = 8 if compress == "pca" else 1280
+    assert state["head"]["fca.0.weight"].shape[1] == dim and state["feature_dim"] == 1280
+    assert state["codec"]["compress"] == compress and ("components" in state["codec"]) == (compress == "pca")
+    table, n, (predictor, dataset, store, items) = evaluate_split(result.run_dir / "last.pt", split="val",
+                                                                  progress=False)
+    np.testing.assert_allclose(table.ap07, result.table.ap07)  # eval finds the cache that training reported on
+    assert store.compress == compress and store.feature_dim == dim and n == 2
+    # the fused SVM max-pools features in the trunk's space, also over projections
+    assert predictor.fusion is not None and predictor.fusion.coef.shape == (3, 1280)
+    # the images scored from the extractor (as `patchnet predict` does with new images), not the cache
+    fresh = Predictor(result.run_dir / "last.pt")
+    for i in items:
+        rec = dataset.records[store.record[i]]
+        s = store.item_slice(i)
+        cached = predictor.predict_features(store.rows[s], store.patch_boxes[s], rec.width, rec.height)
+        direct = fresh.predict(rec.path)
+        np.testing.assert_allclose(direct.scores, cached.scores, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(direct.values, cached.values, rtol=1e-4, atol=1e-6)

@@ -33,6 +33,8 @@ def test_unlock_counts_stages_from_the_head_convolution_down():
         tiny_recipe_for("backbone.name=resnet50", "train.unlock=1")
     with pytest.raises(RecipeError, match="train.unlock=-1"):
         tiny_recipe_for("train.unlock=-1")
+    with pytest.raises(RecipeError, match="set cache.compress: none"):
+        tiny_recipe_for("train.unlock=2", "cache.compress=int8")
 
 
 def tiny_recipe_for(*overrides):
@@ -65,7 +67,7 @@ def test_before_any_step_the_head_sees_the_cached_features(tmp_path, small_voc, 
     recipe = tiny_recipe(tmp_path, small_voc, *settings)
     dataset = open_split(recipe.data, "train")
     features = build_features(recipe, dataset, build_extractor(recipe), progress=False)
-    ref = np.asarray(features.features, np.float32)
+    ref = features.rows[0:features.num_patches]
     scale = np.abs(ref).max()
     assert scale > 1
     for n in unlocks:
@@ -77,7 +79,7 @@ def test_before_any_step_the_head_sees_the_cached_features(tmp_path, small_voc, 
         np.testing.assert_array_equal(maps.patch_boxes, features.patch_boxes)
         assert set(np.unique(maps.patch_level)) == {0, 1}  # two levels
         maps.attach(UnlockedStages(backbone, unlock_split(LITE0, n)), torch.bfloat16 if precision == "bf16" else None)
-        got = maps.features[0:maps.num_patches]
+        got = maps.rows[0:maps.num_patches]
         assert got.shape == ref.shape
         if precision == "fp32":
             assert np.abs(got - ref).max() <= 2e-3 * scale, n
@@ -85,7 +87,7 @@ def test_before_any_step_the_head_sees_the_cached_features(tmp_path, small_voc, 
             assert np.abs(got - ref).max() <= 0.06 * scale and np.abs(got - ref).mean() <= 1e-3 * scale, n
         s = maps.item_slice(2)  # an item's rows alone, and rows from inside one item to inside the next
         for rows in (s, slice(s.start + 3, s.stop + 5)):
-            np.testing.assert_allclose(maps.features[rows], got[rows], rtol=0, atol=1e-6 * scale)
+            np.testing.assert_allclose(maps.rows[rows], got[rows], rtol=0, atol=1e-6 * scale)
 
 
 def test_unlock_needs_the_maps_of_shared_mode(tmp_path, small_voc):
@@ -158,7 +160,7 @@ def test_an_unlocked_checkpoint_scores_new_images_with_its_trained_stages(tmp_pa
     stages.load(load_checkpoint(last)["trunk"])
     maps.attach(stages, None)
     s = maps.item_slice(0)
-    np.testing.assert_allclose(trained.numpy(), maps.features[s], rtol=0, atol=2e-3 * float(trained.abs().max()))
+    np.testing.assert_allclose(trained.numpy(), maps.rows[s], rtol=0, atol=2e-3 * float(trained.abs().max()))
     table, _, _ = evaluate_split(last, split="val", progress=False)
     np.testing.assert_allclose(table.ap07, result.table.ap07)
 

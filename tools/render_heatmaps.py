@@ -66,9 +66,9 @@ def main(
             recipe = predictor.recipe
             recipe.data = data_override(recipe.data, data)
             dataset = open_split(recipe.data, split)
-            store = cached_features(recipe, dataset, predictor.extractor)
+            store = cached_features(recipe, dataset, predictor.extractor, codec=predictor.codec)
             for i, rec in enumerate(dataset.records):
-                cached = (store.patch_boxes[store.item_slice(i)], store.features[store.item_slice(i)]) \
+                cached = (store.patch_boxes[store.item_slice(i)], store.rows[store.item_slice(i)]) \
                     if store is not None and store.ok[i] else None
                 jobs.append((rec.image_id, rec.path, cached))
             if store is not None:

@@ -45,8 +45,8 @@ def main(
         dataset = open_split(recipe.data, split or recipe.data.val_split)
         names = predictor.classes
         wanted = class_index(names, [c.strip() for c in classes.split(",")]) if classes else range(len(names))
-        store = build_features(recipe, dataset, predictor.extractor)
-        scores, patches = best_patch_per_item(store.features, store.offsets, predictor.head, len(names), predictor.pool)
+        store = build_features(recipe, dataset, predictor.extractor, codec=predictor.codec)
+        scores, patches = best_patch_per_item(store.rows, store.offsets, predictor.head, len(names), predictor.pool)
         usable = store.ok & (store.view == 0)
         for c in tqdm(wanted, desc="top patches", unit="class"):
             crops, captions = [], []
