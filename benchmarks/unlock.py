@@ -53,7 +53,8 @@ def main() -> None:
         report[n] = {"map07": result.table.map07, "map": result.table.map, "head_map07": head.map07,
                      "head_map": head.map, "epoch_seconds": epoch, "cache_mb_per_image": megabytes,
                      "minutes": t.seconds / 60, "ap07": dict(zip(head.classes, result.table.ap07.tolist()))}
-        rows.append((n, _what(recipe.backbone.name, n), f"{100 * result.table.map07:.1f} / {100 * result.table.map:.1f}",
+        rows.append((n, _what(recipe.backbone.name, n),
+                     f"{100 * result.table.map07:.1f} / {100 * result.table.map:.1f}",
                      f"{100 * head.map07:.1f} / {100 * head.map:.1f}", f"{epoch:.1f}", f"{megabytes:.2f}",
                      f"{t.seconds / 60:.1f}"))
         print(f"unlock {n}: mAP {100 * result.table.map07:.1f} ({fused}), {100 * head.map07:.1f} (head alone); "

@@ -503,9 +503,9 @@ def build_maps(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, view
     """
     p = recipe.patches
     if p.mode != "shared" or p.exact_up_to:
-        raise PatchnetError(f"train.unlock trains on the cached maps of shared mode's trunk passes, which patches.mode="
-                            f"{p.mode} with patches.exact_up_to={p.exact_up_to} does not make; set patches.mode: shared "
-                            "and patches.exact_up_to: 0, or train.unlock: 0")
+        raise PatchnetError(f"train.unlock trains on the cached maps of shared mode's trunk passes, which "
+                            f"patches.mode={p.mode} with patches.exact_up_to={p.exact_up_to} does not make; set "
+                            "patches.mode: shared and patches.exact_up_to: 0, or train.unlock: 0")
     unlock = unlock_split(backbone_spec(recipe.backbone.name), recipe.train.unlock)
     fields = {**cache_fields(recipe, dataset, extractor, views), "maps": MAP_VERSION, "unlock": unlock.n,
               "boundary": unlock.boundary.name}
@@ -596,10 +596,11 @@ def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:
         tmp.write_bytes(b"")
     counts = np.concatenate([p["counts"] for p in parts])
     views = meta["fields"]["views"] + 1
+    images = len(counts) // views
     cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
     np.savez(path / "index.tmp.npz",
              offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-             record=np.repeat(np.arange(len(counts) // views), views), view=np.tile(np.arange(views), len(counts) // views),
+             record=np.repeat(np.arange(images), views), view=np.tile(np.arange(views), images),
              ok=cat("ok"), patch_boxes=cat("patch_boxes"), patch_level=cat("patch_level"),
              level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
              level_shape=shapes, level_factor=cat("level_factor").reshape(-1, 2), cell_offsets=cells,

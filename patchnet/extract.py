@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from .backbones import Backbone, Unlock, backbone_spec, build_backbone, check_patch_mode, region_weights
@@ -93,9 +92,10 @@ class UnlockedStages(nn.Module):
     """The last stages of a backbone trained on its cached boundary maps (``train.unlock``).
 
     Each level's map runs through the stages, and each patch's region of the result is averaged as in
-    shared mode (``region_weights``: a matrix product, quick to differentiate); all of it is differentiable.
-    The backbone's head must take the region means (no ``roi_size``), as Lite's does. BatchNorm stays in eval mode (the backbone's ``train``
-    keeps it there), so its statistics never move; its affine weights train with the convolutions.
+    shared mode (``region_weights``: a matrix product, quick to differentiate), then goes through the
+    backbone's head (Lite's is the identity; no ``roi_size``). BatchNorm stays in eval mode (the
+    backbone's ``train`` keeps it there), so its statistics never move; its affine weights train with
+    the convolutions.
     """
 
     def __init__(self, backbone: Backbone, unlock: Unlock):

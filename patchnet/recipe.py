@@ -100,7 +100,7 @@ class TrainConfig:
     plateau_patience: int = 2
     max_decays: int = 3
     bg_rate: float = 0.1  # fraction of background patches redrawn each epoch
-    unlock: int = 0  # also train the trunk's last N stages (EfficientNet-Lite; 1: its head convolution); 0: the head alone
+    unlock: int = 0  # also train the trunk's last N stages (EfficientNet-Lite; 1: its head conv); 0: the head alone
     unlock_lr: float = 0.1  # learning rate of the unlocked stages, as a fraction of train.lr
     seed: int = 0
     eval_every: int = 1

@@ -195,9 +195,9 @@ def make_optimizer(head: AdaptationHead, recipe: Recipe, stages: UnlockedStages 
     biases = [p for n, p in head.named_parameters() if n.endswith("bias")]
     groups = [{"params": weights, "weight_decay": t.weight_decay}, {"params": biases, "weight_decay": 0.0}]
     if stages is not None:
-        trunk = [p for _, p in stages.trainable()]
-        groups += [{"params": [p for p in trunk if p.ndim > 1], "weight_decay": t.weight_decay, "lr": t.lr * t.unlock_lr},
-                   {"params": [p for p in trunk if p.ndim <= 1], "weight_decay": 0.0, "lr": t.lr * t.unlock_lr}]
+        trunk, lr = [p for _, p in stages.trainable()], t.lr * t.unlock_lr
+        groups += [{"params": [p for p in trunk if p.ndim > 1], "weight_decay": t.weight_decay, "lr": lr},
+                   {"params": [p for p in trunk if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
 
 
