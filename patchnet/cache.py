@@ -302,12 +302,17 @@ def _chunk_path(path: Path, c: int) -> Path:
     return path / "chunks" / f"{c:06d}.npz"
 
 
-def _compute_chunks(dataset, extractor, codec, chunks, todo, path, recipe, progress):
+def _chunk_loader(dataset, extractor, chunks, todo, recipe) -> tuple[list, DataLoader]:
+    """The (chunk, item) pairs to compute, and a loader that decodes their images in worker processes."""
     flat = [(c, item) for c in todo for item in chunks[c]]
     source = ItemImages(dataset.records, [item for _, item in flat], recipe.aug, recipe.train.seed)
     workers = recipe.runtime.workers
-    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
-                        prefetch_factor=4 if workers else None, pin_memory=extractor.device.type == "cuda")
+    return flat, DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
+                            prefetch_factor=4 if workers else None, pin_memory=extractor.device.type == "cuda")
+
+
+def _compute_chunks(dataset, extractor, codec, chunks, todo, path, recipe, progress):
+    flat, loader = _chunk_loader(dataset, extractor, chunks, todo, recipe)
     pending: dict[int, list] = {c: [] for c in todo}
     bar = tqdm(total=len(flat), desc=f"features {dataset.name.rsplit(':', 1)[-1]}", unit="img", disable=not progress,
                dynamic_ncols=True)
@@ -338,10 +343,16 @@ def _write_chunk(target: Path, results: list, layout: dict) -> None:
         else:
             feats.append(f), patch_boxes.append(boxes), counts.append(len(boxes)), ok.append(True)
             objects.append(info)
+    _save_chunk(target, patch_boxes, counts, ok, objects, failures,
+                **{name: np.concatenate([f[name] for f in feats]) if feats else np.zeros((0, width), dtype)
+                   for name, (dtype, width) in layout.items()})
+
+
+def _save_chunk(target: Path, patch_boxes: list, counts: list, ok: list, objects: list, failures: list,
+                **arrays: np.ndarray) -> None:
+    """Write a chunk atomically: ``arrays`` of its kind plus the per-item indexes every chunk has."""
     tmp = target.with_suffix(".tmp.npz")
-    np.savez(tmp,
-             **{name: np.concatenate([f[name] for f in feats]) if feats else np.zeros((0, width), dtype)
-                for name, (dtype, width) in layout.items()},
+    np.savez(tmp, **arrays,
              patch_boxes=np.concatenate(patch_boxes) if patch_boxes else np.zeros((0, 4), np.float32),
              counts=np.array(counts, np.int64), ok=np.array(ok),
              box_counts=np.array([len(o[0]) for o in objects], np.int64),
@@ -533,11 +544,7 @@ def build_maps(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, view
 
 
 def _compute_map_chunks(dataset, extractor, unlock, chunks, todo, path, recipe, progress):
-    flat = [(c, item) for c in todo for item in chunks[c]]
-    source = ItemImages(dataset.records, [item for _, item in flat], recipe.aug, recipe.train.seed)
-    workers = recipe.runtime.workers
-    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
-                        prefetch_factor=4 if workers else None, pin_memory=extractor.device.type == "cuda")
+    flat, loader = _chunk_loader(dataset, extractor, chunks, todo, recipe)
     pending: dict[int, list] = {c: [] for c in todo}
     for i, image, info in tqdm(loader, total=len(flat), desc=f"maps {dataset.name.rsplit(':', 1)[-1]}", unit="img",
                                disable=not progress, dynamic_ncols=True):
@@ -560,21 +567,12 @@ def _write_map_chunk(target: Path, results: list, dim: int) -> None:
             shapes += [x.shape[:2] for x in m.maps]
             factors.append(m.factors), levels.append(m.level), level_counts.append(len(m.maps))
             patch_boxes.append(m.boxes), counts.append(len(m.boxes)), ok.append(True), objects.append(info)
-    tmp = target.with_suffix(".tmp.npz")
-    np.savez(tmp,
-             maps=np.concatenate(maps) if maps else np.zeros((0, dim), np.float16),
-             level_shape=np.array(shapes, np.int64).reshape(-1, 2),
-             level_factor=np.concatenate(factors) if factors else np.zeros((0, 2)),
-             level_counts=np.array(level_counts, np.int64),
-             patch_level=np.concatenate(levels) if levels else np.zeros(0, np.int64),
-             patch_boxes=np.concatenate(patch_boxes) if patch_boxes else np.zeros((0, 4), np.float32),
-             counts=np.array(counts, np.int64), ok=np.array(ok),
-             box_counts=np.array([len(o[0]) for o in objects], np.int64),
-             boxes=np.concatenate([o[0] for o in objects]).astype(np.float32),
-             box_classes=np.concatenate([o[1] for o in objects]).astype(np.int64),
-             box_difficult=np.concatenate([o[2] for o in objects]).astype(bool),
-             failures=np.array(failures, dtype=str))
-    os.replace(tmp, target)
+    _save_chunk(target, patch_boxes, counts, ok, objects, failures,
+                maps=np.concatenate(maps) if maps else np.zeros((0, dim), np.float16),
+                level_shape=np.array(shapes, np.int64).reshape(-1, 2),
+                level_factor=np.concatenate(factors) if factors else np.zeros((0, 2)),
+                level_counts=np.array(level_counts, np.int64),
+                patch_level=np.concatenate(levels) if levels else np.zeros(0, np.int64))
 
 
 def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:

@@ -33,7 +33,7 @@ def fit_platt(x: np.ndarray, y: np.ndarray, iters: int = 100) -> tuple[float, fl
     z = (x - mu) / sd
     a, b = 1.0, float(np.log((n_pos + 1) / (n_neg + 1)))
     for _ in range(iters):
-        p = 1 / (1 + np.exp(-(a * z + b)))
+        p = 1 / (1 + np.exp(-np.clip(a * z + b, -60, 60)))  # no overflow warning on separable data
         g = np.array([np.sum((p - t) * z), np.sum(p - t)])
         w = p * (1 - p) + 1e-12
         h = np.array([[np.sum(w * z * z), np.sum(w * z)], [np.sum(w * z), np.sum(w)]]) + 1e-9 * np.eye(2)
