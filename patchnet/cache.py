@@ -307,6 +307,8 @@ def _chunk_loader(dataset, extractor, chunks, todo, recipe) -> tuple[list, DataL
     flat = [(c, item) for c in todo for item in chunks[c]]
     source = ItemImages(dataset.records, [item for _, item in flat], recipe.aug, recipe.train.seed)
     workers = recipe.runtime.workers
+    if extractor.device.type == "cpu":  # decoding processes must not take the trunk's cores (OpenMP stalls)
+        workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
     return flat, DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
                             prefetch_factor=4 if workers else None, pin_memory=extractor.device.type == "cuda")
 

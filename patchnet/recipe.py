@@ -129,7 +129,7 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trunk_batch: int = 0  # patches per trunk call in exact mode; 0: 16 on CPU (faster than 64 there), 128 on CUDA
-    workers: int = 2  # image-decoding worker processes
+    workers: int = 2  # image-decoding worker processes (on a CPU device, at most the cores torch leaves free)
     cache_dir: str = ".cache/features"
     output: str = "checkpoints"  # runs go to <output>/<name>/
     heatmaps: int = 4  # selection images drawn to TensorBoard at each evaluation
