@@ -142,7 +142,9 @@ def test_sigint_to_a_real_train_process_then_resume_matches_a_straight_run(tmp_p
     recipe = tiny_recipe(tmp_path / "b", small_voc, *args)
     save_recipe(recipe, tmp_path / "recipe.yaml")
     cli = [sys.executable, "-c", "from patchnet.cli import main; main()", "train", "--recipe", str(tmp_path / "recipe.yaml")]
-    proc = subprocess.Popen(cli, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    # a test runner started in the background ignores SIGINT, and children inherit that: restore it
+    proc = subprocess.Popen(cli, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:  # the first epoch's log line: training has started
         if line.startswith("INFO: epoch 1:"):
             proc.send_signal(signal.SIGINT)
