@@ -24,7 +24,7 @@ log = logging.getLogger("patchnet")
 
 
 @contextmanager
-def _session(verbose: bool = False):
+def session(verbose: bool = False):
     """Log through tqdm, and turn errors about the user's input into one line and exit code 2."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -58,7 +58,7 @@ def train(
     verbose: bool = False,
 ):
     """Train the adaptation layers of a recipe; checkpoints go to <output>/<name>/."""
-    with _session(verbose):
+    with session(verbose):
         from .train import train as run
 
         r = load_recipe(recipe, overrides)
@@ -85,7 +85,7 @@ def eval(
     verbose: bool = False,
 ):
     """Score a split: per-class AP (VOC07 11-point and envelope), mAP, accuracy for single-label data."""
-    with _session(verbose):
+    with session(verbose):
         from .infer import evaluate_split, pointing_game
 
         table, n, (predictor, dataset, store, items) = evaluate_split(checkpoint, data=data, split=split, fmt=fmt,
@@ -129,7 +129,7 @@ def predict(
     verbose: bool = False,
 ):
     """Print each image's top classes with calibrated probabilities; '*' marks a class judged present."""
-    with _session(verbose):
+    with session(verbose):
         from .infer import Predictor
 
         predictor = Predictor(checkpoint, pool=pool)
@@ -168,7 +168,7 @@ def inspect(
     verbose: bool = False,
 ):
     """Print label statistics of a split and draw one image's patches coloured by training label."""
-    with _session(verbose):
+    with session(verbose):
         from .datasets import data_override, image_label_statistics, open_split
         from .draw import draw_labels
         from .recipe import recipe_from_dict
@@ -227,7 +227,7 @@ def features(
     verbose: bool = False,
 ):
     """Extract one feature per image of a split (FC6/FC7 of alexnet/vgg16: --set backbone.layer=fc6)."""
-    with _session(verbose):
+    with session(verbose):
         from .datasets import open_split
         from .linear import split_features
         from .extract import build_extractor
@@ -253,7 +253,7 @@ def linear(
     verbose: bool = False,
 ):
     """The off-the-shelf baseline: L2-normalised features, one linear classifier per class, VOC AP."""
-    with _session(verbose):
+    with session(verbose):
         from .linear import linear_baseline
         from .extract import build_extractor
 
@@ -280,7 +280,7 @@ def layers(
     verbose: bool = False,
 ):
     """Per-layer transfer: a linear classifier on each stage of the trunk, one trunk pass per image for all."""
-    with _session(verbose):
+    with session(verbose):
         from .layers import layer_study, write_study
 
         r = load_recipe(recipe, overrides)
@@ -313,7 +313,7 @@ def retrieve(
 ):
     """Nearest neighbours by L2 distance and a t-SNE map of the split, as one self-contained HTML page;
     prints precision@k per class."""
-    with _session(verbose):
+    with session(verbose):
         from .retrieve import retrieval_page
 
         r, reduce = _pooled_recipe(recipe, overrides, pool)
@@ -337,7 +337,7 @@ def demo(
     verbose: bool = False,
 ):
     """The embedded default: generate the demo set, train on it, evaluate on its test split."""
-    with _session(verbose):
+    with session(verbose):
         from .infer import evaluate_split
         from .train import train as run
 

@@ -19,7 +19,7 @@ import typer
 from tqdm.auto import tqdm
 
 from patchnet.cache import cached_features
-from patchnet.errors import PatchnetError
+from patchnet.cli import session
 from patchnet.datasets import DatasetError, data_override, load_image, open_split
 from patchnet.heatmaps import class_index, render_heatmaps, top_classes
 from patchnet.infer import Predictor
@@ -54,7 +54,7 @@ def main(
     limit: Annotated[int, typer.Option(help="At most this many images (0: all).")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("heatmaps"),
 ):
-    try:
+    with session():
         if reduce not in ("mean", "max"):
             raise DatasetError(f"--reduce must be mean or max, got {reduce!r}")
         predictor = Predictor(checkpoint, mode=mode, pool=pool)
@@ -92,9 +92,6 @@ def main(
                                 probabilities=p.probabilities, prior=prior)
                 written += 1
         typer.echo(f"wrote {written} heatmap PNGs to {out}")
-    except PatchnetError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

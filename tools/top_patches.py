@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from patchnet.cache import build_features
-from patchnet.errors import PatchnetError
+from patchnet.cli import session
 from patchnet.datasets import data_override, load_image, open_split
 from patchnet.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
 from patchnet.infer import Predictor
@@ -38,7 +38,7 @@ def main(
     n: Annotated[int, typer.Option(help="Patches per class.")] = 9,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("top_patches"),
 ):
-    try:
+    with session():
         predictor = Predictor(checkpoint)
         recipe = predictor.recipe
         recipe.data = data_override(recipe.data, data)
@@ -58,9 +58,6 @@ def main(
             contact_sheet(crops, captions, f"{names[c]}: top {len(crops)} patches of {dataset.name.rsplit(':', 1)[-1]}",
                           out / f"top{n}_{names[c]}.png")
         typer.echo(f"wrote {len(wanted)} contact sheets to {out}")
-    except PatchnetError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

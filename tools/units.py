@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from patchnet.errors import PatchnetError
+from patchnet.cli import session
 from patchnet.recipe import load_recipe
 from patchnet.units import unit_views
 
@@ -30,15 +30,12 @@ def main(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("units"),
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe field.")] = None,
 ):
-    try:
+    with session():
         r = load_recipe(recipe, overrides)
         if limit:
             r = replace(r, data=replace(r.data, limit=limit))
         filters, sheet = unit_views(r, split or r.data.val_split, layer, channels, out)
         typer.echo(f"wrote {filters} and {sheet}")
-    except PatchnetError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":
