@@ -23,7 +23,10 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,18 +381,19 @@ class Trainer:
         while s.step < steps:
             batch = np.sort(order[s.step * per_rank:(s.step + 1) * per_rank])
             loss, correct, patches, n = (self._image_step(batch, keep_bg) if images else self._patch_step(batch))
-            s.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(s.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                s.optimizer.step()
-            c = s.carry
-            s.carry = {"loss_sum": c["loss_sum"] + loss.item(), "steps": c["steps"] + 1,
-                       "correct": c["correct"] + correct, "patches": c["patches"] + patches}
-            s.step, s.rng = s.step + 1, _rng_state(s.device)
+            with hold_interrupts():  # the update and the step counter move together
+                s.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(s.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    s.optimizer.step()
+                c = s.carry
+                s.carry = {"loss_sum": c["loss_sum"] + loss.item(), "steps": c["steps"] + 1,
+                           "correct": c["correct"] + correct, "patches": c["patches"] + patches}
+                s.step, s.rng = s.step + 1, _rng_state(s.device)
             seen += n
             bar.update(1)
             bar.set_postfix(loss=f"{s.carry['loss_sum'] / s.carry['steps']:.4f}",
@@ -493,15 +497,15 @@ class Trainer:
         calibration = (_calibration(self.recipe, scores, self.select[0].image_labels(self.select[1]))
                        if scores is not None else s.calibration)
         improved = table is not None and table.map07 > s.best
-        # commit
-        keep_going = s.schedule.step(done, loss)
-        s.history.append(record)
-        s.epoch, s.step, s.carry, s.calibration = done, 0, _zero_carry(), calibration
-        if improved:
-            s.best = table.map07
-        if improved or (self.select is None and self.rank == 0):
-            self.save(self.best_path)  # without selection images, the last head is the best we know
-        self.save(self.last_path)
+        with hold_interrupts():  # commit
+            keep_going = s.schedule.step(done, loss)
+            s.history.append(record)
+            s.epoch, s.step, s.carry, s.calibration = done, 0, _zero_carry(), calibration
+            if improved:
+                s.best = table.map07
+            if improved or (self.select is None and self.rank == 0):
+                self.save(self.best_path)  # without selection images, the last head is the best we know
+            self.save(self.last_path)
         self._log(record, table)
         return keep_going
 
@@ -539,15 +543,35 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             # every step and end_epoch commit leaves the state consistent; no collective calls here
-            if self.rank:
-                _carry_path(self.recipe.run_dir, self.rank).write_text(json.dumps(self.state.carry))
-            self.save(self.last_path)
+            with hold_interrupts():  # a second Ctrl-C must not cut the save short
+                if self.rank:
+                    _carry_path(self.recipe.run_dir, self.rank).write_text(json.dumps(self.state.carry))
+                self.save(self.last_path)
             log.warning("interrupted: saved %s at epoch %d, step %d; continue with --resume", self.last_path,
                         s.epoch + 1, s.step)
             raise
         finally:
             if self.writer is not None:
                 self.writer.close()
+
+
+@contextmanager
+def hold_interrupts():
+    """Hold SIGINT until the block ends, then deliver it: a Ctrl-C never lands between the halves of a commit
+    (an optimizer step and its step counter, a schedule step and its epoch counter)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    held: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, held[0])
+        elif held and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _carry_path(run_dir: Path, rank: int) -> Path:

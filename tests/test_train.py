@@ -135,6 +135,39 @@ def test_resume_after_ctrl_c_mid_epoch_continues_exactly(tmp_path, small_voc, mo
                         load_checkpoint(resumed.run_dir / "last.pt")["head"])
 
 
+@pytest.mark.parametrize("owner, name, at_call", [
+    (torch.optim.SGD, "step", 7),  # between a parameter update and its step counter
+    (LRSchedule, "step", 5),  # between the milestone decay of epoch 5 (an evaluation epoch) and its epoch counter
+])
+def test_a_signal_inside_a_commit_waits_for_its_end(tmp_path, small_voc, monkeypatch, owner, name, at_call):
+    """A real SIGINT delivered the moment one half of a commit is done; resume still matches a straight run."""
+    args = ("train.epochs=10", "train.eval_every=5", "train.milestones=[0.5]", "runtime.cache_dir=" + str(tmp_path / "c"))
+    straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def then_signal(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            signal.raise_signal(signal.SIGINT)  # the handler runs at the next bytecode: inside the commit
+        return out
+
+    monkeypatch.setattr(owner, name, then_signal)
+    # Python's own handler, as in a terminal (a test runner started in the background ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        recipe = tiny_recipe(tmp_path / "b", small_voc, *args)
+        with pytest.raises(KeyboardInterrupt):
+            train(recipe, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.setattr(owner, name, real)
+    resumed = train(recipe, resume=True, progress=False)
+    a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
+    assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]]
+    assert _heads_equal(a["head"], b["head"])
+
+
 def test_sigint_to_a_real_train_process_then_resume_matches_a_straight_run(tmp_path, small_voc):
     """Ctrl-C as a user sends it: SIGINT to a running ``patchnet train``, then ``--resume``."""
     args = ("train.epochs=30", "train.eval_every=10", "train.milestones=[0.5]", "runtime.cache_dir=" + str(tmp_path / "c"))
