@@ -11,6 +11,7 @@ from a checkpoint chosen on devval. Per-class APs and the epoch times go to --ou
 
     python benchmarks/baseline.py                       # every row (about an hour on a 2-core CPU)
     python benchmarks/baseline.py --rows whole224 max both
+    python benchmarks/baseline.py --rows max both --limit 300 --backbones efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
 """
 
 from __future__ import annotations
@@ -44,23 +45,15 @@ SUPERVISION = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--voc", default=str(VOC))
-    ap.add_argument("--recipe", default=str(DEV_RECIPE))
-    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    ap.add_argument("--method", default="svm", choices=["svm", "logreg"])
-    ap.add_argument("--out", default="checkpoints/baseline", help="folder for the runs and baseline.json")
-    ap.add_argument("--set", nargs="*", default=[])
-    args = ap.parse_args()
-    voc = require_voc(Path(args.voc))
-    recipe = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.output={args.out}", *args.set])
+def run_rows(args, voc: Path, sets: list[str], tag: str = "") -> tuple[dict, dict, dict]:
+    """Every row of ``args.rows`` for the recipe with ``sets``: APTables, minutes and epoch seconds by row."""
+    recipe = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.output={args.out}", *sets])
     results, seconds, epochs = {}, {}, {}
     for row in args.rows:
         with Timer() as t:
             if row in SUPERVISION:
-                r = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.output={args.out}", f"name=baseline_{row}",
-                                              *SUPERVISION[row], *args.set])
+                r = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.output={args.out}",
+                                              f"name=baseline_{row}{tag}", *SUPERVISION[row], *sets])
                 result = train(r)
                 results[row] = result.table  # last.pt on devval
                 epochs[row] = _epoch_seconds(result.run_dir)
@@ -77,8 +70,29 @@ def main() -> None:
                 results[row], _ = linear_baseline(r, recipe.data.train_split, recipe.data.val_split,
                                                   build_extractor, args.method, pool)
         seconds[row] = t.seconds
-        print(f"{row}: mAP {100 * results[row].map07:.1f} (11-pt) {100 * results[row].map:.1f} (env) "
-              f"in {t.seconds / 60:.1f} min", flush=True)
+        print(f"{tag.lstrip('_') or recipe.backbone.name} {row}: mAP {100 * results[row].map07:.1f} (11-pt) "
+              f"{100 * results[row].map:.1f} (env) in {t.seconds / 60:.1f} min", flush=True)
+    return results, seconds, epochs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--voc", default=str(VOC))
+    ap.add_argument("--recipe", default=str(DEV_RECIPE))
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--backbones", nargs="*", default=[],
+                    help="run the rows for each of these backbones and print them side by side (default: the recipe's)")
+    ap.add_argument("--limit", type=int, default=0, help="first N images of devtrain and of devval (0: all)")
+    ap.add_argument("--method", default="svm", choices=["svm", "logreg"])
+    ap.add_argument("--out", default="checkpoints/baseline", help="folder for the runs and baseline.json")
+    ap.add_argument("--set", nargs="*", default=[])
+    args = ap.parse_args()
+    voc = require_voc(Path(args.voc))
+    sets = [f"data.limit={args.limit}", *args.set]
+    if args.backbones:
+        return compare_backbones(args, voc, sets)
+    recipe = load_recipe(args.recipe, [f"data.root={voc}", *sets])
+    results, seconds, epochs = run_rows(args, voc, sets)
 
     print(f"\nmachine: {machine()}; backbone {recipe.backbone.name}; {recipe.data.train_split} -> "
           f"{recipe.data.val_split}; patchnet rows from last.pt\n")
@@ -104,6 +118,29 @@ def main() -> None:
         {"machine": machine(), "rows": {k: {"label": _label(k, results), **v.to_dict(), "minutes": seconds[k] / 60}
                                         for k, v in results.items()}, "epoch_seconds": epochs}, indent=1))
     print(f"\nwrote {out / 'baseline.json'}")
+
+
+def compare_backbones(args, voc: Path, sets: list[str]) -> None:
+    """The rows for each backbone, in one run: a table of methods against backbones."""
+    by_backbone, minutes = {}, {}
+    for name in args.backbones:
+        results, seconds, _ = run_rows(args, voc, [*sets, f"backbone.name={name}"], tag="_" + name.replace("/", "_"))
+        by_backbone[name], minutes[name] = results, sum(seconds.values()) / 60
+    recipe = load_recipe(args.recipe, [f"data.root={voc}", *sets])
+    first = next(iter(by_backbone.values()))
+    n = f"first {args.limit}" if args.limit else "all"
+    print(f"\nmachine: {machine()}; {n} {recipe.data.train_split} -> {n} {recipe.data.val_split} images; "
+          f"patchnet rows from last.pt; mAP 11-point / envelope\n")
+    rows = [(_label(k, first), *(f"{100 * r[k].map07:.1f} / {100 * r[k].map:.1f}" for r in by_backbone.values()))
+            for k in first]
+    rows.append(("minutes (features, fits and training)", *(f"{minutes[n]:.1f}" for n in by_backbone)))
+    print(table(rows, ("method", *by_backbone)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "backbones.json").write_text(json.dumps(
+        {"machine": machine(), "limit": args.limit, "minutes": minutes,
+         "backbones": {n: {k: v.to_dict() for k, v in r.items()} for n, r in by_backbone.items()}}, indent=1))
+    print(f"\nwrote {out / 'backbones.json'}")
 
 
 def _label(row: str, results: dict) -> str:

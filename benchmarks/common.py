@@ -29,12 +29,21 @@ def machine() -> str:
 
 
 class Timer:
+    """Wall seconds of a block; CUDA work queued inside it is waited for at both ends."""
+
     def __enter__(self):
+        _sync()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        _sync()
         self.seconds = time.perf_counter() - self.start
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def table(rows: list[tuple], headers: tuple) -> str:

@@ -366,25 +366,27 @@ def _save_chunk(target: Path, patch_boxes: list, counts: list, ok: list, objects
 
 
 def _write_rows(path: Path, layout: dict, total: int, blocks) -> None:
-    """Write ``total`` rows of each stored array from ``blocks`` (dicts of consecutive rows) as memory maps."""
+    """Write ``total`` rows of each stored array from ``blocks`` (dicts of consecutive rows).
+
+    Plain appends, not a writable memory map: the dirty pages of a map count as the process's resident
+    memory until they are written back, which made the peak memory of a build grow with the dataset.
+    """
     files = {name: path / _file(name, dtype) for name, (dtype, _) in layout.items()}
-    outs = {name: np.memmap(f"{files[name]}.tmp", dtype=dtype, mode="w+", shape=(total, width)) if total else None
-            for name, (dtype, width) in layout.items()}
+    outs = {name: open(f"{f}.tmp", "wb") for name, f in files.items()}
     pos = 0
-    for block in blocks:
-        n = len(block["features"])
-        for name, out in outs.items():
-            out[pos:pos + n] = block[name]
-        pos += n
-    for out in outs.values():
-        if out is not None:
-            out.flush()
-    outs.clear()
+    try:
+        for block in blocks:
+            for name, out in outs.items():
+                dtype, width = layout[name]
+                out.write(np.ascontiguousarray(block[name], dtype=dtype).reshape(-1, width).data)
+            pos += len(next(iter(block.values())))
+    finally:
+        for out in outs.values():
+            out.close()
+    if pos != total:
+        raise RuntimeError(f"{path}: wrote {pos} feature rows, expected {total}")
     for f in files.values():
-        tmp = Path(f"{f}.tmp")
-        if not total:
-            tmp.write_bytes(b"")
-        os.replace(tmp, f)
+        os.replace(f"{f}.tmp", f)
 
 
 def _transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: dict, block: int = 65536) -> None:
@@ -582,18 +584,7 @@ def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:
     parts = [np.load(_chunk_path(path, c)) for c in range(num_chunks)]
     shapes = np.concatenate([p["level_shape"] for p in parts]).reshape(-1, 2)
     cells = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
-    tmp = path / "maps.f16.tmp"
-    if cells[-1]:
-        out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(int(cells[-1]), dim))
-        pos = 0
-        for p in parts:
-            m = p["maps"]
-            out[pos:pos + len(m)] = m
-            pos += len(m)
-        out.flush()
-        del out
-    else:
-        tmp.write_bytes(b"")
+    _write_rows(path, {"maps": (np.dtype(np.float16), dim)}, int(cells[-1]), ({"maps": p["maps"]} for p in parts))
     counts = np.concatenate([p["counts"] for p in parts])
     views = meta["fields"]["views"] + 1
     images = len(counts) // views
@@ -611,7 +602,6 @@ def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:
         p.close()
     meta["failures"] = failures
     (path / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path / "maps.f16")
     os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
     shutil.rmtree(path / "chunks", ignore_errors=True)
     if failures:

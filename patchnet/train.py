@@ -44,7 +44,6 @@ from .codec import FeatureCodec
 from .datasets import Dataset, DatasetError, open_split
 from .errors import PatchnetError
 from .extract import ImageMaps, PatchExtractor, UnlockedStages, build_extractor, resolve_precision
-from .heatmaps import log_heatmaps
 from .infer import evaluate, evaluation_items, image_scores
 from .linear import Fusion, SplitFeatures, fit_fusion, fit_linear, linear_arrays
 from .metrics import APTable
@@ -520,6 +519,8 @@ class Trainer:
                 self.writer.add_scalar("select/mAP_11pt", table.map07, e)
                 self.writer.add_scalar("select/mAP_envelope", table.map, e)
                 if self.recipe.runtime.heatmaps:
+                    from .heatmaps import log_heatmaps  # matplotlib: only when heatmaps are logged
+
                     log_heatmaps(self.writer, self.state.head, self.select[0], self.recipe, e, self.select[1])
             self.writer.flush()
         sel = (f", selection mAP {100 * record['select_map07']:.1f} (11-pt) {100 * record['select_map']:.1f} (env)"

@@ -542,3 +542,11 @@ def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_do
         direct = fresh.predict(rec.path)
         np.testing.assert_allclose(direct.scores, cached.scores, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(direct.values, cached.values, rtol=1e-4, atol=1e-6)
+
+
+def test_importing_train_loads_no_plotting_and_no_demo_generator():
+    code = ("import sys, patchnet.train; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m == 'patchnet.demo'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.stdout.strip() == "[]"
