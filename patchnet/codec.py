@@ -118,7 +118,10 @@ class FeatureCodec:
 
     def encode(self, features) -> dict[str, np.ndarray]:
         """(N, d) trunk features -> the stored arrays of their rows."""
-        x = _to_numpy(features).astype(np.float16).astype(np.float32)
+        half = _to_numpy(features.half() if isinstance(features, torch.Tensor) else features).astype(np.float16, copy=False)
+        if self.components is None and not self.int8:
+            return {"features": half}  # the fp16 rows as they are: no round trip through fp32
+        x = half.astype(np.float32)
         if self.components is not None:
             x = (x - self.mean) @ self.components.T
         if self.int8:
