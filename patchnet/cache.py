@@ -409,22 +409,26 @@ def _save_projection(path: Path, codec: FeatureCodec) -> None:
 
 
 def _join_chunks(path: Path, num_chunks: int, layout: dict) -> None:
-    meta = json.loads((path / "meta.json").read_text())
     parts = [np.load(_chunk_path(path, c)) for c in range(num_chunks)]
-    counts = np.concatenate([p["counts"] for p in parts])
-    _write_rows(path, layout, int(counts.sum()), ({name: p[name] for name in layout} for p in parts))
-    n = len(counts)
-    record = np.repeat(np.arange(n // (meta["fields"]["views"] + 1)), meta["fields"]["views"] + 1)
-    view = np.tile(np.arange(meta["fields"]["views"] + 1), n // (meta["fields"]["views"] + 1))
-    failures = [str(s) for p in parts for s in p["failures"]]
-    np.savez(path / "index.tmp.npz",
+    total = int(sum(p["counts"].sum() for p in parts))
+    _write_rows(path, layout, total, ({name: p[name] for name in layout} for p in parts))
+    _finish_join(path, parts, "feature cache")
+
+
+def _finish_join(path: Path, parts: list, what: str, **index: np.ndarray) -> None:
+    """Write the item and box indexes every chunk has (plus ``index``), then mark the cache complete."""
+    meta = json.loads((path / "meta.json").read_text())
+    cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
+    counts = cat("counts")
+    views = meta["fields"]["views"] + 1
+    images = len(counts) // views
+    np.savez(path / "index.tmp.npz", **index,
              offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-             record=record, view=view, ok=np.concatenate([p["ok"] for p in parts]),
-             patch_boxes=np.concatenate([p["patch_boxes"] for p in parts]),
-             box_offsets=np.concatenate([[0], np.cumsum(np.concatenate([p["box_counts"] for p in parts]))]).astype(np.int64),
-             boxes=np.concatenate([p["boxes"] for p in parts]).reshape(-1, 4),
-             box_classes=np.concatenate([p["box_classes"] for p in parts]),
-             box_difficult=np.concatenate([p["box_difficult"] for p in parts]))
+             record=np.repeat(np.arange(images), views), view=np.tile(np.arange(views), images),
+             ok=cat("ok"), patch_boxes=cat("patch_boxes"),
+             box_offsets=np.concatenate([[0], np.cumsum(cat("box_counts"))]).astype(np.int64),
+             boxes=cat("boxes").reshape(-1, 4), box_classes=cat("box_classes"), box_difficult=cat("box_difficult"))
+    failures = [str(s) for p in parts for s in p["failures"]]
     for p in parts:
         p.close()
     meta["failures"] = failures
@@ -432,7 +436,7 @@ def _join_chunks(path: Path, num_chunks: int, layout: dict) -> None:
     os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
     shutil.rmtree(path / "chunks", ignore_errors=True)
     if failures:
-        log.warning("feature cache: %d unreadable images skipped (first: %s)", len(failures), failures[0])
+        log.warning("%s: %d unreadable images skipped (first: %s)", what, len(failures), failures[0])
 
 
 # --------------------------------------------------------------------------- boundary maps (train.unlock)
@@ -580,29 +584,11 @@ def _write_map_chunk(target: Path, results: list, dim: int) -> None:
 
 
 def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:
-    meta = json.loads((path / "meta.json").read_text())
     parts = [np.load(_chunk_path(path, c)) for c in range(num_chunks)]
-    shapes = np.concatenate([p["level_shape"] for p in parts]).reshape(-1, 2)
+    cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
+    shapes = cat("level_shape").reshape(-1, 2)
     cells = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
     _write_rows(path, {"maps": (np.dtype(np.float16), dim)}, int(cells[-1]), ({"maps": p["maps"]} for p in parts))
-    counts = np.concatenate([p["counts"] for p in parts])
-    views = meta["fields"]["views"] + 1
-    images = len(counts) // views
-    cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
-    np.savez(path / "index.tmp.npz",
-             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-             record=np.repeat(np.arange(images), views), view=np.tile(np.arange(views), images),
-             ok=cat("ok"), patch_boxes=cat("patch_boxes"), patch_level=cat("patch_level"),
-             level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
-             level_shape=shapes, level_factor=cat("level_factor").reshape(-1, 2), cell_offsets=cells,
-             box_offsets=np.concatenate([[0], np.cumsum(cat("box_counts"))]).astype(np.int64),
-             boxes=cat("boxes").reshape(-1, 4), box_classes=cat("box_classes"), box_difficult=cat("box_difficult"))
-    failures = [str(s) for p in parts for s in p["failures"]]
-    for p in parts:
-        p.close()
-    meta["failures"] = failures
-    (path / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
-    shutil.rmtree(path / "chunks", ignore_errors=True)
-    if failures:
-        log.warning("map cache: %d unreadable images skipped (first: %s)", len(failures), failures[0])
+    _finish_join(path, parts, "map cache", patch_level=cat("patch_level"),
+                 level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
+                 level_shape=shapes, level_factor=cat("level_factor").reshape(-1, 2), cell_offsets=cells)
