@@ -8,8 +8,13 @@ Rows, all on the same devval images and measured side by side in one run:
 - cache build: ``build_features`` from JPEG files to a finished cache (decoding in the loader's
   workers, chunk writing and joining included): what a training run pays.
 
-    python benchmarks/shared_throughput.py --images 40
-    python benchmarks/shared_throughput.py --images 40 --set runtime.workers=0
+A first untimed pass of the bare trunk lets oneDNN build its kernels for each input shape (its time
+is printed: a real split pays it once per image size). The machine's speed drifts by 10-20% over a
+minute, so the rows take turns: every round of ``--round`` images runs all four paths, in an order
+that rotates from round to round, and each row sums its rounds.
+
+    python benchmarks/shared_throughput.py --images 80
+    python benchmarks/shared_throughput.py --images 80 --set runtime.workers=0
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ def level_inputs(ex, image) -> list[tuple[torch.Tensor, list]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--voc", default=str(VOC))
-    ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--images", type=int, default=80)
+    ap.add_argument("--round", type=int, default=10, help="images per round of the four paths")
     ap.add_argument("--recipe", default=str(DEV_RECIPE))
     ap.add_argument("--set", nargs="*", default=[])
     args = ap.parse_args()
@@ -51,31 +57,52 @@ def main() -> None:
         ds = Dataset(f"{full.name}[:{args.images}]", full.classes, full.records[:args.images])
         ex = build_extractor(recipe)
         images = [load_image(r.path) for r in ds.records]
-        ex(images[0])  # warm-up: first-call allocations
         ready = [level_inputs(ex, im) for im in images]
-        pixels = sum(x.shape[-1] * x.shape[-2] for levels in ready for x, _ in levels)
-        with torch.inference_mode(), Timer() as t_bound:
+        with torch.inference_mode(), ex._autocast(), Timer() as t_first:  # oneDNN builds kernels per new shape
             for levels in ready:
                 for x, _ in levels:
-                    with ex._autocast():
+                    ex.backbone.feature_map(x)
+        pixels = sum(x.shape[-1] * x.shape[-2] for levels in ready for x, _ in levels)
+        def bound(part):
+            with torch.inference_mode(), ex._autocast():
+                for levels in ready[part]:
+                    for x, _ in levels:
                         ex.backbone.feature_map(x)
-        with torch.inference_mode(), Timer() as t_pool:
-            for im, levels in zip(images, ready):
-                for x, grids in levels:
-                    ex._shared_level(x, grids, im.shape[1], im.shape[0])
-        with Timer() as t_ex:
-            for im in images:
+
+        def pool(part):
+            with torch.inference_mode():
+                for im, levels in zip(images[part], ready[part]):
+                    for x, grids in levels:
+                        ex._shared_level(x, grids, im.shape[1], im.shape[0])
+
+        def extractor(part):
+            for im in images[part]:
                 ex(im)
-        with Timer() as t_build:
-            build_features(recipe, ds, ex, progress=False)
+
+        def build(part):
+            build_features(recipe, Dataset(f"{ds.name}:{part.start}", ds.classes, ds.records[part]), ex,
+                           progress=False)
+
+        paths = [bound, pool, extractor, build]
+        seconds = dict.fromkeys(paths, 0.0)
+        for r, start in enumerate(range(0, len(images), args.round)):
+            part = slice(start, start + args.round)
+            for path in paths[r % 4:] + paths[:r % 4]:  # each path takes each place in the order in turn
+                with Timer() as t:
+                    path(part)
+                seconds[path] += t.seconds
     n = len(images)
-    rows = [("bare trunk on the rescaled images (bound)", t_bound), ("trunk + pooling of every patch", t_pool),
-            ("extractor on decoded images (+ rescaling)", t_ex), ("cache build from JPEG files", t_build)]
+    names = {bound: "bare trunk on the rescaled images (bound)", pool: "trunk + pooling of every patch",
+             extractor: "extractor on decoded images (+ rescaling)", build: "cache build from JPEG files"}
     print(f"\nmachine: {machine()}; {args.recipe} {' '.join(args.set)}")
     print(f"{n} devval images, {pixels / n / 1e6:.2f} M trunk pixels per image, levels {recipe.patches.levels}, "
-          f"autocast {ex.autocast_dtype}, workers {recipe.runtime.workers}\n")
-    print(table([(name, f"{n / t.seconds:.2f}", f"{1000 * t.seconds / n:.0f}", f"{t_bound.seconds / t.seconds:.2f}")
-                 for name, t in rows], ("path", "images/s", "ms/image", "of bound")))
+          f"autocast {ex.autocast_dtype}, workers {recipe.runtime.workers}")
+    sizes = len({im.shape for im in images})
+    print(f"first pass of the bare trunk (oneDNN builds its kernels for each of {sizes} image sizes; untimed in "
+          f"the rows): {1000 * t_first.seconds / n:.0f} ms/image\n")
+    print(table([(names[p], f"{n / t:.2f}", f"{1000 * t / n:.0f}", f"{seconds[bound] / t:.2f}")
+                 for p, t in seconds.items()],
+                ("path", "images/s", "ms/image", "of bound")))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,26 @@ def test_tf_same_padding(size, kernel, stride):
     assert y[0, 0, 0, 0].item() == pytest.approx((kernel - left) ** 2)
 
 
+@pytest.mark.parametrize("h,w", [(8, 8), (8, 9), (9, 8), (224, 336)])
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (5, 2)])
+def test_depthwise_same_padding_without_a_padded_copy_matches_tf(h, w, kernel, stride):
+    """Depthwise convs move the odd pad into a zero kernel tap: same outputs and gradients as padding."""
+    torch.manual_seed(0)
+    conv = Conv2dSame(4, 4, kernel, stride, groups=4, bias=True)
+    x = torch.randn(2, 4, h, w, requires_grad=True)
+    ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
+    pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
+    ref = F.conv2d(F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]), conv.weight, conv.bias, stride,
+                   groups=4)
+    y = conv(x)
+    assert y.shape == ref.shape == (2, 4, math.ceil(h / stride), math.ceil(w / stride))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    gx, gw = torch.autograd.grad(y.square().sum(), [x, conv.weight])
+    rx, rw = torch.autograd.grad(ref.square().sum(), [x, conv.weight])
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
+
+
 def test_lite0_imagenet_weights_classify_a_real_photo():
     """The port (padding, ReLU6, BN eps, normalisation) is right if the packaged weights see a cat."""
     data = pytest.importorskip("skimage.data")
