@@ -214,6 +214,8 @@ class Recipe:
         if self.cache.pca_dim < 1 or self.cache.pca_images < 1:
             raise RecipeError(f"cache.pca_dim and cache.pca_images must be at least 1, got {self.cache.pca_dim} "
                               f"and {self.cache.pca_images}")
+        if not 0.0 <= self.head.dropout < 1.0:
+            raise RecipeError(f"head.dropout must lie in [0, 1), got {self.head.dropout}")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise RecipeError("train.epochs and train.batch_size must be at least 1")
         return self

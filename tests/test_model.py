@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from patchnet.model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from patchnet.model import AdaptationHead, ByteDropout, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 
 
 def test_head_shapes_and_layers():
     head = AdaptationHead(1280, 20)
     assert head.fca[0].in_features == 1280 and head.fca[0].out_features == 2048
-    assert isinstance(head.fca[1], torch.nn.ReLU) and head.fca[2].p == 0.5
+    assert isinstance(head.fca[1], torch.nn.ReLU) and head.fca[2].p == 0.5 and head.fca[2].keep == 128
     assert head.fcb.out_features == 21  # 20 classes + background
     assert head(torch.randn(7, 1280)).shape == (7, 21)
 
@@ -24,6 +24,34 @@ def test_dropout_only_in_training_and_probabilities_sum_to_one():
     assert torch.equal(probs, head.probabilities(x.numpy()))  # no dropout when scoring
     half = head.probabilities(x.numpy().astype("float16"))  # the cache's dtype is accepted
     assert torch.allclose(probs, half, atol=1e-2)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_byte_dropout_keeps_1_minus_p_of_the_units_and_the_expectation(p, dtype):
+    torch.manual_seed(0)
+    drop = ByteDropout(p)
+    x = torch.ones(512, 1024, dtype=dtype, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    keep = round(256 * (1 - p)) / 256
+    assert y.dtype == dtype and abs(kept.float().mean().item() - keep) < 0.005
+    assert torch.all(y[kept] == 1 / keep)  # kept units rescaled exactly (powers of two up to bf16 rounding)
+    assert abs(y.float().mean().item() - 1.0) < 0.01
+    (g,) = torch.autograd.grad(y.float().sum(), x)
+    assert torch.equal(g != 0, kept)  # gradients flow through the kept units only
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the generator state fixes the mask (resume draws the same masks)
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_byte_dropout_masks_are_independent_across_positions():
+    torch.manual_seed(0)
+    kept = (ByteDropout(0.5)(torch.ones(4096, 64)) != 0).float()
+    assert kept.mean(0).sub(0.5).abs().max() < 0.05  # each column (each byte of a 64-bit draw) is fair
+    a, b = kept[:, 0], kept[:, 1]  # neighbours, from the same 64-bit draw: uncorrelated
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.05
 
 
 def test_checkpoints_are_written_atomically_and_loaded_safely(tmp_path):
