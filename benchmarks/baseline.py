@@ -21,7 +21,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from common import DEV_RECIPE, VOC, Timer, machine, require_voc, table
+from common import REPO, DEV_RECIPE, VOC, Timer, machine, require_voc, table
 from patchnet.extract import build_extractor
 from patchnet.infer import evaluate_split
 from patchnet.linear import linear_baseline, whole_image_recipe
@@ -84,7 +84,8 @@ def main() -> None:
                     help="run the rows for each of these backbones and print them side by side (default: the recipe's)")
     ap.add_argument("--limit", type=int, default=0, help="first N images of devtrain and of devval (0: all)")
     ap.add_argument("--method", default="svm", choices=["svm", "logreg"])
-    ap.add_argument("--out", default="checkpoints/baseline", help="folder for the runs and baseline.json")
+    ap.add_argument("--out", default=str(REPO / "checkpoints" / "baseline"),
+                    help="folder for the runs and baseline.json")
     ap.add_argument("--set", nargs="*", default=[])
     args = ap.parse_args()
     voc = require_voc(Path(args.voc))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
+from common import REPO, DEV_RECIPE, Timer, machine, require_voc, table, VOC
 from patchnet.cache import build_features, feature_codec
 from patchnet.codec import FeatureCodec
 from patchnet.datasets import open_split
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="first N images of each split (0: all)")
     ap.add_argument("--epochs", type=int, default=0, help="training epochs (0: the recipe's)")
     ap.add_argument("--cache-dir", default="", help="feature caches (default: the recipe's runtime.cache_dir)")
-    ap.add_argument("--output", default="checkpoints/bench_compact")
+    ap.add_argument("--output", default=str(REPO / "checkpoints" / "bench_compact"))
     ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
     args = ap.parse_args()
     voc = require_voc(Path(args.voc))

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
+from common import REPO, DEV_RECIPE, Timer, machine, require_voc, table, VOC
 from patchnet.recipe import load_recipe
 from patchnet.extract import build_extractor
 from patchnet.train import prepare_split, train
@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--voc", default=str(VOC))
     ap.add_argument("--recipe", default=str(DEV_RECIPE))
-    ap.add_argument("--output", default="checkpoints/bench_full_run")
+    ap.add_argument("--output", default=str(REPO / "checkpoints" / "bench_full_run"))
     ap.add_argument("--cache-dir", default="", help="an empty folder to keep the cache in (default: a temporary one)")
     ap.add_argument("--set", nargs="*", default=[])
     args = ap.parse_args()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
+from common import REPO, DEV_RECIPE, Timer, machine, require_voc, table, VOC
 from patchnet.datasets import load_image, open_split
 from patchnet.recipe import load_recipe
 from patchnet.extract import build_extractor
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--exact-up-to", type=float, default=2.0, help="hybrid mode: scales cropped as in exact mode")
     ap.add_argument("--modes", default="exact,shared,shared_levels,hybrid")
     ap.add_argument("--speed-only", action="store_true")
-    ap.add_argument("--output", default="checkpoints/bench_shared_vs_exact")
+    ap.add_argument("--output", default=str(REPO / "checkpoints" / "bench_shared_vs_exact"))
     ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
     args = ap.parse_args()
     voc = require_voc(Path(args.voc))

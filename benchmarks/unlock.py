@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import DEV_RECIPE, VOC, Timer, machine, require_voc, table
+from common import REPO, DEV_RECIPE, VOC, Timer, machine, require_voc, table
 from patchnet.cache import build_features, build_maps
 from patchnet.datasets import open_split
 from patchnet.extract import build_extractor
@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(DEV_RECIPE))
     ap.add_argument("--limit", type=int, default=300, help="the first images of devtrain and of devval")
     ap.add_argument("--unlock", type=int, nargs="*", default=[0, 1, 2], help="values of train.unlock, one row each")
-    ap.add_argument("--out", default="checkpoints/unlock", help="folder for the runs, their cache and unlock.json")
+    ap.add_argument("--out", default=str(REPO / "checkpoints" / "unlock"),
+                    help="folder for the runs, their cache and unlock.json")
     ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
     args = ap.parse_args()
     voc = require_voc(args.voc)

@@ -19,6 +19,15 @@ def test_every_shipped_recipe_loads(path):
     assert all(s >= 1 for s in r.patches.scales)
 
 
+def test_the_fast_recipe_is_the_dev_recipe_with_two_levels_and_the_patch_loss():
+    recipes = Path(__file__).parent.parent / "recipes"
+    dev, fast = load_recipe(recipes / "voc07_dev.yaml"), load_recipe(recipes / "voc07_fast.yaml")
+    assert fast.patches.levels == [1.0, 2.0] and fast.train.supervision == "boxes"
+    assert fast.infer_pool == "power" and fast.infer.fuse
+    assert (fast.data, fast.backbone, fast.patches.scales, fast.train.epochs) == (dev.data, dev.backbone,
+                                                                                  dev.patches.scales, dev.train.epochs)
+
+
 def test_voc07_carries_the_papers_settings():
     r = load_recipe(Path(__file__).parent.parent / "recipes" / "voc07.yaml")
     assert r.backbone.name == "alexnet" and r.patches.mode == "exact"
