@@ -46,6 +46,13 @@ def test_byte_dropout_keeps_1_minus_p_of_the_units_and_the_expectation(p, dtype)
     assert torch.equal(drop(x), x)
 
 
+def test_byte_dropout_near_one_keeps_one_byte_value_in_256():
+    torch.manual_seed(0)
+    y = ByteDropout(0.999)(torch.ones(256, 1024))
+    assert torch.isfinite(y).all() and set(y.unique().tolist()) == {0.0, 256.0}
+    assert abs((y != 0).float().mean().item() - 1 / 256) < 0.001
+
+
 def test_byte_dropout_masks_are_independent_across_positions():
     torch.manual_seed(0)
     kept = (ByteDropout(0.5)(torch.ones(4096, 64)) != 0).float()
