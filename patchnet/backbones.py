@@ -255,7 +255,8 @@ class Conv2dSame(nn.Conv2d):
             return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation, self.groups)
         if self.groups > 1 and self.dilation == (1, 1):
             # One more pad on the far side = one more on both sides with a zero first kernel tap: the
-            # same sums, and no padded copy of the map (4x faster on Lite's large depthwise maps).
+            # same sums, and no padded copy of the map (4x faster on Lite's large depthwise maps; the
+            # dense stem ran slower with the larger kernel, so it keeps the copy).
             weight = F.pad(self.weight, [pw % 2, 0, ph % 2, 0])
             return F.conv2d(x, weight, self.bias, self.stride, ((ph + 1) // 2, (pw + 1) // 2), 1, self.groups)
         x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])

@@ -384,7 +384,7 @@ def _write_rows(path: Path, layout: dict, total: int, blocks) -> None:
         for out in outs.values():
             out.close()
     if pos != total:
-        raise RuntimeError(f"{path}: wrote {pos} feature rows, expected {total}")
+        raise RuntimeError(f"{path}: wrote {pos} rows, expected {total}")
     for f in files.values():
         os.replace(f"{f}.tmp", f)
 
