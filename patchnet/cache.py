@@ -18,13 +18,18 @@ which the unlocked stages compute the patch features on demand.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,7 @@ from .backbones import backbone_spec, unlock_split
 from .codec import CodecError, FeatureCodec, Moments, decode_rows, stored_layout
 from .datasets import Dataset, DatasetError, ImageRecord, load_image, open_split
 from .errors import PatchnetError
+from .files import atomic_write, file_crc, file_lock, temporary_name
 from .extract import ImageMaps, PatchExtractor, UnlockedStages
 from .recipe import AugConfig, Recipe
 
@@ -135,20 +141,17 @@ class FeatureStore:
 
     def __init__(self, path: Path):
         self.path = path
-        meta = json.loads((path / "meta.json").read_text())
+        meta = open_checked(path)
         self.fields, self.feature_dim = meta["fields"], meta["feature_dim"]
         self.compress: str = meta.get("compress", "none")
-        with np.load(path / "index.npz") as idx:
-            for name in idx.files:
-                setattr(self, name, idx[name])
+        _load_index(self, path)
         total = int(self.offsets[-1])
-        arrays = {name: np.memmap(path / _file(name, dtype), dtype=dtype, mode="r", shape=(total, width))
-                  if total else np.zeros((0, width), dtype)
+        arrays = {name: _memmap(path, _file(name, dtype), dtype, (total, width))
                   for name, (dtype, width) in stored_layout(self.compress, self.feature_dim).items()}
         self.rows = Rows(**arrays)
         projection = {}
         if (path / "projection.npz").is_file():
-            with np.load(path / "projection.npz") as z:
+            with _damaged_if_unreadable(path, "projection.npz"), np.load(path / "projection.npz") as z:
                 projection = {"mean": z["mean"], "components": z["components"]}
         self.codec = FeatureCodec(self.compress, **projection)
         self.trunk_rows = self.rows if self.codec.components is None else Rows(**arrays, codec=self.codec)
@@ -168,9 +171,105 @@ class FeatureStore:
         s = slice(int(self.box_offsets[i]), int(self.box_offsets[i + 1]))
         return self.boxes[s], self.box_classes[s], self.box_difficult[s]
 
-    def patch_item(self) -> np.ndarray:
-        """(P,) the item of each patch."""
-        return np.repeat(np.arange(len(self)), np.diff(self.offsets))
+
+# --------------------------------------------------------------------------- integrity
+
+
+class CacheError(PatchnetError, RuntimeError):
+    """A cache folder that is damaged or cannot be written; the message names it and how to rebuild it."""
+
+
+def damaged(path: Path, problem: str) -> CacheError:
+    return CacheError(f"cache {path} is damaged: {problem}. Delete the folder to rebuild it (rm -r {path}); the "
+                      "next run recomputes it. `patchnet cache verify` checks every cache of a folder")
+
+
+@contextlib.contextmanager
+def _damaged_if_unreadable(path: Path, name: str):
+    try:
+        yield
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise damaged(path, f"{name} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _read_meta(path: Path) -> dict:
+    with _damaged_if_unreadable(path, "meta.json"):
+        meta = json.loads((path / "meta.json").read_text())
+    if not isinstance(meta, dict) or "fields" not in meta:
+        raise damaged(path, "meta.json holds no cache description")
+    return meta
+
+
+def _load_index(store, path: Path) -> None:
+    """Set every array of ``index.npz`` as an attribute of ``store``."""
+    with _damaged_if_unreadable(path, "index.npz"), np.load(path / "index.npz") as idx:
+        for name in idx.files:
+            setattr(store, name, idx[name])
+
+
+def _memmap(path: Path, name: str, dtype, shape: tuple[int, int]) -> np.ndarray:
+    if not shape[0]:
+        return np.zeros(shape, dtype)
+    with _damaged_if_unreadable(path, name):
+        return np.memmap(path / name, dtype=dtype, mode="r", shape=shape)
+
+
+def _boot_id() -> str:
+    """An id of this boot of the machine (Linux), so that a cache is re-verified once after a crash."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def check_files(path: Path, meta: dict, checksums: bool = False) -> None:
+    """Raise ``CacheError`` unless every file ``meta`` records has its size (and, with ``checksums``, its CRC-32)."""
+    for name, info in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise damaged(path, f"{name} is missing")
+        size = f.stat().st_size
+        if size != info["size"]:
+            raise damaged(path, f"{name} is {size} bytes, {info['size']} were written (truncated or replaced)")
+        if checksums and file_crc(f) != info["crc32"]:
+            raise damaged(path, f"{name} does not match its checksum (its bytes changed after it was written)")
+
+
+def open_checked(path: Path) -> dict:
+    """The meta of a complete cache whose file sizes are right; its checksums too on the first open since
+    the machine started (after a crash, writes that were not yet on disk would show)."""
+    meta = _read_meta(path)
+    check_files(path, meta)
+    stamp, boot = path / "verified", _boot_id()
+    try:
+        fresh = stamp.read_text() == boot
+    except OSError:
+        fresh = False
+    if not fresh and meta.get("files"):
+        log.info("cache %s: checking its checksums (first use since the machine started)", path.name)
+        check_files(path, meta, checksums=True)
+        with contextlib.suppress(OSError):  # a read-only cache is checked again next time
+            atomic_write(stamp, boot)
+    return meta
+
+
+def verify_cache(path: Path) -> str:
+    """``ok`` for a complete cache whose sizes and checksums hold, ``incomplete (...)`` for a build in progress
+    or killed, or the problem; damaged chunk files of an incomplete build are listed (a rebuild redoes them)."""
+    path = Path(path)
+    if not (path / "index.npz").is_file():
+        chunks = sorted((path / "chunks").glob("*.npz")) if (path / "chunks").is_dir() else []
+        bad = [c.name for c in chunks if not _chunk_ok(c)]
+        return f"incomplete ({len(chunks)} chunks done" + (f", damaged: {', '.join(bad)})" if bad else ")")
+    try:
+        meta = _read_meta(path)
+        if not meta.get("files"):
+            return "ok (written before checksums were kept: sizes and checksums not checked)"
+        check_files(path, meta, checksums=True)
+        atomic_write(path / "verified", _boot_id()) if os.access(path, os.W_OK) else None
+    except CacheError as e:
+        return str(e).split(" is damaged: ", 1)[-1].split(". Delete", 1)[0]
+    return "ok"
 
 
 def cached_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0,
@@ -181,7 +280,11 @@ def cached_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor,
     """
     codec = codec or feature_codec(recipe, extractor)
     path = Path(recipe.runtime.cache_dir) / _digest(cache_fields(recipe, dataset, extractor, views, codec))
-    return FeatureStore(path) if (path / "index.npz").is_file() else None
+    return FeatureStore(path) if _complete(path) else None
+
+
+def _complete(path: Path) -> bool:
+    return (path / "index.npz").is_file()  # written last: its presence marks the cache complete
 
 
 def _rank_world() -> tuple[int, int]:
@@ -195,6 +298,24 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def building(path: Path, what: str):
+    """Build the cache folder ``path`` under its key's lock: a second process (or job) waits for the first
+    and then finds the cache complete. Under ``torchrun`` rank 0 holds the lock for its job; the other
+    ranks wait for it at a barrier. A folder that cannot be written is one clear error."""
+    rank, _ = _rank_world()
+    try:
+        with file_lock(path.parent / ".locks" / f"{path.name}.lock", what) if rank == 0 else contextlib.nullcontext():
+            _barrier()
+            yield
+            _barrier()
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(f"cannot write {what} under {path.parent}: {e.strerror}. Set runtime.cache_dir to a "
+                             "writable folder with free space (e.g. --set runtime.cache_dir=/tmp/patchnet-cache)") from None
+        raise
+
+
 def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0,
                    progress: bool = True, codec: FeatureCodec | None = None) -> FeatureStore:
     """Open the cached features of a split, computing what is missing first.
@@ -205,12 +326,18 @@ def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, 
     Under ``torchrun`` the ranks share the chunks and rank 0 joins them.
     """
     codec = codec or feature_codec(recipe, extractor, progress)
-    warm = cached_features(recipe, dataset, extractor, views, codec)
-    if warm is not None:
-        return warm
     fields = cache_fields(recipe, dataset, extractor, views, codec)
     key = _digest(fields)
     path = Path(recipe.runtime.cache_dir) / key
+    if _complete(path):
+        return FeatureStore(path)
+    with building(path, f"feature cache {key}"):
+        if not _complete(path):  # another process may have built it while this one waited
+            _build_features(recipe, dataset, extractor, views, progress, codec, fields, path)
+    return FeatureStore(path)
+
+
+def _build_features(recipe, dataset, extractor, views, progress, codec, fields, path: Path) -> None:
     rank, world = _rank_world()
     items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
     chunk = max(1, recipe.cache.chunk)
@@ -220,26 +347,54 @@ def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, 
     source = cached_features(recipe, dataset, extractor, views, FeatureCodec()) if codec.compress != "none" else None
     if source is not None:
         if rank == 0:
-            log.info("feature cache %s: encoding the fp16 cache %s as %s", key, source.path.name, codec.compress)
+            log.info("feature cache %s: encoding the fp16 cache %s as %s", path.name, source.path.name, codec.compress)
             _transcode(source, codec, path, meta)
         _barrier()
-        return FeatureStore(path)
+        return
     chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
-    (path / "chunks").mkdir(parents=True, exist_ok=True)
+    todo = _start_chunks(path, meta, len(chunks), rank, world)
     if rank == 0:
-        (path / "meta.json").write_text(json.dumps(meta, indent=1))
         _save_projection(path, codec)
-    todo = [c for c in range(len(chunks)) if c % world == rank and not _chunk_path(path, c).is_file()]
-    done = len(chunks) - sum(1 for c in range(len(chunks)) if not _chunk_path(path, c).is_file())
-    if done and todo:
-        log.info("feature cache %s: resuming, %d of %d chunks already done", key, done, len(chunks))
     if todo:
         _compute_chunks(dataset, extractor, codec, chunks, todo, path, recipe, progress and rank == 0)
     _barrier()
     if rank == 0:
         _join_chunks(path, len(chunks), layout)
-    _barrier()
-    return FeatureStore(path)
+
+
+def _start_chunks(path: Path, meta: dict, num_chunks: int, rank: int, world: int) -> list[int]:
+    """Prepare ``path`` for a chunked build (meta.json first) and return this rank's chunks still to compute.
+
+    A chunk left by a killed build counts as done only when it reads back whole (every array, zip
+    CRCs included, with one entry per item); a damaged one is deleted and computed again.
+    """
+    (path / "chunks").mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        atomic_write(path / "meta.json", json.dumps(meta, indent=1))
+    mine = [c for c in range(num_chunks) if c % world == rank]
+    todo = []
+    for c in mine:
+        target = _chunk_path(path, c)
+        if target.is_file() and not _chunk_ok(target, len(range(c * meta["chunk"], min((c + 1) * meta["chunk"],
+                                                                                          meta["items"])))):
+            log.warning("cache %s: chunk %s is damaged; computing it again", path.name, target.name)
+            target.unlink()
+        if not target.is_file():
+            todo.append(c)
+    if len(todo) < len(mine):
+        log.info("cache %s: resuming, %d of %d chunks already done", path.name, len(mine) - len(todo), len(mine))
+    return todo
+
+
+def _chunk_ok(target: Path, items: int | None = None) -> bool:
+    """Whether a chunk file reads back whole: every array (the zip CRCs are checked on read) and, when
+    ``items`` is given, one entry per item."""
+    try:
+        with np.load(target) as z:
+            arrays = {name: z[name] for name in z.files}
+        return "counts" in arrays and (items is None or len(arrays["counts"]) == items)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
+        return False
 
 
 def feature_codec(recipe: Recipe, extractor: PatchExtractor, progress: bool = True) -> FeatureCodec:
@@ -258,22 +413,28 @@ def feature_codec(recipe: Recipe, extractor: PatchExtractor, progress: bool = Tr
     dataset = open_split(recipe.data, recipe.data.train_split)
     fields = {"features": cache_fields(recipe, dataset, extractor), "pca_dim": c.pca_dim,
               "pca_images": c.pca_images, "seed": PCA_SEED}
-    path = Path(recipe.runtime.cache_dir) / "projections" / f"{_digest(fields)}.npz"
-    if _rank_world()[0] == 0 and not path.is_file():
-        moments = Moments(extractor.feature_dim)
-        for rows in _projection_sample(recipe, dataset, extractor, progress):
-            moments.add(rows)
-        mean, components, kept = moments.pca(c.pca_dim)
-        log.info("PCA projection on %d patches of %s: %d components keep %.1f%% of the variance", moments.n,
-                 dataset.name, c.pca_dim, 100 * kept)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, mean=mean.astype(np.float32), components=components.astype(np.float32), kept=kept,
-                 patches=moments.n, fields=json.dumps(fields))
-        os.replace(tmp, path)
-    _barrier()
-    with np.load(path) as z:
+    key = _digest(fields)
+    path = Path(recipe.runtime.cache_dir) / "projections" / f"{key}.npz"
+    if not path.is_file():
+        with building(Path(recipe.runtime.cache_dir) / f"projection-{key}", f"PCA projection {key}"):
+            if _rank_world()[0] == 0 and not path.is_file():
+                _fit_projection(recipe, dataset, extractor, progress, fields, path)
+    with _damaged_if_unreadable(path.parent, path.name), np.load(path) as z:
         return FeatureCodec(c.compress, z["mean"], z["components"])
+
+
+def _fit_projection(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, progress: bool, fields: dict,
+                    path: Path) -> None:
+    c = recipe.cache
+    moments = Moments(extractor.feature_dim)
+    for rows in _projection_sample(recipe, dataset, extractor, progress):
+        moments.add(rows)
+    mean, components, kept = moments.pca(c.pca_dim)
+    log.info("PCA projection on %d patches of %s: %d components keep %.1f%% of the variance", moments.n,
+             dataset.name, c.pca_dim, 100 * kept)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, mean=mean.astype(np.float32), components=components.astype(np.float32),
+                                          kept=kept, patches=moments.n, fields=json.dumps(fields)))
 
 
 def _projection_sample(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, progress: bool):
@@ -353,40 +514,52 @@ def _write_chunk(target: Path, results: list, layout: dict) -> None:
 def _save_chunk(target: Path, patch_boxes: list, counts: list, ok: list, objects: list, failures: list,
                 **arrays: np.ndarray) -> None:
     """Write a chunk atomically: ``arrays`` of its kind plus the per-item indexes every chunk has."""
-    tmp = target.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays,
-             patch_boxes=np.concatenate(patch_boxes) if patch_boxes else np.zeros((0, 4), np.float32),
-             counts=np.array(counts, np.int64), ok=np.array(ok),
-             box_counts=np.array([len(o[0]) for o in objects], np.int64),
-             boxes=np.concatenate([o[0] for o in objects]).astype(np.float32),
-             box_classes=np.concatenate([o[1] for o in objects]).astype(np.int64),
-             box_difficult=np.concatenate([o[2] for o in objects]).astype(bool),
-             failures=np.array(failures, dtype=str))
-    os.replace(tmp, target)
+    atomic_write(target, lambda f: np.savez(
+        f, **arrays,
+        patch_boxes=np.concatenate(patch_boxes) if patch_boxes else np.zeros((0, 4), np.float32),
+        counts=np.array(counts, np.int64), ok=np.array(ok),
+        box_counts=np.array([len(o[0]) for o in objects], np.int64),
+        boxes=np.concatenate([o[0] for o in objects]).astype(np.float32),
+        box_classes=np.concatenate([o[1] for o in objects]).astype(np.int64),
+        box_difficult=np.concatenate([o[2] for o in objects]).astype(bool),
+        failures=np.array(failures, dtype=str)))
 
 
-def _write_rows(path: Path, layout: dict, total: int, blocks) -> None:
-    """Write ``total`` rows of each stored array from ``blocks`` (dicts of consecutive rows).
+def _write_rows(path: Path, layout: dict, total: int, blocks) -> dict[str, dict]:
+    """Write ``total`` rows of each stored array from ``blocks`` (dicts of consecutive rows); returns each
+    file's size and CRC-32, computed as it is written.
 
     Plain appends, not a writable memory map: the dirty pages of a map count as the process's resident
     memory until they are written back, which made the peak memory of a build grow with the dataset.
     """
     files = {name: path / _file(name, dtype) for name, (dtype, _) in layout.items()}
-    outs = {name: open(f"{f}.tmp", "wb") for name, f in files.items()}
+    tmps = {name: temporary_name(f) for name, f in files.items()}
+    outs = {name: open(tmps[name], "wb") for name in files}
+    crcs = dict.fromkeys(files, 0)
     pos = 0
     try:
         for block in blocks:
             for name, out in outs.items():
                 dtype, width = layout[name]
-                out.write(np.ascontiguousarray(block[name], dtype=dtype).reshape(-1, width).data)
+                data = np.ascontiguousarray(block[name], dtype=dtype).reshape(-1, width).data
+                out.write(data)
+                crcs[name] = zlib.crc32(data, crcs[name])
             pos += len(next(iter(block.values())))
-    finally:
         for out in outs.values():
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        for name, out in outs.items():
             out.close()
+            tmps[name].unlink(missing_ok=True)
+        raise
+    for out in outs.values():
+        out.close()
     if pos != total:
         raise RuntimeError(f"{path}: wrote {pos} rows, expected {total}")
-    for f in files.values():
-        os.replace(f"{f}.tmp", f)
+    for name, f in files.items():
+        os.replace(tmps[name], f)
+    return {f.name: {"size": f.stat().st_size, "crc32": crcs[name]} for name, f in files.items()}
 
 
 def _transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: dict, block: int = 65536) -> None:
@@ -394,35 +567,42 @@ def _transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: dict
     path.mkdir(parents=True, exist_ok=True)
     _save_projection(path, codec)
     total = source.num_patches
-    _write_rows(path, codec.layout(source.feature_dim), total,
-                (codec.encode(source.rows[s:s + block]) for s in range(0, total, block)))
-    (path / "meta.json").write_text(json.dumps({**meta, "failures": source.failures}, indent=1))
-    shutil.copyfile(source.path / "index.npz", path / "index.tmp.npz")
-    os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
+    files = _write_rows(path, codec.layout(source.feature_dim), total,
+                        (codec.encode(source.rows[s:s + block]) for s in range(0, total, block)))
+    _complete_cache(path, {**meta, "failures": source.failures}, files, (source.path / "index.npz").read_bytes())
 
 
 def _save_projection(path: Path, codec: FeatureCodec) -> None:
     """The projection beside the rows, so that a store maps them back on its own (``trunk_rows``)."""
     if codec.components is not None:
-        np.savez(path / "projection.tmp.npz", mean=codec.mean, components=codec.components)
-        os.replace(path / "projection.tmp.npz", path / "projection.npz")
+        atomic_write(path / "projection.npz", lambda f: np.savez(f, mean=codec.mean, components=codec.components))
+
+
+def _complete_cache(path: Path, meta: dict, files: dict[str, dict], index: bytes) -> None:
+    """Record every file's size and checksum in meta.json, then write index.npz, whose presence marks the
+    cache complete; both fsynced."""
+    files = {**files, "index.npz": {"size": len(index), "crc32": zlib.crc32(index)}}
+    atomic_write(path / "meta.json", json.dumps({**meta, "files": files}, indent=1))
+    atomic_write(path / "index.npz", index)
+    atomic_write(path / "verified", _boot_id())
 
 
 def _join_chunks(path: Path, num_chunks: int, layout: dict) -> None:
     parts = [np.load(_chunk_path(path, c)) for c in range(num_chunks)]
     total = int(sum(p["counts"].sum() for p in parts))
-    _write_rows(path, layout, total, ({name: p[name] for name in layout} for p in parts))
-    _finish_join(path, parts, "feature cache")
+    files = _write_rows(path, layout, total, ({name: p[name] for name in layout} for p in parts))
+    _finish_join(path, parts, "feature cache", files)
 
 
-def _finish_join(path: Path, parts: list, what: str, **index: np.ndarray) -> None:
+def _finish_join(path: Path, parts: list, what: str, files: dict[str, dict], **index: np.ndarray) -> None:
     """Write the item and box indexes every chunk has (plus ``index``), then mark the cache complete."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = _read_meta(path)
     cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
     counts = cat("counts")
     views = meta["fields"]["views"] + 1
     images = len(counts) // views
-    np.savez(path / "index.tmp.npz", **index,
+    buf = io.BytesIO()
+    np.savez(buf, **index,
              offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
              record=np.repeat(np.arange(images), views), view=np.tile(np.arange(views), images),
              ok=cat("ok"), patch_boxes=cat("patch_boxes"),
@@ -432,8 +612,7 @@ def _finish_join(path: Path, parts: list, what: str, **index: np.ndarray) -> Non
     for p in parts:
         p.close()
     meta["failures"] = failures
-    (path / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(path / "index.tmp.npz", path / "index.npz")  # last: its presence marks the cache complete
+    _complete_cache(path, meta, files, buf.getvalue())
     shutil.rmtree(path / "chunks", ignore_errors=True)
     if failures:
         log.warning("%s: %d unreadable images skipped (first: %s)", what, len(failures), failures[0])
@@ -456,14 +635,10 @@ class MapStore(FeatureStore):
 
     def __init__(self, path: Path):  # FeatureStore's indexes, and maps in place of features
         self.path = path
-        meta = json.loads((path / "meta.json").read_text())
+        meta = open_checked(path)
         self.fields, self.feature_dim, self.map_dim = meta["fields"], meta["feature_dim"], meta["map_dim"]
-        with np.load(path / "index.npz") as idx:
-            for name in idx.files:
-                setattr(self, name, idx[name])
-        total = int(self.cell_offsets[-1])
-        self.maps = (np.memmap(path / "maps.f16", dtype=np.float16, mode="r", shape=(total, self.map_dim))
-                     if total else np.zeros((0, self.map_dim), np.float16))
+        _load_index(self, path)
+        self.maps = _memmap(path, "maps.f16", np.float16, (int(self.cell_offsets[-1]), self.map_dim))
         self.rows = self.trunk_rows = None
         self.failures: list[str] = meta.get("failures", [])
 
@@ -530,24 +705,22 @@ def build_maps(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, view
               "boundary": unlock.boundary.name}
     key = _digest(fields)
     path = Path(recipe.runtime.cache_dir) / key
-    if (path / "index.npz").is_file():
+    if _complete(path):
         return MapStore(path)
-    rank, world = _rank_world()
-    items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
-    chunk = max(1, recipe.cache.chunk)
-    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
-    (path / "chunks").mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (path / "meta.json").write_text(json.dumps({"fields": fields, "feature_dim": extractor.feature_dim,
-                                                    "map_dim": unlock.boundary.dim, "items": len(items),
-                                                    "chunk": chunk}, indent=1))
-    todo = [c for c in range(len(chunks)) if c % world == rank and not _chunk_path(path, c).is_file()]
-    if todo:
-        _compute_map_chunks(dataset, extractor, unlock, chunks, todo, path, recipe, progress and rank == 0)
-    _barrier()
-    if rank == 0:
-        _join_map_chunks(path, len(chunks), unlock.boundary.dim)
-    _barrier()
+    with building(path, f"map cache {key}"):
+        if not _complete(path):
+            rank, world = _rank_world()
+            items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
+            chunk = max(1, recipe.cache.chunk)
+            chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+            meta = {"fields": fields, "feature_dim": extractor.feature_dim, "map_dim": unlock.boundary.dim,
+                    "items": len(items), "chunk": chunk}
+            todo = _start_chunks(path, meta, len(chunks), rank, world)
+            if todo:
+                _compute_map_chunks(dataset, extractor, unlock, chunks, todo, path, recipe, progress and rank == 0)
+            _barrier()
+            if rank == 0:
+                _join_map_chunks(path, len(chunks), unlock.boundary.dim)
     return MapStore(path)
 
 
@@ -588,7 +761,8 @@ def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:
     cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
     shapes = cat("level_shape").reshape(-1, 2)
     cells = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
-    _write_rows(path, {"maps": (np.dtype(np.float16), dim)}, int(cells[-1]), ({"maps": p["maps"]} for p in parts))
-    _finish_join(path, parts, "map cache", patch_level=cat("patch_level"),
+    files = _write_rows(path, {"maps": (np.dtype(np.float16), dim)}, int(cells[-1]),
+                        ({"maps": p["maps"]} for p in parts))
+    _finish_join(path, parts, "map cache", files, patch_level=cat("patch_level"),
                  level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
                  level_shape=shapes, level_factor=cat("level_factor").reshape(-1, 2), cell_offsets=cells)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import sys
@@ -15,6 +16,7 @@ import typer
 
 from .datasets import DatasetError
 from .errors import PatchnetError
+from .files import atomic_write, output_path
 from .recipe import RecipeError, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -39,6 +41,24 @@ def session(verbose: bool = False):
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+class Skipped:
+    """Inputs that could not be read: each is warned about as it happens, and the rest goes on; ``finish``
+    then says how many failed and exits with code 1 (the outputs of the others are written first)."""
+
+    def __init__(self, total: int, what: str = "images"):
+        self.total, self.what, self.failed = total, what, {}
+
+    def add(self, name: str, error: Exception | str) -> None:
+        log.warning("skipped %s", error if str(name) in str(error) else f"{name}: {error}")
+        self.failed[str(name)] = str(error)
+
+    def finish(self) -> None:
+        if self.failed:
+            typer.echo(f"{len(self.failed)} of {self.total} {self.what} could not be read and were skipped "
+                       f"(listed above)", err=True)
+            raise typer.Exit(1)
 
 
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
@@ -109,14 +129,16 @@ def eval(
 def _write_table(table, out: Path, stem: str, values: dict | None = None) -> None:
     """An AP table as JSON (with any further ``values``) and CSV."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(values or table.to_dict(), indent=1))
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "ap07", "ap"])
-        for c, a, b in zip(table.classes, table.ap07, table.ap):
-            w.writerow([c, f"{a:.6f}", f"{b:.6f}"])
-        w.writerow(["mAP", f"{table.map07:.6f}", f"{table.map:.6f}"])
-    typer.echo(f"wrote {out / stem}.json and .csv")
+    json_path, csv_path = output_path(out, stem, ".json"), output_path(out, stem, ".csv")
+    atomic_write(json_path, json.dumps(values or table.to_dict(), indent=1))
+    rows = io.StringIO(newline="")
+    w = csv.writer(rows)
+    w.writerow(["class", "ap07", "ap"])
+    for c, a, b in zip(table.classes, table.ap07, table.ap):
+        w.writerow([c, f"{a:.6f}", f"{b:.6f}"])
+    w.writerow(["mAP", f"{table.map07:.6f}", f"{table.map:.6f}"])
+    atomic_write(csv_path, rows.getvalue())
+    typer.echo(f"wrote {json_path} and {csv_path.name}")
 
 
 @app.command()
@@ -128,8 +150,13 @@ def predict(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all scores as JSON.")] = None,
     verbose: bool = False,
 ):
-    """Print each image's top classes with calibrated probabilities; '*' marks a class judged present."""
+    """Print each image's top classes with calibrated probabilities; '*' marks a class judged present.
+
+    Folders stand for the images in them. An image that cannot be read is skipped with a warning; the
+    others are scored and written, and the exit code is then 1.
+    """
     with session(verbose):
+        from .datasets import image_files
         from .infer import Predictor
 
         predictor = Predictor(checkpoint, pool=pool)
@@ -137,8 +164,14 @@ def predict(
             log.warning("%s carries no calibration for pooling %s: printing raw pooled scores", checkpoint,
                         predictor.pool)
         results = {}
-        for path in images:
-            p = predictor.predict(path)
+        files = image_files(images)
+        skipped = Skipped(len(files))
+        for path in files:
+            try:
+                p = predictor.predict(path)
+            except DatasetError as e:
+                skipped.add(str(path), e)
+                continue
             shown = p.scores if p.probabilities is None else p.probabilities
             order = np.argsort(-shown)[:top]
             marks = p.present if p.present is not None else np.zeros(len(shown), bool)
@@ -152,8 +185,10 @@ def predict(
             typer.echo("(calibrated probabilities; * = above the class's decision threshold, both fitted on "
                        "held-out training images)")
         if json_out:
-            json_out.write_text(json.dumps({"pool": predictor.pool, "images": results}, indent=1))
+            atomic_write(json_out, json.dumps({"pool": predictor.pool, "images": results,
+                                               "skipped": skipped.failed}, indent=1))
             typer.echo(f"wrote {json_out}")
+        skipped.finish()
 
 
 @app.command()
@@ -235,7 +270,8 @@ def features(
         r, reduce = _pooled_recipe(recipe, overrides, pool)
         f = split_features(r, open_split(r.data, split), build_extractor(r), reduce)
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, ids=np.array(f.ids), features=f.features, labels=f.labels, classes=np.array(f.classes))
+        atomic_write(out, lambda fh: np.savez(fh, ids=np.array(f.ids), features=f.features, labels=f.labels,
+                                              classes=np.array(f.classes)))
         typer.echo(f"wrote {out}: {f.features.shape[0]} images x {f.features.shape[1]} features")
 
 
@@ -325,6 +361,52 @@ def retrieve(
             typer.echo(f"{c:<{width}}  P@{k} {'n/a' if np.isnan(p) else f'{100 * p:.1f}'}")
         typer.echo(f"{'mean':<{width}}  P@{k} {100 * np.nanmean(precision):.1f}")
         typer.echo(f"wrote {out}")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Check the feature caches of a folder.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="The folder of caches (runtime.cache_dir).")] = Path(
+        ".cache/features"),
+    delete: Annotated[bool, typer.Option("--delete-damaged", help="Delete damaged caches (the next run rebuilds "
+                                                                  "them) and damaged chunks of unfinished builds.")] = False,
+    verbose: bool = False,
+):
+    """Check every cache of a folder: each file's size and CRC-32 against those recorded when it was written.
+
+    Exit code 1 when a cache is damaged (and not deleted).
+    """
+    with session(verbose):
+        import shutil
+
+        from .cache import verify_cache
+
+        if not cache_dir.is_dir():
+            raise PatchnetError(f"{cache_dir}: no such folder; give the runtime.cache_dir of your runs with --cache-dir")
+        folders = sorted(p for p in cache_dir.iterdir() if p.is_dir() and (p / "meta.json").is_file())
+        if not folders:
+            typer.echo(f"{cache_dir}: holds no caches")
+            return
+        bad = 0
+        for folder in folders:
+            status = verify_cache(folder)
+            damaged = not status.startswith(("ok", "incomplete (")) or "damaged:" in status
+            if damaged and delete:
+                if status.startswith("incomplete"):
+                    for name in status.split("damaged: ", 1)[1].rstrip(")").split(", "):
+                        (folder / "chunks" / name).unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(folder)
+                status += " -> deleted"
+            bad += damaged and not delete
+            typer.echo(f"{folder.name}  {status}")
+        typer.echo(f"{len(folders)} caches, {bad} damaged" + ("; rerun with --delete-damaged to delete them (the next "
+                                                               "run rebuilds them)" if bad else ""))
+        if bad:
+            raise typer.Exit(1)
 
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .errors import PatchnetError
+
 DEMO_CLASSES = ["disc", "ring", "square", "triangle", "star", "cross"]
 DEMO_SPLITS = {"train": 240, "test": 120}
 _VERSION = "1"  # bump when the generator changes, so that old folders are rebuilt
@@ -122,14 +124,31 @@ def make_image(rng: np.random.Generator) -> tuple[Image.Image, list[tuple[str, t
     return img, objects
 
 
+class DemoFolderError(PatchnetError, ValueError):
+    """A folder the demo generator will not write into."""
+
+
+STAMP = ".patchnet-demo"  # the generator's mark: it writes only into an empty folder or one that holds this
+
+
 def make_demo(root: str | Path, seed: int = 0, splits: dict[str, int] | None = None) -> Path:
-    """Write the demo dataset under ``root`` in VOC layout (deterministic for a seed); returns root."""
+    """Write the demo dataset under ``root`` in VOC layout (deterministic for a seed); returns root.
+
+    Only into an empty (or missing) folder, or one this generator made: any other folder is refused,
+    so that ``data.format: demo`` pointed at a real dataset never overwrites it.
+    """
     root = Path(root)
     splits = splits or DEMO_SPLITS
-    stamp = root / ".patchnet-demo"
+    stamp = root / STAMP
     signature = f"{_VERSION} {seed} {sorted(splits.items())}"
-    if stamp.is_file() and stamp.read_text() == signature:
-        return root
+    if stamp.is_file():
+        if stamp.read_text() == signature:
+            return root
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DemoFolderError(f"{root}: data.format is demo, but this folder is not empty and was not made by the "
+                           f"demo generator (no {STAMP} file), so nothing was written to it. To read the dataset "
+                           "there, give its format (--format voc, coco, folder or csv, or data.format in the recipe); "
+                           "to generate the demo set, choose an empty or new folder (--data data/demo)")
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -5,16 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+from matplotlib import patheffects
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import patheffects  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from .datasets import ImageRecord, load_image  # noqa: E402
-from .sampler import IGNORE, grid_by_scale, label_patches  # noqa: E402
+from .datasets import ImageRecord, load_image
+from .figures import new_figure, plain, save_figure
+from .sampler import IGNORE, grid_by_scale, label_patches
 
 
 OUTLINE = [patheffects.withStroke(linewidth=3, foreground="black")]
@@ -35,7 +32,7 @@ def draw_labels(record: ImageRecord, classes: list[str], patches_cfg, out: str |
     cols = min(3, len(grids))
     rows = math.ceil(len(grids) / cols)
     aspect = record.height / record.width
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, (4.5 * aspect + 0.4) * rows + 0.9), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(4.5 * cols, (4.5 * aspect + 0.4) * rows + 0.9))
     for ax in axes.ravel():
         ax.axis("off")
     for ax, g in zip(axes.ravel(), grids):
@@ -54,21 +51,17 @@ def draw_labels(record: ImageRecord, classes: list[str], patches_cfg, out: str |
         for (x1, y1, x2, y2), c, d in zip(record.boxes, record.box_classes, record.box_difficult):
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", lw=1.5,
                                    ls=":" if d else "-", path_effects=OUTLINE))
-            ax.text(x1 + 2, y1 + 2, classes[c] + (" (difficult)" if d else ""), fontsize=6, va="top",
+            ax.text(x1 + 2, y1 + 2, plain(classes[c]) + (" (difficult)" if d else ""), fontsize=6, va="top",
                     color="white", path_effects=OUTLINE)
         pos = int(((labels >= 0) & (labels < len(classes))).sum())
         ign, nbg = int((labels == IGNORE).sum()), int(bg.sum())
         ax.set_title(f"λ={g.scale:g} (side {g.side:.0f} px): {pos} pos, {nbg} bg, {ign} ignored", fontsize=8)
     present = sorted(set(record.box_classes.tolist()))
-    handles = [Line2D([], [], color=colors[c], lw=2, label=classes[c]) for c in present]
+    handles = [Line2D([], [], color=colors[c], lw=2, label=plain(classes[c])) for c in present]
     handles += [Line2D([], [], color="lightgrey", marker="o", ls="", markeredgecolor="k", label="background (centre)"),
                 Line2D([], [], color="red", lw=1, ls="--", label="ignored"),
                 Line2D([], [], color="white", lw=1.5, label="object box")]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, facecolor="0.7")
-    fig.suptitle(f"{record.image_id}: training labels of patches", fontsize=10)
+    fig.suptitle(plain(f"{record.image_id}: training labels of patches"), fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)

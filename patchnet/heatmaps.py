@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .datasets import DatasetError  # noqa: E402
-from .infer import score_map  # noqa: E402
-from .pooling import item_groups, map_values, pool_image  # noqa: E402
+from .datasets import DatasetError
+from .figures import new_figure, plain, save_figure
+from .infer import score_map
+from .pooling import item_groups, map_values, pool_image
 
 
 def class_index(classes: list[str], names: list[str]) -> list[int]:
@@ -24,22 +22,21 @@ def class_index(classes: list[str], names: list[str]) -> list[int]:
 
 
 def heatmap_figure(image: np.ndarray, maps: list[np.ndarray], titles: list[str], cols: int = 3,
-                   alpha: float = 0.5) -> plt.Figure:
+                   alpha: float = 0.5) -> Figure:
     """The image under a translucent colour map of each score map, side by side, each with a colour bar."""
     n = len(maps)
     cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
     h, w = image.shape[:2]
     panel = 4.0
-    fig, axes = plt.subplots(rows, cols, figsize=(panel * cols * 1.12, panel * rows * h / w + 0.5 * rows),
-                             squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(panel * cols * 1.12, panel * rows * h / w + 0.5 * rows))
     for ax in axes.ravel():
         ax.axis("off")
     vmax = max(1e-6, max(float(m.max()) for m in maps))
     for ax, m, title in zip(axes.ravel(), maps, titles):
         ax.imshow(image)
         overlay = ax.imshow(m, cmap="jet", alpha=alpha, vmin=0.0, vmax=vmax, interpolation="bilinear")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(plain(title), fontsize=9)
         fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
@@ -59,12 +56,7 @@ def render_heatmaps(image: np.ndarray, boxes: np.ndarray, values: np.ndarray, sc
     maps = class_maps(boxes, values, w, h, chosen, reduce, prior)
     titles = [f"{class_names[c]}: score {scores[c]:.3g}" + (f", P {probabilities[c]:.2f}" if probabilities is not None
                                                              else "") for c in chosen]
-    fig = heatmap_figure(image, maps, titles, cols)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(heatmap_figure(image, maps, titles, cols), out)
 
 
 def top_classes(scores: np.ndarray, top: int) -> list[int]:
@@ -124,16 +116,12 @@ def top_items(scores: np.ndarray, usable: np.ndarray, c: int, n: int = 9) -> lis
 def contact_sheet(crops: list[np.ndarray], captions: list[str], title: str, out: str | Path, cols: int = 3) -> Path:
     """A grid of patch crops with a caption under each."""
     rows = max(1, (len(crops) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(2.6 * cols, 2.9 * rows))
     for ax in axes.ravel():
         ax.axis("off")
     for ax, crop, cap in zip(axes.ravel(), crops, captions):
         ax.imshow(crop)
-        ax.set_title(cap, fontsize=8, y=-0.14)
-    fig.suptitle(title, fontsize=11)
+        ax.set_title(plain(cap), fontsize=8, y=-0.14)
+    fig.suptitle(plain(title), fontsize=11)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

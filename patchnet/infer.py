@@ -15,7 +15,7 @@ from .codec import FeatureCodec
 from .datasets import DatasetError, data_override, load_image, open_split
 from .extract import PatchExtractor, build_extractor
 from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
-from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
+from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, load_head
 from .linear import Fusion
 from .pooling import map_values, pool_features, pool_image, pool_items
 from .recipe import PoolConfig, Recipe, recipe_from_dict
@@ -113,7 +113,7 @@ class Predictor:
         self.codec = FeatureCodec.from_state(self.state.get("codec"))
         self.head = AdaptationHead(self.codec.dim(self.extractor.feature_dim), len(self.classes),
                                    self.recipe.head.hidden, self.recipe.head.dropout)
-        self.head.load_state_dict(self.state["head"])
+        load_head(self.head, self.state, checkpoint)
         self.head.eval()
         self.pool = self.recipe.infer_pool
         fusion = self.state.get("fusion")
@@ -142,7 +142,7 @@ class Predictor:
     def predict(self, image) -> Prediction:
         """Score one image: a path or an RGB uint8 (H, W, 3) array."""
         if isinstance(image, (str, Path)):
-            image = load_image(image)
+            image = load_image(image, self.recipe.data.max_pixels)
         h, w = image.shape[:2]
         return self.predict_features(self.codec.roundtrip(self.extractor(image)), self.extractor.boxes(w, h), w, h)
 
@@ -187,7 +187,7 @@ def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split
     split = split or recipe.data.val_split
     if not split:
         raise DatasetError("no split given and the recipe has no data.val_split; pass --split")
-    dataset = open_split(recipe.data, split)
+    dataset = open_split(recipe.data, split, classes=predictor.classes)
     if dataset.classes != predictor.classes:
         raise CheckpointError(f"{checkpoint}: trained for classes {predictor.classes}, "
                               f"but {dataset.name} has {dataset.classes}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,10 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, build_backbone
-from .cache import ItemImages, _digest, cache_fields
+from .cache import ItemImages, _digest, building, cache_fields
 from .datasets import Dataset, open_split
 from .errors import PatchnetError
 from .extract import PatchExtractor
+from .files import atomic_write
 from .linear import C_GRID, SplitFeatures, fit_linear, whole_image_recipe
 from .metrics import APTable, ap_table
 from .recipe import Recipe
@@ -145,7 +145,9 @@ def stage_features(recipe: Recipe, dataset: Dataset, extractor: StageExtractor, 
     """The stage vectors of a split, from the cache or computed there first (``meta.json``, written last, marks it done)."""
     path, fields = stage_cache_key(recipe, dataset, extractor)
     if not (path / "meta.json").is_file():
-        _compute_stage_features(recipe, dataset, extractor, path, fields, progress)
+        with building(path, f"stage cache {path.name}"):
+            if not (path / "meta.json").is_file():  # another process may have written it while this one waited
+                _compute_stage_features(recipe, dataset, extractor, path, fields, progress)
     meta = json.loads((path / "meta.json").read_text())
     records = np.asarray(meta["records"], np.int64)
     features = {s: np.load(path / f"{s}.npy") for s in meta["stages"]}
@@ -172,13 +174,10 @@ def _compute_stage_features(recipe, dataset, extractor, path: Path, fields: dict
     path.mkdir(parents=True, exist_ok=True)
     for s in extractor.stages:
         x = np.stack(rows[s.name]) if records else np.zeros((0, s.dim), np.float32)
-        with open(path / f"{s.name}.tmp.npy", "wb") as f:
-            np.save(f, x.astype(np.float32))
-        os.replace(path / f"{s.name}.tmp.npy", path / f"{s.name}.npy")
+        atomic_write(path / f"{s.name}.npy", lambda f: np.save(f, x.astype(np.float32)))
     meta = {"fields": fields, "stages": [s.name for s in extractor.stages],
             "records": records, "failures": failures}
-    (path / "meta.tmp.json").write_text(json.dumps(meta, indent=1))
-    os.replace(path / "meta.tmp.json", path / "meta.json")
+    atomic_write(path / "meta.json", json.dumps(meta, indent=1))
 
 
 @dataclass
@@ -269,25 +268,23 @@ def layer_study(recipe: Recipe, train_split: str, val_split: str, pool: str = "w
 
 def write_study(study: LayerStudy, out: Path) -> tuple[Path, Path]:
     """``layers.json`` (every AP and chosen C) and ``layers.png`` (mAP against depth, one line per method)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, plain, save_figure
 
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "layers.json", out / "layers.png"
-    json_path.write_text(json.dumps(study.to_dict(), indent=1))
+    atomic_write(json_path, json.dumps(study.to_dict(), indent=1))
     x = np.arange(len(study.results))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(x), 4.0))
+    fig, axes = new_figure(figsize=(1.0 + 0.75 * len(x), 4.0))
+    ax = axes[0, 0]
     for m in study.methods:
         ax.plot(x, [100 * r.tables[m].map07 for r in study.results], marker="o", label=m)
     ax.set_xticks(x, [f"{r.stage}\n/{r.stride}" for r in study.results], fontsize=8)
     ax.set_xlabel("stage (and its stride), shallow to deep")
     ax.set_ylabel("mAP, VOC07 11-point (%)")
-    ax.set_title(f"{study.backbone}, {study.pool} features: {study.train_split} -> {study.val_split}", fontsize=10)
+    ax.set_title(plain(f"{study.backbone}, {study.pool} features: {study.train_split} -> {study.val_split}"),
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png_path)
     return json_path, png_path

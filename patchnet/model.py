@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import PatchnetError
+from .files import atomic_write
 
 
 class ByteDropout(nn.Module):
@@ -80,12 +80,22 @@ class CheckpointError(PatchnetError, ValueError):
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write atomically: a kill mid-write leaves the previous file intact."""
+    """Write atomically and durably (fsynced before the rename): a kill or a power loss mid-write leaves the
+    previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_head(head: nn.Module, state: dict, path: str | Path, key: str = "head") -> None:
+    """Load a checkpoint's weights into ``head``, with one clear error where they do not fit it."""
+    try:
+        head.load_state_dict(state[key])
+    except (RuntimeError, KeyError, TypeError) as e:
+        shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        raise CheckpointError(f"{path}: its {key} does not fit the model its recipe builds ({shapes}): "
+                              f"{str(e).splitlines()[0][:300]}. The file was edited or made by another version; "
+                              "use a checkpoint written by patchnet train with this recipe") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -26,6 +26,10 @@ Supervision = Literal["boxes", "images", "both"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Compress = Literal["none", "int8", "pca", "pca_int8"]
 POOLINGS = typing.get_args(Pooling)
+# Pillow refuses images of more than twice its MAX_IMAGE_PIXELS (about 179 M pixels) as decompression
+# bombs: data.max_pixels may not exceed that.
+PILLOW_LIMIT = 2 * 89_478_485
+MAX_PIXELS = 50_000_000  # default data.max_pixels: a 48 MP phone photo passes, a 100 MP panorama does not
 
 
 class RecipeError(PatchnetError, ValueError):
@@ -42,6 +46,9 @@ class DataConfig:
     classes: list[str] = field(default_factory=lambda: list(VOC_CLASSES))  # coco, folder, csv: [] = all found
     boxes: bool = True  # false: read image-level labels only (VOC/COCO boxes are ignored)
     limit: int = 0  # use only the first N images of each split (0: all), for quick checks
+    max_pixels: int = MAX_PIXELS  # larger images are skipped (counted) before decoding; at most Pillow's 178956970
+    annotations: str = ""  # coco: the annotation file, from data.root ({split} is replaced), e.g. {split}/_annotations.coco.json
+    images: str = ""  # coco: the image folder, from data.root ({split} is replaced); "" = beside the annotation file
 
 
 @dataclass
@@ -172,6 +179,15 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         from .backbones import BackboneError, backbone_spec, check_layer, check_patch_mode, unlock_split
+        from .files import safe_name
+
+        if not self.name or safe_name(self.name) != self.name:
+            raise RecipeError(f"name {self.name!r} must be a plain folder name (letters, digits, _ . + = -, not "
+                              f"starting with a dot): runs are written to <runtime.output>/<name>/; e.g. "
+                              f"name={safe_name(self.name or 'run')}")
+        if not 0 < self.data.max_pixels <= PILLOW_LIMIT:
+            raise RecipeError(f"data.max_pixels must lie in (0, {PILLOW_LIMIT}] (Pillow refuses larger images as "
+                              f"decompression bombs), got {self.data.max_pixels}")
 
         try:  # names, layers, the modes a backbone can run and its stages come from the backbone registry
             spec = backbone_spec(self.backbone.name)
@@ -271,7 +287,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", "") or e).strip()
+            raise RecipeError(f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); write lists as "
+                              "[1, 2], and quote strings that hold ':', '[' or '{', e.g. "
+                              f"{key.strip()}='\"text\"'") from None
     return values
 
 

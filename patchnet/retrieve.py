@@ -13,15 +13,19 @@ import io
 import json
 from pathlib import Path
 
+import logging
+
 import matplotlib
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from .datasets import DatasetError, thumbnail
+from .figures import figure_bytes, new_figure, plain
+from .files import atomic_write
+from .linear import l2_normalize
 
-from .linear import l2_normalize  # noqa: E402
+log = logging.getLogger("patchnet")
 
 
 def distances(queries: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -97,9 +101,9 @@ def class_colours(num_classes: int) -> list[str]:
     from matplotlib.colors import to_hex
 
     if num_classes <= 20:
-        tab = plt.get_cmap("tab20").colors
+        tab = matplotlib.colormaps["tab20"].colors
         return [to_hex(c) for c in (tab[0::2] + tab[1::2])[:num_classes]]
-    return [to_hex(plt.get_cmap("turbo")(i / (num_classes - 1))) for i in range(num_classes)]
+    return [to_hex(matplotlib.colormaps["turbo"](i / (num_classes - 1))) for i in range(num_classes)]
 
 
 def precision_at_k(neighbours: np.ndarray, labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
@@ -115,10 +119,12 @@ def precision_at_k(neighbours: np.ndarray, labels: np.ndarray, query_labels: np.
 
 
 def _thumb(path: Path, size: int = 150, quality: int = 80) -> str:
-    img = Image.open(path)
-    img.draft("RGB", (size, size))  # JPEGs decode at a reduced scale: much faster for small thumbnails
-    img = img.convert("RGB")
-    img.thumbnail((size, size))
+    """A JPEG data URI of the image's thumbnail; a grey square (logged) for an image that cannot be read."""
+    try:
+        img = thumbnail(path, size)
+    except DatasetError as e:
+        log.warning("thumbnail: %s; shown as a grey square", e)
+        img = Image.new("RGB", (size, size), (128, 128, 128))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -139,20 +145,18 @@ def browse_data(paths: list[Path], ids: list[str], xy: np.ndarray, neighbours: n
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(figure_bytes(fig, "png", 80)).decode()
 
 
 def _histogram(dist_row: np.ndarray, neighbour_d: np.ndarray, title: str) -> str:
-    fig, ax = plt.subplots(figsize=(4.2, 2.4))
+    fig, axes = new_figure(figsize=(4.2, 2.4))
+    ax = axes[0, 0]
     ax.hist(dist_row, bins=40, range=(0, 2), color="#4878a8")
     for d in neighbour_d:
         ax.axvline(d, color="#d62728", lw=0.8)
     ax.set_xlabel("L2 distance to the query (normalised features)", fontsize=8)
     ax.set_ylabel("images", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plain(title), fontsize=9)
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     return _png(fig)
@@ -282,8 +286,7 @@ def write_page(out: Path, title: str, collection_paths: list[Path], collection_i
                        table=table, sections="".join(sections), hist_js=json.dumps(hists))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
-    return out
+    return atomic_write(out, page)
 
 
 def collection_page(out, title: str, paths: list[Path], f, queries: list[dict], k: int, area: np.ndarray | None = None,

@@ -47,7 +47,7 @@ from .extract import ImageMaps, PatchExtractor, UnlockedStages, build_extractor,
 from .infer import evaluate, evaluation_items, image_scores
 from .linear import Fusion, SplitFeatures, fit_fusion, fit_linear, linear_arrays
 from .metrics import APTable
-from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, load_head, save_checkpoint
 from .pooling import gather_items, patch_values, pool, pool_features
 from .recipe import Recipe, recipe_from_dict, save_recipe
 from .sampler import IGNORE, MULTI, label_patches
@@ -101,13 +101,15 @@ def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False
 
 
 def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, views: int = 0,
-                  progress: bool = True, codec: FeatureCodec | None = None) -> SplitData:
+                  progress: bool = True, codec: FeatureCodec | None = None,
+                  classes: list[str] | None = None) -> SplitData:
     """Open a split, build (or reuse) its feature cache, and label its patches where boxes are used.
 
     ``codec``: how the cache stores the rows; default the recipe's (``patchnet.cache.feature_codec``).
     With ``train.unlock`` the cache holds the maps below the unlocked stages instead (``build_maps``).
+    ``classes``: the class list to read the split with (the training split's, for the other splits).
     """
-    dataset = open_split(recipe.data, split)
+    dataset = open_split(recipe.data, split, classes)
     if recipe.train.supervision != "images" and not dataset.has_boxes:
         raise DatasetError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
                               "patch labels; use --set train.supervision=images to learn from image labels alone")
@@ -309,8 +311,8 @@ class TrainState:
                 "best_map07": self.best, "history": list(self.history), "carry": dict(self.carry),
                 "rng": dict(self.rng), "calibration": self.calibration}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.head.load_state_dict(state["head"])
+    def load_state_dict(self, state: dict, path: str | Path = "the checkpoint") -> None:
+        load_head(self.head, state, path)
         if self.stages is not None:
             self.stages.load(state["trunk"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -614,7 +616,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     classes = train_data.dataset.classes
     select = _selection(recipe, train_data, extractor, progress, codec)
     _log_split("train", train_data, select)
-    val = (prepare_split(recipe, recipe.data.val_split, extractor, progress=progress, codec=codec)
+    val = (prepare_split(recipe, recipe.data.val_split, extractor, progress=progress, codec=codec, classes=classes)
            if recipe.data.val_split else None)
 
     torch.manual_seed(recipe.train.seed)
@@ -634,7 +636,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     if saved is not None:
         check_compatible(saved, last_path, recipe.backbone.name, classes, extractor.feature_dim,
                          extractor.backbone.weights_id)
-        state.load_state_dict(saved)
+        state.load_state_dict(saved, last_path)
         if rank:
             carry = _carry_path(run_dir, rank)
             state.carry = json.loads(carry.read_text()) if carry.is_file() else _zero_carry()
@@ -694,7 +696,7 @@ def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitD
         coef, intercept, held_pooled = svm
         head = AdaptationHead(store.feature_dim, len(train_data.dataset.classes), recipe.head.hidden,
                               recipe.head.dropout)
-        head.load_state_dict(state["head"])
+        load_head(head, state, path)
         scores = image_scores(head, sel.store, held, recipe.pool, recipe.infer_pool)
         fusion, tried = fit_fusion(recipe.infer_pool, coef, intercept, scores, held_pooled, labels)
         log.info("fusion for %s: selection mAP by weight %s; chose %g", path.name,
@@ -713,7 +715,8 @@ def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool,
             raise CheckpointError(f"data.select_split and data.val_split are both {recipe.data.val_split!r}: a "
                                   "checkpoint chosen on the reported split overstates it; choose on another split "
                                   "or leave select_split empty to hold out train.holdout of the training images")
-        data = prepare_split(recipe, recipe.data.select_split, extractor, progress=progress, codec=codec)
+        data = prepare_split(recipe, recipe.data.select_split, extractor, progress=progress, codec=codec,
+                             classes=train_data.dataset.classes)
         return data, evaluation_items(data.store)
     if recipe.train.holdout <= 0:
         return None

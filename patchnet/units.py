@@ -27,6 +27,7 @@ from .backbones import Backbone, Conv2dSame, Stage, backbone_spec
 from .cache import ItemImages
 from .datasets import Dataset, load_image, open_split
 from .errors import PatchnetError
+from .files import atomic_write, output_path
 from .recipe import Recipe
 
 log = logging.getLogger("patchnet")
@@ -134,10 +135,7 @@ def filter_grid(filters: np.ndarray, out: str | Path, cell: int = 36, gap: int =
     for i, f in enumerate(filters):
         tile = Image.fromarray((255 * f).round().astype(np.uint8)).resize((cell, cell), Image.NEAREST)
         sheet.paste(tile, (gap + (i % cols) * (cell + gap), gap + (i // cols) * (cell + gap)))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+    return _save_png(sheet, out)
 
 
 # --------------------------------------------------------------------------- top patches of units
@@ -239,10 +237,13 @@ def unit_sheet(crops: dict[int, list[np.ndarray]], title: str, out: str | Path, 
         draw.text((x0, y0), f"channel {c}", fill=(0, 0, 0))
         for j, tile in enumerate(tiles):
             sheet.paste(Image.fromarray(tile), (x0 + (j % 3) * (size + gap), y0 + label + (j // 3) * (size + gap)))
+    return _save_png(sheet, out)
+
+
+def _save_png(image: Image.Image, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+    return atomic_write(out, lambda f: image.save(f, format="PNG"))
 
 
 def default_stage(backbone: Backbone) -> str:
@@ -274,4 +275,4 @@ def unit_views(recipe: Recipe, split: str, stage: str = "", channels: int = 32, 
     title = (f"{backbone.name} {stage} ({s.dim} channels, stride {s.stride}, receptive field {rf.size:.0f} px): "
              f"top {len(next(iter(crops.values())))} of {len(peaks.records)} {split} images for the "
              f"{len(chosen)} most active channels")
-    return filters, unit_sheet(crops, title, out / f"units_{stage}.png")
+    return filters, unit_sheet(crops, title, output_path(out, f"units_{stage}", ".png"))

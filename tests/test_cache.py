@@ -210,7 +210,7 @@ def test_a_compressed_cache_is_encoded_from_the_fp16_cache_without_the_trunk(tmp
     store = build_features(r, ds, counting, progress=False)
     assert counting.calls == 0  # the PCA sample too is read from the fp16 cache
     dim = 1280 if compress == "int8" else 5
-    files = ["features.u8", "index.npz", "meta.json", "scales.f32"] + (["projection.npz"] if dim == 5 else [])
+    files = ["features.u8", "index.npz", "meta.json", "scales.f32", "verified"] + (["projection.npz"] if dim == 5 else [])
     assert sorted(f.name for f in store.path.iterdir()) == sorted(files)
     assert (store.path / "features.u8").stat().st_size == store.num_patches * dim
     assert (store.path / "scales.f32").stat().st_size == store.num_patches * 8

@@ -223,9 +223,11 @@ def test_coco_errors(tmp_path):
     ann = tmp_path / "annotations" / "instances_train.json"
     with pytest.raises(DatasetError, match="classes \\['dog'\\] are not among its categories: cat"):
         read_coco(ann, tmp_path / "train", ["dog"])
+    with pytest.raises(DatasetError, match="no annotation names a category, so there is no class to learn"):
+        read_coco(ann, tmp_path / "train")
     (tmp_path / "train" / "a.jpg").unlink()
     with pytest.raises(DatasetError, match="names image 'a.jpg' but .* does not exist"):
-        read_coco(ann, tmp_path / "train")
+        read_coco(ann, tmp_path / "train", ["cat"])
     ann.write_text("{not json")
     with pytest.raises(DatasetError, match="instances_train.json: not valid JSON"):
         read_coco(ann, tmp_path / "train")

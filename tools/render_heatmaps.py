@@ -7,7 +7,9 @@
 Each pixel shows the mean (or max) over the patches covering it of their value for the class: y(c|P)
 for a model scored by the power-k mean, the sigmoid of the patch's evidence for evidence poolings. For every image a PNG
 holds the top-k predicted classes (or the classes named) side by side; --no-grid writes one PNG
-per class instead. A dataset split uses the feature cache when it is warm.
+per class instead. A dataset split uses the feature cache when it is warm. File names come from the
+image ids and class names made safe (patchnet.files.safe_name), always inside --out. An image that
+cannot be read is skipped with a warning; the others are drawn, and the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -19,24 +21,11 @@ import typer
 from tqdm.auto import tqdm
 
 from patchnet.cache import cached_features
-from patchnet.cli import session
-from patchnet.datasets import DatasetError, data_override, load_image, open_split
+from patchnet.cli import Skipped, session
+from patchnet.datasets import DatasetError, data_override, image_files, load_image, open_split
+from patchnet.files import UniqueNames, output_path
 from patchnet.heatmaps import class_index, render_heatmaps, top_classes
 from patchnet.infer import Predictor
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def _image_files(paths: list[Path]) -> list[Path]:
-    files = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DatasetError(f"{p}: no such file or folder")
-    return files
 
 
 def main(
@@ -58,14 +47,14 @@ def main(
         if reduce not in ("mean", "max"):
             raise DatasetError(f"--reduce must be mean or max, got {reduce!r}")
         predictor = Predictor(checkpoint, mode=mode, pool=pool)
-        prior = predictor.recipe.infer.map_prior if prior < 0 else prior
+        recipe = predictor.recipe
+        prior = recipe.infer.map_prior if prior < 0 else prior
         names = predictor.classes
         chosen = class_index(names, [c.strip() for c in classes.split(",")]) if classes else None
-        jobs = []  # (name, loader of the image, cached (boxes, features) or None)
+        jobs = []  # (name, image path, cached (boxes, features) or None)
         if split:
-            recipe = predictor.recipe
             recipe.data = data_override(recipe.data, data)
-            dataset = open_split(recipe.data, split)
+            dataset = open_split(recipe.data, split, classes=names)
             store = cached_features(recipe, dataset, predictor.extractor, codec=predictor.codec)
             for i, rec in enumerate(dataset.records):
                 cached = (store.patch_boxes[store.item_slice(i)], store.rows[store.item_slice(i)]) \
@@ -74,13 +63,18 @@ def main(
             if store is not None:
                 typer.echo(f"using the warm feature cache {store.path}")
         else:
-            jobs = [(p.stem, p, None) for p in _image_files(images or [])]
+            jobs = [(p.stem, p, None) for p in image_files(images or [])]
         if not jobs:
             raise DatasetError("no images: give image files or folders, or --split")
         jobs = jobs[:limit] if limit else jobs
-        written = 0
+        written, files, skipped = 0, UniqueNames(), Skipped(len(jobs))
+        out.mkdir(parents=True, exist_ok=True)
         for name, path, cached in tqdm(jobs, desc="heatmaps", unit="img"):
-            image = load_image(path)
+            try:
+                image = load_image(path, recipe.data.max_pixels)
+            except DatasetError as e:
+                skipped.add(str(path), e)
+                continue
             if cached is None:
                 p = predictor.predict(image)
             else:
@@ -88,10 +82,11 @@ def main(
             cls = chosen or top_classes(p.scores, top)
             for group in ([cls] if grid else [[c] for c in cls]):
                 stem = name if grid else f"{name}_{names[group[0]]}"
-                render_heatmaps(image, p.boxes, p.values, p.scores, names, group, out / f"{stem}.png", reduce,
-                                probabilities=p.probabilities, prior=prior)
+                render_heatmaps(image, p.boxes, p.values, p.scores, names, group, output_path(out, stem, ".png", files),
+                                reduce, probabilities=p.probabilities, prior=prior)
                 written += 1
         typer.echo(f"wrote {written} heatmap PNGs to {out}")
+        skipped.finish()
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from patchnet.cache import build_features
-from patchnet.cli import session
-from patchnet.datasets import data_override, load_image, open_split
+from patchnet.cli import Skipped, session
+from patchnet.datasets import DatasetError, data_override, load_image, open_split
+from patchnet.files import UniqueNames, output_path
 from patchnet.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
 from patchnet.infer import Predictor
 
@@ -42,22 +43,29 @@ def main(
         predictor = Predictor(checkpoint)
         recipe = predictor.recipe
         recipe.data = data_override(recipe.data, data)
-        dataset = open_split(recipe.data, split or recipe.data.val_split)
         names = predictor.classes
+        dataset = open_split(recipe.data, split or recipe.data.val_split, classes=names)
         wanted = class_index(names, [c.strip() for c in classes.split(",")]) if classes else range(len(names))
         store = build_features(recipe, dataset, predictor.extractor, codec=predictor.codec)
         scores, patches = best_patch_per_item(store.rows, store.offsets, predictor.head, len(names), predictor.pool)
         usable = store.ok & (store.view == 0)
+        files, skipped = UniqueNames(), Skipped(len(dataset))
+        out.mkdir(parents=True, exist_ok=True)
         for c in tqdm(wanted, desc="top patches", unit="class"):
             crops, captions = [], []
             for i in top_items(scores, usable, c, n):
                 rec = dataset.records[store.record[i]]
                 box = store.patch_boxes[int(store.offsets[i]) + int(patches[i, c])]
-                crops.append(crop(load_image(rec.path), box))
+                try:
+                    crops.append(crop(load_image(rec.path), box))
+                except DatasetError as e:  # changed since its features were cached
+                    skipped.add(str(rec.path), e)
+                    continue
                 captions.append(f"{rec.image_id}  {scores[i, c]:.3f}")
             contact_sheet(crops, captions, f"{names[c]}: top {len(crops)} patches of {dataset.name.rsplit(':', 1)[-1]}",
-                          out / f"top{n}_{names[c]}.png")
+                          output_path(out, f"top{n}_{names[c]}", ".png", files))
         typer.echo(f"wrote {len(wanted)} contact sheets to {out}")
+        skipped.finish()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""Writing files safely: atomic, fsynced writes; one lock per cache key; user names made safe as file names.
+
+Every file patchnet writes goes through ``atomic_write`` (a temporary file unique to the process,
+flushed and fsynced, renamed over the target, then the folder fsynced), so a kill or a power loss
+leaves either the old file or the new one. Every name that comes from the user's data (an image id,
+a class name) becomes a file name through ``safe_name`` only, and every such path is checked to lie
+under its output folder by ``output_path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import time
+import unicodedata
+import uuid
+import zlib
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from .errors import PatchnetError
+
+log = logging.getLogger("patchnet")
+
+MAX_NAME = 100  # characters of a safe name, hash suffix included (file systems allow 255 bytes)
+_UNSAFE = re.compile(r"[^\w.+=-]+")  # anything but letters, digits, _ . + = - (Unicode letters are kept)
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+class OutputPathError(PatchnetError, ValueError):
+    """A derived output path that would leave its output folder."""
+
+
+def safe_name(name: str, max_len: int = MAX_NAME) -> str:
+    """A file name for a user-supplied id or class name: no separators, no ``..``, no NUL, bounded length.
+
+    Letters, digits and ``_ . + = -`` are kept; every other run of characters becomes ``_``, and
+    leading dots go (no hidden files, no ``..``). A name that had to change gets a short hash of the
+    original, so that two names that differ (``a/b`` and ``a_b``) stay distinct.
+    """
+    text = unicodedata.normalize("NFC", str(name))
+    cleaned = _UNSAFE.sub("_", text).strip("._ ") or "_"
+    reserved = cleaned.split(".")[0].lower() in _WINDOWS_RESERVED
+    if cleaned == text and not reserved and len(cleaned) <= max_len:
+        return cleaned
+    return f"{cleaned[:max_len - 9].rstrip('._ ') or '_'}-{_short_hash(text)}"
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+class UniqueNames:
+    """``safe_name`` for the files of one output folder: two different names never get the same file name,
+    even on a case-insensitive disk (the later one gets a hash suffix)."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, str] = {}  # lower-cased file name -> the name it was made from
+
+    def __call__(self, name: str) -> str:
+        out = safe_name(name)
+        if self.owner.setdefault(out.lower(), name) != name:
+            out = f"{out[:MAX_NAME - 9]}-{_short_hash(name)}"
+            self.owner.setdefault(out.lower(), name)
+        return out
+
+
+def output_path(out: str | Path, name: str, suffix: str = "", names: UniqueNames | None = None) -> Path:
+    """``out / (safe_name(name) + suffix)`` (through ``names`` when given), checked to lie under ``out``."""
+    path = Path(out) / ((names or safe_name)(name) + suffix)
+    return check_inside(out, path)
+
+
+def check_inside(out: str | Path, path: str | Path) -> Path:
+    """Raise unless ``path`` (resolved, links followed) lies under the folder ``out``; returns ``path``."""
+    root, target = Path(out).resolve(), Path(path).resolve()
+    if target != root and root not in target.parents:
+        raise OutputPathError(f"{path} would be written outside its output folder {out} (it resolves to {target}); "
+                              "a link inside the output folder points elsewhere, or a name escaped it")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_name(target: str | Path) -> Path:
+    """A name beside ``target`` that no other process or call uses: ``.<name>.<pid>.<random>.tmp``."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[BinaryIO]:
+    """Open a temporary file to write; on success it is fsynced and renamed over ``target``, on error removed."""
+    target = Path(target)
+    tmp = temporary_name(target)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(target.parent)
+
+
+def atomic_write(target: str | Path, write: Callable[[BinaryIO], object] | bytes | str) -> Path:
+    """Write ``target`` atomically: ``write(file)``, or the given bytes or text (UTF-8)."""
+    with atomic_file(target) as f:
+        if callable(write):
+            write(f)
+        else:
+            f.write(write.encode("utf-8") if isinstance(write, str) else write)
+    return Path(target)
+
+
+def file_crc(path: str | Path, block: int = 1 << 24) -> int:
+    """CRC-32 of a file's bytes, read in blocks (a fast checksum: about 1 GB/s)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+# --------------------------------------------------------------------------- locks
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent builds of one cache key are not guarded there
+    fcntl = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, what: str, poll: float = 1.0) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if needed) for the block.
+
+    A second process asking for the same lock logs once that it waits for the first (naming ``what``
+    and the holder's pid) and blocks until it is released.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                if not waited:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    log.info("waiting for another process (pid %s) that is building %s", holder, what)
+                    waited = True
+                time.sleep(poll)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
