@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import io
 import json
@@ -309,11 +308,9 @@ def building(path: Path, what: str):
             _barrier()
             yield
             _barrier()
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-            raise CacheError(f"cannot write {what} under {path.parent}: {e.strerror}. Set runtime.cache_dir to a "
-                             "writable folder with free space (e.g. --set runtime.cache_dir=/tmp/patchnet-cache)") from None
-        raise
+    except OSError as e:  # images fail as DatasetError: an OSError here is the cache folder's
+        raise CacheError(f"cannot write {what} under {path.parent}: {e.strerror or e}. Set runtime.cache_dir to a "
+                         "writable folder with free space (e.g. --set runtime.cache_dir=/tmp/patchnet-cache)") from None
 
 
 def build_features(recipe: Recipe, dataset: Dataset, extractor: PatchExtractor, views: int = 0,

@@ -75,13 +75,18 @@ def train(
     recipe: RecipeOpt,
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Train anew over an earlier run of the same name.")] = False,
     verbose: bool = False,
 ):
     """Train the adaptation layers of a recipe; checkpoints go to <output>/<name>/."""
     with session(verbose):
+        from .model import CheckpointError
         from .train import train as run
 
         r = load_recipe(recipe, overrides)
+        if not resume and not overwrite and (r.run_dir / "last.pt").is_file():
+            raise CheckpointError(f"{r.run_dir} already holds a run (last.pt); continue it with --resume, train anew "
+                                  f"over it with --overwrite, or name this run otherwise with --set name=...")
         result = run(r, resume=resume)
         typer.echo(f"run {result.run_dir}: {result.epochs} epochs in {result.seconds / 60:.1f} min")
         if result.table is not None:

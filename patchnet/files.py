@@ -109,8 +109,10 @@ def temporary_name(target: str | Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_file(target: str | Path) -> Iterator[BinaryIO]:
-    """Open a temporary file to write; on success it is fsynced and renamed over ``target``, on error removed."""
+    """Open a temporary file to write; on success it is fsynced and renamed over ``target``, on error removed.
+    The folder is created if needed."""
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(target)
     try:
         with open(tmp, "wb") as f:

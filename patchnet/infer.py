@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .backbones import BackboneError, backbone_spec, build_backbone, unlock_split
-from .cache import build_features
+from .cache import build_features, damaged
 from .calibration import Calibration
 from .codec import FeatureCodec
 from .datasets import DatasetError, data_override, load_image, open_split
@@ -58,9 +58,12 @@ def image_scores(head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig
                  fusion: Fusion | None = None) -> np.ndarray:
     """(len(items), C) pooled scores of items of a feature store (fused with the max-pool classifier if given)."""
     scores = pool_items(head, store.rows, store.offsets, cfg, pool, items)
-    if fusion is None:
-        return scores
-    return fusion.combine(scores, fusion.decision(pool_features(store.trunk_rows, store.offsets, items, "max")))
+    if fusion is not None:
+        scores = fusion.combine(scores, fusion.decision(pool_features(store.trunk_rows, store.offsets, items, "max")))
+    if not np.isfinite(scores).all():  # NaN or inf features: a damaged cache (the head alone cannot make them)
+        bad = store.record[np.asarray(items)[~np.isfinite(scores).all(1)]]
+        raise damaged(store.path, f"the features of {len(bad)} images are not finite (first: record {bad[0]})")
+    return scores
 
 
 def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:

@@ -473,7 +473,8 @@ class Trainer:
             f"loss became {loss.item()} at epoch {s.epoch + 1}, step {s.step + 1} "
             f"(lr {s.optimizer.param_groups[0]['lr']:.3g}); last batch: features mean {x.mean():.3g}, "
             f"std {x.std():.3g}, max |x| {x.abs().max():.3g}, any non-finite: {not torch.isfinite(x).all()}{counts}. "
-            f"{self.last_path} is left as it was; lower train.lr or check the feature cache.")
+            f"{self.last_path} is left as it was; lower train.lr, or check the feature cache "
+            f"(patchnet cache verify --cache-dir {Path(self.recipe.runtime.cache_dir)}).")
 
     def end_epoch(self) -> bool:
         """Evaluate, step the schedule, log and checkpoint; False when the plateau schedule stops the run.
