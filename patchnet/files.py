@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -82,6 +83,11 @@ def check_inside(out: str | Path, path: str | Path) -> Path:
         raise OutputPathError(f"{path} would be written outside its output folder {out} (it resolves to {target}); "
                               "a link inside the output folder points elsewhere, or a name escaped it")
     return Path(path)
+
+
+def digest(value) -> str:
+    """20 hex digits of the SHA-256 of a JSON-able value (keys sorted): the names of caches and projections."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 # --------------------------------------------------------------------------- atomic writes

@@ -9,16 +9,18 @@ import numpy as np
 import torch
 
 from .backbones import BackboneError, backbone_spec, build_backbone, unlock_split
-from .cache import build_features, damaged
+from .cache import damaged
 from .calibration import Calibration
 from .codec import FeatureCodec
 from .datasets import DatasetError, data_override, load_image, open_split
 from .extract import PatchExtractor, build_extractor
+from .features import build_features, cache_spec
+from .fusion import Fusion
 from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, load_head
-from .linear import Fusion
 from .pooling import map_values, pool_features, pool_image, pool_items
 from .recipe import PoolConfig, Recipe, recipe_from_dict
+from .unlock import load_unlocked
 
 
 def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, reduce: str = "mean",
@@ -147,7 +149,8 @@ class Predictor:
         if isinstance(image, (str, Path)):
             image = load_image(image, self.recipe.data.max_pixels)
         h, w = image.shape[:2]
-        return self.predict_features(self.codec.roundtrip(self.extractor(image)), self.extractor.boxes(w, h), w, h)
+        features, plan = self.extractor.extract(image)
+        return self.predict_features(self.codec.roundtrip(features), plan.boxes, w, h)
 
     def predict_features(self, features, boxes: np.ndarray, width: int, height: int) -> Prediction:
         """Score one image from its patch features as the cache stores them (``FeatureStore.rows``, or the
@@ -170,7 +173,7 @@ def checkpoint_extractor(state: dict, path: str | Path, recipe: Recipe) -> Patch
             raise CheckpointError(f"{path}: its recipe unlocks {recipe.train.unlock} trunk stages, but it carries no "
                                   "trained stages (trunk); it is not a complete patchnet checkpoint")
         try:
-            backbone.load_unlocked(state["trunk"], unlock_split(backbone_spec(b.name), recipe.train.unlock))
+            load_unlocked(backbone, state["trunk"], unlock_split(backbone_spec(b.name), recipe.train.unlock))
         except BackboneError as e:
             raise CheckpointError(f"{path}: {e}") from None
     return build_extractor(recipe, backbone)
@@ -194,7 +197,8 @@ def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split
     if dataset.classes != predictor.classes:
         raise CheckpointError(f"{checkpoint}: trained for classes {predictor.classes}, "
                               f"but {dataset.name} has {dataset.classes}")
-    store = build_features(recipe, dataset, predictor.extractor, progress=progress, codec=predictor.codec)
+    store = build_features(cache_spec(recipe, predictor.extractor, codec=predictor.codec), dataset, predictor.extractor,
+                           progress=progress)
     items = evaluation_items(store)
     table, _ = evaluate(predictor.head, store, dataset, items, recipe.pool, predictor.pool, predictor.fusion)
     return table, len(items), (predictor, dataset, store, items)

@@ -15,169 +15,22 @@ by cross-validation on the training split) and scored on the other split by VOC 
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, build_backbone
-from .cache import ItemImages, _digest, building, cache_fields
-from .datasets import Dataset, open_split
+from .datasets import open_split
 from .errors import PatchnetError
-from .extract import PatchExtractor
 from .files import atomic_write
-from .linear import C_GRID, SplitFeatures, fit_linear, whole_image_recipe
+from .linear import C_GRID, fit_linear
 from .metrics import APTable, ap_table
+from .receptive import stage_receptive_field
 from .recipe import Recipe
+from .stages import build_stage_extractor, stage_features, stage_recipe
 
-log = logging.getLogger("patchnet")
-
-LAYERS_VERSION = 1  # bump whenever what a stage vector holds changes
-POOLS = ("whole", "max")
 METHODS = ("svm", "logreg")
-
-
-class StageExtractor(PatchExtractor):
-    """One vector per stage of the backbone for an image, from one trunk pass (per image and mirror, or per level).
-
-    The trunk stays unfused: stage maps are caught by forward hooks, which an FX-fused trunk lacks.
-    """
-
-    def __init__(self, backbone: Backbone, recipe: Recipe):
-        super().__init__(backbone, recipe.patches, recipe.backbone, recipe.runtime.device, recipe.runtime.trunk_batch,
-                         fuse=False)
-        self.stages = self.backbone.stages
-
-    def whole_maps(self, img: torch.Tensor, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], tuple]:
-        """Stage maps of a (1, 3, H, W) image rescaled as in whole mode, and (fx, fy): input pixels per image pixel."""
-        h, w = img.shape[-2:]
-        scaled = self._rescale(img, self.whole_factor(w, h))
-        with self._autocast():
-            maps = self.backbone.stage_maps(scaled, names)
-        return maps, (scaled.shape[-1] / w, scaled.shape[-2] / h)
-
-    @torch.inference_mode()
-    def image_maps(self, image, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], tuple]:
-        """``whole_maps`` of a uint8 (H, W, 3) array or (3, H, W) tensor."""
-        return self.whole_maps(self._prepare(image), names)
-
-    @torch.inference_mode()
-    def __call__(self, image) -> dict[str, torch.Tensor]:
-        """{stage: (dim,) float32 vector on the CPU} of a uint8 (H, W, 3) array or (3, H, W) tensor."""
-        img = self._prepare(image)
-        if self.patches.mode == "whole":
-            a, b = self._whole_vectors(img), self._whole_vectors(img.flip(-1))
-            return {k: ((a[k] + b[k]) / 2).cpu() for k in a}
-        return {k: v.cpu() for k, v in self._max_vectors(img).items()}
-
-    def _whole_vectors(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
-        maps, _ = self.whole_maps(img)
-        out = {}
-        with self._autocast():
-            for s in self.stages:
-                m = maps[s.name]
-                cells = torch.tensor([[0.0, 0.0, m.shape[-1], m.shape[-2]]], device=self.device)
-                out[s.name] = self.backbone.pool_stage(s, m, cells)[0].float()
-        return out
-
-    def _max_vectors(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each stage's mean over every patch (shared mode, per pyramid level), max-pooled over the patches."""
-        h, w = img.shape[-2:]
-        grids = self.grids(w, h)
-        best: dict[str, torch.Tensor] = {}
-        for level in self.levels(grids, w, h):
-            scaled = self._rescale(img, level.factor)
-            with self._autocast():
-                maps = self.backbone.stage_maps(scaled)
-            fx, fy = scaled.shape[-1] / w, scaled.shape[-2] / h
-            boxes = torch.from_numpy(np.concatenate([grids[i].boxes for i in level.grids])).to(self.device,
-                                                                                                torch.float32)
-            boxes = boxes * torch.tensor([fx, fy, fx, fy], device=self.device)
-            for s in self.stages:
-                # the trunk's output carries the backbone's cell offset (AlexNet); inner maps are taken unshifted
-                offset = 0.0 if s.module else self.backbone.offset
-                with self._autocast():
-                    v = self.backbone.pool_stage(s, maps[s.name], (boxes - offset) / s.stride).float().amax(0)
-                best[s.name] = v if s.name not in best else torch.maximum(best[s.name], v)
-        return best
-
-
-def stage_recipe(recipe: Recipe, pool: str) -> Recipe:
-    """The recipe whose patch settings give ``pool``: whole images, or shared mode over its levels."""
-    if pool not in POOLS:
-        raise PatchnetError(f"--pool must be one of {', '.join(POOLS)}; got {pool!r}")
-    if pool == "whole":
-        return whole_image_recipe(recipe)
-    return replace(recipe, patches=replace(recipe.patches, mode="shared", exact_up_to=0.0))
-
-
-def build_stage_extractor(recipe: Recipe) -> StageExtractor:
-    """The recipe's backbone with its whole head (every stage up to FC7), unfused, on the recipe's device."""
-    b = recipe.backbone
-    return StageExtractor(build_backbone(b.name, b.weights, b.input_size), recipe)
-
-
-@dataclass
-class StageFeatures:
-    """One row per readable image of a split for every stage, with image-level labels."""
-
-    ids: list[str]
-    labels: np.ndarray  # (N, C) int8
-    classes: list[str]
-    features: dict[str, np.ndarray]  # stage -> (N, dim) float32
-
-    def split(self, stage: str) -> SplitFeatures:
-        return SplitFeatures(self.ids, self.features[stage], self.labels, self.classes)
-
-
-def stage_cache_key(recipe: Recipe, dataset: Dataset, extractor: StageExtractor) -> tuple[Path, dict]:
-    """The cache folder of a split's stage vectors and its key's fields: the feature cache's, and the stages."""
-    fields = {**cache_fields(recipe, dataset, extractor), "study": "layers", "layers_version": LAYERS_VERSION,
-              "stages": [(s.name, s.module, s.head) for s in extractor.stages]}
-    return Path(recipe.runtime.cache_dir) / "layers" / _digest(fields), fields
-
-
-def stage_features(recipe: Recipe, dataset: Dataset, extractor: StageExtractor, progress: bool = True) -> StageFeatures:
-    """The stage vectors of a split, from the cache or computed there first (``meta.json``, written last, marks it done)."""
-    path, fields = stage_cache_key(recipe, dataset, extractor)
-    if not (path / "meta.json").is_file():
-        with building(path, f"stage cache {path.name}"):
-            if not (path / "meta.json").is_file():  # another process may have written it while this one waited
-                _compute_stage_features(recipe, dataset, extractor, path, fields, progress)
-    meta = json.loads((path / "meta.json").read_text())
-    records = np.asarray(meta["records"], np.int64)
-    features = {s: np.load(path / f"{s}.npy") for s in meta["stages"]}
-    return StageFeatures([dataset.records[r].image_id for r in records], dataset.labels()[records],
-                         list(dataset.classes), features)
-
-
-def _compute_stage_features(recipe, dataset, extractor, path: Path, fields: dict, progress: bool) -> None:
-    source = ItemImages(dataset.records, [(r, 0) for r in range(len(dataset.records))])
-    workers = recipe.runtime.workers
-    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
-                        prefetch_factor=4 if workers else None)
-    rows: dict[str, list[np.ndarray]] = {s.name: [] for s in extractor.stages}
-    records, failures = [], []
-    for i, image, info in tqdm(loader, total=len(source), desc=f"stages {dataset.name.rsplit(':', 1)[-1]}", unit="img",
-                               disable=not progress, dynamic_ncols=True):
-        if image is None:
-            log.warning("skipped unreadable image: %s", info)
-            failures.append(info)
-            continue
-        for name, v in extractor(image).items():
-            rows[name].append(v.numpy())
-        records.append(i)
-    path.mkdir(parents=True, exist_ok=True)
-    for s in extractor.stages:
-        x = np.stack(rows[s.name]) if records else np.zeros((0, s.dim), np.float32)
-        atomic_write(path / f"{s.name}.npy", lambda f: np.save(f, x.astype(np.float32)))
-    meta = {"fields": fields, "stages": [s.name for s in extractor.stages],
-            "records": records, "failures": failures}
-    atomic_write(path / "meta.json", json.dumps(meta, indent=1))
 
 
 @dataclass
@@ -239,14 +92,13 @@ def _pct(x: float) -> str:
 def layer_study(recipe: Recipe, train_split: str, val_split: str, pool: str = "whole", methods=METHODS,
                 grid=C_GRID, progress: bool = True) -> LayerStudy:
     """Fit each method on every stage's vectors of ``train_split`` and score ``val_split``."""
-    from .units import stage_receptive_field
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise PatchnetError(f"--methods must name some of {', '.join(METHODS)}; got {', '.join(methods) or 'none'}")
     r = stage_recipe(recipe, pool)
     extractor = build_stage_extractor(r)
-    train_ds, val_ds = open_split(r.data, train_split), open_split(r.data, val_split)
+    train_ds = open_split(r.data, train_split)
+    val_ds = open_split(r.data, val_split, classes=train_ds.classes)
     train_f = stage_features(r, train_ds, extractor, progress)
     val_f = stage_features(r, val_ds, extractor, progress)
     results = []

@@ -7,7 +7,6 @@ result is scored by the same VOC AP code as ``patchnet eval``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, replace
@@ -15,11 +14,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import FeatureStore, build_features
+from .cache import FeatureStore
 from .codec import FeatureCodec
 from .datasets import Dataset, open_split
+from .features import build_features, cache_spec
 from .metrics import APTable, ap_table, voc_ap
-from .pooling import pool_features
+from .pooling import l2_normalize, pool_features
 from .recipe import Recipe
 
 log = logging.getLogger("patchnet")
@@ -52,16 +52,13 @@ def split_features(recipe: Recipe, dataset: Dataset, extractor, pool: str = "mea
                    progress: bool = True, codec: FeatureCodec | None = None) -> SplitFeatures:
     """Per-image features of a split through the feature cache; augmented views become extra rows.
 
-    ``codec``: how the cache stores the rows; default the recipe's (``patchnet.cache.feature_codec``).
+    ``codec``: how the cache stores the rows; default the recipe's (``patchnet.features.cache_spec``).
     """
-    store = build_features(recipe, dataset, extractor, views=views, progress=progress, codec=codec)
+    store = build_features(cache_spec(recipe, extractor, codec=codec, progress=progress), dataset, extractor, views=views,
+                           progress=progress)
     rows, records = pool_store(store, pool, view=None)
     return SplitFeatures([dataset.records[r].image_id for r in records], rows, dataset.labels()[records],
                          list(dataset.classes))
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _classifier(method: str, C: float, seed: int):
@@ -152,53 +149,13 @@ def whole_image_recipe(recipe: Recipe) -> Recipe:
 def linear_baseline(recipe: Recipe, train_split: str, eval_split: str, extractor_for, method: str = "svm",
                     pool: str = "mean", views: int = 0, grid=C_GRID, progress: bool = True) -> tuple[APTable, LinearModel]:
     """Train per-class linear classifiers on one split and return the VOC AP table on another."""
-    train_ds, eval_ds = open_split(recipe.data, train_split), open_split(recipe.data, eval_split)
+    train_ds = open_split(recipe.data, train_split)
+    eval_ds = open_split(recipe.data, eval_split, classes=train_ds.classes)
     extractor = extractor_for(recipe)
     train_f = split_features(recipe, train_ds, extractor, pool, views=views, progress=progress)
     eval_f = split_features(recipe, eval_ds, extractor, pool, progress=progress)
     model = fit_linear(train_f, method, grid, seed=recipe.train.seed, progress=progress)
     return ap_table(model.decision(eval_f.features), eval_f.labels, eval_f.classes), model
-
-
-# --------------------------------------------------------------------------- fusion with the patch head
-
-FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
-
-
-@dataclass
-class Fusion:
-    """The head's pooled image score plus ``weight`` times a max-pool linear classifier's decision.
-
-    Both are z-scored per class (a power-k mean on its logarithm) with statistics of held-out
-    training images, on which ``weight`` is chosen too. The classifier is a box-free view of the
-    image (its strongest response to each feature over all patches) that the head misses.
-    """
-
-    pool: str
-    coef: np.ndarray  # (C, d) on L2-normalised max-pooled features
-    intercept: np.ndarray  # (C,)
-    head_mean: np.ndarray
-    head_std: np.ndarray
-    linear_mean: np.ndarray
-    linear_std: np.ndarray
-    weight: float
-
-    def decision(self, pooled: np.ndarray) -> np.ndarray:
-        return l2_normalize(pooled) @ self.coef.T + self.intercept
-
-    def combine(self, head_scores: np.ndarray, decisions: np.ndarray) -> np.ndarray:
-        from .calibration import score_feature
-
-        h = (score_feature(head_scores, self.pool) - self.head_mean) / self.head_std
-        return h + self.weight * (decisions - self.linear_mean) / self.linear_std
-
-    def to_dict(self) -> dict:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Fusion":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (np.asarray(v, np.float64) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
 
 def linear_arrays(model: LinearModel, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,23 +165,3 @@ def linear_arrays(model: LinearModel, dim: int) -> tuple[np.ndarray, np.ndarray]
         if m is not None:
             coef[c], intercept[c] = np.ravel(m.coef_), float(np.ravel(m.intercept_)[0])
     return coef, intercept
-
-
-def fit_fusion(pool: str, coef: np.ndarray, intercept: np.ndarray, head_scores: np.ndarray, pooled: np.ndarray,
-               labels: np.ndarray, weights=FUSION_WEIGHTS) -> tuple[Fusion, dict]:
-    """Choose the fusion weight by 11-point mAP on held-out (head scores, max-pooled features, labels).
-
-    Returns the fusion and the held-out mAP of every weight tried.
-    """
-    from .calibration import score_feature
-
-    decisions = l2_normalize(pooled) @ coef.T + intercept
-    h = score_feature(head_scores, pool)
-    stats = dict(head_mean=h.mean(0), head_std=h.std(0) + 1e-12, linear_mean=decisions.mean(0),
-                 linear_std=decisions.std(0) + 1e-12)
-    tried = {}
-    for w in weights:
-        fused = Fusion(pool, coef, intercept, **stats, weight=float(w))
-        tried[float(w)] = ap_table(fused.combine(head_scores, decisions), labels, [str(i) for i in range(len(coef))]).map07
-    best = max(tried, key=lambda w: (np.nan_to_num(tried[w], nan=-1.0), -w))  # ties: the smaller weight
-    return Fusion(pool, coef, intercept, **stats, weight=best), tried

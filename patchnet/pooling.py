@@ -19,7 +19,8 @@ import torch
 
 from .recipe import POOLINGS, PoolConfig
 
-__all__ = ["POOLINGS", "patch_values", "map_values", "pool", "pool_image", "pool_items", "pool_features", "item_groups", "gather_items"]
+__all__ = ["POOLINGS", "gather_items", "item_groups", "l2_normalize", "map_values", "patch_values", "pool", "pool_features",
+           "pool_image", "pool_items"]
 
 
 def patch_values(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -145,3 +146,8 @@ def pool_features(features, offsets: np.ndarray, items: np.ndarray, name: str = 
         out[start:stop] = (_padded(x, c, -torch.inf)[0].amax(1) if name == "max"
                            else _padded(x, c, 0.0)[0].sum(1) / c[:, None]).numpy()
     return out
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

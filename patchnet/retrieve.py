@@ -20,10 +20,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .datasets import DatasetError, thumbnail
+from .datasets import DatasetError, load_image, open_split, thumbnail
+from .extract import build_extractor
+from .features import cache_spec
 from .figures import figure_bytes, new_figure, plain
 from .files import atomic_write
-from .linear import l2_normalize
+from .linear import split_features
+from .pooling import l2_normalize
 
 log = logging.getLogger("patchnet")
 
@@ -316,14 +319,9 @@ def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], q
     Queries are image ids of the split, image files, or (neither given) ``num_queries`` drawn by the seed.
     Returns the split's features and the per-class precision@k.
     """
-    from .cache import feature_codec
-    from .datasets import DatasetError, load_image, open_split
-    from .extract import build_extractor
-    from .linear import split_features
-
     dataset = open_split(recipe.data, split)
     extractor = build_extractor(recipe)
-    codec = feature_codec(recipe, extractor)  # query images are stored as the collection is
+    codec = cache_spec(recipe, extractor).codec  # query images are stored as the collection is
     f = split_features(recipe, dataset, extractor, reduce, codec=codec)
     records = {rec.image_id: rec for rec in dataset.records}
     row = {i: n for n, i in enumerate(f.ids)}

@@ -1,13 +1,14 @@
-"""The paper's multi-scale square patch grid, and patch labels from bounding boxes."""
+"""The paper's multi-scale square patch grid, the plan of how an image's patches are computed, and patch labels
+from bounding boxes."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .recipe import PAPER_SCALES
+from .recipe import PAPER_SCALES, PatchConfig
 
 IGNORE = -1  # label of patches left out of training
 MULTI = -2  # multi-label mode: a patch that matches objects of several classes (targets kept aside)
@@ -61,6 +62,72 @@ def grid_by_scale(width: int, height: int, scales=PAPER_SCALES, step: float = DE
 def patch_grid(width: int, height: int, scales=PAPER_SCALES, step: float = DEFAULT_STEP) -> np.ndarray:
     """All patches of all scales, (N, 4) float32 ``x1, y1, x2, y2`` in pixels, scale by scale."""
     return np.concatenate([g.boxes for g in grid_by_scale(width, height, scales, step)])
+
+
+@dataclass
+class Level:
+    """One trunk pass of shared mode: the image rescaled by ``factor``, and the scales pooled from it."""
+
+    factor: float
+    grids: list[int]  # indices into the plan's grids
+
+
+@dataclass
+class PatchPlan:
+    """Every patch of one image and how its feature is computed, made once per image (``patch_plan``).
+
+    ``grids`` hold the patches scale by scale (their concatenation, ``boxes``, is the order of the
+    features); the grids in ``cropped`` run through the trunk one patch at a time (exact mode, and
+    shared mode's ``patches.exact_up_to``); shared mode pools the others from the trunk passes of
+    ``levels``. Whole mode: one grid of two "patches", the image and its mirror.
+    """
+
+    width: int
+    height: int
+    mode: str
+    grids: list[ScaleGrid]
+    cropped: list[int] = field(default_factory=list)
+    levels: list[Level] = field(default_factory=list)
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """(N, 4) float32 every patch, in the order of the features."""
+        return np.concatenate([g.boxes for g in self.grids])
+
+    def level_of_patch(self) -> np.ndarray:
+        """(N,) the level each patch is pooled from (shared mode)."""
+        starts = np.cumsum([0] + [len(g.boxes) for g in self.grids])
+        out = np.zeros(starts[-1], np.int64)
+        for lv, level in enumerate(self.levels):
+            for i in level.grids:
+                out[starts[i]:starts[i + 1]] = lv
+        return out
+
+
+def patch_plan(width: int, height: int, cfg: PatchConfig, input_size: int) -> PatchPlan:
+    """The plan of ``patches.mode`` for a width x height image and a trunk of ``input_size`` pixels.
+
+    Shared mode pools each scale from the pyramid level nearest in log-scale (``patches.levels``; by
+    default one level per scale); a level rescales the image so that its short side is
+    ``input_size * level``, the long side capped at ``patches.max_side``.
+    """
+    if cfg.mode == "whole":  # the image and its mirror image, each as one "patch"
+        whole = np.array([[0, 0, width, height]] * 2, np.float32)
+        return PatchPlan(width, height, "whole", [ScaleGrid(1.0, float(min(width, height)), whole)])
+    grids = grid_by_scale(width, height, cfg.scales, cfg.step)
+    if cfg.mode == "exact":
+        return PatchPlan(width, height, "exact", grids, cropped=list(range(len(grids))))
+    cropped = [i for i, g in enumerate(grids) if g.scale <= cfg.exact_up_to]
+    chosen = cfg.levels or [g.scale for g in grids]
+    assign: dict[float, list[int]] = {}
+    for i, g in enumerate(grids):
+        if i not in cropped:
+            assign.setdefault(min(chosen, key=lambda v: abs(math.log(v / g.scale))), []).append(i)
+    levels = []
+    for lv, members in sorted(assign.items()):
+        factor = input_size * lv / min(width, height)
+        levels.append(Level(factor * min(1.0, cfg.max_side / (max(width, height) * factor)), members))
+    return PatchPlan(width, height, "shared", grids, cropped, levels)
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:

@@ -7,14 +7,14 @@
 - ``both``: batches of whole images, the image loss plus the patch loss on their positives and a
   ``bg_rate`` share of their background, from one forward pass.
 
-With ``train.unlock`` the trunk's last stages train too: the cache holds the maps at the boundary
-below them, and every supervision steps on batches of whole images, whose maps run through the
-unlocked stages before their patches are pooled and fed to the head.
+With ``train.unlock`` the trunk's last stages train too (``patchnet.unlock``): every supervision
+steps on batches of whole images, whose cached maps run through the unlocked stages first.
 
-One ``TrainState`` owns everything that a resumed run must get back. ``run_epoch`` does the steps,
-``end_epoch`` evaluates on held-out training images, steps the schedule and writes checkpoints;
-``last.pt`` is only written from a consistent state. Epoch e draws its order and its background
-from a generator seeded by ``(seed, e)``, so a killed epoch replays exactly on resume.
+One ``TrainState`` owns everything that a resumed run must get back. ``Trainer.run_epoch`` does the
+steps; ``Trainer.end_epoch`` runs the end-of-epoch callbacks (the evaluation on held-out training
+images with its calibration and fusion, the checkpoints, the logs) around one commit, so that
+``last.pt`` is only written from a consistent state. Epoch e draws its order and its background from
+a generator seeded by ``(seed, e)``, so a killed epoch replays exactly on resume.
 """
 
 from __future__ import annotations
@@ -22,126 +22,44 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import backbone_spec, build_backbone, unlock_split
-from .cache import FeatureStore, MapStore, build_features, build_maps, feature_codec
 from .calibration import calibrate
 from .codec import FeatureCodec
-from .datasets import Dataset, DatasetError, open_split
+from .datasets import open_split
+from .dist import all_sum, init_distributed, rank_world, resolve_precision
 from .errors import PatchnetError
-from .extract import ImageMaps, PatchExtractor, UnlockedStages, build_extractor, resolve_precision
+from .extract import build_extractor
+from .features import cache_spec
+from .fusion import Fusion, fit_fusion
 from .infer import evaluate, evaluation_items, image_scores
-from .linear import Fusion, SplitFeatures, fit_fusion, fit_linear, linear_arrays
+from .linear import SplitFeatures, fit_linear, linear_arrays
+from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets
 from .metrics import APTable
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, load_head, save_checkpoint
 from .pooling import gather_items, patch_values, pool, pool_features
 from .recipe import Recipe, recipe_from_dict, save_recipe
-from .sampler import IGNORE, MULTI, label_patches
+from .sampler import IGNORE
+from .splits import Selection, SplitData, held_out, log_split, prepare_split, selection_split
+from .unlock import MapsAndHead, UnlockedStages
 
 log = logging.getLogger("patchnet")
 
-__all__ = ["train", "TrainState", "TrainingError", "SplitData", "prepare_split", "build_extractor"]
+__all__ = ["LRSchedule", "TrainState", "Trainer", "TrainingError", "epoch_indices", "hold_interrupts", "train"]
 
 
 class TrainingError(PatchnetError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN)."""
-
-
-@dataclass
-class SplitData:
-    """A split with its cached features and the training label of every cached patch."""
-
-    dataset: Dataset
-    store: FeatureStore  # a MapStore with train.unlock
-    labels: np.ndarray  # (P,) int64: class, C for background, IGNORE, or MULTI
-    multi_rows: np.ndarray  # (M,) sorted patch indices labelled MULTI
-    multi_targets: np.ndarray  # (M, C) bool: their classes
-
-    def image_labels(self, items: np.ndarray) -> np.ndarray:
-        return self.dataset.labels()[self.store.record[items]]
-
-
-def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False):
-    """Labels of all cached patches (view 0: the annotations; augmented views: their own boxes).
-
-    Returns ``(labels, multi_rows, multi_targets)``; the last two are empty without ``multilabel``.
-    """
-    num_classes = len(dataset.classes)
-    labels = np.full(store.num_patches, IGNORE, np.int64)
-    rows, targets = [], []
-    for i in range(len(store)):
-        if not store.ok[i]:
-            continue
-        rec = dataset.records[store.record[i]]
-        objects = (rec.boxes, rec.box_classes, rec.box_difficult) if store.view[i] == 0 else store.item_objects(i)
-        s = store.item_slice(i)
-        out = label_patches(store.patch_boxes[s], *objects, num_classes, image_labels=rec.labels, multilabel=multilabel)
-        if multilabel:
-            out, t = out
-            multi = np.flatnonzero(out == MULTI)
-            rows.append(multi + s.start), targets.append(t[multi])
-        labels[s] = out
-    if rows:
-        return labels, np.concatenate(rows), np.concatenate(targets)
-    return labels, np.zeros(0, np.int64), np.zeros((0, num_classes), bool)
-
-
-def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, views: int = 0,
-                  progress: bool = True, codec: FeatureCodec | None = None,
-                  classes: list[str] | None = None) -> SplitData:
-    """Open a split, build (or reuse) its feature cache, and label its patches where boxes are used.
-
-    ``codec``: how the cache stores the rows; default the recipe's (``patchnet.cache.feature_codec``).
-    With ``train.unlock`` the cache holds the maps below the unlocked stages instead (``build_maps``).
-    ``classes``: the class list to read the split with (the training split's, for the other splits).
-    """
-    dataset = open_split(recipe.data, split, classes)
-    if recipe.train.supervision != "images" and not dataset.has_boxes:
-        raise DatasetError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
-                              "patch labels; use --set train.supervision=images to learn from image labels alone")
-    if recipe.train.unlock:
-        store = build_maps(recipe, dataset, extractor, views=views, progress=progress)
-    else:
-        store = build_features(recipe, dataset, extractor, views=views, progress=progress, codec=codec)
-    if recipe.train.supervision == "images":
-        c = len(dataset.classes)
-        return SplitData(dataset, store, np.full(store.num_patches, IGNORE, np.int64), np.zeros(0, np.int64),
-                         np.zeros((0, c), bool))
-    return SplitData(dataset, store, *patch_labels(store, dataset, recipe.train.multilabel))
-
-
-def holdout_records(num_records: int, fraction: float, seed: int) -> np.ndarray:
-    """The training records held out to choose best.pt on: a fixed random ``fraction`` of them."""
-    n = int(round(fraction * num_records))
-    if fraction > 0 and num_records > 1:
-        n = min(max(n, 1), num_records - 1)
-    return np.sort(np.random.default_rng([seed, 7919]).permutation(num_records)[:n])
-
-
-def held_out(store: FeatureStore, train_data: SplitData, select) -> np.ndarray:
-    """(items,) bool: the store items of held-out training images, every augmented view included."""
-    if select is None or select[0] is not train_data:
-        return np.zeros(len(store), bool)
-    return np.isin(store.record, store.record[select[1]])
-
-
-def is_positive(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Patches that train as positives: one class, or several (MULTI)."""
-    return ((labels >= 0) & (labels < num_classes)) | (labels == MULTI)
 
 
 def epoch_indices(labels: np.ndarray, num_classes: int, bg_rate: float, seed: int, epoch: int) -> np.ndarray:
@@ -151,41 +69,6 @@ def epoch_indices(labels: np.ndarray, num_classes: int, bg_rate: float, seed: in
     background = np.flatnonzero(labels == num_classes)
     chosen = background[rng.random(len(background)) < bg_rate]
     return rng.permutation(np.concatenate([positives, chosen]))
-
-
-def patch_targets(labels: np.ndarray, index: np.ndarray, data: SplitData, num_classes: int) -> torch.Tensor:
-    """(N, C + 1) target distributions of patches: one-hot, or spread evenly over a MULTI patch's classes."""
-    t = np.zeros((len(labels), num_classes + 1), np.float32)
-    single = labels >= 0
-    t[np.flatnonzero(single), labels[single]] = 1.0
-    multi = np.flatnonzero(labels == MULTI)
-    if len(multi):
-        m = data.multi_targets[np.searchsorted(data.multi_rows, index[multi])].astype(np.float32)
-        t[multi, :num_classes] = m / m.sum(1, keepdims=True)
-    return torch.from_numpy(t)
-
-
-def image_loss(image_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of (I, C) pooled image logits against 1/-1/0 labels; 0 (difficult only) is left out."""
-    known = labels != 0
-    if not known.any():
-        return image_logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(image_logits[known], (labels[known] > 0).float())
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> None:
-    """Join the process group when started by ``torchrun`` (gloo on CPU, NCCL on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def make_optimizer(head: AdaptationHead, recipe: Recipe, stages: UnlockedStages | None = None) -> torch.optim.SGD:
@@ -211,19 +94,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if dtype == torch.float16 and device.type != "cuda" else dtype
 
 
-class MapsAndHead(nn.Module):
-    """The unlocked stages and the head as one module (``train.unlock``), so that DDP averages both's gradients."""
-
-    def __init__(self, stages: UnlockedStages, head: AdaptationHead):
-        super().__init__()
-        self.stages, self.head = stages, head
-
-    def forward(self, items: list[ImageMaps]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The patch features of ``items`` and their logits."""
-        x = self.stages(items)
-        return x, self.head(x)
-
-
 class LRSchedule:
     """Step decays at fractions of the run, or division by 10 when the loss plateaus (at most ``max_decays``)."""
 
@@ -231,6 +101,11 @@ class LRSchedule:
         self.optimizer, self.t = optimizer, recipe.train
         self.decays, self.best, self.bad_epochs = 0, math.inf, 0
         self.milestones = sorted({max(1, round(f * self.t.epochs)) for f in self.t.milestones})
+
+    def stops(self, loss: float) -> bool:
+        """Whether ``step`` with this epoch's ``loss`` will end the run (a plateau after the last decay)."""
+        return (self.t.schedule == "plateau" and loss >= self.best * (1 - 1e-3)
+                and self.bad_epochs + 1 > self.t.plateau_patience and self.decays >= self.t.max_decays)
 
     def step(self, epoch_done: int, loss: float) -> bool:
         """Update after ``epoch_done`` epochs; False when a plateau comes after the last decay (stop)."""
@@ -261,14 +136,17 @@ class LRSchedule:
         self.decays, self.best, self.bad_epochs = state["decays"], state["best"], state["bad_epochs"]
 
 
-def _accuracy_counts(logits: torch.Tensor, labels: np.ndarray) -> tuple[int, int]:
-    """Correct arg-max predictions among the single-label patches, and their number."""
-    single = labels >= 0
-    return int((logits.argmax(1).cpu().numpy() == labels)[single].sum()), int(single.sum())
+@dataclass
+class EpochSums:
+    """This process's running sums of the current epoch (per rank under DDP)."""
 
+    loss_sum: float = 0.0
+    steps: int = 0
+    correct: int = 0
+    patches: int = 0
 
-def _zero_carry() -> dict:
-    return {"loss_sum": 0.0, "steps": 0, "correct": 0, "patches": 0}
+    def add(self, loss: float, correct: int, patches: int) -> "EpochSums":
+        return EpochSums(self.loss_sum + loss, self.steps + 1, self.correct + correct, self.patches + patches)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -286,11 +164,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 class TrainState:
     """Everything a run must get back on resume: head (and unlocked stages), optimizer, schedule, counters,
-    sums and RNG states.
+    sums, the calibration and fusion of the last evaluation, and the RNG state.
 
     ``rng`` is the generators' state at the start of step ``step`` of epoch ``epoch``, so that a
-    resumed epoch draws the same dropout masks as an uninterrupted one. ``carry`` holds this
-    process's running sums of the epoch (per rank under DDP).
+    resumed epoch draws the same dropout masks as an uninterrupted one.
     """
 
     def __init__(self, head: AdaptationHead, recipe: Recipe, device: torch.device,
@@ -300,16 +177,18 @@ class TrainState:
         self.schedule = LRSchedule(self.optimizer, recipe)
         self.epoch, self.step, self.best = 0, 0, -1.0
         self.history: list[dict] = []
-        self.carry = _zero_carry()
+        self.sums = EpochSums()
         self.calibration: dict | None = None
+        self.fusion: dict | None = None
         self.rng = _rng_state(device)
 
     def state_dict(self) -> dict:
         trunk = {} if self.stages is None else {"trunk": {k: v.cpu() for k, v in self.stages.state().items()}}
+        fusion = {} if self.fusion is None else {"fusion": self.fusion}
         return {"head": self.head.state_dict(), **trunk, "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best_map07": self.best, "history": list(self.history), "carry": dict(self.carry),
-                "rng": dict(self.rng), "calibration": self.calibration}
+                "best_map07": self.best, "history": list(self.history), "carry": asdict(self.sums),
+                "rng": dict(self.rng), "calibration": self.calibration, **fusion}
 
     def load_state_dict(self, state: dict, path: str | Path = "the checkpoint") -> None:
         load_head(self.head, state, path)
@@ -319,9 +198,23 @@ class TrainState:
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_map07"]
         self.history, self.calibration = list(state["history"]), state.get("calibration")
-        self.carry = dict(state["carry"])
+        self.fusion = state.get("fusion")
+        self.sums = EpochSums(**state["carry"])
         self.rng = dict(state["rng"])
         _set_rng_state(self.rng, self.device)
+
+
+@dataclass
+class EpochEnd:
+    """What ``end_epoch`` works out before its commit: the epoch's history record, and what the evaluation on
+    the selection images found (its AP table, the calibration and fusion fitted there, a new best)."""
+
+    record: dict
+    table: APTable | None = None
+    calibration: dict | None = None
+    fusion: dict | None = None
+    improved: bool = False
+    stop: bool = False
 
 
 @dataclass
@@ -333,34 +226,135 @@ class TrainResult:
     seconds: float
 
 
+# --------------------------------------------------------------------------- end-of-epoch callbacks
+
+
+class SelectionEval:
+    """Before the commit: score the selection images, fit the calibration (and, with ``infer.fuse``, the fusion
+    weight of the max-pool SVM, fitted once on the other training images) and say whether best.pt improved."""
+
+    def __init__(self, recipe: Recipe, train_data: SplitData, selection: Selection):
+        self.recipe, self.train_data, self.selection = recipe, train_data, selection
+        self.svm: tuple | None = None
+
+    def before_commit(self, trainer: "Trainer", end: EpochEnd) -> None:
+        t, done, sel, head = self.recipe.train, end.record["epoch"], self.selection, trainer.state.head
+        scored = done % t.eval_every == 0 or done == t.epochs
+        # the last.pt of a run the plateau schedule stops gets its own fusion, evaluated or not
+        if trainer.rank or not (scored or (end.stop and self.recipe.infer.fuse)):
+            return
+        if scored:
+            end.table, scores = evaluate(head, sel.data.store, sel.data.dataset, sel.items, self.recipe.pool,
+                                         self.recipe.infer_pool)
+            end.record.update(select_map07=end.table.map07, select_map=end.table.map)
+            end.improved = end.table.map07 > trainer.state.best
+            end.calibration = _calibration(self.recipe, scores, sel.labels())
+        else:
+            scores = image_scores(head, sel.data.store, sel.items, self.recipe.pool, self.recipe.infer_pool)
+        if self.recipe.infer.fuse:
+            end.fusion, end.calibration = self._fuse(scores, trainer.state.stages is not None)
+
+    def _fuse(self, scores: np.ndarray, unlocked: bool) -> tuple[dict, dict]:
+        """The fusion of the head's selection ``scores`` with the max-pool SVM, and the calibration of the fused
+        scores."""
+        if self.svm is None or unlocked:  # unlocked stages change the features the SVM sees
+            self.svm = self._fit_svm()
+        coef, intercept, pooled = self.svm
+        labels = self.selection.labels()
+        fusion, tried = fit_fusion(self.recipe.infer_pool, coef, intercept, scores, pooled, labels)
+        log.info("fusion: selection mAP by weight %s; chose %g",
+                 ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()), fusion.weight)
+        calibration = _calibration(self.recipe, fusion.combine(scores, fusion.decision(pooled)), labels, fused=True)
+        return {**fusion.to_dict(), "k": self.recipe.pool.k}, calibration
+
+    def _fit_svm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The max-pool linear SVM on the training items (never the selection images), and the selection
+        images' max-pooled features."""
+        data, sel = self.train_data, self.selection
+        store = data.store
+        items = np.flatnonzero(store.ok & ~held_out(data, sel))
+        log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
+        pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
+        ids = [data.dataset.records[r].image_id for r in store.record[items]]
+        model = fit_linear(SplitFeatures(ids, pooled, data.image_labels(items), data.dataset.classes),
+                           seed=self.recipe.train.seed, progress=False)
+        held = pool_features(sel.data.store.trunk_rows, sel.data.store.offsets, sel.items)
+        return (*linear_arrays(model, pooled.shape[1]), held)
+
+
+class Checkpoints:
+    """At the commit: best.pt when the selection mAP improved (every epoch without selection images), last.pt
+    always; both from the committed state and the run's ``meta``."""
+
+    def __init__(self, run_dir: Path, meta: dict, has_selection: bool):
+        self.best, self.last, self.meta, self.has_selection = run_dir / "best.pt", run_dir / "last.pt", meta, has_selection
+
+    def save(self, trainer: "Trainer", path: Path) -> None:
+        if trainer.rank == 0:
+            save_checkpoint({**trainer.state.state_dict(), **self.meta}, path)
+
+    def at_commit(self, trainer: "Trainer", end: EpochEnd) -> None:
+        if end.improved or (not self.has_selection and trainer.rank == 0):
+            self.save(trainer, self.best)  # without selection images, the last head is the best we know
+        self.save(trainer, self.last)
+
+
+class TrainingLog:
+    """After the commit: the epoch's log line, and TensorBoard scalars and heatmaps (rank 0)."""
+
+    def __init__(self, recipe: Recipe, selection: Selection | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.recipe, self.selection = recipe, selection
+        self.writer = SummaryWriter(str(recipe.run_dir / "tensorboard"))
+
+    def after_commit(self, trainer: "Trainer", end: EpochEnd) -> None:
+        record, table, e = end.record, end.table, end.record["epoch"]
+        for key in ("loss", "patch_acc", "lr"):
+            self.writer.add_scalar(f"train/{key}", record[key], e)
+        if table is not None:
+            self.writer.add_scalar("select/mAP_11pt", table.map07, e)
+            self.writer.add_scalar("select/mAP_envelope", table.map, e)
+            if self.recipe.runtime.heatmaps and self.selection is not None:
+                from .heatmaps import log_heatmaps  # matplotlib: only when heatmaps are logged
+
+                log_heatmaps(self.writer, trainer.state.head, self.selection.data, self.recipe, e, self.selection.items)
+        self.writer.flush()
+        sel = (f", selection mAP {100 * record['select_map07']:.1f} (11-pt) {100 * record['select_map']:.1f} (env)"
+               if "select_map07" in record else "")
+        what = "patch accuracy" if self.recipe.train.supervision != "images" else "-"
+        log.info("epoch %d: loss %.4f, %s %.3f, lr %.3g%s (%.0f s)", e, record["loss"], what, record["patch_acc"],
+                 record["lr"], sel, record["seconds"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
 class Trainer:
     """Runs the epochs of one recipe on prepared splits (see the module docstring)."""
 
-    def __init__(self, recipe: Recipe, train_data: SplitData, select: tuple[SplitData, np.ndarray] | None,
-                 state: TrainState, extra: dict, progress: bool = True):
-        self.recipe, self.t, self.data, self.select, self.state = recipe, recipe.train, train_data, select, state
-        self.extra, self.progress = extra, progress
-        self.rank, self.world = _rank_world()
+    def __init__(self, recipe: Recipe, train_data: SplitData, selection: Selection | None, state: TrainState,
+                 meta: dict, progress: bool = True):
+        self.recipe, self.t, self.data, self.selection, self.state = recipe, recipe.train, train_data, selection, state
+        self.progress = progress
+        self.rank, self.world = rank_world()
         self.num_classes = len(train_data.dataset.classes)
         net = state.head if state.stages is None else MapsAndHead(state.stages, state.head)
         self.model = torch.nn.parallel.DistributedDataParallel(net) if self.world > 1 else net
-        run_dir = recipe.run_dir
-        self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
-        store = train_data.store
-        held = held_out(store, train_data, select)
-        self.train_items = np.flatnonzero(store.ok & ~held)
+        held = held_out(train_data, selection)
+        self.train_items = np.flatnonzero(train_data.store.ok & ~held)
         # held-out images, and their augmented views, never train
-        self.labels = np.where(np.repeat(held, np.diff(store.offsets)), IGNORE, train_data.labels)
-        self.writer = None
+        self.labels = np.where(np.repeat(held, np.diff(train_data.store.offsets)), IGNORE, train_data.labels)
         self.epoch_seconds = 0.0  # of the last run_epoch (0 when resuming at end_epoch)
         self.dtype = autocast_dtype(self.t.precision, state.device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, path: Path) -> None:
-        if self.rank == 0:
-            save_checkpoint({**self.state.state_dict(), **self.extra}, path)
+        self.checkpoints = Checkpoints(recipe.run_dir, meta, selection is not None)
+        self.callbacks: list = [SelectionEval(recipe, train_data, selection)] if selection is not None else []
+        self.callbacks.append(self.checkpoints)
 
     # ------------------------------------------------------------------ the two halves of an epoch
     def run_epoch(self) -> None:
@@ -382,26 +376,80 @@ class Trainer:
         while s.step < steps:
             batch = np.sort(order[s.step * per_rank:(s.step + 1) * per_rank])
             loss, correct, patches, n = (self._image_step(batch, keep_bg) if images else self._patch_step(batch))
-            with hold_interrupts():  # the update and the step counter move together
-                s.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(s.optimizer)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    s.optimizer.step()
-                c = s.carry
-                s.carry = {"loss_sum": c["loss_sum"] + loss.item(), "steps": c["steps"] + 1,
-                           "correct": c["correct"] + correct, "patches": c["patches"] + patches}
-                s.step, s.rng = s.step + 1, _rng_state(s.device)
+            self._commit_step(loss, correct, patches)
             seen += n
             bar.update(1)
-            bar.set_postfix(loss=f"{s.carry['loss_sum'] / s.carry['steps']:.4f}",
+            bar.set_postfix(loss=f"{s.sums.loss_sum / s.sums.steps:.4f}",
                             patches_s=f"{seen / max(time.perf_counter() - tick, 1e-9):.0f}", refresh=False)
         bar.close()
         self.epoch_seconds = time.perf_counter() - tick
 
+    def _commit_step(self, loss: torch.Tensor, correct: int, patches: int) -> None:
+        s = self.state
+        with hold_interrupts():  # the update and the step counter move together
+            s.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(s.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                s.optimizer.step()
+            s.sums = s.sums.add(loss.item(), correct, patches)
+            s.step, s.rng = s.step + 1, _rng_state(s.device)
+
+    def end_epoch(self) -> bool:
+        """Evaluate, step the schedule, log and checkpoint; False when the plateau schedule stops the run.
+
+        Everything is computed first and committed at the end, so an interrupt before the commit
+        leaves the state at "all steps of epoch E done": resume re-runs exactly this method.
+        """
+        s = self.state
+        sums = all_sum(torch.tensor([s.sums.loss_sum, s.sums.steps, s.sums.correct, s.sums.patches],
+                                    dtype=torch.float64))
+        loss, acc = (sums[0] / max(sums[1], 1)).item(), (sums[2] / max(sums[3], 1)).item()
+        end = EpochEnd({"epoch": s.epoch + 1, "loss": loss, "patch_acc": acc, "lr": s.optimizer.param_groups[0]["lr"],
+                        "seconds": round(self.epoch_seconds, 3)}, calibration=s.calibration, fusion=s.fusion,
+                       stop=s.schedule.stops(loss))
+        for callback in self.callbacks:
+            getattr(callback, "before_commit", _nothing)(self, end)
+        with hold_interrupts():  # commit
+            keep_going = s.schedule.step(s.epoch + 1, loss)
+            s.history.append(end.record)
+            s.epoch, s.step, s.sums, s.calibration, s.fusion = s.epoch + 1, 0, EpochSums(), end.calibration, end.fusion
+            if end.improved:
+                s.best = end.table.map07
+            for callback in self.callbacks:
+                getattr(callback, "at_commit", _nothing)(self, end)
+        for callback in self.callbacks:
+            getattr(callback, "after_commit", _nothing)(self, end)
+        return keep_going
+
+    def fit(self) -> None:
+        s = self.state
+        if self.rank == 0:
+            self.callbacks.append(TrainingLog(self.recipe, self.selection))
+        try:
+            while s.epoch < self.t.epochs:
+                self.run_epoch()
+                if not self.end_epoch():
+                    log.info("loss plateaued after %d learning-rate decays: stopping at epoch %d",
+                             s.schedule.decays, s.epoch)
+                    break
+        except KeyboardInterrupt:
+            # every step and end_epoch commit leaves the state consistent; no collective calls here
+            with hold_interrupts():  # a second Ctrl-C must not cut the save short
+                if self.rank:
+                    _sums_path(self.recipe.run_dir, self.rank).write_text(json.dumps(asdict(s.sums)))
+                self.checkpoints.save(self, self.checkpoints.last)
+            log.warning("interrupted: saved %s at epoch %d, step %d; continue with --resume", self.checkpoints.last,
+                        s.epoch + 1, s.step)
+            raise
+        finally:
+            for callback in self.callbacks:
+                getattr(callback, "close", lambda: None)()
+
+    # ------------------------------------------------------------------ steps
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in fp32; the head's matrix products run under autocast (``train.precision``)."""
         device = self.state.device
@@ -409,9 +457,9 @@ class Trainer:
             return self.model(x.to(device)).float()
 
     def _patch_loss(self, logits: torch.Tensor, labels: np.ndarray, index: np.ndarray) -> torch.Tensor:
-        if self.t.multilabel:
-            return F.cross_entropy(logits, patch_targets(labels, index, self.data, self.num_classes).to(logits.device))
-        return F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
+        targets = (patch_targets(labels, index, self.data.multi_rows, self.data.multi_targets, self.num_classes)
+                   if self.t.multilabel else None)
+        return patch_loss(logits, labels, targets)
 
     def _patch_step(self, idx: np.ndarray):
         x = torch.from_numpy(self.data.store.rows[idx])
@@ -419,7 +467,7 @@ class Trainer:
         logits = self._forward(x)
         loss = self._patch_loss(logits, labels, idx)
         self._check(loss, x, labels)
-        return (loss, *_accuracy_counts(logits, labels), len(idx))
+        return (loss, *accuracy_counts(logits, labels), len(idx))
 
     def _image_step(self, items: np.ndarray, keep_bg: np.ndarray | None):
         """A step on whole images: the image loss (images, both), the patch loss (both; boxes with unlock)."""
@@ -445,7 +493,7 @@ class Trainer:
             rows = torch.from_numpy(rows).to(logits.device)
             patch = self._patch_loss(logits[rows], labels[train], index[train])
             loss = patch if loss is None else loss + patch
-            correct, patches = _accuracy_counts(logits[rows], labels[train])
+            correct, patches = accuracy_counts(logits[rows], labels[train])
         if loss is None:  # no patch of these images trains (boxes): a step without a gradient
             loss = logits.sum() * 0.0
         self._check(loss, x, None)
@@ -473,90 +521,12 @@ class Trainer:
             f"loss became {loss.item()} at epoch {s.epoch + 1}, step {s.step + 1} "
             f"(lr {s.optimizer.param_groups[0]['lr']:.3g}); last batch: features mean {x.mean():.3g}, "
             f"std {x.std():.3g}, max |x| {x.abs().max():.3g}, any non-finite: {not torch.isfinite(x).all()}{counts}. "
-            f"{self.last_path} is left as it was; lower train.lr, or check the feature cache "
+            f"{self.checkpoints.last} is left as it was; lower train.lr, or check the feature cache "
             f"(patchnet cache verify --cache-dir {Path(self.recipe.runtime.cache_dir)}).")
 
-    def end_epoch(self) -> bool:
-        """Evaluate, step the schedule, log and checkpoint; False when the plateau schedule stops the run.
 
-        Everything is computed first and committed at the end, so an interrupt before the commit
-        leaves the state at "all steps of epoch E done": resume re-runs exactly this method.
-        """
-        s, t = self.state, self.t
-        c = s.carry
-        totals = torch.tensor([c["loss_sum"], c["steps"], c["correct"], c["patches"]], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(totals)
-        loss, acc = (totals[0] / max(totals[1], 1)).item(), (totals[2] / max(totals[3], 1)).item()
-        done = s.epoch + 1
-        record = {"epoch": done, "loss": loss, "patch_acc": acc, "lr": s.optimizer.param_groups[0]["lr"],
-                  "seconds": round(self.epoch_seconds, 3)}
-        table = scores = None
-        if self.select is not None and (done % t.eval_every == 0 or done == t.epochs) and self.rank == 0:
-            data, items = self.select
-            table, scores = evaluate(s.head, data.store, data.dataset, items, self.recipe.pool, self.recipe.infer_pool)
-            record.update(select_map07=table.map07, select_map=table.map)
-        calibration = (_calibration(self.recipe, scores, self.select[0].image_labels(self.select[1]))
-                       if scores is not None else s.calibration)
-        improved = table is not None and table.map07 > s.best
-        with hold_interrupts():  # commit
-            keep_going = s.schedule.step(done, loss)
-            s.history.append(record)
-            s.epoch, s.step, s.carry, s.calibration = done, 0, _zero_carry(), calibration
-            if improved:
-                s.best = table.map07
-            if improved or (self.select is None and self.rank == 0):
-                self.save(self.best_path)  # without selection images, the last head is the best we know
-            self.save(self.last_path)
-        self._log(record, table)
-        return keep_going
-
-    def _log(self, record: dict, table: APTable | None) -> None:
-        if self.rank:
-            return
-        if self.writer is not None:
-            e = record["epoch"]
-            for key in ("loss", "patch_acc", "lr"):
-                self.writer.add_scalar(f"train/{key}", record[key], e)
-            if table is not None:
-                self.writer.add_scalar("select/mAP_11pt", table.map07, e)
-                self.writer.add_scalar("select/mAP_envelope", table.map, e)
-                if self.recipe.runtime.heatmaps:
-                    from .heatmaps import log_heatmaps  # matplotlib: only when heatmaps are logged
-
-                    log_heatmaps(self.writer, self.state.head, self.select[0], self.recipe, e, self.select[1])
-            self.writer.flush()
-        sel = (f", selection mAP {100 * record['select_map07']:.1f} (11-pt) {100 * record['select_map']:.1f} (env)"
-               if "select_map07" in record else "")
-        what = "patch accuracy" if self.t.supervision != "images" else "-"
-        log.info("epoch %d: loss %.4f, %s %.3f, lr %.3g%s (%.0f s)", record["epoch"], record["loss"], what,
-                 record["patch_acc"], record["lr"], sel, record["seconds"])
-
-    def fit(self) -> None:
-        s = self.state
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.recipe.run_dir / "tensorboard"))
-        try:
-            while s.epoch < self.t.epochs:
-                self.run_epoch()
-                if not self.end_epoch():
-                    log.info("loss plateaued after %d learning-rate decays: stopping at epoch %d",
-                             s.schedule.decays, s.epoch)
-                    break
-        except KeyboardInterrupt:
-            # every step and end_epoch commit leaves the state consistent; no collective calls here
-            with hold_interrupts():  # a second Ctrl-C must not cut the save short
-                if self.rank:
-                    _carry_path(self.recipe.run_dir, self.rank).write_text(json.dumps(self.state.carry))
-                self.save(self.last_path)
-            log.warning("interrupted: saved %s at epoch %d, step %d; continue with --resume", self.last_path,
-                        s.epoch + 1, s.step)
-            raise
-        finally:
-            if self.writer is not None:
-                self.writer.close()
+def _nothing(*_args) -> None:
+    """A callback's missing step."""
 
 
 @contextmanager
@@ -578,84 +548,94 @@ def hold_interrupts():
             signal.raise_signal(signal.SIGINT)
 
 
-def _carry_path(run_dir: Path, rank: int) -> Path:
+def _sums_path(run_dir: Path, rank: int) -> Path:
     """Under DDP an interrupted rank keeps its own running sums here (rank 0's are in last.pt)."""
     return run_dir / f"carry.rank{rank}.json"
+
+
+# --------------------------------------------------------------------------- a run
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train the adaptation head of ``recipe``; checkpoints go to ``recipe.run_dir``."""
     init_distributed()
-    rank, world = _rank_world()
+    rank, _ = rank_world()
     started = time.perf_counter()
-    run_dir = recipe.run_dir
-    last_path = run_dir / "last.pt"
-    saved = None
-    if resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"--resume: {last_path} does not exist; start without --resume")
-        saved = load_checkpoint(last_path)
-        if _resume_key(recipe_from_dict(saved["recipe"]).to_dict()) != _resume_key(recipe.to_dict()):
-            raise CheckpointError(f"--resume: {last_path} was made with another recipe; resume with the saved one: "
-                                  f"patchnet train --recipe {run_dir / 'recipe.yaml'} --resume")
+    saved = _saved_run(recipe) if resume else None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, recipe.run_dir / "recipe.yaml")
     backbone = None
     if recipe.train.unlock:  # the trunk whose last stages train; the extractor runs a fused copy of its frozen part
         b = recipe.backbone
         backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
     extractor = build_extractor(recipe) if backbone is None else build_extractor(recipe, backbone)
-    if recipe.train.unlock:  # its maps are stored as they are (the recipe refuses cache.compress with it)
-        codec = FeatureCodec()
-    else:  # a resumed run keeps the projection its head was trained on
-        codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else feature_codec(recipe, extractor,
-                                                                                                     progress)
-    train_data = prepare_split(recipe, recipe.data.train_split, extractor, views=recipe.aug.views, progress=progress,
-                               codec=codec)
+    # a resumed run keeps the projection its head was trained on; unlock stores its maps as they are
+    codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else None
+    train_set = open_split(recipe.data, recipe.data.train_split)
+    spec = cache_spec(recipe, extractor, train_set, FeatureCodec() if recipe.train.unlock else codec, progress)
+    train_data = prepare_split(recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views,
+                               progress=progress, dataset=train_set)
     classes = train_data.dataset.classes
-    select = _selection(recipe, train_data, extractor, progress, codec)
-    _log_split("train", train_data, select)
-    val = (prepare_split(recipe, recipe.data.val_split, extractor, progress=progress, codec=codec, classes=classes)
+    selection = selection_split(recipe, train_data, extractor, spec, progress)
+    log_split("train", train_data, selection)
+    val = (prepare_split(recipe, recipe.data.val_split, extractor, spec, progress=progress, classes=classes)
            if recipe.data.val_split else None)
-
     torch.manual_seed(recipe.train.seed)
     device = extractor.device
     head = AdaptationHead(train_data.store.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout).to(device)
-    stages = None
-    if backbone is not None:
-        stages = UnlockedStages(backbone, unlock_split(backbone_spec(backbone.name), recipe.train.unlock)).to(
-            device, memory_format=torch.channels_last if recipe.backbone.channels_last else torch.contiguous_format)
-        for data in (train_data, select[0] if select else None, val):
-            if data is not None:  # their features come from the stages as they are when read
-                data.store.attach(stages, autocast_dtype(recipe.train.precision, device))
+    stages = _unlocked_stages(recipe, backbone, device, [train_data, selection.data if selection else None, val])
     state = TrainState(head, recipe, device, stages)
     # feature_dim: the trunk's; the head reads codec.dim(feature_dim) values, the codec's projection applied
-    extra = {"recipe": recipe.to_dict(), "classes": classes, "feature_dim": extractor.feature_dim,
-             "weights_id": extractor.backbone.weights_id, "codec": codec.state_dict()}
+    meta = {"recipe": recipe.to_dict(), "classes": classes, "feature_dim": extractor.feature_dim,
+            "weights_id": extractor.backbone.weights_id, "codec": spec.codec.state_dict()}
     if saved is not None:
-        check_compatible(saved, last_path, recipe.backbone.name, classes, extractor.feature_dim,
+        check_compatible(saved, recipe.run_dir / "last.pt", recipe.backbone.name, classes, extractor.feature_dim,
                          extractor.backbone.weights_id)
-        state.load_state_dict(saved, last_path)
+        state.load_state_dict(saved, recipe.run_dir / "last.pt")
         if rank:
-            carry = _carry_path(run_dir, rank)
-            state.carry = json.loads(carry.read_text()) if carry.is_file() else _zero_carry()
-        log.info("resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
-    trainer = Trainer(recipe, train_data, select, state, extra, progress)
-    trainer.fit()
+            sums = _sums_path(recipe.run_dir, rank)
+            state.sums = EpochSums(**json.loads(sums.read_text())) if sums.is_file() else EpochSums()
+        log.info("resuming %s at epoch %d, step %d", recipe.run_dir, state.epoch + 1, state.step)
+    Trainer(recipe, train_data, selection, state, meta, progress).fit()
     if rank:
-        _carry_path(run_dir, rank).unlink(missing_ok=True)
-    fusion = None
-    if recipe.infer.fuse and select is not None and rank == 0:
-        fusion = fuse_checkpoints(recipe, train_data, select, [trainer.best_path, trainer.last_path], stages)[-1]
-    table = None
-    if val is not None and rank == 0:  # reported, never used to choose
-        table, _ = evaluate(head, val.store, val.dataset, evaluation_items(val.store), recipe.pool, recipe.infer_pool,
-                            fusion)
-        log.info("last.pt on %s: mAP %.1f (11-pt) %.1f (envelope)", recipe.data.val_split, 100 * table.map07,
-                 100 * table.map)
-    return TrainResult(run_dir, state.epoch, state.best, table, time.perf_counter() - started)
+        _sums_path(recipe.run_dir, rank).unlink(missing_ok=True)
+    table = _report(recipe, state, val) if val is not None and rank == 0 else None
+    return TrainResult(recipe.run_dir, state.epoch, state.best, table, time.perf_counter() - started)
+
+
+def _saved_run(recipe: Recipe) -> dict:
+    """last.pt of the run to resume, checked to come from the same recipe."""
+    last_path = recipe.run_dir / "last.pt"
+    if not last_path.is_file():
+        raise CheckpointError(f"--resume: {last_path} does not exist; start without --resume")
+    saved = load_checkpoint(last_path)
+    if _resume_key(recipe_from_dict(saved["recipe"]).to_dict()) != _resume_key(recipe.to_dict()):
+        raise CheckpointError(f"--resume: {last_path} was made with another recipe; resume with the saved one: "
+                              f"patchnet train --recipe {recipe.run_dir / 'recipe.yaml'} --resume")
+    return saved
+
+
+def _unlocked_stages(recipe: Recipe, backbone, device: torch.device, splits: list) -> UnlockedStages | None:
+    """With ``train.unlock``: the stages that train, with every split's map store reading through them."""
+    if backbone is None:
+        return None
+    stages = UnlockedStages(backbone, unlock_split(backbone_spec(backbone.name), recipe.train.unlock)).to(
+        device, memory_format=torch.channels_last if recipe.backbone.channels_last else torch.contiguous_format)
+    for data in splits:
+        if data is not None:  # their features come from the stages as they are when read
+            data.store.attach(stages, autocast_dtype(recipe.train.precision, device))
+    return stages
+
+
+def _report(recipe: Recipe, state: TrainState, val: SplitData) -> APTable:
+    """last.pt on the validation split (with its fusion): reported, never used to choose."""
+    fusion = Fusion.from_dict(state.fusion) if state.fusion is not None else None
+    table, _ = evaluate(state.head, val.store, val.dataset, evaluation_items(val.store), recipe.pool,
+                        recipe.infer_pool, fusion)
+    log.info("last.pt on %s: mAP %.1f (11-pt) %.1f (envelope)", recipe.data.val_split, 100 * table.map07,
+             100 * table.map)
+    return table
 
 
 def _calibration(recipe: Recipe, scores: np.ndarray, labels: np.ndarray, fused: bool = False) -> dict:
@@ -666,75 +646,8 @@ def _calibration(recipe: Recipe, scores: np.ndarray, labels: np.ndarray, fused: 
     return out
 
 
-def fuse_checkpoints(recipe: Recipe, train_data: SplitData, select: tuple[SplitData, np.ndarray],
-                     paths: list[Path], stages: UnlockedStages | None = None) -> list[Fusion]:
-    """Fit the max-pool linear SVM on the training images and fuse it into each checkpoint (``infer.fuse``).
-
-    The SVM never sees the selection images; the fusion weight, the z-score statistics and the
-    calibration of the fused scores are fitted on them. Returns the fusion written to each path.
-    With unlocked ``stages`` the features are each checkpoint's own: its stages are loaded into
-    ``stages`` (the last path's stay) and the SVM is fitted anew.
-    """
-    store, sel, held = train_data.store, select[0], select[1]
-    items = np.flatnonzero(store.ok & ~held_out(store, train_data, select))
-    labels = sel.image_labels(held)
-
-    def fit_svm():
-        log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
-        pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
-        ids = [train_data.dataset.records[r].image_id for r in store.record[items]]
-        model = fit_linear(SplitFeatures(ids, pooled, train_data.image_labels(items), train_data.dataset.classes),
-                           seed=recipe.train.seed, progress=False)
-        return (*linear_arrays(model, pooled.shape[1]), pool_features(sel.store.trunk_rows, sel.store.offsets, held))
-
-    fusions, svm = [], None
-    for path in paths:
-        state = load_checkpoint(path)
-        if stages is not None:
-            stages.load(state["trunk"])
-        if svm is None or stages is not None:
-            svm = fit_svm()
-        coef, intercept, held_pooled = svm
-        head = AdaptationHead(store.feature_dim, len(train_data.dataset.classes), recipe.head.hidden,
-                              recipe.head.dropout)
-        load_head(head, state, path)
-        scores = image_scores(head, sel.store, held, recipe.pool, recipe.infer_pool)
-        fusion, tried = fit_fusion(recipe.infer_pool, coef, intercept, scores, held_pooled, labels)
-        log.info("fusion for %s: selection mAP by weight %s; chose %g", path.name,
-                 ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()), fusion.weight)
-        calibration = _calibration(recipe, fusion.combine(scores, fusion.decision(held_pooled)), labels, fused=True)
-        save_checkpoint({**state, "fusion": {**fusion.to_dict(), "k": recipe.pool.k}, "calibration": calibration},
-                        path)
-        fusions.append(fusion)
-    return fusions
-
-
-def _selection(recipe: Recipe, train_data: SplitData, extractor, progress: bool, codec: FeatureCodec | None = None):
-    """The images best.pt is chosen on: ``data.select_split``, else ``train.holdout`` of the training images."""
-    if recipe.data.select_split:
-        if recipe.data.select_split == recipe.data.val_split:
-            raise CheckpointError(f"data.select_split and data.val_split are both {recipe.data.val_split!r}: a "
-                                  "checkpoint chosen on the reported split overstates it; choose on another split "
-                                  "or leave select_split empty to hold out train.holdout of the training images")
-        data = prepare_split(recipe, recipe.data.select_split, extractor, progress=progress, codec=codec,
-                             classes=train_data.dataset.classes)
-        return data, evaluation_items(data.store)
-    if recipe.train.holdout <= 0:
-        return None
-    held = holdout_records(len(train_data.dataset), recipe.train.holdout, recipe.train.seed)
-    return train_data, evaluation_items(train_data.store, held)
-
-
 def _resume_key(values: dict) -> dict:
     """What a resumed run must share with the saved one: all but the runtime section and train.epochs
     (a finished run may be extended)."""
     return {**{k: v for k, v in values.items() if k != "runtime"},
             "train": {k: v for k, v in values["train"].items() if k != "epochs"}}
-
-
-def _log_split(name: str, data: SplitData, select) -> None:
-    c = len(data.dataset.classes)
-    counts = np.bincount(np.where(data.labels < 0, c + 1, data.labels), minlength=c + 2)
-    held = f"; {len(select[1])} images held out to choose best.pt" if select is not None and select[0] is data else ""
-    log.info("%s: %d images, %d patches: %d positive, %d background, %d ignored or multi-label%s", name,
-             len(data.dataset), len(data.labels), counts[:c].sum(), counts[c], counts[c + 1], held)

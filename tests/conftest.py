@@ -92,3 +92,10 @@ def tiny_recipe(tmp_path: Path, root: Path, *overrides: str):
         "train.batch_size=8", "runtime.workers=0", "train.bg_rate=0.5", "head.hidden=32", "train.eval_every=1",
     ]
     return recipe_from_dict({}, base + list(overrides))
+
+
+def build(recipe, dataset, extractor, **kw):
+    """The recipe's feature cache of a split, its cache spec made with the same extractor."""
+    from patchnet.features import build_features, cache_spec
+
+    return build_features(cache_spec(recipe, extractor, progress=False), dataset, extractor, **kw)

@@ -2,13 +2,11 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from patchnet.backbones import (BACKBONES, BackboneError, Conv2dSame, _weights_id, backbone_spec, build_backbone,
-                                 region_mean, region_weights)
+from patchnet.backbones import BACKBONES, BackboneError, Conv2dSame, backbone_spec, build_backbone, weights_id
 from patchnet.recipe import RecipeError, recipe_from_dict
 
 # random weights: tests never download; 64 px is the smallest input AlexNet's layers accept
@@ -87,10 +85,11 @@ def test_depthwise_same_padding_without_a_padded_copy_matches_tf(h, w, kernel, s
 def test_lite0_imagenet_weights_classify_a_real_photo():
     """The port (padding, ReLU6, BN eps, normalisation) is right if the packaged weights see a cat."""
     data = pytest.importorskip("skimage.data")
-    from patchnet.backbones import _lite_weight_file, _read_state_dict
+    from patchnet.backbones.lite import lite_weight_file
+    from patchnet.backbones.weights import read_state_dict
 
     backbone = build_backbone("efficientnet_lite0", "imagenet")
-    state = _read_state_dict(_lite_weight_file("efficientnet_lite0"))
+    state = read_state_dict(lite_weight_file("efficientnet_lite0"))
     image = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
     image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
     with torch.no_grad():
@@ -128,41 +127,6 @@ def test_local_weight_file_loads_and_names_its_hash(tmp_path):
     loaded = build_backbone("resnet50", str(path))
     assert loaded.weights_id.startswith("resnet50:") and loaded.weights_id != ref.weights_id
     assert torch.equal(loaded.trunk[0].weight, model.conv1.weight)
-
-
-def _supersampled_mean(fmap, box, n=400):
-    """Mean of the piecewise-constant map over a box, by dense point sampling."""
-    x1, y1, x2, y2 = box
-    xs = np.linspace(x1, x2, n, endpoint=False) + (x2 - x1) / (2 * n)
-    ys = np.linspace(y1, y2, n, endpoint=False) + (y2 - y1) / (2 * n)
-    cells = fmap[0][:, np.floor(ys).astype(int)][:, :, np.floor(xs).astype(int)]
-    return cells.mean(axis=(1, 2))
-
-
-def test_region_mean_matches_the_integral_over_the_box():
-    rng = np.random.default_rng(0)
-    fmap = rng.random((1, 5, 6, 9)).astype(np.float32)
-    boxes = np.array([[0, 0, 9, 6], [1, 2, 4, 5], [0.3, 1.7, 5.2, 5.9], [2.5, 0.5, 3.5, 1.5]], np.float32)
-    got = region_mean(torch.from_numpy(fmap), torch.from_numpy(boxes)).numpy()
-    for box, row in zip(boxes, got):
-        np.testing.assert_allclose(row, _supersampled_mean(fmap, box), rtol=2e-2, atol=1e-3)
-    # whole cells: the plain mean, as exact mode takes it
-    np.testing.assert_allclose(got[0], fmap[0].mean(axis=(1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(got[1], fmap[0][:, 2:5, 1:4].mean(axis=(1, 2)), rtol=1e-5)
-
-
-def test_region_weights_give_region_mean_as_a_matrix_product():
-    """Also for boxes that leave the map, and with gradients to the map (train.unlock differentiates it)."""
-    rng = np.random.default_rng(1)
-    fmap = torch.from_numpy(rng.random((1, 7, 5, 8)).astype(np.float32)).requires_grad_()
-    boxes = torch.tensor([[0, 0, 8, 5], [-1.5, 0.5, 3.2, 2.9], [6.1, 3.3, 9.4, 7.0], [2.5, 1.5, 2.6, 1.9]])
-    ref = region_mean(fmap, boxes)
-    got = region_weights(boxes, 5, 8) @ fmap[0].flatten(1).T
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # the table loses digits on the tiny box
-    g = torch.rand_like(ref)
-    (ref_grad,) = torch.autograd.grad((ref * g).sum(), fmap)
-    (got_grad,) = torch.autograd.grad((got * g).sum(), fmap)
-    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- timm
@@ -204,8 +168,8 @@ def test_timm_spec_comes_from_the_model_and_its_pretrained_cfg():
     assert (vit.feature_dim, vit.stride, vit.layout, vit.mean) == (192, 16, "tokens", (0.5, 0.5, 0.5))
     assert vit.timm_kwargs == {"dynamic_img_size": True, "dynamic_img_pad": True} and not vit.fixed_size
     # the weights are named by their pretrained tag, which comes without loading them
-    assert _weights_id("timm/resnet18", "imagenet") == "timm/resnet18:resnet18.a1_in1k"
-    assert _weights_id("timm/resnet18.a1_in1k", "random") == "timm/resnet18.a1_in1k:random"
+    assert weights_id(backbone_spec("timm/resnet18"), "imagenet") == "timm/resnet18:resnet18.a1_in1k"
+    assert weights_id(backbone_spec("timm/resnet18.a1_in1k"), "random") == "timm/resnet18.a1_in1k:random"
 
 
 def test_timm_names_validate_in_recipes_and_unknown_ones_say_how_to_find_names():

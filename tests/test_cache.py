@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import tiny_recipe
-from patchnet.cache import _digest, build_features, cache_fields, feature_codec
+from conftest import build, tiny_recipe
 from patchnet.codec import CodecError, FeatureCodec
 from patchnet.datasets import load_image, open_split
-from patchnet.train import build_extractor
+from patchnet.extract import build_extractor
+from patchnet.features import cache_fields, cache_spec
+from patchnet.files import digest
 
 
 class CountingExtractor:
@@ -23,11 +24,14 @@ class CountingExtractor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, image):
+    def extract(self, image):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt
         self.calls += 1
-        return self.inner(image)
+        return self.inner.extract(image)
+
+    def __call__(self, image):
+        return self.extract(image)[0]
 
 
 def _setup(tmp_path, small_voc, *overrides):
@@ -38,7 +42,7 @@ def _setup(tmp_path, small_voc, *overrides):
 def test_features_are_computed_once_then_read_from_disk(tmp_path, small_voc):
     recipe, ds, ex = _setup(tmp_path, small_voc)
     counting = CountingExtractor(ex)
-    store = build_features(recipe, ds, counting, progress=False)
+    store = build(recipe, ds, counting, progress=False)
     assert counting.calls == len(ds)
     assert store.rows.stored.dtype == np.float16 and isinstance(store.rows.stored, np.memmap)
     assert store.rows.shape == (store.num_patches, ex.feature_dim) and store.feature_dim == ex.feature_dim
@@ -50,7 +54,7 @@ def test_features_are_computed_once_then_read_from_disk(tmp_path, small_voc):
     np.testing.assert_array_equal(store.patch_boxes[store.item_slice(1)], ex.boxes(ds.records[1].width,
                                                                                     ds.records[1].height))
     again = CountingExtractor(ex)
-    store2 = build_features(recipe, ds, again, progress=False)
+    store2 = build(recipe, ds, again, progress=False)
     assert again.calls == 0 and store2.path == store.path
 
 
@@ -62,11 +66,11 @@ def _shard_worker(rank, world, port, tmp_path, root):
     seen = []
 
     class Recording(CountingExtractor):
-        def __call__(self, image):
+        def extract(self, image):
             seen.append(list(image.shape[-2:]))
-            return super().__call__(image)
+            return super().extract(image)
 
-    build_features(recipe, ds, Recording(ex), progress=False)
+    build(recipe, ds, Recording(ex), progress=False)
     (tmp_path / f"seen{rank}.json").write_text(json.dumps(seen))
     torch.distributed.destroy_process_group()
 
@@ -82,8 +86,8 @@ def test_extraction_under_torchrun_splits_the_images_across_ranks(tmp_path, smal
     assert len(sizes) == len(ds) == 4  # the fixture's training images all differ in size
     assert seen[0] and seen[1] and not seen[0] & seen[1] and seen[0] | seen[1] == sizes
     # the joined cache holds every image, in dataset order, as one process would have written it
-    joined = build_features(recipe, ds, CountingExtractor(ex, fail_after=0), progress=False)
-    single = build_features(tiny_recipe(tmp_path / "one", small_voc, "cache.chunk=1"), ds, ex, progress=False)
+    joined = build(recipe, ds, CountingExtractor(ex, fail_after=0), progress=False)
+    single = build(tiny_recipe(tmp_path / "one", small_voc, "cache.chunk=1"), ds, ex, progress=False)
     np.testing.assert_array_equal(joined.offsets, single.offsets)
     np.testing.assert_allclose(joined.rows[:], single.rows[:], rtol=2e-3,
                                atol=1e-3)
@@ -94,32 +98,32 @@ def test_extraction_under_torchrun_splits_the_images_across_ranks(tmp_path, smal
                                       "patches.levels=[1.0]", "patches.exact_up_to=1.0", "backbone.weights=random"])
 def test_any_input_of_the_features_changes_the_key(tmp_path, small_voc, override):
     recipe, ds, ex = _setup(tmp_path, small_voc)
-    base = _digest(cache_fields(recipe, ds, ex))
+    base = digest(cache_fields(ds, ex))
     recipe2, ds2, ex2 = _setup(tmp_path, small_voc, override)
-    assert _digest(cache_fields(recipe2, ds2, ex2)) != base
+    assert digest(cache_fields(ds2, ex2)) != base
 
 
 def test_key_changes_with_the_image_list_and_views_but_not_with_training_settings(tmp_path, small_voc):
     recipe, ds, ex = _setup(tmp_path, small_voc)
-    base = _digest(cache_fields(recipe, ds, ex))
-    assert _digest(cache_fields(recipe, open_split(recipe.data, "val"), ex)) != base
+    base = digest(cache_fields(ds, ex))
+    assert digest(cache_fields(open_split(recipe.data, "val"), ex)) != base
     smaller = type(ds)(ds.name, ds.classes, ds.records[:-1])
-    assert _digest(cache_fields(recipe, smaller, ex)) != base
-    assert _digest(cache_fields(recipe, ds, ex, views=2)) != base
+    assert digest(cache_fields(smaller, ex)) != base
+    assert digest(cache_fields(ds, ex, 2, cache_spec(recipe, ex))) != base
     recipe2, _, _ = _setup(tmp_path, small_voc, "train.lr=0.5", "train.epochs=9", "infer.k=2")
-    assert _digest(cache_fields(recipe2, ds, ex)) == base
+    assert digest(cache_fields(ds, ex, 0, cache_spec(recipe2, ex))) == base
 
 
 def test_a_killed_build_resumes_where_it_stopped(tmp_path, small_voc):
     recipe, ds, ex = _setup(tmp_path, small_voc)  # chunks of 2 images
     with pytest.raises(KeyboardInterrupt):
-        build_features(recipe, ds, CountingExtractor(ex, fail_after=3), progress=False)
+        build(recipe, ds, CountingExtractor(ex, fail_after=3), progress=False)
     # one whole chunk (2 images) was saved; the third image's chunk was not complete
     resumed = CountingExtractor(ex)
-    store = build_features(recipe, ds, resumed, progress=False)
+    store = build(recipe, ds, resumed, progress=False)
     assert resumed.calls == len(ds) - 2
     clean_recipe, _, _ = _setup(tmp_path / "clean", small_voc)
-    clean = build_features(clean_recipe, ds, ex, progress=False)
+    clean = build(clean_recipe, ds, ex, progress=False)
     np.testing.assert_array_equal(store.offsets, clean.offsets)
     np.testing.assert_allclose(store.rows[:], clean.rows[:],
                                atol=1e-3)
@@ -129,7 +133,7 @@ def test_a_corrupt_image_is_skipped_and_counted(tmp_path, small_voc, caplog):
     (small_voc / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff garbage")
     recipe, ds, ex = _setup(tmp_path, small_voc)
     assert len(ds) == 4 and "b.jpg" in ds.fixes["unreadable"][0]
-    store = build_features(recipe, ds, ex, progress=False)
+    store = build(recipe, ds, ex, progress=False)
     assert store.ok.tolist() == [True, False, True, True]
     assert store.item_slice(1).stop == store.item_slice(1).start
     assert len(store.failures) == 1 and "b.jpg" in store.failures[0]
@@ -138,7 +142,7 @@ def test_a_corrupt_image_is_skipped_and_counted(tmp_path, small_voc, caplog):
 
 def test_augmented_views_are_cached_with_their_own_boxes(tmp_path, small_voc):
     recipe, ds, ex = _setup(tmp_path, small_voc, "aug.views=2", "aug.rotate=0", "aug.color=0")
-    store = build_features(recipe, ds, ex, views=2, progress=False)
+    store = build(recipe, ds, ex, views=2, progress=False)
     assert len(store) == 3 * len(ds)
     assert store.view.tolist()[:3] == [0, 1, 2] and store.record.tolist()[:3] == [0, 0, 0]
     boxes0, _, _ = store.item_objects(0)
@@ -148,23 +152,23 @@ def test_augmented_views_are_cached_with_their_own_boxes(tmp_path, small_voc):
         assert len(b) >= 1 and c.tolist() == [0] * len(b)
     # views are fixed: a rebuild in another cache gives the same boxes
     recipe2, _, _ = _setup(tmp_path / "again", small_voc, "aug.views=2", "aug.rotate=0", "aug.color=0")
-    store2 = build_features(recipe2, ds, ex, views=2, progress=False)
+    store2 = build(recipe2, ds, ex, views=2, progress=False)
     np.testing.assert_array_equal(store.boxes, store2.boxes)
 
 
 def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_voc):
     recipe, ds, ex = _setup(tmp_path, small_voc)
-    fields = cache_fields(recipe, ds, ex)
-    assert "compress" not in fields and cache_fields(recipe, ds, ex, codec=FeatureCodec()) == fields
-    keys = {_digest(fields)}
+    fields = cache_fields(ds, ex, 0, cache_spec(recipe, ex))
+    assert "compress" not in fields and cache_fields(ds, ex, 0, cache_spec(recipe, ex, codec=FeatureCodec())) == fields
+    keys = {digest(fields)}
     for overrides in (["cache.compress=int8"], ["cache.compress=pca", "cache.pca_dim=4"],
                       ["cache.compress=pca", "cache.pca_dim=6"], ["cache.compress=pca_int8", "cache.pca_dim=4"]):
         r = tiny_recipe(tmp_path, small_voc, *overrides)
-        keys.add(_digest(cache_fields(r, ds, ex, codec=feature_codec(r, ex, progress=False))))
+        keys.add(digest(cache_fields(ds, ex, 0, cache_spec(r, ex, progress=False))))
     assert len(keys) == 5
     r = tiny_recipe(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=2000")
     with pytest.raises(CodecError, match="at most 1280"):
-        feature_codec(r, ex)
+        cache_spec(r, ex)
 
 
 def _fp16(ex, rec):
@@ -176,12 +180,12 @@ def test_pca_is_fitted_on_the_training_split_and_reused_by_the_others(tmp_path, 
 
     recipe, ds, ex = _setup(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=6")
     counting = CountingExtractor(ex)
-    store = build_features(recipe, ds, counting, progress=False)
+    store = build(recipe, ds, counting, progress=False)
     assert counting.calls == 2 * len(ds)  # the PCA sample (all 4 images, pca_images >= 4), then the cache
     assert store.feature_dim == 6 and store.rows.shape == (store.num_patches, 6) and store.compress == "pca"
     # the reference: sklearn's PCA of the fp16 features of every patch of the training images
     ref = PCA(6, svd_solver="full").fit(np.concatenate([_fp16(ex, r) for r in ds.records]))
-    codec = feature_codec(recipe, ex)
+    codec = cache_spec(recipe, ex).codec
     np.testing.assert_allclose(codec.components, ref.components_, atol=1e-4)
     # stored in fp16: 3 significant digits
     np.testing.assert_allclose(store.rows[store.item_slice(1)], ref.transform(_fp16(ex, ds.records[1])), rtol=1e-3,
@@ -189,7 +193,7 @@ def test_pca_is_fitted_on_the_training_split_and_reused_by_the_others(tmp_path, 
     # the val split is stored through the training split's projection, which is fitted once
     val = open_split(recipe.data, "val")
     again = CountingExtractor(ex)
-    val_store = build_features(recipe, val, again, progress=False)
+    val_store = build(recipe, val, again, progress=False)
     assert again.calls == len(val)
     assert val_store.fields["projection"] == store.fields["projection"] == codec.digest
     assert len(list((tmp_path / "cache" / "projections").iterdir())) == 1
@@ -204,10 +208,10 @@ def test_pca_is_fitted_on_the_training_split_and_reused_by_the_others(tmp_path, 
 @pytest.mark.parametrize("compress", ["int8", "pca_int8"])
 def test_a_compressed_cache_is_encoded_from_the_fp16_cache_without_the_trunk(tmp_path, small_voc, compress):
     recipe, ds, ex = _setup(tmp_path, small_voc)
-    build_features(recipe, ds, ex, progress=False)
+    build(recipe, ds, ex, progress=False)
     r = tiny_recipe(tmp_path, small_voc, f"cache.compress={compress}", "cache.pca_dim=5")
     counting = CountingExtractor(ex)
-    store = build_features(r, ds, counting, progress=False)
+    store = build(r, ds, counting, progress=False)
     assert counting.calls == 0  # the PCA sample too is read from the fp16 cache
     dim = 1280 if compress == "int8" else 5
     files = ["features.u8", "index.npz", "meta.json", "scales.f32", "verified"] + (["projection.npz"] if dim == 5 else [])
@@ -216,7 +220,7 @@ def test_a_compressed_cache_is_encoded_from_the_fp16_cache_without_the_trunk(tmp
     assert (store.path / "scales.f32").stat().st_size == store.num_patches * 8
     # the same cache as one built from the images
     fresh_recipe = tiny_recipe(tmp_path / "fresh", small_voc, f"cache.compress={compress}", "cache.pca_dim=5")
-    fresh = build_features(fresh_recipe, ds, ex, progress=False)
+    fresh = build(fresh_recipe, ds, ex, progress=False)
     assert fresh.path.name == store.path.name
     np.testing.assert_array_equal(store.rows.stored, fresh.rows.stored)
     np.testing.assert_array_equal(store.rows.scales, fresh.rows.scales)

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from patchnet.backbones import build_backbone
-from patchnet.extract import PatchExtractor, resolve_precision
+from patchnet.dist import resolve_precision
+from patchnet.extract import PatchExtractor
 from patchnet.recipe import BackboneConfig, PatchConfig
 from patchnet.sampler import patch_grid
 
@@ -68,7 +69,7 @@ def test_shared_mode_gives_one_feature_per_patch_in_grid_order():
 def test_fewer_pyramid_levels_pool_each_scale_from_the_nearest_level():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
     ex = PatchExtractor(backbone, PatchConfig(scales=[1.0, 1.3, 2.0, 2.8, 4.0], levels=[1.0, 2.0, 4.0]), FP32, "cpu")
-    levels = ex.levels(ex.grids(100, 80), 100, 80)
+    levels = ex.plan(100, 80).levels
     assert [lv.grids for lv in levels] == [[0, 1], [2, 3], [4]]
     assert levels[1].factor == pytest.approx(32 * 2.0 / 80)
     # features still come for every patch
@@ -82,8 +83,9 @@ def test_exact_up_to_crops_the_coarse_scales_and_shares_the_rest():
     shared = PatchExtractor(backbone, PatchConfig(scales=scales, mode="shared"), FP32, "cpu")(img)
     hybrid_ex = PatchExtractor(backbone, PatchConfig(scales=scales, mode="shared", exact_up_to=1.5), FP32, "cpu")
     hybrid = hybrid_ex(img)
-    assert [lv.grids for lv in hybrid_ex.levels(hybrid_ex.grids(90, 60), 90, 60)] == [[2], [3]]
-    n = sum(len(g.boxes) for g in hybrid_ex.grids(90, 60) if g.scale <= 1.5)
+    plan = hybrid_ex.plan(90, 60)
+    assert [lv.grids for lv in plan.levels] == [[2], [3]] and plan.cropped == [0, 1]
+    n = sum(len(g.boxes) for g in plan.grids if g.scale <= 1.5)
     torch.testing.assert_close(hybrid[:n], exact[:n])
     torch.testing.assert_close(hybrid[n:], shared[n:])
     assert not torch.allclose(exact[:n], shared[:n], atol=1e-3)  # the two paths do differ there
@@ -92,7 +94,7 @@ def test_exact_up_to_crops_the_coarse_scales_and_shares_the_rest():
 def test_max_side_caps_the_rescaled_image():
     backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
     ex = PatchExtractor(backbone, PatchConfig(scales=[4.0], max_side=64), FP32, "cpu")
-    (level,) = ex.levels(ex.grids(300, 30), 300, 30)
+    (level,) = ex.plan(300, 30).levels
     assert 300 * level.factor == pytest.approx(64)
 
 

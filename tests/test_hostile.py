@@ -19,13 +19,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import CLASSES, VocWriter, tiny_recipe, write_image
-from patchnet.cache import CacheError, FeatureStore, build_features, verify_cache
+from conftest import CLASSES, VocWriter, build, tiny_recipe, write_image
+from patchnet.cache import CacheError, FeatureStore, verify_cache
 from patchnet.cli import app
 from patchnet.datasets import DatasetError, ImageTooLarge, load_image, open_split, read_coco, read_csv_list, read_folder
 from patchnet.files import OutputPathError, UniqueNames, atomic_write, output_path, safe_name
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
-from patchnet.train import build_extractor, train
+from patchnet.extract import build_extractor
+from patchnet.train import train
 
 runner = CliRunner()
 TOOLS = Path(__file__).parent.parent / "tools"
@@ -176,10 +177,9 @@ import hashlib, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch
-from conftest import tiny_recipe
-from patchnet.cache import build_features
+from conftest import build, tiny_recipe
 from patchnet.datasets import open_split
-from patchnet.train import build_extractor
+from patchnet.extract import build_extractor
 
 torch.set_num_threads(1)
 recipe = tiny_recipe(Path({tmp!r}), Path({root!r}), "cache.chunk=1")
@@ -191,13 +191,13 @@ class Slow:  # slow enough that the two processes overlap
     def __getattr__(self, name):
         return getattr(extractor, name)
 
-    def __call__(self, image):
+    def extract(self, image):
         calls.append(1)
         time.sleep(0.5)
-        return extractor(image)
+        return extractor.extract(image)
 
 
-store = build_features(recipe, open_split(recipe.data, "train"), Slow(), progress=False)
+store = build(recipe, open_split(recipe.data, "train"), Slow())
 print(store.path, len(calls), hashlib.sha1(store.rows.stored[:].tobytes()).hexdigest())
 """
 
@@ -216,7 +216,7 @@ def test_two_processes_on_one_cache_key_both_finish_with_identical_features(tmp_
     assert verify_cache(store.path) == "ok"
     assert not [p for p in store.path.rglob("*") if p.name.endswith(".tmp")] and not (store.path / "chunks").exists()
     recipe = tiny_recipe(tmp_path / "alone", small_voc)
-    alone = build_features(recipe, open_split(recipe.data, "train"), build_extractor(recipe), progress=False)
+    alone = build(recipe, open_split(recipe.data, "train"), build_extractor(recipe), progress=False)
     np.testing.assert_allclose(store.rows[:], alone.rows[:], rtol=5e-3, atol=2e-3)  # 1 thread against 2
 
 
@@ -228,7 +228,7 @@ def built(tmp_path, small_voc):
     recipe = tiny_recipe(tmp_path, small_voc)
     ds = open_split(recipe.data, "train")
     ex = build_extractor(recipe)
-    return recipe, ds, ex, build_features(recipe, ds, ex, progress=False)
+    return recipe, ds, ex, build(recipe, ds, ex, progress=False)
 
 
 def test_flipped_bytes_are_found_by_verify_and_on_the_first_open_after_a_restart(built, tmp_path):
@@ -245,7 +245,7 @@ def test_flipped_bytes_are_found_by_verify_and_on_the_first_open_after_a_restart
         FeatureStore(store.path)
     result = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path / "cache"), "--delete-damaged"])
     assert result.exit_code == 0 and "deleted" in result.output and not store.path.exists()
-    assert build_features(recipe, ds, ex, progress=False).num_patches == store.num_patches  # rebuilt
+    assert build(recipe, ds, ex, progress=False).num_patches == store.num_patches  # rebuilt
 
 
 def test_nan_features_stop_an_evaluation_with_the_cache_folder_named(built):
@@ -272,19 +272,20 @@ def test_a_truncated_cache_file_names_the_folder_and_how_to_rebuild(built, name)
 
 
 def test_a_garbage_chunk_left_by_a_killed_run_is_computed_again(tmp_path, small_voc, caplog):
-    from patchnet.cache import _digest, cache_fields, feature_codec
+    from patchnet.features import cache_fields, cache_spec
+    from patchnet.files import digest
 
     recipe = tiny_recipe(tmp_path, small_voc)
     ds, ex = open_split(recipe.data, "train"), build_extractor(recipe)
-    key = _digest(cache_fields(recipe, ds, ex, 0, feature_codec(recipe, ex)))
+    key = digest(cache_fields(ds, ex, 0, cache_spec(recipe, ex)))
     chunks = tmp_path / "cache" / key / "chunks"
     chunks.mkdir(parents=True)
     (chunks / "000000.npz").write_bytes(b"PK\x03\x04 garbage, as a half-written chunk")
     with caplog.at_level(logging.WARNING, logger="patchnet"):
-        store = build_features(recipe, ds, ex, progress=False)
+        store = build(recipe, ds, ex, progress=False)
     assert "chunk 000000.npz is damaged; computing it again" in caplog.text
     clean = tiny_recipe(tmp_path / "clean", small_voc)
-    np.testing.assert_array_equal(store.rows[:], build_features(clean, ds, ex, progress=False).rows[:])
+    np.testing.assert_array_equal(store.rows[:], build(clean, ds, ex, progress=False).rows[:])
 
 
 def test_writes_are_fsynced_before_the_rename_and_leave_no_temporary_file(tmp_path, monkeypatch):
@@ -306,14 +307,14 @@ def test_an_unwritable_cache_folder_is_one_clear_error(tmp_path, small_voc):
     (tmp_path / "file").write_text("not a folder")
     recipe = tiny_recipe(tmp_path, small_voc, f"runtime.cache_dir={tmp_path / 'file' / 'cache'}")
     with pytest.raises(CacheError, match=r"cannot write feature cache .* Set runtime.cache_dir to a writable folder"):
-        build_features(recipe, open_split(recipe.data, "train"), build_extractor(recipe), progress=False)
+        build(recipe, open_split(recipe.data, "train"), build_extractor(recipe), progress=False)
 
 
 def test_a_warm_cache_in_a_read_only_folder_is_read(built, monkeypatch):
     recipe, ds, ex, store = built
     (store.path / "verified").unlink()
     monkeypatch.setattr("patchnet.cache.atomic_write", lambda *a: (_ for _ in ()).throw(PermissionError(13, "ro")))
-    assert build_features(recipe, ds, ex, progress=False).num_patches == store.num_patches
+    assert build(recipe, ds, ex, progress=False).num_patches == store.num_patches
 
 
 # --------------------------------------------------------------------------- 6. COCO files from labelling tools

@@ -6,12 +6,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_recipe
-from patchnet import layers
+from patchnet import stages
 from patchnet.backbones import BACKBONES
 from patchnet.cli import app
 from patchnet.datasets import load_image, open_split
 from patchnet.extract import build_extractor
-from patchnet.layers import build_stage_extractor, stage_features, stage_recipe
+from patchnet.stages import build_stage_extractor, stage_features, stage_recipe
 from patchnet.linear import split_features, whole_image_recipe
 from patchnet.recipe import save_recipe
 
@@ -51,7 +51,7 @@ def test_stage_vectors_are_cached_and_reused(small_voc, tmp_path, monkeypatch):
     def no_trunk(self, image):
         raise AssertionError("the trunk ran although the stage vectors are cached")
 
-    monkeypatch.setattr(layers.StageExtractor, "__call__", no_trunk)
+    monkeypatch.setattr(stages.StageExtractor, "__call__", no_trunk)
     again = stage_features(r, dataset, build_stage_extractor(r), progress=False)
     for s in LITE0_STAGES:
         np.testing.assert_array_equal(again.features[s], first.features[s])

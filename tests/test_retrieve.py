@@ -7,7 +7,8 @@ import pytest
 
 from conftest import write_image
 from patchnet.datasets import ImageRecord
-from patchnet.linear import SplitFeatures, l2_normalize
+from patchnet.linear import SplitFeatures
+from patchnet.pooling import l2_normalize
 from patchnet.retrieve import (all_neighbours, box_area, class_colours, collection_page, distances, embed_2d,
                                main_class, nearest, precision_at_k)
 

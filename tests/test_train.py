@@ -18,6 +18,7 @@ from patchnet.datasets import DatasetError
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import recipe_from_dict, save_recipe
 from patchnet.sampler import MULTI
+import patchnet.losses as losses_module
 from patchnet.train import LRSchedule, TrainingError, epoch_indices, train
 
 
@@ -129,7 +130,7 @@ def test_resume_after_ctrl_c_mid_epoch_continues_exactly(tmp_path, small_voc, mo
     cache = "runtime.cache_dir=" + str(tmp_path / "c")
     straight = train(tiny_recipe(tmp_path / "a", small_voc, cache), progress=False)
     saved, resumed = _interrupt_then_resume(monkeypatch, tiny_recipe(tmp_path / "b", small_voc, cache),
-                                            train_module.F, "cross_entropy", 5)
+                                            losses_module.F, "cross_entropy", 5)
     assert saved["step"] > 0  # saved mid-epoch, with the batches already done
     assert _heads_equal(load_checkpoint(straight.run_dir / "last.pt")["head"],
                         load_checkpoint(resumed.run_dir / "last.pt")["head"])
@@ -198,8 +199,8 @@ def test_nan_loss_stops_with_the_facts_and_keeps_last_pt(tmp_path, small_voc, mo
     recipe = tiny_recipe(tmp_path, small_voc, "train.epochs=1")
     train(recipe, progress=False)
     before = (recipe.run_dir / "last.pt").read_bytes()
-    real_ce = train_module.F.cross_entropy
-    monkeypatch.setattr(train_module.F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
+    real_ce = losses_module.F.cross_entropy
+    monkeypatch.setattr(losses_module.F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 1 \(lr 0.001\); last batch: features mean"):
         train(tiny_recipe(tmp_path, small_voc, "train.epochs=2"), resume=True, progress=False)
     assert (recipe.run_dir / "last.pt").read_bytes() == before
@@ -305,7 +306,7 @@ def _ddp_interrupt_worker(rank, world, port, tmp_path, root, mode):
     recipe = tiny_recipe(tmp_path / mode.replace("resume", "interrupt"), root, "head.dropout=0.0", "train.epochs=2",
                          "train.supervision=boxes", f"runtime.cache_dir={tmp_path / 'cache'}")
     if mode == "interrupt":
-        real, calls = train_module.F.cross_entropy, {"n": 0}
+        real, calls = losses_module.F.cross_entropy, {"n": 0}
 
         def interrupting(*args, **kwargs):
             calls["n"] += 1
@@ -313,7 +314,7 @@ def _ddp_interrupt_worker(rank, world, port, tmp_path, root, mode):
                 raise KeyboardInterrupt
             return real(*args, **kwargs)
 
-        train_module.F.cross_entropy = interrupting
+        losses_module.F.cross_entropy = interrupting
         try:
             train(recipe, progress=False)
         except KeyboardInterrupt:
@@ -356,7 +357,8 @@ def test_ddp_on_cpu_with_gloo_two_processes(tmp_path, small_voc):
 
 # --------------------------------------------------------------------------- image-level supervision
 
-from patchnet.train import holdout_records, image_loss, patch_targets  # noqa: E402
+from patchnet.losses import image_loss, patch_targets  # noqa: E402
+from patchnet.splits import holdout_records  # noqa: E402
 
 
 def test_image_loss_leaves_label_zero_out():
@@ -373,10 +375,8 @@ def test_image_loss_leaves_label_zero_out():
 
 
 def test_multilabel_patch_targets_spread_over_the_classes():
-    from patchnet.train import SplitData
-
-    data = SplitData(None, None, None, np.array([4, 9]), np.array([[True, False, True], [False, True, True]]))
-    t = patch_targets(np.array([1, 3, MULTI]), np.array([0, 1, 9]), data, 3)
+    t = patch_targets(np.array([1, 3, MULTI]), np.array([0, 1, 9]), np.array([4, 9]),
+                      np.array([[True, False, True], [False, True, True]]), 3)
     np.testing.assert_allclose(t.numpy(), [[0, 1, 0, 0], [0, 0, 0, 1], [0, 0.5, 0.5, 0]])
 
 
@@ -489,16 +489,18 @@ def test_resume_ignores_the_runtime_section(tmp_path, small_voc):
 
 
 def test_augmented_views_of_held_out_images_never_train(tmp_path, small_voc):
-    from patchnet.train import _selection, held_out, prepare_split
     from patchnet.extract import build_extractor
+    from patchnet.features import cache_spec
+    from patchnet.splits import held_out, prepare_split, selection_split
 
     recipe = tiny_recipe(tmp_path, small_voc, "aug.views=1", "train.holdout=0.25")
     extractor = build_extractor(recipe)
-    data = prepare_split(recipe, "train", extractor, views=1, progress=False)
-    select = _selection(recipe, data, extractor, False)
-    held = held_out(data.store, data, select)
+    spec = cache_spec(recipe, extractor)
+    data = prepare_split(recipe, "train", extractor, spec, views=1, progress=False)
+    select = selection_split(recipe, data, extractor, spec, False)
+    held = held_out(data, select)
     assert held.sum() == 2  # the held-out image and its augmented view
-    assert set(data.store.record[held]) == set(data.store.record[select[1]])
+    assert set(data.store.record[held]) == set(data.store.record[select.items])
     assert set(data.store.view[held]) == {0, 1}
 
 

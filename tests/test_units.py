@@ -9,7 +9,8 @@ from torch import nn
 from conftest import tiny_recipe
 from patchnet.backbones import Backbone, BackboneError
 from patchnet.errors import PatchnetError
-from patchnet.units import (UnitPeaks, first_filters, map_peaks, receptive_field, trunk_layers, unit_views)
+from patchnet.receptive import receptive_field, trunk_layers
+from patchnet.units import UnitPeaks, first_filters, map_peaks, unit_views
 
 TOOLS = Path(__file__).parent.parent / "tools"
 

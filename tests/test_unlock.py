@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import patchnet.train as train_module
-from conftest import tiny_recipe
+from conftest import build, tiny_recipe
 from patchnet.backbones import backbone_spec, build_backbone, unlock_split
-from patchnet.cache import build_features, build_maps
 from patchnet.datasets import load_image, open_split
 from patchnet.errors import PatchnetError
-from patchnet.extract import UnlockedStages, build_extractor
+from patchnet.extract import build_extractor
+from patchnet.features import cache_spec
+from patchnet.unlock import UnlockedStages, build_maps
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import RecipeError
 from patchnet.train import train
@@ -66,14 +67,15 @@ def test_before_any_step_the_head_sees_the_cached_features(tmp_path, small_voc, 
                 "patches.scales=[1.0, 1.5, 2.0, 3.0]", "patches.levels=[1, 3]")
     recipe = tiny_recipe(tmp_path, small_voc, *settings)
     dataset = open_split(recipe.data, "train")
-    features = build_features(recipe, dataset, build_extractor(recipe), progress=False)
+    features = build(recipe, dataset, build_extractor(recipe), progress=False)
     ref = features.rows[0:features.num_patches]
     scale = np.abs(ref).max()
     assert scale > 1
     for n in unlocks:
         recipe = tiny_recipe(tmp_path, small_voc, f"train.unlock={n}", *settings)
         backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=32)
-        maps = build_maps(recipe, dataset, build_extractor(recipe, backbone), progress=False)
+        extractor = build_extractor(recipe, backbone)
+        maps = build_maps(cache_spec(recipe, extractor), dataset, extractor, unlock_split(LITE0, n), progress=False)
         assert maps.path != features.path and maps.map_dim == unlock_split(LITE0, n).boundary.dim
         np.testing.assert_array_equal(maps.offsets, features.offsets)
         np.testing.assert_array_equal(maps.patch_boxes, features.patch_boxes)
@@ -155,7 +157,8 @@ def test_an_unlocked_checkpoint_scores_new_images_with_its_trained_stages(tmp_pa
     assert (trained - frozen).abs().max() > 0.05 * frozen.abs().max()  # the stages did move
     # the training run scored val through its maps and stages; eval extracts the trained trunk's features
     val = open_split(recipe.data, "val")
-    maps = build_maps(recipe, val, build_extractor(recipe), progress=False)
+    extractor = build_extractor(recipe)
+    maps = build_maps(cache_spec(recipe, extractor), val, extractor, unlock_split(LITE0, 1), progress=False)
     stages = UnlockedStages(build_backbone("efficientnet_lite0", "imagenet", input_size=32), unlock_split(LITE0, 1))
     stages.load(load_checkpoint(last)["trunk"])
     maps.attach(stages, None)

@@ -20,9 +20,9 @@ from typing import Annotated, Optional
 import typer
 from tqdm.auto import tqdm
 
-from patchnet.cache import cached_features
 from patchnet.cli import Skipped, session
 from patchnet.datasets import DatasetError, data_override, image_files, load_image, open_split
+from patchnet.features import cache_spec, cached_features
 from patchnet.files import UniqueNames, output_path
 from patchnet.heatmaps import class_index, render_heatmaps, top_classes
 from patchnet.infer import Predictor
@@ -55,7 +55,8 @@ def main(
         if split:
             recipe.data = data_override(recipe.data, data)
             dataset = open_split(recipe.data, split, classes=names)
-            store = cached_features(recipe, dataset, predictor.extractor, codec=predictor.codec)
+            spec = cache_spec(recipe, predictor.extractor, codec=predictor.codec)
+            store = cached_features(spec, dataset, predictor.extractor)
             for i, rec in enumerate(dataset.records):
                 cached = (store.patch_boxes[store.item_slice(i)], store.rows[store.item_slice(i)]) \
                     if store is not None and store.ok[i] else None

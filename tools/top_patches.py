@@ -17,9 +17,9 @@ import typer
 from PIL import Image
 from tqdm.auto import tqdm
 
-from patchnet.cache import build_features
 from patchnet.cli import Skipped, session
 from patchnet.datasets import DatasetError, data_override, load_image, open_split
+from patchnet.features import build_features, cache_spec
 from patchnet.files import UniqueNames, output_path
 from patchnet.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
 from patchnet.infer import Predictor
@@ -46,7 +46,8 @@ def main(
         names = predictor.classes
         dataset = open_split(recipe.data, split or recipe.data.val_split, classes=names)
         wanted = class_index(names, [c.strip() for c in classes.split(",")]) if classes else range(len(names))
-        store = build_features(recipe, dataset, predictor.extractor, codec=predictor.codec)
+        store = build_features(cache_spec(recipe, predictor.extractor, codec=predictor.codec), dataset,
+                               predictor.extractor)
         scores, patches = best_patch_per_item(store.rows, store.offsets, predictor.head, len(names), predictor.pool)
         usable = store.ok & (store.view == 0)
         files, skipped = UniqueNames(), Skipped(len(dataset))

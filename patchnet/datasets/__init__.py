@@ -15,10 +15,12 @@ from .coco import coco_paths, read_coco
 from .images import (IMAGE_SUFFIXES, MAX_PIXELS, PILLOW_LIMIT, DatasetError, ImageTooLarge, image_files, image_size,
                      is_hidden, load_image, open_image, thumbnail)
 from .lists import read_csv_list, read_folder
+from .loader import ItemImages, iter_images
 from .records import Dataset, Fixes, ImageRecord
 from .voc import read_voc, voc_splits
 
-__all__ = ["Dataset", "DatasetError", "Fixes", "IMAGE_SUFFIXES", "ImageRecord", "ImageTooLarge", "MAX_PIXELS",
+__all__ = ["Dataset", "DatasetError", "Fixes", "IMAGE_SUFFIXES", "ImageRecord", "ImageTooLarge", "ItemImages",
+           "MAX_PIXELS", "iter_images",
            "PILLOW_LIMIT", "coco_paths", "data_override", "image_files", "image_label_statistics", "image_size",
            "is_hidden", "load_image", "open_image", "open_split", "read_coco", "read_csv_list", "read_folder",
            "read_voc", "thumbnail", "voc_splits", "without_boxes"]

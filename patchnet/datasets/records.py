@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import digest
 from .images import MAX_PIXELS, DatasetError, ImageTooLarge, image_size
 
 log = logging.getLogger("patchnet")
@@ -60,6 +62,17 @@ class Dataset:
     def single_label(self) -> bool:
         """Every image has exactly one class (image folders, MIT-67 style): accuracy is reported too."""
         return bool(self.records) and bool(((self.labels() == 1).sum(1) == 1).all())
+
+    @functools.cached_property
+    def images_digest(self) -> str:
+        """Names the images (ids, resolved paths, file sizes, sizes): computed once per split, for cache keys."""
+        return digest([(r.image_id, str(r.path.resolve()), r.path.stat().st_size, r.width, r.height)
+                       for r in self.records])
+
+    @functools.cached_property
+    def annotations_digest(self) -> str:
+        """Names every box of every image (augmented views carry transformed boxes)."""
+        return digest([(r.boxes.tolist(), r.box_classes.tolist(), r.box_difficult.tolist()) for r in self.records])
 
     def labels(self) -> np.ndarray:
         """Image-level labels, (N, C) int8."""
