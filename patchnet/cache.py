@@ -12,6 +12,7 @@ goes in is computed by ``patchnet.features`` (and ``patchnet.unlock``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -165,30 +166,32 @@ def check_files(path: Path, meta: dict, checksums: bool = False) -> None:
     """Raise ``CacheError`` unless every file ``meta`` records has its size (and, with ``checksums``, its CRC-32)."""
     for name, info in meta.get("files", {}).items():
         f = path / name
-        if not f.is_file():
-            raise damaged(path, f"{name} is missing")
-        size = f.stat().st_size
-        if size != info["size"]:
-            raise damaged(path, f"{name} is {size} bytes, {info['size']} were written (truncated or replaced)")
-        if checksums and file_crc(f) != info["crc32"]:
-            raise damaged(path, f"{name} does not match its checksum (its bytes changed after it was written)")
+        with _damaged_if_unreadable(path, name):
+            if not f.is_file():
+                raise damaged(path, f"{name} is missing")
+            size = f.stat().st_size
+            if size != info["size"]:
+                raise damaged(path, f"{name} is {size} bytes, {info['size']} were written (truncated or replaced)")
+            if checksums and file_crc(f) != info["crc32"]:
+                raise damaged(path, f"{name} does not match its checksum (its bytes changed after it was written)")
+
+
+def _stamp(path: Path) -> Path:
+    """The mark that this machine, in this boot, has checked the cache's checksums (one per machine: a cache on
+    shared storage is checked once by each)."""
+    return path / f"verified-{boot_id()}"
 
 
 def open_checked(path: Path) -> dict:
     """The meta of a complete cache whose file sizes are right; its checksums too on the first open since
-    the machine started (after a crash, writes that were not yet on disk would show)."""
+    the machine started (after a crash, writes that were not yet on disk would show), by rank 0."""
     meta = read_meta(path)
     check_files(path, meta)
-    stamp, boot = path / "verified", boot_id()
-    try:
-        fresh = stamp.read_text() == boot
-    except OSError:
-        fresh = False
-    if not fresh and meta.get("files"):
+    if meta.get("files") and rank_world()[0] == 0 and not _stamp(path).is_file():
         log.info("cache %s: checking its checksums (first use since the machine started)", path.name)
         check_files(path, meta, checksums=True)
         with contextlib.suppress(OSError):  # a read-only cache is checked again next time
-            atomic_write(stamp, boot)
+            atomic_write(_stamp(path), "")
     return meta
 
 
@@ -205,7 +208,8 @@ def verify_cache(path: Path) -> str:
         if not meta.get("files"):
             return "ok (written before checksums were kept: sizes and checksums not checked)"
         check_files(path, meta, checksums=True)
-        atomic_write(path / "verified", boot_id()) if os.access(path, os.W_OK) else None
+        with contextlib.suppress(OSError):
+            atomic_write(_stamp(path), "")
     except CacheError as e:
         return str(e).split(" is damaged: ", 1)[-1].split(". Delete", 1)[0]
     return "ok"
@@ -218,6 +222,12 @@ def complete(path: Path) -> bool:
     return (path / "index.npz").is_file()  # written last: its presence marks the cache complete
 
 
+def ready(path: Path) -> bool:
+    """Whether the cache can be opened without entering ``building``: complete, and not under ``torchrun``,
+    whose ranks must all enter it to decide together."""
+    return rank_world()[1] == 1 and complete(path)
+
+
 @contextlib.contextmanager
 def building(path: Path, what: str):
     """Build the cache folder ``path`` under its key's lock: a second process (or job) waits for the first
@@ -227,11 +237,24 @@ def building(path: Path, what: str):
     try:
         with file_lock(path.parent / ".locks" / f"{path.name}.lock", what) if rank == 0 else contextlib.nullcontext():
             barrier()
+            if rank == 0 and path.is_dir():
+                _remove_stale(path)
             yield
             barrier()
-    except OSError as e:  # images fail as DatasetError: an OSError here is the cache folder's
-        raise CacheError(f"cannot write {what} under {path.parent}: {e.strerror or e}. Set runtime.cache_dir to a "
-                         "writable folder with free space (e.g. --set runtime.cache_dir=/tmp/patchnet-cache)") from None
+    except OSError as e:
+        if e.errno in _UNWRITABLE:
+            raise CacheError(f"cannot write {what} under {path.parent}: {e.strerror}. Set runtime.cache_dir to a "
+                             "writable folder with free space (e.g. --set runtime.cache_dir=/tmp/patchnet-cache)") from None
+        raise
+
+
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+
+
+def _remove_stale(path: Path) -> None:
+    """Temporary files of a build that was killed (the lock is held: no other process writes here now)."""
+    for tmp in [*path.glob(".*.tmp"), *path.glob("chunks/.*.tmp")]:
+        tmp.unlink(missing_ok=True)
 
 
 def chunk_path(path: Path, c: int) -> Path:
@@ -335,6 +358,8 @@ def write_rows(path: Path, layout: dict, total: int, blocks) -> dict[str, dict]:
     for out in outs.values():
         out.close()
     if pos != total:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{path}: wrote {pos} rows, expected {total}")
     for name, f in files.items():
         os.replace(tmps[name], f)
@@ -363,20 +388,46 @@ def complete_cache(path: Path, meta: dict, files: dict[str, dict], index: bytes)
     files = {**files, "index.npz": {"size": len(index), "crc32": zlib.crc32(index)}}
     atomic_write(path / "meta.json", json.dumps({**meta, "files": files}, indent=1))
     atomic_write(path / "index.npz", index)
-    atomic_write(path / "verified", boot_id())
+    atomic_write(_stamp(path), "")
+
+
+INDEX_ARRAYS = ("counts", "ok", "patch_boxes", "box_counts", "boxes", "box_classes", "box_difficult", "failures")
+
+
+def chunk_arrays(path: Path, num_chunks: int, names) -> dict[str, list[np.ndarray]]:
+    """The arrays ``names`` of every chunk, each file opened and closed in turn (thousands of chunks stay
+    within the limit of open files)."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for c in range(num_chunks):
+        with np.load(chunk_path(path, c)) as z:
+            for name in names:
+                out[name].append(z[name])
+    return out
+
+
+def chunk_rows(path: Path, num_chunks: int, names):
+    """The row arrays ``names`` of one chunk after another, without holding more than one chunk."""
+    for c in range(num_chunks):
+        with np.load(chunk_path(path, c)) as z:
+            yield {name: z[name] for name in names}
 
 
 def join_feature_chunks(path: Path, num_chunks: int, layout: dict) -> None:
-    parts = [np.load(chunk_path(path, c)) for c in range(num_chunks)]
-    total = int(sum(p["counts"].sum() for p in parts))
-    files = write_rows(path, layout, total, ({name: p[name] for name in layout} for p in parts))
+    parts = chunk_arrays(path, num_chunks, INDEX_ARRAYS)
+    total = int(sum(c.sum() for c in parts["counts"]))
+    files = write_rows(path, layout, total, chunk_rows(path, num_chunks, layout))
     finish_join(path, parts, "feature cache", files)
 
 
-def finish_join(path: Path, parts: list, what: str, files: dict[str, dict], **index: np.ndarray) -> None:
-    """Write the item and box indexes every chunk has (plus ``index``), then mark the cache complete."""
+def finish_join(path: Path, parts: dict[str, list[np.ndarray]], what: str, files: dict[str, dict],
+                **index: np.ndarray) -> None:
+    """Write the item and box indexes every chunk has (``parts``, from ``chunk_arrays``; plus ``index``), then
+    mark the cache complete."""
     meta = read_meta(path)
-    cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate(parts[name])
+
     counts = cat("counts")
     views = meta["fields"]["views"] + 1
     images = len(counts) // views
@@ -387,9 +438,7 @@ def finish_join(path: Path, parts: list, what: str, files: dict[str, dict], **in
              ok=cat("ok"), patch_boxes=cat("patch_boxes"),
              box_offsets=np.concatenate([[0], np.cumsum(cat("box_counts"))]).astype(np.int64),
              boxes=cat("boxes").reshape(-1, 4), box_classes=cat("box_classes"), box_difficult=cat("box_difficult"))
-    failures = [str(s) for p in parts for s in p["failures"]]
-    for p in parts:
-        p.close()
+    failures = [str(f) for part in parts["failures"] for f in part]
     meta["failures"] = failures
     complete_cache(path, meta, files, buf.getvalue())
     shutil.rmtree(path / "chunks", ignore_errors=True)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .errors import PatchnetError
+from .files import atomic_write, file_lock
 
 DEMO_CLASSES = ["disc", "ring", "square", "triangle", "star", "cross"]
 DEMO_SPLITS = {"train": 240, "test": 120}
@@ -134,21 +135,50 @@ STAMP = ".patchnet-demo"  # the generator's mark: it writes only into an empty f
 def make_demo(root: str | Path, seed: int = 0, splits: dict[str, int] | None = None) -> Path:
     """Write the demo dataset under ``root`` in VOC layout (deterministic for a seed); returns root.
 
-    Only into an empty (or missing) folder, or one this generator made: any other folder is refused,
-    so that ``data.format: demo`` pointed at a real dataset never overwrites it.
+    Only into an empty (or missing) folder, or one this generator made: any other folder is refused
+    before anything is written to it, so that ``data.format: demo`` pointed at a real dataset never
+    overwrites it. The stamp is written first (as incomplete) and completed last, so an interrupted
+    generation is redone; processes generating at once (torchrun ranks) take turns under a lock.
     """
     root = Path(root)
     splits = splits or DEMO_SPLITS
-    stamp = root / STAMP
     signature = f"{_VERSION} {seed} {sorted(splits.items())}"
-    if stamp.is_file():
-        if stamp.read_text() == signature:
+    if _stamp(root) == signature:
+        return root
+    _check_ours(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / LOCK, f"the demo set in {root}"):
+        if _stamp(root) == signature:  # another process made it while this one waited
             return root
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        _check_ours(root)
+        atomic_write(root / STAMP, f"incomplete {signature}")
+        _generate(root, seed, splits)
+        atomic_write(root / STAMP, signature)
+    return root
+
+
+LOCK = ".patchnet-demo.lock"
+
+
+def _stamp(root: Path) -> str | None:
+    try:
+        return (root / STAMP).read_text()
+    except OSError:
+        return None
+
+
+def _check_ours(root: Path) -> None:
+    """Refuse a folder that holds anything but the generator's own files."""
+    if _stamp(root) is not None or not root.exists():
+        return
+    if not root.is_dir() or any(STAMP not in p.name for p in root.iterdir()):  # its lock and stamp files aside
         raise DemoFolderError(f"{root}: data.format is demo, but this folder is not empty and was not made by the "
-                           f"demo generator (no {STAMP} file), so nothing was written to it. To read the dataset "
-                           "there, give its format (--format voc, coco, folder or csv, or data.format in the recipe); "
-                           "to generate the demo set, choose an empty or new folder (--data data/demo)")
+                              f"demo generator (no {STAMP} file), so nothing was written to it. To read the dataset "
+                              "there, give its format (--format voc, coco, folder or csv, or data.format in the "
+                              "recipe); to generate the demo set, choose an empty or new folder (--data data/demo)")
+
+
+def _generate(root: Path, seed: int, splits: dict[str, int]) -> None:
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -169,5 +199,3 @@ def make_demo(root: str | Path, seed: int = 0, splits: dict[str, int] | None = N
         for c in DEMO_CLASSES:
             rows = [f"{i} {v:2d}" for i, v in zip(ids, labels[c])]
             (root / "ImageSets/Main" / f"{c}_{split}.txt").write_text("\n".join(rows) + "\n")
-    stamp.write_text(signature)
-    return root

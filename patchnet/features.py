@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cache import (CACHE_VERSION, FeatureStore, building, chunk_path, complete, join_feature_chunks, save_feature_chunk,
-                    save_projection, start_chunks, transcode)
+from .cache import (CACHE_VERSION, FeatureStore, building, chunk_path, complete, join_feature_chunks, ready,
+                    save_feature_chunk, save_projection, start_chunks, transcode)
 from .codec import CodecError, FeatureCodec, Moments
 from .datasets import Dataset, iter_images, open_split
 from .dist import barrier, rank_world
@@ -95,7 +95,7 @@ def build_features(spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor,
     """
     fields = cache_fields(dataset, extractor, views, spec)
     path = spec.root / digest(fields)
-    if complete(path):
+    if ready(path):
         return FeatureStore(path)
     with building(path, f"feature cache {path.name}"):
         if not complete(path):  # another process may have built it while this one waited
@@ -173,7 +173,7 @@ def fit_codec(cfg: CacheConfig, spec: CacheSpec, train: Dataset, extractor: Patc
               "pca_images": cfg.pca_images, "seed": PCA_SEED}
     key = digest(fields)
     path = spec.root / "projections" / f"{key}.npz"
-    if not path.is_file():
+    if not path.is_file() or rank_world()[1] > 1:  # under torchrun every rank enters, to decide together
         with building(spec.root / f"projection-{key}", f"PCA projection {key}"):
             if rank_world()[0] == 0 and not path.is_file():
                 moments = Moments(extractor.feature_dim)

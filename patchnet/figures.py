@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from .errors import PatchnetError
 from .files import atomic_write
 
 
@@ -31,6 +32,15 @@ def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = 100) -> bytes:
 def save_figure(fig: Figure, out: str | Path, dpi: int = 100) -> Path:
     """Write a figure as PNG (or the format its suffix names), atomically, creating the folder."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fmt = out.suffix.lstrip(".").lower() or "png"
+    if fmt not in FORMATS:
+        raise FigureError(f"{out}: figures are written as {', '.join(sorted(FORMATS))}; name the file with one of "
+                          "those suffixes, e.g. labels.png")
     return atomic_write(out, figure_bytes(fig, fmt, dpi))
+
+
+FORMATS = {"png", "jpg", "jpeg", "pdf", "svg"}
+
+
+class FigureError(PatchnetError, ValueError):
+    """A figure that cannot be written as asked."""

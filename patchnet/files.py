@@ -1,8 +1,8 @@
 """Writing files safely: atomic, fsynced writes; one lock per cache key; user names made safe as file names.
 
-Every file patchnet writes goes through ``atomic_write`` (a temporary file unique to the process,
-flushed and fsynced, renamed over the target, then the folder fsynced), so a kill or a power loss
-leaves either the old file or the new one. Every name that comes from the user's data (an image id,
+The files patchnet writes (checkpoints, cache chunks, rows and indexes, tables, figures, pages) go
+through ``atomic_write``: a temporary file unique to the process, flushed and fsynced, renamed over the
+target, then the folder fsynced, so a kill or a power loss leaves either the old file or the new one. Every name that comes from the user's data (an image id,
 a class name) becomes a file name through ``safe_name`` only, and every such path is checked to lie
 under its output folder by ``output_path``.
 """
@@ -27,7 +27,7 @@ from .errors import PatchnetError
 
 log = logging.getLogger("patchnet")
 
-MAX_NAME = 100  # characters of a safe name, hash suffix included (file systems allow 255 bytes)
+MAX_NAME = 160  # UTF-8 bytes of a safe name, hash suffix included (file systems allow 255, temporary names add ~30)
 _UNSAFE = re.compile(r"[^\w.+=-]+")  # anything but letters, digits, _ . + = - (Unicode letters are kept)
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
@@ -46,9 +46,14 @@ def safe_name(name: str, max_len: int = MAX_NAME) -> str:
     text = unicodedata.normalize("NFC", str(name))
     cleaned = _UNSAFE.sub("_", text).strip("._ ") or "_"
     reserved = cleaned.split(".")[0].lower() in _WINDOWS_RESERVED
-    if cleaned == text and not reserved and len(cleaned) <= max_len:
+    if cleaned == text and not reserved and len(cleaned.encode()) <= max_len:
         return cleaned
-    return f"{cleaned[:max_len - 9].rstrip('._ ') or '_'}-{_short_hash(text)}"
+    return f"{_cut(cleaned, max_len - 9).rstrip('._ ') or '_'}-{_short_hash(text)}"
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """The longest prefix of ``text`` of at most ``max_bytes`` UTF-8 bytes (never half a character)."""
+    return text.encode()[:max_bytes].decode(errors="ignore")
 
 
 def _short_hash(text: str) -> str:
@@ -63,10 +68,10 @@ class UniqueNames:
         self.owner: dict[str, str] = {}  # lower-cased file name -> the name it was made from
 
     def __call__(self, name: str) -> str:
-        out = safe_name(name)
-        if self.owner.setdefault(out.lower(), name) != name:
-            out = f"{out[:MAX_NAME - 9]}-{_short_hash(name)}"
-            self.owner.setdefault(out.lower(), name)
+        out, salt = safe_name(name), 0
+        while self.owner.setdefault(out.lower(), name) != name:  # taken by another name: rehash until free
+            salt += 1
+            out = f"{_cut(safe_name(name), MAX_NAME - 9)}-{_short_hash(f'{name}#{salt}')}"
         return out
 
 
@@ -178,6 +183,10 @@ def file_lock(path: str | Path, what: str, poll: float = 1.0) -> Iterator[None]:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except OSError as e:
+                    if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        log.warning("%s: this file system has no locks (%s); two processes building %s at once "
+                                    "would not wait for each other", path.parent, e.strerror, what)
+                        break
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
                 if not waited:

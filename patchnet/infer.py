@@ -62,10 +62,21 @@ def image_scores(head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig
     scores = pool_items(head, store.rows, store.offsets, cfg, pool, items)
     if fusion is not None:
         scores = fusion.combine(scores, fusion.decision(pool_features(store.trunk_rows, store.offsets, items, "max")))
-    if not np.isfinite(scores).all():  # NaN or inf features: a damaged cache (the head alone cannot make them)
-        bad = store.record[np.asarray(items)[~np.isfinite(scores).all(1)]]
-        raise damaged(store.path, f"the features of {len(bad)} images are not finite (first: record {bad[0]})")
+    if not np.isfinite(scores).all():
+        _explain_non_finite(head, store, np.asarray(items)[~np.isfinite(scores).all(1)])
     return scores
+
+
+def _explain_non_finite(head: AdaptationHead, store, items: np.ndarray) -> None:
+    """Non-finite image scores: a damaged cache when the items' features are not finite, else the head."""
+    for i in items:
+        if not np.isfinite(store.rows[store.item_slice(int(i))]).all():
+            raise damaged(store.path, f"the features of record {store.record[i]} (and perhaps others) are not finite")
+    if not all(torch.isfinite(p).all() for p in head.parameters()):
+        raise CheckpointError("the head's weights hold NaN or inf values: the checkpoint is damaged or its training "
+                              "diverged; train it again (a lower train.lr)")
+    raise CheckpointError(f"{len(items)} images scored NaN or inf from finite features and weights: the scores overflow "
+                          "(try another pooling, e.g. --pool power)")
 
 
 def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:

@@ -174,17 +174,23 @@ class Recipe:
     def run_dir(self) -> Path:
         return Path(self.runtime.output) / self.name
 
+    def check_run_dir(self) -> Path:
+        """``run_dir``, refused unless it lies inside ``runtime.output`` (a name may hold sub-folders, not ``..``)."""
+        from .files import OutputPathError, check_inside
+
+        if not self.name.strip() or "\0" in self.name or Path(self.name).is_absolute():
+            raise RecipeError(f"name {self.name!r} must name a folder inside runtime.output ({self.runtime.output})")
+        try:
+            return check_inside(self.runtime.output, self.run_dir)
+        except OutputPathError:
+            raise RecipeError(f"name {self.name!r} would put the run outside runtime.output ({self.runtime.output}); "
+                              "choose a name without '..'") from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Recipe":
         from .backbones import BackboneError, backbone_spec, check_layer, check_patch_mode, unlock_split
-        from .files import safe_name
-
-        if not self.name or safe_name(self.name) != self.name:
-            raise RecipeError(f"name {self.name!r} must be a plain folder name (letters, digits, _ . + = -, not "
-                              f"starting with a dot): runs are written to <runtime.output>/<name>/; e.g. "
-                              f"name={safe_name(self.name or 'run')}")
         if not 0 < self.data.max_pixels <= PILLOW_LIMIT:
             raise RecipeError(f"data.max_pixels must lie in (0, {PILLOW_LIMIT}] (Pillow refuses larger images as "
                               f"decompression bombs), got {self.data.max_pixels}")
@@ -359,4 +365,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    from .files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -331,7 +331,7 @@ def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], q
             raise DatasetError(f"query {q!r} is not an image of {dataset.name}")
         chosen.append({"name": q, "path": records[q].path, "row": row[q]})
     for p in query_images:
-        feats = codec.unproject(codec.roundtrip(extractor(load_image(p))))
+        feats = codec.unproject(codec.roundtrip(extractor(load_image(p, recipe.data.max_pixels))))
         chosen.append({"name": p.name, "path": p, "feature": feats.mean(0) if reduce == "mean" else feats.max(0)})
     if not chosen:
         pick = np.random.default_rng(recipe.train.seed).choice(len(f.ids), min(num_queries, len(f.ids)), replace=False)

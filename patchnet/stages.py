@@ -17,6 +17,7 @@ import torch
 from .backbones import Backbone, build_backbone
 from .cache import building
 from .datasets import Dataset, iter_images
+from .dist import rank_world
 from .errors import PatchnetError
 from .extract import PatchExtractor
 from .features import cache_fields
@@ -134,7 +135,7 @@ def stage_cache_key(recipe: Recipe, dataset: Dataset, extractor: StageExtractor)
 def stage_features(recipe: Recipe, dataset: Dataset, extractor: StageExtractor, progress: bool = True) -> StageFeatures:
     """The stage vectors of a split, from the cache or computed there first (``meta.json``, written last, marks it done)."""
     path, fields = stage_cache_key(recipe, dataset, extractor)
-    if not (path / "meta.json").is_file():
+    if not (path / "meta.json").is_file() or rank_world()[1] > 1:  # under torchrun every rank enters, to agree
         with building(path, f"stage cache {path.name}"):
             if not (path / "meta.json").is_file():  # another process may have written it while this one waited
                 _compute_stage_features(recipe, dataset, extractor, path, fields, progress)

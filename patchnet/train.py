@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -34,28 +33,29 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import backbone_spec, build_backbone, unlock_split
-from .calibration import calibrate
+from .callbacks import Checkpoints, EpochEnd, SelectionEval, TrainingLog
 from .codec import FeatureCodec
 from .datasets import open_split
 from .dist import all_sum, init_distributed, rank_world, resolve_precision
 from .errors import PatchnetError
 from .extract import build_extractor
 from .features import cache_spec
-from .fusion import Fusion, fit_fusion
-from .infer import evaluate, evaluation_items, image_scores
-from .linear import SplitFeatures, fit_linear, linear_arrays
+from .files import atomic_write
+from .fusion import Fusion
+from .infer import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets
 from .metrics import APTable
-from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, load_head, save_checkpoint
-from .pooling import gather_items, patch_values, pool, pool_features
+from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
+from .pooling import gather_items, patch_values, pool
 from .recipe import Recipe, recipe_from_dict, save_recipe
 from .sampler import IGNORE
 from .splits import Selection, SplitData, held_out, log_split, prepare_split, selection_split
+from .state import EpochSums, TrainState, rng_state
 from .unlock import MapsAndHead, UnlockedStages
 
 log = logging.getLogger("patchnet")
 
-__all__ = ["LRSchedule", "TrainState", "Trainer", "TrainingError", "epoch_indices", "hold_interrupts", "train"]
+__all__ = ["Trainer", "TrainingError", "epoch_indices", "hold_interrupts", "train"]
 
 
 class TrainingError(PatchnetError, RuntimeError):
@@ -71,150 +71,10 @@ def epoch_indices(labels: np.ndarray, num_classes: int, bg_rate: float, seed: in
     return rng.permutation(np.concatenate([positives, chosen]))
 
 
-def make_optimizer(head: AdaptationHead, recipe: Recipe, stages: UnlockedStages | None = None) -> torch.optim.SGD:
-    """SGD with all parameter groups from the start (weights decayed, biases not), so resume matches.
-
-    Unlocked stages get two groups of their own at ``train.unlock_lr`` x ``train.lr``: the convolutions,
-    decayed, and the BatchNorm weights and biases, not.
-    """
-    t = recipe.train
-    weights = [p for n, p in head.named_parameters() if n.endswith("weight")]
-    biases = [p for n, p in head.named_parameters() if n.endswith("bias")]
-    groups = [{"params": weights, "weight_decay": t.weight_decay}, {"params": biases, "weight_decay": 0.0}]
-    if stages is not None:
-        trunk, lr = [p for _, p in stages.trainable()], t.lr * t.unlock_lr
-        groups += [{"params": [p for p in trunk if p.ndim > 1], "weight_decay": t.weight_decay, "lr": lr},
-                   {"params": [p for p in trunk if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The training autocast dtype (``train.precision``); fp16 only on CUDA, where gradients are loss-scaled."""
     dtype = resolve_precision(precision, device)
     return torch.bfloat16 if dtype == torch.float16 and device.type != "cuda" else dtype
-
-
-class LRSchedule:
-    """Step decays at fractions of the run, or division by 10 when the loss plateaus (at most ``max_decays``)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, recipe: Recipe):
-        self.optimizer, self.t = optimizer, recipe.train
-        self.decays, self.best, self.bad_epochs = 0, math.inf, 0
-        self.milestones = sorted({max(1, round(f * self.t.epochs)) for f in self.t.milestones})
-
-    def stops(self, loss: float) -> bool:
-        """Whether ``step`` with this epoch's ``loss`` will end the run (a plateau after the last decay)."""
-        return (self.t.schedule == "plateau" and loss >= self.best * (1 - 1e-3)
-                and self.bad_epochs + 1 > self.t.plateau_patience and self.decays >= self.t.max_decays)
-
-    def step(self, epoch_done: int, loss: float) -> bool:
-        """Update after ``epoch_done`` epochs; False when a plateau comes after the last decay (stop)."""
-        if self.t.schedule == "step":
-            if epoch_done in self.milestones:
-                self._decay()
-            return True
-        if loss < self.best * (1 - 1e-3):
-            self.best, self.bad_epochs = loss, 0
-            return True
-        self.bad_epochs += 1
-        if self.bad_epochs > self.t.plateau_patience:
-            if self.decays >= self.t.max_decays:
-                return False
-            self._decay()
-            self.bad_epochs, self.best = 0, loss
-        return True
-
-    def _decay(self) -> None:
-        self.decays += 1
-        for group in self.optimizer.param_groups:
-            group["lr"] *= 0.1
-
-    def state_dict(self) -> dict:
-        return {"decays": self.decays, "best": self.best, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decays, self.best, self.bad_epochs = state["decays"], state["best"], state["bad_epochs"]
-
-
-@dataclass
-class EpochSums:
-    """This process's running sums of the current epoch (per rank under DDP)."""
-
-    loss_sum: float = 0.0
-    steps: int = 0
-    correct: int = 0
-    patches: int = 0
-
-    def add(self, loss: float, correct: int, patches: int) -> "EpochSums":
-        return EpochSums(self.loss_sum + loss, self.steps + 1, self.correct + correct, self.patches + patches)
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class TrainState:
-    """Everything a run must get back on resume: head (and unlocked stages), optimizer, schedule, counters,
-    sums, the calibration and fusion of the last evaluation, and the RNG state.
-
-    ``rng`` is the generators' state at the start of step ``step`` of epoch ``epoch``, so that a
-    resumed epoch draws the same dropout masks as an uninterrupted one.
-    """
-
-    def __init__(self, head: AdaptationHead, recipe: Recipe, device: torch.device,
-                 stages: UnlockedStages | None = None):
-        self.head, self.stages, self.device = head, stages, device
-        self.optimizer = make_optimizer(head, recipe, stages)
-        self.schedule = LRSchedule(self.optimizer, recipe)
-        self.epoch, self.step, self.best = 0, 0, -1.0
-        self.history: list[dict] = []
-        self.sums = EpochSums()
-        self.calibration: dict | None = None
-        self.fusion: dict | None = None
-        self.rng = _rng_state(device)
-
-    def state_dict(self) -> dict:
-        trunk = {} if self.stages is None else {"trunk": {k: v.cpu() for k, v in self.stages.state().items()}}
-        fusion = {} if self.fusion is None else {"fusion": self.fusion}
-        return {"head": self.head.state_dict(), **trunk, "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best_map07": self.best, "history": list(self.history), "carry": asdict(self.sums),
-                "rng": dict(self.rng), "calibration": self.calibration, **fusion}
-
-    def load_state_dict(self, state: dict, path: str | Path = "the checkpoint") -> None:
-        load_head(self.head, state, path)
-        if self.stages is not None:
-            self.stages.load(state["trunk"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_map07"]
-        self.history, self.calibration = list(state["history"]), state.get("calibration")
-        self.fusion = state.get("fusion")
-        self.sums = EpochSums(**state["carry"])
-        self.rng = dict(state["rng"])
-        _set_rng_state(self.rng, self.device)
-
-
-@dataclass
-class EpochEnd:
-    """What ``end_epoch`` works out before its commit: the epoch's history record, and what the evaluation on
-    the selection images found (its AP table, the calibration and fusion fitted there, a new best)."""
-
-    record: dict
-    table: APTable | None = None
-    calibration: dict | None = None
-    fusion: dict | None = None
-    improved: bool = False
-    stop: bool = False
 
 
 @dataclass
@@ -224,110 +84,6 @@ class TrainResult:
     best_map07: float  # on the selection images (held-out training images or data.select_split)
     table: APTable | None  # last.pt on data.val_split, for reporting
     seconds: float
-
-
-# --------------------------------------------------------------------------- end-of-epoch callbacks
-
-
-class SelectionEval:
-    """Before the commit: score the selection images, fit the calibration (and, with ``infer.fuse``, the fusion
-    weight of the max-pool SVM, fitted once on the other training images) and say whether best.pt improved."""
-
-    def __init__(self, recipe: Recipe, train_data: SplitData, selection: Selection):
-        self.recipe, self.train_data, self.selection = recipe, train_data, selection
-        self.svm: tuple | None = None
-
-    def before_commit(self, trainer: "Trainer", end: EpochEnd) -> None:
-        t, done, sel, head = self.recipe.train, end.record["epoch"], self.selection, trainer.state.head
-        scored = done % t.eval_every == 0 or done == t.epochs
-        # the last.pt of a run the plateau schedule stops gets its own fusion, evaluated or not
-        if trainer.rank or not (scored or (end.stop and self.recipe.infer.fuse)):
-            return
-        if scored:
-            end.table, scores = evaluate(head, sel.data.store, sel.data.dataset, sel.items, self.recipe.pool,
-                                         self.recipe.infer_pool)
-            end.record.update(select_map07=end.table.map07, select_map=end.table.map)
-            end.improved = end.table.map07 > trainer.state.best
-            end.calibration = _calibration(self.recipe, scores, sel.labels())
-        else:
-            scores = image_scores(head, sel.data.store, sel.items, self.recipe.pool, self.recipe.infer_pool)
-        if self.recipe.infer.fuse:
-            end.fusion, end.calibration = self._fuse(scores, trainer.state.stages is not None)
-
-    def _fuse(self, scores: np.ndarray, unlocked: bool) -> tuple[dict, dict]:
-        """The fusion of the head's selection ``scores`` with the max-pool SVM, and the calibration of the fused
-        scores."""
-        if self.svm is None or unlocked:  # unlocked stages change the features the SVM sees
-            self.svm = self._fit_svm()
-        coef, intercept, pooled = self.svm
-        labels = self.selection.labels()
-        fusion, tried = fit_fusion(self.recipe.infer_pool, coef, intercept, scores, pooled, labels)
-        log.info("fusion: selection mAP by weight %s; chose %g",
-                 ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()), fusion.weight)
-        calibration = _calibration(self.recipe, fusion.combine(scores, fusion.decision(pooled)), labels, fused=True)
-        return {**fusion.to_dict(), "k": self.recipe.pool.k}, calibration
-
-    def _fit_svm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The max-pool linear SVM on the training items (never the selection images), and the selection
-        images' max-pooled features."""
-        data, sel = self.train_data, self.selection
-        store = data.store
-        items = np.flatnonzero(store.ok & ~held_out(data, sel))
-        log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
-        pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
-        ids = [data.dataset.records[r].image_id for r in store.record[items]]
-        model = fit_linear(SplitFeatures(ids, pooled, data.image_labels(items), data.dataset.classes),
-                           seed=self.recipe.train.seed, progress=False)
-        held = pool_features(sel.data.store.trunk_rows, sel.data.store.offsets, sel.items)
-        return (*linear_arrays(model, pooled.shape[1]), held)
-
-
-class Checkpoints:
-    """At the commit: best.pt when the selection mAP improved (every epoch without selection images), last.pt
-    always; both from the committed state and the run's ``meta``."""
-
-    def __init__(self, run_dir: Path, meta: dict, has_selection: bool):
-        self.best, self.last, self.meta, self.has_selection = run_dir / "best.pt", run_dir / "last.pt", meta, has_selection
-
-    def save(self, trainer: "Trainer", path: Path) -> None:
-        if trainer.rank == 0:
-            save_checkpoint({**trainer.state.state_dict(), **self.meta}, path)
-
-    def at_commit(self, trainer: "Trainer", end: EpochEnd) -> None:
-        if end.improved or (not self.has_selection and trainer.rank == 0):
-            self.save(trainer, self.best)  # without selection images, the last head is the best we know
-        self.save(trainer, self.last)
-
-
-class TrainingLog:
-    """After the commit: the epoch's log line, and TensorBoard scalars and heatmaps (rank 0)."""
-
-    def __init__(self, recipe: Recipe, selection: Selection | None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.recipe, self.selection = recipe, selection
-        self.writer = SummaryWriter(str(recipe.run_dir / "tensorboard"))
-
-    def after_commit(self, trainer: "Trainer", end: EpochEnd) -> None:
-        record, table, e = end.record, end.table, end.record["epoch"]
-        for key in ("loss", "patch_acc", "lr"):
-            self.writer.add_scalar(f"train/{key}", record[key], e)
-        if table is not None:
-            self.writer.add_scalar("select/mAP_11pt", table.map07, e)
-            self.writer.add_scalar("select/mAP_envelope", table.map, e)
-            if self.recipe.runtime.heatmaps and self.selection is not None:
-                from .heatmaps import log_heatmaps  # matplotlib: only when heatmaps are logged
-
-                log_heatmaps(self.writer, trainer.state.head, self.selection.data, self.recipe, e, self.selection.items)
-        self.writer.flush()
-        sel = (f", selection mAP {100 * record['select_map07']:.1f} (11-pt) {100 * record['select_map']:.1f} (env)"
-               if "select_map07" in record else "")
-        what = "patch accuracy" if self.recipe.train.supervision != "images" else "-"
-        log.info("epoch %d: loss %.4f, %s %.3f, lr %.3g%s (%.0f s)", e, record["loss"], what, record["patch_acc"],
-                 record["lr"], sel, record["seconds"])
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -396,7 +152,7 @@ class Trainer:
                 loss.backward()
                 s.optimizer.step()
             s.sums = s.sums.add(loss.item(), correct, patches)
-            s.step, s.rng = s.step + 1, _rng_state(s.device)
+            s.step, s.rng = s.step + 1, rng_state(s.device)
 
     def end_epoch(self) -> bool:
         """Evaluate, step the schedule, log and checkpoint; False when the plateau schedule stops the run.
@@ -412,7 +168,7 @@ class Trainer:
                         "seconds": round(self.epoch_seconds, 3)}, calibration=s.calibration, fusion=s.fusion,
                        stop=s.schedule.stops(loss))
         for callback in self.callbacks:
-            getattr(callback, "before_commit", _nothing)(self, end)
+            getattr(callback, "before_commit", _nothing)(s, end)
         with hold_interrupts():  # commit
             keep_going = s.schedule.step(s.epoch + 1, loss)
             s.history.append(end.record)
@@ -420,9 +176,9 @@ class Trainer:
             if end.improved:
                 s.best = end.table.map07
             for callback in self.callbacks:
-                getattr(callback, "at_commit", _nothing)(self, end)
+                getattr(callback, "at_commit", _nothing)(s, end)
         for callback in self.callbacks:
-            getattr(callback, "after_commit", _nothing)(self, end)
+            getattr(callback, "after_commit", _nothing)(s, end)
         return keep_going
 
     def fit(self) -> None:
@@ -440,8 +196,8 @@ class Trainer:
             # every step and end_epoch commit leaves the state consistent; no collective calls here
             with hold_interrupts():  # a second Ctrl-C must not cut the save short
                 if self.rank:
-                    _sums_path(self.recipe.run_dir, self.rank).write_text(json.dumps(asdict(s.sums)))
-                self.checkpoints.save(self, self.checkpoints.last)
+                    atomic_write(_sums_path(self.recipe.run_dir, self.rank), json.dumps(asdict(s.sums)))
+                self.checkpoints.save(s, self.checkpoints.last)
             log.warning("interrupted: saved %s at epoch %d, step %d; continue with --resume", self.checkpoints.last,
                         s.epoch + 1, s.step)
             raise
@@ -561,6 +317,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     init_distributed()
     rank, _ = rank_world()
     started = time.perf_counter()
+    recipe.check_run_dir()
     saved = _saved_run(recipe) if resume else None
     if rank == 0:
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
@@ -636,14 +393,6 @@ def _report(recipe: Recipe, state: TrainState, val: SplitData) -> APTable:
     log.info("last.pt on %s: mAP %.1f (11-pt) %.1f (envelope)", recipe.data.val_split, 100 * table.map07,
              100 * table.map)
     return table
-
-
-def _calibration(recipe: Recipe, scores: np.ndarray, labels: np.ndarray, fused: bool = False) -> dict:
-    """The checkpoint entry of a calibration of held-out scores, with the power it holds for."""
-    out = calibrate(scores, labels, recipe.infer_pool, fused).to_dict()
-    if recipe.infer_pool == "power":
-        out["k"] = recipe.pool.k
-    return out
 
 
 def _resume_key(values: dict) -> dict:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, BackboneError, Unlock
-from .cache import ItemIndex, building, chunk_path, complete, finish_join, memmap, save_chunk, write_rows
+from .cache import (INDEX_ARRAYS, ItemIndex, building, chunk_arrays, chunk_rows, complete, finish_join, memmap, ready,
+                    save_chunk, write_rows)
 from .codec import FeatureCodec
 from .datasets import Dataset
 from .dist import rank_world
@@ -209,7 +210,7 @@ def build_maps(spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, unl
     fields = {**cache_fields(dataset, extractor, views, spec), "maps": MAP_VERSION, "unlock": unlock.n,
               "boundary": unlock.boundary.name}
     path = spec.root / digest(fields)
-    if complete(path):
+    if ready(path):
         return MapStore(path)
     with building(path, f"map cache {path.name}"):
         if not complete(path):
@@ -241,15 +242,19 @@ def _write_map_chunk(target: Path, results: list, dim: int) -> None:
 
 
 def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:
-    parts = [np.load(chunk_path(path, c)) for c in range(num_chunks)]
-    cat = lambda name: np.concatenate([p[name] for p in parts])  # noqa: E731
+    parts = chunk_arrays(path, num_chunks, (*INDEX_ARRAYS, "level_shape", "level_factor", "level_counts",
+                                            "patch_level"))
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate(parts[name])
+
     shapes = cat("level_shape").reshape(-1, 2)
     cells = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
     files = write_rows(path, {"maps": (np.dtype(np.float16), dim)}, int(cells[-1]),
-                        ({"maps": p["maps"]} for p in parts))
+                       chunk_rows(path, num_chunks, ("maps",)))
     finish_join(path, parts, "map cache", files, patch_level=cat("patch_level"),
-                 level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
-                 level_shape=shapes, level_factor=cat("level_factor").reshape(-1, 2), cell_offsets=cells)
+                level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
+                level_shape=shapes, level_factor=cat("level_factor").reshape(-1, 2), cell_offsets=cells)
 
 
 class MapsAndHead(nn.Module):

@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from patchnet.cache import CacheError, FeatureStore, verify_cache
 from patchnet.cli import app
 from patchnet.datasets import DatasetError, ImageTooLarge, load_image, open_split, read_coco, read_csv_list, read_folder
 from patchnet.files import OutputPathError, UniqueNames, atomic_write, output_path, safe_name
+from patchnet.model import CheckpointError
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
 from patchnet.extract import build_extractor
 from patchnet.train import train
@@ -80,15 +82,53 @@ def test_demo_generator_writes_into_an_empty_folder_and_rewrites_only_its_own(tm
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "mine").iterdir())) == 1
 
 
+def test_an_interrupted_demo_generation_is_redone_and_concurrent_ones_take_turns(tmp_path, monkeypatch):
+    import threading
+
+    from patchnet import demo
+
+    calls = {"n": 0}
+    real = demo.make_image
+
+    def dies_after_two(rng):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(rng)
+
+    monkeypatch.setattr(demo, "make_image", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        demo.make_demo(tmp_path / "d", splits={"train": 3, "test": 1})
+    monkeypatch.setattr(demo, "make_image", real)
+    root = demo.make_demo(tmp_path / "d", splits={"train": 3, "test": 1})  # its own half-made folder: redone
+    assert len(list((root / "JPEGImages").iterdir())) == 4 and not (root / demo.STAMP).read_text().startswith("inc")
+    results, errors = [], []
+
+    def generate():
+        try:
+            results.append(demo.make_demo(tmp_path / "e", splits={"train": 4, "test": 2}))
+        except Exception as e:  # pragma: no cover - the failure this test looks for
+            errors.append(e)
+
+    threads = [threading.Thread(target=generate) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3 and len(list((tmp_path / "e" / "JPEGImages").iterdir())) == 6
+
+
 # --------------------------------------------------------------------------- 2. names that would escape --out
 
 
 @pytest.mark.parametrize("name", ["../../ESCAPED/a.png", "x/../../TP_PWNED", "..", ".hidden", "a\0b", "/etc/passwd",
-                                  "C:\\Windows\\x", "con", "é" * 300, "$x_$"])
-def test_safe_name_has_no_separator_no_dot_prefix_no_nul_and_a_bounded_length(name):
+                                  "C:\\Windows\\x", "con", "é" * 300, "猫" * 95, "😀" * 70, "$x_$"])
+def test_safe_name_has_no_separator_no_dot_prefix_no_nul_and_a_bounded_length(name, tmp_path):
     s = safe_name(name)
-    assert s and "/" not in s and "\\" not in s and "\0" not in s and not s.startswith(".") and len(s) <= 100
+    assert s and "/" not in s and "\\" not in s and "\0" not in s and not s.startswith(".")
+    assert len(s.encode()) <= 160
     assert s != name  # each of these had to change, so it carries a hash of the original
+    assert atomic_write(output_path(tmp_path, name, ".png"), b"x").read_bytes() == b"x"  # the disk takes it
 
 
 def test_safe_names_of_different_names_differ_even_on_a_case_insensitive_disk(tmp_path):
@@ -102,6 +142,9 @@ def test_safe_names_of_different_names_differ_even_on_a_case_insensitive_disk(tm
     with pytest.raises(OutputPathError, match="outside its output folder"):
         output_path(tmp_path / "out", "link", "/x")  # a link inside --out that points out of it
     assert output_path(tmp_path / "out", "link", ".png").name == "link.png"
+    crafted = UniqueNames()  # a name built to look like another's hashed name still gets a file of its own
+    got = [crafted(n) for n in [f"cat-{safe_name('Cat/').split('-')[-1]}", "Cat/", "cat/"]]
+    assert len({g.lower() for g in got}) == 3
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +216,9 @@ def test_huge_images_in_a_dataset_are_a_counted_skip(tmp_path, caplog):
 # --------------------------------------------------------------------------- 4. two runs on one cache key
 
 RACE = """
-import hashlib, sys, time
+import hashlib, logging, sys, time
 from pathlib import Path
+logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, {tests!r})
 import torch
 from conftest import build, tiny_recipe
@@ -197,7 +241,10 @@ class Slow:  # slow enough that the two processes overlap
         return extractor.extract(image)
 
 
-store = build(recipe, open_split(recipe.data, "train"), Slow())
+dataset = open_split(recipe.data, "train")
+while len(sys.argv) > 1 and not Path(sys.argv[1]).exists():  # the second process starts when told to
+    time.sleep(0.02)
+store = build(recipe, dataset, Slow())
 print(store.path, len(calls), hashlib.sha1(store.rows.stored[:].tobytes()).hexdigest())
 """
 
@@ -205,13 +252,19 @@ print(store.path, len(calls), hashlib.sha1(store.rows.stored[:].tobytes()).hexdi
 def test_two_processes_on_one_cache_key_both_finish_with_identical_features(tmp_path, small_voc):
     script = tmp_path / "race.py"
     script.write_text(RACE.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), root=str(small_voc)))
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args in ([], [str(go)])]
+    deadline = time.time() + 120  # the second goes once the first holds the cache key's lock
+    while time.time() < deadline and not any(p.read_text() for p in (tmp_path / "cache").glob(".locks/*.lock")):
+        time.sleep(0.02)
+    go.write_text("")
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     results = [o[0].split() for o in outs]
     assert results[0][0] == results[1][0] and results[0][2] == results[1][2]  # one cache, the same bytes
-    assert sorted(int(r[1]) for r in results) == [0, 4]  # one process computed it, the other read it
+    assert [int(r[1]) for r in results] == [4, 0]  # the first computed it, the second read it
+    assert "waiting for another process" in outs[1][1]
     store = FeatureStore(Path(results[0][0]))
     assert verify_cache(store.path) == "ok"
     assert not [p for p in store.path.rglob("*") if p.name.endswith(".tmp")] and not (store.path / "chunks").exists()
@@ -240,7 +293,8 @@ def test_flipped_bytes_are_found_by_verify_and_on_the_first_open_after_a_restart
     assert "features.f16 does not match its checksum" in verify_cache(store.path)
     result = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 1 and "1 damaged" in result.output and store.path.name in result.output
-    (store.path / "verified").write_text("another boot")  # as after a crash and a restart
+    for stamp in store.path.glob("verified-*"):  # as after a crash and a restart
+        stamp.unlink()
     with pytest.raises(CacheError, match=rf"{store.path}.*features.f16 does not match its checksum.*rm -r"):
         FeatureStore(store.path)
     result = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path / "cache"), "--delete-damaged"])
@@ -258,7 +312,12 @@ def test_nan_features_stop_an_evaluation_with_the_cache_folder_named(built):
     data[0:2] = b"\x00\x7e"  # a NaN in the first feature of the first patch
     f.write_bytes(bytes(data))
     head = AdaptationHead(store.feature_dim, len(ds.classes), 8)
-    with pytest.raises(CacheError, match=rf"{store.path} is damaged: the features of 1 images are not finite"):
+    with pytest.raises(CacheError, match=rf"{store.path} is damaged: the features of record 0 .*are not finite"):
+        image_scores(head, FeatureStore(store.path), evaluation_items(store), recipe.pool, "power")
+    f.write_bytes(bytes(data[:0]) + bytes([0, 0]) + bytes(data[2:]))  # the features mended, the head broken
+    with torch.no_grad():
+        head.fcb.bias[0] = float("nan")
+    with pytest.raises(CheckpointError, match="the head's weights hold NaN or inf values"):
         image_scores(head, FeatureStore(store.path), evaluation_items(store), recipe.pool, "power")
 
 
@@ -312,7 +371,8 @@ def test_an_unwritable_cache_folder_is_one_clear_error(tmp_path, small_voc):
 
 def test_a_warm_cache_in_a_read_only_folder_is_read(built, monkeypatch):
     recipe, ds, ex, store = built
-    (store.path / "verified").unlink()
+    for stamp in store.path.glob("verified-*"):
+        stamp.unlink()
     monkeypatch.setattr("patchnet.cache.atomic_write", lambda *a: (_ for _ in ()).throw(PermissionError(13, "ro")))
     assert build(recipe, ds, ex, progress=False).num_patches == store.num_patches
 
@@ -383,6 +443,21 @@ def test_a_roboflow_export_trains_where_it_lies(tmp_path, caplog):
     _coco(tmp_path, data, "valid/_annotations.coco.json", "valid")
     assert open_split(named, "valid").classes == ["rbc"]
     assert open_split(named, "valid", classes=ds.classes).classes == ["rbc", "wbc"]
+
+
+def test_the_linear_baseline_scores_coco_splits_that_use_different_categories(tmp_path):
+    from patchnet.extract import build_extractor
+    from patchnet.linear import linear_baseline
+
+    cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "owl"}]
+    for split, used in (("train", [1, 2, 3, 1, 2, 3]), ("val", [1, 3, 1, 3])):  # no dog in val
+        images = [{"id": i, "file_name": f"{split}{i}.jpg"} for i in range(len(used))]
+        anns = [{"id": i, "image_id": i, "category_id": c, "bbox": [2, 2, 20, 20]} for i, c in enumerate(used)]
+        _coco(tmp_path, {"images": images, "categories": cats, "annotations": anns},
+              f"annotations/instances_{split}.json", split)
+    recipe = tiny_recipe(tmp_path, tmp_path, "data.format=coco", "data.classes=[]", "patches.mode=whole")
+    table, _ = linear_baseline(recipe, "train", "val", build_extractor, grid=(1.0,), progress=False)
+    assert table.classes == ["cat", "dog", "owl"]  # val scored against the training split's classes
 
 
 # --------------------------------------------------------------------------- 7. duplicate ids
@@ -511,15 +586,30 @@ def test_dollar_signs_in_names_are_drawn_as_plain_text(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_output_path_that_cannot_be_written_is_one_line(small_voc, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = runner.invoke(app, ["inspect", "--data", str(small_voc), "--split", "train", "--out",
+                                 str(tmp_path / "file" / "x.png"), "--set", "data.classes=[cat, dog, person]"])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "file" in result.output
+    result = runner.invoke(app, ["inspect", "--data", str(small_voc), "--split", "train", "--out",
+                                 str(tmp_path / "x.foo"), "--set", "data.classes=[cat, dog, person]"])
+    assert result.exit_code == 2 and "name the file with one of those suffixes" in result.output
+
+
 def test_a_malformed_override_is_one_line(small_voc):
     result = runner.invoke(app, ["inspect", "--data", str(small_voc), "--split", "train", "--set", "train.lr=[1"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "override 'train.lr=[1': the value '[1' is not valid YAML" in result.output
 
 
-def test_a_recipe_name_that_is_not_a_folder_name_is_refused():
-    with pytest.raises(RecipeError, match="name '../../x' must be a plain folder name"):
-        recipe_from_dict({"name": "../../x"})
+def test_a_run_name_that_leaves_the_output_folder_is_refused_and_old_names_still_load(tmp_path):
+    for name in ("../../x", "/etc/x", "a/../../x"):
+        with pytest.raises(RecipeError, match="runtime.output"):
+            recipe_from_dict({"name": name, "runtime": {"output": str(tmp_path)}}).check_run_dir()
+    # names of earlier runs (sub-folders, spaces) stay valid: their checkpoints load
+    for name in ("voc07/resnet50", "my run", "exp(1)"):
+        r = recipe_from_dict({"name": name, "runtime": {"output": str(tmp_path)}})
+        assert r.check_run_dir() == tmp_path / name
 
 
 def test_a_checkpoint_whose_head_does_not_fit_is_one_clear_error(voc_run, tmp_path):

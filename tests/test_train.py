@@ -18,8 +18,10 @@ from patchnet.datasets import DatasetError
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import recipe_from_dict, save_recipe
 from patchnet.sampler import MULTI
+import patchnet.callbacks as callbacks_module
 import patchnet.losses as losses_module
-from patchnet.train import LRSchedule, TrainingError, epoch_indices, train
+from patchnet.state import LRSchedule
+from patchnet.train import TrainingError, epoch_indices, train
 
 
 def _heads_equal(a, b):
@@ -75,18 +77,18 @@ class Killed(Exception):
 def _straight_and_killed_after_epoch_1(tmp_path, root, monkeypatch, *args):
     """last.pt of an uninterrupted run, and of the same run killed after epoch 1 and resumed."""
     straight = train(tiny_recipe(tmp_path / "a", root, *args), progress=False)
-    real_save = train_module.save_checkpoint
+    real_save = callbacks_module.save_checkpoint
 
     def save_then_die(state, path):
         real_save(state, path)
         if path.name == "last.pt" and state["epoch"] == 1:
             raise Killed
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(callbacks_module, "save_checkpoint", save_then_die)
     recipe = tiny_recipe(tmp_path / "b", root, *args)
     with pytest.raises(Killed):
         train(recipe, progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(callbacks_module, "save_checkpoint", real_save)
     resumed = train(recipe, resume=True, progress=False)
     return load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
 
@@ -428,7 +430,7 @@ def test_ctrl_c_during_the_evaluation_of_a_milestone_epoch_keeps_the_decay(tmp_p
     args = ("train.epochs=4", "train.milestones=[0.5]", cache)
     straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
     # the second evaluation is the end of epoch 2, the milestone
-    _, resumed = _interrupt_then_resume(monkeypatch, tiny_recipe(tmp_path / "b", small_voc, *args), train_module,
+    _, resumed = _interrupt_then_resume(monkeypatch, tiny_recipe(tmp_path / "b", small_voc, *args), callbacks_module,
                                         "evaluate", 2)
     a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
     assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]] == [0.01, 0.01, 0.001, 0.001]
@@ -447,13 +449,14 @@ def test_a_checkpoint_of_other_backbone_weights_is_refused(tmp_path, small_voc):
 
 def test_best_is_chosen_on_held_out_training_images_not_on_the_val_split(tmp_path, small_voc, monkeypatch):
     seen = []
-    real_evaluate = train_module.evaluate
+    real_evaluate = callbacks_module.evaluate
 
     def spy(head, store, dataset, items, *a, **k):
         seen.append((dataset.name, tuple(items)))
         return real_evaluate(head, store, dataset, items, *a, **k)
 
-    monkeypatch.setattr(train_module, "evaluate", spy)
+    monkeypatch.setattr(callbacks_module, "evaluate", spy)  # the selection
+    monkeypatch.setattr(train_module, "evaluate", spy)  # the report
     recipe = tiny_recipe(tmp_path, small_voc, "train.holdout=0.25")
     train(recipe, progress=False)
     selection = [s for s in seen[:-1]]

@@ -50,6 +50,8 @@ def _load_json(path: Path):
         raise DatasetError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); JSON files must be UTF-8") from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise DatasetError(f"{path}: cannot read a value: {e}") from None
     except (OSError, RecursionError) as e:
         raise DatasetError(f"{path}: cannot read: {e}") from None
 
@@ -75,24 +77,35 @@ def _index(entries: list, kind: str, where: Path) -> dict:
     return out
 
 
-def _resolve(ref, index: dict, kind: str, where: str):
+def _as_text(index: dict) -> dict[str, int]:
+    """id as text -> position, for references written as text where the id is a number (or the reverse);
+    -1 where two ids read the same."""
+    out: dict[str, int] = {}
+    for i, n in index.items():
+        out[str(i)] = -1 if str(i) in out else n
+    return out
+
+
+def _resolve(ref, index: dict, text: dict[str, int], kind: str, where: str):
     """The entry an annotation refers to: the same id, or (written as text or as a number) the one id
     that reads the same."""
     if not isinstance(ref, bool) and isinstance(ref, (int, str)):
         if ref in index:
             return index[ref]
-        same = [n for i, n in index.items() if str(i) == str(ref)]
-        if len(same) == 1:
-            return same[0]
+        if text.get(str(ref), -1) >= 0:
+            return text[str(ref)]
     raise DatasetError(f"{where}: refers to {kind} id {ref!r}, which no entry of '{kind}s' has")
 
 
 def _bbox(ann: dict, where: str) -> tuple[float, float, float, float]:
     b = ann.get("bbox")
-    if (not isinstance(b, (list, tuple)) or len(b) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
-        raise DatasetError(f"{where}: bbox must be [x, y, width, height] (four finite numbers), got {b!r}")
-    x, y, w, h = (float(v) for v in b)
+    try:
+        values = [float(v) for v in b if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    except (TypeError, OverflowError):  # not a list, or an integer too large for a float
+        values = []
+    if not isinstance(b, (list, tuple)) or len(b) != 4 or len(values) != 4 or not all(map(math.isfinite, values)):
+        raise DatasetError(f"{where}: bbox must be [x, y, width, height] (four finite numbers), got {str(b)[:80]}")
+    x, y, w, h = values
     return x, y, x + w, y + h
 
 
@@ -125,54 +138,70 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, classes: list[
             data.get("categories"), list) or not isinstance(data.get("annotations", []), list):
         raise DatasetError(f"{where}: not a COCO detection file (expected an object with the lists 'images', "
                            "'annotations' and 'categories')")
-    images, anns = data["images"], data.get("annotations", [])
+    images = data["images"]
     if not images:
         raise DatasetError(f"{where}: holds no images")
     image_index = _index(images, "images", where)
     cats = _categories(data, where)
-    cat_index = {i: n for n, (i, _) in enumerate(cats)}
+    objects, used = _objects(data.get("annotations", []), image_index, cats, where)
     fixes = Fixes()
-    objects: dict[int, list] = {n: [] for n in range(len(images))}
-    used = set()
-    for n, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            raise DatasetError(f"{where}: annotations[{n}] is not an object")
-        at = f"{where}: annotations[{n}] (id {ann.get('id')!r})"
-        image = _resolve(ann.get("image_id"), image_index, "image", at)
-        cat = _resolve(ann.get("category_id"), cat_index, "category", at)
-        objects[image].append((_bbox(ann, at), cat, bool(ann.get("iscrowd", 0))))
-        used.add(cat)
-    names = [name for _, name in cats]
-    if classes:
-        unknown = [c for c in classes if c not in names]
-        if unknown:
-            raise DatasetError(f"{where}: classes {unknown} are not among its categories: {', '.join(names)}")
-    else:
-        for c in sorted(set(range(len(cats))) - used):
-            fixes.add("unused_category", f"{cats[c][1]!r} (id {cats[c][0]!r})")
-        classes = [names[c] for c in sorted(used)]
-        if not classes:
-            raise DatasetError(f"{where}: no annotation names a category, so there is no class to learn")
-    class_of = {c: classes.index(name) for c, name in enumerate(names) if name in classes}
-
+    classes = _classes(cats, used, classes, where, fixes)
+    class_of = {c: classes.index(name) for c, (_, name) in enumerate(cats) if name in classes}
     records, ids = [], {}
     for i, n in sorted(image_index.items(), key=lambda e: (isinstance(e[0], str), e[0])):
-        info, at = images[n], f"{where}: images[{n}] (id {i!r})"
+        at = f"{where}: images[{n}] (id {i!r})"
         if str(i) in ids:
             raise DatasetError(f"{at} and images[{ids[str(i)]}] have ids that read the same ({i!r}); make them distinct")
         ids[str(i)] = n
-        name = info.get("file_name")
-        if not isinstance(name, str) or not name.strip():
-            raise DatasetError(f"{at} has no file_name")
-        path = image_dir / name
-        if not path.is_file():
-            raise DatasetError(f"{where}: names image {name!r} but {path} does not exist")
-        width, height = info.get("width"), info.get("height")
-        ann_size = (width, height) if all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                          for v in (width, height)) else None
+        path, ann_size = _image_entry(images[n], image_dir, at, where)
         kept = [(box, class_of[c], crowd) for box, c, crowd in objects[n] if c in class_of]
         records.append(make_record(str(i), path, ann_size, [o[0] for o in kept], [o[1] for o in kept],
                                    [o[2] for o in kept], len(classes), str(where), fixes, max_pixels=max_pixels))
     records = [r for r in records if r is not None]
     name = f"coco:{where}"
     return Dataset(name, list(classes), records, fixes.report(name))
+
+
+def _objects(anns: list, image_index: dict, cats: list, where: Path) -> tuple[dict[int, list], set[int]]:
+    """Per image position its ``(box, category position, crowd)`` objects, and the categories used."""
+    cat_index = {i: n for n, (i, _) in enumerate(cats)}
+    image_text, cat_text = _as_text(image_index), _as_text(cat_index)
+    objects: dict[int, list] = {n: [] for n in image_index.values()}
+    used = set()
+    for n, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            raise DatasetError(f"{where}: annotations[{n}] is not an object")
+        at = f"{where}: annotations[{n}] (id {ann.get('id')!r})"
+        image = _resolve(ann.get("image_id"), image_index, image_text, "image", at)
+        cat = _resolve(ann.get("category_id"), cat_index, cat_text, "category", at)
+        objects[image].append((_bbox(ann, at), cat, bool(ann.get("iscrowd", 0))))
+        used.add(cat)
+    return objects, used
+
+
+def _classes(cats: list, used: set[int], classes: list[str] | None, where: Path, fixes: Fixes) -> list[str]:
+    """``classes`` (checked to be categories), or the categories an annotation uses."""
+    names = [name for _, name in cats]
+    if classes:
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise DatasetError(f"{where}: classes {unknown} are not among its categories: {', '.join(names)}")
+        return list(classes)
+    for c in sorted(set(range(len(cats))) - used):
+        fixes.add("unused_category", f"{cats[c][1]!r} (id {cats[c][0]!r})")
+    if not used:
+        raise DatasetError(f"{where}: no annotation names a category, so there is no class to learn")
+    return [names[c] for c in sorted(used)]
+
+
+def _image_entry(info: dict, image_dir: Path, at: str, where: Path) -> tuple[Path, tuple[int, int] | None]:
+    """An image entry's file (which must exist) and its annotated size, if it gives a usable one."""
+    name = info.get("file_name")
+    if not isinstance(name, str) or not name.strip():
+        raise DatasetError(f"{at} has no file_name")
+    path = image_dir / name
+    if not path.is_file():
+        raise DatasetError(f"{where}: names image {name!r} but {path} does not exist")
+    width, height = info.get("width"), info.get("height")
+    usable = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height))
+    return path, (width, height) if usable else None

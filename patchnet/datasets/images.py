@@ -99,7 +99,7 @@ def thumbnail(path: str | Path, size: int, max_pixels: int | None = None) -> Ima
             im = ImageOps.exif_transpose(im).convert("RGB")
             im.thumbnail((size, size))
             return im
-        except (OSError, ValueError, SyntaxError) as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{path}: cannot decode image: {e}") from None
 
 

@@ -21,7 +21,11 @@ def _walk_images(folder: Path, where: Path) -> list[Path]:
     """Image files under ``folder`` at any depth, as torchvision's ImageFolder finds them: links followed,
     each real folder visited once (a link back up is skipped with a warning), hidden entries skipped."""
     out, seen = [], set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
+
+    def unreadable(e: OSError) -> None:
+        log.warning("%s: cannot read %s (%s); its images are left out", where, e.filename, e.strerror)
+
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
         real = os.path.realpath(top)
         if real in seen:
             log.warning("%s: %s leads back to a folder already read (a link loop?); skipped", where, top)
@@ -29,8 +33,8 @@ def _walk_images(folder: Path, where: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        out += [Path(top) / f for f in sorted(files)
-                if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        out += [Path(top) / f for f in sorted(files)  # regular files only: a FIFO would block the decoder
+                if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(top) / f).is_file()]
     return out
 
 
@@ -90,6 +94,9 @@ def _csv_text(path: Path) -> str:
             return raw.decode("utf-16")
         except UnicodeDecodeError:
             raise DatasetError(f"{path}: starts like UTF-16 but does not decode as it; save it as UTF-8") from None
+    if raw[:200].count(b"\0") > 20:
+        raise DatasetError(f"{path}: looks like UTF-16 without a byte-order mark; save it as UTF-8 "
+                           "(Excel: 'CSV UTF-8 (comma delimited)')")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -108,34 +115,8 @@ def read_csv_list(path: str | Path, classes: list[str] | None = None, max_pixels
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: CSV list does not exist (expected lines 'image_path,label1;label2')")
-    rows: dict[str, tuple[int, list[str]]] = {}
     fixes = Fixes()
-    try:
-        lines = list(csv.reader(io.StringIO(_csv_text(path), newline="")))
-    except csv.Error as e:
-        raise DatasetError(f"{path}: not a readable CSV file: {e}") from None
-    for n, row in enumerate(lines, 1):
-        if not row or not "".join(row).strip():
-            continue
-        if n == 1 and row[0].strip().lower() in HEADER_WORDS:
-            continue
-        if len(row) != 2:
-            raise DatasetError(f"{path}, line {n}: expected 'image_path,label1;label2', got {','.join(row)!r}")
-        if not row[0].strip():
-            raise DatasetError(f"{path}, line {n}: the image path is empty")
-        image = posixpath.normpath(row[0].strip().replace("\\", "/"))
-        names = sorted({c.strip() for c in row[1].split(";") if c.strip()})
-        if image in rows:
-            first, theirs = rows[image]
-            if theirs != names:
-                raise DatasetError(f"{path}, lines {first} and {n}: image {image!r} is listed twice with different "
-                                   f"labels ({';'.join(theirs) or 'none'} and {';'.join(names) or 'none'}); "
-                                   "merge them into one line")
-            fixes.add("duplicate", f"{path}, line {n}")
-            continue
-        rows[image] = (n, names)
-    if not rows:
-        raise DatasetError(f"{path}: lists no images")
+    rows = _csv_rows(path, fixes)
     if classes:
         for image, (n, names) in rows.items():
             unknown = [c for c in names if c not in classes]
@@ -157,3 +138,35 @@ def read_csv_list(path: str | Path, classes: list[str] | None = None, max_pixels
     records = [r for r in records if r is not None]
     name = f"csv:{path}"
     return Dataset(name, classes, records, fixes.report(name))
+
+
+def _csv_rows(path: Path, fixes: Fixes) -> dict[str, tuple[int, list[str]]]:
+    """image path -> (line number, class names) of a CSV list; repeated lines dropped (counted)."""
+    try:
+        lines = list(csv.reader(io.StringIO(_csv_text(path), newline="")))
+    except csv.Error as e:
+        raise DatasetError(f"{path}: not a readable CSV file: {e}") from None
+    rows: dict[str, tuple[int, list[str]]] = {}
+    for n, row in enumerate(lines, 1):
+        if not row or not "".join(row).strip() or (n == 1 and row[0].strip().lower() in HEADER_WORDS):
+            continue
+        if len(row) != 2:
+            hint = ("; its columns seem separated by ';' (Excel in some locales): save it comma-separated"
+                    if len(row) == 1 and row[0].count(";") >= 1 and n == 1 else "")
+            raise DatasetError(f"{path}, line {n}: expected 'image_path,label1;label2', got {','.join(row)!r}{hint}")
+        if not row[0].strip():
+            raise DatasetError(f"{path}, line {n}: the image path is empty")
+        image = posixpath.normpath(row[0].strip().replace("\\", "/"))
+        names = sorted({c.strip() for c in row[1].split(";") if c.strip()})
+        if image in rows:
+            first, theirs = rows[image]
+            if theirs != names:
+                raise DatasetError(f"{path}, lines {first} and {n}: image {image!r} is listed twice with different "
+                                   f"labels ({';'.join(theirs) or 'none'} and {';'.join(names) or 'none'}); "
+                                   "merge them into one line")
+            fixes.add("duplicate", f"{path}, line {n}")
+            continue
+        rows[image] = (n, names)
+    if not rows:
+        raise DatasetError(f"{path}: lists no images")
+    return rows

@@ -1,0 +1,142 @@
+"""Everything a training run must get back on resume: the head (and unlocked stages), the optimizer with every
+parameter group it will ever have, the learning-rate schedule, counters, running sums, the last evaluation's
+calibration and fusion, and the RNG state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .model import AdaptationHead, load_head
+from .recipe import Recipe
+from .unlock import UnlockedStages
+
+
+def make_optimizer(head: AdaptationHead, recipe: Recipe, stages: UnlockedStages | None = None) -> torch.optim.SGD:
+    """SGD with all parameter groups from the start (weights decayed, biases not), so resume matches.
+
+    Unlocked stages get two groups of their own at ``train.unlock_lr`` x ``train.lr``: the convolutions,
+    decayed, and the BatchNorm weights and biases, not.
+    """
+    t = recipe.train
+    weights = [p for n, p in head.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in head.named_parameters() if n.endswith("bias")]
+    groups = [{"params": weights, "weight_decay": t.weight_decay}, {"params": biases, "weight_decay": 0.0}]
+    if stages is not None:
+        trunk, lr = [p for _, p in stages.trainable()], t.lr * t.unlock_lr
+        groups += [{"params": [p for p in trunk if p.ndim > 1], "weight_decay": t.weight_decay, "lr": lr},
+                   {"params": [p for p in trunk if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+
+
+class LRSchedule:
+    """Step decays at fractions of the run, or division by 10 when the loss plateaus (at most ``max_decays``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, recipe: Recipe):
+        self.optimizer, self.t = optimizer, recipe.train
+        self.decays, self.best, self.bad_epochs = 0, math.inf, 0
+        self.milestones = sorted({max(1, round(f * self.t.epochs)) for f in self.t.milestones})
+
+    def stops(self, loss: float) -> bool:
+        """Whether ``step`` with this epoch's ``loss`` will end the run (a plateau after the last decay)."""
+        return (self.t.schedule == "plateau" and loss >= self.best * (1 - 1e-3)
+                and self.bad_epochs + 1 > self.t.plateau_patience and self.decays >= self.t.max_decays)
+
+    def step(self, epoch_done: int, loss: float) -> bool:
+        """Update after ``epoch_done`` epochs; False when a plateau comes after the last decay (stop)."""
+        if self.t.schedule == "step":
+            if epoch_done in self.milestones:
+                self._decay()
+            return True
+        if loss < self.best * (1 - 1e-3):
+            self.best, self.bad_epochs = loss, 0
+            return True
+        self.bad_epochs += 1
+        if self.bad_epochs > self.t.plateau_patience:
+            if self.decays >= self.t.max_decays:
+                return False
+            self._decay()
+            self.bad_epochs, self.best = 0, loss
+        return True
+
+    def _decay(self) -> None:
+        self.decays += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] *= 0.1
+
+    def state_dict(self) -> dict:
+        return {"decays": self.decays, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decays, self.best, self.bad_epochs = state["decays"], state["best"], state["bad_epochs"]
+
+
+@dataclass
+class EpochSums:
+    """This process's running sums of the current epoch (per rank under DDP)."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    correct: int = 0
+    patches: int = 0
+
+    def add(self, loss: float, correct: int, patches: int) -> "EpochSums":
+        return EpochSums(self.loss_sum + loss, self.steps + 1, self.correct + correct, self.patches + patches)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.getrng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.getrng_state(device)
+    return state
+
+
+def _setrng_state(state: dict, device: torch.device) -> None:
+    torch.setrng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.setrng_state(state["cuda"], device)
+
+
+class TrainState:
+    """Everything a run must get back on resume: head (and unlocked stages), optimizer, schedule, counters,
+    sums, the calibration and fusion of the last evaluation, and the RNG state.
+
+    ``rng`` is the generators' state at the start of step ``step`` of epoch ``epoch``, so that a
+    resumed epoch draws the same dropout masks as an uninterrupted one.
+    """
+
+    def __init__(self, head: AdaptationHead, recipe: Recipe, device: torch.device,
+                 stages: UnlockedStages | None = None):
+        self.head, self.stages, self.device = head, stages, device
+        self.optimizer = make_optimizer(head, recipe, stages)
+        self.schedule = LRSchedule(self.optimizer, recipe)
+        self.epoch, self.step, self.best = 0, 0, -1.0
+        self.history: list[dict] = []
+        self.sums = EpochSums()
+        self.calibration: dict | None = None
+        self.fusion: dict | None = None
+        self.rng = rng_state(device)
+
+    def state_dict(self) -> dict:
+        trunk = {} if self.stages is None else {"trunk": {k: v.cpu() for k, v in self.stages.state().items()}}
+        fusion = {} if self.fusion is None else {"fusion": self.fusion}
+        return {"head": self.head.state_dict(), **trunk, "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step": self.step,
+                "best_map07": self.best, "history": list(self.history), "carry": asdict(self.sums),
+                "rng": dict(self.rng), "calibration": self.calibration, **fusion}
+
+    def load_state_dict(self, state: dict, path: str | Path = "the checkpoint") -> None:
+        load_head(self.head, state, path)
+        if self.stages is not None:
+            self.stages.load(state["trunk"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_map07"]
+        self.history, self.calibration = list(state["history"]), state.get("calibration")
+        self.fusion = state.get("fusion")
+        self.sums = EpochSums(**state["carry"])
+        self.rng = dict(state["rng"])
+        _setrng_state(self.rng, self.device)
