@@ -56,7 +56,7 @@ class Rows:
 
 
 def _file(name: str, dtype: np.dtype) -> str:
-    return f"{name}.{ {'float16': 'f16', 'uint8': 'u8', 'float32': 'f32'}[dtype.name]}"
+    return f"{name}.{ {'float16': 'f16', 'uint8': 'u8', 'float32': 'f32'}[dtype.name] }"
 
 
 class ItemIndex:
@@ -108,8 +108,10 @@ class FeatureStore(ItemIndex):
     def __init__(self, path: Path):
         super().__init__(path)
         self.compress: str = self.meta.get("compress", "none")
-        arrays = {name: memmap(path, _file(name, dtype), dtype, (self.num_patches, width))
-                  for name, (dtype, width) in stored_layout(self.compress, self.feature_dim).items()}
+        arrays = {
+            name: memmap(path, _file(name, dtype), dtype, (self.num_patches, width))
+            for name, (dtype, width) in stored_layout(self.compress, self.feature_dim).items()
+        }
         self.rows = Rows(**arrays)
         projection = {}
         if (path / "projection.npz").is_file():
@@ -127,8 +129,10 @@ class CacheError(PatchnetError, RuntimeError):
 
 
 def damaged(path: Path, problem: str) -> CacheError:
-    return CacheError(f"cache {path} is damaged: {problem}. Delete the folder to rebuild it (rm -r {path}); the "
-                      "next run recomputes it. `patchnet cache verify` checks every cache of a folder")
+    return CacheError(
+        f"cache {path} is damaged: {problem}. Delete the folder to rebuild it (rm -r {path}); the "
+        "next run recomputes it. `patchnet cache verify` checks every cache of a folder"
+    )
 
 
 @contextlib.contextmanager
@@ -243,8 +247,10 @@ def building(path: Path, what: str):
             barrier()
     except OSError as e:
         if e.errno in _UNWRITABLE:
-            raise CacheError(f"cannot write {what} under {path.parent}: {e.strerror}. Set runtime.cache_dir to a "
-                             "writable folder with free space (e.g. --set runtime.cache_dir=/tmp/patchnet-cache)") from None
+            raise CacheError(
+                f"cannot write {what} under {path.parent}: {e.strerror}. Set runtime.cache_dir to a "
+                "writable folder with free space (e.g. --set runtime.cache_dir=/tmp/patchnet-cache)"
+            ) from None
         raise
 
 
@@ -306,25 +312,35 @@ def save_chunk(target: Path, results: list, **arrays: np.ndarray) -> None:
     done = [(b, o) for b, o in results if b is not None]
     empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
     objects = [o if b is not None else empty for b, o in results]
-    atomic_write(target, lambda f: np.savez(
-        f, **arrays,
-        patch_boxes=np.concatenate([b for b, _ in done]) if done else np.zeros((0, 4), np.float32),
-        counts=np.array([0 if b is None else len(b) for b, _ in results], np.int64),
-        ok=np.array([b is not None for b, _ in results]),
-        box_counts=np.array([len(o[0]) for o in objects], np.int64),
-        boxes=np.concatenate([o[0] for o in objects]).astype(np.float32),
-        box_classes=np.concatenate([o[1] for o in objects]).astype(np.int64),
-        box_difficult=np.concatenate([o[2] for o in objects]).astype(bool),
-        failures=np.array([o for b, o in results if b is None], dtype=str)))
+    atomic_write(
+        target,
+        lambda f: np.savez(
+            f,
+            **arrays,
+            patch_boxes=np.concatenate([b for b, _ in done]) if done else np.zeros((0, 4), np.float32),
+            counts=np.array([0 if b is None else len(b) for b, _ in results], np.int64),
+            ok=np.array([b is not None for b, _ in results]),
+            box_counts=np.array([len(o[0]) for o in objects], np.int64),
+            boxes=np.concatenate([o[0] for o in objects]).astype(np.float32),
+            box_classes=np.concatenate([o[1] for o in objects]).astype(np.int64),
+            box_difficult=np.concatenate([o[2] for o in objects]).astype(bool),
+            failures=np.array([o for b, o in results if b is None], dtype=str),
+        ),
+    )
 
 
 def save_feature_chunk(target: Path, results: list, layout: dict) -> None:
     """A chunk of feature rows: ``results`` per item ``(encoded arrays, patch boxes, objects)``, or ``(None,
     None, failure message)``."""
     done = [r for r in results if r[0] is not None]
-    save_chunk(target, [(b, o) for _, b, o in results],
-               **{name: np.concatenate([f[name] for f, _, _ in done]) if done else np.zeros((0, width), dtype)
-                  for name, (dtype, width) in layout.items()})
+    save_chunk(
+        target,
+        [(b, o) for _, b, o in results],
+        **{
+            name: np.concatenate([f[name] for f, _, _ in done]) if done else np.zeros((0, width), dtype)
+            for name, (dtype, width) in layout.items()
+        },
+    )
 
 
 def write_rows(path: Path, layout: dict, total: int, blocks) -> dict[str, dict]:
@@ -336,27 +352,25 @@ def write_rows(path: Path, layout: dict, total: int, blocks) -> dict[str, dict]:
     """
     files = {name: path / _file(name, dtype) for name, (dtype, _) in layout.items()}
     tmps = {name: temporary_name(f) for name, f in files.items()}
-    outs = {name: open(tmps[name], "wb") for name in files}
     crcs = dict.fromkeys(files, 0)
     pos = 0
     try:
-        for block in blocks:
-            for name, out in outs.items():
-                dtype, width = layout[name]
-                data = np.ascontiguousarray(block[name], dtype=dtype).reshape(-1, width).data
-                out.write(data)
-                crcs[name] = zlib.crc32(data, crcs[name])
-            pos += len(next(iter(block.values())))
-        for out in outs.values():
-            out.flush()
-            os.fsync(out.fileno())
+        with contextlib.ExitStack() as stack:
+            outs = {name: stack.enter_context(open(tmps[name], "wb")) for name in files}
+            for block in blocks:
+                for name, out in outs.items():
+                    dtype, width = layout[name]
+                    data = np.ascontiguousarray(block[name], dtype=dtype).reshape(-1, width).data
+                    out.write(data)
+                    crcs[name] = zlib.crc32(data, crcs[name])
+                pos += len(next(iter(block.values())))
+            for out in outs.values():
+                out.flush()
+                os.fsync(out.fileno())
     except BaseException:
-        for name, out in outs.items():
-            out.close()
-            tmps[name].unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
         raise
-    for out in outs.values():
-        out.close()
     if pos != total:
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
@@ -371,8 +385,12 @@ def transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: dict,
     path.mkdir(parents=True, exist_ok=True)
     save_projection(path, codec)
     total = source.num_patches
-    files = write_rows(path, codec.layout(source.feature_dim), total,
-                        (codec.encode(source.rows[s:s + block]) for s in range(0, total, block)))
+    files = write_rows(
+        path,
+        codec.layout(source.feature_dim),
+        total,
+        (codec.encode(source.rows[s : s + block]) for s in range(0, total, block)),
+    )
     complete_cache(path, {**meta, "failures": source.failures}, files, (source.path / "index.npz").read_bytes())
 
 
@@ -419,8 +437,9 @@ def join_feature_chunks(path: Path, num_chunks: int, layout: dict) -> None:
     finish_join(path, parts, "feature cache", files)
 
 
-def finish_join(path: Path, parts: dict[str, list[np.ndarray]], what: str, files: dict[str, dict],
-                **index: np.ndarray) -> None:
+def finish_join(
+    path: Path, parts: dict[str, list[np.ndarray]], what: str, files: dict[str, dict], **index: np.ndarray
+) -> None:
     """Write the item and box indexes every chunk has (``parts``, from ``chunk_arrays``; plus ``index``), then
     mark the cache complete."""
     meta = read_meta(path)
@@ -432,12 +451,19 @@ def finish_join(path: Path, parts: dict[str, list[np.ndarray]], what: str, files
     views = meta["fields"]["views"] + 1
     images = len(counts) // views
     buf = io.BytesIO()
-    np.savez(buf, **index,
-             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-             record=np.repeat(np.arange(images), views), view=np.tile(np.arange(views), images),
-             ok=cat("ok"), patch_boxes=cat("patch_boxes"),
-             box_offsets=np.concatenate([[0], np.cumsum(cat("box_counts"))]).astype(np.int64),
-             boxes=cat("boxes").reshape(-1, 4), box_classes=cat("box_classes"), box_difficult=cat("box_difficult"))
+    np.savez(
+        buf,
+        **index,
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        record=np.repeat(np.arange(images), views),
+        view=np.tile(np.arange(views), images),
+        ok=cat("ok"),
+        patch_boxes=cat("patch_boxes"),
+        box_offsets=np.concatenate([[0], np.cumsum(cat("box_counts"))]).astype(np.int64),
+        boxes=cat("boxes").reshape(-1, 4),
+        box_classes=cat("box_classes"),
+        box_difficult=cat("box_difficult"),
+    )
     failures = [str(f) for part in parts["failures"] for f in part]
     meta["failures"] = failures
     complete_cache(path, meta, files, buf.getvalue())

@@ -74,13 +74,23 @@ class Calibration:
         return 1 / (1 + np.exp(-np.clip(z, -60, 60)))
 
     def to_dict(self) -> dict:
-        return {"pool": self.pool, "a": self.a.tolist(), "b": self.b.tolist(), "threshold": self.threshold.tolist(),
-                "fused": self.fused}
+        return {
+            "pool": self.pool,
+            "a": self.a.tolist(),
+            "b": self.b.tolist(),
+            "threshold": self.threshold.tolist(),
+            "fused": self.fused,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
-        return cls(d["pool"], np.asarray(d["a"], np.float64), np.asarray(d["b"], np.float64),
-                   np.asarray(d["threshold"], np.float64), bool(d.get("fused", False)))
+    def from_dict(cls, d: dict) -> Calibration:
+        return cls(
+            d["pool"],
+            np.asarray(d["a"], np.float64),
+            np.asarray(d["b"], np.float64),
+            np.asarray(d["threshold"], np.float64),
+            bool(d.get("fused", False)),
+        )
 
 
 def calibrate(scores: np.ndarray, labels: np.ndarray, pool: str, fused: bool = False) -> Calibration:

@@ -54,8 +54,9 @@ class SelectionEval:
         if self.rank or not (scored or (end.stop and self.recipe.infer.fuse)):
             return
         if scored:
-            end.table, scores = evaluate(head, sel.data.store, sel.data.dataset, sel.items, self.recipe.pool,
-                                         self.recipe.infer_pool)
+            end.table, scores = evaluate(
+                head, sel.data.store, sel.data.dataset, sel.items, self.recipe.pool, self.recipe.infer_pool
+            )
             end.record.update(select_map07=end.table.map07, select_map=end.table.map)
             end.improved = end.table.map07 > state.best
             end.calibration = _calibration(self.recipe, scores, sel.labels())
@@ -72,8 +73,11 @@ class SelectionEval:
         coef, intercept, pooled = self.svm
         labels = self.selection.labels()
         fusion, tried = fit_fusion(self.recipe.infer_pool, coef, intercept, scores, pooled, labels)
-        log.info("fusion: selection mAP by weight %s; chose %g",
-                 ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()), fusion.weight)
+        log.info(
+            "fusion: selection mAP by weight %s; chose %g",
+            ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()),
+            fusion.weight,
+        )
         calibration = _calibration(self.recipe, fusion.combine(scores, fusion.decision(pooled)), labels, fused=True)
         return {**fusion.to_dict(), "k": self.recipe.pool.k}, calibration
 
@@ -86,8 +90,11 @@ class SelectionEval:
         log.info("fusion: fitting the max-pool linear SVM on %d training items", len(items))
         pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
         ids = [data.dataset.records[r].image_id for r in store.record[items]]
-        model = fit_linear(SplitFeatures(ids, pooled, data.image_labels(items), data.dataset.classes),
-                           seed=self.recipe.train.seed, progress=False)
+        model = fit_linear(
+            SplitFeatures(ids, pooled, data.image_labels(items), data.dataset.classes),
+            seed=self.recipe.train.seed,
+            progress=False,
+        )
         held = pool_features(sel.data.store.trunk_rows, sel.data.store.offsets, sel.items)
         return (*linear_arrays(model, pooled.shape[1]), held)
 
@@ -97,7 +104,12 @@ class Checkpoints:
     always; both from the committed state and the run's ``meta``."""
 
     def __init__(self, run_dir: Path, meta: dict, has_selection: bool):
-        self.best, self.last, self.meta, self.has_selection = run_dir / "best.pt", run_dir / "last.pt", meta, has_selection
+        self.best, self.last, self.meta, self.has_selection = (
+            run_dir / "best.pt",
+            run_dir / "last.pt",
+            meta,
+            has_selection,
+        )
         self.rank = rank_world()[0]
 
     def save(self, state: TrainState, path: Path) -> None:
@@ -131,11 +143,22 @@ class TrainingLog:
 
                 log_heatmaps(self.writer, state.head, self.selection.data, self.recipe, e, self.selection.items)
         self.writer.flush()
-        sel = (f", selection mAP {100 * record['select_map07']:.1f} (11-pt) {100 * record['select_map']:.1f} (env)"
-               if "select_map07" in record else "")
+        sel = (
+            f", selection mAP {100 * record['select_map07']:.1f} (11-pt) {100 * record['select_map']:.1f} (env)"
+            if "select_map07" in record
+            else ""
+        )
         what = "patch accuracy" if self.recipe.train.supervision != "images" else "-"
-        log.info("epoch %d: loss %.4f, %s %.3f, lr %.3g%s (%.0f s)", e, record["loss"], what, record["patch_acc"],
-                 record["lr"], sel, record["seconds"])
+        log.info(
+            "epoch %d: loss %.4f, %s %.3f, lr %.3g%s (%.0f s)",
+            e,
+            record["loss"],
+            what,
+            record["patch_acc"],
+            record["lr"],
+            sel,
+            record["seconds"],
+        )
 
     def close(self) -> None:
         self.writer.close()

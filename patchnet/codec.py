@@ -118,7 +118,9 @@ class FeatureCodec:
 
     def encode(self, features) -> dict[str, np.ndarray]:
         """(N, d) trunk features -> the stored arrays of their rows."""
-        half = _to_numpy(features.half() if isinstance(features, torch.Tensor) else features).astype(np.float16, copy=False)
+        half = _to_numpy(features.half() if isinstance(features, torch.Tensor) else features).astype(
+            np.float16, copy=False
+        )
         if self.components is None and not self.int8:
             return {"features": half}  # the fp16 rows as they are: no round trip through fp32
         x = half.astype(np.float32)
@@ -167,7 +169,7 @@ class FeatureCodec:
         return out
 
     @classmethod
-    def from_state(cls, state: dict | None) -> "FeatureCodec":
+    def from_state(cls, state: dict | None) -> FeatureCodec:
         """The codec a checkpoint was trained with (``none`` for checkpoints written before codecs)."""
         if not state:
             return cls()

@@ -26,11 +26,26 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     elif kind == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in np.arange(3) * 2 * math.pi / 3 - math.pi / 2]
     elif kind == "star":
-        pts = [((1.0 if i % 2 == 0 else 0.45) * math.cos(a), (1.0 if i % 2 == 0 else 0.45) * math.sin(a))
-               for i, a in enumerate(np.arange(10) * math.pi / 5 - math.pi / 2)]
+        pts = [
+            ((1.0 if i % 2 == 0 else 0.45) * math.cos(a), (1.0 if i % 2 == 0 else 0.45) * math.sin(a))
+            for i, a in enumerate(np.arange(10) * math.pi / 5 - math.pi / 2)
+        ]
     elif kind == "cross":
         t = 0.33
-        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        pts = [
+            (-t, -1),
+            (t, -1),
+            (t, -t),
+            (1, -t),
+            (1, t),
+            (t, t),
+            (t, 1),
+            (-t, 1),
+            (-t, t),
+            (-1, t),
+            (-1, -t),
+            (-t, -t),
+        ]
     else:
         raise ValueError(kind)
     c, s = math.cos(angle), math.sin(angle)
@@ -91,13 +106,17 @@ def _draw_object(img: Image.Image, rng: np.random.Generator, kind: str, cx: floa
 
 
 def _write_xml(path: Path, image_id: str, w: int, h: int, objects: list[tuple[str, tuple, int]]) -> None:
-    rows = [f"<annotation><folder>demo</folder><filename>{image_id}.jpg</filename>",
-            f"<size><width>{w}</width><height>{h}</height><depth>3</depth></size>"]
+    rows = [
+        f"<annotation><folder>demo</folder><filename>{image_id}.jpg</filename>",
+        f"<size><width>{w}</width><height>{h}</height><depth>3</depth></size>",
+    ]
     for name, (x1, y1, x2, y2), difficult in objects:
         # VOC stores 1-based inclusive pixel indices
-        rows.append(f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox>"
-                    f"<xmin>{int(x1) + 1}</xmin><ymin>{int(y1) + 1}</ymin><xmax>{int(x2)}</xmax><ymax>{int(y2)}</ymax>"
-                    "</bndbox></object>")
+        rows.append(
+            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox>"
+            f"<xmin>{int(x1) + 1}</xmin><ymin>{int(y1) + 1}</ymin><xmax>{int(x2)}</xmax><ymax>{int(y2)}</ymax>"
+            "</bndbox></object>"
+        )
     rows.append("</annotation>")
     path.write_text("\n".join(rows))
 
@@ -172,10 +191,12 @@ def _check_ours(root: Path) -> None:
     if _stamp(root) is not None or not root.exists():
         return
     if not root.is_dir() or any(STAMP not in p.name for p in root.iterdir()):  # its lock and stamp files aside
-        raise DemoFolderError(f"{root}: data.format is demo, but this folder is not empty and was not made by the "
-                              f"demo generator (no {STAMP} file), so nothing was written to it. To read the dataset "
-                              "there, give its format (--format voc, coco, folder or csv, or data.format in the "
-                              "recipe); to generate the demo set, choose an empty or new folder (--data data/demo)")
+        raise DemoFolderError(
+            f"{root}: data.format is demo, but this folder is not empty and was not made by the "
+            f"demo generator (no {STAMP} file), so nothing was written to it. To read the dataset "
+            "there, give its format (--format voc, coco, folder or csv, or data.format in the "
+            "recipe); to generate the demo set, choose an empty or new folder (--data data/demo)"
+        )
 
 
 def _generate(root: Path, seed: int, splits: dict[str, int]) -> None:

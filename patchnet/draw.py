@@ -13,7 +13,6 @@ from .datasets import ImageRecord, load_image
 from .figures import new_figure, plain, save_figure
 from .sampler import IGNORE, grid_by_scale, label_patches
 
-
 OUTLINE = [patheffects.withStroke(linewidth=3, foreground="black")]
 
 
@@ -36,32 +35,54 @@ def draw_labels(record: ImageRecord, classes: list[str], patches_cfg, out: str |
     for ax in axes.ravel():
         ax.axis("off")
     for ax, g in zip(axes.ravel(), grids):
-        labels = label_patches(g.boxes, record.boxes, record.box_classes, record.box_difficult, len(classes),
-                               image_labels=record.labels)
-        ax.imshow(image)
-        centers = (g.boxes[:, :2] + g.boxes[:, 2:]) / 2
-        bg = labels == len(classes)
-        ax.scatter(centers[bg, 0], centers[bg, 1], s=6, c="lightgrey", edgecolors="black", linewidths=0.3)
-        for (x1, y1, x2, y2), lab in zip(g.boxes, labels):
-            if lab == IGNORE:
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", lw=1.0, ls="--"))
-            elif lab != len(classes):
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, facecolor=(*colors[lab][:3], 0.12),
-                                       edgecolor=colors[lab], lw=2.0, path_effects=OUTLINE))
-        for (x1, y1, x2, y2), c, d in zip(record.boxes, record.box_classes, record.box_difficult):
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", lw=1.5,
-                                   ls=":" if d else "-", path_effects=OUTLINE))
-            ax.text(x1 + 2, y1 + 2, plain(classes[c]) + (" (difficult)" if d else ""), fontsize=6, va="top",
-                    color="white", path_effects=OUTLINE)
-        pos = int(((labels >= 0) & (labels < len(classes))).sum())
-        ign, nbg = int((labels == IGNORE).sum()), int(bg.sum())
-        ax.set_title(f"λ={g.scale:g} (side {g.side:.0f} px): {pos} pos, {nbg} bg, {ign} ignored", fontsize=8)
+        _draw_scale(ax, image, g, record, classes, colors)
     present = sorted(set(record.box_classes.tolist()))
     handles = [Line2D([], [], color=colors[c], lw=2, label=plain(classes[c])) for c in present]
-    handles += [Line2D([], [], color="lightgrey", marker="o", ls="", markeredgecolor="k", label="background (centre)"),
-                Line2D([], [], color="red", lw=1, ls="--", label="ignored"),
-                Line2D([], [], color="white", lw=1.5, label="object box")]
+    handles += [
+        Line2D([], [], color="lightgrey", marker="o", ls="", markeredgecolor="k", label="background (centre)"),
+        Line2D([], [], color="red", lw=1, ls="--", label="ignored"),
+        Line2D([], [], color="white", lw=1.5, label="object box"),
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, facecolor="0.7")
     fig.suptitle(plain(f"{record.image_id}: training labels of patches"), fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return save_figure(fig, out, dpi=110)
+
+
+def _draw_scale(ax, image, grid, record: ImageRecord, classes: list[str], colors: list) -> None:
+    """One scale's panel: its patches by training label over the image, and the object boxes."""
+    labels = label_patches(
+        grid.boxes, record.boxes, record.box_classes, record.box_difficult, len(classes), image_labels=record.labels
+    )
+    ax.imshow(image)
+    centers = (grid.boxes[:, :2] + grid.boxes[:, 2:]) / 2
+    bg = labels == len(classes)
+    ax.scatter(centers[bg, 0], centers[bg, 1], s=6, c="lightgrey", edgecolors="black", linewidths=0.3)
+    for (x1, y1, x2, y2), lab in zip(grid.boxes, labels):
+        if lab == IGNORE:
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", lw=1.0, ls="--"))
+        elif lab != len(classes):
+            face = (*colors[lab][:3], 0.12)
+            ax.add_patch(
+                Rectangle(
+                    (x1, y1), x2 - x1, y2 - y1, facecolor=face, edgecolor=colors[lab], lw=2.0, path_effects=OUTLINE
+                )
+            )
+    for (x1, y1, x2, y2), c, d in zip(record.boxes, record.box_classes, record.box_difficult):
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor="white",
+                lw=1.5,
+                ls=":" if d else "-",
+                path_effects=OUTLINE,
+            )
+        )
+        name = plain(classes[c]) + (" (difficult)" if d else "")
+        ax.text(x1 + 2, y1 + 2, name, fontsize=6, va="top", color="white", path_effects=OUTLINE)
+    pos = int(((labels >= 0) & (labels < len(classes))).sum())
+    ign, nbg = int((labels == IGNORE).sum()), int(bg.sum())
+    ax.set_title(f"λ={grid.scale:g} (side {grid.side:.0f} px): {pos} pos, {nbg} bg, {ign} ignored", fontsize=8)

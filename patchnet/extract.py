@@ -27,7 +27,7 @@ from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import PatchPlan, ScaleGrid, patch_plan
 
 
-def build_extractor(recipe: Recipe, backbone: Backbone | None = None) -> "PatchExtractor":
+def build_extractor(recipe: Recipe, backbone: Backbone | None = None) -> PatchExtractor:
     """The recipe's frozen backbone and patch settings, on its device (under torchrun: this rank's GPU).
 
     ``backbone``: the recipe's backbone already built (with trained stages loaded, for instance).
@@ -49,8 +49,15 @@ def map_cells(backbone: Backbone, boxes: torch.Tensor, fx: float, fy: float) -> 
 class PatchExtractor:
     """Computes the features of all patches of an image, in the order of its ``PatchPlan``."""
 
-    def __init__(self, backbone: Backbone, patches: PatchConfig, backbone_cfg: BackboneConfig | None = None,
-                 device: str = "auto", batch_size: int = 0, fuse: bool = True):
+    def __init__(
+        self,
+        backbone: Backbone,
+        patches: PatchConfig,
+        backbone_cfg: BackboneConfig | None = None,
+        device: str = "auto",
+        batch_size: int = 0,
+        fuse: bool = True,
+    ):
         cfg = backbone_cfg or BackboneConfig()
         check_patch_mode(backbone_spec(backbone.name), patches.mode, backbone.input_size)
         self.patches = patches
@@ -104,8 +111,9 @@ class PatchExtractor:
         plan = self.plan(w, h)
         if plan.mode == "whole":
             return torch.cat([self._whole(img), self._whole(img.flip(-1))]).float().cpu(), plan
-        feats: list[torch.Tensor | None] = [self._exact(img, g) if i in plan.cropped else None
-                                            for i, g in enumerate(plan.grids)]
+        feats: list[torch.Tensor | None] = [
+            self._exact(img, g) if i in plan.cropped else None for i, g in enumerate(plan.grids)
+        ]
         for level in plan.levels:
             grids = [plan.grids[i] for i in level.grids]
             for i, f in zip(level.grids, self._shared_level(self.rescale(img, level.factor), grids, w, h)):
@@ -120,8 +128,10 @@ class PatchExtractor:
         ys = np.clip(np.round(grid.boxes[:, 1] * factor).astype(int), 0, max(sh - self.size, 0))
         out = []
         for start in range(0, len(xs), self.batch_size):
-            crops = [scaled[0, :, y:y + self.size, x:x + self.size] for x, y in zip(xs[start:start + self.batch_size],
-                                                                               ys[start:start + self.batch_size])]
+            crops = [
+                scaled[0, :, y : y + self.size, x : x + self.size]
+                for x, y in zip(xs[start : start + self.batch_size], ys[start : start + self.batch_size])
+            ]
             batch = torch.stack(crops)
             if batch.shape[-1] != self.size or batch.shape[-2] != self.size:  # an image smaller than a patch
                 batch = F.interpolate(batch, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -144,7 +154,9 @@ class PatchExtractor:
             cells = torch.tensor([[0.0, 0.0, fmap.shape[-1], fmap.shape[-2]]], device=self.device)
             return self.backbone.pool_regions(fmap, cells).float()
 
-    def _shared_level(self, scaled: torch.Tensor, grids: list[ScaleGrid], width: int, height: int) -> list[torch.Tensor]:
+    def _shared_level(
+        self, scaled: torch.Tensor, grids: list[ScaleGrid], width: int, height: int
+    ) -> list[torch.Tensor]:
         """Features of ``grids`` (boxes in pixels of the width x height image) pooled from one trunk pass."""
         with self.autocast():
             fmap = self.backbone.feature_map(scaled)

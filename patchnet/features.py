@@ -16,15 +16,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from .cache import (CACHE_VERSION, FeatureStore, building, chunk_path, complete, join_feature_chunks, ready,
-                    save_feature_chunk, save_projection, start_chunks, transcode)
+from .cache import (
+    CACHE_VERSION,
+    FeatureStore,
+    building,
+    chunk_path,
+    complete,
+    join_feature_chunks,
+    ready,
+    save_feature_chunk,
+    save_projection,
+    start_chunks,
+    transcode,
+)
 from .codec import CodecError, FeatureCodec, Moments
 from .datasets import Dataset, iter_images, open_split
 from .dist import barrier, rank_world
@@ -50,12 +61,23 @@ class CacheSpec:
     seed: int = 0
 
 
-def cache_spec(recipe: Recipe, extractor: PatchExtractor, train: Dataset | None = None,
-               codec: FeatureCodec | None = None, progress: bool = True) -> CacheSpec:
+def cache_spec(
+    recipe: Recipe,
+    extractor: PatchExtractor,
+    train: Dataset | None = None,
+    codec: FeatureCodec | None = None,
+    progress: bool = True,
+) -> CacheSpec:
     """The feature cache of a recipe. Its rows are stored as ``codec``, by default as ``cache.compress`` says (a
     PCA projection fitted on ``train``, the training split, opened if not given)."""
-    spec = CacheSpec(Path(recipe.runtime.cache_dir), max(1, recipe.cache.chunk), recipe.runtime.workers,
-                     FeatureCodec(), recipe.aug, recipe.train.seed)
+    spec = CacheSpec(
+        Path(recipe.runtime.cache_dir),
+        max(1, recipe.cache.chunk),
+        recipe.runtime.workers,
+        FeatureCodec(),
+        recipe.aug,
+        recipe.train.seed,
+    )
     if codec is None and recipe.cache.compress.startswith("pca"):
         train = train or open_split(recipe.data, recipe.data.train_split)
         codec = fit_codec(recipe.cache, spec, train, extractor, progress)
@@ -80,14 +102,17 @@ def cache_fields(dataset: Dataset, extractor: PatchExtractor, views: int = 0, sp
     return {**fields, **spec.codec.fields()}
 
 
-def cached_features(spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, views: int = 0) -> FeatureStore | None:
+def cached_features(
+    spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, views: int = 0
+) -> FeatureStore | None:
     """The complete cache of a split if one exists (a warm cache), without extracting it."""
     path = spec.root / digest(cache_fields(dataset, extractor, views, spec))
     return FeatureStore(path) if complete(path) else None
 
 
-def build_features(spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, views: int = 0,
-                   progress: bool = True) -> FeatureStore:
+def build_features(
+    spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, views: int = 0, progress: bool = True
+) -> FeatureStore:
     """Open the cached features of a split, computing what is missing first.
 
     Items are every image (view 0) and, with ``views`` > 0, that many augmented views of each. A
@@ -103,12 +128,16 @@ def build_features(spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor,
     return FeatureStore(path)
 
 
-def _build_features(spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, views: int, fields: dict,
-                    path: Path, progress: bool) -> None:
+def _build_features(
+    spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, views: int, fields: dict, path: Path, progress: bool
+) -> None:
     codec = spec.codec
     meta = {"fields": fields, "feature_dim": codec.dim(extractor.feature_dim), "compress": codec.compress}
-    source = (cached_features(replace(spec, codec=FeatureCodec()), dataset, extractor, views)
-              if codec.compress != "none" else None)
+    source = (
+        cached_features(replace(spec, codec=FeatureCodec()), dataset, extractor, views)
+        if codec.compress != "none"
+        else None
+    )
     if source is not None:
         if rank_world()[0] == 0:
             log.info("feature cache %s: encoding the fp16 cache %s as %s", path.name, source.path.name, codec.compress)
@@ -126,15 +155,34 @@ def _build_features(spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor
 
     if rank_world()[0] == 0:
         save_projection(path, codec)
-    num_chunks = fill_chunks(path, meta, dataset, views, spec, extractor.device, compute, write,
-                             f"features {dataset.name.rsplit(':', 1)[-1]}", progress)
+    num_chunks = fill_chunks(
+        path,
+        meta,
+        dataset,
+        views,
+        spec,
+        extractor.device,
+        compute,
+        write,
+        f"features {dataset.name.rsplit(':', 1)[-1]}",
+        progress,
+    )
     if rank_world()[0] == 0:
         join_feature_chunks(path, num_chunks, layout)
 
 
-def fill_chunks(path: Path, meta: dict, dataset: Dataset, views: int, spec: CacheSpec, device: torch.device,
-                compute: Callable[[torch.Tensor], object], write: Callable[[Path, list], None], desc: str,
-                progress: bool) -> int:
+def fill_chunks(
+    path: Path,
+    meta: dict,
+    dataset: Dataset,
+    views: int,
+    spec: CacheSpec,
+    device: torch.device,
+    compute: Callable[[torch.Tensor], object],
+    write: Callable[[Path, list], None],
+    desc: str,
+    progress: bool,
+) -> int:
     """Compute this rank's missing chunks of a build and write each as soon as its items are done.
 
     Items are ``(record, view)`` pairs, ``spec.chunk`` to a chunk; ``compute(image)`` gives an item's
@@ -143,13 +191,21 @@ def fill_chunks(path: Path, meta: dict, dataset: Dataset, views: int, spec: Cach
     """
     rank, _ = rank_world()
     items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
-    chunks = [items[i:i + spec.chunk] for i in range(0, len(items), spec.chunk)]
+    chunks = [items[i : i + spec.chunk] for i in range(0, len(items), spec.chunk)]
     todo = start_chunks(path, {**meta, "items": len(items), "chunk": spec.chunk}, len(chunks))
     flat = [(c, item) for c in todo for item in chunks[c]]
     pending: dict[int, list] = {c: [] for c in todo}
-    for i, image, info in iter_images(dataset.records, [item for _, item in flat], aug=spec.aug, seed=spec.seed,
-                                      workers=spec.workers, device=device, desc=desc,
-                                      progress=progress and rank == 0, keep_failures=True):
+    for i, image, info in iter_images(
+        dataset.records,
+        [item for _, item in flat],
+        aug=spec.aug,
+        seed=spec.seed,
+        workers=spec.workers,
+        device=device,
+        desc=desc,
+        progress=progress and rank == 0,
+        keep_failures=True,
+    ):
         c = flat[i][0]
         pending[c].append((None if image is None else compute(image), info))
         if len(pending[c]) == len(chunks[c]):
@@ -158,19 +214,26 @@ def fill_chunks(path: Path, meta: dict, dataset: Dataset, views: int, spec: Cach
     return len(chunks)
 
 
-def fit_codec(cfg: CacheConfig, spec: CacheSpec, train: Dataset, extractor: PatchExtractor,
-              progress: bool = True) -> FeatureCodec:
+def fit_codec(
+    cfg: CacheConfig, spec: CacheSpec, train: Dataset, extractor: PatchExtractor, progress: bool = True
+) -> FeatureCodec:
     """``cache.compress`` with its PCA projection, fitted once on ``cache.pca_images`` images of the training
     split (drawn with a fixed seed; all their patches) and kept in ``<cache_dir>/projections/``, keyed by
     the training split's features and the PCA settings, so that every split and every run shares it."""
     if not cfg.compress.startswith("pca"):
         return FeatureCodec(cfg.compress)
     if cfg.pca_dim > extractor.feature_dim:
-        raise CodecError(f"cache.pca_dim={cfg.pca_dim} exceeds the {extractor.feature_dim}-d features of "
-                         f"{extractor.backbone.name}; choose at most {extractor.feature_dim}")
+        raise CodecError(
+            f"cache.pca_dim={cfg.pca_dim} exceeds the {extractor.feature_dim}-d features of "
+            f"{extractor.backbone.name}; choose at most {extractor.feature_dim}"
+        )
     fp16 = replace(spec, codec=FeatureCodec())
-    fields = {"features": cache_fields(train, extractor, 0, fp16), "pca_dim": cfg.pca_dim,
-              "pca_images": cfg.pca_images, "seed": PCA_SEED}
+    fields = {
+        "features": cache_fields(train, extractor, 0, fp16),
+        "pca_dim": cfg.pca_dim,
+        "pca_images": cfg.pca_images,
+        "seed": PCA_SEED,
+    }
     key = digest(fields)
     path = spec.root / "projections" / f"{key}.npz"
     if not path.is_file() or rank_world()[1] > 1:  # under torchrun every rank enters, to decide together
@@ -180,11 +243,24 @@ def fit_codec(cfg: CacheConfig, spec: CacheSpec, train: Dataset, extractor: Patc
                 for rows in _projection_sample(cfg, fp16, train, extractor, progress):
                     moments.add(rows)
                 mean, components, kept = moments.pca(cfg.pca_dim)
-                log.info("PCA projection on %d patches of %s: %d components keep %.1f%% of the variance", moments.n,
-                         train.name, cfg.pca_dim, 100 * kept)
-                atomic_write(path, lambda f: np.savez(f, mean=mean.astype(np.float32), kept=kept,
-                                                      components=components.astype(np.float32),
-                                                      patches=moments.n, fields=json.dumps(fields)))
+                log.info(
+                    "PCA projection on %d patches of %s: %d components keep %.1f%% of the variance",
+                    moments.n,
+                    train.name,
+                    cfg.pca_dim,
+                    100 * kept,
+                )
+                atomic_write(
+                    path,
+                    lambda f: np.savez(
+                        f,
+                        mean=mean.astype(np.float32),
+                        kept=kept,
+                        components=components.astype(np.float32),
+                        patches=moments.n,
+                        fields=json.dumps(fields),
+                    ),
+                )
     with np.load(path) as z:
         return FeatureCodec(cfg.compress, z["mean"], z["components"])
 
@@ -194,12 +270,18 @@ def _projection_sample(cfg: CacheConfig, fp16: CacheSpec, train: Dataset, extrac
 
     Read from the split's fp16 cache when it exists, else extracted (the same rows either way).
     """
-    chosen = np.sort(np.random.default_rng(PCA_SEED).permutation(len(train.records))[:cfg.pca_images])
+    chosen = np.sort(np.random.default_rng(PCA_SEED).permutation(len(train.records))[: cfg.pca_images])
     warm = cached_features(fp16, train, extractor)
     if warm is not None:
         for i in np.flatnonzero(np.isin(warm.record, chosen) & (warm.view == 0)):
             yield warm.rows[warm.item_slice(i)]
         return
-    for _, image, _ in iter_images(train.records, [(int(r), 0) for r in chosen], workers=fp16.workers,
-                                   device=extractor.device, desc="PCA sample", progress=progress):
+    for _, image, _ in iter_images(
+        train.records,
+        [(int(r), 0) for r in chosen],
+        workers=fp16.workers,
+        device=extractor.device,
+        desc="PCA sample",
+        progress=progress,
+    ):
         yield extractor(image).numpy().astype(np.float16).astype(np.float32)

@@ -34,8 +34,10 @@ def save_figure(fig: Figure, out: str | Path, dpi: int = 100) -> Path:
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower() or "png"
     if fmt not in FORMATS:
-        raise FigureError(f"{out}: figures are written as {', '.join(sorted(FORMATS))}; name the file with one of "
-                          "those suffixes, e.g. labels.png")
+        raise FigureError(
+            f"{out}: figures are written as {', '.join(sorted(FORMATS))}; name the file with one of "
+            "those suffixes, e.g. labels.png"
+        )
     return atomic_write(out, figure_bytes(fig, fmt, dpi))
 
 

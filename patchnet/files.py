@@ -2,9 +2,9 @@
 
 The files patchnet writes (checkpoints, cache chunks, rows and indexes, tables, figures, pages) go
 through ``atomic_write``: a temporary file unique to the process, flushed and fsynced, renamed over the
-target, then the folder fsynced, so a kill or a power loss leaves either the old file or the new one. Every name that comes from the user's data (an image id,
-a class name) becomes a file name through ``safe_name`` only, and every such path is checked to lie
-under its output folder by ``output_path``.
+target, then the folder fsynced, so a kill or a power loss leaves either the old file or the new one.
+Every name that comes from the user's data (an image id, a class name) becomes a file name through
+``safe_name`` only, and every such path is checked to lie under its output folder by ``output_path``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import time
 import unicodedata
 import uuid
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from .errors import PatchnetError
 
@@ -85,8 +86,10 @@ def check_inside(out: str | Path, path: str | Path) -> Path:
     """Raise unless ``path`` (resolved, links followed) lies under the folder ``out``; returns ``path``."""
     root, target = Path(out).resolve(), Path(path).resolve()
     if target != root and root not in target.parents:
-        raise OutputPathError(f"{path} would be written outside its output folder {out} (it resolves to {target}); "
-                              "a link inside the output folder points elsewhere, or a name escaped it")
+        raise OutputPathError(
+            f"{path} would be written outside its output folder {out} (it resolves to {target}); "
+            "a link inside the output folder points elsewhere, or a name escaped it"
+        )
     return Path(path)
 
 
@@ -184,8 +187,13 @@ def file_lock(path: str | Path, what: str, poll: float = 1.0) -> Iterator[None]:
                     break
                 except OSError as e:
                     if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                        log.warning("%s: this file system has no locks (%s); two processes building %s at once "
-                                    "would not wait for each other", path.parent, e.strerror, what)
+                        log.warning(
+                            "%s: this file system has no locks (%s); two processes building %s at once "
+                            "would not wait for each other",
+                            path.parent,
+                            e.strerror,
+                            what,
+                        )
                         break
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise

@@ -48,24 +48,37 @@ class Fusion:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Fusion":
+    def from_dict(cls, d: dict) -> Fusion:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: (np.asarray(v, np.float64) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
 
-def fit_fusion(pool: str, coef: np.ndarray, intercept: np.ndarray, head_scores: np.ndarray, pooled: np.ndarray,
-               labels: np.ndarray, weights=FUSION_WEIGHTS) -> tuple[Fusion, dict]:
+def fit_fusion(
+    pool: str,
+    coef: np.ndarray,
+    intercept: np.ndarray,
+    head_scores: np.ndarray,
+    pooled: np.ndarray,
+    labels: np.ndarray,
+    weights=FUSION_WEIGHTS,
+) -> tuple[Fusion, dict]:
     """Choose the fusion weight by 11-point mAP on held-out (head scores, max-pooled features, labels).
 
     Returns the fusion and the held-out mAP of every weight tried.
     """
     decisions = l2_normalize(pooled) @ coef.T + intercept
     h = score_feature(head_scores, pool)
-    stats = dict(head_mean=h.mean(0), head_std=h.std(0) + 1e-12, linear_mean=decisions.mean(0),
-                 linear_std=decisions.std(0) + 1e-12)
+    stats = {
+        "head_mean": h.mean(0),
+        "head_std": h.std(0) + 1e-12,
+        "linear_mean": decisions.mean(0),
+        "linear_std": decisions.std(0) + 1e-12,
+    }
     tried = {}
     for w in weights:
         fused = Fusion(pool, coef, intercept, **stats, weight=float(w))
-        tried[float(w)] = ap_table(fused.combine(head_scores, decisions), labels, [str(i) for i in range(len(coef))]).map07
+        tried[float(w)] = ap_table(
+            fused.combine(head_scores, decisions), labels, [str(i) for i in range(len(coef))]
+        ).map07
     best = max(tried, key=lambda w: (np.nan_to_num(tried[w], nan=-1.0), -w))  # ties: the smaller weight
     return Fusion(pool, coef, intercept, **stats, weight=best), tried

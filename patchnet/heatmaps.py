@@ -21,8 +21,9 @@ def class_index(classes: list[str], names: list[str]) -> list[int]:
     return [classes.index(n) for n in names]
 
 
-def heatmap_figure(image: np.ndarray, maps: list[np.ndarray], titles: list[str], cols: int = 3,
-                   alpha: float = 0.5) -> Figure:
+def heatmap_figure(
+    image: np.ndarray, maps: list[np.ndarray], titles: list[str], cols: int = 3, alpha: float = 0.5
+) -> Figure:
     """The image under a translucent colour map of each score map, side by side, each with a colour bar."""
     n = len(maps)
     cols = max(1, min(cols, n))
@@ -42,20 +43,40 @@ def heatmap_figure(image: np.ndarray, maps: list[np.ndarray], titles: list[str],
     return fig
 
 
-def class_maps(boxes: np.ndarray, values: np.ndarray, width: int, height: int, classes: list[int],
-               reduce: str = "mean", prior: float = 0.0) -> list[np.ndarray]:
+def class_maps(
+    boxes: np.ndarray,
+    values: np.ndarray,
+    width: int,
+    height: int,
+    classes: list[int],
+    reduce: str = "mean",
+    prior: float = 0.0,
+) -> list[np.ndarray]:
     """Per-pixel maps of the patch values of each class index, averaged (or maxed) over covering patches."""
     return [score_map(boxes, values[:, c], width, height, reduce, prior) for c in classes]
 
 
-def render_heatmaps(image: np.ndarray, boxes: np.ndarray, values: np.ndarray, scores: np.ndarray,
-                    class_names: list[str], chosen: list[int], out: str | Path, reduce: str = "mean", cols: int = 3,
-                    probabilities: np.ndarray | None = None, prior: float = 0.0) -> Path:
+def render_heatmaps(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    values: np.ndarray,
+    scores: np.ndarray,
+    class_names: list[str],
+    chosen: list[int],
+    out: str | Path,
+    reduce: str = "mean",
+    cols: int = 3,
+    probabilities: np.ndarray | None = None,
+    prior: float = 0.0,
+) -> Path:
     """Write one PNG with a heatmap per chosen class; titles give the class, its image score (and probability)."""
     h, w = image.shape[:2]
     maps = class_maps(boxes, values, w, h, chosen, reduce, prior)
-    titles = [f"{class_names[c]}: score {scores[c]:.3g}" + (f", P {probabilities[c]:.2f}" if probabilities is not None
-                                                             else "") for c in chosen]
+    titles = [
+        f"{class_names[c]}: score {scores[c]:.3g}"
+        + (f", P {probabilities[c]:.2f}" if probabilities is not None else "")
+        for c in chosen
+    ]
     return save_figure(heatmap_figure(image, maps, titles, cols), out)
 
 
@@ -82,21 +103,26 @@ def log_heatmaps(writer, head, split, recipe, epoch: int, items: np.ndarray) -> 
         scores = pool_image(logits, recipe.pool, name)
         chosen = top_classes(scores, 2)
         h, w = image.shape[:2]
-        fig = heatmap_figure(image, class_maps(store.patch_boxes[s], values, w, h, chosen),
-                             [f"{dataset.classes[c]}: {scores[c]:.3g}" for c in chosen], cols=2)
+        fig = heatmap_figure(
+            image,
+            class_maps(store.patch_boxes[s], values, w, h, chosen),
+            [f"{dataset.classes[c]}: {scores[c]:.3g}" for c in chosen],
+            cols=2,
+        )
         writer.add_figure(f"heatmaps/{dataset.records[store.record[i]].image_id}", fig, epoch)
         shown += 1
 
 
-def best_patch_per_item(features, offsets: np.ndarray, head, num_classes: int, pool_name: str = "power",
-                        batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def best_patch_per_item(
+    features, offsets: np.ndarray, head, num_classes: int, pool_name: str = "power", batch_size: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
     """For every item and class, the highest map value over its patches and that patch's index (-1 if none)."""
     n = len(offsets) - 1
     scores = np.full((n, num_classes), -1.0, np.float32)
     patches = np.full((n, num_classes), -1, np.int64)
     for start, stop in item_groups(np.diff(offsets), batch_size):
         base = int(offsets[start])
-        values = map_values(head.logits(features[base:int(offsets[stop])]), pool_name).numpy()
+        values = map_values(head.logits(features[base : int(offsets[stop])]), pool_name).numpy()
         for i in range(start, stop):
             a, b = int(offsets[i]) - base, int(offsets[i + 1]) - base
             if b > a:

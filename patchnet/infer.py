@@ -23,8 +23,9 @@ from .recipe import PoolConfig, Recipe, recipe_from_dict
 from .unlock import load_unlocked
 
 
-def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, reduce: str = "mean",
-              prior: float = 0.0) -> np.ndarray:
+def score_map(
+    boxes: np.ndarray, values: np.ndarray, width: int, height: int, reduce: str = "mean", prior: float = 0.0
+) -> np.ndarray:
     """(H, W) map: at each pixel, the mean (or max) of ``values`` over the patches that cover it.
 
     A pixel is covered by a patch when its centre lies inside; uncovered pixels are 0. ``prior``
@@ -40,7 +41,7 @@ def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, re
     if reduce == "max":
         out = np.zeros((height, width))
         for i in np.argsort(values, kind="stable"):  # higher values paint last
-            out[y1[i]:y2[i], x1[i]:x2[i]] = values[i]
+            out[y1[i] : y2[i], x1[i] : x2[i]] = values[i]
         return out.astype(np.float32)
     if reduce != "mean":
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
@@ -53,11 +54,14 @@ def score_map(boxes: np.ndarray, values: np.ndarray, width: int, height: int, re
         np.add.at(diff[layer], (y2, x2), v)
     sums = diff.cumsum(1).cumsum(2)[:, :height, :width]
     mean = values.mean() if len(values) else 0.0
-    return np.where(sums[1] > 0.5, (sums[0] + prior * mean) / np.maximum(sums[1] + prior, 1e-12), 0.0).astype(np.float32)
+    return np.where(sums[1] > 0.5, (sums[0] + prior * mean) / np.maximum(sums[1] + prior, 1e-12), 0.0).astype(
+        np.float32
+    )
 
 
-def image_scores(head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig, pool: str,
-                 fusion: Fusion | None = None) -> np.ndarray:
+def image_scores(
+    head: AdaptationHead, store, items: np.ndarray, cfg: PoolConfig, pool: str, fusion: Fusion | None = None
+) -> np.ndarray:
     """(len(items), C) pooled scores of items of a feature store (fused with the max-pool classifier if given)."""
     scores = pool_items(head, store.rows, store.offsets, cfg, pool, items)
     if fusion is not None:
@@ -73,10 +77,14 @@ def _explain_non_finite(head: AdaptationHead, store, items: np.ndarray) -> None:
         if not np.isfinite(store.rows[store.item_slice(int(i))]).all():
             raise damaged(store.path, f"the features of record {store.record[i]} (and perhaps others) are not finite")
     if not all(torch.isfinite(p).all() for p in head.parameters()):
-        raise CheckpointError("the head's weights hold NaN or inf values: the checkpoint is damaged or its training "
-                              "diverged; train it again (a lower train.lr)")
-    raise CheckpointError(f"{len(items)} images scored NaN or inf from finite features and weights: the scores overflow "
-                          "(try another pooling, e.g. --pool power)")
+        raise CheckpointError(
+            "the head's weights hold NaN or inf values: the checkpoint is damaged or its training "
+            "diverged; train it again (a lower train.lr)"
+        )
+    raise CheckpointError(
+        f"{len(items)} images scored NaN or inf from finite features and weights: the scores overflow "
+        "(try another pooling, e.g. --pool power)"
+    )
 
 
 def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:
@@ -87,8 +95,9 @@ def evaluation_items(store, records: np.ndarray | None = None) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def evaluate(head: AdaptationHead, store, dataset, items: np.ndarray, cfg: PoolConfig, pool: str,
-             fusion: Fusion | None = None) -> tuple[APTable, np.ndarray]:
+def evaluate(
+    head: AdaptationHead, store, dataset, items: np.ndarray, cfg: PoolConfig, pool: str, fusion: Fusion | None = None
+) -> tuple[APTable, np.ndarray]:
     """VOC APs (and accuracy for single-label data) of store ``items``; also their (I, C) scores.
 
     The one evaluation path: training-time selection, the final report and ``patchnet eval``.
@@ -112,8 +121,15 @@ class Prediction:
 class Predictor:
     """A trained checkpoint, ready to score images with its own pooling (or ``pool``)."""
 
-    def __init__(self, checkpoint: str | Path, device: str | None = None, mode: str | None = None,
-                 pool: str | None = None, k: float | None = None, fuse: bool = True):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str | None = None,
+        mode: str | None = None,
+        pool: str | None = None,
+        k: float | None = None,
+        fuse: bool = True,
+    ):
         self.state = load_checkpoint(checkpoint)
         overrides = [f"runtime.device={device}"] if device else []
         if mode:
@@ -127,19 +143,32 @@ class Predictor:
         self.extractor = checkpoint_extractor(self.state, checkpoint, self.recipe)
         # the head reads features stored as in training: through the checkpoint's projection and quantisation
         self.codec = FeatureCodec.from_state(self.state.get("codec"))
-        self.head = AdaptationHead(self.codec.dim(self.extractor.feature_dim), len(self.classes),
-                                   self.recipe.head.hidden, self.recipe.head.dropout)
+        self.head = AdaptationHead(
+            self.codec.dim(self.extractor.feature_dim),
+            len(self.classes),
+            self.recipe.head.hidden,
+            self.recipe.head.dropout,
+        )
         load_head(self.head, self.state, checkpoint)
         self.head.eval()
         self.pool = self.recipe.infer_pool
         fusion = self.state.get("fusion")
         # a fusion (and the calibration fitted on its scores) holds for the pooling it was fitted with
-        self.fusion = (Fusion.from_dict(fusion) if fuse and fusion and fusion["pool"] == self.pool
-                       and self._same_k(fusion) else None)
+        self.fusion = (
+            Fusion.from_dict(fusion)
+            if fuse and fusion and fusion["pool"] == self.pool and self._same_k(fusion)
+            else None
+        )
         cal = self.state.get("calibration")
         # a calibration holds for the pooling (and power) it was fitted on
-        self.calibration = (Calibration.from_dict(cal) if cal and cal["pool"] == self.pool and self._same_k(cal)
-                            and bool(cal.get("fused")) == (self.fusion is not None) else None)
+        self.calibration = (
+            Calibration.from_dict(cal)
+            if cal
+            and cal["pool"] == self.pool
+            and self._same_k(cal)
+            and bool(cal.get("fused")) == (self.fusion is not None)
+            else None
+        )
 
     def _same_k(self, fitted: dict) -> bool:
         return self.pool != "power" or fitted.get("k", self.recipe.pool.k) == self.recipe.pool.k
@@ -181,8 +210,10 @@ def checkpoint_extractor(state: dict, path: str | Path, recipe: Recipe) -> Patch
     check_compatible(state, path, b.name, list(state["classes"]), backbone.feature_dim, backbone.weights_id)
     if recipe.train.unlock:
         if "trunk" not in state:
-            raise CheckpointError(f"{path}: its recipe unlocks {recipe.train.unlock} trunk stages, but it carries no "
-                                  "trained stages (trunk); it is not a complete patchnet checkpoint")
+            raise CheckpointError(
+                f"{path}: its recipe unlocks {recipe.train.unlock} trunk stages, but it carries no "
+                "trained stages (trunk); it is not a complete patchnet checkpoint"
+            )
         try:
             load_unlocked(backbone, state["trunk"], unlock_split(backbone_spec(b.name), recipe.train.unlock))
         except BackboneError as e:
@@ -190,9 +221,17 @@ def checkpoint_extractor(state: dict, path: str | Path, recipe: Recipe) -> Patch
     return build_extractor(recipe, backbone)
 
 
-def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split: str | None = None,
-                   fmt: str | None = None, mode: str | None = None, pool: str | None = None, k: float | None = None,
-                   fuse: bool = True, progress: bool = True):
+def evaluate_split(
+    checkpoint: str | Path,
+    data: str | Path | None = None,
+    split: str | None = None,
+    fmt: str | None = None,
+    mode: str | None = None,
+    pool: str | None = None,
+    k: float | None = None,
+    fuse: bool = True,
+    progress: bool = True,
+):
     """Scores of a checkpoint on a split (default: its recipe's validation split).
 
     Returns the AP table, the number of images scored, and the (predictor, dataset, store, items)
@@ -206,23 +245,29 @@ def evaluate_split(checkpoint: str | Path, data: str | Path | None = None, split
         raise DatasetError("no split given and the recipe has no data.val_split; pass --split")
     dataset = open_split(recipe.data, split, classes=predictor.classes)
     if dataset.classes != predictor.classes:
-        raise CheckpointError(f"{checkpoint}: trained for classes {predictor.classes}, "
-                              f"but {dataset.name} has {dataset.classes}")
-    store = build_features(cache_spec(recipe, predictor.extractor, codec=predictor.codec), dataset, predictor.extractor,
-                           progress=progress)
+        raise CheckpointError(
+            f"{checkpoint}: trained for classes {predictor.classes}, but {dataset.name} has {dataset.classes}"
+        )
+    store = build_features(
+        cache_spec(recipe, predictor.extractor, codec=predictor.codec), dataset, predictor.extractor, progress=progress
+    )
     items = evaluation_items(store)
     table, _ = evaluate(predictor.head, store, dataset, items, recipe.pool, predictor.pool, predictor.fusion)
     return table, len(items), (predictor, dataset, store, items)
 
 
-def pointing_game(head: AdaptationHead, store, dataset, items: np.ndarray, pool: str, prior: float = 0.0,
-                  tolerance: float = 15.0) -> PointingResult:
+def pointing_game(
+    head: AdaptationHead, store, dataset, items: np.ndarray, pool: str, prior: float = 0.0, tolerance: float = 15.0
+) -> PointingResult:
     """The pointing game (Zhang et al. 2016) on the mean score maps of store items."""
     hits, centre, hard = [], [], []
     for i in items:
         rec = dataset.records[store.record[i]]
-        present = [c for c in range(len(dataset.classes))
-                   if rec.labels[c] == 1 and np.any((rec.box_classes == c) & ~rec.box_difficult)]
+        present = [
+            c
+            for c in range(len(dataset.classes))
+            if rec.labels[c] == 1 and np.any((rec.box_classes == c) & ~rec.box_difficult)
+        ]
         if not present:
             continue
         s = store.item_slice(i)

@@ -71,17 +71,30 @@ class LayerStudy:
                 t = r.tables[m]
                 row += f"  {_pct(t.map07):>12}  {_pct(t.map):>11}" + (f"  {_pct(t.top1):>12}" if single else "")
             lines.append(row)
-        lines.append(f"{self.backbone}, {self.pool} features; trained on {self.train_split} ({self.train_images} images), "
-                     f"scored on {self.val_split} ({self.val_images} images)")
+        lines.append(
+            f"{self.backbone}, {self.pool} features; trained on {self.train_split} ({self.train_images} images), "
+            f"scored on {self.val_split} ({self.val_images} images)"
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("recipe", "backbone", "pool", "train_split", "val_split", "train_images",
-                                             "val_images", "methods")}
-        out["stages"] = [{"stage": r.stage, "dim": r.dim, "stride": r.stride, "receptive_field": r.receptive_field,
-                          "methods": {m: {**r.tables[m].to_dict(), "C": [None if np.isnan(c) else c for c in r.cs[m]]}
-                                      for m in self.methods}}
-                         for r in self.results]
+        out = {
+            k: getattr(self, k)
+            for k in ("recipe", "backbone", "pool", "train_split", "val_split", "train_images", "val_images", "methods")
+        }
+        out["stages"] = [
+            {
+                "stage": r.stage,
+                "dim": r.dim,
+                "stride": r.stride,
+                "receptive_field": r.receptive_field,
+                "methods": {
+                    m: {**r.tables[m].to_dict(), "C": [None if np.isnan(c) else c for c in r.cs[m]]}
+                    for m in self.methods
+                },
+            }
+            for r in self.results
+        ]
         return out
 
 
@@ -89,8 +102,15 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or np.isnan(x) else f"{100 * x:.1f}"
 
 
-def layer_study(recipe: Recipe, train_split: str, val_split: str, pool: str = "whole", methods=METHODS,
-                grid=C_GRID, progress: bool = True) -> LayerStudy:
+def layer_study(
+    recipe: Recipe,
+    train_split: str,
+    val_split: str,
+    pool: str = "whole",
+    methods=METHODS,
+    grid=C_GRID,
+    progress: bool = True,
+) -> LayerStudy:
     """Fit each method on every stage's vectors of ``train_split`` and score ``val_split``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -107,15 +127,17 @@ def layer_study(recipe: Recipe, train_split: str, val_split: str, pool: str = "w
         tables, cs = {}, {}
         for m in methods:
             model = fit_linear(train_f.split(s.name), m, grid, seed=r.train.seed, progress=False)
-            tables[m] = ap_table(model.decision(val_f.features[s.name]), val_f.labels, val_f.classes,
-                                 single_label=val_ds.single_label)
+            tables[m] = ap_table(
+                model.decision(val_f.features[s.name]), val_f.labels, val_f.classes, single_label=val_ds.single_label
+            )
             cs[m] = model.cs
             bar.update(1)
         rf = stage_receptive_field(extractor.backbone, s).size
         results.append(LayerResult(s.name, s.dim, s.stride, rf, tables, cs))
     bar.close()
-    return LayerStudy(r.name, r.backbone.name, pool, train_split, val_split, len(train_f.ids), len(val_f.ids),
-                      list(methods), results)
+    return LayerStudy(
+        r.name, r.backbone.name, pool, train_split, val_split, len(train_f.ids), len(val_f.ids), list(methods), results
+    )
 
 
 def write_study(study: LayerStudy, out: Path) -> tuple[Path, Path]:
@@ -133,8 +155,9 @@ def write_study(study: LayerStudy, out: Path) -> tuple[Path, Path]:
     ax.set_xticks(x, [f"{r.stage}\n/{r.stride}" for r in study.results], fontsize=8)
     ax.set_xlabel("stage (and its stride), shallow to deep")
     ax.set_ylabel("mAP, VOC07 11-point (%)")
-    ax.set_title(plain(f"{study.backbone}, {study.pool} features: {study.train_split} -> {study.val_split}"),
-                 fontsize=10)
+    ax.set_title(
+        plain(f"{study.backbone}, {study.pool} features: {study.train_split} -> {study.val_split}"), fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -48,17 +48,30 @@ def pool_store(store: FeatureStore, pool: str = "mean", view: int | None = 0) ->
     return pool_features(store.trunk_rows, store.offsets, items, pool), store.record[items].astype(np.int64)
 
 
-def split_features(recipe: Recipe, dataset: Dataset, extractor, pool: str = "mean", views: int = 0,
-                   progress: bool = True, codec: FeatureCodec | None = None) -> SplitFeatures:
+def split_features(
+    recipe: Recipe,
+    dataset: Dataset,
+    extractor,
+    pool: str = "mean",
+    views: int = 0,
+    progress: bool = True,
+    codec: FeatureCodec | None = None,
+) -> SplitFeatures:
     """Per-image features of a split through the feature cache; augmented views become extra rows.
 
     ``codec``: how the cache stores the rows; default the recipe's (``patchnet.features.cache_spec``).
     """
-    store = build_features(cache_spec(recipe, extractor, codec=codec, progress=progress), dataset, extractor, views=views,
-                           progress=progress)
+    store = build_features(
+        cache_spec(recipe, extractor, codec=codec, progress=progress),
+        dataset,
+        extractor,
+        views=views,
+        progress=progress,
+    )
     rows, records = pool_store(store, pool, view=None)
-    return SplitFeatures([dataset.records[r].image_id for r in records], rows, dataset.labels()[records],
-                         list(dataset.classes))
+    return SplitFeatures(
+        [dataset.records[r].image_id for r in records], rows, dataset.labels()[records], list(dataset.classes)
+    )
 
 
 def _classifier(method: str, C: float, seed: int):
@@ -80,8 +93,15 @@ def cv_folds(y: np.ndarray, groups: np.ndarray | None = None, folds: int = 3, se
     return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
 
 
-def choose_c(x: np.ndarray, y: np.ndarray, method: str, grid=C_GRID, folds: int = 3, seed: int = 0,
-             groups: np.ndarray | None = None) -> float:
+def choose_c(
+    x: np.ndarray,
+    y: np.ndarray,
+    method: str,
+    grid=C_GRID,
+    folds: int = 3,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> float:
     """The C of ``grid`` with the best cross-validated 11-point AP on (x, y in {1, -1}).
 
     Rows with one ``groups`` value (the augmented views of one image) stay in one fold, so that no
@@ -119,8 +139,9 @@ class LinearModel:
         return out
 
 
-def fit_linear(train: SplitFeatures, method: str = "svm", grid=C_GRID, seed: int = 0,
-               progress: bool = True) -> LinearModel:
+def fit_linear(
+    train: SplitFeatures, method: str = "svm", grid=C_GRID, seed: int = 0, progress: bool = True
+) -> LinearModel:
     """One classifier per class (labels 0, difficult-only, are left out of that class's training)."""
     x = l2_normalize(train.features)
     models, cs = [], []
@@ -128,14 +149,18 @@ def fit_linear(train: SplitFeatures, method: str = "svm", grid=C_GRID, seed: int
         keep = train.labels[:, c] != 0
         y = train.labels[keep, c].astype(int)
         if len(set(y.tolist())) < 2:
-            log.warning("class %s has no %s training image: no classifier", name,
-                        "positive" if (y == -1).all() else "negative")
+            log.warning(
+                "class %s has no %s training image: no classifier", name, "positive" if (y == -1).all() else "negative"
+            )
             models.append(None), cs.append(float("nan"))
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # liblinear's convergence chatter on hard C values
-            C = (choose_c(x[keep], y, method, grid, seed=seed, groups=np.asarray(train.ids)[keep])
-                 if len(grid) > 1 else grid[0])
+            C = (
+                choose_c(x[keep], y, method, grid, seed=seed, groups=np.asarray(train.ids)[keep])
+                if len(grid) > 1
+                else grid[0]
+            )
             models.append(_classifier(method, C, seed).fit(x[keep], y))
         cs.append(C)
     return LinearModel(list(train.classes), models, cs)
@@ -146,8 +171,17 @@ def whole_image_recipe(recipe: Recipe) -> Recipe:
     return replace(recipe, patches=replace(recipe.patches, mode="whole"))
 
 
-def linear_baseline(recipe: Recipe, train_split: str, eval_split: str, extractor_for, method: str = "svm",
-                    pool: str = "mean", views: int = 0, grid=C_GRID, progress: bool = True) -> tuple[APTable, LinearModel]:
+def linear_baseline(
+    recipe: Recipe,
+    train_split: str,
+    eval_split: str,
+    extractor_for,
+    method: str = "svm",
+    pool: str = "mean",
+    views: int = 0,
+    grid=C_GRID,
+    progress: bool = True,
+) -> tuple[APTable, LinearModel]:
     """Train per-class linear classifiers on one split and return the VOC AP table on another."""
     train_ds = open_split(recipe.data, train_split)
     eval_ds = open_split(recipe.data, eval_split, classes=train_ds.classes)

@@ -15,8 +15,9 @@ def is_positive(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return ((labels >= 0) & (labels < num_classes)) | (labels == MULTI)
 
 
-def patch_targets(labels: np.ndarray, index: np.ndarray, multi_rows: np.ndarray, multi_targets: np.ndarray,
-                  num_classes: int) -> torch.Tensor:
+def patch_targets(
+    labels: np.ndarray, index: np.ndarray, multi_rows: np.ndarray, multi_targets: np.ndarray, num_classes: int
+) -> torch.Tensor:
     """(N, C + 1) target distributions of patches: one-hot, or spread evenly over a MULTI patch's classes.
 
     ``index``: the patches' rows in the split; ``multi_rows`` (sorted) and ``multi_targets`` (M, C): the

@@ -100,7 +100,7 @@ class APTable:
 
     def format(self) -> str:
         """A plain-text table in percent."""
-        width = max(len(c) for c in self.classes + ["class"])
+        width = max(len(c) for c in [*self.classes, "class"])
         lines = [f"{'class':<{width}}  {'AP07':>6}  {'AP':>6}"]
         for c, a, b in zip(self.classes, self.ap07, self.ap):
             lines.append(f"{c:<{width}}  {_pct(a):>6}  {_pct(b):>6}")
@@ -156,7 +156,7 @@ def union_fraction(boxes: np.ndarray, width: int, height: int) -> float:
     """The fraction of the image covered by the union of the boxes."""
     mask = np.zeros((height, width), bool)
     for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
-        mask[int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = True
+        mask[int(np.floor(y1)) : int(np.ceil(y2)), int(np.floor(x1)) : int(np.ceil(x2))] = True
     return float(mask.mean())
 
 
@@ -173,10 +173,18 @@ class PointingResult:
         def rate(x):
             return float(x.mean()) if len(x) else float("nan")
 
-        return {"all": rate(self.hits), "all_centre": rate(self.centre), "hard": rate(self.hits[self.hard]),
-                "hard_centre": rate(self.centre[self.hard]), "pairs": int(len(self.hits)), "hard_pairs": int(self.hard.sum())}
+        return {
+            "all": rate(self.hits),
+            "all_centre": rate(self.centre),
+            "hard": rate(self.hits[self.hard]),
+            "hard_centre": rate(self.centre[self.hard]),
+            "pairs": len(self.hits),
+            "hard_pairs": int(self.hard.sum()),
+        }
 
     def format(self) -> str:
         r = self.rates()
-        return (f"pointing game: all {r['pairs']} pairs {_pct(r['all'])}% (centre point {_pct(r['all_centre'])}%); "
-                f"harder subset, {r['hard_pairs']} pairs: {_pct(r['hard'])}% (centre point {_pct(r['hard_centre'])}%)")
+        return (
+            f"pointing game: all {r['pairs']} pairs {_pct(r['all'])}% (centre point {_pct(r['all_centre'])}%); "
+            f"harder subset, {r['hard_pairs']} pairs: {_pct(r['hard'])}% (centre point {_pct(r['hard_centre'])}%)"
+        )

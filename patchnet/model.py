@@ -35,7 +35,7 @@ class ByteDropout(nn.Module):
         if not self.training or self.keep == 256:
             return x
         n = x.numel()
-        words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+        words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         byte = words.view(torch.uint8)[:n].view(x.shape).to(x.dtype)  # integers 0..255: exact in bf16 and fp16
         mask = (self.keep - byte).clamp_(0, 1).mul_(256 / self.keep)  # 1 below keep, else 0; then rescaled
         return x * mask
@@ -65,8 +65,12 @@ class AdaptationHead(nn.Module):
         was_training = self.training
         self.eval()
         weight = self.fcb.weight  # the head's device
-        out = [self(torch.from_numpy(np.array(features[i:i + batch_size], dtype=np.float32)).to(weight.device))
-               .float().cpu() for i in range(0, len(features), batch_size)]
+        out = [
+            self(torch.from_numpy(np.array(features[i : i + batch_size], dtype=np.float32)).to(weight.device))
+            .float()
+            .cpu()
+            for i in range(0, len(features), batch_size)
+        ]
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.num_classes + 1)
 
@@ -93,9 +97,11 @@ def load_head(head: nn.Module, state: dict, path: str | Path, key: str = "head")
         head.load_state_dict(state[key])
     except (RuntimeError, KeyError, TypeError) as e:
         shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-        raise CheckpointError(f"{path}: its {key} does not fit the model its recipe builds ({shapes}): "
-                              f"{str(e).splitlines()[0][:300]}. The file was edited or made by another version; "
-                              "use a checkpoint written by patchnet train with this recipe") from None
+        raise CheckpointError(
+            f"{path}: its {key} does not fit the model its recipe builds ({shapes}): "
+            f"{str(e).splitlines()[0][:300]}. The file was edited or made by another version; "
+            "use a checkpoint written by patchnet train with this recipe"
+        ) from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -113,16 +119,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def check_compatible(state: dict, path: str | Path, backbone: str, classes: list[str], feature_dim: int,
-                     weights_id: str | None = None) -> None:
+def check_compatible(
+    state: dict, path: str | Path, backbone: str, classes: list[str], feature_dim: int, weights_id: str | None = None
+) -> None:
     """Refuse a checkpoint made for another backbone, weights or class list, saying what differs."""
     theirs = state["recipe"]["backbone"]["name"]
     if theirs != backbone or state["feature_dim"] != feature_dim:
-        raise CheckpointError(f"{path}: trained on backbone {theirs} ({state['feature_dim']}-d features), "
-                              f"but this run uses {backbone} ({feature_dim}-d)")
+        raise CheckpointError(
+            f"{path}: trained on backbone {theirs} ({state['feature_dim']}-d features), "
+            f"but this run uses {backbone} ({feature_dim}-d)"
+        )
     if weights_id is not None and state.get("weights_id") not in (None, weights_id):
-        raise CheckpointError(f"{path}: trained on features of backbone weights {state['weights_id']!r}, but this "
-                              f"run's {backbone} has weights {weights_id!r}; its head would score features it never "
-                              "saw. Use the same backbone.weights as the checkpoint's recipe.yaml")
+        raise CheckpointError(
+            f"{path}: trained on features of backbone weights {state['weights_id']!r}, but this "
+            f"run's {backbone} has weights {weights_id!r}; its head would score features it never "
+            "saw. Use the same backbone.weights as the checkpoint's recipe.yaml"
+        )
     if list(state["classes"]) != list(classes):
         raise CheckpointError(f"{path}: trained for classes {state['classes']}, but the data has {classes}")

@@ -12,15 +12,25 @@ What is pooled:
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from .recipe import POOLINGS, PoolConfig
 
-__all__ = ["POOLINGS", "gather_items", "item_groups", "l2_normalize", "map_values", "patch_values", "pool", "pool_features",
-           "pool_image", "pool_items"]
+__all__ = [
+    "POOLINGS",
+    "gather_items",
+    "item_groups",
+    "l2_normalize",
+    "map_values",
+    "patch_values",
+    "pool",
+    "pool_features",
+    "pool_image",
+    "pool_items",
+]
 
 
 def patch_values(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -106,15 +116,22 @@ def item_groups(counts: np.ndarray, max_patches: int = 32768) -> Iterator[tuple[
 
 def gather_items(features, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
     """float32 rows of the patches of ``items`` (in that order) from a (memory-mapped) feature array."""
-    parts = [features[int(offsets[i]):int(offsets[i + 1])] for i in items]
+    parts = [features[int(offsets[i]) : int(offsets[i + 1])] for i in items]
     if not parts:
         return np.zeros((0, features.shape[1]), np.float32)
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 @torch.no_grad()
-def pool_items(head, features, offsets: np.ndarray, cfg: PoolConfig, name: str | None = None,
-               items: np.ndarray | None = None, max_patches: int = 32768) -> np.ndarray:
+def pool_items(
+    head,
+    features,
+    offsets: np.ndarray,
+    cfg: PoolConfig,
+    name: str | None = None,
+    items: np.ndarray | None = None,
+    max_patches: int = 32768,
+) -> np.ndarray:
     """(I, C) image scores of ``items`` (default: all) of a feature array, e.g. a memory-mapped store.
 
     Items are streamed in groups of about ``max_patches`` patches; items without patches score NaN.
@@ -132,8 +149,9 @@ def pool_items(head, features, offsets: np.ndarray, cfg: PoolConfig, name: str |
     return out
 
 
-def pool_features(features, offsets: np.ndarray, items: np.ndarray, name: str = "max",
-                  max_patches: int = 32768) -> np.ndarray:
+def pool_features(
+    features, offsets: np.ndarray, items: np.ndarray, name: str = "max", max_patches: int = 32768
+) -> np.ndarray:
     """(len(items), d) float32 mean- or max-pooled raw patch features of items with at least one patch."""
     if name not in ("mean", "max"):
         raise ValueError(f"features are pooled by mean or max, got {name!r}")
@@ -143,8 +161,9 @@ def pool_features(features, offsets: np.ndarray, items: np.ndarray, name: str = 
     for start, stop in item_groups(counts, max_patches):
         x = torch.from_numpy(gather_items(features, offsets, items[start:stop]))
         c = torch.from_numpy(counts[start:stop])
-        out[start:stop] = (_padded(x, c, -torch.inf)[0].amax(1) if name == "max"
-                           else _padded(x, c, 0.0)[0].sum(1) / c[:, None]).numpy()
+        out[start:stop] = (
+            _padded(x, c, -torch.inf)[0].amax(1) if name == "max" else _padded(x, c, 0.0)[0].sum(1) / c[:, None]
+        ).numpy()
     return out
 
 

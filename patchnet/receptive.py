@@ -51,12 +51,18 @@ def _geometry(m: nn.Module) -> tuple[int, int, int, int] | None:
         pad = d * (k - 1) // 2 if m.padding == "same" else _first(m.padding)
         return k, _first(m.stride), pad, d
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-        return (_first(m.kernel_size), _first(m.stride or m.kernel_size), _first(m.padding),
-                _first(getattr(m, "dilation", 1)))
+        return (
+            _first(m.kernel_size),
+            _first(m.stride or m.kernel_size),
+            _first(m.padding),
+            _first(getattr(m, "dilation", 1)),
+        )
     return None
 
 
-def trunk_layers(trunk: nn.Module, module: str = "", shortcuts: tuple[str, ...] = ()) -> list[tuple[int, int, int, int]]:
+def trunk_layers(
+    trunk: nn.Module, module: str = "", shortcuts: tuple[str, ...] = ()
+) -> list[tuple[int, int, int, int]]:
     """Geometry of the convolutions and poolings from the input to the output of ``module`` ("" = all).
 
     Modules are taken in registration order, which is the order of the forward pass on the main path

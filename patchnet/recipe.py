@@ -14,9 +14,26 @@ import yaml
 from .errors import PatchnetError
 
 VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 ]
 # The paper lists these nine values of lambda (its text says "eight scales").
 PAPER_SCALES = [1.0, 1.3, 1.6, 2.0, 2.4, 2.8, 3.2, 3.6, 4.0]
@@ -47,7 +64,9 @@ class DataConfig:
     boxes: bool = True  # false: read image-level labels only (VOC/COCO boxes are ignored)
     limit: int = 0  # use only the first N images of each split (0: all), for quick checks
     max_pixels: int = MAX_PIXELS  # larger images are skipped (counted) before decoding; at most Pillow's 178956970
-    annotations: str = ""  # coco: the annotation file, from data.root ({split} is replaced), e.g. {split}/_annotations.coco.json
+    annotations: str = (
+        ""  # coco: the annotation file, from data.root ({split} is replaced), e.g. {split}/_annotations.coco.json
+    )
     images: str = ""  # coco: the image folder, from data.root ({split} is replaced); "" = beside the annotation file
 
 
@@ -55,7 +74,9 @@ class DataConfig:
 class PatchConfig:
     scales: list[float] = field(default_factory=lambda: list(PAPER_SCALES))
     step: float = 1 / 3  # grid step as a fraction of the patch side
-    mode: Literal["exact", "shared", "whole"] = "shared"  # exact (the paper's crops) | shared (one trunk pass per scale) | whole (baseline)
+    mode: Literal["exact", "shared", "whole"] = (
+        "shared"  # exact (the paper's crops) | shared (one trunk pass per scale) | whole (baseline)
+    )
     levels: list[float] = field(default_factory=list)  # shared: pyramid levels; [] = one per scale
     max_side: int = 1600  # shared: cap on the long side of a rescaled image (memory bound)
     exact_up_to: float = 0.0  # shared: scales <= this are cropped and run alone, as in exact mode (0: none)
@@ -91,12 +112,16 @@ class PoolConfig:
 
 @dataclass
 class TrainConfig:
-    supervision: Supervision = "boxes"  # boxes (patch labels) | images (image labels only) | both (the sum of the losses)
+    supervision: Supervision = (
+        "boxes"  # boxes (patch labels) | images (image labels only) | both (the sum of the losses)
+    )
     image_weight: float = 1.0  # both: weight of the image loss against the patch loss
     image_batch: int = 8  # images / both: whole images per step (all their patches in one forward pass)
     multilabel: bool = False  # boxes / both: keep patches that match objects of several classes, with a sigmoid loss
     holdout: float = 0.1  # fraction of the training images held out (fixed by the seed) to choose best.pt on
-    precision: Precision = "auto"  # the head's autocast: auto (bf16 on CUDA and on CPUs with native bf16) | fp32 | bf16 | fp16
+    precision: Precision = (
+        "auto"  # the head's autocast: auto (bf16 on CUDA and on CPUs with native bf16) | fp32 | bf16 | fp16
+    )
     epochs: int = 30
     batch_size: int = 256
     lr: float = 0.01
@@ -115,7 +140,9 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    pool: Literal["", "power", "max", "lse", "topk"] = ""  # pooling that scores images: "" = the recipe's pool.name (the model's own), or one of POOLINGS
+    pool: Literal["", "power", "max", "lse", "topk"] = (
+        ""  # pooling that scores images: "" = the recipe's pool.name (the model's own), or one of POOLINGS
+    )
     map_prior: float = 0.0  # score maps: pseudo-patches of the image's mean value added to each pixel's mean
     fuse: bool = False  # add a max-pool linear SVM's decision to the pooled score (weight chosen on held-out images)
 
@@ -183,17 +210,23 @@ class Recipe:
         try:
             return check_inside(self.runtime.output, self.run_dir)
         except OutputPathError:
-            raise RecipeError(f"name {self.name!r} would put the run outside runtime.output ({self.runtime.output}); "
-                              "choose a name without '..'") from None
+            raise RecipeError(
+                f"name {self.name!r} would put the run outside runtime.output ({self.runtime.output}); "
+                "choose a name without '..'"
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "Recipe":
+    def validate(self) -> Recipe:
+        """Check every field against the others and against the backbone registry; returns the recipe."""
+        self._check_backbone()
+        self._check_patches()
+        self._check_training()
+        return self
+
+    def _check_backbone(self) -> None:
         from .backbones import BackboneError, backbone_spec, check_layer, check_patch_mode, unlock_split
-        if not 0 < self.data.max_pixels <= PILLOW_LIMIT:
-            raise RecipeError(f"data.max_pixels must lie in (0, {PILLOW_LIMIT}] (Pillow refuses larger images as "
-                              f"decompression bombs), got {self.data.max_pixels}")
 
         try:  # names, layers, the modes a backbone can run and its stages come from the backbone registry
             spec = backbone_spec(self.backbone.name)
@@ -206,8 +239,22 @@ class Recipe:
         if self.train.unlock_lr <= 0:
             raise RecipeError(f"train.unlock_lr must be positive (a fraction of train.lr), got {self.train.unlock_lr}")
         if self.train.unlock and self.cache.compress != "none":
-            raise RecipeError(f"train.unlock caches fp16 maps below the unlocked stages, not patch features, so "
-                              f"cache.compress={self.cache.compress} has nothing to compress; set cache.compress: none")
+            raise RecipeError(
+                f"train.unlock caches fp16 maps below the unlocked stages, not patch features, so "
+                f"cache.compress={self.cache.compress} has nothing to compress; set cache.compress: none"
+            )
+        if self.cache.pca_dim < 1 or self.cache.pca_images < 1:
+            raise RecipeError(
+                f"cache.pca_dim and cache.pca_images must be at least 1, got {self.cache.pca_dim} "
+                f"and {self.cache.pca_images}"
+            )
+
+    def _check_patches(self) -> None:
+        if not 0 < self.data.max_pixels <= PILLOW_LIMIT:
+            raise RecipeError(
+                f"data.max_pixels must lie in (0, {PILLOW_LIMIT}] (Pillow refuses larger images as "
+                f"decompression bombs), got {self.data.max_pixels}"
+            )
         if not self.patches.scales or min(self.patches.scales) < 1.0:
             raise RecipeError(f"patches.scales must be a non-empty list of values >= 1, got {self.patches.scales}")
         if not 0.0 < self.patches.step <= 0.5:
@@ -215,32 +262,37 @@ class Recipe:
                 f"patches.step must lie in (0, 0.5] so that neighbours overlap by at least 50%, got {self.patches.step}"
             )
         if self.patches.exact_up_to and (self.patches.exact_up_to < 1.0 or self.patches.mode != "shared"):
-            raise RecipeError(f"patches.exact_up_to applies to shared mode and must be 0 (off) or a scale >= 1; "
-                              f"got {self.patches.exact_up_to} with patches.mode={self.patches.mode}")
-        if not 0.0 <= self.train.bg_rate <= 1.0:
-            raise RecipeError(f"train.bg_rate must lie in [0, 1], got {self.train.bg_rate}")
-        if self.train.supervision != "boxes" and self.pool.name == "power":
-            raise RecipeError(f"train.supervision={self.train.supervision} trains through the pooling, and pool.name=power "
-                              "scores images at inference only; set pool.name to max, lse or topk "
-                              "(and infer.pool=power to score with the power-k mean)")
-        if self.train.supervision != "images" and not self.data.boxes:
-            raise RecipeError(f"train.supervision={self.train.supervision} needs boxes, but data.boxes is false; "
-                              "use train.supervision=images to learn from image labels alone")
+            raise RecipeError(
+                f"patches.exact_up_to applies to shared mode and must be 0 (off) or a scale >= 1; "
+                f"got {self.patches.exact_up_to} with patches.mode={self.patches.mode}"
+            )
         p = self.pool
         if p.k <= 0 or p.r <= 0 or not 0 < p.top <= 1 or not 0 <= p.bottom <= 1:
             raise RecipeError(f"pool needs k > 0, r > 0, top in (0, 1] and bottom in [0, 1]; got {p}")
-        if not 0.0 <= self.train.holdout < 1.0:
-            raise RecipeError(f"train.holdout must lie in [0, 1), got {self.train.holdout}")
-        if self.train.image_batch < 1 or self.train.image_weight < 0:
+
+    def _check_training(self) -> None:
+        t = self.train
+        if not 0.0 <= t.bg_rate <= 1.0:
+            raise RecipeError(f"train.bg_rate must lie in [0, 1], got {t.bg_rate}")
+        if t.supervision != "boxes" and self.pool.name == "power":
+            raise RecipeError(
+                f"train.supervision={t.supervision} trains through the pooling, and pool.name=power "
+                "scores images at inference only; set pool.name to max, lse or topk "
+                "(and infer.pool=power to score with the power-k mean)"
+            )
+        if t.supervision != "images" and not self.data.boxes:
+            raise RecipeError(
+                f"train.supervision={t.supervision} needs boxes, but data.boxes is false; "
+                "use train.supervision=images to learn from image labels alone"
+            )
+        if not 0.0 <= t.holdout < 1.0:
+            raise RecipeError(f"train.holdout must lie in [0, 1), got {t.holdout}")
+        if t.image_batch < 1 or t.image_weight < 0:
             raise RecipeError("train.image_batch must be at least 1 and train.image_weight non-negative")
-        if self.cache.pca_dim < 1 or self.cache.pca_images < 1:
-            raise RecipeError(f"cache.pca_dim and cache.pca_images must be at least 1, got {self.cache.pca_dim} "
-                              f"and {self.cache.pca_images}")
         if not 0.0 <= self.head.dropout < 1.0:
             raise RecipeError(f"head.dropout must lie in [0, 1), got {self.head.dropout}")
-        if self.train.epochs < 1 or self.train.batch_size < 1:
+        if t.epochs < 1 or t.batch_size < 1:
             raise RecipeError("train.epochs and train.batch_size must be at least 1")
-        return self
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -249,8 +301,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is Literal:  # a choice: the message lists the accepted values
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise RecipeError(f"{key} must be one of {', '.join(repr(a) if a == '' else str(a) for a in allowed)}; "
-                              f"got {value!r}")
+            raise RecipeError(
+                f"{key} must be one of {', '.join(repr(a) if a == '' else str(a) for a in allowed)}; got {value!r}"
+            )
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -275,8 +328,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise RecipeError(f"unknown recipe key(s) {', '.join(prefix + u for u in unknown)}; "
-                          f"valid keys here: {', '.join(prefix + n for n in names)}")
+        raise RecipeError(
+            f"unknown recipe key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys here: {', '.join(prefix + n for n in names)}"
+        )
     kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -297,16 +352,23 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             problem = str(getattr(e, "problem", "") or e).strip()
-            raise RecipeError(f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); write lists as "
-                              "[1, 2], and quote strings that hold ':', '[' or '{', e.g. "
-                              f"{key.strip()}='\"text\"'") from None
+            raise RecipeError(
+                f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); write lists as "
+                "[1, 2], and quote strings that hold ':', '[' or '{', e.g. "
+                f"{key.strip()}='\"text\"'"
+            ) from None
     return values
 
 
 # Keys of older recipes and where they live now.
-_MOVED = {("infer", "k"): ("pool", "k"), ("backbone", "device"): ("runtime", "device"),
-          ("backbone", "batch_size"): ("runtime", "trunk_batch"), ("train", "num_workers"): ("runtime", "workers"),
-          ("train", "heatmaps"): ("runtime", "heatmaps"), ("cache", "dir"): ("runtime", "cache_dir")}
+_MOVED = {
+    ("infer", "k"): ("pool", "k"),
+    ("backbone", "device"): ("runtime", "device"),
+    ("backbone", "batch_size"): ("runtime", "trunk_batch"),
+    ("train", "num_workers"): ("runtime", "workers"),
+    ("train", "heatmaps"): ("runtime", "heatmaps"),
+    ("cache", "dir"): ("runtime", "cache_dir"),
+}
 
 
 def _migrate(values: dict[str, Any]) -> dict[str, Any]:
@@ -351,7 +413,7 @@ def _read_values(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         return values
     if not isinstance(base, str) or not base:
         raise RecipeError(f"recipe file {path}: base must be the path of another recipe file, got {base!r}")
-    return _merge(_read_values(path.parent / base, chain + (path.resolve(),)), values)
+    return _merge(_read_values(path.parent / base, (*chain, path.resolve())), values)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -11,9 +11,8 @@ import base64
 import html
 import io
 import json
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -75,8 +74,9 @@ def embed_2d(features: np.ndarray, seed: int = 0, pca_dims: int = 50) -> np.ndar
     if x.shape[1] > pca_dims and n > pca_dims:
         x = PCA(pca_dims, random_state=seed).fit_transform(x)
     # t-SNE needs a perplexity below the number of points
-    xy = TSNE(2, perplexity=min(30.0, max(1.0, (n - 1) / 3)), init="pca", learning_rate="auto",
-              random_state=seed).fit_transform(x)
+    xy = TSNE(
+        2, perplexity=min(30.0, max(1.0, (n - 1) / 3)), init="pca", learning_rate="auto", random_state=seed
+    ).fit_transform(x)
     xy -= xy.min(0)
     xy /= max(xy.max(), 1e-12)
     return xy + (1 - xy.max(0)) / 2
@@ -133,17 +133,30 @@ def _thumb(path: Path, size: int = 150, quality: int = 80) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def browse_data(paths: list[Path], ids: list[str], xy: np.ndarray, neighbours: np.ndarray, neighbour_d: np.ndarray,
-                labels: np.ndarray, classes: list[str], main: np.ndarray, thumb: int = 64) -> dict:
+def browse_data(
+    paths: list[Path],
+    ids: list[str],
+    xy: np.ndarray,
+    neighbours: np.ndarray,
+    neighbour_d: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    main: np.ndarray,
+    thumb: int = 64,
+) -> dict:
     """The map's data for the page: each image's thumbnail once (a small JPEG), its map position, its
     classes and main class, and its neighbours with their distances (indices into the same lists)."""
     return {
         "ids": list(ids),
-        "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
+        "x": np.round(xy[:, 0], 4).tolist(),
+        "y": np.round(xy[:, 1], 4).tolist(),
         "thumbs": [_thumb(p, thumb, quality=70) for p in tqdm(paths, desc="thumbnails", unit="img", leave=False)],
-        "neighbours": neighbours.tolist(), "distances": np.round(neighbour_d, 3).tolist(),
-        "classes": list(classes), "colours": class_colours(len(classes)),
-        "labels": [np.flatnonzero(row == 1).tolist() for row in labels], "main": main.tolist(),
+        "neighbours": neighbours.tolist(),
+        "distances": np.round(neighbour_d, 3).tolist(),
+        "classes": list(classes),
+        "colours": class_colours(len(classes)),
+        "labels": [np.flatnonzero(row == 1).tolist() for row in labels],
+        "main": main.tolist(),
     }
 
 
@@ -255,45 +268,82 @@ def _browse_section(data: dict) -> str:
     return BROWSE.format(n=len(data["ids"]), k=k, data=blob, js=MAP_JS)
 
 
-def write_page(out: Path, title: str, collection_paths: list[Path], collection_ids: list[str], queries: list[dict],
-               dist: np.ndarray, neighbours: np.ndarray, classes: list[str] | None = None,
-               precision: np.ndarray | None = None, k: int = 8, browse: dict | None = None) -> Path:
+def write_page(
+    out: Path,
+    title: str,
+    collection_paths: list[Path],
+    collection_ids: list[str],
+    queries: list[dict],
+    dist: np.ndarray,
+    neighbours: np.ndarray,
+    classes: list[str] | None = None,
+    precision: np.ndarray | None = None,
+    k: int = 8,
+    browse: dict | None = None,
+) -> Path:
     """A self-contained HTML page (thumbnails and plots inlined) for the given queries, with the map of
     ``browse`` (from ``browse_data``) when given."""
     sections, hists = [], {}
     for qi, q in enumerate(queries):
         nd = dist[qi, neighbours[qi]]
         hists[str(qi)] = _histogram(dist[qi], nd, f"query {q['name']}")
-        cells = [f'<figure class="q"><img src="{_thumb(q["path"])}"><figcaption>query<br>{html.escape(q["name"])}'
-                 f"</figcaption></figure>"]
-        for j, d in zip(neighbours[qi], nd):
-            cells.append(f'<figure><img src="{_thumb(collection_paths[j])}"><figcaption>{html.escape(collection_ids[j])}'
-                         f"<br>d = {d:.3f}</figcaption></figure>")
-        sections.append(f'<h3>{html.escape(q["name"])}</h3><div class="row">{"".join(cells)}'
-                        f'<figure><img src="{hists[str(qi)]}"><figcaption>distances to all {dist.shape[1]} images; '
-                        f"red: the {k} neighbours</figcaption></figure></div>")
+        sections.append(
+            _query_section(q, hists[str(qi)], collection_paths, collection_ids, neighbours[qi], nd, dist.shape[1], k)
+        )
     options = "".join(f'<option value="{i}">{html.escape(q["name"])}</option>' for i, q in enumerate(queries))
-    options_b = "".join(f'<option value="{i}"{" selected" if i == min(1, len(queries) - 1) else ""}>'
-                        f'{html.escape(q["name"])}</option>' for i, q in enumerate(queries))
-    table = ""
-    if precision is not None and classes is not None:
-        rows = "".join(f"<tr><th>{html.escape(c)}</th><td>{'n/a' if np.isnan(p) else f'{100 * p:.1f}'}</td></tr>"
-                       for c, p in zip(classes, precision))
-        table = (f"<h2>What do these features retrieve? Mean precision@{k} per class</h2>"
-                 f"<p>Every image of the collection as a query (itself left out); for the queries showing a "
-                 f"class, the share of their {k} neighbours that show it too.</p><table>{rows}"
-                 f"<tr><th>mean</th><td>{100 * np.nanmean(precision):.1f}</td></tr></table>")
-    page = PAGE.format(title=html.escape(title), summary=f"{len(queries)} queries against {dist.shape[1]} images, "
-                       f"L2 distance between L2-normalised features.", options=options, options_b=options_b,
-                       browse=_browse_section(browse) if browse else "",
-                       table=table, sections="".join(sections), hist_js=json.dumps(hists))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(out, page)
+    options_b = "".join(
+        f'<option value="{i}"{" selected" if i == min(1, len(queries) - 1) else ""}>{html.escape(q["name"])}</option>'
+        for i, q in enumerate(queries)
+    )
+    page = PAGE.format(
+        title=html.escape(title),
+        summary=f"{len(queries)} queries against {dist.shape[1]} images, L2 distance between L2-normalised features.",
+        options=options,
+        options_b=options_b,
+        browse=_browse_section(browse) if browse else "",
+        table=_precision_table(classes, precision, k) if precision is not None and classes is not None else "",
+        sections="".join(sections),
+        hist_js=json.dumps(hists),
+    )
+    return atomic_write(Path(out), page)
 
 
-def collection_page(out, title: str, paths: list[Path], f, queries: list[dict], k: int, area: np.ndarray | None = None,
-                    seed: int = 0) -> np.ndarray:
+def _query_section(
+    q: dict, hist: str, paths: list[Path], ids: list[str], neighbours: np.ndarray, nd: np.ndarray, total: int, k: int
+) -> str:
+    """A query, its neighbours with their distances, and its histogram of distances."""
+    cells = [
+        f'<figure class="q"><img src="{_thumb(q["path"])}"><figcaption>query<br>{html.escape(q["name"])}'
+        "</figcaption></figure>"
+    ]
+    for j, d in zip(neighbours, nd):
+        cells.append(
+            f'<figure><img src="{_thumb(paths[j])}"><figcaption>{html.escape(ids[j])}'
+            f"<br>d = {d:.3f}</figcaption></figure>"
+        )
+    return (
+        f'<h3>{html.escape(q["name"])}</h3><div class="row">{"".join(cells)}'
+        f'<figure><img src="{hist}"><figcaption>distances to all {total} images; '
+        f"red: the {k} neighbours</figcaption></figure></div>"
+    )
+
+
+def _precision_table(classes: list[str], precision: np.ndarray, k: int) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(c)}</th><td>{'n/a' if np.isnan(p) else f'{100 * p:.1f}'}</td></tr>"
+        for c, p in zip(classes, precision)
+    )
+    return (
+        f"<h2>What do these features retrieve? Mean precision@{k} per class</h2>"
+        f"<p>Every image of the collection as a query (itself left out); for the queries showing a "
+        f"class, the share of their {k} neighbours that show it too.</p><table>{rows}"
+        f"<tr><th>mean</th><td>{100 * np.nanmean(precision):.1f}</td></tr></table>"
+    )
+
+
+def collection_page(
+    out, title: str, paths: list[Path], f, queries: list[dict], k: int, area: np.ndarray | None = None, seed: int = 0
+) -> np.ndarray:
     """The page of a collection's features ``f`` (a SplitFeatures) and the queries; returns precision@k per class.
 
     A query is ``{"name", "path"}`` with either ``"row"`` (an image of the collection) or ``"feature"``.
@@ -306,14 +356,16 @@ def collection_page(out, title: str, paths: list[Path], f, queries: list[dict], 
         qf = np.stack([f.features[q["row"]] if "row" in q else q["feature"] for q in queries])
         dist = distances(qf, f.features)
         neighbours = nearest(dist, k, exclude=np.array([q.get("row", -1) for q in queries]))
-    browse = browse_data(paths, f.ids, embed_2d(f.features, seed), every, every_d, f.labels, f.classes,
-                         main_class(f.labels, area))
+    browse = browse_data(
+        paths, f.ids, embed_2d(f.features, seed), every, every_d, f.labels, f.classes, main_class(f.labels, area)
+    )
     write_page(out, title, paths, f.ids, queries, dist, neighbours, f.classes, precision, k, browse)
     return precision
 
 
-def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], query_images: list, num_queries: int,
-                   k: int, what: str):
+def retrieval_page(
+    recipe, split: str, reduce: str, out, query_ids: list[str], query_images: list, num_queries: int, k: int, what: str
+):
     """Features of a split, precision@k of every image as a query, and the HTML page of the chosen queries.
 
     Queries are image ids of the split, image files, or (neither given) ``num_queries`` drawn by the seed.
@@ -337,6 +389,14 @@ def retrieval_page(recipe, split: str, reduce: str, out, query_ids: list[str], q
         pick = np.random.default_rng(recipe.train.seed).choice(len(f.ids), min(num_queries, len(f.ids)), replace=False)
         chosen = [{"name": f.ids[i], "path": records[f.ids[i]].path, "row": int(i)} for i in sorted(pick)]
     rows = [records[i] for i in f.ids]
-    precision = collection_page(out, f"patchnet retrieval: {dataset.name} ({recipe.backbone.name}, {what})",
-                                [r.path for r in rows], f, chosen, k, box_area(rows, len(f.classes)), recipe.train.seed)
+    precision = collection_page(
+        out,
+        f"patchnet retrieval: {dataset.name} ({recipe.backbone.name}, {what})",
+        [r.path for r in rows],
+        f,
+        chosen,
+        k,
+        box_area(rows, len(f.classes)),
+        recipe.train.seed,
+    )
     return f, precision

@@ -100,7 +100,7 @@ class PatchPlan:
         out = np.zeros(starts[-1], np.int64)
         for lv, level in enumerate(self.levels):
             for i in level.grids:
-                out[starts[i]:starts[i + 1]] = lv
+                out[starts[i] : starts[i + 1]] = lv
         return out
 
 
@@ -214,15 +214,19 @@ class SplitStatistics:
 
     def format(self) -> str:
         c = len(self.classes)
-        width = max(len(n) for n in self.classes + ["background"])
+        width = max(len(n) for n in [*self.classes, "background"])
         ppi = self.patches_per_image
-        lines = [f"{self.images} images, {int(ppi.sum())} patches "
-                 f"({ppi.mean():.0f} per image, min {ppi.min()}, max {ppi.max()})",
-                 f"{self.unboxed_images} images name a class with no box of it: their background patches are ignored",
-                 f"{'label':<{width}}  {'objects':>8}  {'difficult':>9}  {'patches':>9}"]
+        lines = [
+            f"{self.images} images, {int(ppi.sum())} patches "
+            f"({ppi.mean():.0f} per image, min {ppi.min()}, max {ppi.max()})",
+            f"{self.unboxed_images} images name a class with no box of it: their background patches are ignored",
+            f"{'label':<{width}}  {'objects':>8}  {'difficult':>9}  {'patches':>9}",
+        ]
         for i, name in enumerate(self.classes):
             lines.append(f"{name:<{width}}  {self.objects[i]:>8}  {self.difficult[i]:>9}  {self.patches[i]:>9}")
-        lines.append(f"{'positive':<{width}}  {self.objects.sum():>8}  {self.difficult.sum():>9}  {self.patches[:c].sum():>9}")
+        lines.append(
+            f"{'positive':<{width}}  {self.objects.sum():>8}  {self.difficult.sum():>9}  {self.patches[:c].sum():>9}"
+        )
         lines.append(f"{'background':<{width}}  {'':>8}  {'':>9}  {self.patches[c]:>9}")
         lines.append(f"{'ignored':<{width}}  {'':>8}  {'':>9}  {self.patches[c + 1]:>9}")
         return "\n".join(lines)
@@ -243,5 +247,6 @@ def split_statistics(dataset, patches_cfg) -> SplitStatistics:
         boxed = np.zeros(c, bool)
         boxed[r.box_classes] = True
         unboxed += bool(np.any((r.labels >= 0) & ~boxed))
-    return SplitStatistics(list(dataset.classes), len(dataset), objects, difficult, totals, np.array(per_image),
-                           unboxed)
+    return SplitStatistics(
+        list(dataset.classes), len(dataset), objects, difficult, totals, np.array(per_image), unboxed
+    )

@@ -73,8 +73,16 @@ def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False
     return labels, np.zeros(0, np.int64), np.zeros((0, num_classes), bool)
 
 
-def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, spec: CacheSpec, views: int = 0,
-                  progress: bool = True, classes: list[str] | None = None, dataset: Dataset | None = None) -> SplitData:
+def prepare_split(
+    recipe: Recipe,
+    split: str,
+    extractor: PatchExtractor,
+    spec: CacheSpec,
+    views: int = 0,
+    progress: bool = True,
+    classes: list[str] | None = None,
+    dataset: Dataset | None = None,
+) -> SplitData:
     """Open a split (or take ``dataset``), build (or reuse) its cache in ``spec``, and label its patches where
     boxes are used. With ``train.unlock`` the cache holds the maps below the unlocked stages instead.
 
@@ -82,8 +90,10 @@ def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, spec: C
     """
     dataset = dataset or open_split(recipe.data, split, classes)
     if recipe.train.supervision != "images" and not dataset.has_boxes:
-        raise DatasetError(f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
-                           "patch labels; use --set train.supervision=images to learn from image labels alone")
+        raise DatasetError(
+            f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
+            "patch labels; use --set train.supervision=images to learn from image labels alone"
+        )
     if recipe.train.unlock:
         unlock = unlock_split(backbone_spec(recipe.backbone.name), recipe.train.unlock)
         store = build_maps(spec, dataset, extractor, unlock, views=views, progress=progress)
@@ -91,8 +101,9 @@ def prepare_split(recipe: Recipe, split: str, extractor: PatchExtractor, spec: C
         store = build_features(spec, dataset, extractor, views=views, progress=progress)
     if recipe.train.supervision == "images":
         c = len(dataset.classes)
-        return SplitData(dataset, store, np.full(store.num_patches, IGNORE, np.int64), np.zeros(0, np.int64),
-                         np.zeros((0, c), bool))
+        return SplitData(
+            dataset, store, np.full(store.num_patches, IGNORE, np.int64), np.zeros(0, np.int64), np.zeros((0, c), bool)
+        )
     return SplitData(dataset, store, *patch_labels(store, dataset, recipe.train.multilabel))
 
 
@@ -112,16 +123,20 @@ def held_out(train_data: SplitData, selection: Selection | None) -> np.ndarray:
     return np.isin(store.record, store.record[selection.items])
 
 
-def selection_split(recipe: Recipe, train_data: SplitData, extractor: PatchExtractor, spec: CacheSpec,
-                    progress: bool = True) -> Selection | None:
+def selection_split(
+    recipe: Recipe, train_data: SplitData, extractor: PatchExtractor, spec: CacheSpec, progress: bool = True
+) -> Selection | None:
     """The images best.pt is chosen on: ``data.select_split``, else ``train.holdout`` of the training images."""
     if recipe.data.select_split:
         if recipe.data.select_split == recipe.data.val_split:
-            raise CheckpointError(f"data.select_split and data.val_split are both {recipe.data.val_split!r}: a "
-                                  "checkpoint chosen on the reported split overstates it; choose on another split "
-                                  "or leave select_split empty to hold out train.holdout of the training images")
-        data = prepare_split(recipe, recipe.data.select_split, extractor, spec, progress=progress,
-                             classes=train_data.dataset.classes)
+            raise CheckpointError(
+                f"data.select_split and data.val_split are both {recipe.data.val_split!r}: a "
+                "checkpoint chosen on the reported split overstates it; choose on another split "
+                "or leave select_split empty to hold out train.holdout of the training images"
+            )
+        data = prepare_split(
+            recipe, recipe.data.select_split, extractor, spec, progress=progress, classes=train_data.dataset.classes
+        )
         return Selection(data, evaluation_items(data.store))
     if recipe.train.holdout <= 0:
         return None
@@ -132,7 +147,18 @@ def selection_split(recipe: Recipe, train_data: SplitData, extractor: PatchExtra
 def log_split(name: str, data: SplitData, selection: Selection | None) -> None:
     c = len(data.dataset.classes)
     counts = np.bincount(np.where(data.labels < 0, c + 1, data.labels), minlength=c + 2)
-    held = (f"; {len(selection.items)} images held out to choose best.pt"
-            if selection is not None and selection.data is data else "")
-    log.info("%s: %d images, %d patches: %d positive, %d background, %d ignored or multi-label%s", name,
-             len(data.dataset), len(data.labels), counts[:c].sum(), counts[c], counts[c + 1], held)
+    held = (
+        f"; {len(selection.items)} images held out to choose best.pt"
+        if selection is not None and selection.data is data
+        else ""
+    )
+    log.info(
+        "%s: %d images, %d patches: %d positive, %d background, %d ignored or multi-label%s",
+        name,
+        len(data.dataset),
+        len(data.labels),
+        counts[:c].sum(),
+        counts[c],
+        counts[c + 1],
+        held,
+    )

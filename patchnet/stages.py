@@ -38,8 +38,9 @@ class StageExtractor(PatchExtractor):
     """
 
     def __init__(self, backbone: Backbone, recipe: Recipe):
-        super().__init__(backbone, recipe.patches, recipe.backbone, recipe.runtime.device, recipe.runtime.trunk_batch,
-                         fuse=False)
+        super().__init__(
+            backbone, recipe.patches, recipe.backbone, recipe.runtime.device, recipe.runtime.trunk_batch, fuse=False
+        )
         self.stages = self.backbone.stages
 
     def whole_maps(self, img: torch.Tensor, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], tuple]:
@@ -85,8 +86,9 @@ class StageExtractor(PatchExtractor):
             with self.autocast():
                 maps = self.backbone.stage_maps(scaled)
             fx, fy = scaled.shape[-1] / w, scaled.shape[-2] / h
-            boxes = torch.from_numpy(np.concatenate([grids[i].boxes for i in level.grids])).to(self.device,
-                                                                                                torch.float32)
+            boxes = torch.from_numpy(np.concatenate([grids[i].boxes for i in level.grids])).to(
+                self.device, torch.float32
+            )
             boxes = boxes * torch.tensor([fx, fy, fx, fy], device=self.device)
             for s in self.stages:
                 # the trunk's output carries the backbone's cell offset (AlexNet); inner maps are taken unshifted
@@ -127,13 +129,18 @@ class StageFeatures:
 
 def stage_cache_key(recipe: Recipe, dataset: Dataset, extractor: StageExtractor) -> tuple[Path, dict]:
     """The cache folder of a split's stage vectors and its key's fields: the feature cache's, and the stages."""
-    fields = {**cache_fields(dataset, extractor), "study": "layers", "layers_version": LAYERS_VERSION,
-              "stages": [(s.name, s.module, s.head) for s in extractor.stages]}
+    fields = {
+        **cache_fields(dataset, extractor),
+        "study": "layers",
+        "layers_version": LAYERS_VERSION,
+        "stages": [(s.name, s.module, s.head) for s in extractor.stages],
+    }
     return Path(recipe.runtime.cache_dir) / "layers" / digest(fields), fields
 
 
 def stage_features(recipe: Recipe, dataset: Dataset, extractor: StageExtractor, progress: bool = True) -> StageFeatures:
-    """The stage vectors of a split, from the cache or computed there first (``meta.json``, written last, marks it done)."""
+    """The stage vectors of a split, from the cache or computed there first (``meta.json``, written last, marks
+    it done)."""
     path, fields = stage_cache_key(recipe, dataset, extractor)
     if not (path / "meta.json").is_file() or rank_world()[1] > 1:  # under torchrun every rank enters, to agree
         with building(path, f"stage cache {path.name}"):
@@ -142,16 +149,22 @@ def stage_features(recipe: Recipe, dataset: Dataset, extractor: StageExtractor, 
     meta = json.loads((path / "meta.json").read_text())
     records = np.asarray(meta["records"], np.int64)
     features = {s: np.load(path / f"{s}.npy") for s in meta["stages"]}
-    return StageFeatures([dataset.records[r].image_id for r in records], dataset.labels()[records],
-                         list(dataset.classes), features)
+    return StageFeatures(
+        [dataset.records[r].image_id for r in records], dataset.labels()[records], list(dataset.classes), features
+    )
 
 
 def _compute_stage_features(recipe, dataset, extractor, path: Path, fields: dict, progress: bool) -> None:
     rows: dict[str, list[np.ndarray]] = {s.name: [] for s in extractor.stages}
     records, failures = [], []
-    for i, image, info in iter_images(dataset.records, workers=recipe.runtime.workers, device=extractor.device,
-                                      desc=f"stages {dataset.name.rsplit(':', 1)[-1]}", progress=progress,
-                                      keep_failures=True):
+    for i, image, info in iter_images(
+        dataset.records,
+        workers=recipe.runtime.workers,
+        device=extractor.device,
+        desc=f"stages {dataset.name.rsplit(':', 1)[-1]}",
+        progress=progress,
+        keep_failures=True,
+    ):
         if image is None:
             failures.append(info)
             continue
@@ -161,7 +174,6 @@ def _compute_stage_features(recipe, dataset, extractor, path: Path, fields: dict
     path.mkdir(parents=True, exist_ok=True)
     for s in extractor.stages:
         x = np.stack(rows[s.name]) if records else np.zeros((0, s.dim), np.float32)
-        atomic_write(path / f"{s.name}.npy", lambda f: np.save(f, x.astype(np.float32)))
-    meta = {"fields": fields, "stages": [s.name for s in extractor.stages],
-            "records": records, "failures": failures}
+        atomic_write(path / f"{s.name}.npy", lambda f, x=x: np.save(f, x.astype(np.float32)))
+    meta = {"fields": fields, "stages": [s.name for s in extractor.stages], "records": records, "failures": failures}
     atomic_write(path / "meta.json", json.dumps(meta, indent=1))

@@ -27,8 +27,10 @@ def make_optimizer(head: AdaptationHead, recipe: Recipe, stages: UnlockedStages 
     groups = [{"params": weights, "weight_decay": t.weight_decay}, {"params": biases, "weight_decay": 0.0}]
     if stages is not None:
         trunk, lr = [p for _, p in stages.trainable()], t.lr * t.unlock_lr
-        groups += [{"params": [p for p in trunk if p.ndim > 1], "weight_decay": t.weight_decay, "lr": lr},
-                   {"params": [p for p in trunk if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
+        groups += [
+            {"params": [p for p in trunk if p.ndim > 1], "weight_decay": t.weight_decay, "lr": lr},
+            {"params": [p for p in trunk if p.ndim <= 1], "weight_decay": 0.0, "lr": lr},
+        ]
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
 
 
@@ -42,8 +44,12 @@ class LRSchedule:
 
     def stops(self, loss: float) -> bool:
         """Whether ``step`` with this epoch's ``loss`` will end the run (a plateau after the last decay)."""
-        return (self.t.schedule == "plateau" and loss >= self.best * (1 - 1e-3)
-                and self.bad_epochs + 1 > self.t.plateau_patience and self.decays >= self.t.max_decays)
+        return (
+            self.t.schedule == "plateau"
+            and loss >= self.best * (1 - 1e-3)
+            and self.bad_epochs + 1 > self.t.plateau_patience
+            and self.decays >= self.t.max_decays
+        )
 
     def step(self, epoch_done: int, loss: float) -> bool:
         """Update after ``epoch_done`` epochs; False when a plateau comes after the last decay (stop)."""
@@ -83,21 +89,21 @@ class EpochSums:
     correct: int = 0
     patches: int = 0
 
-    def add(self, loss: float, correct: int, patches: int) -> "EpochSums":
+    def add(self, loss: float, correct: int, patches: int) -> EpochSums:
         return EpochSums(self.loss_sum + loss, self.steps + 1, self.correct + correct, self.patches + patches)
 
 
 def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.getrng_state()}
+    state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.getrng_state(device)
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _setrng_state(state: dict, device: torch.device) -> None:
-    torch.setrng_state(state["cpu"])
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.setrng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class TrainState:
@@ -108,8 +114,9 @@ class TrainState:
     resumed epoch draws the same dropout masks as an uninterrupted one.
     """
 
-    def __init__(self, head: AdaptationHead, recipe: Recipe, device: torch.device,
-                 stages: UnlockedStages | None = None):
+    def __init__(
+        self, head: AdaptationHead, recipe: Recipe, device: torch.device, stages: UnlockedStages | None = None
+    ):
         self.head, self.stages, self.device = head, stages, device
         self.optimizer = make_optimizer(head, recipe, stages)
         self.schedule = LRSchedule(self.optimizer, recipe)
@@ -123,10 +130,20 @@ class TrainState:
     def state_dict(self) -> dict:
         trunk = {} if self.stages is None else {"trunk": {k: v.cpu() for k, v in self.stages.state().items()}}
         fusion = {} if self.fusion is None else {"fusion": self.fusion}
-        return {"head": self.head.state_dict(), **trunk, "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best_map07": self.best, "history": list(self.history), "carry": asdict(self.sums),
-                "rng": dict(self.rng), "calibration": self.calibration, **fusion}
+        return {
+            "head": self.head.state_dict(),
+            **trunk,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_map07": self.best,
+            "history": list(self.history),
+            "carry": asdict(self.sums),
+            "rng": dict(self.rng),
+            "calibration": self.calibration,
+            **fusion,
+        }
 
     def load_state_dict(self, state: dict, path: str | Path = "the checkpoint") -> None:
         load_head(self.head, state, path)
@@ -139,4 +156,4 @@ class TrainState:
         self.fusion = state.get("fusion")
         self.sums = EpochSums(**state["carry"])
         self.rng = dict(state["rng"])
-        _setrng_state(self.rng, self.device)
+        _set_rng_state(self.rng, self.device)

@@ -92,8 +92,15 @@ class TrainResult:
 class Trainer:
     """Runs the epochs of one recipe on prepared splits (see the module docstring)."""
 
-    def __init__(self, recipe: Recipe, train_data: SplitData, selection: Selection | None, state: TrainState,
-                 meta: dict, progress: bool = True):
+    def __init__(
+        self,
+        recipe: Recipe,
+        train_data: SplitData,
+        selection: Selection | None,
+        state: TrainState,
+        meta: dict,
+        progress: bool = True,
+    ):
         self.recipe, self.t, self.data, self.selection, self.state = recipe, recipe.train, train_data, selection, state
         self.progress = progress
         self.rank, self.world = rank_world()
@@ -117,26 +124,42 @@ class Trainer:
         """The remaining steps of the current epoch; the state stays consistent after every step."""
         s, t = self.state, self.t
         images = t.supervision != "boxes" or s.stages is not None  # batches of whole images
-        order = (np.random.default_rng([t.seed, s.epoch]).permutation(self.train_items) if images
-                 else epoch_indices(self.labels, self.num_classes, t.bg_rate, t.seed, s.epoch))
+        order = (
+            np.random.default_rng([t.seed, s.epoch]).permutation(self.train_items)
+            if images
+            else epoch_indices(self.labels, self.num_classes, t.bg_rate, t.seed, s.epoch)
+        )
         per_rank = max(1, (t.image_batch if images else t.batch_size) // (1 if images else self.world))
         # whole batches only, so that one process and several see the same global batches
         steps = max(1, len(order) // (per_rank * self.world))
-        order = order[self.rank::self.world]
-        keep_bg = (np.random.default_rng([t.seed, s.epoch, 1]).random(len(self.labels)) < t.bg_rate
-                   if images and t.supervision != "images" else None)
+        order = order[self.rank :: self.world]
+        keep_bg = (
+            np.random.default_rng([t.seed, s.epoch, 1]).random(len(self.labels)) < t.bg_rate
+            if images and t.supervision != "images"
+            else None
+        )
         s.head.train()
-        bar = tqdm(total=steps, initial=s.step, desc=f"epoch {s.epoch + 1}/{t.epochs}", unit="batch",
-                   disable=not self.progress or self.rank != 0, dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=steps,
+            initial=s.step,
+            desc=f"epoch {s.epoch + 1}/{t.epochs}",
+            unit="batch",
+            disable=not self.progress or self.rank != 0,
+            dynamic_ncols=True,
+            leave=False,
+        )
         tick, seen = time.perf_counter(), 0
         while s.step < steps:
-            batch = np.sort(order[s.step * per_rank:(s.step + 1) * per_rank])
-            loss, correct, patches, n = (self._image_step(batch, keep_bg) if images else self._patch_step(batch))
+            batch = np.sort(order[s.step * per_rank : (s.step + 1) * per_rank])
+            loss, correct, patches, n = self._image_step(batch, keep_bg) if images else self._patch_step(batch)
             self._commit_step(loss, correct, patches)
             seen += n
             bar.update(1)
-            bar.set_postfix(loss=f"{s.sums.loss_sum / s.sums.steps:.4f}",
-                            patches_s=f"{seen / max(time.perf_counter() - tick, 1e-9):.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{s.sums.loss_sum / s.sums.steps:.4f}",
+                patches_s=f"{seen / max(time.perf_counter() - tick, 1e-9):.0f}",
+                refresh=False,
+            )
         bar.close()
         self.epoch_seconds = time.perf_counter() - tick
 
@@ -161,12 +184,22 @@ class Trainer:
         leaves the state at "all steps of epoch E done": resume re-runs exactly this method.
         """
         s = self.state
-        sums = all_sum(torch.tensor([s.sums.loss_sum, s.sums.steps, s.sums.correct, s.sums.patches],
-                                    dtype=torch.float64))
+        sums = all_sum(
+            torch.tensor([s.sums.loss_sum, s.sums.steps, s.sums.correct, s.sums.patches], dtype=torch.float64)
+        )
         loss, acc = (sums[0] / max(sums[1], 1)).item(), (sums[2] / max(sums[3], 1)).item()
-        end = EpochEnd({"epoch": s.epoch + 1, "loss": loss, "patch_acc": acc, "lr": s.optimizer.param_groups[0]["lr"],
-                        "seconds": round(self.epoch_seconds, 3)}, calibration=s.calibration, fusion=s.fusion,
-                       stop=s.schedule.stops(loss))
+        end = EpochEnd(
+            {
+                "epoch": s.epoch + 1,
+                "loss": loss,
+                "patch_acc": acc,
+                "lr": s.optimizer.param_groups[0]["lr"],
+                "seconds": round(self.epoch_seconds, 3),
+            },
+            calibration=s.calibration,
+            fusion=s.fusion,
+            stop=s.schedule.stops(loss),
+        )
         for callback in self.callbacks:
             getattr(callback, "before_commit", _nothing)(s, end)
         with hold_interrupts():  # commit
@@ -189,8 +222,9 @@ class Trainer:
             while s.epoch < self.t.epochs:
                 self.run_epoch()
                 if not self.end_epoch():
-                    log.info("loss plateaued after %d learning-rate decays: stopping at epoch %d",
-                             s.schedule.decays, s.epoch)
+                    log.info(
+                        "loss plateaued after %d learning-rate decays: stopping at epoch %d", s.schedule.decays, s.epoch
+                    )
                     break
         except KeyboardInterrupt:
             # every step and end_epoch commit leaves the state consistent; no collective calls here
@@ -198,8 +232,12 @@ class Trainer:
                 if self.rank:
                     atomic_write(_sums_path(self.recipe.run_dir, self.rank), json.dumps(asdict(s.sums)))
                 self.checkpoints.save(s, self.checkpoints.last)
-            log.warning("interrupted: saved %s at epoch %d, step %d; continue with --resume", self.checkpoints.last,
-                        s.epoch + 1, s.step)
+            log.warning(
+                "interrupted: saved %s at epoch %d, step %d; continue with --resume",
+                self.checkpoints.last,
+                s.epoch + 1,
+                s.step,
+            )
             raise
         finally:
             for callback in self.callbacks:
@@ -213,8 +251,11 @@ class Trainer:
             return self.model(x.to(device)).float()
 
     def _patch_loss(self, logits: torch.Tensor, labels: np.ndarray, index: np.ndarray) -> torch.Tensor:
-        targets = (patch_targets(labels, index, self.data.multi_rows, self.data.multi_targets, self.num_classes)
-                   if self.t.multilabel else None)
+        targets = (
+            patch_targets(labels, index, self.data.multi_rows, self.data.multi_targets, self.num_classes)
+            if self.t.multilabel
+            else None
+        )
         return patch_loss(logits, labels, targets)
 
     def _patch_step(self, idx: np.ndarray):
@@ -231,8 +272,11 @@ class Trainer:
         counts = np.diff(store.offsets)[items]
         index = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in items])
         labels = self.labels[index]
-        train = (is_positive(labels, self.num_classes) | ((labels == self.num_classes) & keep_bg[index])
-                 if sup != "images" else None)
+        train = (
+            is_positive(labels, self.num_classes) | ((labels == self.num_classes) & keep_bg[index])
+            if sup != "images"
+            else None
+        )
         if self.state.stages is None:
             x = torch.from_numpy(gather_items(store.rows, store.offsets, items))
             logits = self._forward(x)
@@ -261,7 +305,7 @@ class Trainer:
         maps = [self.data.store.item_maps(i) for i in items]
         if rows is not None:
             ends = np.cumsum(counts)
-            maps = [m.subset(np.flatnonzero(rows[e - n:e])) for m, n, e in zip(maps, counts, ends)]
+            maps = [m.subset(np.flatnonzero(rows[e - n : e])) for m, n, e in zip(maps, counts, ends)]
         device = self.state.device
         with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             x, logits = self.model(maps)
@@ -271,14 +315,18 @@ class Trainer:
         if torch.isfinite(loss):
             return
         s = self.state
-        counts = (f"; labels {np.bincount(labels[labels >= 0], minlength=self.num_classes + 1).tolist()}"
-                  if labels is not None else "")
+        counts = (
+            f"; labels {np.bincount(labels[labels >= 0], minlength=self.num_classes + 1).tolist()}"
+            if labels is not None
+            else ""
+        )
         raise TrainingError(
             f"loss became {loss.item()} at epoch {s.epoch + 1}, step {s.step + 1} "
             f"(lr {s.optimizer.param_groups[0]['lr']:.3g}); last batch: features mean {x.mean():.3g}, "
             f"std {x.std():.3g}, max |x| {x.abs().max():.3g}, any non-finite: {not torch.isfinite(x).all()}{counts}. "
             f"{self.checkpoints.last} is left as it was; lower train.lr, or check the feature cache "
-            f"(patchnet cache verify --cache-dir {Path(self.recipe.runtime.cache_dir)}).")
+            f"(patchnet cache verify --cache-dir {Path(self.recipe.runtime.cache_dir)})."
+        )
 
 
 def _nothing(*_args) -> None:
@@ -327,38 +375,59 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         b = recipe.backbone
         backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
     extractor = build_extractor(recipe) if backbone is None else build_extractor(recipe, backbone)
-    # a resumed run keeps the projection its head was trained on; unlock stores its maps as they are
-    codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else None
-    train_set = open_split(recipe.data, recipe.data.train_split)
-    spec = cache_spec(recipe, extractor, train_set, FeatureCodec() if recipe.train.unlock else codec, progress)
-    train_data = prepare_split(recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views,
-                               progress=progress, dataset=train_set)
+    train_data, selection, val, spec = _splits(recipe, extractor, saved, progress)
     classes = train_data.dataset.classes
-    selection = selection_split(recipe, train_data, extractor, spec, progress)
-    log_split("train", train_data, selection)
-    val = (prepare_split(recipe, recipe.data.val_split, extractor, spec, progress=progress, classes=classes)
-           if recipe.data.val_split else None)
     torch.manual_seed(recipe.train.seed)
     device = extractor.device
-    head = AdaptationHead(train_data.store.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout).to(device)
+    head = AdaptationHead(train_data.store.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout)
     stages = _unlocked_stages(recipe, backbone, device, [train_data, selection.data if selection else None, val])
-    state = TrainState(head, recipe, device, stages)
+    state = TrainState(head.to(device), recipe, device, stages)
     # feature_dim: the trunk's; the head reads codec.dim(feature_dim) values, the codec's projection applied
-    meta = {"recipe": recipe.to_dict(), "classes": classes, "feature_dim": extractor.feature_dim,
-            "weights_id": extractor.backbone.weights_id, "codec": spec.codec.state_dict()}
+    meta = {
+        "recipe": recipe.to_dict(),
+        "classes": classes,
+        "feature_dim": extractor.feature_dim,
+        "weights_id": extractor.backbone.weights_id,
+        "codec": spec.codec.state_dict(),
+    }
     if saved is not None:
-        check_compatible(saved, recipe.run_dir / "last.pt", recipe.backbone.name, classes, extractor.feature_dim,
-                         extractor.backbone.weights_id)
-        state.load_state_dict(saved, recipe.run_dir / "last.pt")
-        if rank:
-            sums = _sums_path(recipe.run_dir, rank)
-            state.sums = EpochSums(**json.loads(sums.read_text())) if sums.is_file() else EpochSums()
-        log.info("resuming %s at epoch %d, step %d", recipe.run_dir, state.epoch + 1, state.step)
+        _resume(state, saved, recipe, extractor, classes)
     Trainer(recipe, train_data, selection, state, meta, progress).fit()
     if rank:
         _sums_path(recipe.run_dir, rank).unlink(missing_ok=True)
     table = _report(recipe, state, val) if val is not None and rank == 0 else None
     return TrainResult(recipe.run_dir, state.epoch, state.best, table, time.perf_counter() - started)
+
+
+def _splits(recipe: Recipe, extractor, saved: dict | None, progress: bool):
+    """The training split, the selection images, the validation split (or None), and the cache they are in."""
+    # a resumed run keeps the projection its head was trained on; unlock stores its maps as they are
+    codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else None
+    train_set = open_split(recipe.data, recipe.data.train_split)
+    spec = cache_spec(recipe, extractor, train_set, FeatureCodec() if recipe.train.unlock else codec, progress)
+    train_data = prepare_split(
+        recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views, progress=progress, dataset=train_set
+    )
+    selection = selection_split(recipe, train_data, extractor, spec, progress)
+    log_split("train", train_data, selection)
+    val = None
+    if recipe.data.val_split:
+        val = prepare_split(
+            recipe, recipe.data.val_split, extractor, spec, progress=progress, classes=train_data.dataset.classes
+        )
+    return train_data, selection, val, spec
+
+
+def _resume(state: TrainState, saved: dict, recipe: Recipe, extractor, classes: list[str]) -> None:
+    """Load the saved run into ``state``, refusing one made for another backbone, weights or class list."""
+    last = recipe.run_dir / "last.pt"
+    check_compatible(saved, last, recipe.backbone.name, classes, extractor.feature_dim, extractor.backbone.weights_id)
+    state.load_state_dict(saved, last)
+    rank = rank_world()[0]
+    if rank:
+        sums = _sums_path(recipe.run_dir, rank)
+        state.sums = EpochSums(**json.loads(sums.read_text())) if sums.is_file() else EpochSums()
+    log.info("resuming %s at epoch %d, step %d", recipe.run_dir, state.epoch + 1, state.step)
 
 
 def _saved_run(recipe: Recipe) -> dict:
@@ -368,8 +437,10 @@ def _saved_run(recipe: Recipe) -> dict:
         raise CheckpointError(f"--resume: {last_path} does not exist; start without --resume")
     saved = load_checkpoint(last_path)
     if _resume_key(recipe_from_dict(saved["recipe"]).to_dict()) != _resume_key(recipe.to_dict()):
-        raise CheckpointError(f"--resume: {last_path} was made with another recipe; resume with the saved one: "
-                              f"patchnet train --recipe {recipe.run_dir / 'recipe.yaml'} --resume")
+        raise CheckpointError(
+            f"--resume: {last_path} was made with another recipe; resume with the saved one: "
+            f"patchnet train --recipe {recipe.run_dir / 'recipe.yaml'} --resume"
+        )
     return saved
 
 
@@ -378,7 +449,8 @@ def _unlocked_stages(recipe: Recipe, backbone, device: torch.device, splits: lis
     if backbone is None:
         return None
     stages = UnlockedStages(backbone, unlock_split(backbone_spec(backbone.name), recipe.train.unlock)).to(
-        device, memory_format=torch.channels_last if recipe.backbone.channels_last else torch.contiguous_format)
+        device, memory_format=torch.channels_last if recipe.backbone.channels_last else torch.contiguous_format
+    )
     for data in splits:
         if data is not None:  # their features come from the stages as they are when read
             data.store.attach(stages, autocast_dtype(recipe.train.precision, device))
@@ -388,15 +460,19 @@ def _unlocked_stages(recipe: Recipe, backbone, device: torch.device, splits: lis
 def _report(recipe: Recipe, state: TrainState, val: SplitData) -> APTable:
     """last.pt on the validation split (with its fusion): reported, never used to choose."""
     fusion = Fusion.from_dict(state.fusion) if state.fusion is not None else None
-    table, _ = evaluate(state.head, val.store, val.dataset, evaluation_items(val.store), recipe.pool,
-                        recipe.infer_pool, fusion)
-    log.info("last.pt on %s: mAP %.1f (11-pt) %.1f (envelope)", recipe.data.val_split, 100 * table.map07,
-             100 * table.map)
+    table, _ = evaluate(
+        state.head, val.store, val.dataset, evaluation_items(val.store), recipe.pool, recipe.infer_pool, fusion
+    )
+    log.info(
+        "last.pt on %s: mAP %.1f (11-pt) %.1f (envelope)", recipe.data.val_split, 100 * table.map07, 100 * table.map
+    )
     return table
 
 
 def _resume_key(values: dict) -> dict:
     """What a resumed run must share with the saved one: all but the runtime section and train.epochs
     (a finished run may be extended)."""
-    return {**{k: v for k, v in values.items() if k != "runtime"},
-            "train": {k: v for k, v in values["train"].items() if k != "epochs"}}
+    return {
+        **{k: v for k, v in values.items() if k != "runtime"},
+        "train": {k: v for k, v in values["train"].items() if k != "epochs"},
+    }

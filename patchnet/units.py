@@ -97,8 +97,9 @@ class UnitPeaks:
 def unit_peaks(extractor, dataset: Dataset, stage: str, progress: bool = True, workers: int = 0) -> UnitPeaks:
     """Peaks of every channel of ``stage`` in every readable image of ``dataset`` (a ``StageExtractor``)."""
     records, values, ys, xs, scale = [], [], [], [], []
-    for i, image, _ in iter_images(dataset.records, workers=workers, device=extractor.device, desc=f"units {stage}",
-                                   progress=progress):
+    for i, image, _ in iter_images(
+        dataset.records, workers=workers, device=extractor.device, desc=f"units {stage}", progress=progress
+    ):
         maps, s = extractor.image_maps(image, [stage])
         v, y, x = map_peaks(maps[stage][0])
         records.append(i), values.append(v), ys.append(y), xs.append(x), scale.append(s)
@@ -117,8 +118,9 @@ def crop_square(image: np.ndarray, cx: float, cy: float, side: float, size: int 
     return np.asarray(canvas.resize((size, size), Image.BILINEAR))
 
 
-def unit_crops(peaks: UnitPeaks, dataset: Dataset, rf: ReceptiveField, channels: list[int], k: int = 9,
-               size: int = 64) -> dict[int, list[np.ndarray]]:
+def unit_crops(
+    peaks: UnitPeaks, dataset: Dataset, rf: ReceptiveField, channels: list[int], k: int = 9, size: int = 64
+) -> dict[int, list[np.ndarray]]:
     """Per channel, the receptive fields of its top-``k`` peaks, cropped from the original images.
 
     A field wider than the image's short side is cut to it (deep units see more than the image).
@@ -173,8 +175,9 @@ def default_stage(backbone: Backbone) -> str:
     return conv[len(conv) // 2].name
 
 
-def unit_views(recipe: Recipe, split: str, stage: str = "", channels: int = 32, out: str | Path = "units",
-               progress: bool = True) -> tuple[Path, Path]:
+def unit_views(
+    recipe: Recipe, split: str, stage: str = "", channels: int = 32, out: str | Path = "units", progress: bool = True
+) -> tuple[Path, Path]:
     """Write ``filters.png`` (first-layer filters) and ``units_<stage>.png`` (top-9 patches per channel)."""
     extractor = build_stage_extractor(recipe)
     backbone = extractor.backbone
@@ -182,8 +185,9 @@ def unit_views(recipe: Recipe, split: str, stage: str = "", channels: int = 32, 
     s = backbone.stage(stage)
     if s.head:
         conv = ", ".join(t.name for t in backbone.stages if not t.head)
-        raise PatchnetError(f"stage {stage} of {backbone.name} is a vector without locations; choose a "
-                            f"convolutional stage: {conv}")
+        raise PatchnetError(
+            f"stage {stage} of {backbone.name} is a vector without locations; choose a convolutional stage: {conv}"
+        )
     out = Path(out)
     filters = filter_grid(first_filters(backbone), out / "filters.png")
     dataset = open_split(recipe.data, split)
@@ -191,7 +195,9 @@ def unit_views(recipe: Recipe, split: str, stage: str = "", channels: int = 32, 
     rf = stage_receptive_field(backbone, s)
     chosen = peaks.most_active(channels)
     crops = unit_crops(peaks, dataset, rf, chosen)
-    title = (f"{backbone.name} {stage} ({s.dim} channels, stride {s.stride}, receptive field {rf.size:.0f} px): "
-             f"top {len(next(iter(crops.values())))} of {len(peaks.records)} {split} images for the "
-             f"{len(chosen)} most active channels")
+    title = (
+        f"{backbone.name} {stage} ({s.dim} channels, stride {s.stride}, receptive field {rf.size:.0f} px): "
+        f"top {len(next(iter(crops.values())))} of {len(peaks.records)} {split} images for the "
+        f"{len(chosen)} most active channels"
+    )
     return filters, unit_sheet(crops, title, output_path(out, f"units_{stage}", ".png"))

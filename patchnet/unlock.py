@@ -18,8 +18,19 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, BackboneError, Unlock
-from .cache import (INDEX_ARRAYS, ItemIndex, building, chunk_arrays, chunk_rows, complete, finish_join, memmap, ready,
-                    save_chunk, write_rows)
+from .cache import (
+    INDEX_ARRAYS,
+    ItemIndex,
+    building,
+    chunk_arrays,
+    chunk_rows,
+    complete,
+    finish_join,
+    memmap,
+    ready,
+    save_chunk,
+    write_rows,
+)
 from .codec import FeatureCodec
 from .datasets import Dataset
 from .dist import rank_world
@@ -44,9 +55,11 @@ def load_unlocked(backbone: Backbone, state: dict[str, torch.Tensor], unlock: Un
     """
     expected = unlocked_state(backbone, unlock)
     if set(state) != set(expected):
-        raise BackboneError(f"the trained stages hold {len(state)} tensors ({sorted(state)[:2]}...), but "
-                            f"train.unlock={unlock.n} of {backbone.name} has {len(expected)} "
-                            f"({sorted(expected)[:2]}...)")
+        raise BackboneError(
+            f"the trained stages hold {len(state)} tensors ({sorted(state)[:2]}...), but "
+            f"train.unlock={unlock.n} of {backbone.name} has {len(expected)} "
+            f"({sorted(expected)[:2]}...)"
+        )
     backbone.trunk.load_state_dict(state, strict=False)
     hashed = hashlib.sha256()
     for k in sorted(state):
@@ -64,7 +77,7 @@ class ImageMaps:
     boxes: np.ndarray  # (P, 4) patches in image pixels, in the order of the patch plan
     level: np.ndarray  # (P,) the level each patch is pooled from
 
-    def subset(self, rows: np.ndarray) -> "ImageMaps":
+    def subset(self, rows: np.ndarray) -> ImageMaps:
         """The same maps with only the patches ``rows``."""
         return ImageMaps(self.maps, self.factors, self.boxes[rows], self.level[rows])
 
@@ -151,12 +164,14 @@ class MapStore(ItemIndex):
     def item_maps(self, i: int) -> ImageMaps:
         """The boundary maps of item ``i`` and its patches."""
         a, b = int(self.level_offsets[i]), int(self.level_offsets[i + 1])
-        maps = [self.maps[self.cell_offsets[lv]:self.cell_offsets[lv + 1]].reshape(*self.level_shape[lv], self.map_dim)
-                for lv in range(a, b)]
+        maps = [
+            self.maps[self.cell_offsets[lv] : self.cell_offsets[lv + 1]].reshape(*self.level_shape[lv], self.map_dim)
+            for lv in range(a, b)
+        ]
         s = self.item_slice(i)
         return ImageMaps(maps, self.level_factor[a:b], self.patch_boxes[s], self.patch_level[s])
 
-    def attach(self, stages: UnlockedStages, dtype: torch.dtype | None) -> "MapStore":
+    def attach(self, stages: UnlockedStages, dtype: torch.dtype | None) -> MapStore:
         """From now on, read ``rows`` through ``stages`` as they are at the time of reading."""
         self.rows = self.trunk_rows = MapFeatures(self, stages, dtype)
         return self
@@ -188,37 +203,54 @@ class MapFeatures:
         offsets = self.store.offsets
         first, last = int(np.searchsorted(offsets, start, "right")) - 1, int(np.searchsorted(offsets, stop, "left"))
         device = self.stages.backbone.mean.device
-        with torch.inference_mode(), torch.autocast(device.type, dtype=self.autocast or torch.float32,
-                                                    enabled=self.autocast is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None),
+        ):
             feats = self.stages([self.store.item_maps(i) for i in range(first, last)])
         base = int(offsets[first])
-        return feats.float().cpu().numpy()[start - base:stop - base]
+        return feats.float().cpu().numpy()[start - base : stop - base]
 
 
-def build_maps(spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, unlock: Unlock, views: int = 0,
-               progress: bool = True) -> MapStore:
+def build_maps(
+    spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, unlock: Unlock, views: int = 0, progress: bool = True
+) -> MapStore:
     """Open the cached boundary maps of a split for ``train.unlock``, computing what is missing first.
 
     Items, chunks and resumption as in ``build_features``; the key adds the unlocked stages.
     """
     p = extractor.patches
     if p.mode != "shared" or p.exact_up_to:
-        raise PatchnetError(f"train.unlock trains on the cached maps of shared mode's trunk passes, which "
-                            f"patches.mode={p.mode} with patches.exact_up_to={p.exact_up_to} does not make; set "
-                            "patches.mode: shared and patches.exact_up_to: 0, or train.unlock: 0")
+        raise PatchnetError(
+            f"train.unlock trains on the cached maps of shared mode's trunk passes, which "
+            f"patches.mode={p.mode} with patches.exact_up_to={p.exact_up_to} does not make; set "
+            "patches.mode: shared and patches.exact_up_to: 0, or train.unlock: 0"
+        )
     spec = replace(spec, codec=FeatureCodec())  # maps are stored as they are
-    fields = {**cache_fields(dataset, extractor, views, spec), "maps": MAP_VERSION, "unlock": unlock.n,
-              "boundary": unlock.boundary.name}
+    fields = {
+        **cache_fields(dataset, extractor, views, spec),
+        "maps": MAP_VERSION,
+        "unlock": unlock.n,
+        "boundary": unlock.boundary.name,
+    }
     path = spec.root / digest(fields)
     if ready(path):
         return MapStore(path)
     with building(path, f"map cache {path.name}"):
         if not complete(path):
             meta = {"fields": fields, "feature_dim": extractor.feature_dim, "map_dim": unlock.boundary.dim}
-            num_chunks = fill_chunks(path, meta, dataset, views, spec, extractor.device,
-                                     lambda image: boundary_maps(extractor, image, unlock.part),
-                                     lambda target, results: _write_map_chunk(target, results, unlock.boundary.dim),
-                                     f"maps {dataset.name.rsplit(':', 1)[-1]}", progress)
+            num_chunks = fill_chunks(
+                path,
+                meta,
+                dataset,
+                views,
+                spec,
+                extractor.device,
+                lambda image: boundary_maps(extractor, image, unlock.part),
+                lambda target, results: _write_map_chunk(target, results, unlock.boundary.dim),
+                f"maps {dataset.name.rsplit(':', 1)[-1]}",
+                progress,
+            )
             if rank_world()[0] == 0:
                 _join_map_chunks(path, num_chunks, unlock.boundary.dim)
     return MapStore(path)
@@ -233,28 +265,41 @@ def _write_map_chunk(target: Path, results: list, dim: int) -> None:
             maps += [x.reshape(-1, x.shape[-1]) for x in m.maps]
             shapes += [x.shape[:2] for x in m.maps]
             factors.append(m.factors), levels.append(m.level)
-    save_chunk(target, [(None if m is None else m.boxes, info) for m, info in results],
-                maps=np.concatenate(maps) if maps else np.zeros((0, dim), np.float16),
-                level_shape=np.array(shapes, np.int64).reshape(-1, 2),
-                level_factor=np.concatenate(factors) if factors else np.zeros((0, 2)),
-                level_counts=np.array(level_counts, np.int64),
-                patch_level=np.concatenate(levels) if levels else np.zeros(0, np.int64))
+    save_chunk(
+        target,
+        [(None if m is None else m.boxes, info) for m, info in results],
+        maps=np.concatenate(maps) if maps else np.zeros((0, dim), np.float16),
+        level_shape=np.array(shapes, np.int64).reshape(-1, 2),
+        level_factor=np.concatenate(factors) if factors else np.zeros((0, 2)),
+        level_counts=np.array(level_counts, np.int64),
+        patch_level=np.concatenate(levels) if levels else np.zeros(0, np.int64),
+    )
 
 
 def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:
-    parts = chunk_arrays(path, num_chunks, (*INDEX_ARRAYS, "level_shape", "level_factor", "level_counts",
-                                            "patch_level"))
+    parts = chunk_arrays(
+        path, num_chunks, (*INDEX_ARRAYS, "level_shape", "level_factor", "level_counts", "patch_level")
+    )
 
     def cat(name: str) -> np.ndarray:
         return np.concatenate(parts[name])
 
     shapes = cat("level_shape").reshape(-1, 2)
     cells = np.concatenate([[0], np.cumsum(shapes.prod(1))]).astype(np.int64)
-    files = write_rows(path, {"maps": (np.dtype(np.float16), dim)}, int(cells[-1]),
-                       chunk_rows(path, num_chunks, ("maps",)))
-    finish_join(path, parts, "map cache", files, patch_level=cat("patch_level"),
-                level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
-                level_shape=shapes, level_factor=cat("level_factor").reshape(-1, 2), cell_offsets=cells)
+    files = write_rows(
+        path, {"maps": (np.dtype(np.float16), dim)}, int(cells[-1]), chunk_rows(path, num_chunks, ("maps",))
+    )
+    finish_join(
+        path,
+        parts,
+        "map cache",
+        files,
+        patch_level=cat("patch_level"),
+        level_offsets=np.concatenate([[0], np.cumsum(cat("level_counts"))]).astype(np.int64),
+        level_shape=shapes,
+        level_factor=cat("level_factor").reshape(-1, 2),
+        cell_offsets=cells,
+    )
 
 
 class MapsAndHead(nn.Module):

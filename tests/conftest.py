@@ -24,13 +24,17 @@ def write_image(path: Path, width: int, height: int, mode: str = "RGB", seed: in
 
 def voc_xml(image_id: str, width: int, height: int, objects: list[tuple]) -> str:
     """objects: (name, xmin, ymin, xmax, ymax[, difficult]) in VOC's 1-based pixel convention."""
-    rows = [f"<annotation><filename>{image_id}.jpg</filename>",
-            f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    rows = [
+        f"<annotation><filename>{image_id}.jpg</filename>",
+        f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>",
+    ]
     for obj in objects:
         name, x1, y1, x2, y2, *rest = obj
         diff = rest[0] if rest else 0
-        rows.append(f"<object><name>{name}</name><difficult>{diff}</difficult><bndbox><xmin>{x1}</xmin>"
-                    f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+        rows.append(
+            f"<object><name>{name}</name><difficult>{diff}</difficult><bndbox><xmin>{x1}</xmin>"
+            f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+        )
     rows.append("</annotation>")
     return "\n".join(rows)
 
@@ -85,11 +89,27 @@ def tiny_recipe(tmp_path: Path, root: Path, *overrides: str):
     from patchnet.recipe import recipe_from_dict
 
     base = [
-        "name=tiny", f"runtime.output={tmp_path / 'runs'}", "data.format=voc", f"data.root={root}",
-        "data.classes=[cat, dog, person]", "data.train_split=train", "data.val_split=val",
-        "patches.scales=[1.0, 2.0]", "patches.step=0.5", "backbone.input_size=32", "backbone.precision=fp32", "train.precision=fp32",
-        "runtime.device=cpu", f"runtime.cache_dir={tmp_path / 'cache'}", "cache.chunk=2", "train.epochs=2",
-        "train.batch_size=8", "runtime.workers=0", "train.bg_rate=0.5", "head.hidden=32", "train.eval_every=1",
+        "name=tiny",
+        f"runtime.output={tmp_path / 'runs'}",
+        "data.format=voc",
+        f"data.root={root}",
+        "data.classes=[cat, dog, person]",
+        "data.train_split=train",
+        "data.val_split=val",
+        "patches.scales=[1.0, 2.0]",
+        "patches.step=0.5",
+        "backbone.input_size=32",
+        "backbone.precision=fp32",
+        "train.precision=fp32",
+        "runtime.device=cpu",
+        f"runtime.cache_dir={tmp_path / 'cache'}",
+        "cache.chunk=2",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "runtime.workers=0",
+        "train.bg_rate=0.5",
+        "head.hidden=32",
+        "train.eval_every=1",
     ]
     return recipe_from_dict({}, base + list(overrides))
 

@@ -71,8 +71,7 @@ def test_depthwise_same_padding_without_a_padded_copy_matches_tf(h, w, kernel, s
     x = torch.randn(2, 4, h, w, requires_grad=True)
     ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
     pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
-    ref = F.conv2d(F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]), conv.weight, conv.bias, stride,
-                   groups=4)
+    ref = F.conv2d(F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]), conv.weight, conv.bias, stride, groups=4)
     y = conv(x)
     assert y.shape == ref.shape == (2, 4, math.ceil(h / stride), math.ceil(w / stride))
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -212,8 +211,11 @@ def test_timm_imagenet_weights_missing_offline_say_how_to_supply_them(tmp_path, 
     constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(BackboneError, match=r"resnet18.a1_in1k.*Hugging Face cache \(.*hub/models--timm--resnet18.a1_in1k\)"
-                                            r".*backbone.weights"):
+    with pytest.raises(
+        BackboneError,
+        match=r"resnet18.a1_in1k.*Hugging Face cache \(.*hub/models--timm--resnet18.a1_in1k\)"
+        r".*backbone.weights",
+    ):
         build_backbone("timm/resnet18", "imagenet")
 
 
@@ -229,11 +231,26 @@ def test_lite0_stages_end_each_block_stage_at_the_documented_channels_and_stride
     with torch.no_grad():
         maps = backbone.stage_maps(torch.rand(1, 3, SIZE, SIZE))
     assert [(s.name, s.module) for s in backbone.stages] == [
-        ("stage1", "_blocks.0"), ("stage2", "_blocks.2"), ("stage3", "_blocks.4"), ("stage4", "_blocks.7"),
-        ("stage5", "_blocks.10"), ("stage6", "_blocks.14"), ("stage7", "_blocks.15"), ("head", "")]
+        ("stage1", "_blocks.0"),
+        ("stage2", "_blocks.2"),
+        ("stage3", "_blocks.4"),
+        ("stage4", "_blocks.7"),
+        ("stage5", "_blocks.10"),
+        ("stage6", "_blocks.14"),
+        ("stage7", "_blocks.15"),
+        ("head", ""),
+    ]
     shapes = [tuple(m.shape[1:]) for m in maps.values()]
-    assert shapes == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (80, 4, 4), (112, 4, 4), (192, 2, 2), (320, 2, 2),
-                      (1280, 2, 2)]
+    assert shapes == [
+        (16, 32, 32),
+        (24, 16, 16),
+        (40, 8, 8),
+        (80, 4, 4),
+        (112, 4, 4),
+        (192, 2, 2),
+        (320, 2, 2),
+        (1280, 2, 2),
+    ]
     # depth scaling moves the stage ends: Lite2 has 1, 3, 3, 4, 4, 5, 1 blocks per stage
     lite2 = BACKBONES["efficientnet_lite2"]
     assert [s.module for s in lite2.stages[:-1]] == [f"_blocks.{i}" for i in (0, 3, 6, 10, 14, 19, 20)]
@@ -260,7 +277,9 @@ def test_stage_maps_match_their_specs(backbone):
         last = backbone.stages[-1]
         fmap = backbone.feature_map(x)
         whole = torch.tensor([[0.0, 0.0, fmap.shape[-1], fmap.shape[-2]]])
-        torch.testing.assert_close(backbone.pool_stage(last, maps[last.name], whole), backbone.pool_regions(fmap, whole))
+        torch.testing.assert_close(
+            backbone.pool_stage(last, maps[last.name], whole), backbone.pool_regions(fmap, whole)
+        )
 
 
 def test_a_traced_trunk_has_no_stage_maps():

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import build, tiny_recipe
 from patchnet.codec import CodecError, FeatureCodec
 from patchnet.datasets import load_image, open_split
 from patchnet.extract import build_extractor
 from patchnet.features import cache_fields, cache_spec
 from patchnet.files import digest
+
+from conftest import build, tiny_recipe
 
 
 class CountingExtractor:
@@ -51,8 +52,9 @@ def test_features_are_computed_once_then_read_from_disk(tmp_path, small_voc):
 
     direct = ex(load_image(ds.records[1].path)).numpy()
     np.testing.assert_allclose(store.rows[store.item_slice(1)], direct, rtol=2e-3, atol=1e-3)
-    np.testing.assert_array_equal(store.patch_boxes[store.item_slice(1)], ex.boxes(ds.records[1].width,
-                                                                                    ds.records[1].height))
+    np.testing.assert_array_equal(
+        store.patch_boxes[store.item_slice(1)], ex.boxes(ds.records[1].width, ds.records[1].height)
+    )
     again = CountingExtractor(ex)
     store2 = build(recipe, ds, again, progress=False)
     assert again.calls == 0 and store2.path == store.path
@@ -89,17 +91,26 @@ def test_extraction_under_torchrun_splits_the_images_across_ranks(tmp_path, smal
     joined = build(recipe, ds, CountingExtractor(ex, fail_after=0), progress=False)
     single = build(tiny_recipe(tmp_path / "one", small_voc, "cache.chunk=1"), ds, ex, progress=False)
     np.testing.assert_array_equal(joined.offsets, single.offsets)
-    np.testing.assert_allclose(joined.rows[:], single.rows[:], rtol=2e-3,
-                               atol=1e-3)
+    np.testing.assert_allclose(joined.rows[:], single.rows[:], rtol=2e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("override", ["patches.scales=[1.0, 3.0]", "patches.step=0.4", "patches.mode=exact",
-                                      "backbone.input_size=48", "backbone.precision=bf16",
-                                      "patches.levels=[1.0]", "patches.exact_up_to=1.0", "backbone.weights=random"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "patches.scales=[1.0, 3.0]",
+        "patches.step=0.4",
+        "patches.mode=exact",
+        "backbone.input_size=48",
+        "backbone.precision=bf16",
+        "patches.levels=[1.0]",
+        "patches.exact_up_to=1.0",
+        "backbone.weights=random",
+    ],
+)
 def test_any_input_of_the_features_changes_the_key(tmp_path, small_voc, override):
-    recipe, ds, ex = _setup(tmp_path, small_voc)
+    _recipe, ds, ex = _setup(tmp_path, small_voc)
     base = digest(cache_fields(ds, ex))
-    recipe2, ds2, ex2 = _setup(tmp_path, small_voc, override)
+    _recipe2, ds2, ex2 = _setup(tmp_path, small_voc, override)
     assert digest(cache_fields(ds2, ex2)) != base
 
 
@@ -125,8 +136,7 @@ def test_a_killed_build_resumes_where_it_stopped(tmp_path, small_voc):
     clean_recipe, _, _ = _setup(tmp_path / "clean", small_voc)
     clean = build(clean_recipe, ds, ex, progress=False)
     np.testing.assert_array_equal(store.offsets, clean.offsets)
-    np.testing.assert_allclose(store.rows[:], clean.rows[:],
-                               atol=1e-3)
+    np.testing.assert_allclose(store.rows[:], clean.rows[:], atol=1e-3)
 
 
 def test_a_corrupt_image_is_skipped_and_counted(tmp_path, small_voc, caplog):
@@ -148,7 +158,7 @@ def test_augmented_views_are_cached_with_their_own_boxes(tmp_path, small_voc):
     boxes0, _, _ = store.item_objects(0)
     np.testing.assert_allclose(boxes0, ds.records[0].boxes)
     for i in (1, 2):
-        b, c, d = store.item_objects(i)
+        b, c, _d = store.item_objects(i)
         assert len(b) >= 1 and c.tolist() == [0] * len(b)
     # views are fixed: a rebuild in another cache gives the same boxes
     recipe2, _, _ = _setup(tmp_path / "again", small_voc, "aug.views=2", "aug.rotate=0", "aug.color=0")
@@ -161,8 +171,12 @@ def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_
     fields = cache_fields(ds, ex, 0, cache_spec(recipe, ex))
     assert "compress" not in fields and cache_fields(ds, ex, 0, cache_spec(recipe, ex, codec=FeatureCodec())) == fields
     keys = {digest(fields)}
-    for overrides in (["cache.compress=int8"], ["cache.compress=pca", "cache.pca_dim=4"],
-                      ["cache.compress=pca", "cache.pca_dim=6"], ["cache.compress=pca_int8", "cache.pca_dim=4"]):
+    for overrides in (
+        ["cache.compress=int8"],
+        ["cache.compress=pca", "cache.pca_dim=4"],
+        ["cache.compress=pca", "cache.pca_dim=6"],
+        ["cache.compress=pca_int8", "cache.pca_dim=4"],
+    ):
         r = tiny_recipe(tmp_path, small_voc, *overrides)
         keys.add(digest(cache_fields(ds, ex, 0, cache_spec(r, ex, progress=False))))
     assert len(keys) == 5
@@ -188,8 +202,9 @@ def test_pca_is_fitted_on_the_training_split_and_reused_by_the_others(tmp_path, 
     codec = cache_spec(recipe, ex).codec
     np.testing.assert_allclose(codec.components, ref.components_, atol=1e-4)
     # stored in fp16: 3 significant digits
-    np.testing.assert_allclose(store.rows[store.item_slice(1)], ref.transform(_fp16(ex, ds.records[1])), rtol=1e-3,
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        store.rows[store.item_slice(1)], ref.transform(_fp16(ex, ds.records[1])), rtol=1e-3, atol=1e-3
+    )
     # the val split is stored through the training split's projection, which is fitted once
     val = open_split(recipe.data, "val")
     again = CountingExtractor(ex)
@@ -201,8 +216,9 @@ def test_pca_is_fitted_on_the_training_split_and_reused_by_the_others(tmp_path, 
     s = val_store.item_slice(0)
     np.testing.assert_allclose(val_store.trunk_rows[s], val_store.rows[s] @ ref.components_ + ref.mean_, atol=1e-3)
     assert val_store.trunk_rows.shape == (val_store.num_patches, 1280)
-    np.testing.assert_allclose(val_store.rows[val_store.item_slice(0)], ref.transform(_fp16(ex, val.records[0])),
-                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        val_store.rows[val_store.item_slice(0)], ref.transform(_fp16(ex, val.records[0])), rtol=1e-3, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("compress", ["int8", "pca_int8"])

@@ -7,8 +7,20 @@ runner = CliRunner()
 
 def test_inspect_prints_statistics_and_writes_a_png(small_voc, tmp_path):
     out = tmp_path / "labels.png"
-    result = runner.invoke(app, ["inspect", "--data", str(small_voc), "--split", "train", "--out", str(out),
-                                 "--set", "data.classes=[cat, dog, person]"])
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "--data",
+            str(small_voc),
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--set",
+            "data.classes=[cat, dog, person]",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "4 images" in result.output
     for word in ("cat", "dog", "person", "background", "ignored", "positive"):

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, write_image
 from patchnet.datasets import DatasetError, image_size, load_image, open_split, read_coco, read_voc
 from patchnet.recipe import DataConfig
+
+from conftest import CLASSES, write_image
 
 
 def test_voc_reader_converts_boxes_and_reads_class_lists(voc):
@@ -58,8 +59,10 @@ def test_malformed_xml(voc):
 
 def test_entity_expansion_is_refused(voc):
     voc.add("001", 50, 50)
-    bomb = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>'
-            "<annotation><filename>&lol2;</filename></annotation>")
+    bomb = (
+        '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>'
+        "<annotation><filename>&lol2;</filename></annotation>"
+    )
     (voc.root / "Annotations" / "001.xml").write_text(bomb)
     voc.split("train", ["001"])
     with pytest.raises(DatasetError, match=r"001.xml: refused unsafe XML"):
@@ -77,7 +80,8 @@ def test_missing_coordinate(voc):
     voc.add("001", 50, 50)
     (voc.root / "Annotations" / "001.xml").write_text(
         "<annotation><object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax></bndbox>"
-        "</object></annotation>")
+        "</object></annotation>"
+    )
     voc.split("train", ["001"])
     with pytest.raises(DatasetError, match=r"001.xml: missing <ymax>"):
         read_voc(voc.root, "train", CLASSES)
@@ -199,11 +203,15 @@ def write_coco(root, images, annotations, categories, split="train"):
 
 def test_coco_reader(tmp_path):
     cats = [{"id": 3, "name": "dog"}, {"id": 1, "name": "cat"}]
-    images = [{"id": 10, "file_name": "a.jpg", "width": 50, "height": 40},
-              {"id": 11, "file_name": "b.jpg", "width": 30, "height": 30}]
-    anns = [{"id": 1, "image_id": 10, "category_id": 1, "bbox": [5, 6, 10, 20], "iscrowd": 0, "area": 200},
-            {"id": 2, "image_id": 10, "category_id": 3, "bbox": [0, 0, 30, 30], "iscrowd": 1, "area": 900},
-            {"id": 3, "image_id": 11, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 0, "area": 25}]
+    images = [
+        {"id": 10, "file_name": "a.jpg", "width": 50, "height": 40},
+        {"id": 11, "file_name": "b.jpg", "width": 30, "height": 30},
+    ]
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 1, "bbox": [5, 6, 10, 20], "iscrowd": 0, "area": 200},
+        {"id": 2, "image_id": 10, "category_id": 3, "bbox": [0, 0, 30, 30], "iscrowd": 1, "area": 900},
+        {"id": 3, "image_id": 11, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 0, "area": 25},
+    ]
     write_coco(tmp_path, images, anns, cats)
     ds = open_split(DataConfig(format="coco", root=str(tmp_path), classes=[]), "train")
     assert ds.classes == ["cat", "dog"]  # ordered by category id

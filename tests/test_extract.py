@@ -16,10 +16,18 @@ def _image(w, h, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("name,size,tol", [("efficientnet_lite0", 224, 1e-5), ("resnet50", 224, 1e-5),
-                                           ("mobilenet_v3_large", 224, 1e-5), ("vgg16", 224, 1e-4),
-                                           ("timm/resnet18", 224, 1e-5), ("timm/convnext_atto", 64, 1e-5),
-                                           ("timm/vit_tiny_patch16_224", 64, 1e-5)])
+@pytest.mark.parametrize(
+    "name,size,tol",
+    [
+        ("efficientnet_lite0", 224, 1e-5),
+        ("resnet50", 224, 1e-5),
+        ("mobilenet_v3_large", 224, 1e-5),
+        ("vgg16", 224, 1e-4),
+        ("timm/resnet18", 224, 1e-5),
+        ("timm/convnext_atto", 64, 1e-5),
+        ("timm/vit_tiny_patch16_224", 64, 1e-5),
+    ],
+)
 def test_shared_mode_equals_exact_mode_for_one_whole_image_patch(name, size, tol):
     """Tolerance: float32 rounding only, relative to the feature's scale."""
     torch.manual_seed(0)
@@ -42,12 +50,14 @@ def test_exact_mode_feeds_each_patch_through_the_whole_network():
     boxes = patch_grid(80, 64, cfg.scales, cfg.step)
     assert feats.shape == (len(boxes), backbone.feature_dim)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    for i, (x1, y1, x2, y2) in enumerate(boxes):
+    for i, (x1, y1, x2, _y2) in enumerate(boxes):
         # the reference: crop the patch, resize it to the input size on its own
         side = x2 - x1
-        scaled = F.interpolate(x, scale_factor=32 / side, mode="bilinear", antialias=side > 32, recompute_scale_factor=False)
+        scaled = F.interpolate(
+            x, scale_factor=32 / side, mode="bilinear", antialias=side > 32, recompute_scale_factor=False
+        )
         xi, yi = round(x1 * 32 / side), round(y1 * 32 / side)
-        crop = scaled[:, :, yi:yi + 32, xi:xi + 32]
+        crop = scaled[:, :, yi : yi + 32, xi : xi + 32]
         if crop.shape[-1] == 32 and crop.shape[-2] == 32:
             with torch.no_grad():
                 ref = backbone(crop)
@@ -142,8 +152,9 @@ def test_timm_vit_shared_mode_pools_its_token_grid():
     img = _image(96, 64)  # scale 1: side 64, two patches 32 px apart; rescaled by 1/2 to 3 x 2 tokens of 16 px
     feats = PatchExtractor(backbone, PatchConfig(scales=[1.0], step=0.5, mode="shared"), FP32, "cpu")(img)
     assert feats.shape == (2, 192)
-    x = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, size=(32, 48), mode="bilinear",
-                      antialias=True)
+    x = F.interpolate(
+        torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, size=(32, 48), mode="bilinear", antialias=True
+    )
     with torch.no_grad():
         tokens = backbone.feature_map(x)  # (1, 192, 2, 3)
     torch.testing.assert_close(feats[0], tokens[0, :, :, 0:2].mean(dim=(1, 2)), rtol=1e-4, atol=1e-5)

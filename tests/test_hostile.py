@@ -20,15 +20,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import CLASSES, VocWriter, build, tiny_recipe, write_image
 from patchnet.cache import CacheError, FeatureStore, verify_cache
 from patchnet.cli import app
 from patchnet.datasets import DatasetError, ImageTooLarge, load_image, open_split, read_coco, read_csv_list, read_folder
+from patchnet.extract import build_extractor
 from patchnet.files import OutputPathError, UniqueNames, atomic_write, output_path, safe_name
 from patchnet.model import CheckpointError
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
-from patchnet.extract import build_extractor
 from patchnet.train import train
+
+from conftest import CLASSES, VocWriter, build, tiny_recipe, write_image
 
 runner = CliRunner()
 TOOLS = Path(__file__).parent.parent / "tools"
@@ -36,12 +37,16 @@ TOOLS = Path(__file__).parent.parent / "tools"
 
 def tree(root: Path) -> dict[str, str]:
     """Every file under ``root`` with the hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` pixels, with a few bytes of data (a lying header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -58,8 +63,20 @@ def _run(*args, cwd):
 
 def test_demo_format_refuses_a_real_dataset_and_changes_no_byte_of_it(small_voc):
     before = tree(small_voc)
-    result = runner.invoke(app, ["inspect", "--data", str(small_voc), "--format", "demo", "--split", "train",
-                                 "--out", str(small_voc.parent / "x.png")])
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "--data",
+            str(small_voc),
+            "--format",
+            "demo",
+            "--split",
+            "train",
+            "--out",
+            str(small_voc.parent / "x.png"),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "not made by the demo generator" in result.output and "--format voc" in result.output
     assert str(small_voc) in result.output and "Traceback" not in result.output
@@ -121,8 +138,23 @@ def test_an_interrupted_demo_generation_is_redone_and_concurrent_ones_take_turns
 # --------------------------------------------------------------------------- 2. names that would escape --out
 
 
-@pytest.mark.parametrize("name", ["../../ESCAPED/a.png", "x/../../TP_PWNED", "..", ".hidden", "a\0b", "/etc/passwd",
-                                  "C:\\Windows\\x", "con", "é" * 300, "猫" * 95, "😀" * 70, "$x_$"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../ESCAPED/a.png",
+        "x/../../TP_PWNED",
+        "..",
+        ".hidden",
+        "a\0b",
+        "/etc/passwd",
+        "C:\\Windows\\x",
+        "con",
+        "é" * 300,
+        "猫" * 95,
+        "😀" * 70,
+        "$x_$",
+    ],
+)
 def test_safe_name_has_no_separator_no_dot_prefix_no_nul_and_a_bounded_length(name, tmp_path):
     s = safe_name(name)
     assert s and "/" not in s and "\\" not in s and "\0" not in s and not s.startswith(".")
@@ -156,11 +188,25 @@ def csv_run(tmp_path_factory):
     write_image(escaped, 64, 48, seed=1)
     for i in range(3):
         write_image(data / f"{i}.jpg", 64, 48, seed=i + 2)
-    rows = ["path,labels", "../ESCAPED/a.png,x/../../TP_PWNED", "0.jpg,dog", "1.jpg,x/../../TP_PWNED;$x_$",
-            "2.jpg,$x_$"]
+    rows = [
+        "path,labels",
+        "../ESCAPED/a.png,x/../../TP_PWNED",
+        "0.jpg,dog",
+        "1.jpg,x/../../TP_PWNED;$x_$",
+        "2.jpg,$x_$",
+    ]
     (data / "train.csv").write_text("\n".join(rows) + "\n")
-    recipe = tiny_recipe(tmp, data, "data.format=csv", "data.classes=[]", "data.val_split=", "train.supervision=images",
-                         "pool.name=topk", "train.epochs=1", "train.holdout=0")
+    recipe = tiny_recipe(
+        tmp,
+        data,
+        "data.format=csv",
+        "data.classes=[]",
+        "data.val_split=",
+        "train.supervision=images",
+        "pool.name=topk",
+        "train.epochs=1",
+        "train.holdout=0",
+    )
     train(recipe, progress=False)
     return tmp, recipe
 
@@ -169,11 +215,32 @@ def test_heatmaps_and_top_patches_of_hostile_ids_and_classes_stay_inside_out(csv
     tmp, recipe = csv_run
     before = {p for p in tree(tmp) if not p.startswith(("out", "cache", "runs"))}
     ckpt = recipe.run_dir / "last.pt"
-    r = _run(TOOLS / "render_heatmaps.py", "--checkpoint", ckpt, "--split", "train", "--no-grid", "--top", "3",
-             "--out", tmp / "out" / "h", cwd=tmp)
+    r = _run(
+        TOOLS / "render_heatmaps.py",
+        "--checkpoint",
+        ckpt,
+        "--split",
+        "train",
+        "--no-grid",
+        "--top",
+        "3",
+        "--out",
+        tmp / "out" / "h",
+        cwd=tmp,
+    )
     assert r.returncode == 0, r.stderr
-    r2 = _run(TOOLS / "top_patches.py", "--checkpoint", ckpt, "--split", "train", "--n", "2", "--out",
-              tmp / "out" / "t", cwd=tmp)
+    r2 = _run(
+        TOOLS / "top_patches.py",
+        "--checkpoint",
+        ckpt,
+        "--split",
+        "train",
+        "--n",
+        "2",
+        "--out",
+        tmp / "out" / "t",
+        cwd=tmp,
+    )
     assert r2.returncode == 0, r2.stderr
     after = {p for p in tree(tmp) if not p.startswith(("out", "cache", "runs"))}
     assert after == before  # nothing written outside --out (no ESCAPED/..., no TP_PWNED)
@@ -253,8 +320,12 @@ def test_two_processes_on_one_cache_key_both_finish_with_identical_features(tmp_
     script = tmp_path / "race.py"
     script.write_text(RACE.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), root=str(small_voc)))
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for args in ([], [str(go)])]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args in ([], [str(go)])
+    ]
     deadline = time.time() + 120  # the second goes once the first holds the cache key's lock
     while time.time() < deadline and not any(p.read_text() for p in (tmp_path / "cache").glob(".locks/*.lock")):
         time.sleep(0.02)
@@ -306,7 +377,7 @@ def test_nan_features_stop_an_evaluation_with_the_cache_folder_named(built):
     from patchnet.infer import evaluation_items, image_scores
     from patchnet.model import AdaptationHead
 
-    recipe, ds, ex, store = built
+    recipe, ds, _ex, store = built
     f = store.path / "features.f16"
     data = bytearray(f.read_bytes())
     data[0:2] = b"\x00\x7e"  # a NaN in the first feature of the first patch
@@ -391,29 +462,44 @@ def _coco(root: Path, data: dict, name="annotations/instances_train.json", image
 
 
 def test_coco_with_mixed_string_and_integer_ids_reads(tmp_path):
-    data = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": "b7", "file_name": "b.jpg"}],
-            "categories": [{"id": 1, "name": "cat"}, {"id": "2", "name": "dog"}],
-            "annotations": [{"id": 1, "image_id": "1", "category_id": 1, "bbox": [1, 1, 10, 10]},
-                            {"id": 2, "image_id": "b7", "category_id": "2", "bbox": [2, 2, 5, 5]}]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": "b7", "file_name": "b.jpg"}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": "2", "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": "1", "category_id": 1, "bbox": [1, 1, 10, 10]},
+            {"id": 2, "image_id": "b7", "category_id": "2", "bbox": [2, 2, 5, 5]},
+        ],
+    }
     ds = read_coco(_coco(tmp_path, data), tmp_path / "train")
     assert ds.classes == ["cat", "dog"] and [r.image_id for r in ds.records] == ["1", "b7"]
     assert ds.records[0].labels.tolist() == [1, -1] and ds.records[1].labels.tolist() == [-1, 1]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d["images"][0].pop("file_name"), r"images\[0\] \(id 1\) has no file_name"),
-    (lambda d: d["annotations"][0].update(bbox=[1, 2]), r"annotations\[0\] \(id 5\): bbox must be \[x, y, width, height\]"),
-    (lambda d: d["annotations"][0].update(bbox=[1, 2, "3", None]), r"annotations\[0\].*four finite numbers"),
-    (lambda d: d["annotations"][0].update(image_id=99), r"annotations\[0\] \(id 5\): refers to image id 99"),
-    (lambda d: d["categories"].append({"id": 3, "name": "cat"}), r"categories\[0\] and categories\[1\] are both named 'cat'"),
-    (lambda d: d["images"].append({"id": 1, "file_name": "c.jpg"}), r"images\[0\] and images\[1\] share the id 1"),
-    (lambda d: d.pop("images"), "not a COCO detection file"),
-    (lambda d: d["categories"][0].update(id=None), r"categories\[0\] has no usable id"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d["images"][0].pop("file_name"), r"images\[0\] \(id 1\) has no file_name"),
+        (
+            lambda d: d["annotations"][0].update(bbox=[1, 2]),
+            r"annotations\[0\] \(id 5\): bbox must be \[x, y, width, height\]",
+        ),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, "3", None]), r"annotations\[0\].*four finite numbers"),
+        (lambda d: d["annotations"][0].update(image_id=99), r"annotations\[0\] \(id 5\): refers to image id 99"),
+        (
+            lambda d: d["categories"].append({"id": 3, "name": "cat"}),
+            r"categories\[0\] and categories\[1\] are both named 'cat'",
+        ),
+        (lambda d: d["images"].append({"id": 1, "file_name": "c.jpg"}), r"images\[0\] and images\[1\] share the id 1"),
+        (lambda d: d.pop("images"), "not a COCO detection file"),
+        (lambda d: d["categories"][0].update(id=None), r"categories\[0\] has no usable id"),
+    ],
+)
 def test_coco_entries_that_cannot_be_used_are_refused_by_name(tmp_path, change, message):
-    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
-            "categories": [{"id": 1, "name": "cat"}],
-            "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]}]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]}],
+    }
     _coco(tmp_path, data)
     change(data)
     (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(data))
@@ -422,15 +508,37 @@ def test_coco_entries_that_cannot_be_used_are_refused_by_name(tmp_path, change, 
 
 
 def test_a_roboflow_export_trains_where_it_lies(tmp_path, caplog):
-    data = {"categories": [{"id": 0, "name": "cells", "supercategory": "none"},
-                           {"id": 1, "name": "rbc", "supercategory": "cells"},
-                           {"id": 2, "name": "wbc", "supercategory": "cells"}],
-            "images": [{"id": 0, "file_name": "x_jpg.rf.1.jpg", "width": 40, "height": 30},
-                       {"id": 1, "file_name": "y_jpg.rf.2.jpg", "width": 40, "height": 30}],
-            "annotations": [{"id": 0, "image_id": 0, "category_id": 1, "bbox": [1, 1, 20, 20], "area": 400,
-                             "segmentation": [], "iscrowd": 0},
-                            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [5, 5, 10, 10], "area": 100,
-                             "segmentation": [], "iscrowd": 0}]}
+    data = {
+        "categories": [
+            {"id": 0, "name": "cells", "supercategory": "none"},
+            {"id": 1, "name": "rbc", "supercategory": "cells"},
+            {"id": 2, "name": "wbc", "supercategory": "cells"},
+        ],
+        "images": [
+            {"id": 0, "file_name": "x_jpg.rf.1.jpg", "width": 40, "height": 30},
+            {"id": 1, "file_name": "y_jpg.rf.2.jpg", "width": 40, "height": 30},
+        ],
+        "annotations": [
+            {
+                "id": 0,
+                "image_id": 0,
+                "category_id": 1,
+                "bbox": [1, 1, 20, 20],
+                "area": 400,
+                "segmentation": [],
+                "iscrowd": 0,
+            },
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 2,
+                "bbox": [5, 5, 10, 10],
+                "area": 100,
+                "segmentation": [],
+                "iscrowd": 0,
+            },
+        ],
+    }
     _coco(tmp_path, data, "train/_annotations.coco.json", "train")
     with caplog.at_level(logging.WARNING, logger="patchnet"):
         ds = open_split(DataConfig(format="coco", root=str(tmp_path), classes=[]), "train")
@@ -453,8 +561,12 @@ def test_the_linear_baseline_scores_coco_splits_that_use_different_categories(tm
     for split, used in (("train", [1, 2, 3, 1, 2, 3]), ("val", [1, 3, 1, 3])):  # no dog in val
         images = [{"id": i, "file_name": f"{split}{i}.jpg"} for i in range(len(used))]
         anns = [{"id": i, "image_id": i, "category_id": c, "bbox": [2, 2, 20, 20]} for i, c in enumerate(used)]
-        _coco(tmp_path, {"images": images, "categories": cats, "annotations": anns},
-              f"annotations/instances_{split}.json", split)
+        _coco(
+            tmp_path,
+            {"images": images, "categories": cats, "annotations": anns},
+            f"annotations/instances_{split}.json",
+            split,
+        )
     recipe = tiny_recipe(tmp_path, tmp_path, "data.format=coco", "data.classes=[]", "patches.mode=whole")
     table, _ = linear_baseline(recipe, "train", "val", build_extractor, grid=(1.0,), progress=False)
     assert table.classes == ["cat", "dog", "owl"]  # val scored against the training split's classes
@@ -491,15 +603,21 @@ def test_a_voc_list_naming_an_image_twice_reads_it_once(voc):
     assert len(ds) == 1 and len(ds.fixes["duplicate"]) == 1
 
 
-# --------------------------------------------------------------------------- 8. predict and heatmaps go on past a bad file
+# --------------------------------------------------------------------------- 8. predict and heatmaps skip a bad file
 
 
 @pytest.fixture(scope="module")
 def voc_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("voc_run")
     w = VocWriter(tmp / "VOC")
-    for n, (i, objs) in enumerate([("a", [("cat", 10, 10, 60, 60)]), ("b", [("dog", 20, 5, 75, 60)]),
-                                   ("c", [("person", 5, 30, 70, 70)]), ("d", [("cat", 40, 30, 90, 70)])]):
+    for n, (i, objs) in enumerate(
+        [
+            ("a", [("cat", 10, 10, 60, 60)]),
+            ("b", [("dog", 20, 5, 75, 60)]),
+            ("c", [("person", 5, 30, 70, 70)]),
+            ("d", [("cat", 40, 30, 90, 70)]),
+        ]
+    ):
         w.add(i, 96, 72, objs, seed=n)
     w.split("train", ["a", "b", "c", "d"])
     w.split("val", ["a", "b"])
@@ -514,8 +632,20 @@ def test_predict_skips_an_unreadable_file_writes_the_rest_and_exits_1(voc_run):
     (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (tmp / "bomb.png").write_bytes(png_header(100_000, 100_000))
     out = tmp / "p.json"
-    result = runner.invoke(app, ["predict", "--checkpoint", str(recipe.run_dir / "best.pt"), str(tmp / "broken.jpg"),
-                                 str(good), str(tmp / "bomb.png"), str(tmp / "missing.jpg"), "--json", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            "--checkpoint",
+            str(recipe.run_dir / "best.pt"),
+            str(tmp / "broken.jpg"),
+            str(good),
+            str(tmp / "bomb.png"),
+            str(tmp / "missing.jpg"),
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "3 of 4 images could not be read" in result.output and "Traceback" not in result.output
     written = json.loads(out.read_text())
@@ -531,8 +661,9 @@ def test_render_heatmaps_skips_an_unreadable_file_and_draws_the_others(voc_run):
     write_image(folder / "ok.jpg", 80, 60)
     (folder / "bad.jpg").write_bytes(b"not an image")
     (folder / "._ok.jpg").write_bytes(b"macOS resource fork")  # hidden: not even tried
-    r = _run(TOOLS / "render_heatmaps.py", "--checkpoint", recipe.run_dir / "best.pt", folder, "--out", tmp / "hm",
-             cwd=tmp)
+    r = _run(
+        TOOLS / "render_heatmaps.py", "--checkpoint", recipe.run_dir / "best.pt", folder, "--out", tmp / "hm", cwd=tmp
+    )
     assert r.returncode == 1, r.stderr
     assert [p.name for p in (tmp / "hm").iterdir()] == ["ok.png"]
     assert "bad.jpg" in r.stderr and "1 of 2 images could not be read" in r.stderr and "Traceback" not in r.stderr
@@ -581,18 +712,49 @@ def test_dollar_signs_in_names_are_drawn_as_plain_text(tmp_path):
 
     image = np.zeros((40, 60, 3), np.uint8)
     boxes = np.array([[0, 0, 40, 40], [20, 0, 60, 40]], np.float32)
-    out = render_heatmaps(image, boxes, np.array([[0.2, 0.8], [0.6, 0.1]]), np.array([0.5, 0.5]),
-                          ["$x_$", "$\\frac{$"], [0, 1], tmp_path / "h.png")
+    out = render_heatmaps(
+        image,
+        boxes,
+        np.array([[0.2, 0.8], [0.6, 0.1]]),
+        np.array([0.5, 0.5]),
+        ["$x_$", "$\\frac{$"],
+        [0, 1],
+        tmp_path / "h.png",
+    )
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_an_output_path_that_cannot_be_written_is_one_line(small_voc, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    result = runner.invoke(app, ["inspect", "--data", str(small_voc), "--split", "train", "--out",
-                                 str(tmp_path / "file" / "x.png"), "--set", "data.classes=[cat, dog, person]"])
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "--data",
+            str(small_voc),
+            "--split",
+            "train",
+            "--out",
+            str(tmp_path / "file" / "x.png"),
+            "--set",
+            "data.classes=[cat, dog, person]",
+        ],
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output and "file" in result.output
-    result = runner.invoke(app, ["inspect", "--data", str(small_voc), "--split", "train", "--out",
-                                 str(tmp_path / "x.foo"), "--set", "data.classes=[cat, dog, person]"])
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "--data",
+            str(small_voc),
+            "--split",
+            "train",
+            "--out",
+            str(tmp_path / "x.foo"),
+            "--set",
+            "data.classes=[cat, dog, person]",
+        ],
+    )
     assert result.exit_code == 2 and "name the file with one of those suffixes" in result.output
 
 
@@ -613,12 +775,14 @@ def test_a_run_name_that_leaves_the_output_folder_is_refused_and_old_names_still
 
 
 def test_a_checkpoint_whose_head_does_not_fit_is_one_clear_error(voc_run, tmp_path):
-    tmp, recipe = voc_run
+    _tmp, recipe = voc_run
     state = torch.load(recipe.run_dir / "best.pt", weights_only=True)
     state["head"]["fca.0.weight"] = state["head"]["fca.0.weight"][:, :100]
     torch.save(state, tmp_path / "edited.pt")
-    result = runner.invoke(app, ["predict", "--checkpoint", str(tmp_path / "edited.pt"),
-                                 str(Path(recipe.data.root) / "JPEGImages" / "a.jpg")])
+    result = runner.invoke(
+        app,
+        ["predict", "--checkpoint", str(tmp_path / "edited.pt"), str(Path(recipe.data.root) / "JPEGImages" / "a.jpg")],
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "edited.pt: its head does not fit the model its recipe builds" in result.output
 

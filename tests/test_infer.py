@@ -42,7 +42,12 @@ class _Store:
 
     def __init__(self, boxes, logits):
         self.patch_boxes, self.rows = np.asarray(boxes, np.float32), np.asarray(logits, np.float32)
-        self.offsets, self.record, self.view, self.ok = np.array([0, len(boxes)]), np.array([0]), np.array([0]), np.array([True])
+        self.offsets, self.record, self.view, self.ok = (
+            np.array([0, len(boxes)]),
+            np.array([0]),
+            np.array([0]),
+            np.array([True]),
+        )
 
     def item_slice(self, i):
         return slice(0, len(self.patch_boxes))
@@ -66,8 +71,16 @@ def test_pointing_game_on_a_hand_built_image():
     quadrants = [[0, 0, 100, 100], [100, 0, 200, 100], [0, 100, 100, 200], [100, 100, 200, 200]]
     # logits for (class 0, class 1, background): both classes peak in the bottom-right quadrant
     logits = [[-5, -5, 0], [-5, -5, 0], [-5, -5, 0], [5, 5, 0]]
-    rec = ImageRecord("x", None, 200, 200, np.array([[120, 120, 180, 180], [0, 0, 60, 60]], np.float32),
-                      np.array([0, 1]), np.array([False, False]), np.array([1, 1], np.int8))
+    rec = ImageRecord(
+        "x",
+        None,
+        200,
+        200,
+        np.array([[120, 120, 180, 180], [0, 0, 60, 60]], np.float32),
+        np.array([0, 1]),
+        np.array([False, False]),
+        np.array([1, 1], np.int8),
+    )
     dataset = SimpleNamespace(records=[rec], classes=["a", "b"])
     result = pointing_game(_Identity(), _Store(quadrants, logits), dataset, np.array([0]), "max")
     # class 0's box lies within 15 px of the map's first maximum (100.5, 100.5)? No: 19.5 px away on each axis

@@ -5,22 +5,24 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_recipe
 from patchnet import stages
 from patchnet.backbones import BACKBONES
 from patchnet.cli import app
 from patchnet.datasets import load_image, open_split
 from patchnet.extract import build_extractor
-from patchnet.stages import build_stage_extractor, stage_features, stage_recipe
 from patchnet.linear import split_features, whole_image_recipe
 from patchnet.recipe import save_recipe
+from patchnet.stages import build_stage_extractor, stage_features, stage_recipe
+
+from conftest import tiny_recipe
 
 runner = CliRunner()
 LITE0_STAGES = ["stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head"]
 
 
-@pytest.mark.parametrize("name,extra", [("efficientnet_lite0", ()),
-                                        ("alexnet", ("backbone.weights=random", "backbone.input_size=64"))])
+@pytest.mark.parametrize(
+    "name,extra", [("efficientnet_lite0", ()), ("alexnet", ("backbone.weights=random", "backbone.input_size=64"))]
+)
 @pytest.mark.parametrize("pool", ["whole", "max"])
 def test_last_stage_is_the_existing_feature(small_voc, tmp_path, name, extra, pool):
     """The deepest stage equals the features of patchnet linear: whole-image (and mirror) or max-pooled patches."""
@@ -65,8 +67,24 @@ def test_layers_command_writes_table_json_and_plot(small_voc, tmp_path):
     path = tmp_path / "tiny.yaml"
     save_recipe(tiny_recipe(tmp_path, small_voc), path)
     out = tmp_path / "study"
-    result = runner.invoke(app, ["layers", "--recipe", str(path), "--train-split", "train", "--val-split", "val",
-                                 "--methods", "svm,logreg", "--c", "1", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "layers",
+            "--recipe",
+            str(path),
+            "--train-split",
+            "train",
+            "--val-split",
+            "val",
+            "--methods",
+            "svm,logreg",
+            "--c",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     for s in LITE0_STAGES:
         assert s in result.output
@@ -81,8 +99,13 @@ def test_layers_command_writes_table_json_and_plot(small_voc, tmp_path):
     assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("args,message", [(["--pool", "mean"], "--pool must be one of whole, max"),
-                                          (["--methods", "svm,tree"], "--methods must name some of svm, logreg")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--pool", "mean"], "--pool must be one of whole, max"),
+        (["--methods", "svm,tree"], "--methods must name some of svm, logreg"),
+    ],
+)
 def test_layers_command_rejects_bad_choices_in_one_line(small_voc, tmp_path, args, message):
     path = tmp_path / "tiny.yaml"
     save_recipe(tiny_recipe(tmp_path, small_voc), path)

@@ -12,16 +12,57 @@ PACKAGE = Path(__file__).resolve().parent.parent / "patchnet"
 
 # Lowest first: a module may import only modules listed before it (a package after its own modules).
 ORDER = [
-    "errors", "files", "regions",
-    "backbones.spec", "backbones.weights", "backbones.backbone", "backbones.lite", "backbones.torchvision",
-    "backbones.timm", "backbones",
-    "recipe", "codec", "augment", "demo",
-    "datasets.images", "datasets.records", "datasets.voc", "datasets.coco", "datasets.lists", "datasets.loader",
+    "errors",
+    "files",
+    "regions",
+    "backbones.spec",
+    "backbones.weights",
+    "backbones.backbone",
+    "backbones.lite",
+    "backbones.torchvision",
+    "backbones.timm",
+    "backbones",
+    "recipe",
+    "codec",
+    "augment",
+    "demo",
+    "datasets.images",
+    "datasets.records",
+    "datasets.voc",
+    "datasets.coco",
+    "datasets.lists",
+    "datasets.loader",
     "datasets",
-    "sampler", "dist", "extract", "cache", "features", "unlock",
-    "model", "pooling", "metrics", "calibration", "losses", "fusion", "figures", "linear", "infer",
-    "splits", "state", "heatmaps", "draw", "callbacks", "train",
-    "receptive", "stages", "layers", "units", "retrieve",
+    "sampler",
+    "dist",
+    "extract",
+    "cache",
+    "features",
+    "unlock",
+    "model",
+    "pooling",
+    "metrics",
+    "calibration",
+    "losses",
+    "fusion",
+    "figures",
+    "linear",
+    "infer",
+    "splits",
+    "state",
+    "heatmaps",
+    "draw",
+    "callbacks",
+    "train",
+    "receptive",
+    "stages",
+    "layers",
+    "units",
+    "retrieve",
+    "cli.common",
+    "cli.run",
+    "cli.data",
+    "cli.study",
     "cli",
 ]
 MAX_FILE_LINES = 500
@@ -53,7 +94,7 @@ def imports(name: str, path: Path) -> set[str]:
         stack.extend(ast.iter_child_nodes(node))
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - node.level + 1] + ([node.module] if node.module else [])
+                base = package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
             elif node.module and node.module.split(".")[0] == "patchnet":
                 base = node.module.split(".")[1:]
             else:

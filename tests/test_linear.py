@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_recipe
 from patchnet.cli import app
 from patchnet.linear import SplitFeatures, cv_folds, fit_linear
 from patchnet.metrics import ap_table
+
+from conftest import tiny_recipe
 
 
 def _separable(n=60, d=8, seed=0):
@@ -32,7 +33,9 @@ def test_linear_svm_separates_a_separable_set():
 def test_logistic_regression_and_difficult_labels_left_out():
     x, labels = _separable(seed=1)
     labels[:5, 0] = 0  # difficult-only: not used for class 0
-    model = fit_linear(SplitFeatures([str(i) for i in range(len(x))], x, labels, ["pos", "neg"]), "logreg", grid=(1.0,), progress=False)
+    model = fit_linear(
+        SplitFeatures([str(i) for i in range(len(x))], x, labels, ["pos", "neg"]), "logreg", grid=(1.0,), progress=False
+    )
     assert model.cs == [1.0, 1.0]
     assert ap_table(model.decision(x), labels, ["pos", "neg"]).map > 0.99
 
@@ -68,13 +71,29 @@ def test_features_linear_and_retrieve_commands(tmp_path, small_voc):
     assert r.exit_code == 0, r.output
     with np.load(out) as f:
         assert not np.allclose(f["features"], first)
-    r = runner.invoke(app, ["linear", "-r", str(recipe_file), "--train", "train", "--eval", "val", "--c", "1",
-                            "--out", str(tmp_path / "lin")])
+    r = runner.invoke(
+        app,
+        [
+            "linear",
+            "-r",
+            str(recipe_file),
+            "--train",
+            "train",
+            "--eval",
+            "val",
+            "--c",
+            "1",
+            "--out",
+            str(tmp_path / "lin"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "mAP" in r.output and (tmp_path / "lin" / "linear_svm_whole.json").is_file()
     page = tmp_path / "ret.html"
-    r = runner.invoke(app, ["retrieve", "-r", str(recipe_file), "--split", "train", "--queries", "a,c", "--k", "2",
-                            "--out", str(page)])
+    r = runner.invoke(
+        app,
+        ["retrieve", "-r", str(recipe_file), "--split", "train", "--queries", "a,c", "--k", "2", "--out", str(page)],
+    )
     assert r.exit_code == 0, r.output
     text = page.read_text()
     assert text.startswith("<!doctype html>") and text.count("data:image/jpeg;base64,") == 2 * 3 + 4  # + the map's

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from patchnet.model import AdaptationHead, ByteDropout, CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from patchnet.model import (
+    AdaptationHead,
+    ByteDropout,
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def test_head_shapes_and_layers():

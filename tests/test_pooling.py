@@ -13,7 +13,7 @@ def cfg(**kw):
 def test_power_k_mean_by_hand():
     probs = torch.tensor([[0.5, 0.2], [0.1, 0.8], [1.0, 0.0]], dtype=torch.float64)
     got = pool(probs, [3], cfg(name="power", k=5))
-    want = [(0.5 ** 5 + 0.1 ** 5 + 1.0) / 3, (0.2 ** 5 + 0.8 ** 5 + 0.0) / 3]
+    want = [(0.5**5 + 0.1**5 + 1.0) / 3, (0.2**5 + 0.8**5 + 0.0) / 3]
     np.testing.assert_allclose(got[0].numpy(), want)
     np.testing.assert_allclose(pool(probs, [3], cfg(name="power", k=1))[0].numpy(), [1.6 / 3, 1.0 / 3])
 
@@ -30,7 +30,10 @@ def test_max_and_lse_by_hand_on_two_images():
     e = torch.tensor([[1.0], [3.0], [-2.0], [0.5], [0.0]], dtype=torch.float64)  # images of 3 and 2 patches
     np.testing.assert_allclose(pool(e, [3, 2], cfg(name="max")).numpy().ravel(), [3.0, 0.5])
     r = 2.0
-    want = [np.log(np.mean(np.exp(r * np.array([1.0, 3.0, -2.0])))) / r, np.log(np.mean(np.exp(r * np.array([0.5, 0.0])))) / r]
+    want = [
+        np.log(np.mean(np.exp(r * np.array([1.0, 3.0, -2.0])))) / r,
+        np.log(np.mean(np.exp(r * np.array([0.5, 0.0])))) / r,
+    ]
     np.testing.assert_allclose(pool(e, [3, 2], cfg(name="lse", r=r)).numpy().ravel(), want)
     # lse lies between the mean and the max, and tends to the max as r grows
     big = pool(e, [3, 2], cfg(name="lse", r=200.0)).numpy().ravel()
@@ -54,11 +57,11 @@ def test_topk_with_images_of_different_sizes_matches_each_image_alone():
     together = pool(v, counts, c)
     start = 0
     for i, n in enumerate(counts):
-        alone = pool(v[start:start + n], [n], c)
+        alone = pool(v[start : start + n], [n], c)
         np.testing.assert_allclose(together[i].numpy(), alone[0].numpy())
-        x = np.sort(v[start:start + n].numpy(), axis=0)[::-1]
+        x = np.sort(v[start : start + n].numpy(), axis=0)[::-1]
         top, bottom = max(1, round(0.3 * n)), max(1, round(0.25 * n))
-        np.testing.assert_allclose(alone[0].numpy(), x[:top].mean(0) + 0.5 * x[n - bottom:].mean(0))
+        np.testing.assert_allclose(alone[0].numpy(), x[:top].mean(0) + 0.5 * x[n - bottom :].mean(0))
         start += n
 
 
@@ -111,7 +114,7 @@ def test_pool_items_streams_groups_and_marks_empty_items_nan():
     got = pool_items(Linear(), feats, offsets, c, max_patches=4)
     assert np.isnan(got[1]).all()
     for i in (0, 2, 3):
-        x = torch.from_numpy(feats[offsets[i]:offsets[i + 1]].astype(np.float32))
+        x = torch.from_numpy(feats[offsets[i] : offsets[i + 1]].astype(np.float32))
         np.testing.assert_allclose(got[i], pool(patch_values(x, "topk").double(), [counts[i]], c)[0].numpy(), rtol=1e-6)
     sub = pool_items(Linear(), feats, offsets, c, items=np.array([3, 0]))
     np.testing.assert_allclose(sub, got[[3, 0]])

@@ -24,8 +24,12 @@ def test_the_fast_recipe_is_the_dev_recipe_with_two_levels_and_the_patch_loss():
     dev, fast = load_recipe(recipes / "voc07_dev.yaml"), load_recipe(recipes / "voc07_fast.yaml")
     assert fast.patches.levels == [1.0, 2.0] and fast.train.supervision == "boxes"
     assert fast.infer_pool == "power" and fast.infer.fuse
-    assert (fast.data, fast.backbone, fast.patches.scales, fast.train.epochs) == (dev.data, dev.backbone,
-                                                                                  dev.patches.scales, dev.train.epochs)
+    assert (fast.data, fast.backbone, fast.patches.scales, fast.train.epochs) == (
+        dev.data,
+        dev.backbone,
+        dev.patches.scales,
+        dev.train.epochs,
+    )
 
 
 def test_voc07_carries_the_papers_settings():
@@ -38,8 +42,17 @@ def test_voc07_carries_the_papers_settings():
 
 
 def test_overrides_are_typed():
-    r = recipe_from_dict({}, ["train.lr=0.001", "train.epochs=3", "patches.scales=[1, 2]", "infer.k=10",
-                              "backbone.channels_last=false", "data.val_split="])
+    r = recipe_from_dict(
+        {},
+        [
+            "train.lr=0.001",
+            "train.epochs=3",
+            "patches.scales=[1, 2]",
+            "infer.k=10",
+            "backbone.channels_last=false",
+            "data.val_split=",
+        ],
+    )
     assert r.train.lr == 0.001 and isinstance(r.train.lr, float)
     assert r.train.epochs == 3
     assert r.patches.scales == [1.0, 2.0] and all(isinstance(s, float) for s in r.patches.scales)
@@ -48,7 +61,9 @@ def test_overrides_are_typed():
 
 
 def test_unknown_keys_and_bad_types_are_explained():
-    with pytest.raises(RecipeError, match=r"unknown recipe key\(s\) train.learning_rate; valid keys here: train.supervision"):
+    with pytest.raises(
+        RecipeError, match=r"unknown recipe key\(s\) train.learning_rate; valid keys here: train.supervision"
+    ):
         recipe_from_dict({}, ["train.learning_rate=0.1"])
     with pytest.raises(RecipeError, match=r"train.epochs must be of type int, got 'many'"):
         recipe_from_dict({}, ["train.epochs=many"])
@@ -119,10 +134,24 @@ def test_choices_are_checked_by_their_literal_types():
 
 
 def test_keys_of_older_recipes_move_to_the_runtime_and_pool_sections():
-    r = recipe_from_dict({"output": "runs", "backbone": {"device": "cpu", "batch_size": 8}, "cache": {"dir": "c"},
-                          "train": {"num_workers": 0, "heatmaps": 1}, "infer": {"k": 3}})
+    r = recipe_from_dict(
+        {
+            "output": "runs",
+            "backbone": {"device": "cpu", "batch_size": 8},
+            "cache": {"dir": "c"},
+            "train": {"num_workers": 0, "heatmaps": 1},
+            "infer": {"k": 3},
+        }
+    )
     rt = r.runtime
-    assert (rt.output, rt.device, rt.trunk_batch, rt.cache_dir, rt.workers, rt.heatmaps) == ("runs", "cpu", 8, "c", 0, 1)
+    assert (rt.output, rt.device, rt.trunk_batch, rt.cache_dir, rt.workers, rt.heatmaps) == (
+        "runs",
+        "cpu",
+        8,
+        "c",
+        0,
+        1,
+    )
     assert r.pool.k == 3.0 and str(r.run_dir) == "runs/run"
 
 

@@ -5,12 +5,22 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import write_image
 from patchnet.datasets import ImageRecord
 from patchnet.linear import SplitFeatures
 from patchnet.pooling import l2_normalize
-from patchnet.retrieve import (all_neighbours, box_area, class_colours, collection_page, distances, embed_2d,
-                               main_class, nearest, precision_at_k)
+from patchnet.retrieve import (
+    all_neighbours,
+    box_area,
+    class_colours,
+    collection_page,
+    distances,
+    embed_2d,
+    main_class,
+    nearest,
+    precision_at_k,
+)
+
+from conftest import write_image
 
 
 def test_l2_distances_and_ranking_on_hand_built_vectors():
@@ -66,10 +76,28 @@ def test_embed_2d_one_point_per_image_and_keeps_clusters_apart():
 def test_main_class_largest_box_else_first_label_and_colours():
     labels = np.array([[1, 1, -1], [-1, 1, 1], [0, -1, -1], [-1, -1, 1]])
     assert main_class(labels).tolist() == [0, 1, -1, 2]
-    recs = [ImageRecord("a", None, 100, 100, np.array([[0, 0, 10, 10], [0, 0, 50, 50], [0, 0, 90, 90]], np.float32),
-                        np.array([0, 1, 0]), np.array([False, False, True]), labels[0]),
-            ImageRecord("b", None, 100, 100, np.array([[0, 0, 20, 10], [0, 0, 10, 10]], np.float32),
-                        np.array([1, 2]), np.array([False, False]), labels[1])]
+    recs = [
+        ImageRecord(
+            "a",
+            None,
+            100,
+            100,
+            np.array([[0, 0, 10, 10], [0, 0, 50, 50], [0, 0, 90, 90]], np.float32),
+            np.array([0, 1, 0]),
+            np.array([False, False, True]),
+            labels[0],
+        ),
+        ImageRecord(
+            "b",
+            None,
+            100,
+            100,
+            np.array([[0, 0, 20, 10], [0, 0, 10, 10]], np.float32),
+            np.array([1, 2]),
+            np.array([False, False]),
+            labels[1],
+        ),
+    ]
     area = box_area(recs, 3)  # the difficult box of class 0 does not count
     np.testing.assert_allclose(area, [[100, 2500, 0], [0, 200, 100]])
     assert main_class(labels[:2], area).tolist() == [1, 1]
@@ -94,7 +122,7 @@ def _page(tmp_path, ids=("a", "b", "c", "d", "e", "</script><b>x")):
 
 
 def test_page_holds_each_thumbnail_once_and_the_neighbourhoods(tmp_path):
-    text, m, f, labels = _page(tmp_path)
+    text, m, f, _labels = _page(tmp_path)
     n = len(f.ids)
     assert m["ids"] == f.ids and len(m["x"]) == len(m["y"]) == n  # the id with "</script>" survived, escaped
     assert len(m["thumbs"]) == n and len(set(m["thumbs"])) == n
@@ -102,8 +130,9 @@ def test_page_holds_each_thumbnail_once_and_the_neighbourhoods(tmp_path):
         assert t.startswith("data:image/jpeg;base64,") and text.count(t) == 1
     want = nearest(distances(f.features, f.features), 3, exclude=np.arange(n))
     assert m["neighbours"] == want.tolist()
-    np.testing.assert_allclose(m["distances"], np.take_along_axis(distances(f.features, f.features), want, 1),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        m["distances"], np.take_along_axis(distances(f.features, f.features), want, 1), atol=1e-3
+    )
     # colours follow the labels: the main class, the largest box among the image's classes
     assert m["main"] == [2, 0, 0, 1, 1, 1] and m["classes"] == ["cat", "dog", "person"]
     assert m["labels"][0] == [0, 2] and m["colours"] == class_colours(3)
@@ -115,7 +144,7 @@ def test_page_holds_each_thumbnail_once_and_the_neighbourhoods(tmp_path):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_page_draws_the_map_and_opens_a_neighbourhood_in_chromium(tmp_path):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    text, m, f, _ = _page(tmp_path)
+    _text, m, f, _ = _page(tmp_path)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page()

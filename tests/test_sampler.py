@@ -60,8 +60,9 @@ def test_grid_rejects_bad_arguments():
 def lab(patches, boxes, classes, difficult=None, num_classes=3, image_labels=None):
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     difficult = np.zeros(len(boxes), bool) if difficult is None else np.asarray(difficult, bool)
-    return label_patches(np.asarray(patches, np.float32), boxes, np.asarray(classes), difficult, num_classes,
-                         image_labels=image_labels)
+    return label_patches(
+        np.asarray(patches, np.float32), boxes, np.asarray(classes), difficult, num_classes, image_labels=image_labels
+    )
 
 
 def test_one_object_rules_i_and_ii():
@@ -184,9 +185,14 @@ def test_a_rounded_step_gives_the_same_grid_as_a_third():
 def test_multilabel_keeps_a_patch_of_two_classes_with_both_targets():
     boxes = np.array([[10, 10, 40, 40], [50, 10, 80, 40], [100, 10, 130, 40]], np.float32)
     classes, difficult = np.array([0, 2, 2]), np.zeros(3, bool)
-    patches = np.array([[0, 0, 90, 50],  # cat + person: MULTI with both targets
-                        [45, 0, 135, 50],  # two persons: that class
-                        [5, 5, 45, 45]], np.float32)  # one cat
+    patches = np.array(
+        [
+            [0, 0, 90, 50],  # cat + person: MULTI with both targets
+            [45, 0, 135, 50],  # two persons: that class
+            [5, 5, 45, 45],
+        ],
+        np.float32,
+    )  # one cat
     labels, targets = label_patches(patches, boxes, classes, difficult, 3, multilabel=True)
     assert labels.tolist() == [MULTI, 2, 0]
     assert targets[0].tolist() == [True, False, True]

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_recipe
 from patchnet.heatmaps import best_patch_per_item, class_index, top_items
 from patchnet.model import AdaptationHead
 from patchnet.train import train
+
+from conftest import tiny_recipe
 
 TOOLS = Path(__file__).parent.parent / "tools"
 
@@ -21,8 +22,14 @@ def trained(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("tools")
     w = VocWriter(tmp / "VOC")
-    for n, (i, objs) in enumerate([("a", [("cat", 10, 10, 60, 60)]), ("b", [("dog", 20, 5, 75, 60)]),
-                                   ("c", [("person", 5, 30, 70, 70)]), ("d", [("cat", 40, 30, 90, 70)])]):
+    for n, (i, objs) in enumerate(
+        [
+            ("a", [("cat", 10, 10, 60, 60)]),
+            ("b", [("dog", 20, 5, 75, 60)]),
+            ("c", [("person", 5, 30, 70, 70)]),
+            ("d", [("cat", 40, 30, 90, 70)]),
+        ]
+    ):
         w.add(i, 96, 72, objs, seed=n)
     w.split("train", ["a", "b", "c", "d"])
     w.split("val", ["a", "b", "c", "d"])
@@ -42,8 +49,21 @@ def test_render_heatmaps_for_files_and_a_split(trained):
     r = _run(TOOLS / "render_heatmaps.py", "--checkpoint", ckpt, img, "--top", "2", "--out", tmp / "h1", cwd=tmp)
     assert r.returncode == 0, r.stderr
     assert (tmp / "h1" / "a.png").read_bytes()[:4] == b"\x89PNG"
-    r = _run(TOOLS / "render_heatmaps.py", "--checkpoint", ckpt, "--split", "val", "--classes", "dog,cat",
-             "--no-grid", "--reduce", "max", "--out", tmp / "h2", cwd=tmp)
+    r = _run(
+        TOOLS / "render_heatmaps.py",
+        "--checkpoint",
+        ckpt,
+        "--split",
+        "val",
+        "--classes",
+        "dog,cat",
+        "--no-grid",
+        "--reduce",
+        "max",
+        "--out",
+        tmp / "h2",
+        cwd=tmp,
+    )
     assert r.returncode == 0, r.stderr
     assert "warm feature cache" in r.stdout  # training cached the val split
     assert sorted(p.name for p in (tmp / "h2").iterdir())[:2] == ["a_cat.png", "a_dog.png"]
@@ -52,16 +72,34 @@ def test_render_heatmaps_for_files_and_a_split(trained):
 
 def test_render_heatmaps_rejects_an_unknown_class_with_the_valid_names(trained):
     tmp, recipe = trained
-    r = _run(TOOLS / "render_heatmaps.py", "--checkpoint", recipe.run_dir / "best.pt", "--split", "val",
-             "--classes", "unicorn", cwd=tmp)
+    r = _run(
+        TOOLS / "render_heatmaps.py",
+        "--checkpoint",
+        recipe.run_dir / "best.pt",
+        "--split",
+        "val",
+        "--classes",
+        "unicorn",
+        cwd=tmp,
+    )
     assert r.returncode == 2
     assert "unknown class name(s) unicorn; valid names: cat, dog, person" in r.stderr
 
 
 def test_top_patches_writes_a_sheet_per_class(trained):
     tmp, recipe = trained
-    r = _run(TOOLS / "top_patches.py", "--checkpoint", recipe.run_dir / "best.pt", "--split", "val", "--n", "4",
-             "--out", tmp / "top", cwd=tmp)
+    r = _run(
+        TOOLS / "top_patches.py",
+        "--checkpoint",
+        recipe.run_dir / "best.pt",
+        "--split",
+        "val",
+        "--n",
+        "4",
+        "--out",
+        tmp / "top",
+        cwd=tmp,
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp / "top").iterdir()) == ["top4_cat.png", "top4_dog.png", "top4_person.png"]
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -11,17 +12,18 @@ import torch
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
+import patchnet.callbacks as callbacks_module
+import patchnet.losses as losses_module
 import patchnet.train as train_module
-from conftest import tiny_recipe
 from patchnet.cli import app
 from patchnet.datasets import DatasetError
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import recipe_from_dict, save_recipe
 from patchnet.sampler import MULTI
-import patchnet.callbacks as callbacks_module
-import patchnet.losses as losses_module
 from patchnet.state import LRSchedule
 from patchnet.train import TrainingError, epoch_indices, train
+
+from conftest import tiny_recipe
 
 
 def _heads_equal(a, b):
@@ -94,8 +96,9 @@ def _straight_and_killed_after_epoch_1(tmp_path, root, monkeypatch, *args):
 
 
 def test_resume_after_a_kill_between_epochs_continues_exactly(tmp_path, small_voc, monkeypatch):
-    a, b = _straight_and_killed_after_epoch_1(tmp_path, small_voc, monkeypatch,
-                                              "runtime.cache_dir=" + str(tmp_path / "c"), "train.epochs=3")
+    a, b = _straight_and_killed_after_epoch_1(
+        tmp_path, small_voc, monkeypatch, "runtime.cache_dir=" + str(tmp_path / "c"), "train.epochs=3"
+    )
     assert _heads_equal(a["head"], b["head"])
     untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in h] for h in (a["history"], b["history"])]
     assert untimed[0] == untimed[1]
@@ -131,20 +134,30 @@ def _interrupt_then_resume(monkeypatch, recipe, owner, name: str, at_call: int):
 def test_resume_after_ctrl_c_mid_epoch_continues_exactly(tmp_path, small_voc, monkeypatch):
     cache = "runtime.cache_dir=" + str(tmp_path / "c")
     straight = train(tiny_recipe(tmp_path / "a", small_voc, cache), progress=False)
-    saved, resumed = _interrupt_then_resume(monkeypatch, tiny_recipe(tmp_path / "b", small_voc, cache),
-                                            losses_module.F, "cross_entropy", 5)
+    saved, resumed = _interrupt_then_resume(
+        monkeypatch, tiny_recipe(tmp_path / "b", small_voc, cache), losses_module.F, "cross_entropy", 5
+    )
     assert saved["step"] > 0  # saved mid-epoch, with the batches already done
-    assert _heads_equal(load_checkpoint(straight.run_dir / "last.pt")["head"],
-                        load_checkpoint(resumed.run_dir / "last.pt")["head"])
+    assert _heads_equal(
+        load_checkpoint(straight.run_dir / "last.pt")["head"], load_checkpoint(resumed.run_dir / "last.pt")["head"]
+    )
 
 
-@pytest.mark.parametrize("owner, name, at_call", [
-    (torch.optim.SGD, "step", 7),  # between a parameter update and its step counter
-    (LRSchedule, "step", 5),  # between the milestone decay of epoch 5 (an evaluation epoch) and its epoch counter
-])
+@pytest.mark.parametrize(
+    "owner, name, at_call",
+    [
+        (torch.optim.SGD, "step", 7),  # between a parameter update and its step counter
+        (LRSchedule, "step", 5),  # between the milestone decay of epoch 5 (an evaluation epoch) and its epoch counter
+    ],
+)
 def test_a_signal_inside_a_commit_waits_for_its_end(tmp_path, small_voc, monkeypatch, owner, name, at_call):
     """A real SIGINT delivered the moment one half of a commit is done; resume still matches a straight run."""
-    args = ("train.epochs=10", "train.eval_every=5", "train.milestones=[0.5]", "runtime.cache_dir=" + str(tmp_path / "c"))
+    args = (
+        "train.epochs=10",
+        "train.eval_every=5",
+        "train.milestones=[0.5]",
+        "runtime.cache_dir=" + str(tmp_path / "c"),
+    )
     straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
     real, calls = getattr(owner, name), {"n": 0}
 
@@ -173,14 +186,31 @@ def test_a_signal_inside_a_commit_waits_for_its_end(tmp_path, small_voc, monkeyp
 
 def test_sigint_to_a_real_train_process_then_resume_matches_a_straight_run(tmp_path, small_voc):
     """Ctrl-C as a user sends it: SIGINT to a running ``patchnet train``, then ``--resume``."""
-    args = ("train.epochs=30", "train.eval_every=10", "train.milestones=[0.5]", "runtime.cache_dir=" + str(tmp_path / "c"))
+    args = (
+        "train.epochs=30",
+        "train.eval_every=10",
+        "train.milestones=[0.5]",
+        "runtime.cache_dir=" + str(tmp_path / "c"),
+    )
     straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
     recipe = tiny_recipe(tmp_path / "b", small_voc, *args)
     save_recipe(recipe, tmp_path / "recipe.yaml")
-    cli = [sys.executable, "-c", "from patchnet.cli import main; main()", "train", "--recipe", str(tmp_path / "recipe.yaml")]
+    cli = [
+        sys.executable,
+        "-c",
+        "from patchnet.cli import main; main()",
+        "train",
+        "--recipe",
+        str(tmp_path / "recipe.yaml"),
+    ]
     # a test runner started in the background ignores SIGINT, and children inherit that: restore it
-    proc = subprocess.Popen(cli, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cli,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     for line in proc.stderr:  # the first epoch's log line: training has started
         if line.startswith("INFO: epoch 1:"):
             proc.send_signal(signal.SIGINT)
@@ -190,7 +220,9 @@ def test_sigint_to_a_real_train_process_then_resume_matches_a_straight_run(tmp_p
     assert "interrupted: saved" in rest and "continue with --resume" in rest
     saved = load_checkpoint(recipe.run_dir / "last.pt")
     assert 1 <= saved["epoch"] < 30  # the signal landed mid-run
-    resumed = subprocess.run(cli + ["--resume"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    resumed = subprocess.run(
+        [*cli, "--resume"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}
+    )
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(recipe.run_dir / "last.pt")
     assert b["epoch"] == 30 and [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]]
@@ -203,7 +235,9 @@ def test_nan_loss_stops_with_the_facts_and_keeps_last_pt(tmp_path, small_voc, mo
     before = (recipe.run_dir / "last.pt").read_bytes()
     real_ce = losses_module.F.cross_entropy
     monkeypatch.setattr(losses_module.F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
-    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 1 \(lr 0.001\); last batch: features mean"):
+    with pytest.raises(
+        TrainingError, match=r"loss became nan at epoch 2, step 1 \(lr 0.001\); last batch: features mean"
+    ):
         train(tiny_recipe(tmp_path, small_voc, "train.epochs=2"), resume=True, progress=False)
     assert (recipe.run_dir / "last.pt").read_bytes() == before
 
@@ -291,8 +325,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, port, tmp_path, root, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     recipe = tiny_recipe(tmp_path, root, "head.dropout=0.0")
     train(recipe, progress=False)
@@ -302,11 +337,18 @@ def _ddp_worker(rank, world, port, tmp_path, root, out):
 
 def _ddp_interrupt_worker(rank, world, port, tmp_path, root, mode):
     """One rank of a DDP run: ``straight``, ``interrupt`` (Ctrl-C at the 3rd patch loss) or ``resume``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
-    recipe = tiny_recipe(tmp_path / mode.replace("resume", "interrupt"), root, "head.dropout=0.0", "train.epochs=2",
-                         "train.supervision=boxes", f"runtime.cache_dir={tmp_path / 'cache'}")
+    recipe = tiny_recipe(
+        tmp_path / mode.replace("resume", "interrupt"),
+        root,
+        "head.dropout=0.0",
+        "train.epochs=2",
+        "train.supervision=boxes",
+        f"runtime.cache_dir={tmp_path / 'cache'}",
+    )
     if mode == "interrupt":
         real, calls = losses_module.F.cross_entropy, {"n": 0}
 
@@ -317,10 +359,8 @@ def _ddp_interrupt_worker(rank, world, port, tmp_path, root, mode):
             return real(*args, **kwargs)
 
         losses_module.F.cross_entropy = interrupting
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             train(recipe, progress=False)
-        except KeyboardInterrupt:
-            pass
     else:
         train(recipe, resume=mode == "resume", progress=False)
     torch.distributed.destroy_process_group()
@@ -350,8 +390,10 @@ def test_ddp_on_cpu_with_gloo_two_processes(tmp_path, small_voc):
     state = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
     assert state["epoch"] == 2 and "select_map07" in state["history"][-1]
     # the same global batches on one process give the same head (dropout off), up to summation order
-    single = train(tiny_recipe(tmp_path / "single", small_voc, "head.dropout=0.0",
-                               "runtime.cache_dir=" + str(tmp_path / "cache")), progress=False)
+    single = train(
+        tiny_recipe(tmp_path / "single", small_voc, "head.dropout=0.0", "runtime.cache_dir=" + str(tmp_path / "cache")),
+        progress=False,
+    )
     ref = load_checkpoint(single.run_dir / "last.pt")["head"]
     for k in ref:
         assert torch.allclose(ref[k], state["head"][k], atol=1e-5), k
@@ -368,7 +410,8 @@ def test_image_loss_leaves_label_zero_out():
     labels = torch.tensor([[1, -1, 0], [-1, 0, 1]])
     got = image_loss(logits, labels)
     want = torch.nn.functional.binary_cross_entropy_with_logits(
-        torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+        torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])
+    )
     assert torch.allclose(got, want)
     changed = logits.clone()
     changed[0, 2], changed[1, 1] = -40.0, 40.0  # the difficult-only entries: no effect
@@ -377,8 +420,13 @@ def test_image_loss_leaves_label_zero_out():
 
 
 def test_multilabel_patch_targets_spread_over_the_classes():
-    t = patch_targets(np.array([1, 3, MULTI]), np.array([0, 1, 9]), np.array([4, 9]),
-                      np.array([[True, False, True], [False, True, True]]), 3)
+    t = patch_targets(
+        np.array([1, 3, MULTI]),
+        np.array([0, 1, 9]),
+        np.array([4, 9]),
+        np.array([[True, False, True], [False, True, True]]),
+        3,
+    )
     np.testing.assert_allclose(t.numpy(), [[0, 1, 0, 0], [0, 0, 0, 1], [0, 0.5, 0.5, 0]])
 
 
@@ -398,16 +446,26 @@ def boxless_voc(tmp_path):
     ids = [f"{i:03d}" for i in range(8)]
     for n, i in enumerate(ids):
         w.add(i, 72 + 8 * (n % 3), 64, [], seed=n)
-    labels = {"cat": [1, -1, 1, -1, 0, 1, -1, -1], "dog": [-1, 1, 1, -1, -1, -1, 1, -1],
-              "person": [-1, -1, -1, -1, 1, 1, -1, -1]}  # 003 and 007 have no class at all
+    labels = {
+        "cat": [1, -1, 1, -1, 0, 1, -1, -1],
+        "dog": [-1, 1, 1, -1, -1, -1, 1, -1],
+        "person": [-1, -1, -1, -1, 1, 1, -1, -1],
+    }  # 003 and 007 have no class at all
     w.split("train", ids[:6], {c: v[:6] for c, v in labels.items()})
     w.split("val", ids[6:], {c: v[6:] for c, v in labels.items()})
     return w.root
 
 
 def test_images_mode_trains_on_a_set_without_any_box(tmp_path, boxless_voc):
-    recipe = tiny_recipe(tmp_path, boxless_voc, "train.supervision=images", "pool.name=topk", "train.image_batch=2",
-                         "data.boxes=false", "train.holdout=0.2")
+    recipe = tiny_recipe(
+        tmp_path,
+        boxless_voc,
+        "train.supervision=images",
+        "pool.name=topk",
+        "train.image_batch=2",
+        "data.boxes=false",
+        "train.holdout=0.2",
+    )
     result = train(recipe, progress=False)
     state = load_checkpoint(result.run_dir / "last.pt")
     assert state["epoch"] == 2 and state["history"][-1]["loss"] > 0
@@ -419,8 +477,17 @@ def test_images_mode_trains_on_a_set_without_any_box(tmp_path, boxless_voc):
 
 def test_both_mode_adds_the_patch_loss_and_resumes_exactly(tmp_path, small_voc, monkeypatch):
     a, b = _straight_and_killed_after_epoch_1(
-        tmp_path, small_voc, monkeypatch, "train.supervision=both", "pool.name=lse", "train.image_batch=2",
-        "train.multilabel=true", "train.epochs=3", "train.precision=bf16", "runtime.cache_dir=" + str(tmp_path / "c"))
+        tmp_path,
+        small_voc,
+        monkeypatch,
+        "train.supervision=both",
+        "pool.name=lse",
+        "train.image_batch=2",
+        "train.multilabel=true",
+        "train.epochs=3",
+        "train.precision=bf16",
+        "runtime.cache_dir=" + str(tmp_path / "c"),
+    )
     assert _heads_equal(a["head"], b["head"]) and a["history"][-1]["patch_acc"] > 0
 
 
@@ -430,8 +497,9 @@ def test_ctrl_c_during_the_evaluation_of_a_milestone_epoch_keeps_the_decay(tmp_p
     args = ("train.epochs=4", "train.milestones=[0.5]", cache)
     straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
     # the second evaluation is the end of epoch 2, the milestone
-    _, resumed = _interrupt_then_resume(monkeypatch, tiny_recipe(tmp_path / "b", small_voc, *args), callbacks_module,
-                                        "evaluate", 2)
+    _, resumed = _interrupt_then_resume(
+        monkeypatch, tiny_recipe(tmp_path / "b", small_voc, *args), callbacks_module, "evaluate", 2
+    )
     a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
     assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]] == [0.01, 0.01, 0.001, 0.001]
     assert _heads_equal(a["head"], b["head"])
@@ -459,7 +527,7 @@ def test_best_is_chosen_on_held_out_training_images_not_on_the_val_split(tmp_pat
     monkeypatch.setattr(train_module, "evaluate", spy)  # the report
     recipe = tiny_recipe(tmp_path, small_voc, "train.holdout=0.25")
     train(recipe, progress=False)
-    selection = [s for s in seen[:-1]]
+    selection = list(seen[:-1])
     assert selection and all(name.endswith(":train") and len(items) == 1 for name, items in selection)
     assert seen[-1][0].endswith(":val")  # the report, once, at the end
     with pytest.raises(CheckpointError, match="overstates"):
@@ -475,7 +543,7 @@ def test_fused_checkpoint_scores_through_eval_and_predict(tmp_path, small_voc):
     assert state["fusion"]["pool"] == "power" and state["calibration"]["fused"]
     predictor = Predictor(result.run_dir / "last.pt")
     assert predictor.fusion is not None and predictor.calibration is not None
-    table, n, _ = evaluate_split(result.run_dir / "last.pt", split="val", progress=False)
+    table, _n, _ = evaluate_split(result.run_dir / "last.pt", split="val", progress=False)
     np.testing.assert_allclose(table.ap07, result.table.ap07)  # training's report and eval: one path
     p = predictor.predict(small_voc / "JPEGImages" / "e.jpg")
     assert p.probabilities.shape == (3,) and p.present.dtype == bool
@@ -486,8 +554,11 @@ def test_fused_checkpoint_scores_through_eval_and_predict(tmp_path, small_voc):
 
 def test_resume_ignores_the_runtime_section(tmp_path, small_voc):
     train(tiny_recipe(tmp_path, small_voc, "train.epochs=1"), progress=False)
-    longer = train(tiny_recipe(tmp_path, small_voc, "train.epochs=2", "runtime.heatmaps=0", "runtime.trunk_batch=4"),
-                   resume=True, progress=False)
+    longer = train(
+        tiny_recipe(tmp_path, small_voc, "train.epochs=2", "runtime.heatmaps=0", "runtime.trunk_batch=4"),
+        resume=True,
+        progress=False,
+    )
     assert longer.epochs == 2
 
 
@@ -509,14 +580,21 @@ def test_augmented_views_of_held_out_images_never_train(tmp_path, small_voc):
 
 @pytest.mark.parametrize("mode", ["exact", "shared"])
 def test_a_timm_backbone_trains_and_evaluates(tmp_path, small_voc, mode):
-    recipe = tiny_recipe(tmp_path, small_voc, "backbone.name=timm/resnet18", "backbone.weights=random",
-                         f"patches.mode={mode}", "train.epochs=1")
+    recipe = tiny_recipe(
+        tmp_path,
+        small_voc,
+        "backbone.name=timm/resnet18",
+        "backbone.weights=random",
+        f"patches.mode={mode}",
+        "train.epochs=1",
+    )
     result = train(recipe, progress=False)
     state = load_checkpoint(recipe.run_dir / "last.pt")
     assert state["weights_id"] == "timm/resnet18:random" and state["history"][-1]["loss"] > 0
     assert result.table is not None and result.table.classes == ["cat", "dog", "person"]
-    out = runner.invoke(app, ["eval", "--checkpoint", str(recipe.run_dir / "best.pt"), "--split", "val",
-                              "--out", str(tmp_path / "ev")])
+    out = runner.invoke(
+        app, ["eval", "--checkpoint", str(recipe.run_dir / "best.pt"), "--split", "val", "--out", str(tmp_path / "ev")]
+    )
     assert out.exit_code == 0, out.output
     assert set(json.loads((tmp_path / "ev" / "eval_val.json").read_text())["classes"]) == {"cat", "dog", "person"}
 
@@ -525,15 +603,23 @@ def test_a_timm_backbone_trains_and_evaluates(tmp_path, small_voc, mode):
 def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_does(tmp_path, small_voc, compress):
     from patchnet.infer import Predictor, evaluate_split
 
-    recipe = tiny_recipe(tmp_path, small_voc, f"cache.compress={compress}", "cache.pca_dim=8", "train.epochs=1",
-                         "infer.fuse=true", "train.holdout=0.5")
+    recipe = tiny_recipe(
+        tmp_path,
+        small_voc,
+        f"cache.compress={compress}",
+        "cache.pca_dim=8",
+        "train.epochs=1",
+        "infer.fuse=true",
+        "train.holdout=0.5",
+    )
     result = train(recipe, progress=False)
     state = load_checkpoint(result.run_dir / "last.pt")
     dim = 8 if compress == "pca" else 1280
     assert state["head"]["fca.0.weight"].shape[1] == dim and state["feature_dim"] == 1280
     assert state["codec"]["compress"] == compress and ("components" in state["codec"]) == (compress == "pca")
-    table, n, (predictor, dataset, store, items) = evaluate_split(result.run_dir / "last.pt", split="val",
-                                                                  progress=False)
+    table, n, (predictor, dataset, store, items) = evaluate_split(
+        result.run_dir / "last.pt", split="val", progress=False
+    )
     np.testing.assert_allclose(table.ap07, result.table.ap07)  # eval finds the cache that training reported on
     assert store.compress == compress and store.feature_dim == dim and n == 2
     # the fused SVM max-pools features in the trunk's space, also over projections
@@ -550,8 +636,15 @@ def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_do
 
 
 def test_importing_train_loads_no_plotting_and_no_demo_generator():
-    code = ("import sys, patchnet.train; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m == 'patchnet.demo'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    code = (
+        "import sys, patchnet.train; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m == 'patchnet.demo'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert out.stdout.strip() == "[]"

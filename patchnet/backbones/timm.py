@@ -43,7 +43,7 @@ class TimmTrunk(nn.Module):
             return out.permute(0, 3, 1, 2)
         if self.layout == "tokens":  # a padded image has a partial last row and column of patches
             h, w = -(-x.shape[-2] // self.stride), -(-x.shape[-1] // self.stride)
-            tokens = out[:, getattr(self.model, "num_prefix_tokens", 0):]
+            tokens = out[:, getattr(self.model, "num_prefix_tokens", 0) :]
             return tokens.transpose(1, 2).reshape(len(out), -1, h, w)
         return out
 
@@ -84,26 +84,30 @@ def _timm_hub_cache(tagged: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}"
 
 
-def timm_modules(spec: "BackboneSpec", weights: str) -> tuple[nn.Module, nn.Module]:
+def timm_modules(spec: BackboneSpec, weights: str) -> tuple[nn.Module, nn.Module]:
     """Trunk and head of ``timm.create_model``; weights from the Hugging Face cache or a local file."""
     timm, tagged, overlay = _timm(), spec.timm_name, None
     if weights not in ("random", "imagenet"):
         path = Path(weights)
         if not path.is_file():
-            raise BackboneError(f"weight file {path} does not exist; set backbone.weights to a .safetensors or .pth "
-                                f"file of {tagged}, 'imagenet' for timm's pretrained weights, or 'random' (tests only)")
-        overlay = dict(file=str(path))  # timm reads it (torch.load with weights_only=True) and adapts it
+            raise BackboneError(
+                f"weight file {path} does not exist; set backbone.weights to a .safetensors or .pth "
+                f"file of {tagged}, 'imagenet' for timm's pretrained weights, or 'random' (tests only)"
+            )
+        overlay = {"file": str(path)}  # timm reads it (torch.load with weights_only=True) and adapts it
     try:
         # With its own classifier the weights load strictly (num_classes=0 would let a wrong file pass
         # as random weights); the classifier goes afterwards.
-        model = timm.create_model(tagged, pretrained=weights != "random", pretrained_cfg_overlay=overlay,
-                                  **spec.timm_kwargs)
+        model = timm.create_model(
+            tagged, pretrained=weights != "random", pretrained_cfg_overlay=overlay, **spec.timm_kwargs
+        )
     except Exception as e:
         if weights == "random":
             raise
         if overlay:
-            raise BackboneError(f"{path}: cannot be loaded as timm model {tagged}: {type(e).__name__}: "
-                                f"{str(e)[:300]}") from None
+            raise BackboneError(
+                f"{path}: cannot be loaded as timm model {tagged}: {type(e).__name__}: {str(e)[:300]}"
+            ) from None
         raise BackboneError(  # no network and no cached file, or no weights for this tag
             f"cannot load timm's pretrained weights for {tagged}: {type(e).__name__}: {e}. They are read from the "
             f"Hugging Face cache ({_timm_hub_cache(tagged)}) or downloaded into it. Fill the cache on a machine "
@@ -120,16 +124,18 @@ def _imagenet_id(spec: BackboneSpec) -> str:  # the tag names the weights: resne
     return f"{spec.name}:{spec.timm_name}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def timm_spec(name: str) -> BackboneSpec:
     """A timm model's spec, from a copy built without weights on the meta device (on the CPU if that fails)."""
-    timm, arch = _timm(), name[len("timm/"):]
+    timm, arch = _timm(), name[len("timm/") :]
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5)
-        raise BackboneError(f"unknown timm model {arch!r} in backbone {name!r}"
-                            + (f"; close names: {', '.join(close)}" if close else "")
-                            + "; list them with python -c \"import timm; print(timm.list_models('resnet*'))\" "
-                            "(pretrained=True lists those with weights)")
+        raise BackboneError(
+            f"unknown timm model {arch!r} in backbone {name!r}"
+            + (f"; close names: {', '.join(close)}" if close else "")
+            + "; list them with python -c \"import timm; print(timm.list_models('resnet*'))\" "
+            "(pretrained=True lists those with weights)"
+        )
     for device in ("meta", "cpu"):  # meta: no memory, no time; a few models only run on real tensors
         try:
             return _probe_timm(name, arch, torch.device(device))
@@ -137,11 +143,59 @@ def timm_spec(name: str) -> BackboneSpec:
             raise
         except Exception as e:
             if device == "cpu":
-                raise BackboneError(f"backbone {name}: timm cannot create or run {arch}: {type(e).__name__}: {e}") from None
+                raise BackboneError(
+                    f"backbone {name}: timm cannot create or run {arch}: {type(e).__name__}: {e}"
+                ) from None
     raise AssertionError
 
 
 def _probe_timm(name: str, arch: str, device: torch.device) -> BackboneSpec:
+    model, kwargs, layout, stride = _probe_layout(arch, device)
+    cfg, size = model.pretrained_cfg, model.pretrained_cfg["input_size"][1]
+    with torch.no_grad():
+        trunk = TimmTrunk(model, layout, stride)
+        try:  # any other size, not a multiple of the stride: what shared mode feeds it
+            trunk(torch.zeros(1, 3, size + stride + 1, size + 2 * stride + 3, device=device))
+            fixed = False
+        except Exception:
+            fixed = True
+        feature = TimmHead(trunk)(trunk(torch.zeros(1, 3, size, size, device=device)).mean(dim=(2, 3)))
+    if feature.ndim != 2:
+        raise BackboneError(
+            f"backbone {name}: timm's forward_head gives a {tuple(feature.shape)} output, not one "
+            "vector per image; choose another model"
+        )
+    tagged = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else arch  # resnet18 -> resnet18.a1_in1k
+    # a CNN's stages are timm's feature_info entries (maps); a token model has the feature only
+    info = getattr(model, "feature_info", None) if layout == "nchw" else None
+    stages = [
+        Stage(i["module"].replace(".", "_"), f"model.{i['module']}", i["num_chs"], i["reduction"]) for i in (info or [])
+    ]
+    stages.append(Stage("head", "", feature.shape[1], stride, head=-1))
+    shortcuts = ("downsample",) if type(model).__name__ == "ResNet" else ()  # beside the main path in timm's ResNets
+    return BackboneSpec(
+        name,
+        "timm",
+        timm_modules,
+        _imagenet_id,
+        feature.shape[1],
+        size,
+        stride=stride,
+        stages=tuple(stages),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        fixed_size=fixed,
+        weight_source=f"timm's pretrained weights {tagged} (Hugging Face cache or download)",
+        timm_name=tagged,
+        timm_kwargs=kwargs,
+        layout=layout,
+        shortcuts=shortcuts,
+    )
+
+
+def _probe_layout(arch: str, device: torch.device) -> tuple[nn.Module, dict, str, int]:
+    """A weightless copy of a timm model, the arguments it was made with, what ``forward_features`` returns
+    (nchw, nhwc or tokens) and the stride of its map."""
     timm = _timm()
 
     def create(**kwargs):
@@ -149,43 +203,22 @@ def _probe_timm(name: str, arch: str, device: torch.device) -> BackboneSpec:
             return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
     model, kwargs = create(), {}
-    cfg = model.pretrained_cfg
-    size = cfg["input_size"][1]
+    size = model.pretrained_cfg["input_size"][1]
     with torch.no_grad():
         out = model.forward_features(torch.zeros(1, 3, size, size, device=device))
-        layout = {3: "tokens", 4: "nchw" if out.shape[1] == model.num_features else "nhwc"}[out.ndim]
-        if layout == "tokens":  # a ViT resamples its position embedding for other sizes when asked to
-            try:
-                kwargs = dict(dynamic_img_size=True, dynamic_img_pad=True)
-                model = create(**kwargs)
-            except TypeError:  # not supported: fixed_size below
-                kwargs = {}
-        info = getattr(model, "feature_info", None)
-        if info:
-            stride = info[-1]["reduction"]
-        else:  # from the map's size, or a token model's patch embedding
-            stride = model.patch_embed.patch_size[0] if layout == "tokens" else size // out.shape[1 + (layout == "nchw")]
-        trunk = TimmTrunk(model, layout, stride)
-        try:  # any other size, not a multiple of the stride: what shared mode feeds it
-            trunk(torch.zeros(1, 3, size + stride + 1, size + 2 * stride + 3, device=device))
-            fixed = False
-        except Exception:
-            fixed = True
-        fmap = trunk(torch.zeros(1, 3, size, size, device=device))
-        feature = TimmHead(trunk)(fmap.mean(dim=(2, 3)))
-    if feature.ndim != 2:
-        raise BackboneError(f"backbone {name}: timm's forward_head gives a {tuple(feature.shape)} output, not one "
-                            "vector per image; choose another model")
-    tagged = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else arch  # resnet18 -> resnet18.a1_in1k
-    # a CNN's stages are timm's feature_info entries (maps); a token model has the feature only
-    stages = [Stage(i["module"].replace(".", "_"), f"model.{i['module']}", i["num_chs"], i["reduction"])
-              for i in (info or []) if layout == "nchw"]
-    stages.append(Stage("head", "", feature.shape[1], stride, head=-1))
-    shortcuts = ("downsample",) if type(model).__name__ == "ResNet" else ()  # beside the main path in timm's ResNets
-    return BackboneSpec(name, "timm", timm_modules, _imagenet_id, feature.shape[1], size, stride=stride, stages=tuple(stages),
-                        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), fixed_size=fixed,
-                        weight_source=f"timm's pretrained weights {tagged} (Hugging Face cache or download)",
-                        timm_name=tagged, timm_kwargs=kwargs, layout=layout, shortcuts=shortcuts)
+    layout = {3: "tokens", 4: "nchw" if out.shape[1] == model.num_features else "nhwc"}[out.ndim]
+    if layout == "tokens":  # a ViT resamples its position embedding for other sizes when asked to
+        try:
+            kwargs = {"dynamic_img_size": True, "dynamic_img_pad": True}
+            model = create(**kwargs)
+        except TypeError:  # not supported: a fixed size
+            kwargs = {}
+    info = getattr(model, "feature_info", None)
+    if info:
+        stride = info[-1]["reduction"]
+    else:  # from the map's size, or a token model's patch embedding
+        stride = model.patch_embed.patch_size[0] if layout == "tokens" else size // out.shape[1 + (layout == "nchw")]
+    return model, kwargs, layout, stride
 
 
 register_prefix("timm/", timm_spec)

@@ -37,7 +37,7 @@ def torchvision_model(name: str, weights: str) -> nn.Module:
     return model
 
 
-def torchvision_modules(spec: "BackboneSpec", weights: str) -> tuple[nn.Module, nn.Module]:
+def torchvision_modules(spec: BackboneSpec, weights: str) -> tuple[nn.Module, nn.Module]:
     """Trunk (image -> map) and head (pooled region -> feature) of a torchvision classifier."""
     name, m = spec.name, torchvision_model(spec.name, weights)
     if name == "alexnet":  # the paper's network: frozen C1-C5, FC6, FC7
@@ -62,27 +62,79 @@ def _imagenet_id(spec: BackboneSpec) -> str:
 def _tv(name: str, dim: int, stages: list[tuple], **kw) -> BackboneSpec:
     """``stages``: (name, trunk module, dim, stride[, head]) shallow to deep; FC6/FC7 follow from ``layers``."""
     fc = [Stage(layer, "", dim, 32, head=k) for layer, k in kw.get("layers", {}).items()]
-    return BackboneSpec(name, "torchvision", torchvision_modules, _imagenet_id, dim, 224,
-                        weight_source="torchvision's DEFAULT weights (hub cache or download)",
-                        stages=(*(Stage(*s) for s in stages), *fc), **kw)
+    return BackboneSpec(
+        name,
+        "torchvision",
+        torchvision_modules,
+        _imagenet_id,
+        dim,
+        224,
+        weight_source="torchvision's DEFAULT weights (hub cache or download)",
+        stages=(*(Stage(*s) for s in stages), *fc),
+        **kw,
+    )
 
 
 # alexnet/vgg16 head modules kept for each layer: (Dropout,) FC6, ReLU, Dropout, FC7, ReLU.
 # Stages of alexnet/vgg16: the ReLU after the last convolution of each block (DeCAF's conv1..conv5).
 for _spec in (
-    _tv("alexnet", 4096, [("conv1", "1", 64, 4), ("conv2", "4", 192, 8), ("conv3", "7", 384, 16),
-                          ("conv4", "9", 256, 16), ("conv5", "11", 256, 16)],
-        roi_size=6, offset=15.0, layers={"fc6": 3, "fc7": 6}),
-    _tv("vgg16", 4096, [("conv1", "3", 64, 1), ("conv2", "8", 128, 2), ("conv3", "15", 256, 4),
-                        ("conv4", "22", 512, 8), ("conv5", "29", 512, 16)],
-        roi_size=7, layers={"fc6": 2, "fc7": 5}),
-    _tv("resnet50", 2048, [("layer1", "4", 256, 4), ("layer2", "5", 512, 8), ("layer3", "6", 1024, 16),
-                           ("layer4", "", 2048, 32)], shortcuts=("downsample",)),
-    _tv("mobilenet_v3_large", 1280, [("stage1", "1", 16, 2), ("stage2", "3", 24, 4), ("stage3", "6", 40, 8),
-                                     ("stage4", "10", 80, 16), ("stage5", "12", 112, 16),
-                                     ("stage6", "15", 160, 32), ("conv_last", "", 960, 32),
-                                     ("head", "", 1280, 32, -1)]),  # Linear(960, 1280) + Hardswish
-    _tv("convnext_tiny", 768, [("stage1", "1", 96, 4), ("stage2", "3", 192, 8), ("stage3", "5", 384, 16),
-                               ("stage4", "", 768, 32), ("head", "", 768, 32, -1)]),  # its LayerNorm
+    _tv(
+        "alexnet",
+        4096,
+        [
+            ("conv1", "1", 64, 4),
+            ("conv2", "4", 192, 8),
+            ("conv3", "7", 384, 16),
+            ("conv4", "9", 256, 16),
+            ("conv5", "11", 256, 16),
+        ],
+        roi_size=6,
+        offset=15.0,
+        layers={"fc6": 3, "fc7": 6},
+    ),
+    _tv(
+        "vgg16",
+        4096,
+        [
+            ("conv1", "3", 64, 1),
+            ("conv2", "8", 128, 2),
+            ("conv3", "15", 256, 4),
+            ("conv4", "22", 512, 8),
+            ("conv5", "29", 512, 16),
+        ],
+        roi_size=7,
+        layers={"fc6": 2, "fc7": 5},
+    ),
+    _tv(
+        "resnet50",
+        2048,
+        [("layer1", "4", 256, 4), ("layer2", "5", 512, 8), ("layer3", "6", 1024, 16), ("layer4", "", 2048, 32)],
+        shortcuts=("downsample",),
+    ),
+    _tv(
+        "mobilenet_v3_large",
+        1280,
+        [
+            ("stage1", "1", 16, 2),
+            ("stage2", "3", 24, 4),
+            ("stage3", "6", 40, 8),
+            ("stage4", "10", 80, 16),
+            ("stage5", "12", 112, 16),
+            ("stage6", "15", 160, 32),
+            ("conv_last", "", 960, 32),
+            ("head", "", 1280, 32, -1),
+        ],
+    ),  # Linear(960, 1280) + Hardswish
+    _tv(
+        "convnext_tiny",
+        768,
+        [
+            ("stage1", "1", 96, 4),
+            ("stage2", "3", 192, 8),
+            ("stage3", "5", 384, 16),
+            ("stage4", "", 768, 32),
+            ("head", "", 768, 32, -1),
+        ],
+    ),  # its LayerNorm
 ):
     register(_spec)

@@ -13,8 +13,10 @@ from .spec import BackboneError, BackboneSpec
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise BackboneError(f"weight file {path} does not exist; set backbone.weights to a state_dict file, "
-                            "'imagenet' for the packaged or torchvision weights, or 'random' (tests only)")
+        raise BackboneError(
+            f"weight file {path} does not exist; set backbone.weights to a state_dict file, "
+            "'imagenet' for the packaged or torchvision weights, or 'random' (tests only)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

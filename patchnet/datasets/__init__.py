@@ -12,31 +12,67 @@ from pathlib import Path
 import numpy as np
 
 from .coco import coco_paths, read_coco
-from .images import (IMAGE_SUFFIXES, MAX_PIXELS, PILLOW_LIMIT, DatasetError, ImageTooLarge, image_files, image_size,
-                     is_hidden, load_image, open_image, thumbnail)
+from .images import (
+    IMAGE_SUFFIXES,
+    MAX_PIXELS,
+    PILLOW_LIMIT,
+    DatasetError,
+    ImageTooLarge,
+    image_files,
+    image_size,
+    is_hidden,
+    load_image,
+    open_image,
+    thumbnail,
+)
 from .lists import read_csv_list, read_folder
 from .loader import ItemImages, iter_images
 from .records import Dataset, Fixes, ImageRecord
 from .voc import read_voc, voc_splits
 
-__all__ = ["Dataset", "DatasetError", "Fixes", "IMAGE_SUFFIXES", "ImageRecord", "ImageTooLarge", "ItemImages",
-           "MAX_PIXELS", "iter_images",
-           "PILLOW_LIMIT", "coco_paths", "data_override", "image_files", "image_label_statistics", "image_size",
-           "is_hidden", "load_image", "open_image", "open_split", "read_coco", "read_csv_list", "read_folder",
-           "read_voc", "thumbnail", "voc_splits", "without_boxes"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "PILLOW_LIMIT",
+    "Dataset",
+    "DatasetError",
+    "Fixes",
+    "ImageRecord",
+    "ImageTooLarge",
+    "ItemImages",
+    "coco_paths",
+    "data_override",
+    "image_files",
+    "image_label_statistics",
+    "image_size",
+    "is_hidden",
+    "iter_images",
+    "load_image",
+    "open_image",
+    "open_split",
+    "read_coco",
+    "read_csv_list",
+    "read_folder",
+    "read_voc",
+    "thumbnail",
+    "voc_splits",
+    "without_boxes",
+]
 
 
 def image_label_statistics(dataset: Dataset) -> str:
     """A table of images per class (present, difficult-only) and of labels per image, for ``patchnet inspect``."""
     labels = dataset.labels()
     per_image = (labels == 1).sum(1)
-    width = max(len(c) for c in dataset.classes + ["class"])
-    lines = [f"{dataset.name}: {len(dataset)} images, {int((per_image == 0).sum())} with no class, "
-             f"{per_image.mean() if len(per_image) else 0:.2f} classes per image "
-             f"(max {per_image.max() if len(per_image) else 0}); "
-             f"{'single-label' if dataset.single_label else 'multi-label'}, "
-             f"{'with' if dataset.has_boxes else 'without'} boxes",
-             f"{'class':<{width}}  {'images':>7}  {'difficult-only':>14}"]
+    width = max(len(c) for c in [*dataset.classes, "class"])
+    lines = [
+        f"{dataset.name}: {len(dataset)} images, {int((per_image == 0).sum())} with no class, "
+        f"{per_image.mean() if len(per_image) else 0:.2f} classes per image "
+        f"(max {per_image.max() if len(per_image) else 0}); "
+        f"{'single-label' if dataset.single_label else 'multi-label'}, "
+        f"{'with' if dataset.has_boxes else 'without'} boxes",
+        f"{'class':<{width}}  {'images':>7}  {'difficult-only':>14}",
+    ]
     for c, name in enumerate(dataset.classes):
         lines.append(f"{name:<{width}}  {int((labels[:, c] == 1).sum()):>7}  {int((labels[:, c] == 0).sum()):>14}")
     return "\n".join(lines)
@@ -45,8 +81,10 @@ def image_label_statistics(dataset: Dataset) -> str:
 def without_boxes(dataset: Dataset) -> Dataset:
     """The same images and image-level labels, with every box dropped (``data.boxes: false``)."""
     empty = np.zeros((0, 4), np.float32)
-    records = [replace(r, boxes=empty, box_classes=np.zeros(0, np.int64), box_difficult=np.zeros(0, bool))
-               for r in dataset.records]
+    records = [
+        replace(r, boxes=empty, box_classes=np.zeros(0, np.int64), box_difficult=np.zeros(0, bool))
+        for r in dataset.records
+    ]
     return Dataset(dataset.name, dataset.classes, records, dataset.fixes)
 
 
@@ -73,8 +111,10 @@ def open_split(cfg, split: str, classes: list[str] | None = None) -> Dataset:
     elif cfg.format == "coco" and cfg.annotations:
         dataset = read_coco(*coco_paths(cfg.root, split, cfg.annotations, cfg.images), classes or None, limit)
     elif not cfg.root:
-        raise DatasetError("data.root is empty; set it to a VOC root (VOCdevkit/VOC2007) or a COCO folder, "
-                           "e.g. --set data.root=/path/to/VOCdevkit/VOC2007")
+        raise DatasetError(
+            "data.root is empty; set it to a VOC root (VOCdevkit/VOC2007) or a COCO folder, "
+            "e.g. --set data.root=/path/to/VOCdevkit/VOC2007"
+        )
     elif cfg.format == "voc":
         dataset = read_voc(cfg.root, split, classes, limit)
     elif cfg.format == "coco":
@@ -88,5 +128,7 @@ def open_split(cfg, split: str, classes: list[str] | None = None) -> Dataset:
     if not getattr(cfg, "boxes", True):
         dataset = without_boxes(dataset)
     if cfg.limit and cfg.limit < len(dataset):
-        dataset = Dataset(f"{dataset.name} (first {cfg.limit})", dataset.classes, dataset.records[:cfg.limit], dataset.fixes)
+        dataset = Dataset(
+            f"{dataset.name} (first {cfg.limit})", dataset.classes, dataset.records[: cfg.limit], dataset.fixes
+        )
     return dataset

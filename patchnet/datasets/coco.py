@@ -40,9 +40,11 @@ def coco_paths(root: str | Path, split: str, annotations: str = "", images: str 
 
 def _load_json(path: Path):
     if not path.is_file():
-        raise DatasetError(f"{path}: COCO annotation file does not exist (a COCO root holds "
-                           "annotations/instances_<split>.json, a Roboflow export <split>/_annotations.coco.json; "
-                           "or name the file with data.annotations)")
+        raise DatasetError(
+            f"{path}: COCO annotation file does not exist (a COCO root holds "
+            "annotations/instances_<split>.json, a Roboflow export <split>/_annotations.coco.json; "
+            "or name the file with data.annotations)"
+        )
     try:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
@@ -119,14 +121,20 @@ def _categories(data: dict, where: Path) -> list[tuple[object, str]]:
         if not isinstance(name, str) or not name.strip():
             raise DatasetError(f"{where}: categories[{n}] (id {i!r}) has no name")
         if name in names:
-            raise DatasetError(f"{where}: categories[{names[name]}] and categories[{n}] are both named {name!r}; "
-                               "rename one (two categories of one name would be merged into one class)")
+            raise DatasetError(
+                f"{where}: categories[{names[name]}] and categories[{n}] are both named {name!r}; "
+                "rename one (two categories of one name would be merged into one class)"
+            )
         names[name] = n
     return sorted(((i, cats[n]["name"]) for i, n in index.items()), key=lambda c: (isinstance(c[0], str), c[0]))
 
 
-def read_coco(annotation_file: str | Path, image_dir: str | Path, classes: list[str] | None = None,
-              max_pixels: int | None = MAX_PIXELS) -> Dataset:
+def read_coco(
+    annotation_file: str | Path,
+    image_dir: str | Path,
+    classes: list[str] | None = None,
+    max_pixels: int | None = MAX_PIXELS,
+) -> Dataset:
     """Read a COCO detection split; ``iscrowd`` objects count as difficult.
 
     Without ``classes``, the categories used by an annotation, in id order (an unused one, such as the
@@ -134,10 +142,16 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, classes: list[
     """
     where, image_dir = Path(annotation_file), Path(image_dir)
     data = _load_json(where)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-            data.get("categories"), list) or not isinstance(data.get("annotations", []), list):
-        raise DatasetError(f"{where}: not a COCO detection file (expected an object with the lists 'images', "
-                           "'annotations' and 'categories')")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("categories"), list)
+        or not isinstance(data.get("annotations", []), list)
+    ):
+        raise DatasetError(
+            f"{where}: not a COCO detection file (expected an object with the lists 'images', "
+            "'annotations' and 'categories')"
+        )
     images = data["images"]
     if not images:
         raise DatasetError(f"{where}: holds no images")
@@ -151,12 +165,26 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, classes: list[
     for i, n in sorted(image_index.items(), key=lambda e: (isinstance(e[0], str), e[0])):
         at = f"{where}: images[{n}] (id {i!r})"
         if str(i) in ids:
-            raise DatasetError(f"{at} and images[{ids[str(i)]}] have ids that read the same ({i!r}); make them distinct")
+            raise DatasetError(
+                f"{at} and images[{ids[str(i)]}] have ids that read the same ({i!r}); make them distinct"
+            )
         ids[str(i)] = n
         path, ann_size = _image_entry(images[n], image_dir, at, where)
         kept = [(box, class_of[c], crowd) for box, c, crowd in objects[n] if c in class_of]
-        records.append(make_record(str(i), path, ann_size, [o[0] for o in kept], [o[1] for o in kept],
-                                   [o[2] for o in kept], len(classes), str(where), fixes, max_pixels=max_pixels))
+        records.append(
+            make_record(
+                str(i),
+                path,
+                ann_size,
+                [o[0] for o in kept],
+                [o[1] for o in kept],
+                [o[2] for o in kept],
+                len(classes),
+                str(where),
+                fixes,
+                max_pixels=max_pixels,
+            )
+        )
     records = [r for r in records if r is not None]
     name = f"coco:{where}"
     return Dataset(name, list(classes), records, fixes.report(name))

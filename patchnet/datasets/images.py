@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,16 +45,20 @@ def open_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Iterato
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file does not exist") from None
     except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"{path}: refused: its header claims more than {PILLOW_LIMIT / 1e6:.0f} M pixels, "
-                            f"Pillow's decompression-bomb limit ({e})") from None
+        raise ImageTooLarge(
+            f"{path}: refused: its header claims more than {PILLOW_LIMIT / 1e6:.0f} M pixels, "
+            f"Pillow's decompression-bomb limit ({e})"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"{path}: cannot read image header: {e}") from None
     with im:
         w, h = im.size
         if max_pixels is not None and w * h > max_pixels:
-            raise ImageTooLarge(f"{path}: {w}x{h} is {w * h / 1e6:.1f} M pixels, over data.max_pixels "
-                                f"({max_pixels / 1e6:.1f} M); skipped without decoding. If the image is genuine, "
-                                f"raise the limit, e.g. --set data.max_pixels={w * h} (at most {PILLOW_LIMIT})")
+            raise ImageTooLarge(
+                f"{path}: {w}x{h} is {w * h / 1e6:.1f} M pixels, over data.max_pixels "
+                f"({max_pixels / 1e6:.1f} M); skipped without decoding. If the image is genuine, "
+                f"raise the limit, e.g. --set data.max_pixels={w * h} (at most {PILLOW_LIMIT})"
+            )
         yield im
 
 
@@ -112,8 +116,9 @@ def image_files(paths: list[Path]) -> list[Path]:
     files = []
     for p in paths:
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(f.name)
-                            and f.is_file())
+            files += sorted(
+                f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(f.name) and f.is_file()
+            )
         else:
             files.append(p)
     return files

@@ -33,13 +33,17 @@ def _walk_images(folder: Path, where: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        out += [Path(top) / f for f in sorted(files)  # regular files only: a FIFO would block the decoder
-                if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(top) / f).is_file()]
+        out += [
+            Path(top) / f
+            for f in sorted(files)  # regular files only: a FIFO would block the decoder
+            if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(top) / f).is_file()
+        ]
     return out
 
 
-def read_folder(root: str | Path, split: str, classes: list[str] | None = None,
-                max_pixels: int | None = MAX_PIXELS) -> Dataset:
+def read_folder(
+    root: str | Path, split: str, classes: list[str] | None = None, max_pixels: int | None = MAX_PIXELS
+) -> Dataset:
     """A single-label image folder: ``root/<split>/<class>/**/*.jpg`` (torchvision's ImageFolder layout).
 
     Images in sub-folders belong to their class folder; hidden files and folders (``.DS_Store``,
@@ -48,17 +52,23 @@ def read_folder(root: str | Path, split: str, classes: list[str] | None = None,
     """
     base = Path(root) / split
     if not base.is_dir():
-        present = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not is_hidden(p.name)) \
-            if Path(root).is_dir() else []
-        raise DatasetError(f"{base}: image-folder split does not exist (expected {root}/<split>/<class>/*.jpg); "
-                           f"splits here: {', '.join(present) or 'none'}")
+        present = (
+            sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not is_hidden(p.name))
+            if Path(root).is_dir()
+            else []
+        )
+        raise DatasetError(
+            f"{base}: image-folder split does not exist (expected {root}/<split>/<class>/*.jpg); "
+            f"splits here: {', '.join(present) or 'none'}"
+        )
     folders = sorted(p for p in base.iterdir() if p.is_dir() and not is_hidden(p.name))
     if not folders:
         raise DatasetError(f"{base}: holds no class folders (expected {base}/<class>/*.jpg)")
     loose = [p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p.name)]
     if loose:
-        log.warning("%s: %d images lie outside every class folder and are left out (first: %s)", base, len(loose),
-                    loose[0].name)
+        log.warning(
+            "%s: %d images lie outside every class folder and are left out (first: %s)", base, len(loose), loose[0].name
+        )
     classes = resolve_classes([f.name for f in folders], list(classes or []), str(base))
     index = {c: i for i, c in enumerate(classes)}
     fixes, records = Fixes(), []
@@ -78,8 +88,19 @@ def read_folder(root: str | Path, split: str, classes: list[str] | None = None,
     return Dataset(name, classes, records, fixes.report(name))
 
 
-HEADER_WORDS = {"path", "image", "file", "filename", "file_name", "image_path", "img", "labels", "label", "classes",
-                "class"}
+HEADER_WORDS = {
+    "path",
+    "image",
+    "file",
+    "filename",
+    "file_name",
+    "image_path",
+    "img",
+    "labels",
+    "label",
+    "classes",
+    "class",
+}
 
 
 def _csv_text(path: Path) -> str:
@@ -95,14 +116,18 @@ def _csv_text(path: Path) -> str:
         except UnicodeDecodeError:
             raise DatasetError(f"{path}: starts like UTF-16 but does not decode as it; save it as UTF-8") from None
     if raw[:200].count(b"\0") > 20:
-        raise DatasetError(f"{path}: looks like UTF-16 without a byte-order mark; save it as UTF-8 "
-                           "(Excel: 'CSV UTF-8 (comma delimited)')")
+        raise DatasetError(
+            f"{path}: looks like UTF-16 without a byte-order mark; save it as UTF-8 "
+            "(Excel: 'CSV UTF-8 (comma delimited)')"
+        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DatasetError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}; a Latin-1 or Windows-1252 "
-                           "file?); save it as UTF-8 (Excel: 'CSV UTF-8 (comma delimited)')") from None
+        raise DatasetError(
+            f"{path}, line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}; a Latin-1 or Windows-1252 "
+            "file?); save it as UTF-8 (Excel: 'CSV UTF-8 (comma delimited)')"
+        ) from None
 
 
 def read_csv_list(path: str | Path, classes: list[str] | None = None, max_pixels: int | None = MAX_PIXELS) -> Dataset:
@@ -118,14 +143,16 @@ def read_csv_list(path: str | Path, classes: list[str] | None = None, max_pixels
     fixes = Fixes()
     rows = _csv_rows(path, fixes)
     if classes:
-        for image, (n, names) in rows.items():
+        for n, names in rows.values():
             unknown = [c for c in names if c not in classes]
             if unknown:
                 raise DatasetError(f"{path}, line {n}: unknown class {unknown[0]!r}; classes: {', '.join(classes)}")
     classes = list(classes) if classes else sorted({c for _, names in rows.values() for c in names})
     if not classes:
-        raise DatasetError(f"{path}: no line names a class (the second column holds class names separated by ';'), "
-                           "so there is nothing to learn")
+        raise DatasetError(
+            f"{path}: no line names a class (the second column holds class names separated by ';'), "
+            "so there is nothing to learn"
+        )
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for image, (n, names) in rows.items():
@@ -151,8 +178,11 @@ def _csv_rows(path: Path, fixes: Fixes) -> dict[str, tuple[int, list[str]]]:
         if not row or not "".join(row).strip() or (n == 1 and row[0].strip().lower() in HEADER_WORDS):
             continue
         if len(row) != 2:
-            hint = ("; its columns seem separated by ';' (Excel in some locales): save it comma-separated"
-                    if len(row) == 1 and row[0].count(";") >= 1 and n == 1 else "")
+            hint = (
+                "; its columns seem separated by ';' (Excel in some locales): save it comma-separated"
+                if len(row) == 1 and row[0].count(";") >= 1 and n == 1
+                else ""
+            )
             raise DatasetError(f"{path}, line {n}: expected 'image_path,label1;label2', got {','.join(row)!r}{hint}")
         if not row[0].strip():
             raise DatasetError(f"{path}, line {n}: the image path is empty")
@@ -161,9 +191,11 @@ def _csv_rows(path: Path, fixes: Fixes) -> dict[str, tuple[int, list[str]]]:
         if image in rows:
             first, theirs = rows[image]
             if theirs != names:
-                raise DatasetError(f"{path}, lines {first} and {n}: image {image!r} is listed twice with different "
-                                   f"labels ({';'.join(theirs) or 'none'} and {';'.join(names) or 'none'}); "
-                                   "merge them into one line")
+                raise DatasetError(
+                    f"{path}, lines {first} and {n}: image {image!r} is listed twice with different "
+                    f"labels ({';'.join(theirs) or 'none'} and {';'.join(names) or 'none'}); "
+                    "merge them into one line"
+                )
             fixes.add("duplicate", f"{path}, line {n}")
             continue
         rows[image] = (n, names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ class ItemImages(TorchDataset):
     (boxes, classes, difficult); for an unreadable image ``(i, None, message)``.
     """
 
-    def __init__(self, records: list[ImageRecord], items: list[tuple[int, int]], aug: AugConfig | None = None,
-                 seed: int = 0):
+    def __init__(
+        self, records: list[ImageRecord], items: list[tuple[int, int]], aug: AugConfig | None = None, seed: int = 0
+    ):
         self.records, self.items, self.seed = records, items, seed
         self.pipeline = build_pipeline(aug) if aug is not None else None
 
@@ -48,9 +49,18 @@ class ItemImages(TorchDataset):
         return i, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), tuple(objects)
 
 
-def iter_images(records: list[ImageRecord], items: list[tuple[int, int]] | None = None, *, aug: AugConfig | None = None,
-                seed: int = 0, workers: int = 0, device: torch.device | None = None, desc: str = "images",
-                progress: bool = True, keep_failures: bool = False) -> Iterator[tuple[int, torch.Tensor | None, object]]:
+def iter_images(
+    records: list[ImageRecord],
+    items: list[tuple[int, int]] | None = None,
+    *,
+    aug: AugConfig | None = None,
+    seed: int = 0,
+    workers: int = 0,
+    device: torch.device | None = None,
+    desc: str = "images",
+    progress: bool = True,
+    keep_failures: bool = False,
+) -> Iterator[tuple[int, torch.Tensor | None, object]]:
     """``(i, image, objects)`` of the ``(record, view)`` items (default: every record's view 0), in order.
 
     An unreadable image is logged and skipped, or with ``keep_failures`` yielded as ``(i, None,
@@ -61,10 +71,17 @@ def iter_images(records: list[ImageRecord], items: list[tuple[int, int]] | None 
     device = device or torch.device("cpu")
     if device.type == "cpu":
         workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
-    loader = DataLoader(ItemImages(records, items, aug, seed), batch_size=None, shuffle=False, num_workers=workers,
-                        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
-    for i, image, info in tqdm(loader, total=len(items), desc=desc, unit="img", disable=not progress,
-                               dynamic_ncols=True):
+    loader = DataLoader(
+        ItemImages(records, items, aug, seed),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    for i, image, info in tqdm(
+        loader, total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True
+    ):
         if image is None:
             log.warning("skipped unreadable image: %s", info)
             if not keep_failures:

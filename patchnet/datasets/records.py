@@ -7,6 +7,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -47,8 +48,10 @@ class Dataset:
         seen: dict[str, Path] = {}
         for r in self.records:  # every output keyed by image id (heatmaps, retrieval, JSON) needs them distinct
             if r.image_id in seen:
-                raise DatasetError(f"{self.name}: two records share the image id {r.image_id!r} "
-                                   f"({seen[r.image_id]} and {r.path}); each image must be listed once")
+                raise DatasetError(
+                    f"{self.name}: two records share the image id {r.image_id!r} "
+                    f"({seen[r.image_id]} and {r.path}); each image must be listed once"
+                )
             seen[r.image_id] = r.path
 
     def __len__(self) -> int:
@@ -66,8 +69,9 @@ class Dataset:
     @functools.cached_property
     def images_digest(self) -> str:
         """Names the images (ids, resolved paths, file sizes, sizes): computed once per split, for cache keys."""
-        return digest([(r.image_id, str(r.path.resolve()), r.path.stat().st_size, r.width, r.height)
-                       for r in self.records])
+        return digest(
+            [(r.image_id, str(r.path.resolve()), r.path.stat().st_size, r.width, r.height) for r in self.records]
+        )
 
     @functools.cached_property
     def annotations_digest(self) -> str:
@@ -82,14 +86,14 @@ class Dataset:
 class Fixes:
     """Counts the repairs and skips made while reading input data, and logs one line per kind."""
 
-    MESSAGES = {
+    MESSAGES: ClassVar[dict[str, str]] = {
         "clipped": "boxes extending outside their image were clipped",
         "dropped": "zero-area boxes were dropped",
         "resized": "images whose real size differs from the annotation: the real size is used",
         "unreadable": "images cannot be decoded; they are skipped when features are computed",
         "skipped": "unreadable images without an annotated size were left out",
         "too_large": "images exceed data.max_pixels (or Pillow's decompression-bomb limit) and were left out "
-                     "undecoded; raise data.max_pixels to read them",
+        "undecoded; raise data.max_pixels to read them",
         "duplicate": "duplicate entries (the same image with the same labels) were dropped",
         "unused_category": "categories that no annotation uses were dropped (set data.classes to keep them)",
     }
@@ -127,8 +131,19 @@ def labels_from_boxes(classes: np.ndarray, difficult: np.ndarray, num_classes: i
     return labels
 
 
-def make_record(image_id, path, ann_size, boxes, classes, difficult, num_classes, where, fixes: Fixes, labels=None,
-                max_pixels: int | None = MAX_PIXELS) -> ImageRecord | None:
+def make_record(
+    image_id,
+    path,
+    ann_size,
+    boxes,
+    classes,
+    difficult,
+    num_classes,
+    where,
+    fixes: Fixes,
+    labels=None,
+    max_pixels: int | None = MAX_PIXELS,
+) -> ImageRecord | None:
     """A record with cleaned boxes; None (counted) for an image over the pixel limit, or an unreadable one
     without an annotated size."""
     try:
@@ -155,11 +170,23 @@ def make_record(image_id, path, ann_size, boxes, classes, difficult, num_classes
     return ImageRecord(image_id, Path(path), width, height, boxes, classes, difficult, labels)
 
 
-def box_free_record(image_id: str, path: Path, labels: np.ndarray, where: str, fixes: Fixes,
-                    max_pixels: int | None = MAX_PIXELS) -> ImageRecord | None:
+def box_free_record(
+    image_id: str, path: Path, labels: np.ndarray, where: str, fixes: Fixes, max_pixels: int | None = MAX_PIXELS
+) -> ImageRecord | None:
     empty = np.zeros((0, 4), np.float32)
-    return make_record(image_id, path, None, empty, np.zeros(0, np.int64), np.zeros(0, bool), len(labels), where,
-                       fixes, labels, max_pixels)
+    return make_record(
+        image_id,
+        path,
+        None,
+        empty,
+        np.zeros(0, np.int64),
+        np.zeros(0, bool),
+        len(labels),
+        where,
+        fixes,
+        labels,
+        max_pixels,
+    )
 
 
 def resolve_classes(found: list[str], classes: list[str], where: str) -> list[str]:
@@ -169,6 +196,8 @@ def resolve_classes(found: list[str], classes: list[str], where: str) -> list[st
         return sorted(found)
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise DatasetError(f"{where}: classes {', '.join(unknown)} are not in data.classes ({', '.join(classes)}); "
-                           "set data.classes: [] to take the classes found in the data")
+        raise DatasetError(
+            f"{where}: classes {', '.join(unknown)} are not in data.classes ({', '.join(classes)}); "
+            "set data.classes: [] to take the classes found in the data"
+        )
     return list(classes)

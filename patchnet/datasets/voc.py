@@ -1,4 +1,4 @@
-"""Pascal VOC layout: ``ImageSets/Main/<split>.txt``, ``Annotations/*.xml`` (parsed with defusedxml), ``JPEGImages/``."""
+"""Pascal VOC layout: ``ImageSets/Main/<split>.txt``, ``Annotations/*.xml`` (defusedxml), ``JPEGImages/``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def _parse_voc_xml(xml_path: Path, class_index: dict[str, int]):
     try:
         root = SafeET.parse(str(xml_path)).getroot()
     except DefusedXmlException as e:
-        raise DatasetError(f"{xml_path}: refused unsafe XML ({type(e).__name__}: entities or DTDs are not allowed)") from None
+        raise DatasetError(
+            f"{xml_path}: refused unsafe XML ({type(e).__name__}: entities or DTDs are not allowed)"
+        ) from None
     except SafeET.ParseError as e:
         raise DatasetError(f"{xml_path}: malformed XML: {e}") from None
     except (OSError, ValueError) as e:
@@ -92,10 +94,14 @@ def read_voc(root: str | Path, split: str, classes: list[str], max_pixels: int |
     """
     root = Path(root)
     if not (root / "Annotations").is_dir() or not (root / "ImageSets" / "Main").is_dir():
-        raise DatasetError(f"{root}: not a VOC root (expected Annotations/ and ImageSets/Main/ inside, e.g. VOCdevkit/VOC2007)")
+        raise DatasetError(
+            f"{root}: not a VOC root (expected Annotations/ and ImageSets/Main/ inside, e.g. VOCdevkit/VOC2007)"
+        )
     list_path = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_path.is_file():
-        raise DatasetError(f"{list_path}: split list does not exist; splits here: {', '.join(voc_splits(root)) or 'none'}")
+        raise DatasetError(
+            f"{list_path}: split list does not exist; splits here: {', '.join(voc_splits(root)) or 'none'}"
+        )
     fixes = Fixes()
     ids = list(dict.fromkeys(row[0] for row in read_list(list_path)))
     fixes.add("duplicate", str(list_path), len(read_list(list_path)) - len(ids))
@@ -114,8 +120,11 @@ def read_voc(root: str | Path, split: str, classes: list[str], max_pixels: int |
         if not path.is_file():
             raise DatasetError(f"{list_path}: names image {image_id!r} but {path} does not exist")
         labels = None if image_labels is None else image_labels[n]
-        records.append(make_record(image_id, path, ann_size, boxes, cls, diff, len(classes), str(xml_path),
-                                   fixes, labels, max_pixels))
+        records.append(
+            make_record(
+                image_id, path, ann_size, boxes, cls, diff, len(classes), str(xml_path), fixes, labels, max_pixels
+            )
+        )
     records = [r for r in records if r is not None]
     name = f"voc:{root}:{split}"
     return Dataset(name, list(classes), records, fixes.report(name))
@@ -128,8 +137,10 @@ def _read_class_lists(root: Path, split: str, classes: list[str], ids: list[str]
         return None
     if not all(present):
         missing = [str(p) for p, ok in zip(paths, present) if not ok]
-        raise DatasetError(f"per-class lists for split {split!r} are incomplete; missing {', '.join(missing[:3])}"
-                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        raise DatasetError(
+            f"per-class lists for split {split!r} are incomplete; missing {', '.join(missing[:3])}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        )
     row = {image_id: i for i, image_id in enumerate(ids)}
     labels = np.zeros((len(ids), len(classes)), np.int8)
     seen = np.zeros((len(ids), len(classes)), bool)

@@ -1,0 +1,79 @@
+"""What every command shares: the typer app, the session that turns errors about the user's input into one line,
+the count of inputs skipped, and the options several commands take."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import PatchnetError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Multi-scale patch-based transfer learning on a frozen ImageNet CNN.",
+)
+log = logging.getLogger("patchnet")
+
+
+@contextmanager
+def session(verbose: bool = False):
+    """Log through tqdm, and turn errors about the user's input into one line and exit code 2."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s")
+    logging.getLogger("patchnet").setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        with logging_redirect_tqdm():
+            yield
+    except PatchnetError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as e:  # a path the user gave that cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{e.strerror or e}; check the path and its permissions", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+class Skipped:
+    """Inputs that could not be read: each is warned about as it happens, and the rest goes on; ``finish``
+    then says how many failed and exits with code 1 (the outputs of the others are written first)."""
+
+    def __init__(self, total: int, what: str = "images"):
+        self.total, self.what, self.failed = total, what, {}
+
+    def add(self, name: str, error: Exception | str) -> None:
+        log.warning("skipped %s", error if str(name) in str(error) else f"{name}: {error}")
+        self.failed[str(name)] = str(error)
+
+    def finish(self) -> None:
+        if self.failed:
+            typer.echo(
+                f"{len(self.failed)} of {self.total} {self.what} could not be read and were skipped (listed above)",
+                err=True,
+            )
+            raise typer.Exit(1)
+
+
+RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: section.field=value.")]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Dataset root: VOCdevkit/VOC20xx, a COCO folder, an image folder or a folder of <split>.csv lists.",
+    ),
+]
+FormatOpt = Annotated[str, typer.Option("--format", help="Dataset format: voc, coco, demo, folder or csv.")]
+PoolChoice = Annotated[
+    str | None,
+    typer.Option("--pool", help="Pooling of patch scores: power, max, lse or topk (default: the model's own)."),
+]

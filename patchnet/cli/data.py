@@ -1,0 +1,122 @@
+"""Looking at data and caches: ``patchnet inspect`` and ``patchnet cache verify``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..datasets import DatasetError
+from ..errors import PatchnetError
+from ..recipe import load_recipe
+from .common import FormatOpt, SetOpt, app, session
+
+
+@app.command()
+def inspect(
+    data: Annotated[
+        Path, typer.Option("--data", help="Dataset root (VOC layout, COCO folder, image folder, CSV folder).")
+    ],
+    split: Annotated[str, typer.Option(help="Split name.")] = "trainval",
+    fmt: FormatOpt = "voc",
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", "-r", help="Recipe for patch settings and classes.")
+    ] = None,
+    overrides: SetOpt = None,
+    image: Annotated[str | None, typer.Option(help="Image id to draw (default: the first with objects).")] = None,
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("inspect.png"),
+    verbose: bool = False,
+):
+    """Print label statistics of a split and draw one image's patches coloured by training label."""
+    with session(verbose):
+        from ..datasets import data_override, image_label_statistics, open_split
+        from ..draw import draw_labels
+        from ..recipe import recipe_from_dict
+        from ..sampler import split_statistics
+
+        r = load_recipe(recipe, overrides) if recipe else recipe_from_dict({}, overrides)
+        cfg = data_override(r.data, data, fmt)
+        if cfg.format in ("coco", "folder", "csv") and recipe is None:
+            cfg.classes = []  # the classes found in the data
+        dataset = open_split(cfg, split)
+        typer.echo(image_label_statistics(dataset))
+        if not dataset.has_boxes:
+            typer.echo("no boxes: train with --set train.supervision=images (no patch labels to draw)")
+            return
+        stats = split_statistics(dataset, r.patches)
+        typer.echo(stats.format())
+        target = _pick_image(dataset, image)
+        draw_labels(target, dataset.classes, r.patches, out)
+        typer.echo(f"wrote {out} (image {target.image_id})")
+
+
+def _pick_image(dataset, image_id: str | None):
+    if image_id is None:  # an instructive one: several classes of medium-sized objects
+
+        def interest(r):
+            area = (r.boxes[:, 2] - r.boxes[:, 0]) * (r.boxes[:, 3] - r.boxes[:, 1]) / (r.width * r.height)
+            medium = (area > 0.02) & (area < 0.3) & ~r.box_difficult
+            return len(set(r.box_classes[medium].tolist())), int(medium.sum())
+
+        return max(dataset.records[:300], key=interest)
+    for r in dataset.records:
+        if r.image_id == image_id:
+            return r
+    raise DatasetError(f"image {image_id!r} is not in {dataset.name}")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Check the feature caches of a folder.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="The folder of caches (runtime.cache_dir).")] = Path(
+        ".cache/features"
+    ),
+    delete: Annotated[
+        bool,
+        typer.Option(
+            "--delete-damaged",
+            help="Delete damaged caches (the next run rebuilds them) and damaged chunks of unfinished builds.",
+        ),
+    ] = False,
+    verbose: bool = False,
+):
+    """Check every cache of a folder: each file's size and CRC-32 against those recorded when it was written.
+
+    Exit code 1 when a cache is damaged (and not deleted).
+    """
+    with session(verbose):
+        import shutil
+
+        from ..cache import verify_cache
+
+        if not cache_dir.is_dir():
+            raise PatchnetError(
+                f"{cache_dir}: no such folder; give the runtime.cache_dir of your runs with --cache-dir"
+            )
+        folders = sorted(p for p in cache_dir.iterdir() if p.is_dir() and (p / "meta.json").is_file())
+        if not folders:
+            typer.echo(f"{cache_dir}: holds no caches")
+            return
+        bad = 0
+        for folder in folders:
+            status = verify_cache(folder)
+            damaged = not status.startswith(("ok", "incomplete (")) or "damaged:" in status
+            if damaged and delete:
+                if status.startswith("incomplete"):
+                    for name in status.split("damaged: ", 1)[1].rstrip(")").split(", "):
+                        (folder / "chunks" / name).unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(folder)
+                status += " -> deleted"
+            bad += damaged and not delete
+            typer.echo(f"{folder.name}  {status}")
+        typer.echo(
+            f"{len(folders)} caches, {bad} damaged"
+            + ("; rerun with --delete-damaged to delete them (the next run rebuilds them)" if bad else "")
+        )
+        if bad:
+            raise typer.Exit(1)

@@ -1,0 +1,178 @@
+"""Studying the trunk's features: ``patchnet features``, ``linear``, ``layers`` and ``retrieve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from ..files import atomic_write
+from ..recipe import RecipeError, load_recipe
+from .common import RecipeOpt, SetOpt, app, session
+from .run import write_table
+
+PoolOpt = Annotated[
+    str,
+    typer.Option(
+        help="whole: one pass on the image and its mirror, averaged; "
+        "mean/max: over the recipe's multi-scale patch grid."
+    ),
+]
+
+
+def _pooled_recipe(recipe_path: Path, overrides, pool: str):
+    from ..linear import whole_image_recipe
+
+    r = load_recipe(recipe_path, overrides)
+    if pool not in ("whole", "mean", "max"):
+        raise RecipeError(f"--pool must be whole, mean or max; got {pool!r}")
+    return (whole_image_recipe(r) if pool == "whole" else r), ("mean" if pool == "whole" else pool)
+
+
+@app.command()
+def features(
+    recipe: RecipeOpt,
+    split: Annotated[str, typer.Option(help="Split of the recipe's dataset.")],
+    out: Annotated[Path, typer.Option(help="Output .npz: ids, features, labels, classes.")],
+    pool: PoolOpt = "whole",
+    overrides: SetOpt = None,
+    verbose: bool = False,
+):
+    """Extract one feature per image of a split (FC6/FC7 of alexnet/vgg16: --set backbone.layer=fc6)."""
+    with session(verbose):
+        from ..datasets import open_split
+        from ..extract import build_extractor
+        from ..linear import split_features
+
+        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        f = split_features(r, open_split(r.data, split), build_extractor(r), reduce)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(
+            out,
+            lambda fh: np.savez(
+                fh, ids=np.array(f.ids), features=f.features, labels=f.labels, classes=np.array(f.classes)
+            ),
+        )
+        typer.echo(f"wrote {out}: {f.features.shape[0]} images x {f.features.shape[1]} features")
+
+
+@app.command()
+def linear(
+    recipe: RecipeOpt,
+    train_split: Annotated[str | None, typer.Option("--train", help="Training split (default: the recipe's).")] = None,
+    eval_split: Annotated[str | None, typer.Option("--eval", help="Scored split (default: the recipe's val).")] = None,
+    method: Annotated[str, typer.Option(help="svm (linear SVM) or logreg (logistic regression).")] = "svm",
+    pool: PoolOpt = "whole",
+    views: Annotated[int, typer.Option(help="Augmented views per training image (the recipe's aug section).")] = 0,
+    c: Annotated[
+        str, typer.Option(help="Comma-separated C values, chosen per class by 3-fold CV AP.")
+    ] = "0.01,0.1,1,10",
+    out: Annotated[Path | None, typer.Option(help="Folder for the AP table as JSON and CSV.")] = None,
+    overrides: SetOpt = None,
+    verbose: bool = False,
+):
+    """The off-the-shelf baseline: L2-normalised features, one linear classifier per class, VOC AP."""
+    with session(verbose):
+        from ..extract import build_extractor
+        from ..linear import linear_baseline
+
+        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        table, model = linear_baseline(
+            r,
+            train_split or r.data.train_split,
+            eval_split or r.data.val_split,
+            build_extractor,
+            method,
+            reduce,
+            views,
+            _c_grid(c),
+        )
+        typer.echo(table.format())
+        typer.echo("chosen C: " + ", ".join(f"{n} {v:g}" for n, v in zip(model.classes, model.cs)))
+        write_table(table, out or r.run_dir, f"linear_{method}_{pool}" + (f"_views{views}" if views else ""))
+
+
+@app.command()
+def layers(
+    recipe: RecipeOpt,
+    train_split: Annotated[
+        str | None, typer.Option("--train-split", help="Training split (default: the recipe's).")
+    ] = None,
+    val_split: Annotated[
+        str | None, typer.Option("--val-split", help="Scored split (default: the recipe's val).")
+    ] = None,
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="whole: each stage averaged over the image and its mirror; max: averaged "
+            "over each patch (shared mode), max-pooled over the image's patches."
+        ),
+    ] = "whole",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated: svm (linear SVM), logreg (logistic regression).")
+    ] = "svm,logreg",
+    c: Annotated[
+        str, typer.Option(help="Comma-separated C values, chosen per class by 3-fold CV AP.")
+    ] = "0.01,0.1,1,10",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for layers.json and layers.png (default: <output>/<name>/layers_<pool>)."),
+    ] = None,
+    overrides: SetOpt = None,
+    verbose: bool = False,
+):
+    """Per-layer transfer: a linear classifier on each stage of the trunk, one trunk pass per image for all."""
+    with session(verbose):
+        from ..layers import layer_study, write_study
+
+        r = load_recipe(recipe, overrides)
+        study = layer_study(
+            r,
+            train_split or r.data.train_split,
+            val_split or r.data.val_split,
+            pool,
+            [m.strip() for m in methods.split(",") if m.strip()],
+            _c_grid(c),
+        )
+        typer.echo(study.format())
+        json_path, png_path = write_study(study, out or r.run_dir / f"layers_{pool}")
+        typer.echo(f"wrote {json_path} and {png_path}")
+
+
+def _c_grid(c: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in c.split(","))
+    except ValueError:
+        raise RecipeError(f"--c must be comma-separated numbers, got {c!r}") from None
+
+
+@app.command()
+def retrieve(
+    recipe: RecipeOpt,
+    split: Annotated[str, typer.Option(help="The collection: a split of the recipe's dataset.")],
+    queries: Annotated[str | None, typer.Option(help="Comma-separated image ids of the split to query.")] = None,
+    query_images: Annotated[list[Path] | None, typer.Option("--query-image", help="An image file to query.")] = None,
+    num_queries: Annotated[int, typer.Option(help="Queries drawn from the split when none are named.")] = 8,
+    k: Annotated[int, typer.Option(help="Neighbours shown per query and per image of the map.")] = 8,
+    pool: PoolOpt = "whole",
+    out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("retrieval.html"),
+    overrides: SetOpt = None,
+    verbose: bool = False,
+):
+    """Nearest neighbours by L2 distance and a t-SNE map of the split, as one self-contained HTML page;
+    prints precision@k per class."""
+    with session(verbose):
+        from ..retrieve import retrieval_page
+
+        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        names = [q.strip() for q in queries.split(",")] if queries else []
+        f, precision = retrieval_page(
+            r, split, reduce, out, names, list(query_images or []), num_queries, k, f"{pool} features"
+        )
+        width = max(len(c) for c in f.classes)
+        for c, p in zip(f.classes, precision):
+            typer.echo(f"{c:<{width}}  P@{k} {'n/a' if np.isnan(p) else f'{100 * p:.1f}'}")
+        typer.echo(f"{'mean':<{width}}  P@{k} {100 * np.nanmean(precision):.1f}")
+        typer.echo(f"wrote {out}")
