@@ -77,6 +77,7 @@ def _shard_worker(rank, world, port, tmp_path, root):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_extraction_under_torchrun_splits_the_images_across_ranks(tmp_path, small_voc):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -211,6 +211,7 @@ def csv_run(tmp_path_factory):
     return tmp, recipe
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_heatmaps_and_top_patches_of_hostile_ids_and_classes_stay_inside_out(csv_run):
     tmp, recipe = csv_run
     before = {p for p in tree(tmp) if not p.startswith(("out", "cache", "runs"))}
@@ -316,6 +317,7 @@ print(store.path, len(calls), hashlib.sha1(store.rows.stored[:].tobytes()).hexdi
 """
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_two_processes_on_one_cache_key_both_finish_with_identical_features(tmp_path, small_voc):
     script = tmp_path / "race.py"
     script.write_text(RACE.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), root=str(small_voc)))
@@ -654,6 +656,7 @@ def test_predict_skips_an_unreadable_file_writes_the_rest_and_exits_1(voc_run):
     assert "cannot" in written["skipped"][str(tmp / "broken.jpg")]
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_render_heatmaps_skips_an_unreadable_file_and_draws_the_others(voc_run):
     tmp, recipe = voc_run
     folder = tmp / "photos"

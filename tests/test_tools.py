@@ -42,6 +42,7 @@ def _run(*args, cwd):
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_render_heatmaps_for_files_and_a_split(trained):
     tmp, recipe = trained
     ckpt = recipe.run_dir / "best.pt"
@@ -70,6 +71,7 @@ def test_render_heatmaps_for_files_and_a_split(trained):
     assert len(list((tmp / "h2").iterdir())) == 8
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_render_heatmaps_rejects_an_unknown_class_with_the_valid_names(trained):
     tmp, recipe = trained
     r = _run(
@@ -86,6 +88,7 @@ def test_render_heatmaps_rejects_an_unknown_class_with_the_valid_names(trained):
     assert "unknown class name(s) unicorn; valid names: cat, dog, person" in r.stderr
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_top_patches_writes_a_sheet_per_class(trained):
     tmp, recipe = trained
     r = _run(

@@ -184,6 +184,7 @@ def test_a_signal_inside_a_commit_waits_for_its_end(tmp_path, small_voc, monkeyp
     assert _heads_equal(a["head"], b["head"])
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_sigint_to_a_real_train_process_then_resume_matches_a_straight_run(tmp_path, small_voc):
     """Ctrl-C as a user sends it: SIGINT to a running ``patchnet train``, then ``--resume``."""
     args = (
@@ -366,6 +367,7 @@ def _ddp_interrupt_worker(rank, world, port, tmp_path, root, mode):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_ddp_ctrl_c_mid_epoch_keeps_every_ranks_running_loss(tmp_path, small_voc):
     """Bug: a mid-epoch save kept rank 0's running loss only, and every rank restored it."""
     for mode in ("straight", "interrupt", "resume"):
@@ -383,6 +385,7 @@ def test_ddp_ctrl_c_mid_epoch_keeps_every_ranks_running_loss(tmp_path, small_voc
         assert torch.allclose(a["head"][k], b["head"][k], atol=1e-6), k
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_ddp_on_cpu_with_gloo_two_processes(tmp_path, small_voc):
     port = _free_port()
     mp.spawn(_ddp_worker, args=(2, port, tmp_path, small_voc, tmp_path), nprocs=2, join=True)
@@ -635,6 +638,7 @@ def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_do
         np.testing.assert_allclose(direct.values, cached.values, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_importing_train_loads_no_plotting_and_no_demo_generator():
     code = (
         "import sys, patchnet.train; "
