@@ -1,13 +1,13 @@
 # Two entry points that set everything up on a fresh machine:
 #   make demo   generate the demo set, train on it with the bundled backbone, print test mAP
-#   make test   run the test suite
+#   make test   lint (ruff), type-check (mypy), then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch and torchvision are installed first, as a matching pair (override for other platforms)
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/patchnet demo
 
-test: $(BIN)/.installed
+test: lint $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check patchnet tools benchmarks tests
+	$(BIN)/ruff format --check patchnet tools benchmarks tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .cache data/demo checkpoints/demo

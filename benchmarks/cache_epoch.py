@@ -14,57 +14,67 @@ every image through the head) and one `both` epoch, as ratios to the patch-level
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-from pathlib import Path
 
-from common import DEV_RECIPE, Timer, machine, require_voc, table, VOC
-from patchnet.cache import build_features
 from patchnet.datasets import load_image, open_split
-from patchnet.model import load_checkpoint
-from patchnet.recipe import load_recipe
 from patchnet.extract import build_extractor
+from patchnet.features import build_features, cache_spec
+from patchnet.model import load_checkpoint
 from patchnet.train import train
+
+from common import Timer, bench_parser, dev_recipe, machine, require_voc, table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--voc", default=str(VOC))
-    ap.add_argument("--recipe", default=str(DEV_RECIPE))
-    ap.add_argument("--limit", type=int, default=100)
+    ap = bench_parser(__doc__, limit=100, limit_help="first N devtrain images")
     ap.add_argument("--exact-images", type=int, default=10, help="images timed in exact mode (0: skip)")
-    ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
     args = ap.parse_args()
-    voc = require_voc(args.voc)
+    require_voc(args.voc)
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"data.limit={args.limit}", f"runtime.cache_dir={tmp}/cache",
-                                           f"runtime.output={tmp}/runs", "train.epochs=1", "data.val_split=", *args.set])
+        run = [
+            f"data.limit={args.limit}",
+            f"runtime.cache_dir={tmp}/cache",
+            f"runtime.output={tmp}/runs",
+            "train.epochs=1",
+            "data.val_split=",
+        ]
+        recipe = dev_recipe(args, *run)
         dataset = open_split(recipe.data, recipe.data.train_split)
         extractor = build_extractor(recipe)
-        with Timer() as t_trunk:
-            store = build_features(recipe, dataset, extractor)
+        with Timer() as t_trunk:  # with cache.compress=pca*, its projection too: a run without the cache pays it
+            store = build_features(cache_spec(recipe, extractor, dataset), dataset, extractor)
         result = train(recipe)
         epoch = load_checkpoint(result.run_dir / "last.pt")["history"][0]["seconds"]
         others = {}
         for sup in ("images", "both"):
-            r = load_recipe(args.recipe, [f"data.root={voc}", f"data.limit={args.limit}", f"runtime.cache_dir={tmp}/cache",
-                                          f"runtime.output={tmp}/runs", "train.epochs=1", "data.val_split=", f"name={sup}",
-                                          f"train.supervision={sup}", "pool.name=topk", *args.set])
+            r = dev_recipe(args, *run, f"name={sup}", f"train.supervision={sup}", "pool.name=topk")
             others[sup] = load_checkpoint(train(r).run_dir / "last.pt")["history"][0]["seconds"]
-    rows = [("cached features: the head only (patch loss, train.supervision=boxes)", f"{epoch:.2f}", "1"),
-            *((f"cached features, train.supervision={k}: every patch of every image", f"{v:.2f}", f"{v / epoch:.1f}")
-              for k, v in others.items()),
-            (f"recomputing, {recipe.patches.mode} mode: trunk over all images + the head",
-             f"{t_trunk.seconds + epoch:.1f}", f"{(t_trunk.seconds + epoch) / epoch:.0f}")]
+    rows = [
+        ("cached features: the head only (patch loss, train.supervision=boxes)", f"{epoch:.2f}", "1"),
+        *(
+            (f"cached features, train.supervision={k}: every patch of every image", f"{v:.2f}", f"{v / epoch:.1f}")
+            for k, v in others.items()
+        ),
+        (
+            f"recomputing, {recipe.patches.mode} mode: trunk over all images + the head",
+            f"{t_trunk.seconds + epoch:.1f}",
+            f"{(t_trunk.seconds + epoch) / epoch:.0f}",
+        ),
+    ]
     if args.exact_images:
-        exact = build_extractor(load_recipe(args.recipe, [f"data.root={voc}", "patches.mode=exact", *args.set]))
-        images = [load_image(r.path) for r in dataset.records[:args.exact_images]]
+        exact = build_extractor(dev_recipe(args, "patches.mode=exact"))
+        images = [load_image(r.path) for r in dataset.records[: args.exact_images]]
         with Timer() as t_exact:
             for im in images:
                 exact(im)
         recompute = t_exact.seconds * len(dataset) / len(images) + epoch
-        rows.append((f"recomputing, exact mode (timed on {len(images)} images, scaled)", f"{recompute:.1f}",
-                     f"{recompute / epoch:.0f}"))
+        rows.append(
+            (
+                f"recomputing, exact mode (timed on {len(images)} images, scaled)",
+                f"{recompute:.1f}",
+                f"{recompute / epoch:.0f}",
+            )
+        )
     print(f"\nmachine: {machine()}; {len(dataset)} devtrain images, {store.num_patches} patches\n")
     print(table(rows, ("epoch", "seconds", "x cached")))
 

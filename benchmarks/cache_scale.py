@@ -21,18 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from common import REPO, machine, table
 from patchnet.demo import make_demo
+
+from common import REPO, bench_parser, machine, table
 
 
 def _one(root: Path, n: int, cache: Path, overrides: list[str]) -> dict:
     """Build the cache of the first ``n`` images in this process; its time, peak memory and disk."""
-    from patchnet.cache import build_features
     from patchnet.datasets import read_voc
     from patchnet.demo import DEMO_CLASSES
     from patchnet.extract import build_extractor
+    from patchnet.features import build_features, cache_spec
     from patchnet.recipe import load_recipe
 
     (root / "ImageSets" / "Main" / f"first{n}.txt").write_text("".join(f"{i:06d}\n" for i in range(n)))
@@ -40,7 +39,7 @@ def _one(root: Path, n: int, cache: Path, overrides: list[str]) -> dict:
     dataset = read_voc(root, f"first{n}", DEMO_CLASSES)
     extractor = build_extractor(recipe)
     start = time.perf_counter()
-    store = build_features(recipe, dataset, extractor)
+    store = build_features(cache_spec(recipe, extractor, dataset), dataset, extractor)
     seconds = time.perf_counter() - start
     disk = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -48,11 +47,10 @@ def _one(root: Path, n: int, cache: Path, overrides: list[str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, voc=False, recipe=None)  # the demo recipe's images; --set overrides recipes/demo.yaml
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     ap.add_argument("--root", default="data/scale", help="where the generated images go (kept between runs)")
     ap.add_argument("--cache", default="", help="cache folder (default: <root>/cache, emptied first)")
-    ap.add_argument("--set", nargs="*", default=[])
     ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     root = Path(args.root)
@@ -65,19 +63,45 @@ def main() -> None:
     rows = []
     for n in sorted(args.sizes):
         shutil.rmtree(cache, ignore_errors=True)  # every size starts from an empty cache
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--root", str(root), "--cache", str(cache),
-                              "--set", *args.set], check=True, stdout=subprocess.PIPE, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", str(n), "--root", str(root), "--cache", str(cache), "--set", *args.set],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(f"N={n}: {r['seconds']:.0f} s, peak {r['peak_mb']:.0f} MB", flush=True)
     shutil.rmtree(cache, ignore_errors=True)
     base = rows[0]["seconds"] / rows[0]["n"]
     print(f"\nmachine: {machine()}; recipes/demo.yaml {' '.join(args.set)}\n")
-    print(table([(r["n"], f"{r['patches']:,}", f"{r['seconds'] / 60:.1f}", f"{1000 * r['seconds'] / r['n']:.0f}",
-                  f"{r['seconds'] / r['n'] / base:.2f}", f"{r['peak_mb']:.0f}", f"{r['disk_mb'] / r['n']:.2f}",
-                  f"{r['disk_mb'] / 1024:.2f}") for r in rows],
-                ("images", "patches", "minutes", "ms/image", "per image vs smallest", "peak RSS MB", "MB/image",
-                 "GB on disk")))
+    print(
+        table(
+            [
+                (
+                    r["n"],
+                    f"{r['patches']:,}",
+                    f"{r['seconds'] / 60:.1f}",
+                    f"{1000 * r['seconds'] / r['n']:.0f}",
+                    f"{r['seconds'] / r['n'] / base:.2f}",
+                    f"{r['peak_mb']:.0f}",
+                    f"{r['disk_mb'] / r['n']:.2f}",
+                    f"{r['disk_mb'] / 1024:.2f}",
+                )
+                for r in rows
+            ],
+            (
+                "images",
+                "patches",
+                "minutes",
+                "ms/image",
+                "per image vs smallest",
+                "peak RSS MB",
+                "MB/image",
+                "GB on disk",
+            ),
+        )
+    )
 
 
 if __name__ == "__main__":

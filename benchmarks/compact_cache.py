@@ -16,18 +16,15 @@ runtime.cache_dir (so a warm fp16 cache there is reused) unless --cache-dir says
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 
-from common import REPO, DEV_RECIPE, Timer, machine, require_voc, table, VOC
-from patchnet.cache import build_features, feature_codec
 from patchnet.codec import FeatureCodec
 from patchnet.datasets import open_split
 from patchnet.extract import build_extractor
-from patchnet.recipe import load_recipe
+from patchnet.features import build_features, cache_spec
 from patchnet.train import train
+
+from common import REPO, Timer, bench_parser, dev_recipe, machine, table
 
 CONFIGS = ["none", "int8", "pca:256", "pca_int8:256", "pca_int8:416"]  # 416: 0.24 MB per VOC image
 
@@ -60,43 +57,66 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--voc", default=str(VOC))
-    ap.add_argument("--recipe", default=str(DEV_RECIPE))
+    ap = bench_parser(__doc__, limit=0)
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
-    ap.add_argument("--limit", type=int, default=0, help="first N images of each split (0: all)")
     ap.add_argument("--epochs", type=int, default=0, help="training epochs (0: the recipe's)")
     ap.add_argument("--cache-dir", default="", help="feature caches (default: the recipe's runtime.cache_dir)")
     ap.add_argument("--output", default=str(REPO / "checkpoints" / "bench_compact"))
-    ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
     args = ap.parse_args()
-    voc = require_voc(Path(args.voc))
-    base = [f"data.root={voc}", f"data.limit={args.limit}", f"runtime.output={args.output}", *args.set]
-    base += [f"runtime.cache_dir={args.cache_dir}"] if args.cache_dir else []
-    base += [f"train.epochs={args.epochs}"] if args.epochs else []
-    recipe = load_recipe(args.recipe, base)
+    after = [f"runtime.cache_dir={args.cache_dir}"] if args.cache_dir else []
+    after += [f"train.epochs={args.epochs}"] if args.epochs else []
+    base = [f"data.limit={args.limit}", f"runtime.output={args.output}"]
+    recipe = dev_recipe(args, *base, after=after)
     extractor = build_extractor(recipe)
-    splits = {s: open_split(recipe.data, s) for s in (recipe.data.train_split, recipe.data.val_split)}
-    fp16 = {s: build_features(recipe, d, extractor, codec=FeatureCodec()) for s, d in splits.items()}
     train_split, val_split = recipe.data.train_split, recipe.data.val_split
+    train_set = open_split(recipe.data, train_split)
+    splits = {train_split: train_set, val_split: open_split(recipe.data, val_split, train_set.classes)}
+    fp16_spec = cache_spec(recipe, extractor, train_set, codec=FeatureCodec())
+    fp16 = {s: build_features(fp16_spec, d, extractor) for s, d in splits.items()}
     rows = []
     for text in args.configs:
         label, overrides = parse_config(text)
-        r = load_recipe(args.recipe, [*base, f"name=compact_{label}", *overrides])
-        codec = feature_codec(r, extractor)
-        stores = {s: build_features(r, d, extractor, codec=codec) for s, d in splits.items()}
+        r = dev_recipe(args, *base, after=[*after, f"name=compact_{label}", *overrides])
+        spec = cache_spec(r, extractor, train_set)  # fits the PCA projection of pca* on the training split
+        codec = spec.codec
+        stores = {s: build_features(spec, d, extractor) for s, d in splits.items()}
         mb_rows, mb_all = stored_mb_per_image(stores[train_split])
         err, kept = reconstruction(codec, fp16[val_split], stores[val_split])
         with Timer() as t:
             result = train(r)
         m = result.table
-        rows.append((text, f"{mb_rows:.3f}", f"{mb_all:.3f}", f"{100 * err:.1f}", f"{100 * kept:.1f}",
-                     f"{100 * m.map07:.1f}", f"{100 * m.map:.1f}", f"{t.seconds / 60:.1f}"))
+        rows.append(
+            (
+                text,
+                f"{mb_rows:.3f}",
+                f"{mb_all:.3f}",
+                f"{100 * err:.1f}",
+                f"{100 * kept:.1f}",
+                f"{100 * m.map07:.1f}",
+                f"{100 * m.map:.1f}",
+                f"{t.seconds / 60:.1f}",
+            )
+        )
         print(f"{text}: {mb_rows:.3f} MB/image, devval mAP {100 * m.map07:.1f} (11-pt)", flush=True)
-    print(f"\nmachine: {machine()}; recipe {args.recipe} {' '.join(args.set)}; {len(splits[train_split])} {train_split} "
-          f"-> {len(splits[val_split])} {val_split} images, last.pt\n")
-    print(table(rows, ("cache.compress", "MB/image (rows)", "MB/image (all)", f"{val_split} rel. error %",
-                       "variance kept %", "mAP 11-pt", "mAP envelope", "train minutes")))
+    print(
+        f"\nmachine: {machine()}; recipe {args.recipe} {' '.join(args.set)}; {len(splits[train_split])} {train_split} "
+        f"-> {len(splits[val_split])} {val_split} images, last.pt\n"
+    )
+    print(
+        table(
+            rows,
+            (
+                "cache.compress",
+                "MB/image (rows)",
+                "MB/image (all)",
+                f"{val_split} rel. error %",
+                "variance kept %",
+                "mAP 11-pt",
+                "mAP envelope",
+                "train minutes",
+            ),
+        )
+    )
 
 
 if __name__ == "__main__":

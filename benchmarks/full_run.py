@@ -10,48 +10,64 @@ official VOC2007 train -> val split (2500 + 2508 images).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from common import REPO, DEV_RECIPE, Timer, machine, require_voc, table, VOC
-from patchnet.recipe import load_recipe
+from patchnet.datasets import open_split
 from patchnet.extract import build_extractor
-from patchnet.train import prepare_split, train
+from patchnet.features import cache_spec
+from patchnet.splits import prepare_split
+from patchnet.train import train
+
+from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--voc", default=str(VOC))
-    ap.add_argument("--recipe", default=str(DEV_RECIPE))
+    ap = bench_parser(__doc__)
     ap.add_argument("--output", default=str(REPO / "checkpoints" / "bench_full_run"))
     ap.add_argument("--cache-dir", default="", help="an empty folder to keep the cache in (default: a temporary one)")
-    ap.add_argument("--set", nargs="*", default=[])
     args = ap.parse_args()
-    voc = require_voc(Path(args.voc))
+    require_voc(args.voc)
     if args.cache_dir and Path(args.cache_dir).exists() and any(Path(args.cache_dir).iterdir()):
         raise SystemExit(f"--cache-dir {args.cache_dir} is not empty: the run must start from an empty cache")
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or f"{tmp}/cache"
-        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"runtime.cache_dir={cache}", f"runtime.output={args.output}",
-                                           *args.set])
+        recipe = dev_recipe(args, f"runtime.cache_dir={cache}", f"runtime.output={args.output}")
         with Timer() as total:
             extractor = build_extractor(recipe)
-            with Timer() as t_train:
-                tr = prepare_split(recipe, recipe.data.train_split, extractor)
+            with Timer() as t_train:  # the splits as train() prepares them, so that it finds their caches warm
+                train_set = open_split(recipe.data, recipe.data.train_split)
+                spec = cache_spec(recipe, extractor, train_set)  # with cache.compress=pca*, the projection too
+                tr = prepare_split(
+                    recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views, dataset=train_set
+                )
             with Timer() as t_val:
-                va = prepare_split(recipe, recipe.data.val_split, extractor)
+                va = prepare_split(recipe, recipe.data.val_split, extractor, spec, classes=tr.dataset.classes)
             with Timer() as t_head:
                 result = train(recipe)
     n_train, n_val = len(tr.dataset), len(va.dataset)
     per_image = (t_train.seconds + t_val.seconds) / (n_train + n_val)
     official = per_image * (2500 + 2508) + t_head.seconds * 2500 / n_train
     print(f"\nmachine: {machine()}; recipe {args.recipe} {' '.join(args.set)}\n")
-    print(table([(f"features, {n_train} training images", f"{t_train.seconds / 60:.1f}",
-                  f"{t_train.seconds / n_train:.2f} s/image"),
-                 (f"features, {n_val} validation images", f"{t_val.seconds / 60:.1f}", f"{t_val.seconds / n_val:.2f} s/image"),
-                 (f"head: {result.epochs} epochs + validation", f"{t_head.seconds / 60:.1f}", ""),
-                 ("whole run", f"{total.seconds / 60:.1f}", "")], ("phase", "minutes", "")))
+    print(
+        table(
+            [
+                (
+                    f"features, {n_train} training images",
+                    f"{t_train.seconds / 60:.1f}",
+                    f"{t_train.seconds / n_train:.2f} s/image",
+                ),
+                (
+                    f"features, {n_val} validation images",
+                    f"{t_val.seconds / 60:.1f}",
+                    f"{t_val.seconds / n_val:.2f} s/image",
+                ),
+                (f"head: {result.epochs} epochs + validation", f"{t_head.seconds / 60:.1f}", ""),
+                ("whole run", f"{total.seconds / 60:.1f}", ""),
+            ],
+            ("phase", "minutes", ""),
+        )
+    )
     print(f"\ndevval mAP {100 * result.table.map07:.1f} (11-point), {100 * result.table.map:.1f} (envelope)")
     print(f"extrapolated to VOC2007 train -> val (2500 + 2508 images): {official / 60:.0f} minutes")
     print(result.table.format())

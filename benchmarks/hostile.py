@@ -57,13 +57,21 @@ def png_header(w: int, h: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def voc(root: Path, ids=("a", "b", "c", "d")) -> Path:
-    objs = {"a": ("cat", 5, 5, 40, 40), "b": ("dog", 10, 5, 60, 45), "c": ("person", 3, 10, 50, 48),
-            "d": ("cat", 20, 10, 64, 48)}
+    objs = {
+        "a": ("cat", 5, 5, 40, 40),
+        "b": ("dog", 10, 5, 60, 45),
+        "c": ("person", 3, 10, 50, 48),
+        "d": ("cat", 20, 10, 64, 48),
+    }
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for n, i in enumerate(ids):
@@ -72,7 +80,8 @@ def voc(root: Path, ids=("a", "b", "c", "d")) -> Path:
         (root / "Annotations" / f"{i}.xml").write_text(
             f"<annotation><filename>{i}.jpg</filename><size><width>64</width><height>48</height></size><object>"
             f"<name>{name}</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax>"
-            f"<ymax>{y2}</ymax></bndbox></object></annotation>")
+            f"<ymax>{y2}</ymax></bndbox></object></annotation>"
+        )
     (root / "ImageSets/Main/train.txt").write_text("\n".join(ids) + "\n")
     return root
 
@@ -86,28 +95,50 @@ def coco_file(root: Path, data: dict, name: str = "annotations/instances_train.j
 
 
 def coco_data() -> dict:
-    return {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
-                       {"id": 2, "file_name": "b.jpg", "width": 64, "height": 48},
-                       {"id": 3, "file_name": "c.jpg", "width": 64, "height": 48}],
-            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 30, 30]},
-                            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [5, 5, 40, 30]},
-                            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [10, 4, 30, 40]}]}
+    return {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
+            {"id": 2, "file_name": "b.jpg", "width": 64, "height": 48},
+            {"id": 3, "file_name": "c.jpg", "width": 64, "height": 48},
+        ],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 30, 30]},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [5, 5, 40, 30]},
+            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [10, 4, 30, 40]},
+        ],
+    }
 
 
-def recipe(work: Path, name: str, fmt: str, root: Path, classes: list[str] | None = None, images: bool = False,
-           chunk: int = 2, limit: int = 0) -> Path:
+def recipe(
+    work: Path,
+    name: str,
+    fmt: str,
+    root: Path,
+    classes: list[str] | None = None,
+    images: bool = False,
+    chunk: int = 2,
+    limit: int = 0,
+) -> Path:
     """A tiny recipe (Lite0 at 32 px, two scales, one epoch) in work/recipe/<name>.yaml."""
-    lines = [f"name: {name}", "data:", f"  format: {fmt}", f"  root: {root}",
-             f"  classes: {json.dumps(classes if classes is not None else [])}",
-             "  train_split: train", '  val_split: ""', f"  limit: {limit}",
-             "patches: {scales: [1.0, 2.0], step: 0.5}",
-             "backbone: {input_size: 32, precision: fp32}", "head: {hidden: 32}",
-             "train: {epochs: 1, batch_size: 8, precision: fp32, holdout: 0, eval_every: 1"
-             + (", supervision: images}" if images else "}"),
-             "pool: {name: topk}" if images else "pool: {name: power}",
-             "runtime: {device: cpu, workers: 0, cache_dir: cache, output: runs, heatmaps: 0}",
-             "cache: {chunk: " + str(chunk) + "}"]
+    lines = [
+        f"name: {name}",
+        "data:",
+        f"  format: {fmt}",
+        f"  root: {root}",
+        f"  classes: {json.dumps(classes if classes is not None else [])}",
+        "  train_split: train",
+        '  val_split: ""',
+        f"  limit: {limit}",
+        "patches: {scales: [1.0, 2.0], step: 0.5}",
+        "backbone: {input_size: 32, precision: fp32}",
+        "head: {hidden: 32}",
+        "train: {epochs: 1, batch_size: 8, precision: fp32, holdout: 0, eval_every: 1"
+        + (", supervision: images}" if images else "}"),
+        "pool: {name: topk}" if images else "pool: {name: power}",
+        "runtime: {device: cpu, workers: 0, cache_dir: cache, output: runs, heatmaps: 0}",
+        "cache: {chunk: " + str(chunk) + "}",
+    ]
     path = work / "recipe" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -127,10 +158,16 @@ class Case:
         self.rows: list[tuple] = []
 
     def snapshot(self) -> tuple[dict, set]:
-        user = {str(p): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(self.user.rglob("*"))
-                if p.is_file() and not p.is_symlink()}
-        others = {str(p.relative_to(self.dir)) for p in self.dir.rglob("*")
-                  if p.is_file() and not str(p.relative_to(self.dir)).startswith(("user",) + OUTPUTS)}
+        user = {
+            str(p): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(self.user.rglob("*"))
+            if p.is_file() and not p.is_symlink()
+        }
+        others = {
+            str(p.relative_to(self.dir))
+            for p in self.dir.rglob("*")
+            if p.is_file() and not str(p.relative_to(self.dir)).startswith(("user", *OUTPUTS))
+        }
         return user, others
 
     def run(self, label: str, args: list, expect: str, tool: str = "", timeout: int = 600) -> str:
@@ -138,8 +175,9 @@ class Case:
         cmd = [sys.executable, str(self.repo / "tools" / tool)] if tool else [sys.executable, "-m", "patchnet.cli"]
         env = {**os.environ, "PYTHONPATH": str(self.repo), "PYTHONWARNINGS": "ignore"}
         try:
-            p = subprocess.run(cmd + [str(a) for a in args], cwd=self.work, env=env, capture_output=True, text=True,
-                               timeout=timeout)
+            p = subprocess.run(
+                cmd + [str(a) for a in args], cwd=self.work, env=env, capture_output=True, text=True, timeout=timeout
+            )
             code, text = p.returncode, p.stdout + p.stderr
         except subprocess.TimeoutExpired:
             code, text = -1, "timed out"
@@ -196,12 +234,18 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
 
     c = case("1 demo format on a real VOC folder")
     data = voc(c.user / "VOC")
-    c.run("inspect --format demo", ["inspect", "--data", data, "--format", "demo", "--split", "train", "--out",
-                                    "out/i.png"], "clear error")
+    c.run(
+        "inspect --format demo",
+        ["inspect", "--data", data, "--format", "demo", "--split", "train", "--out", "out/i.png"],
+        "clear error",
+    )
     demo_recipe = recipe(c.work, "d", "demo", c.work / "out" / "demo", limit=6)
     c.run("train (demo, generated in work/out/demo)", ["train", "--recipe", demo_recipe], "ok")
-    c.run("eval demo model --data <VOC>", ["eval", "--checkpoint", "runs/d/last.pt", "--data", data, "--split",
-                                           "train", "--out", "out"], "clear error")
+    c.run(
+        "eval demo model --data <VOC>",
+        ["eval", "--checkpoint", "runs/d/last.pt", "--data", data, "--split", "train", "--out", "out"],
+        "clear error",
+    )
 
     c = case("2 ids and classes that climb out")
     (c.user / "ESCAPED").mkdir()
@@ -209,15 +253,27 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     for i in range(3):
         image(c.user / "x" / "y" / f"{i}.jpg", seed=i + 2)
     (c.user / "x" / "y" / "train.csv").write_text(
-        "path,labels\n../../ESCAPED/a.png,x/../../TP_PWNED\n0.jpg,dog\n1.jpg,x/../../TP_PWNED;dog\n2.jpg,dog\n")
+        "path,labels\n../../ESCAPED/a.png,x/../../TP_PWNED\n0.jpg,dog\n1.jpg,x/../../TP_PWNED;dog\n2.jpg,dog\n"
+    )
     r = recipe(c.work, "esc", "csv", c.user / "x" / "y", images=True)
-    c.run("inspect", ["inspect", "--data", c.user / "x" / "y", "--format", "csv", "--split", "train", "--out",
-                      "out/i.png"], "ok")
+    c.run(
+        "inspect",
+        ["inspect", "--data", c.user / "x" / "y", "--format", "csv", "--split", "train", "--out", "out/i.png"],
+        "ok",
+    )
     c.run("train", ["train", "--recipe", r], "ok")
-    c.run("render_heatmaps --split --no-grid", ["--checkpoint", "runs/esc/last.pt", "--split", "train", "--no-grid",
-                                                "--out", "out/h"], "ok", tool="render_heatmaps.py")
-    c.run("top_patches", ["--checkpoint", "runs/esc/last.pt", "--split", "train", "--n", "2", "--out", "out/t"], "ok",
-          tool="top_patches.py")
+    c.run(
+        "render_heatmaps --split --no-grid",
+        ["--checkpoint", "runs/esc/last.pt", "--split", "train", "--no-grid", "--out", "out/h"],
+        "ok",
+        tool="render_heatmaps.py",
+    )
+    c.run(
+        "top_patches",
+        ["--checkpoint", "runs/esc/last.pt", "--split", "train", "--n", "2", "--out", "out/t"],
+        "ok",
+        tool="top_patches.py",
+    )
 
     c = case("3 decompression bomb and 60 MP PNG in a folder")
     for cls, n in (("cat", 2), ("dog", 2)):
@@ -226,27 +282,56 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     (c.user / "f" / "train" / "cat" / "bomb.png").write_bytes(png_header(100_000, 100_000))
     (c.user / "f" / "train" / "dog" / "pano.png").write_bytes(png_header(10_000, 6_000))
     r = recipe(c.work, "bomb", "folder", c.user / "f", images=True)
-    c.run("inspect", ["inspect", "--data", c.user / "f", "--format", "folder", "--split", "train", "--out", "out/i.png"],
-          "counted skip")
+    c.run(
+        "inspect",
+        ["inspect", "--data", c.user / "f", "--format", "folder", "--split", "train", "--out", "out/i.png"],
+        "counted skip",
+    )
     c.run("train", ["train", "--recipe", r], "counted skip")
-    c.run("predict bomb.png + a good image", ["predict", "--checkpoint", clean, c.user / "f" / "train" / "cat" / "bomb.png",
-                                              c.user / "f" / "train" / "cat" / "0.jpg", "--json", "out/p.json"],
-          "counted skip")
+    c.run(
+        "predict bomb.png + a good image",
+        [
+            "predict",
+            "--checkpoint",
+            clean,
+            c.user / "f" / "train" / "cat" / "bomb.png",
+            c.user / "f" / "train" / "cat" / "0.jpg",
+            "--json",
+            "out/p.json",
+        ],
+        "counted skip",
+    )
 
     c = case("4 two runs on one cache key at once")
     data = voc(c.user / "VOC")
     r1, r2 = recipe(c.work, "one", "voc", data, CLASSES, chunk=1), recipe(c.work, "two", "voc", data, CLASSES, chunk=1)
     env = {**os.environ, "PYTHONPATH": str(repo)}
     before = c.snapshot()
-    procs = [subprocess.Popen([sys.executable, "-m", "patchnet.cli", "train", "--recipe", str(r)], cwd=c.work, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (r1, r2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "patchnet.cli", "train", "--recipe", str(r)],
+            cwd=c.work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (r1, r2)
+    ]
     texts = [p.communicate(timeout=600)[0] for p in procs]
     outcomes = [judge(p.returncode, t) for p, t in zip(procs, texts)]
     after = c.snapshot()
     ok = all(o == "ok" for o in outcomes)
-    c.rows.append((c.name, "2 x train at once", ("ok" if ok else " / ".join(outcomes) + " ✗ (expected ok)"),
-                   "changed" if after[0] != before[0] else "unchanged", ", ".join(sorted(after[1] - before[1])) or "none",
-                   next((first_line(t, 1) for t in texts if "Traceback" in t), "")))
+    c.rows.append(
+        (
+            c.name,
+            "2 x train at once",
+            ("ok" if ok else " / ".join(outcomes) + " ✗ (expected ok)"),
+            "changed" if after[0] != before[0] else "unchanged",
+            ", ".join(sorted(after[1] - before[1])) or "none",
+            next((first_line(t, 1) for t in texts if "Traceback" in t), ""),
+        )
+    )
 
     c = case("5 damaged cache")
     data = voc(c.user / "VOC")
@@ -259,8 +344,11 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     f.write_bytes(bytes(raw))
     c.run("flipped bytes: cache verify", ["cache", "verify", "--cache-dir", "cache"], "clear error")
     f.write_bytes(bytes(raw[: len(raw) // 2]))
-    c.run("truncated features.f16: eval", ["eval", "--checkpoint", "runs/dmg/last.pt", "--split", "train", "--out",
-                                           "out"], "clear error")
+    c.run(
+        "truncated features.f16: eval",
+        ["eval", "--checkpoint", "runs/dmg/last.pt", "--split", "train", "--out", "out"],
+        "clear error",
+    )
     # a build killed mid-way leaves a half-written chunk where an atomic write would not
     shutil.rmtree(caches[0])
     (caches[0] / "chunks").mkdir(parents=True)
@@ -272,66 +360,125 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     d["images"][1]["id"] = "b2"
     d["annotations"][1]["image_id"] = "b2"
     coco_file(c.user / "mixed", d)
-    c.run("mixed string/int ids: inspect", ["inspect", "--data", c.user / "mixed", "--format", "coco", "--split",
-                                            "train", "--out", "out/i.png"], "ok")
-    for label, change in (("missing file_name", lambda d: d["images"][0].pop("file_name")),
-                          ("2-number bbox", lambda d: d["annotations"][0].update(bbox=[1, 2])),
-                          ("two categories named cat", lambda d: d["categories"].append({"id": 9, "name": "cat"}))):
+    c.run(
+        "mixed string/int ids: inspect",
+        ["inspect", "--data", c.user / "mixed", "--format", "coco", "--split", "train", "--out", "out/i.png"],
+        "ok",
+    )
+    for label, change in (
+        ("missing file_name", lambda d: d["images"][0].pop("file_name")),
+        ("2-number bbox", lambda d: d["annotations"][0].update(bbox=[1, 2])),
+        ("two categories named cat", lambda d: d["categories"].append({"id": 9, "name": "cat"})),
+    ):
         d = coco_data()
         coco_file(c.user / label.replace(" ", "_"), d)
         change(d)
         (c.user / label.replace(" ", "_") / "annotations" / "instances_train.json").write_text(json.dumps(d))
-        c.run(f"{label}: inspect", ["inspect", "--data", c.user / label.replace(" ", "_"), "--format", "coco",
-                                    "--split", "train", "--out", "out/i.png"], "clear error")
+        c.run(
+            f"{label}: inspect",
+            [
+                "inspect",
+                "--data",
+                c.user / label.replace(" ", "_"),
+                "--format",
+                "coco",
+                "--split",
+                "train",
+                "--out",
+                "out/i.png",
+            ],
+            "clear error",
+        )
     d = coco_data()
     d["categories"].insert(0, {"id": 0, "name": "animals", "supercategory": "none"})
     coco_file(c.user / "roboflow", d, "train/_annotations.coco.json", "train")
-    c.run("Roboflow export: inspect", ["inspect", "--data", c.user / "roboflow", "--format", "coco", "--split",
-                                       "train", "--out", "out/i.png"], "counted skip")
-    c.run("Roboflow export: train", ["train", "--recipe", recipe(c.work, "rf", "coco", c.user / "roboflow")],
-          "counted skip")
+    c.run(
+        "Roboflow export: inspect",
+        ["inspect", "--data", c.user / "roboflow", "--format", "coco", "--split", "train", "--out", "out/i.png"],
+        "counted skip",
+    )
+    c.run(
+        "Roboflow export: train",
+        ["train", "--recipe", recipe(c.work, "rf", "coco", c.user / "roboflow")],
+        "counted skip",
+    )
 
     c = case("7 duplicate ids")
     for i in range(3):
         image(c.user / "csv" / f"{i}.jpg", seed=i)
     (c.user / "csv" / "train.csv").write_text("0.jpg,cat\n1.jpg,dog\n0.jpg,cat\n2.jpg,dog\n")
-    c.run("identical CSV rows: inspect", ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "train",
-                                          "--out", "out/i.png"], "counted skip")
+    c.run(
+        "identical CSV rows: inspect",
+        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "train", "--out", "out/i.png"],
+        "counted skip",
+    )
     (c.user / "csv" / "val.csv").write_text("0.jpg,cat\n1.jpg,dog\n0.jpg,dog\n")
-    c.run("conflicting CSV rows: inspect", ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "val",
-                                            "--out", "out/i.png"], "clear error")
+    c.run(
+        "conflicting CSV rows: inspect",
+        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "val", "--out", "out/i.png"],
+        "clear error",
+    )
     image(c.user / "f" / "train" / "cat" / "a.jpg", seed=1)
     image(c.user / "f" / "train" / "cat" / "a.png", seed=2)
     image(c.user / "f" / "train" / "dog" / "b.jpg", seed=3)
     image(c.user / "f" / "train" / "dog" / "c.jpg", seed=4)
-    c.run("a.jpg + a.png: train", ["train", "--recipe", recipe(c.work, "dup", "folder", c.user / "f", images=True)],
-          "ok")
-    c.run("a.jpg + a.png: heatmaps", ["--checkpoint", "runs/dup/last.pt", "--split", "train", "--out", "out/h"], "ok",
-          tool="render_heatmaps.py")
+    c.run(
+        "a.jpg + a.png: train", ["train", "--recipe", recipe(c.work, "dup", "folder", c.user / "f", images=True)], "ok"
+    )
+    c.run(
+        "a.jpg + a.png: heatmaps",
+        ["--checkpoint", "runs/dup/last.pt", "--split", "train", "--out", "out/h"],
+        "ok",
+        tool="render_heatmaps.py",
+    )
     heat = list((c.work / "out" / "h").glob("*.png")) if (c.work / "out" / "h").is_dir() else []
-    c.rows.append((c.name, "a.jpg + a.png: heatmap files", "ok" if len(heat) == 4 else
-                   f"{len(heat)} files for 4 images ✗ (expected ok)", "", "", ""))
+    c.rows.append(
+        (
+            c.name,
+            "a.jpg + a.png: heatmap files",
+            "ok" if len(heat) == 4 else f"{len(heat)} files for 4 images ✗ (expected ok)",
+            "",
+            "",
+            "",
+        )
+    )
 
     c = case("8 an unreadable file among good ones")
     good = image(c.user / "p" / "good.jpg", seed=1)
     (c.user / "p" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
-    c.run("predict", ["predict", "--checkpoint", clean, c.user / "p" / "broken.jpg", good, "--json", "out/p.json"],
-          "counted skip")
-    c.run("render_heatmaps <folder>", ["--checkpoint", clean, c.user / "p", "--out", "out/h"], "counted skip",
-          tool="render_heatmaps.py")
+    c.run(
+        "predict",
+        ["predict", "--checkpoint", clean, c.user / "p" / "broken.jpg", good, "--json", "out/p.json"],
+        "counted skip",
+    )
+    c.run(
+        "render_heatmaps <folder>",
+        ["--checkpoint", clean, c.user / "p", "--out", "out/h"],
+        "counted skip",
+        tool="render_heatmaps.py",
+    )
 
     c = case("9 CSV encodings and folders")
     for i in range(3):
         image(c.user / "csv" / f"{i}.jpg", seed=i)
     (c.user / "csv" / "train.csv").write_bytes("path,labels\n0.jpg,café\n1.jpg,thé\n".encode("latin-1"))
-    c.run("Latin-1 CSV: inspect", ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "train", "--out",
-                                   "out/i.png"], "clear error")
+    c.run(
+        "Latin-1 CSV: inspect",
+        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "train", "--out", "out/i.png"],
+        "clear error",
+    )
     (c.user / "csv" / "bom.csv").write_bytes("path,labels\r\n0.jpg,café\r\n1.jpg,thé\r\n".encode("utf-8-sig"))
-    c.run("Excel UTF-8 CSV with BOM: inspect", ["inspect", "--data", c.user / "csv", "--format", "csv", "--split",
-                                                "bom", "--out", "out/i.png"], "ok")
+    c.run(
+        "Excel UTF-8 CSV with BOM: inspect",
+        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "bom", "--out", "out/i.png"],
+        "ok",
+    )
     (c.user / "csv" / "empty.csv").write_text("0.jpg,\n1.jpg,\n")
-    c.run("no label at all: inspect", ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "empty",
-                                       "--out", "out/i.png"], "clear error")
+    c.run(
+        "no label at all: inspect",
+        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "empty", "--out", "out/i.png"],
+        "clear error",
+    )
     base = c.user / "f" / "train"
     image(base / "cat" / "a.jpg", seed=1)
     image(base / "cat" / "2019" / "b.jpg", seed=2)
@@ -342,31 +489,56 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     (base / ".git").mkdir()
     (base / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (base / "dog" / "loop").symlink_to(base / "dog")
-    c.run("hidden entries, link loop, nested: train",
-          ["train", "--recipe", recipe(c.work, "fold", "folder", c.user / "f", images=True)], "counted skip",
-          timeout=120)
+    c.run(
+        "hidden entries, link loop, nested: train",
+        ["train", "--recipe", recipe(c.work, "fold", "folder", c.user / "f", images=True)],
+        "counted skip",
+        timeout=120,
+    )
 
     c = case("10 smaller tracebacks")
     for i in range(3):
         image(c.user / "csv" / f"{i}.jpg", seed=i)
     (c.user / "csv" / "train.csv").write_text("0.jpg,$x_$\n1.jpg,$\\frac{$\n2.jpg,$x_$\n")
-    c.run("$x_$ class names: train", ["train", "--recipe", recipe(c.work, "math", "csv", c.user / "csv", images=True)],
-          "ok")
-    c.run("$x_$ class names: heatmaps", ["--checkpoint", "runs/math/last.pt", "--split", "train", "--out", "out/h"],
-          "ok", tool="render_heatmaps.py")
-    c.run("--set train.lr=[1", ["train", "--recipe", recipe(c.work, "m2", "csv", c.user / "csv", images=True), "--set",
-                                "train.lr=[1"], "clear error")
+    c.run(
+        "$x_$ class names: train",
+        ["train", "--recipe", recipe(c.work, "math", "csv", c.user / "csv", images=True)],
+        "ok",
+    )
+    c.run(
+        "$x_$ class names: heatmaps",
+        ["--checkpoint", "runs/math/last.pt", "--split", "train", "--out", "out/h"],
+        "ok",
+        tool="render_heatmaps.py",
+    )
+    c.run(
+        "--set train.lr=[1",
+        ["train", "--recipe", recipe(c.work, "m2", "csv", c.user / "csv", images=True), "--set", "train.lr=[1"],
+        "clear error",
+    )
     import torch
 
     state = torch.load(clean, weights_only=True)
     state["head"]["fca.0.weight"] = state["head"]["fca.0.weight"][:, :100]
     (c.work / "out").mkdir(exist_ok=True)
     torch.save(state, c.work / "out" / "edited.pt")
-    c.run("head of the wrong size: predict", ["predict", "--checkpoint", "out/edited.pt", c.user / "csv" / "0.jpg"],
-          "clear error")
+    c.run(
+        "head of the wrong size: predict",
+        ["predict", "--checkpoint", "out/edited.pt", c.user / "csv" / "0.jpg"],
+        "clear error",
+    )
     (c.work / "out" / "file").write_text("a file where a folder should be")
-    c.run("unwritable cache folder: train", ["train", "--recipe", recipe(c.work, "ro", "csv", c.user / "csv", images=True),
-                                             "--set", "runtime.cache_dir=out/file/cache"], "clear error")
+    c.run(
+        "unwritable cache folder: train",
+        [
+            "train",
+            "--recipe",
+            recipe(c.work, "ro", "csv", c.user / "csv", images=True),
+            "--set",
+            "runtime.cache_dir=out/file/cache",
+        ],
+        "clear error",
+    )
     return cases
 
 

@@ -6,27 +6,27 @@ high patch dominates the mean. `infer.map_prior` adds pseudo-patches of the imag
 every pixel. The prior is chosen here on the checkpoint's own held-out training images (never on the
 reported split), then the pointing game is played on devval beside the centre-point baseline.
 
-    python benchmarks/pointing.py checkpoints/baseline/baseline_both/last.pt checkpoints/baseline/baseline_images/last.pt
+    python benchmarks/pointing.py checkpoints/baseline/baseline_both/last.pt \
+        checkpoints/baseline/baseline_images/last.pt
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from common import VOC, machine, require_voc, table
-from patchnet.cache import build_features
 from patchnet.datasets import open_split
+from patchnet.features import build_features, cache_spec
 from patchnet.infer import Predictor, evaluation_items, pointing_game
-from patchnet.train import holdout_records
+from patchnet.splits import holdout_records
+
+from common import bench_parser, machine, require_voc, table
 
 PRIORS = (0.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, recipe=None, sets=False)  # each checkpoint carries its recipe
     ap.add_argument("checkpoints", nargs="+")
-    ap.add_argument("--voc", default=str(VOC))
     ap.add_argument("--split", default="devval")
     ap.add_argument("--priors", nargs="*", type=float, default=list(PRIORS))
     args = ap.parse_args()
@@ -37,28 +37,56 @@ def main() -> None:
         recipe = predictor.recipe
         recipe.data.root = str(voc)
         recipe.data.boxes = True  # a model trained without boxes is still judged against them
-        train = open_split(recipe.data, recipe.data.train_split)
-        store = build_features(recipe, train, predictor.extractor, codec=predictor.codec)
+        train = open_split(recipe.data, recipe.data.train_split, predictor.classes)
+        # the cache as the checkpoint's head reads it: through its own projection and quantisation
+        spec = cache_spec(recipe, predictor.extractor, train, codec=predictor.codec)
+        store = build_features(spec, train, predictor.extractor)
         held = evaluation_items(store, holdout_records(len(train), recipe.train.holdout or 0.1, recipe.train.seed))
         chosen = {}
         for prior in args.priors:
             r = pointing_game(predictor.head, store, train, held, predictor.pool, prior).rates()
             chosen[prior] = r["all"] + r["hard"]
-            print(f"{ckpt}: held-out training images, prior {prior:g}: all {100 * r['all']:.1f}%, "
-                  f"hard {100 * r['hard']:.1f}%", flush=True)
+            print(
+                f"{ckpt}: held-out training images, prior {prior:g}: all {100 * r['all']:.1f}%, "
+                f"hard {100 * r['hard']:.1f}%",
+                flush=True,
+            )
         best = max(chosen, key=chosen.get)
-        val = open_split(recipe.data, args.split)
-        vstore = build_features(recipe, val, predictor.extractor, codec=predictor.codec)
+        val = open_split(recipe.data, args.split, predictor.classes)
+        vstore = build_features(spec, val, predictor.extractor)
         items = evaluation_items(vstore)
         for prior in sorted({0.0, best}):
             r = pointing_game(predictor.head, vstore, val, items, predictor.pool, prior).rates()
-            rows.append((Path(ckpt).parent.name + "/" + Path(ckpt).name, recipe.train.supervision, predictor.pool,
-                         f"{prior:g}" + (" (chosen)" if prior == best else ""), f"{100 * r['all']:.1f}",
-                         f"{100 * r['all_centre']:.1f}", f"{100 * r['hard']:.1f}", f"{100 * r['hard_centre']:.1f}",
-                         f"{r['pairs']} / {r['hard_pairs']}"))
+            rows.append(
+                (
+                    Path(ckpt).parent.name + "/" + Path(ckpt).name,
+                    recipe.train.supervision,
+                    predictor.pool,
+                    f"{prior:g}" + (" (chosen)" if prior == best else ""),
+                    f"{100 * r['all']:.1f}",
+                    f"{100 * r['all_centre']:.1f}",
+                    f"{100 * r['hard']:.1f}",
+                    f"{100 * r['hard_centre']:.1f}",
+                    f"{r['pairs']} / {r['hard_pairs']}",
+                )
+            )
     print(f"\nmachine: {machine()}; pointing game on {args.split}, 15 px tolerance, mean maps\n")
-    print(table(rows, ("checkpoint", "supervision", "maps of", "prior", "all %", "centre %", "harder %",
-                       "centre, harder %", "pairs / harder")))
+    print(
+        table(
+            rows,
+            (
+                "checkpoint",
+                "supervision",
+                "maps of",
+                "prior",
+                "all %",
+                "centre %",
+                "harder %",
+                "centre, harder %",
+                "pairs / harder",
+            ),
+        )
+    )
 
 
 if __name__ == "__main__":

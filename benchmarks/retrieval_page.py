@@ -16,7 +16,6 @@ fresh tabs.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 from pathlib import Path
@@ -24,13 +23,20 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from common import Timer, machine, table
 from patchnet.demo import DEMO_CLASSES, make_image
 from patchnet.linear import SplitFeatures
 from patchnet.retrieve import collection_page
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+from common import Timer, bench_parser, machine, table
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def synthetic_collection(folder: Path, n: int, dims: int = 1280, seed: int = 0):
@@ -81,7 +87,7 @@ def load_times(page: Path, chromium: str, repeats: int) -> tuple[float, float, f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, voc=False, recipe=None, sets=False)  # a synthetic collection: no VOC, no recipe
     ap.add_argument("--sizes", type=int, nargs="+", default=[500, 5000])
     ap.add_argument("--k", type=int, default=8, help="neighbours per image, as `patchnet retrieve --k`")
     ap.add_argument("--repeats", type=int, default=3)
@@ -99,8 +105,17 @@ def main() -> None:
             collection_page(out, f"synthetic collection of {n}", paths, f, queries, args.k, area)
         load, drawn, redraw = load_times(out, args.chromium, args.repeats)
         mb = out.stat().st_size / 2**20
-        rows.append((n, f"{mb:.1f}", f"{1024 * mb / n:.2f}", f"{build.seconds:.0f}", f"{load:.0f}", f"{drawn:.0f}",
-                     f"{redraw:.0f}"))
+        rows.append(
+            (
+                n,
+                f"{mb:.1f}",
+                f"{1024 * mb / n:.2f}",
+                f"{build.seconds:.0f}",
+                f"{load:.0f}",
+                f"{drawn:.0f}",
+                f"{redraw:.0f}",
+            )
+        )
         print(rows[-1], flush=True)
     print(f"\n{machine()}; {args.chromium} headless, software rendering; median of {args.repeats} loads\n")
     print(table(rows, ("images", "page MB", "KB per image", "build s", "load event ms", "map drawn ms", "redraw ms")))

@@ -13,44 +13,42 @@ Modes compared (the recipe's backbone, precision and patch grid; only the featur
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from common import REPO, DEV_RECIPE, Timer, machine, require_voc, table, VOC
 from patchnet.datasets import load_image, open_split
-from patchnet.recipe import load_recipe
 from patchnet.extract import build_extractor
 from patchnet.train import train
 
+from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--voc", default=str(VOC))
-    ap.add_argument("--recipe", default=str(DEV_RECIPE))
+    ap = bench_parser(__doc__, limit=300, limit_help="first N images of devtrain and of devval for mAP")
     ap.add_argument("--levels", default="1,2,4", help="pyramid levels of the fewer-levels mode")
     ap.add_argument("--speed-images", type=int, default=4, help="devval images timed per mode")
-    ap.add_argument("--limit", type=int, default=300, help="first N images of devtrain and of devval for mAP")
     ap.add_argument("--exact-up-to", type=float, default=2.0, help="hybrid mode: scales cropped as in exact mode")
     ap.add_argument("--modes", default="exact,shared,shared_levels,hybrid")
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--output", default=str(REPO / "checkpoints" / "bench_shared_vs_exact"))
-    ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
     args = ap.parse_args()
-    voc = require_voc(Path(args.voc))
+    require_voc(args.voc)
     modes = {
         "exact": ["patches.mode=exact"],
         "shared": ["patches.mode=shared", "patches.levels=[]"],
         "shared_levels": ["patches.mode=shared", f"patches.levels=[{args.levels}]"],
         "hybrid": ["patches.mode=shared", f"patches.levels=[{args.levels}]", f"patches.exact_up_to={args.exact_up_to}"],
     }
-    names = {"exact": "exact", "shared": "shared, every scale", "shared_levels": f"shared, levels {args.levels}",
-             "hybrid": f"hybrid: exact up to {args.exact_up_to:g}, then levels {args.levels}"}
-    base = [f"data.root={voc}", f"runtime.output={args.output}", *args.set]
+    names = {
+        "exact": "exact",
+        "shared": "shared, every scale",
+        "shared_levels": f"shared, levels {args.levels}",
+        "hybrid": f"hybrid: exact up to {args.exact_up_to:g}, then levels {args.levels}",
+    }
     rows, speed = [], {}
-    for mode in args.modes.split(","):
-        recipe = load_recipe(args.recipe, base + modes[mode] + [f"name={mode}"])
+    for mode in args.modes.split(","):  # each mode's settings come after --set: they are what is compared
+        recipe = dev_recipe(args, f"runtime.output={args.output}", after=[*modes[mode], f"name={mode}"])
         extractor = build_extractor(recipe)
-        images = [load_image(r.path) for r in open_split(recipe.data, recipe.data.val_split).records[:args.speed_images]]
+        images = [
+            load_image(r.path) for r in open_split(recipe.data, recipe.data.val_split).records[: args.speed_images]
+        ]
         extractor(images[0][:160, :160])  # warm-up
         with Timer() as t:
             for im in images:
@@ -58,17 +56,33 @@ def main() -> None:
         speed[mode] = len(images) / t.seconds
         ap07 = env = float("nan")
         if not args.speed_only:
-            recipe = load_recipe(args.recipe, base + modes[mode] + [f"name={mode}", f"data.limit={args.limit}"])
+            recipe = dev_recipe(
+                args, f"runtime.output={args.output}", after=[*modes[mode], f"name={mode}", f"data.limit={args.limit}"]
+            )
             result = train(recipe)
             ap07, env = result.table.map07, result.table.map
         rows.append((mode, speed[mode], ap07, env))
     exact = speed.get("exact")
     print(f"\nmachine: {machine()}; recipe {args.recipe}")
-    print(f"speed on {args.speed_images} devval images; mAP: heads trained on the first {args.limit} devtrain "
-          f"images, scored on the first {args.limit} devval images\n")
-    print(table([(names[m], f"{s:.2f}", f"{s / exact:.1f}x" if exact else "-",
-                  "-" if a != a else f"{100 * a:.1f}", "-" if e != e else f"{100 * e:.1f}") for m, s, a, e in rows],
-                ("mode", "images/s", "vs exact", "mAP 11-pt", "mAP envelope")))
+    print(
+        f"speed on {args.speed_images} devval images; mAP: heads trained on the first {args.limit} devtrain "
+        f"images, scored on the first {args.limit} devval images\n"
+    )
+    print(
+        table(
+            [
+                (
+                    names[m],
+                    f"{s:.2f}",
+                    f"{s / exact:.1f}x" if exact else "-",
+                    "-" if a != a else f"{100 * a:.1f}",
+                    "-" if e != e else f"{100 * e:.1f}",
+                )
+                for m, s, a, e in rows
+            ],
+            ("mode", "images/s", "vs exact", "mAP 11-pt", "mAP envelope"),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,37 +13,41 @@ head on cached patch features; N > 0 caches the maps below the unlocked stages a
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from common import REPO, DEV_RECIPE, VOC, Timer, machine, require_voc, table
-from patchnet.cache import build_features, build_maps
+from patchnet.backbones import backbone_spec, unlock_split
+from patchnet.codec import FeatureCodec
 from patchnet.datasets import open_split
 from patchnet.extract import build_extractor
+from patchnet.features import build_features, cache_spec
 from patchnet.infer import evaluate_split
 from patchnet.model import load_checkpoint
-from patchnet.recipe import load_recipe
 from patchnet.train import train
+from patchnet.unlock import build_maps
+
+from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--voc", default=str(VOC))
-    ap.add_argument("--recipe", default=str(DEV_RECIPE))
-    ap.add_argument("--limit", type=int, default=300, help="the first images of devtrain and of devval")
+    ap = bench_parser(__doc__, limit=300, limit_help="the first images of devtrain and of devval")
     ap.add_argument("--unlock", type=int, nargs="*", default=[0, 1, 2], help="values of train.unlock, one row each")
-    ap.add_argument("--out", default=str(REPO / "checkpoints" / "unlock"),
-                    help="folder for the runs, their cache and unlock.json")
-    ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides")
+    ap.add_argument(
+        "--out", default=str(REPO / "checkpoints" / "unlock"), help="folder for the runs, their cache and unlock.json"
+    )
     args = ap.parse_args()
     voc = require_voc(args.voc)
     out = Path(args.out)
     rows, report = [], {}
     for n in args.unlock:
-        recipe = load_recipe(args.recipe, [f"data.root={voc}", f"data.limit={args.limit}", f"runtime.output={out}",
-                                           f"runtime.cache_dir={out / 'cache'}", f"name=unlock{n}",
-                                           f"train.unlock={n}", *args.set])
+        recipe = dev_recipe(
+            args,
+            f"data.limit={args.limit}",
+            f"runtime.output={out}",
+            f"runtime.cache_dir={out / 'cache'}",
+            f"name=unlock{n}",
+            f"train.unlock={n}",
+        )
         with Timer() as t:
             result = train(recipe)
         history = load_checkpoint(result.run_dir / "last.pt")["history"]
@@ -51,19 +55,50 @@ def main() -> None:
         head = evaluate_split(result.run_dir / "last.pt", data=voc, fuse=False)[0]
         megabytes = _cache_megabytes_per_image(recipe)
         fused = "fused" if recipe.infer.fuse else "as scored"
-        report[n] = {"map07": result.table.map07, "map": result.table.map, "head_map07": head.map07,
-                     "head_map": head.map, "epoch_seconds": epoch, "cache_mb_per_image": megabytes,
-                     "minutes": t.seconds / 60, "ap07": dict(zip(head.classes, result.table.ap07.tolist()))}
-        rows.append((n, _what(recipe.backbone.name, n),
-                     f"{100 * result.table.map07:.1f} / {100 * result.table.map:.1f}",
-                     f"{100 * head.map07:.1f} / {100 * head.map:.1f}", f"{epoch:.1f}", f"{megabytes:.2f}",
-                     f"{t.seconds / 60:.1f}"))
-        print(f"unlock {n}: mAP {100 * result.table.map07:.1f} ({fused}), {100 * head.map07:.1f} (head alone); "
-              f"{epoch:.1f} s per epoch; {megabytes:.2f} MB per image", flush=True)
-    print(f"\nmachine: {machine()}; {args.recipe}: first {args.limit} devtrain -> first {args.limit} devval images; "
-          "last.pt\n")
-    print(table(rows, ("unlock", "unlocked stages", f"mAP 11-pt / envelope ({fused})", "head alone", "s / epoch",
-                       "cache MB / image", "minutes")))
+        report[n] = {
+            "map07": result.table.map07,
+            "map": result.table.map,
+            "head_map07": head.map07,
+            "head_map": head.map,
+            "epoch_seconds": epoch,
+            "cache_mb_per_image": megabytes,
+            "minutes": t.seconds / 60,
+            "ap07": dict(zip(head.classes, result.table.ap07.tolist())),
+        }
+        rows.append(
+            (
+                n,
+                _what(recipe.backbone.name, n),
+                f"{100 * result.table.map07:.1f} / {100 * result.table.map:.1f}",
+                f"{100 * head.map07:.1f} / {100 * head.map:.1f}",
+                f"{epoch:.1f}",
+                f"{megabytes:.2f}",
+                f"{t.seconds / 60:.1f}",
+            )
+        )
+        print(
+            f"unlock {n}: mAP {100 * result.table.map07:.1f} ({fused}), {100 * head.map07:.1f} (head alone); "
+            f"{epoch:.1f} s per epoch; {megabytes:.2f} MB per image",
+            flush=True,
+        )
+    print(
+        f"\nmachine: {machine()}; {args.recipe}: first {args.limit} devtrain -> first {args.limit} devval images; "
+        "last.pt\n"
+    )
+    print(
+        table(
+            rows,
+            (
+                "unlock",
+                "unlocked stages",
+                f"mAP 11-pt / envelope ({fused})",
+                "head alone",
+                "s / epoch",
+                "cache MB / image",
+                "minutes",
+            ),
+        )
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "unlock.json").write_text(json.dumps({"machine": machine(), "limit": args.limit, "rows": report}, indent=1))
     print(f"\nwrote {out / 'unlock.json'}")
@@ -72,16 +107,20 @@ def main() -> None:
 def _what(backbone: str, n: int) -> str:
     if n == 0:
         return "none (cached patch features)"
-    from patchnet.backbones import backbone_spec
-
     return ", ".join(s.name if s.name != "head" else "head conv" for s in backbone_spec(backbone).stages[-n:])
 
 
 def _cache_megabytes_per_image(recipe) -> float:
     """Disk size of the training split's cache (warm: nothing is computed) per item."""
     dataset = open_split(recipe.data, recipe.data.train_split)
-    build = build_maps if recipe.train.unlock else build_features
-    store = build(recipe, dataset, build_extractor(recipe), views=recipe.aug.views, progress=False)
+    extractor = build_extractor(recipe)
+    if recipe.train.unlock:  # the maps are stored as they are, as train() stores them
+        spec = cache_spec(recipe, extractor, dataset, codec=FeatureCodec(), progress=False)
+        unlock = unlock_split(backbone_spec(recipe.backbone.name), recipe.train.unlock)
+        store = build_maps(spec, dataset, extractor, unlock, views=recipe.aug.views, progress=False)
+    else:
+        spec = cache_spec(recipe, extractor, dataset, progress=False)
+        store = build_features(spec, dataset, extractor, views=recipe.aug.views, progress=False)
     size = sum(f.stat().st_size for f in store.path.iterdir() if f.is_file())
     return size / 2**20 / max(len(store), 1)
 

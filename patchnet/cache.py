@@ -21,6 +21,7 @@ import shutil
 import zipfile
 import zlib
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -45,7 +46,11 @@ class Rows:
 
     def __init__(self, features: np.ndarray, scales: np.ndarray | None = None, codec: FeatureCodec | None = None):
         self.stored, self.scales, self.codec = features, scales, codec
-        self.shape = (len(features), features.shape[1] if codec is None else codec.components.shape[1])
+        # a codec is given only with a projection to map the rows back through
+        self.shape = (
+            len(features),
+            features.shape[1] if codec is None else cast(np.ndarray, codec.components).shape[1],
+        )
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -89,7 +94,7 @@ class ItemIndex:
     def num_patches(self) -> int:
         return int(self.offsets[-1])
 
-    def item_slice(self, i: int) -> slice:
+    def item_slice(self, i: int | np.integer) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     def item_objects(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,7 +117,7 @@ class FeatureStore(ItemIndex):
             name: memmap(path, _file(name, dtype), dtype, (self.num_patches, width))
             for name, (dtype, width) in stored_layout(self.compress, self.feature_dim).items()
         }
-        self.rows = Rows(**arrays)
+        self.rows = Rows(**arrays, codec=None)
         projection = {}
         if (path / "projection.npz").is_file():
             with _damaged_if_unreadable(path, "projection.npz"), np.load(path / "projection.npz") as z:
@@ -316,7 +321,7 @@ def save_chunk(target: Path, results: list, **arrays: np.ndarray) -> None:
         target,
         lambda f: np.savez(
             f,
-            **arrays,
+            **arrays,  # type: ignore[arg-type]  # numpy's stub: **arrays might bind allow_pickle
             patch_boxes=np.concatenate([b for b, _ in done]) if done else np.zeros((0, 4), np.float32),
             counts=np.array([0 if b is None else len(b) for b, _ in results], np.int64),
             ok=np.array([b is not None for b, _ in results]),
@@ -397,7 +402,8 @@ def transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: dict,
 def save_projection(path: Path, codec: FeatureCodec) -> None:
     """The projection beside the rows, so that a store maps them back on its own (``trunk_rows``)."""
     if codec.components is not None:
-        atomic_write(path / "projection.npz", lambda f: np.savez(f, mean=codec.mean, components=codec.components))
+        mean, components = cast(np.ndarray, codec.mean), codec.components  # the mean is set with the components
+        atomic_write(path / "projection.npz", lambda f: np.savez(f, mean=mean, components=components))
 
 
 def complete_cache(path: Path, meta: dict, files: dict[str, dict], index: bytes) -> None:
@@ -453,7 +459,7 @@ def finish_join(
     buf = io.BytesIO()
     np.savez(
         buf,
-        **index,
+        **index,  # type: ignore[arg-type]  # numpy's stub: **index might bind allow_pickle
         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         record=np.repeat(np.arange(images), views),
         view=np.tile(np.arange(views), images),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ def dequantize_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
 class Moments:
     """Streamed first and second moments of rows, in float64, for a PCA that never holds the sample."""
 
+    shift: np.ndarray | None  # the first rows' mean, once rows came
+
     def __init__(self, dim: int):
         self.n, self.shift = 0, None
         self.sum, self.outer = np.zeros(dim), np.zeros((dim, dim))
@@ -71,6 +74,7 @@ class Moments:
         (each component's largest entry positive), and the fraction of the variance they keep."""
         if self.n < 2:
             raise CodecError(f"a PCA needs at least 2 sample rows, got {self.n}")
+        assert self.shift is not None  # set when the first rows came
         m = self.sum / self.n
         cov = (self.outer - self.n * np.outer(m, m)) / (self.n - 1)
         var, vec = np.linalg.eigh(cov)
@@ -125,7 +129,7 @@ class FeatureCodec:
             return {"features": half}  # the fp16 rows as they are: no round trip through fp32
         x = half.astype(np.float32)
         if self.components is not None:
-            x = (x - self.mean) @ self.components.T
+            x = (x - cast(np.ndarray, self.mean)) @ self.components.T  # the mean is set with the components
         if self.int8:
             codes, scales = quantize_rows(x)
             return {"features": codes, "scales": scales}
@@ -150,7 +154,8 @@ class FeatureCodec:
         """Identity of the projection's values (empty without one)."""
         if self.components is None:
             return ""
-        return hashlib.sha256(self.mean.tobytes() + self.components.tobytes()).hexdigest()[:20]
+        mean = cast(np.ndarray, self.mean)  # set with the components
+        return hashlib.sha256(mean.tobytes() + self.components.tobytes()).hexdigest()[:20]
 
     def fields(self) -> dict:
         """What a cache of this codec adds to its key (nothing for ``none``, so fp16 caches keep theirs)."""
@@ -163,7 +168,7 @@ class FeatureCodec:
 
     def state_dict(self) -> dict:
         """For checkpoints: plain values and tensors only (``torch.load(weights_only=True)`` reads them)."""
-        out = {"compress": self.compress}
+        out: dict[str, Any] = {"compress": self.compress}
         if self.components is not None:
             out.update(mean=torch.from_numpy(self.mean), components=torch.from_numpy(self.components))
         return out

@@ -67,7 +67,10 @@ def _texture(rng: np.random.Generator, w: int, h: int) -> Image.Image:
         t = ((xx // p + yy // p) % 2).astype(float)
     else:
         small = rng.random((max(h // 8, 2), max(w // 8, 2)))
-        t = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)) / 255.0
+        t = (
+            np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR))
+            / 255.0
+        )
     rgb = c1[None, None] * (1 - t[..., None]) + c2[None, None] * t[..., None]
     return Image.fromarray(rgb.astype(np.uint8))
 
@@ -205,7 +208,8 @@ def _generate(root: Path, seed: int, splits: dict[str, int]) -> None:
     rng = np.random.default_rng(seed)
     n = 0
     for split, count in splits.items():
-        ids, labels = [], {c: [] for c in DEMO_CLASSES}
+        ids = []
+        labels: dict[str, list[int]] = {c: [] for c in DEMO_CLASSES}
         for _ in range(count):
             image_id = f"{n:06d}"
             n += 1

@@ -16,6 +16,7 @@ becomes exactly ``input_size`` pixels. Which patches an image has and how each i
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ class PatchExtractor:
             grids = [plan.grids[i] for i in level.grids]
             for i, f in zip(level.grids, self._shared_level(self.rescale(img, level.factor), grids, w, h)):
                 feats[i] = f
-        return torch.cat(feats).float().cpu(), plan  # type: ignore[arg-type]  (every grid is filled)
+        return torch.cat(cast(list[torch.Tensor], feats)).float().cpu(), plan  # every grid is filled
 
     def _exact(self, img: torch.Tensor, grid: ScaleGrid) -> torch.Tensor:
         factor = self.size / grid.side

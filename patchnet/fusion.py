@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,10 @@ class Fusion:
     @classmethod
     def from_dict(cls, d: dict) -> Fusion:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (np.asarray(v, np.float64) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+        values: dict[str, Any] = {
+            k: (np.asarray(v, np.float64) if isinstance(v, list) else v) for k, v in d.items() if k in names
+        }
+        return cls(**values)
 
 
 def fit_fusion(

@@ -129,9 +129,12 @@ class Predictor:
         pool: str | None = None,
         k: float | None = None,
         fuse: bool = True,
+        precision: str | None = None,
     ):
         self.state = load_checkpoint(checkpoint)
         overrides = [f"runtime.device={device}"] if device else []
+        if precision:
+            overrides.append(f"backbone.precision={precision}")
         if mode:
             overrides.append(f"patches.mode={mode}")
         if pool:

@@ -98,7 +98,7 @@ class LayerStudy:
         return out
 
 
-def _pct(x: float) -> str:
+def _pct(x: float | None) -> str:
     return "n/a" if x is None or np.isnan(x) else f"{100 * x:.1f}"
 
 

@@ -144,7 +144,8 @@ def fit_linear(
 ) -> LinearModel:
     """One classifier per class (labels 0, difficult-only, are left out of that class's training)."""
     x = l2_normalize(train.features)
-    models, cs = [], []
+    models: list = []  # sklearn estimators, None for a class without both labels
+    cs: list[float] = []
     for c, name in enumerate(tqdm(train.classes, desc=f"linear {method}", unit="class", disable=not progress)):
         keep = train.labels[:, c] != 0
         y = train.labels[keep, c].astype(int)
@@ -152,7 +153,8 @@ def fit_linear(
             log.warning(
                 "class %s has no %s training image: no classifier", name, "positive" if (y == -1).all() else "negative"
             )
-            models.append(None), cs.append(float("nan"))
+            models.append(None)
+            cs.append(float("nan"))
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # liblinear's convergence chatter on hard C values

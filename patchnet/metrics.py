@@ -1,4 +1,5 @@
-"""Pascal VOC classification AP: the VOC2007 11-point AP and the VOC2010+ envelope AP."""
+"""Pascal VOC classification AP (the VOC2007 11-point AP and the VOC2010+ envelope AP), accuracy, the pointing
+game, and localisation: CorLoc and VOC detection AP."""
 
 from __future__ import annotations
 
@@ -48,6 +49,11 @@ def voc_ap(scores: np.ndarray, labels: np.ndarray, use_07_metric: bool = True) -
     precision, recall = precision_recall(scores, labels)
     if not (np.asarray(labels) == 1).any():
         return float("nan")
+    return _curve_ap(precision, recall, use_07_metric)
+
+
+def _curve_ap(precision: np.ndarray, recall: np.ndarray, use_07_metric: bool) -> float:
+    """AP of a precision/recall curve: the 11-point mean, or the area under the monotone envelope."""
     if use_07_metric:
         ap = 0.0
         for t in np.arange(11) / 10:  # i/10, so that a recall of exactly 0.3 reaches t=0.3
@@ -95,6 +101,7 @@ class APTable:
             "map": clean(self.map),
         }
         if self.top1 is not None:
+            assert self.mean_class_accuracy is not None  # set with top1 (ap_table)
             out.update(top1=clean(self.top1), mean_class_accuracy=clean(self.mean_class_accuracy))
         return out
 
@@ -106,6 +113,7 @@ class APTable:
             lines.append(f"{c:<{width}}  {_pct(a):>6}  {_pct(b):>6}")
         lines.append(f"{'mAP':<{width}}  {_pct(self.map07):>6}  {_pct(self.map):>6}")
         if self.top1 is not None:
+            assert self.mean_class_accuracy is not None  # set with top1 (ap_table)
             lines.append(f"top-1 accuracy {_pct(self.top1)}, mean per-class accuracy {_pct(self.mean_class_accuracy)}")
         return "\n".join(lines)
 
@@ -188,3 +196,101 @@ class PointingResult:
             f"pointing game: all {r['pairs']} pairs {_pct(r['all'])}% (centre point {_pct(r['all_centre'])}%); "
             f"harder subset, {r['hard_pairs']} pairs: {_pct(r['hard'])}% (centre point {_pct(r['hard_centre'])}%)"
         )
+
+
+# --------------------------------------------------------------------------- localisation
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(K,) intersection over union of one box with K boxes, ``x1, y1, x2, y2`` in continuous pixels."""
+    box, boxes = np.asarray(box, np.float64), np.asarray(boxes, np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = w * h
+    area = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area - inter, 1e-12)
+
+
+def detection_ap(
+    detections: list[tuple[int, float, np.ndarray]], truth: dict[int, tuple[np.ndarray, np.ndarray]], iou: float = 0.5
+) -> tuple[float, float]:
+    """VOC detection AP of one class, as the VOC devkit computes it: (11-point, envelope).
+
+    ``detections``: (image, score, box) over all images; ``truth``: image -> (boxes (K, 4), difficult
+    (K,)) of the class. Highest score first, a detection is a true positive when its best-overlapping
+    box overlaps it by more than ``iou`` and was not matched before; one whose best box is difficult
+    counts neither way; NaN when the class has no box that is not difficult.
+    """
+    npos = int(sum((~d).sum() for _, d in truth.values()))
+    if npos == 0:
+        return float("nan"), float("nan")
+    used = {i: np.zeros(len(b), bool) for i, (b, _) in truth.items()}
+    tp, fp = [], []
+    for image, _, box in sorted(detections, key=lambda d: -d[1]):
+        boxes, difficult = truth.get(image, (np.zeros((0, 4)), np.zeros(0, bool)))
+        overlaps = box_iou(box, boxes) if len(boxes) else np.zeros(0)
+        j = int(np.argmax(overlaps)) if len(overlaps) else -1
+        if j >= 0 and overlaps[j] > iou:
+            if difficult[j]:
+                continue
+            hit = not used[image][j]
+            used[image][j] = True
+        else:
+            hit = False
+        tp.append(hit)
+        fp.append(not hit)
+    tps, fps = np.cumsum(tp), np.cumsum(fp)
+    recall, precision = tps / npos, tps / np.maximum(tps + fps, 1e-12)
+    return _curve_ap(precision, recall, True), _curve_ap(precision, recall, False)
+
+
+def corloc_hits(top: np.ndarray, boxes: np.ndarray, iou: float = 0.5) -> bool:
+    """CorLoc's test of one (image, class) pair: its top box overlaps a box of the class by ``iou`` or more."""
+    return bool(len(boxes) and box_iou(top, boxes).max() >= iou)
+
+
+@dataclass
+class LocalizationResult:
+    """Per class: CorLoc (the share of positive image-class pairs whose top box overlaps a box of the class
+    at IoU >= 0.5) and VOC detection AP at IoU 0.5 (11-point and envelope)."""
+
+    classes: list[str]
+    corloc: np.ndarray  # (C,) NaN where no image shows the class
+    pairs: np.ndarray  # (C,) positive image-class pairs
+    ap07: np.ndarray
+    ap: np.ndarray
+
+    def means(self) -> dict:
+        """CorLoc as the mean over classes (as WSDDN and OICR report it) and over all pairs; detection mAP."""
+        hits = np.nansum(self.corloc * self.pairs)
+        return {
+            "corloc": float(np.nanmean(self.corloc)),
+            "corloc_pairs": float(hits / max(self.pairs.sum(), 1)),
+            "det_map07": float(np.nanmean(self.ap07)),
+            "det_map": float(np.nanmean(self.ap)),
+            "pairs": int(self.pairs.sum()),
+        }
+
+    def to_dict(self) -> dict:
+        per = {
+            c: {"corloc": _num(a), "pairs": int(n), "ap07": _num(b), "ap": _num(d)}
+            for c, a, n, b, d in zip(self.classes, self.corloc, self.pairs, self.ap07, self.ap)
+        }
+        return {"classes": per, **self.means()}
+
+    def format(self) -> str:
+        width = max(len(c) for c in [*self.classes, "mean"])
+        lines = [f"{'class':<{width}}  {'CorLoc':>7}  {'pairs':>5}  {'detAP07':>7}  {'detAP':>6}"]
+        for c, a, n, b, d in zip(self.classes, self.corloc, self.pairs, self.ap07, self.ap):
+            lines.append(f"{c:<{width}}  {_pct(a):>7}  {int(n):>5}  {_pct(b):>7}  {_pct(d):>6}")
+        m = self.means()
+        lines.append(
+            f"{'mean':<{width}}  {_pct(m['corloc']):>7}  {m['pairs']:>5}  {_pct(m['det_map07']):>7}  "
+            f"{_pct(m['det_map']):>6}"
+        )
+        lines.append(f"CorLoc over all {m['pairs']} pairs: {_pct(m['corloc_pairs'])}")
+        return "\n".join(lines)
+
+
+def _num(x: float) -> float | None:
+    return None if np.isnan(x) else round(float(x), 6)

@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -145,6 +145,8 @@ class InferConfig:
     )
     map_prior: float = 0.0  # score maps: pseudo-patches of the image's mean value added to each pixel's mean
     fuse: bool = False  # add a max-pool linear SVM's decision to the pooled score (weight chosen on held-out images)
+    box_method: Literal["map", "patch", "whole"] = "map"  # localize: regions of the score map | top patch | image
+    box_threshold: float = 0.5  # localize, map: a region is the map above this fraction of its peak
 
 
 @dataclass
@@ -308,7 +310,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RecipeError(f"{key} must be a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
+        return _build(cast(type, tp), value, key + ".")  # an annotation: a dataclass type, not an instance
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

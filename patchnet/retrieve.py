@@ -13,6 +13,7 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 import numpy as np
@@ -101,10 +102,10 @@ def main_class(labels: np.ndarray, area: np.ndarray | None = None) -> np.ndarray
 
 def class_colours(num_classes: int) -> list[str]:
     """One colour per class: matplotlib's tab20 with its ten strong hues first, turbo beyond 20 classes."""
-    from matplotlib.colors import to_hex
+    from matplotlib.colors import ListedColormap, to_hex
 
     if num_classes <= 20:
-        tab = matplotlib.colormaps["tab20"].colors
+        tab = cast(tuple, cast(ListedColormap, matplotlib.colormaps["tab20"]).colors)  # a tuple of RGB tuples
         return [to_hex(c) for c in (tab[0::2] + tab[1::2])[:num_classes]]
     return [to_hex(matplotlib.colormaps["turbo"](i / (num_classes - 1))) for i in range(num_classes)]
 

@@ -17,7 +17,7 @@ from .infer import evaluation_items
 from .model import CheckpointError
 from .recipe import Recipe
 from .sampler import IGNORE, MULTI, label_patches
-from .unlock import build_maps
+from .unlock import MapStore, build_maps
 
 log = logging.getLogger("patchnet")
 
@@ -27,7 +27,7 @@ class SplitData:
     """A split with its cached features and the training label of every cached patch."""
 
     dataset: Dataset
-    store: FeatureStore  # a MapStore with train.unlock
+    store: FeatureStore | MapStore  # a MapStore with train.unlock
     labels: np.ndarray  # (P,) int64: class, C for background, IGNORE, or MULTI
     multi_rows: np.ndarray  # (M,) sorted patch indices labelled MULTI
     multi_targets: np.ndarray  # (M, C) bool: their classes
@@ -48,7 +48,7 @@ class Selection:
         return self.data.image_labels(self.items)
 
 
-def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False):
+def patch_labels(store: FeatureStore | MapStore, dataset: Dataset, multilabel: bool = False):
     """Labels of all cached patches (view 0: the annotations; augmented views: their own boxes).
 
     Returns ``(labels, multi_rows, multi_targets)``; the last two are empty without ``multilabel``.
@@ -60,13 +60,16 @@ def patch_labels(store: FeatureStore, dataset: Dataset, multilabel: bool = False
         if not store.ok[i]:
             continue
         rec = dataset.records[store.record[i]]
-        objects = (rec.boxes, rec.box_classes, rec.box_difficult) if store.view[i] == 0 else store.item_objects(i)
+        objects: tuple[np.ndarray, np.ndarray, np.ndarray] = (
+            (rec.boxes, rec.box_classes, rec.box_difficult) if store.view[i] == 0 else store.item_objects(i)
+        )
         s = store.item_slice(i)
         out = label_patches(store.patch_boxes[s], *objects, num_classes, image_labels=rec.labels, multilabel=multilabel)
         if multilabel:
             out, t = out
             multi = np.flatnonzero(out == MULTI)
-            rows.append(multi + s.start), targets.append(t[multi])
+            rows.append(multi + s.start)
+            targets.append(t[multi])
         labels[s] = out
     if rows:
         return labels, np.concatenate(rows), np.concatenate(targets)
@@ -94,6 +97,7 @@ def prepare_split(
             f"{dataset.name} has no boxes, so train.supervision={recipe.train.supervision} has no "
             "patch labels; use --set train.supervision=images to learn from image labels alone"
         )
+    store: FeatureStore | MapStore
     if recipe.train.unlock:
         unlock = unlock_split(backbone_spec(recipe.backbone.name), recipe.train.unlock)
         store = build_maps(spec, dataset, extractor, unlock, views=views, progress=progress)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import numpy as np
 import torch
@@ -57,7 +59,7 @@ class StageExtractor(PatchExtractor):
         return self.whole_maps(self.prepare(image), names)
 
     @torch.inference_mode()
-    def __call__(self, image) -> dict[str, torch.Tensor]:
+    def __call__(self, image) -> dict[str, torch.Tensor]:  # type: ignore[override]  # a vector per stage, by design
         """{stage: (dim,) float32 vector on the CPU} of a uint8 (H, W, 3) array or (3, H, W) tensor."""
         img = self.prepare(image)
         if self.patches.mode == "whole":
@@ -174,6 +176,9 @@ def _compute_stage_features(recipe, dataset, extractor, path: Path, fields: dict
     path.mkdir(parents=True, exist_ok=True)
     for s in extractor.stages:
         x = np.stack(rows[s.name]) if records else np.zeros((0, s.dim), np.float32)
-        atomic_write(path / f"{s.name}.npy", lambda f, x=x: np.save(f, x.astype(np.float32)))
+        # the cast gives mypy the lambda's type, which it cannot infer with the default argument
+        atomic_write(
+            path / f"{s.name}.npy", cast(Callable[[BinaryIO], object], lambda f, x=x: np.save(f, x.astype(np.float32)))
+        )
     meta = {"fields": fields, "stages": [s.name for s in extractor.stages], "records": records, "failures": failures}
     atomic_write(path / "meta.json", json.dumps(meta, indent=1))

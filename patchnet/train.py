@@ -27,12 +27,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .backbones import backbone_spec, build_backbone, unlock_split
+from .cache import FeatureStore
 from .callbacks import Checkpoints, EpochEnd, SelectionEval, TrainingLog
 from .codec import FeatureCodec
 from .datasets import open_split
@@ -51,7 +53,7 @@ from .recipe import Recipe, recipe_from_dict, save_recipe
 from .sampler import IGNORE
 from .splits import Selection, SplitData, held_out, log_split, prepare_split, selection_split
 from .state import EpochSums, TrainState, rng_state
-from .unlock import MapsAndHead, UnlockedStages
+from .unlock import MapsAndHead, MapStore, UnlockedStages
 
 log = logging.getLogger("patchnet")
 
@@ -187,7 +189,8 @@ class Trainer:
         sums = all_sum(
             torch.tensor([s.sums.loss_sum, s.sums.steps, s.sums.correct, s.sums.patches], dtype=torch.float64)
         )
-        loss, acc = (sums[0] / max(sums[1], 1)).item(), (sums[2] / max(sums[3], 1)).item()
+        # typeshed's max has no common type for a Tensor and an int
+        loss, acc = (sums[0] / max(sums[1], 1)).item(), (sums[2] / max(sums[3], 1)).item()  # type: ignore[operator]
         end = EpochEnd(
             {
                 "epoch": s.epoch + 1,
@@ -207,6 +210,7 @@ class Trainer:
             s.history.append(end.record)
             s.epoch, s.step, s.sums, s.calibration, s.fusion = s.epoch + 1, 0, EpochSums(), end.calibration, end.fusion
             if end.improved:
+                assert end.table is not None  # an improvement was measured on it (SelectionEval)
                 s.best = end.table.map07
             for callback in self.callbacks:
                 getattr(callback, "at_commit", _nothing)(s, end)
@@ -259,7 +263,7 @@ class Trainer:
         return patch_loss(logits, labels, targets)
 
     def _patch_step(self, idx: np.ndarray):
-        x = torch.from_numpy(self.data.store.rows[idx])
+        x = torch.from_numpy(cast(FeatureStore, self.data.store).rows[idx])  # patch batches: no unlocked stages
         labels = self.labels[idx]
         logits = self._forward(x)
         loss = self._patch_loss(logits, labels, idx)
@@ -273,7 +277,7 @@ class Trainer:
         index = np.concatenate([np.arange(store.offsets[i], store.offsets[i + 1]) for i in items])
         labels = self.labels[index]
         train = (
-            is_positive(labels, self.num_classes) | ((labels == self.num_classes) & keep_bg[index])
+            is_positive(labels, self.num_classes) | ((labels == self.num_classes) & cast(np.ndarray, keep_bg)[index])
             if sup != "images"
             else None
         )
@@ -288,9 +292,9 @@ class Trainer:
             loss = image_loss(image_logits, torch.from_numpy(self.data.image_labels(items)).to(logits.device))
             if sup == "both":
                 loss = self.t.image_weight * loss
-        if sup != "images" and train.any():
-            rows = np.flatnonzero(train) if sup != "boxes" else np.arange(int(train.sum()))
-            rows = torch.from_numpy(rows).to(logits.device)
+        if train is not None and train.any():  # train is None exactly when sup == "images"
+            picked = np.flatnonzero(train) if sup != "boxes" else np.arange(int(train.sum()))
+            rows = torch.from_numpy(picked).to(logits.device)
             patch = self._patch_loss(logits[rows], labels[train], index[train])
             loss = patch if loss is None else loss + patch
             correct, patches = accuracy_counts(logits[rows], labels[train])
@@ -302,7 +306,7 @@ class Trainer:
     def _forward_maps(self, items: np.ndarray, counts: np.ndarray, rows: np.ndarray | None):
         """Features and fp32 logits of the patches of ``items`` (those where ``rows`` is set, if given) through
         the unlocked stages and the head, under autocast (``train.precision``)."""
-        maps = [self.data.store.item_maps(i) for i in items]
+        maps = [cast(MapStore, self.data.store).item_maps(i) for i in items]  # the unlocked stages read maps
         if rows is not None:
             ends = np.cumsum(counts)
             maps = [m.subset(np.flatnonzero(rows[e - n : e])) for m, n, e in zip(maps, counts, ends)]
@@ -449,7 +453,8 @@ def _unlocked_stages(recipe: Recipe, backbone, device: torch.device, splits: lis
     if backbone is None:
         return None
     stages = UnlockedStages(backbone, unlock_split(backbone_spec(backbone.name), recipe.train.unlock)).to(
-        device, memory_format=torch.channels_last if recipe.backbone.channels_last else torch.contiguous_format
+        device,  # type: ignore[call-overload]  # torch's stub: Module.to takes memory_format with a device
+        memory_format=torch.channels_last if recipe.backbone.channels_last else torch.contiguous_format,
     )
     for data in splits:
         if data is not None:  # their features come from the stages as they are when read

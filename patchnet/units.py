@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -45,7 +46,8 @@ def first_filters(backbone: Backbone) -> np.ndarray:
     w = modules[i].weight.detach().float().clone()
     bn = modules[i + 1] if i + 1 < len(modules) else None
     if isinstance(bn, nn.BatchNorm2d) and bn.weight is not None:
-        w *= (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(-1, 1, 1, 1)
+        running_var = cast(torch.Tensor, bn.running_var)  # a trunk's BatchNorm tracks its statistics
+        w *= (bn.weight / torch.sqrt(running_var + bn.eps)).view(-1, 1, 1, 1)
     w /= backbone.std.float().view(1, 3, 1, 1)
     lo, hi = w.amin((1, 2, 3), keepdim=True), w.amax((1, 2, 3), keepdim=True)
     return ((w - lo) / (hi - lo).clamp(min=1e-12)).permute(0, 2, 3, 1).numpy()
@@ -58,7 +60,7 @@ def filter_grid(filters: np.ndarray, out: str | Path, cell: int = 36, gap: int =
     rows = math.ceil(n / cols)
     sheet = Image.new("RGB", (cols * (cell + gap) + gap, rows * (cell + gap) + gap), (255, 255, 255))
     for i, f in enumerate(filters):
-        tile = Image.fromarray((255 * f).round().astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+        tile = Image.fromarray((255 * f).round().astype(np.uint8)).resize((cell, cell), Image.Resampling.NEAREST)
         sheet.paste(tile, (gap + (i % cols) * (cell + gap), gap + (i // cols) * (cell + gap)))
     return _save_png(sheet, out)
 
@@ -69,8 +71,8 @@ def filter_grid(filters: np.ndarray, out: str | Path, cell: int = 36, gap: int =
 def map_peaks(fmap: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per channel of a (C, h, w) map: its highest value and that cell's (y, x)."""
     c, h, w = fmap.shape
-    values, flat = fmap.reshape(c, h * w).max(1)
-    flat = flat.cpu().numpy()
+    values, index = fmap.reshape(c, h * w).max(1)
+    flat = index.cpu().numpy()
     return values.float().cpu().numpy(), flat // w, flat % w
 
 
@@ -102,7 +104,11 @@ def unit_peaks(extractor, dataset: Dataset, stage: str, progress: bool = True, w
     ):
         maps, s = extractor.image_maps(image, [stage])
         v, y, x = map_peaks(maps[stage][0])
-        records.append(i), values.append(v), ys.append(y), xs.append(x), scale.append(s)
+        records.append(i)
+        values.append(v)
+        ys.append(y)
+        xs.append(x)
+        scale.append(s)
     if not records:
         raise PatchnetError(f"{dataset.name}: no readable image to find unit peaks in")
     return UnitPeaks(np.array(records), np.stack(values), np.stack(ys), np.stack(xs), np.array(scale, np.float64))
@@ -115,7 +121,7 @@ def crop_square(image: np.ndarray, cx: float, cy: float, side: float, size: int 
     span = max(1, int(round(side)))
     canvas = Image.new("RGB", (span, span), (128, 128, 128))
     canvas.paste(Image.fromarray(image), (-x1, -y1))
-    return np.asarray(canvas.resize((size, size), Image.BILINEAR))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR))
 
 
 def unit_crops(

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone, BackboneError, Unlock
+from .backbones import Backbone, BackboneError, EfficientNetLiteTrunk, Unlock
 from .cache import (
     INDEX_ARRAYS,
     ItemIndex,
@@ -133,7 +134,8 @@ class UnlockedStages(nn.Module):
             for lv in np.unique(item.level):  # the levels that pool patches
                 rows = np.flatnonzero(item.level == lv)
                 x = torch.from_numpy(np.array(item.maps[lv])).to(device, non_blocking=True).float()
-                fmap = self.backbone.trunk.run(x.permute(2, 0, 1)[None], self.unlock.part)  # a channels-last view
+                trunk = cast(EfficientNetLiteTrunk, self.backbone.trunk)  # only Lite unlocks (``unlock_split``)
+                fmap = trunk.run(x.permute(2, 0, 1)[None], self.unlock.part)  # a channels-last view
                 boxes = torch.from_numpy(np.asarray(item.boxes[rows], np.float32)).to(device)
                 cells = map_cells(self.backbone, boxes, float(item.factors[lv, 0]), float(item.factors[lv, 1]))
                 pooled = region_weights(cells, *fmap.shape[-2:]) @ fmap[0].flatten(1).T  # (N, h w) @ (h w, C)
@@ -154,6 +156,14 @@ class MapStore(ItemIndex):
     same: nothing is projected) are computed on read by the unlocked stages once ``attach`` has
     given them.
     """
+
+    level_offsets: np.ndarray  # (items + 1,) first level of each item
+    level_shape: np.ndarray  # (levels, 2) each level's map size (h, w)
+    level_factor: np.ndarray  # (levels, 2) network-input pixels per image pixel of each level, (x, y)
+    cell_offsets: np.ndarray  # (levels + 1,) first map row (cell) of each level
+    patch_level: np.ndarray  # (P,) the level each patch is pooled from
+    rows: MapFeatures | None  # None until ``attach``
+    trunk_rows: MapFeatures | None
 
     def __init__(self, path: Path):
         super().__init__(path)
@@ -264,7 +274,8 @@ def _write_map_chunk(target: Path, results: list, dim: int) -> None:
         if m is not None:
             maps += [x.reshape(-1, x.shape[-1]) for x in m.maps]
             shapes += [x.shape[:2] for x in m.maps]
-            factors.append(m.factors), levels.append(m.level)
+            factors.append(m.factors)
+            levels.append(m.level)
     save_chunk(
         target,
         [(None if m is None else m.boxes, info) for m, info in results],

@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+from torch import nn
+
 from . import lite, timm, torchvision  # noqa: F401  (each registers its specs)
 from .backbone import Backbone, FlattenFC
 from .lite import Conv2dSame, EfficientNetLiteTrunk
@@ -70,7 +74,7 @@ def build_backbone(name: str, weights: str = "imagenet", input_size: int = 0, la
         spec.stages,
     )
     if layer:
-        backbone.head.fc = backbone.head.fc[: spec.layers[layer]]
+        backbone.head.fc = cast(nn.Sequential, backbone.head.fc)[: spec.layers[layer]]  # FlattenFC's FC6/FC7
         backbone.weights_id += f":{layer}"
     if input_size:
         backbone.input_size = input_size

@@ -8,6 +8,7 @@ region of the map (``patchnet.regions``). ``stages`` name the trunk's depths who
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,10 @@ from torchvision.ops import roi_align
 from ..regions import region_mean
 from .spec import IMAGENET_MEAN, IMAGENET_STD, BackboneError, Stage
 
+if TYPE_CHECKING:
+    from .lite import EfficientNetLiteTrunk
+    from .timm import TimmTrunk
+
 
 class Backbone(nn.Module):
     """A frozen trunk with its input size, normalisation and pooled feature size.
@@ -25,6 +30,11 @@ class Backbone(nn.Module):
     region into the feature: a (N, C, roi_size, roi_size) grid when ``roi_size`` is set (AlexNet's
     and VGG's FC6/FC7), else the (N, C) mean over the region's cells.
     """
+
+    trunk: nn.Module
+    head: nn.Module
+    mean: torch.Tensor  # (1, 3, 1, 1) buffers
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -62,7 +72,8 @@ class Backbone(nn.Module):
         ``stop``: only the trunk parts before it, the frozen ones of ``train.unlock`` (see ``Unlock``).
         """
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-        return self.trunk(x) if stop is None else self.trunk.run(x, 0, stop)
+        # only a Lite trunk runs in parts (``unlock_split`` allows no other family)
+        return self.trunk(x) if stop is None else cast("EfficientNetLiteTrunk", self.trunk).run(x, 0, stop)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, d) features of input-size patches: the exact mode."""
@@ -140,14 +151,14 @@ class Backbone(nn.Module):
             return region_mean(fmap, cells).to(fmap.dtype)
         head = self.head
         if stage.head > 0:  # the first modules of AlexNet's or VGG's FC6/FC7 head
-            head = FlattenFC(head.fc[: stage.head])
+            head = FlattenFC(cast(nn.Sequential, head.fc)[: stage.head])
         return self.pool_regions(fmap, cells, head)
 
     def fused(self) -> Backbone:
         """A copy for inference with BatchNorm folded into the convolutions (same outputs, faster)."""
         trunk, head = copy.deepcopy((self.trunk, self.head))  # together: a timm head uses its trunk's model
         if hasattr(trunk, "fuse"):
-            trunk.fuse()
+            cast("EfficientNetLiteTrunk | TimmTrunk", trunk).fuse()  # the trunks that have one
         else:
             try:
                 from torch.fx.experimental.optimization import fuse
@@ -173,6 +184,8 @@ class Backbone(nn.Module):
 
 class FlattenFC(nn.Module):
     """Flatten a fixed-size region, then the FC6/FC7 layers of AlexNet or VGG."""
+
+    fc: nn.Module
 
     def __init__(self, fc: nn.Module):
         super().__init__()

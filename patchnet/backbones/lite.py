@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,10 @@ def _bn(c: int) -> nn.BatchNorm2d:
 class MBConv(nn.Module):
     """Inverted residual block without squeeze-excitation; names follow ``efficientnet_pytorch``."""
 
+    _bn0: nn.BatchNorm2d | nn.Identity  # an Identity once ``fuse`` has folded it into the convolution
+    _bn1: nn.BatchNorm2d | nn.Identity
+    _bn2: nn.BatchNorm2d | nn.Identity
+
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
         super().__init__()
         mid = cin * expand
@@ -60,9 +65,18 @@ class MBConv(nn.Module):
     def fuse(self) -> None:
         """Fold each BatchNorm into the convolution before it (inference only)."""
         if self.has_expand:
-            self._expand_conv, self._bn0 = fuse_conv_bn_eval(self._expand_conv, self._bn0), nn.Identity()
-        self._depthwise_conv, self._bn1 = fuse_conv_bn_eval(self._depthwise_conv, self._bn1), nn.Identity()
-        self._project_conv, self._bn2 = fuse_conv_bn_eval(self._project_conv, self._bn2), nn.Identity()
+            self._expand_conv, self._bn0 = (
+                fuse_conv_bn_eval(self._expand_conv, cast(nn.BatchNorm2d, self._bn0)),
+                nn.Identity(),
+            )
+        self._depthwise_conv, self._bn1 = (
+            fuse_conv_bn_eval(self._depthwise_conv, cast(nn.BatchNorm2d, self._bn1)),
+            nn.Identity(),
+        )
+        self._project_conv, self._bn2 = (
+            fuse_conv_bn_eval(self._project_conv, cast(nn.BatchNorm2d, self._bn2)),
+            nn.Identity(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.has_expand else x
@@ -89,13 +103,16 @@ def _lite_repeats(i: int, repeats: int, depth: float) -> int:
 
 
 def _round_filters(c: int, width: float) -> int:
-    c = c * width
-    new = max(8, int(c + 4) // 8 * 8)
-    return int(new + 8 if new < 0.9 * c else new)
+    scaled = c * width
+    new = max(8, int(scaled + 4) // 8 * 8)
+    return int(new + 8 if new < 0.9 * scaled else new)
 
 
 class EfficientNetLiteTrunk(nn.Module):
     """EfficientNet-Lite up to the 1280-channel head convolution (ReLU6, TF padding, BN eps 1e-3)."""
+
+    _bn0: nn.BatchNorm2d | nn.Identity  # an Identity once ``fuse`` has folded it into the convolution
+    _bn1: nn.BatchNorm2d | nn.Identity
 
     def __init__(self, width: float, depth: float):
         super().__init__()
@@ -112,10 +129,10 @@ class EfficientNetLiteTrunk(nn.Module):
         self._bn1 = _bn(1280)
 
     def fuse(self) -> None:
-        self._conv_stem, self._bn0 = fuse_conv_bn_eval(self._conv_stem, self._bn0), nn.Identity()
+        self._conv_stem, self._bn0 = fuse_conv_bn_eval(self._conv_stem, cast(nn.BatchNorm2d, self._bn0)), nn.Identity()
         for block in self._blocks:
-            block.fuse()
-        self._conv_head, self._bn1 = fuse_conv_bn_eval(self._conv_head, self._bn1), nn.Identity()
+            cast(MBConv, block).fuse()
+        self._conv_head, self._bn1 = fuse_conv_bn_eval(self._conv_head, cast(nn.BatchNorm2d, self._bn1)), nn.Identity()
 
     def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Parts ``[start, stop)`` of the trunk: part 0 is the stem, 1 to B the B blocks, B + 1 the head convolution.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -32,6 +33,8 @@ class TimmTrunk(nn.Module):
     ``layout``: nchw (CNNs), nhwc (Swin-like models) or tokens (ViT-like models: the class and
     register tokens are dropped and the patch tokens laid out on their grid).
     """
+
+    model: Any  # a timm model: forward_features and forward_head are timm's (no common base declares them)
 
     def __init__(self, model: nn.Module, layout: str, stride: int):
         super().__init__()
@@ -151,7 +154,8 @@ def timm_spec(name: str) -> BackboneSpec:
 
 def _probe_timm(name: str, arch: str, device: torch.device) -> BackboneSpec:
     model, kwargs, layout, stride = _probe_layout(arch, device)
-    cfg, size = model.pretrained_cfg, model.pretrained_cfg["input_size"][1]
+    cfg = cast(dict[str, Any], model.pretrained_cfg)  # timm's, not an nn.Module attribute
+    size = cfg["input_size"][1]
     with torch.no_grad():
         trunk = TimmTrunk(model, layout, stride)
         try:  # any other size, not a multiple of the stride: what shared mode feeds it

@@ -4,6 +4,7 @@ MobileNetV3-Large and ConvNeXt-Tiny, with torchvision's weights from the hub cac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ def torchvision_model(name: str, weights: str) -> nn.Module:
 
 def torchvision_modules(spec: BackboneSpec, weights: str) -> tuple[nn.Module, nn.Module]:
     """Trunk (image -> map) and head (pooled region -> feature) of a torchvision classifier."""
+    m: Any  # the classifier's parts (features, classifier, layer1, ...) depend on the model
     name, m = spec.name, torchvision_model(spec.name, weights)
     if name == "alexnet":  # the paper's network: frozen C1-C5, FC6, FC7
         return m.features, FlattenFC(nn.Sequential(*list(m.classifier.children())[:6]))

@@ -6,8 +6,6 @@ predicts; ``data`` looks at datasets and caches; ``study`` the trunk's features.
 
 from __future__ import annotations
 
-import sys
-
 from . import data, run, study  # noqa: F401  (each registers its commands on the app)
 from .common import Skipped, app, session
 
@@ -19,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # typer's app exits the process itself

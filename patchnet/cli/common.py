@@ -47,6 +47,8 @@ class Skipped:
     """Inputs that could not be read: each is warned about as it happens, and the rest goes on; ``finish``
     then says how many failed and exits with code 1 (the outputs of the others are written first)."""
 
+    failed: dict[str, str]  # name -> error
+
     def __init__(self, total: int, what: str = "images"):
         self.total, self.what, self.failed = total, what, {}
 

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import numpy as np
 import typer
@@ -162,7 +162,7 @@ def predict(
                 c: {
                     "score": float(p.scores[i]),
                     **(
-                        {"probability": float(p.probabilities[i]), "present": bool(p.present[i])}
+                        {"probability": float(p.probabilities[i]), "present": bool(cast(np.ndarray, p.present)[i])}
                         if p.probabilities is not None
                         else {}
                     ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any, cast
 
 from .images import MAX_PIXELS, DatasetError
 from .records import Dataset, Fixes, make_record
@@ -100,7 +101,7 @@ def _resolve(ref, index: dict, text: dict[str, int], kind: str, where: str):
 
 
 def _bbox(ann: dict, where: str) -> tuple[float, float, float, float]:
-    b = ann.get("bbox")
+    b: Any = ann.get("bbox")  # anything: what is not four numbers is refused below
     try:
         values = [float(v) for v in b if isinstance(v, (int, float)) and not isinstance(v, bool)]
     except (TypeError, OverflowError):  # not a list, or an integer too large for a float
@@ -161,7 +162,8 @@ def read_coco(
     fixes = Fixes()
     classes = _classes(cats, used, classes, where, fixes)
     class_of = {c: classes.index(name) for c, (_, name) in enumerate(cats) if name in classes}
-    records, ids = [], {}
+    made = []  # None for an image left out
+    ids: dict[str, int] = {}
     for i, n in sorted(image_index.items(), key=lambda e: (isinstance(e[0], str), e[0])):
         at = f"{where}: images[{n}] (id {i!r})"
         if str(i) in ids:
@@ -171,7 +173,7 @@ def read_coco(
         ids[str(i)] = n
         path, ann_size = _image_entry(images[n], image_dir, at, where)
         kept = [(box, class_of[c], crowd) for box, c, crowd in objects[n] if c in class_of]
-        records.append(
+        made.append(
             make_record(
                 str(i),
                 path,
@@ -185,7 +187,7 @@ def read_coco(
                 max_pixels=max_pixels,
             )
         )
-    records = [r for r in records if r is not None]
+    records = [r for r in made if r is not None]
     name = f"coco:{where}"
     return Dataset(name, list(classes), records, fixes.report(name))
 
@@ -232,4 +234,4 @@ def _image_entry(info: dict, image_dir: Path, at: str, where: Path) -> tuple[Pat
         raise DatasetError(f"{where}: names image {name!r} but {path} does not exist")
     width, height = info.get("width"), info.get("height")
     usable = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height))
-    return path, (width, height) if usable else None
+    return path, cast(tuple[int, int], (width, height)) if usable else None

@@ -71,7 +71,7 @@ def read_folder(
         )
     classes = resolve_classes([f.name for f in folders], list(classes or []), str(base))
     index = {c: i for i, c in enumerate(classes)}
-    fixes, records = Fixes(), []
+    fixes, made = Fixes(), []  # made: None for an image left out
     for folder in folders:
         files = _walk_images(folder, base)
         if not files:
@@ -80,8 +80,8 @@ def read_folder(
             labels = np.full(len(classes), -1, np.int8)
             labels[index[folder.name]] = 1
             image_id = posixpath.join(folder.name, *path.relative_to(folder).parts)
-            records.append(box_free_record(image_id, path, labels, str(path), fixes, max_pixels))
-    records = [r for r in records if r is not None]
+            made.append(box_free_record(image_id, path, labels, str(path), fixes, max_pixels))
+    records = [r for r in made if r is not None]
     if not records:
         raise DatasetError(f"{base}: no readable images in any class folder")
     name = f"folder:{base}"
@@ -154,15 +154,15 @@ def read_csv_list(path: str | Path, classes: list[str] | None = None, max_pixels
             "so there is nothing to learn"
         )
     index = {c: i for i, c in enumerate(classes)}
-    records = []
+    made = []  # None for an image left out
     for image, (n, names) in rows.items():
         image_path = path.parent / image
         if not image_path.is_file():
             raise DatasetError(f"{path}, line {n}: image {image!r} does not exist ({image_path})")
         labels = np.full(len(classes), -1, np.int8)
         labels[[index[c] for c in names]] = 1
-        records.append(box_free_record(image, image_path, labels, f"{path}, line {n}", fixes, max_pixels))
-    records = [r for r in records if r is not None]
+        made.append(box_free_record(image, image_path, labels, f"{path}, line {n}", fixes, max_pixels))
+    records = [r for r in made if r is not None]
     name = f"csv:{path}"
     return Dataset(name, classes, records, fixes.report(name))
 

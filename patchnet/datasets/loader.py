@@ -45,7 +45,10 @@ class ItemImages(TorchDataset):
             return i, None, str(e)
         objects = (rec.boxes, rec.box_classes, rec.box_difficult)
         if view:
-            image, *objects = augment(self.pipeline, image, *objects, seed=view_seed(self.seed, r, view))
+            image, boxes, classes, difficult = augment(
+                self.pipeline, image, *objects, seed=view_seed(self.seed, r, view)
+            )
+            objects = (boxes, classes, difficult)
         return i, torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), tuple(objects)
 
 

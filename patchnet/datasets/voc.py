@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 from defusedxml import DefusedXmlException
@@ -23,6 +24,10 @@ def read_list(path: Path) -> list[list[str]]:
     return [ln.split() for ln in lines if ln.strip()]
 
 
+@overload
+def _xml_text(node, tag: str, where: str, required: Literal[True] = True) -> str: ...
+@overload
+def _xml_text(node, tag: str, where: str, required: bool) -> str | None: ...
 def _xml_text(node, tag: str, where: str, required: bool = True) -> str | None:
     child = node.find(tag)
     if child is None or child.text is None or not child.text.strip():
@@ -110,7 +115,7 @@ def read_voc(root: str | Path, split: str, classes: list[str], max_pixels: int |
     class_index = {c: i for i, c in enumerate(classes)}
     image_labels = _read_class_lists(root, split, classes, ids)
 
-    records = []
+    made = []  # None for an image left out
     for n, image_id in enumerate(ids):
         xml_path = root / "Annotations" / f"{image_id}.xml"
         ann_size, boxes, cls, diff, filename = _parse_voc_xml(xml_path, class_index)
@@ -120,12 +125,12 @@ def read_voc(root: str | Path, split: str, classes: list[str], max_pixels: int |
         if not path.is_file():
             raise DatasetError(f"{list_path}: names image {image_id!r} but {path} does not exist")
         labels = None if image_labels is None else image_labels[n]
-        records.append(
+        made.append(
             make_record(
                 image_id, path, ann_size, boxes, cls, diff, len(classes), str(xml_path), fixes, labels, max_pixels
             )
         )
-    records = [r for r in records if r is not None]
+    records = [r for r in made if r is not None]
     name = f"voc:{root}:{split}"
     return Dataset(name, list(classes), records, fixes.report(name))
 

@@ -1,0 +1,183 @@
+"""The Python API: a trained checkpoint as one object that predicts, draws score maps and localises.
+
+    import patchnet
+    model = patchnet.load("checkpoints/demo/best.pt")
+    model.predict(["photo.jpg", pil_image, tensor_batch])   # per-class probabilities and raw scores
+    model.score_maps("photo.jpg")                           # class -> (H, W) map of where it was found
+    model.localize("photo.jpg")                             # boxes with scores
+
+The command line calls the same object (``patchnet predict``, ``patchnet localize``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .datasets import DatasetError, load_image
+from .infer import Prediction, Predictor
+from .localize import Detection, localize
+
+
+def as_image(image, max_pixels: int | None = None) -> np.ndarray:
+    """An RGB uint8 (H, W, 3) array from a path, a PIL image, an (H, W, 3) array or a (3, H, W) tensor (uint8, or
+    float in [0, 1])."""
+    if isinstance(image, (str, Path)):
+        return load_image(image, max_pixels)
+    if isinstance(image, Image.Image):
+        return np.array(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise DatasetError(f"an image tensor must be (3, H, W) (or a batch (B, 3, H, W)); got {tuple(image.shape)}")
+        x = image.detach().cpu()
+        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+        if x.is_floating_point():
+            x = (x.clamp(0, 1) * 255).round()
+        return x.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, -1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise DatasetError(f"an image array must be (H, W, 3) RGB; got shape {array.shape}")
+    if array.dtype != np.uint8:
+        scaled = np.clip(array, 0, 1) * 255 if array.dtype.kind == "f" else array
+        array = np.asarray(scaled).round().astype(np.uint8)
+    return array
+
+
+def _images(images) -> list:
+    """A list of single images from one image, a list of them, or a (B, 3, H, W) batch."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+@dataclass
+class Predictions:
+    """The classes of several images: raw pooled ``scores`` and, where the checkpoint carries a calibration,
+    ``probabilities`` and the classes judged ``present`` (above each class's threshold). Rows follow the input."""
+
+    classes: list[str]
+    scores: np.ndarray  # (N, C)
+    probabilities: np.ndarray | None  # (N, C)
+    present: np.ndarray | None  # (N, C) bool
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def top(self, k: int = 3) -> list[list[tuple[str, float]]]:
+        """Per image, its ``k`` best classes with their probability (or score)."""
+        shown = self.scores if self.probabilities is None else self.probabilities
+        return [[(self.classes[c], float(row[c])) for c in np.argsort(-row)[:k]] for row in shown]
+
+    def to_dict(self) -> list[dict]:
+        out = []
+        for n in range(len(self)):
+            row = {c: {"score": float(self.scores[n, i])} for i, c in enumerate(self.classes)}
+            if self.probabilities is not None and self.present is not None:
+                for i, c in enumerate(self.classes):
+                    row[c].update(probability=float(self.probabilities[n, i]), present=bool(self.present[n, i]))
+            out.append(row)
+        return out
+
+    def __repr__(self) -> str:
+        rows = ", ".join("[" + ", ".join(f"{c} {p:.3f}" for c, p in top) + "]" for top in self.top())
+        return f"Predictions({len(self)} images, top classes: {rows})"
+
+
+class Model:
+    """A trained patchnet checkpoint: its frozen backbone, head, pooling, fusion and calibration.
+
+    ``device``: cpu, cuda, cuda:N (default: the checkpoint's recipe's, auto); ``pool``: score images by
+    another pooling than the model's own; ``fuse``: add the checkpoint's max-pool classifier;
+    ``precision``: the trunk's (auto, fp32, bf16, fp16; default the recipe's).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str | None = None,
+        pool: str | None = None,
+        fuse: bool = True,
+        precision: str | None = None,
+    ):
+        self.predictor = Predictor(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision)
+        self.classes: list[str] = list(self.predictor.classes)
+        self.recipe = self.predictor.recipe
+
+    def _one(self, image) -> tuple[np.ndarray, Prediction]:
+        array = as_image(image, self.recipe.data.max_pixels)
+        return array, self.predictor.predict(array)
+
+    def predict(self, images) -> Predictions:
+        """Per-class scores (and calibrated probabilities) of one image or several: paths, PIL images, (H, W, 3)
+        arrays, (3, H, W) tensors or a (B, 3, H, W) batch."""
+        results = [self._one(image)[1] for image in _images(images)]
+        calibrated = bool(results) and results[0].probabilities is not None
+        return Predictions(
+            self.classes,
+            np.stack([r.scores for r in results]) if results else np.zeros((0, len(self.classes))),
+            # a calibrated checkpoint gives every image probabilities and present flags
+            np.stack([cast(np.ndarray, r.probabilities) for r in results]) if calibrated else None,
+            np.stack([cast(np.ndarray, r.present) for r in results]) if calibrated else None,
+        )
+
+    def _class_indices(self, classes: list[str] | None, prediction: Prediction) -> list[int]:
+        if classes is not None:
+            unknown = [c for c in classes if c not in self.classes]
+            if unknown:
+                names = ", ".join(self.classes)
+                raise DatasetError(f"unknown class name(s) {', '.join(unknown)}; valid names: {names}")
+            return [self.classes.index(c) for c in classes]
+        if prediction.present is not None and prediction.present.any():
+            return [int(c) for c in np.flatnonzero(prediction.present)]
+        return [int(np.argmax(prediction.scores))]  # nothing judged present: the best class
+
+    def score_maps(self, image, classes: list[str] | None = None, prior: float | None = None) -> dict[str, np.ndarray]:
+        """class -> (H, W) map of one image: at each pixel the mean value of the patches covering it (the
+        classes judged present, or ``classes``)."""
+        from .infer import score_map
+
+        _, p = self._one(image)
+        prior = self.recipe.infer.map_prior if prior is None else prior
+        return {
+            self.classes[c]: score_map(p.boxes, p.values[:, c], p.width, p.height, prior=prior)
+            for c in self._class_indices(classes, p)
+        }
+
+    def localize(
+        self, image, classes: list[str] | None = None, method: str | None = None, threshold: float | None = None
+    ) -> list[Detection]:
+        """Boxes of one image (``patchnet.localize``): for the classes judged present, or ``classes``."""
+        _, p = self._one(image)
+        infer = self.recipe.infer
+        scores = p.scores if p.probabilities is None else np.log(np.maximum(p.probabilities, 1e-12))
+        return localize(
+            p.boxes,
+            p.values,
+            scores,
+            p.width,
+            p.height,
+            self._class_indices(classes, p),
+            method or infer.box_method,
+            infer.box_threshold if threshold is None else threshold,
+            infer.map_prior,
+        )
+
+
+def load(
+    checkpoint: str | Path,
+    device: str | None = None,
+    pool: str | None = None,
+    fuse: bool = True,
+    precision: str | None = None,
+) -> Model:
+    """A trained checkpoint (``best.pt`` or ``last.pt``) ready to predict, draw score maps and localise."""
+    return Model(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision)

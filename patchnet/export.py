@@ -1,0 +1,169 @@
+"""The trained model as one program for a fixed image size, to serve without patchnet.
+
+``FixedSizeModel`` is the whole path of one image of W x H pixels, in plain torch operations: the
+rescaling of each pyramid level, the frozen trunk (shared mode: one pass per level), each patch's
+mean over its region of the map, the storage round trip the head was trained on (fp16, 8-bit codes,
+the PCA projection), the adaptation head, the pooling, the fused max-pool classifier and the
+calibration. ``export`` writes it with ``torch.export`` (``torch.export.load(path).module()`` runs it
+with plain torch) and, where the ops allow, as ONNX.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PatchnetError
+from .extract import map_cells
+from .files import atomic_write
+from .infer import Predictor
+from .pooling import patch_values, pool
+from .regions import region_weights
+
+
+class ExportError(PatchnetError, ValueError):
+    """A model that cannot be exported as asked."""
+
+
+class FixedSizeModel(nn.Module):
+    """A checkpoint's whole scoring of one W x H image: (1, 3, H, W) RGB in [0, 1] -> probabilities (C,) (or, without
+    a calibration, the scores), scores (C,) and the (N, C) patch values of the score maps."""
+
+    # buffers, registered in __init__ (the pca_, fusion_ and cal_ ones only where the checkpoint has them)
+    order: torch.Tensor
+    pca_mean: torch.Tensor
+    pca_components: torch.Tensor
+    fusion_coef: torch.Tensor
+    fusion_intercept: torch.Tensor
+    fusion_head_mean: torch.Tensor
+    fusion_head_std: torch.Tensor
+    fusion_linear_mean: torch.Tensor
+    fusion_linear_std: torch.Tensor
+    cal_a: torch.Tensor
+    cal_b: torch.Tensor
+
+    def __init__(self, predictor: Predictor, width: int, height: int):
+        super().__init__()
+        ex = predictor.extractor
+        plan = ex.plan(width, height)
+        if ex.backbone.roi_size:
+            raise ExportError(
+                f"export pools each patch as a mean over its region of the map; {ex.backbone.name}'s FC head "
+                "takes a RoI grid (alexnet, vgg16): export an EfficientNet-Lite, ResNet or timm model"
+            )
+        if plan.mode != "shared" or plan.cropped:
+            raise ExportError(
+                "export runs shared mode (one trunk pass per pyramid level) without exact crops; this checkpoint "
+                f"uses patches.mode={plan.mode} (exact_up_to crops {len(plan.cropped)} scales)"
+            )
+        self.width, self.height, self.classes = width, height, list(predictor.classes)
+        self.backbone, self.head = ex.backbone.float().eval(), predictor.head.float().eval()
+        self.sizes, self.antialias, order = [], [], []
+        starts = np.cumsum([0] + [len(g.boxes) for g in plan.grids])
+        for n, level in enumerate(plan.levels):
+            size = (max(1, round(height * level.factor)), max(1, round(width * level.factor)))
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in level.grids])
+            boxes = torch.from_numpy(plan.boxes[rows]).float()
+            cells = map_cells(ex.backbone, boxes, size[1] / width, size[0] / height)
+            h, w = _map_size(ex.backbone, size)
+            self.register_buffer(f"weights{n}", region_weights(cells, h, w))  # each patch's mean as a product
+            self.sizes.append(size)
+            self.antialias.append(level.factor < 1)
+            order.append(rows)
+        self.register_buffer("order", torch.from_numpy(np.argsort(np.concatenate(order), kind="stable")))
+        self._codec(predictor)
+        self._scoring(predictor)
+        self.requires_grad_(False)  # a program for inference
+
+    def _codec(self, predictor: Predictor) -> None:
+        codec = predictor.codec
+        self.int8, self.project = codec.int8, codec.components is not None
+        if self.project:
+            self.register_buffer("pca_mean", torch.from_numpy(codec.mean))
+            self.register_buffer("pca_components", torch.from_numpy(codec.components))
+
+    def _scoring(self, predictor: Predictor) -> None:
+        self.pool_name, self.pool_cfg = predictor.pool, predictor.recipe.pool
+        self.fused, self.calibrated = predictor.fusion is not None, predictor.calibration is not None
+        if predictor.fusion is not None:
+            f = predictor.fusion
+            for name in ("coef", "intercept", "head_mean", "head_std", "linear_mean", "linear_std"):
+                self.register_buffer(f"fusion_{name}", torch.as_tensor(getattr(f, name), dtype=torch.float64))
+            self.fusion_weight = float(f.weight)
+        if predictor.calibration is not None:
+            c = predictor.calibration
+            self.register_buffer("cal_a", torch.as_tensor(c.a, dtype=torch.float64))
+            self.register_buffer("cal_b", torch.as_tensor(c.b, dtype=torch.float64))
+
+    def stored(self, features: torch.Tensor) -> torch.Tensor:
+        """The features as the head read them in training: through fp16, the projection and the 8-bit codes."""
+        x = features.half().float()
+        if self.project:
+            x = (x - self.pca_mean) @ self.pca_components.T
+        if self.int8:
+            low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+            step = torch.where(high > low, (high - low) / 255, torch.ones_like(high))
+            x = ((x - low) / step).round().clamp(0, 255) * step + low
+        elif self.project:
+            x = x.half().float()
+        return x
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        parts = []
+        for n, (size, antialias) in enumerate(zip(self.sizes, self.antialias)):
+            scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+            fmap = self.backbone.feature_map(scaled)[0].flatten(1)  # (C, h w)
+            parts.append(self.backbone.head(getattr(self, f"weights{n}") @ fmap.T))
+        features = torch.cat(parts)[self.order]
+        stored = self.stored(features)
+        logits = self.head(stored)
+        scores = pool(patch_values(logits, self.pool_name).double(), [len(stored)], self.pool_cfg, self.pool_name)[0]
+        power = self.pool_name == "power"
+        values = logits.float().softmax(-1)[:, :-1] if power else patch_values(logits, "max").sigmoid()
+        if self.fused:
+            trunk = stored @ self.pca_components + self.pca_mean if self.project else stored
+            scores = self._fuse(scores, trunk.double().amax(0))
+        if self.calibrated:
+            x = scores if self.fused else self._feature(scores)
+            return torch.sigmoid((self.cal_a * x + self.cal_b).clamp(-60, 60)), scores, values
+        return scores, scores, values
+
+    def _feature(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.clamp(min=1e-300).log() if self.pool_name == "power" else scores
+
+    def _fuse(self, scores: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        decision = self.fusion_coef @ (pooled / pooled.norm().clamp(min=1e-12)) + self.fusion_intercept
+        head = (self._feature(scores) - self.fusion_head_mean) / self.fusion_head_std
+        return head + self.fusion_weight * (decision - self.fusion_linear_mean) / self.fusion_linear_std
+
+
+def _map_size(backbone, size: tuple[int, int]) -> tuple[int, int]:
+    with torch.no_grad():
+        fmap = backbone.feature_map(torch.zeros(1, 3, *size, device=next(backbone.parameters()).device))
+    return int(fmap.shape[-2]), int(fmap.shape[-1])
+
+
+def export(checkpoint: str | Path, width: int, height: int, out: str | Path, onnx: str | Path | None = None):
+    """Write the checkpoint's ``FixedSizeModel`` for W x H images with ``torch.export`` (and as ONNX when
+    ``onnx`` is given); returns the model and its exported program."""
+    predictor = Predictor(checkpoint, device="cpu", precision="fp32")
+    model = FixedSizeModel(predictor, width, height).eval()
+    example = (torch.rand(1, 3, height, width),)
+    with torch.no_grad():
+        program = torch.export.export(model, example)
+    atomic_write(out, lambda f: torch.export.save(program, f))
+    if onnx is not None:
+        try:
+            onnx_program = torch.onnx.export(model, example, dynamo=True, verbose=False)
+        except Exception as e:  # an op ONNX lacks, or the exporter's packages missing
+            raise ExportError(
+                f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "
+                f"torch.export program {out} was written"
+            ) from None
+        assert onnx_program is not None  # dynamo=True returns the program
+        onnx_program.save(str(onnx))
+    return model, program

@@ -1,0 +1,93 @@
+"""Boxes from image labels: where each class is, from the scores of an image's patches.
+
+Every scored patch is already a square box with a score. ``method``:
+
+- ``map`` (the default): the class's score map (each pixel the mean value of the patches covering it,
+  ``patchnet.infer.score_map``), thresholded at ``threshold`` times its peak; each connected region
+  above it is one box, the region holding the peak first (CAM's recipe, on patch scores).
+- ``patch``: the single highest-scoring patch (a baseline).
+- ``whole``: the whole image (a baseline).
+
+A box's score is the image's score for the class plus the log of its region's peak over the map's
+peak, so that the first box of an image keeps the image's score and ranks images as classification
+does, and the others rank below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .infer import score_map
+
+METHODS = ("map", "patch", "whole")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One box of a class in an image: ``box`` is ``x1, y1, x2, y2`` in pixels."""
+
+    class_index: int
+    box: tuple[float, float, float, float]
+    score: float
+
+    def to_dict(self, classes: list[str] | None = None) -> dict:
+        x1, y1, x2, y2 = self.box
+        out = {"class": classes[self.class_index] if classes else self.class_index, "score": round(self.score, 6)}
+        return {**out, "box": [round(v, 2) for v in (x1, y1, x2, y2)]}
+
+
+def map_regions(values: np.ndarray, threshold: float) -> list[tuple[tuple[float, float, float, float], float]]:
+    """The bounding boxes of the connected regions of an (H, W) map above ``threshold`` times its peak, with
+    each region's peak, the region holding the map's peak first."""
+    peak = float(values.max()) if values.size else 0.0
+    if peak <= 0:
+        return []
+    labels, _ = ndimage.label(values >= threshold * peak, structure=np.ones((3, 3), bool))
+    regions = []
+    for index, found in enumerate(ndimage.find_objects(labels), 1):
+        if found is None:
+            continue
+        ys, xs = found
+        regions.append(
+            (
+                (float(xs.start), float(ys.start), float(xs.stop), float(ys.stop)),
+                float(values[found][labels[found] == index].max()),
+            )
+        )
+    return sorted(regions, key=lambda r: -r[1])
+
+
+def localize(
+    boxes: np.ndarray,
+    values: np.ndarray,
+    scores: np.ndarray,
+    width: int,
+    height: int,
+    classes: list[int],
+    method: str = "map",
+    threshold: float = 0.5,
+    prior: float = 0.0,
+    max_boxes: int = 5,
+) -> list[Detection]:
+    """Boxes of ``classes`` in one image from its (N, 4) patch ``boxes``, their (N, C) map ``values`` and the
+    image's (C,) ``scores`` (see the module docstring for ``method``)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    out = []
+    for c in classes:
+        score = float(scores[c])
+        if method == "whole":
+            out.append(Detection(c, (0.0, 0.0, float(width), float(height)), score))
+        elif method == "patch":
+            x1, y1, x2, y2 = (float(v) for v in boxes[int(np.argmax(values[:, c]))])
+            out.append(Detection(c, (max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)), score))
+        else:
+            regions = map_regions(score_map(boxes, values[:, c], width, height, prior=prior), threshold)
+            top = regions[0][1] if regions else 1.0
+            out += [
+                Detection(c, box, score + float(np.log(max(peak / top, 1e-12)))) for box, peak in regions[:max_boxes]
+            ]
+    return out

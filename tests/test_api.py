@@ -1,0 +1,83 @@
+"""The Python API: ``patchnet.load`` and the model object the command line also uses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import patchnet
+from patchnet.datasets import DatasetError, load_image
+from patchnet.train import train
+
+from conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from conftest import VocWriter
+
+    tmp = tmp_path_factory.mktemp("api")
+    w = VocWriter(tmp / "VOC")
+    for n, (i, objs) in enumerate(
+        [
+            ("a", [("cat", 10, 10, 60, 60)]),
+            ("b", [("dog", 20, 5, 75, 60)]),
+            ("c", [("person", 5, 30, 70, 70)]),
+            ("d", [("cat", 40, 30, 90, 70)]),
+        ]
+    ):
+        w.add(i, 96, 72, objs, seed=n)
+    w.split("train", ["a", "b", "c", "d"])
+    w.split("val", ["a", "b"])
+    recipe = tiny_recipe(tmp, w.root, "train.epochs=2", "train.holdout=0.5")
+    train(recipe, progress=False)
+    return patchnet.load(recipe.run_dir / "last.pt", device="cpu"), w.root
+
+
+def test_predict_takes_paths_pil_arrays_tensors_and_batches_alike(model):
+    m, root = model
+    path = root / "JPEGImages" / "a.jpg"
+    array = load_image(path)
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    by_path = m.predict(path)
+    assert by_path.classes == ["cat", "dog", "person"] and by_path.scores.shape == (1, 3)
+    for same in (Image.open(path), array, tensor, tensor.float() / 255):
+        np.testing.assert_allclose(m.predict(same).scores, by_path.scores, rtol=1e-5)
+    batch = m.predict(torch.stack([tensor, tensor]).float() / 255)
+    assert batch.scores.shape == (2, 3)
+    both = m.predict([path, root / "JPEGImages" / "b.jpg"])
+    assert len(both) == 2 and both.probabilities is not None and both.present.dtype == bool
+    assert ((both.probabilities >= 0) & (both.probabilities <= 1)).all()
+    assert "Predictions(2 images" in repr(both) and set(both.to_dict()[0]) == {"cat", "dog", "person"}
+
+
+def test_score_maps_and_localize(model):
+    m, root = model
+    path = root / "JPEGImages" / "a.jpg"
+    maps = m.score_maps(path, classes=["cat", "dog"])
+    assert set(maps) == {"cat", "dog"} and maps["cat"].shape == (72, 96)
+    boxes = m.localize(path, classes=["cat"])
+    assert boxes and all(d.class_index == 0 for d in boxes)
+    x1, y1, x2, y2 = boxes[0].box
+    assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 72
+    assert m.localize(path, classes=["cat"], method="whole")[0].box == (0.0, 0.0, 96.0, 72.0)
+    with pytest.raises(DatasetError, match="valid names: cat, dog, person"):
+        m.localize(path, classes=["unicorn"])
+
+
+def test_bad_images_are_one_clear_error(model):
+    m, _ = model
+    with pytest.raises(DatasetError, match=r"\(3, H, W\)"):
+        m.predict(torch.zeros(2, 5, 5))
+    with pytest.raises(DatasetError, match="does not exist"):
+        m.predict("nowhere.jpg")
+
+
+def test_importing_patchnet_loads_no_torch():
+    code = "import sys, patchnet; assert 'torch' not in sys.modules; assert callable(patchnet.load)"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,60 @@
+"""The exported program: one file, run with plain torch, scoring an image as the API does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import patchnet
+from patchnet.datasets import load_image
+from patchnet.export import ExportError, export
+from patchnet.train import train
+
+from conftest import tiny_recipe
+
+
+@pytest.mark.parametrize("compress", ["none", "pca_int8"])
+def test_the_exported_program_matches_the_api_without_patchnet(tmp_path, small_voc, compress):
+    recipe = tiny_recipe(
+        tmp_path,
+        small_voc,
+        "train.epochs=1",
+        "infer.fuse=true",
+        "train.holdout=0.5",
+        f"cache.compress={compress}",
+        "cache.pca_dim=8",
+    )
+    train(recipe, progress=False)
+    ckpt = recipe.run_dir / "last.pt"
+    image = load_image(small_voc / "JPEGImages" / "e.jpg")  # 88 x 66
+    h, w = image.shape[:2]
+    model, _ = export(ckpt, w, h, tmp_path / "model.pt2")
+    api = patchnet.load(ckpt, device="cpu", precision="fp32").predictor.predict(image)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    probs, scores, values = model(x)
+    np.testing.assert_allclose(scores.numpy(), api.scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(probs.numpy(), api.probabilities, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(values.numpy(), api.values, rtol=1e-4, atol=1e-5)
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["patchnet"] = None  # plain torch only: importing patchnet would fail
+        import numpy as np, torch
+        program = torch.export.load({str(tmp_path / "model.pt2")!r}).module()
+        probs, scores, values = program(torch.from_numpy(np.load({str(tmp_path / "x.npy")!r})))
+        np.save({str(tmp_path / "probs.npy")!r}, probs.numpy())
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), probs.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_exact_mode_checkpoints_are_refused_with_the_reason(tmp_path, small_voc):
+    recipe = tiny_recipe(tmp_path, small_voc, "train.epochs=1", "patches.mode=exact")
+    train(recipe, progress=False)
+    with pytest.raises(ExportError, match="shared mode"):
+        export(recipe.run_dir / "last.pt", 64, 48, tmp_path / "m.pt2")

@@ -1,0 +1,118 @@
+"""Boxes from patch scores, and the localisation metrics against hand-built cases and pycocotools."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from patchnet.localize import localize, map_regions
+from patchnet.metrics import box_iou, corloc_hits, detection_ap
+
+
+def test_map_regions_are_the_connected_parts_above_the_threshold_peak_first():
+    m = np.zeros((20, 30))
+    m[2:6, 3:9] = 0.9  # the peak region
+    m[10:18, 20:28] = 0.6
+    m[15, 2] = 0.2  # under half the peak
+    regions = map_regions(m, 0.5)
+    assert regions == [((3.0, 2.0, 9.0, 6.0), 0.9), ((20.0, 10.0, 28.0, 18.0), 0.6)]
+    assert map_regions(m, 0.7) == [((3.0, 2.0, 9.0, 6.0), 0.9)]
+    assert map_regions(np.zeros((4, 4)), 0.5) == []
+
+
+def test_localize_by_map_patch_and_whole_image():
+    boxes = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20], [10, 10, 20, 20]], np.float32)
+    values = np.array([[0.9, 0.1], [0.8, 0.1], [0.1, 0.2], [0.1, 0.7]])
+    scores = np.array([2.0, -1.0])
+    (cat,) = localize(boxes, values, scores, 20, 20, [0], "map", threshold=0.5)
+    assert cat.box == (0.0, 0.0, 20.0, 10.0) and cat.score == 2.0  # the top row, where class 0 scores high
+    (top,) = localize(boxes, values, scores, 20, 20, [1], "patch")
+    assert top.box == (10.0, 10.0, 20.0, 20.0) and top.score == -1.0
+    (whole,) = localize(boxes, values, scores, 20, 20, [1], "whole")
+    assert whole.box == (0.0, 0.0, 20.0, 20.0)
+    with pytest.raises(ValueError, match="map, patch, whole"):
+        localize(boxes, values, scores, 20, 20, [0], "grabcut")
+
+
+def test_secondary_regions_rank_below_the_first_by_their_relative_peak():
+    boxes = np.array([[0, 0, 10, 10], [30, 0, 40, 10]], np.float32)
+    values = np.array([[1.0], [0.6]])
+    first, second = localize(boxes, values, np.array([0.0]), 40, 10, [0], "map", threshold=0.5)
+    assert first.box == (0.0, 0.0, 10.0, 10.0) and second.box == (30.0, 0.0, 40.0, 10.0)
+    assert first.score == 0.0 and second.score == pytest.approx(np.log(0.6))
+
+
+def test_iou_and_corloc_by_hand():
+    assert box_iou([0, 0, 10, 10], [[5, 0, 15, 10], [0, 0, 10, 10], [20, 20, 30, 30]]).tolist() == [1 / 3, 1.0, 0.0]
+    assert corloc_hits(np.array([0, 0, 10, 10]), np.array([[0, 0, 10, 20]]))  # IoU exactly 0.5 counts
+    assert not corloc_hits(np.array([0, 0, 10, 10]), np.array([[0, 0, 10, 21]]))
+    assert not corloc_hits(np.array([0, 0, 10, 10]), np.zeros((0, 4)))
+
+
+def test_detection_ap_by_hand_with_a_difficult_box_and_a_duplicate():
+    truth = {
+        0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([False, True])),
+        1: (np.array([[0, 0, 10, 10]]), np.array([False])),
+    }
+    detections = [
+        (0, 0.9, np.array([0, 0, 10, 10])),  # true positive
+        (0, 0.8, np.array([0, 0, 10, 10])),  # the same box again: a false positive
+        (0, 0.7, np.array([20, 20, 30, 30])),  # on the difficult box: neither
+        (1, 0.6, np.array([50, 50, 60, 60])),  # misses: a false positive
+        (1, 0.5, np.array([1, 0, 10, 10])),  # IoU 0.9: a true positive
+    ]
+    ap07, ap = detection_ap(detections, truth)
+    # precision/recall after each counted detection: (1, .5), (.5, .5), (1/3, .5), (.5, 1)
+    assert ap == pytest.approx(0.5 * 1 + 0.5 * 0.5)
+    assert ap07 == pytest.approx((6 * 1 + 5 * 0.5) / 11)
+    assert np.isnan(detection_ap([], {0: (np.array([[0, 0, 1, 1]]), np.array([True]))})[0])
+
+
+def test_detection_ap_matches_pycocotools_on_random_boxes(tmp_path):
+    """Without difficult boxes, the VOC envelope AP and COCO's AP at IoU 0.5 (101 recall points) agree closely."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(0)
+    images, anns, truth, dets = [], [], {}, []
+    for i in range(40):
+        images.append({"id": i + 1, "width": 100, "height": 100, "file_name": f"{i}.jpg"})
+        gt = []
+        for _ in range(rng.integers(1, 3)):
+            x, y = rng.uniform(0, 60, 2)
+            w, h = rng.uniform(15, 40, 2)
+            gt.append([x, y, x + w, y + h])
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+        truth[i] = (np.array(gt), np.zeros(len(gt), bool))
+        for box in gt:  # a jittered copy of each box, and a random one
+            jitter = np.array(box) + rng.normal(0, 4, 4)
+            dets.append((i, float(rng.uniform()), jitter))
+        x, y = rng.uniform(0, 70, 2)
+        dets.append((i, float(rng.uniform()), np.array([x, y, x + 25, y + 25])))
+    (tmp_path / "gt.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]})
+    )
+    results = [
+        {"image_id": i + 1, "category_id": 1, "score": s, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+        for i, s, b in dets
+    ]
+    coco = COCO(str(tmp_path / "gt.json"))
+    ev = COCOeval(coco, coco.loadRes(results), "bbox")
+    ev.params.iouThrs = np.array([0.5])
+    ev.params.areaRng, ev.params.areaRngLbl, ev.params.maxDets = [[0, 1e10]], ["all"], [100]
+    ev.evaluate()
+    ev.accumulate()
+    coco_ap = float(ev.eval["precision"][0, :, 0, 0, 0].mean())
+    _, ap = detection_ap(dets, truth, iou=0.5)
+    assert ap == pytest.approx(coco_ap, abs=0.02) and 0.2 < ap < 0.95
