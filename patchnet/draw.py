@@ -86,3 +86,43 @@ def _draw_scale(ax, image, grid, record: ImageRecord, classes: list[str], colors
     pos = int(((labels >= 0) & (labels < len(classes))).sum())
     ign, nbg = int((labels == IGNORE).sum()), int(bg.sum())
     ax.set_title(f"λ={grid.scale:g} (side {grid.side:.0f} px): {pos} pos, {nbg} bg, {ign} ignored", fontsize=8)
+
+
+def draw_detections(image, detections: list, classes: list[str], out: str | Path, max_boxes: int = 3) -> Path:
+    """An image with the boxes of each class (``patchnet.localize.Detection``: class index, box, score): the first
+    box of a class solid, its next ones dashed, each labelled with the class and its score."""
+    h, w = image.shape[:2]
+    fig, axes = new_figure(figsize=(6.0, 6.0 * h / w + 0.2))
+    ax = axes[0, 0]
+    ax.imshow(image)
+    ax.axis("off")
+    colors, seen = class_colors(len(classes)), dict[int, int]()
+    for d in detections:
+        rank = seen[d.class_index] = seen.get(d.class_index, -1) + 1
+        if rank >= max_boxes:
+            continue
+        x1, y1, x2, y2 = d.box
+        color = colors[d.class_index]
+        ax.add_patch(
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=color,
+                lw=2.5 if rank == 0 else 1.2,
+                ls="-" if rank == 0 else "--",
+                path_effects=OUTLINE,
+            )
+        )
+        ax.text(
+            x1 + 3,
+            y1 + 3,
+            plain(f"{classes[d.class_index]} {d.score:.2f}"),
+            fontsize=8,
+            va="top",
+            color=color,
+            path_effects=OUTLINE,
+        )
+    fig.tight_layout(pad=0.1)
+    return save_figure(fig, out)

@@ -131,7 +131,7 @@ class Predictor:
         fuse: bool = True,
         precision: str | None = None,
     ):
-        self.state = load_checkpoint(checkpoint)
+        self.state, self.state_path = load_checkpoint(checkpoint), Path(checkpoint)
         overrides = [f"runtime.device={device}"] if device else []
         if precision:
             overrides.append(f"backbone.precision={precision}")
@@ -237,8 +237,8 @@ def evaluate_split(
 ):
     """Scores of a checkpoint on a split (default: its recipe's validation split).
 
-    Returns the AP table, the number of images scored, and the (predictor, dataset, store, items)
-    behind them for further use (the pointing game).
+    Returns the AP table, the number of images scored, and the (predictor, dataset, store, items,
+    scores) behind them for further use (the pointing game, localisation).
     """
     predictor = Predictor(checkpoint, mode=mode, pool=pool, k=k, fuse=fuse)
     recipe = predictor.recipe
@@ -255,8 +255,8 @@ def evaluate_split(
         cache_spec(recipe, predictor.extractor, codec=predictor.codec), dataset, predictor.extractor, progress=progress
     )
     items = evaluation_items(store)
-    table, _ = evaluate(predictor.head, store, dataset, items, recipe.pool, predictor.pool, predictor.fusion)
-    return table, len(items), (predictor, dataset, store, items)
+    table, scores = evaluate(predictor.head, store, dataset, items, recipe.pool, predictor.pool, predictor.fusion)
+    return table, len(items), (predictor, dataset, store, items, scores)
 
 
 def pointing_game(

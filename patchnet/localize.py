@@ -19,8 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from .infer import score_map
+from .metrics import LocalizationResult, corloc_hits, detection_ap
+from .pooling import map_values
 
 METHODS = ("map", "patch", "whole")
 
@@ -91,3 +94,43 @@ def localize(
                 Detection(c, box, score + float(np.log(max(peak / top, 1e-12)))) for box, peak in regions[:max_boxes]
             ]
     return out
+
+
+def evaluate_localization(
+    head,
+    store,
+    dataset,
+    items: np.ndarray,
+    scores: np.ndarray,
+    pool: str,
+    method: str = "map",
+    threshold: float = 0.5,
+    prior: float = 0.0,
+    progress: bool = True,
+) -> LocalizationResult:
+    """CorLoc and VOC detection AP of every class on store ``items`` of a split with boxes, from their
+    (I, C) image ``scores`` (the first box of a class is the one CorLoc judges)."""
+    num = len(dataset.classes)
+    detections: list[list] = [[] for _ in range(num)]
+    truth: list[dict] = [{} for _ in range(num)]
+    hits, pairs = np.zeros(num), np.zeros(num)
+    for row, i in enumerate(tqdm(items, desc="localize", unit="img", disable=not progress)):
+        rec = dataset.records[store.record[i]]
+        s = store.item_slice(i)
+        values = map_values(head.logits(store.rows[s]), pool).numpy()
+        first: dict[int, tuple] = {}
+        for d in localize(
+            store.patch_boxes[s], values, scores[row], rec.width, rec.height, list(range(num)), method, threshold, prior
+        ):
+            detections[d.class_index].append((row, d.score, np.asarray(d.box)))
+            first.setdefault(d.class_index, d.box)
+        for c in np.unique(rec.box_classes):
+            mine = rec.box_classes == c
+            truth[c][row] = (rec.boxes[mine], rec.box_difficult[mine])
+            if (~rec.box_difficult[mine]).any():  # a positive pair: the class has a box that is not difficult
+                pairs[c] += 1
+                hits[c] += c in first and corloc_hits(np.asarray(first[c]), rec.boxes[mine])
+    aps = np.array([detection_ap(detections[c], truth[c]) for c in range(num)]).reshape(num, 2)
+    with np.errstate(invalid="ignore"):
+        corloc = np.where(pairs > 0, hits / np.maximum(pairs, 1), np.nan)
+    return LocalizationResult(list(dataset.classes), corloc, pairs, aps[:, 0], aps[:, 1])

@@ -81,3 +81,83 @@ def test_bad_images_are_one_clear_error(model):
 def test_importing_patchnet_loads_no_torch():
     code = "import sys, patchnet; assert 'torch' not in sys.modules; assert callable(patchnet.load)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_localize_command_writes_coco_results_that_pycocotools_scores(model, tmp_path):
+    import json
+    import shutil
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from typer.testing import CliRunner
+
+    from patchnet.cli import app
+
+    m, root = model
+    images, anns = [], []
+    for n, (name, box) in enumerate([("a", [9, 9, 51, 51]), ("d", [39, 29, 51, 41])], 1):
+        shutil.copy(root / "JPEGImages" / f"{name}.jpg", tmp_path / f"{n}.jpg")
+        images.append({"id": n, "file_name": f"{n}.jpg", "width": 96, "height": 72})
+        anns.append({"id": n, "image_id": n, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+    categories = [{"id": i + 1, "name": c} for i, c in enumerate(m.classes)]
+    (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    result = CliRunner().invoke(
+        app,
+        [
+            "localize",
+            str(tmp_path / "1.jpg"),
+            str(tmp_path / "2.jpg"),
+            "--checkpoint",
+            str(m.predictor.state_path),
+            "--classes",
+            "cat",
+            "--json",
+            str(tmp_path / "boxes.json"),
+            "--out",
+            str(tmp_path / "drawn"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    boxes = json.loads((tmp_path / "boxes.json").read_text())
+    assert boxes and {b["image_id"] for b in boxes} == {1, 2} and all(b["category_id"] == 1 for b in boxes)
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["1.png", "2.png"]
+    gt = COCO(str(tmp_path / "gt.json"))
+    ev = COCOeval(gt, gt.loadRes(str(tmp_path / "boxes.json")), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert -1 <= ev.stats[1] <= 1  # AP at IoU 0.5 is computed
+
+
+def test_eval_scores_localization_beside_the_classification_table(model, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from patchnet.cli import app
+
+    m, _ = model
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--checkpoint", str(m.predictor.state_path), "--split", "train", "--localize", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "CorLoc" in result.output and "detAP07" in result.output
+    saved = json.loads((tmp_path / "eval_train.json").read_text())["localization"]
+    assert saved["method"] == "map" and 0 <= saved["corloc"] <= 1 and saved["pairs"] == 4
+    whole = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--checkpoint",
+            str(m.predictor.state_path),
+            "--split",
+            "train",
+            "--localize",
+            "--box-method",
+            "whole",
+            "--out",
+            str(tmp_path / "w"),
+        ],
+    )
+    assert whole.exit_code == 0 and "boxes: whole" in whole.output

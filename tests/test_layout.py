@@ -66,6 +66,7 @@ ORDER = [
     "cli.run",
     "cli.data",
     "cli.study",
+    "cli.deploy",
     "cli",
 ]
 MAX_FILE_LINES = 500

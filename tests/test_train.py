@@ -620,7 +620,7 @@ def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_do
     dim = 8 if compress == "pca" else 1280
     assert state["head"]["fca.0.weight"].shape[1] == dim and state["feature_dim"] == 1280
     assert state["codec"]["compress"] == compress and ("components" in state["codec"]) == (compress == "pca")
-    table, n, (predictor, dataset, store, items) = evaluate_split(
+    table, n, (predictor, dataset, store, items, _) = evaluate_split(
         result.run_dir / "last.pt", split="val", progress=False
     )
     np.testing.assert_allclose(table.ap07, result.table.ap07)  # eval finds the cache that training reported on

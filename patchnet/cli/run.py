@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -63,17 +63,27 @@ def eval(
     prior: Annotated[
         float,
         typer.Option(
-            help="Pointing game: pseudo-patches of the image mean in each pixel's mean "
+            help="Score maps (pointing game, localisation): pseudo-patches of the image mean in each pixel's mean "
             "(default: the recipe's infer.map_prior)."
         ),
     ] = -1.0,
+    localize: Annotated[
+        bool, typer.Option(help="Also score boxes (needs boxes): CorLoc and VOC detection AP at IoU 0.5.")
+    ] = False,
+    box_method: Annotated[
+        str | None, typer.Option(help="Boxes: map (regions of the score map), patch or whole (baselines).")
+    ] = None,
+    box_threshold: Annotated[
+        float | None, typer.Option(help="Boxes, map: the fraction of the map's peak (default: infer.box_threshold).")
+    ] = None,
     verbose: bool = False,
 ):
-    """Score a split: per-class AP (VOC07 11-point and envelope), mAP, accuracy for single-label data."""
+    """Score a split: per-class AP (VOC07 11-point and envelope), mAP, accuracy for single-label data; with
+    --pointing and --localize, where the classes were found."""
     with session(verbose):
-        from ..infer import evaluate_split, pointing_game
+        from ..infer import evaluate_split
 
-        table, n, (predictor, dataset, store, items) = evaluate_split(
+        table, n, (predictor, dataset, store, items, scores) = evaluate_split(
             checkpoint, data=data, split=split, fmt=fmt, mode=mode, pool=pool, k=k, fuse=fuse
         )
         typer.echo(table.format())
@@ -83,25 +93,61 @@ def eval(
         )
         values = table.to_dict()
         if pointing:
-            if not dataset.has_boxes:
-                raise DatasetError(f"--pointing needs boxes, and {dataset.name} has none")
-            result = pointing_game(
-                predictor.head,
-                store,
-                dataset,
-                items,
-                predictor.pool,
-                predictor.recipe.infer.map_prior if prior < 0 else prior,
+            values["pointing"] = _pointing(predictor, dataset, store, items, prior)
+        if localize:
+            values["localization"] = _localization(
+                predictor, dataset, store, items, scores, prior, box_method, box_threshold
             )
-            typer.echo(result.format())
-            values["pointing"] = result.rates()
-        stem = (
-            f"eval_{split or 'val'}"
-            + (f"_{pool}" if pool else "")
-            + (f"_k{k:g}" if k is not None else "")
-            + ("" if fuse else "_nofuse")
-        )
-        write_table(table, out or checkpoint.parent, stem, values)
+        write_table(table, out or checkpoint.parent, _eval_stem(split, pool, k, fuse), values)
+
+
+def _eval_stem(split, pool, k, fuse) -> str:
+    """eval_<split>[_<pool>][_k<k>][_nofuse]: one file per way of scoring, so none overwrites another."""
+    return (
+        f"eval_{split or 'val'}"
+        + (f"_{pool}" if pool else "")
+        + (f"_k{k:g}" if k is not None else "")
+        + ("" if fuse else "_nofuse")
+    )
+
+
+def _pointing(predictor, dataset, store, items, prior) -> dict:
+    """The pointing game on the split, printed; returns its rates for the JSON table."""
+    from ..infer import pointing_game
+
+    if not dataset.has_boxes:
+        raise DatasetError(f"--pointing needs boxes, and {dataset.name} has none")
+    prior = predictor.recipe.infer.map_prior if prior < 0 else prior
+    result = pointing_game(predictor.head, store, dataset, items, predictor.pool, prior)
+    typer.echo(result.format())
+    return result.rates()
+
+
+def _localization(predictor, dataset, store, items, scores, prior, method, threshold) -> dict:
+    """CorLoc and detection AP of the split, printed; returns them for the JSON table."""
+    from ..localize import METHODS, evaluate_localization
+
+    infer = predictor.recipe.infer
+    method = method or infer.box_method
+    if method not in METHODS:
+        raise DatasetError(f"--box-method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not dataset.has_boxes:
+        raise DatasetError(f"--localize needs boxes, and {dataset.name} has none")
+    threshold = infer.box_threshold if threshold is None else threshold
+    result = evaluate_localization(
+        predictor.head,
+        store,
+        dataset,
+        items,
+        scores,
+        predictor.pool,
+        method,
+        threshold,
+        infer.map_prior if prior < 0 else prior,
+    )
+    typer.echo(result.format())
+    typer.echo(f"boxes: {method}" + (f", regions above {threshold:g} of the map's peak" if method == "map" else ""))
+    return {**result.to_dict(), "method": method, "threshold": threshold}
 
 
 def write_table(table, out: Path, stem: str, values: dict | None = None) -> None:
@@ -134,49 +180,36 @@ def predict(
     others are scored and written, and the exit code is then 1.
     """
     with session(verbose):
+        from ..api import load
         from ..datasets import image_files
-        from ..infer import Predictor
 
-        predictor = Predictor(checkpoint, pool=pool)
-        if predictor.calibration is None:
+        model = load(checkpoint, pool=pool)
+        if model.predictor.calibration is None:
             log.warning(
-                "%s carries no calibration for pooling %s: printing raw pooled scores", checkpoint, predictor.pool
+                "%s carries no calibration for pooling %s: printing raw pooled scores", checkpoint, model.predictor.pool
             )
         results = {}
         files = image_files(images)
         skipped = Skipped(len(files))
         for path in files:
             try:
-                p = predictor.predict(path)
+                p = model.predict(path)
             except DatasetError as e:
                 skipped.add(str(path), e)
                 continue
-            shown = p.scores if p.probabilities is None else p.probabilities
-            order = np.argsort(-shown)[:top]
-            marks = p.present if p.present is not None else np.zeros(len(shown), bool)
-            typer.echo(
-                f"{path}: "
-                + ", ".join(f"{predictor.classes[i]}{'*' if marks[i] else ''} {shown[i]:.3f}" for i in order)
-            )
-            results[str(path)] = {
-                c: {
-                    "score": float(p.scores[i]),
-                    **(
-                        {"probability": float(p.probabilities[i]), "present": bool(cast(np.ndarray, p.present)[i])}
-                        if p.probabilities is not None
-                        else {}
-                    ),
-                }
-                for i, c in enumerate(predictor.classes)
-            }
-        if predictor.calibration is not None:
+            marks = p.present[0] if p.present is not None else np.zeros(len(model.classes), bool)
+            best = ", ".join(f"{c}{'*' if marks[model.classes.index(c)] else ''} {v:.3f}" for c, v in p.top(top)[0])
+            typer.echo(f"{path}: {best}")
+            results[str(path)] = p.to_dict()[0]
+        if model.predictor.calibration is not None:
             typer.echo(
                 "(calibrated probabilities; * = above the class's decision threshold, both fitted on "
                 "held-out training images)"
             )
         if json_out:
             atomic_write(
-                json_out, json.dumps({"pool": predictor.pool, "images": results, "skipped": skipped.failed}, indent=1)
+                json_out,
+                json.dumps({"pool": model.predictor.pool, "images": results, "skipped": skipped.failed}, indent=1),
             )
             typer.echo(f"wrote {json_out}")
         skipped.finish()

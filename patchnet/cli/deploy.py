@@ -1,0 +1,121 @@
+"""Using a trained model on new images and shipping it: ``patchnet localize`` and ``patchnet export``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..datasets import DatasetError
+from ..files import UniqueNames, atomic_write, output_path
+from .common import Skipped, app, session
+
+
+@app.command()
+def localize(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A best.pt or last.pt.")],
+    classes: Annotated[
+        str | None, typer.Option(help="Comma-separated classes (default: those judged present).")
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="map (regions of the score map), patch or whole.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="map: the fraction of the map's peak.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Boxes in the COCO results format.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the images with their boxes drawn.")] = None,
+    verbose: bool = False,
+):
+    """Boxes of the classes in each image, from its patches' scores (patchnet.localize); an image that cannot
+    be read is skipped with a warning, the others written, and the exit code is then 1."""
+    with session(verbose):
+        from ..api import load
+        from ..datasets import image_files, load_image
+        from ..draw import draw_detections
+
+        model = load(checkpoint)
+        wanted = [c.strip() for c in classes.split(",")] if classes else None
+        files = image_files(images)
+        skipped, results, names = Skipped(len(files)), [], UniqueNames()
+        for path in files:
+            try:
+                found = model.localize(path, wanted, method, threshold)
+            except DatasetError as e:
+                skipped.add(str(path), e)
+                continue
+            typer.echo(
+                f"{path}: "
+                + "; ".join(
+                    f"{model.classes[d.class_index]} {d.score:.3f} at {', '.join(f'{v:.0f}' for v in d.box)}"
+                    for d in found
+                )
+            )
+            results += [_coco_result(path, d, model.classes) for d in found]
+            if out is not None:
+                draw_detections(load_image(path), found, model.classes, output_path(out, path.stem, ".png", names))
+        if json_out:
+            atomic_write(json_out, json.dumps(results, indent=1))
+            typer.echo(f"wrote {len(results)} boxes to {json_out} (COCO results format; category_id = class index + 1)")
+        skipped.finish()
+
+
+def _coco_result(path: Path, d, classes: list[str]) -> dict:
+    x1, y1, x2, y2 = d.box
+    image_id: int | str = int(path.stem) if path.stem.isdigit() else path.stem
+    return {
+        "image_id": image_id,
+        "category_id": d.class_index + 1,
+        "category": classes[d.class_index],
+        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+        "score": round(d.score, 6),
+    }
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A best.pt or last.pt.")],
+    size: Annotated[str, typer.Option(help="The images' size the program takes, WIDTHxHEIGHT, e.g. 500x375.")],
+    out: Annotated[Path, typer.Option(help="The torch.export program (.pt2).")] = Path("model.pt2"),
+    onnx: Annotated[Path | None, typer.Option(help="Also write it as ONNX here (onnxscript needed).")] = None,
+    image: Annotated[Path | None, typer.Option(help="An image to check the program against the API on.")] = None,
+    verbose: bool = False,
+):
+    """The trained model (trunk in shared mode, head, pooling, fusion, calibration) as one program for a fixed
+    image size, which plain torch runs: torch.export.load(path).module()(image)."""
+    with session(verbose):
+        import numpy as np
+        import torch
+
+        from ..api import as_image, load
+        from ..errors import PatchnetError
+        from ..export import export as write
+
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise PatchnetError(f"--size must be WIDTHxHEIGHT, e.g. 500x375; got {size!r}") from None
+        model, _ = write(checkpoint, width, height, out, onnx)
+        typer.echo(
+            f"wrote {out}" + (f" and {onnx}" if onnx else "") + f": {len(model.classes)} classes, "
+            f"(1, 3, {height}, {width}) RGB in [0, 1] -> probabilities, scores, patch values"
+        )
+        if image is not None:
+            from PIL import Image
+
+            array = np.array(Image.fromarray(as_image(image)).resize((width, height), Image.Resampling.BILINEAR))
+            x = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+            program = torch.export.load(str(out)).module()
+            api = load(checkpoint, device="cpu", precision="fp32")
+            start = time.perf_counter()
+            reference = api.predict(array)
+            api_ms = 1000 * (time.perf_counter() - start)
+            start = time.perf_counter()
+            probs, scores, _ = program(x)
+            program_ms = 1000 * (time.perf_counter() - start)
+            got = (probs if reference.probabilities is not None else scores).numpy()
+            want = reference.probabilities if reference.probabilities is not None else reference.scores
+            typer.echo(
+                f"{image}: max |program - API| = {np.abs(got - want[0]).max():.2e}; "
+                f"{program_ms:.0f} ms (program) against {api_ms:.0f} ms (API, fp32)"
+            )
