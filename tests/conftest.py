@@ -84,6 +84,23 @@ def small_voc(tmp_path) -> Path:
     return w.root
 
 
+def four_voc(root: Path, val: list[str]) -> Path:
+    """Four small images, one box each, in a VOC folder: split 'train' (all four) and 'val' (``val``)."""
+    w = VocWriter(root)
+    for n, (i, objs) in enumerate(
+        [
+            ("a", [("cat", 10, 10, 60, 60)]),
+            ("b", [("dog", 20, 5, 75, 60)]),
+            ("c", [("person", 5, 30, 70, 70)]),
+            ("d", [("cat", 40, 30, 90, 70)]),
+        ]
+    ):
+        w.add(i, 96, 72, objs, seed=n)
+    w.split("train", ["a", "b", "c", "d"])
+    w.split("val", val)
+    return w.root
+
+
 def tiny_recipe(tmp_path: Path, root: Path, *overrides: str):
     """A recipe small enough to train in seconds on the CPU: Lite0 at 32 px, two scales, a small head."""
     from patchnet.recipe import recipe_from_dict

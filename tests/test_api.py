@@ -14,29 +14,17 @@ import patchnet
 from patchnet.datasets import DatasetError, load_image
 from patchnet.train import train
 
-from conftest import tiny_recipe
+from conftest import four_voc, tiny_recipe
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from conftest import VocWriter
 
     tmp = tmp_path_factory.mktemp("api")
-    w = VocWriter(tmp / "VOC")
-    for n, (i, objs) in enumerate(
-        [
-            ("a", [("cat", 10, 10, 60, 60)]),
-            ("b", [("dog", 20, 5, 75, 60)]),
-            ("c", [("person", 5, 30, 70, 70)]),
-            ("d", [("cat", 40, 30, 90, 70)]),
-        ]
-    ):
-        w.add(i, 96, 72, objs, seed=n)
-    w.split("train", ["a", "b", "c", "d"])
-    w.split("val", ["a", "b"])
-    recipe = tiny_recipe(tmp, w.root, "train.epochs=2", "train.holdout=0.5")
+    root = four_voc(tmp / "VOC", ["a", "b"])
+    recipe = tiny_recipe(tmp, root, "train.epochs=2", "train.holdout=0.5")
     train(recipe, progress=False)
-    return patchnet.load(recipe.run_dir / "last.pt", device="cpu"), w.root
+    return patchnet.load(recipe.run_dir / "last.pt", device="cpu"), root
 
 
 def test_predict_takes_paths_pil_arrays_tensors_and_batches_alike(model):

@@ -29,7 +29,7 @@ from patchnet.model import CheckpointError
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
 from patchnet.train import train
 
-from conftest import CLASSES, VocWriter, build, tiny_recipe, write_image
+from conftest import CLASSES, build, four_voc, tiny_recipe, write_image
 
 runner = CliRunner()
 TOOLS = Path(__file__).parent.parent / "tools"
@@ -611,19 +611,8 @@ def test_a_voc_list_naming_an_image_twice_reads_it_once(voc):
 @pytest.fixture(scope="module")
 def voc_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("voc_run")
-    w = VocWriter(tmp / "VOC")
-    for n, (i, objs) in enumerate(
-        [
-            ("a", [("cat", 10, 10, 60, 60)]),
-            ("b", [("dog", 20, 5, 75, 60)]),
-            ("c", [("person", 5, 30, 70, 70)]),
-            ("d", [("cat", 40, 30, 90, 70)]),
-        ]
-    ):
-        w.add(i, 96, 72, objs, seed=n)
-    w.split("train", ["a", "b", "c", "d"])
-    w.split("val", ["a", "b"])
-    recipe = tiny_recipe(tmp, w.root, "train.epochs=1")
+    root = four_voc(tmp / "VOC", ["a", "b"])
+    recipe = tiny_recipe(tmp, root, "train.epochs=1")
     train(recipe, progress=False)
     return tmp, recipe
 
@@ -727,37 +716,28 @@ def test_dollar_signs_in_names_are_drawn_as_plain_text(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def _inspect(data: Path, out: Path):
+    return runner.invoke(
+        app,
+        [
+            "inspect",
+            "--data",
+            str(data),
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--set",
+            "data.classes=[cat, dog, person]",
+        ],
+    )
+
+
 def test_an_output_path_that_cannot_be_written_is_one_line(small_voc, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    result = runner.invoke(
-        app,
-        [
-            "inspect",
-            "--data",
-            str(small_voc),
-            "--split",
-            "train",
-            "--out",
-            str(tmp_path / "file" / "x.png"),
-            "--set",
-            "data.classes=[cat, dog, person]",
-        ],
-    )
+    result = _inspect(small_voc, tmp_path / "file" / "x.png")
     assert result.exit_code == 2 and "Traceback" not in result.output and "file" in result.output
-    result = runner.invoke(
-        app,
-        [
-            "inspect",
-            "--data",
-            str(small_voc),
-            "--split",
-            "train",
-            "--out",
-            str(tmp_path / "x.foo"),
-            "--set",
-            "data.classes=[cat, dog, person]",
-        ],
-    )
+    result = _inspect(small_voc, tmp_path / "x.foo")
     assert result.exit_code == 2 and "name the file with one of those suffixes" in result.output
 
 

@@ -11,29 +11,17 @@ from patchnet.heatmaps import best_patch_per_item, class_index, top_items
 from patchnet.model import AdaptationHead
 from patchnet.train import train
 
-from conftest import tiny_recipe
+from conftest import four_voc, tiny_recipe
 
 TOOLS = Path(__file__).parent.parent / "tools"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import VocWriter
 
     tmp = tmp_path_factory.mktemp("tools")
-    w = VocWriter(tmp / "VOC")
-    for n, (i, objs) in enumerate(
-        [
-            ("a", [("cat", 10, 10, 60, 60)]),
-            ("b", [("dog", 20, 5, 75, 60)]),
-            ("c", [("person", 5, 30, 70, 70)]),
-            ("d", [("cat", 40, 30, 90, 70)]),
-        ]
-    ):
-        w.add(i, 96, 72, objs, seed=n)
-    w.split("train", ["a", "b", "c", "d"])
-    w.split("val", ["a", "b", "c", "d"])
-    recipe = tiny_recipe(tmp, w.root, "train.epochs=1")
+    root = four_voc(tmp / "VOC", ["a", "b", "c", "d"])
+    recipe = tiny_recipe(tmp, root, "train.epochs=1")
     train(recipe, progress=False)
     return tmp, recipe
 
