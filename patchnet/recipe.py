@@ -296,6 +296,17 @@ class Recipe:
         if t.epochs < 1 or t.batch_size < 1:
             raise RecipeError("train.epochs and train.batch_size must be at least 1")
 
+    def underfit_warnings(self) -> list[str]:
+        """Settings that are valid but known to underfit, each a sentence naming the fix."""
+        t, out = self.train, []
+        if t.supervision == "images" and t.lr < 0.1:
+            out.append(
+                f"train.supervision=images at train.lr={t.lr:g} underfits: the image loss averages over images x "
+                "classes, so its gradients are small (the dev recipe scored 72.6 devval mAP at lr 0.01 against "
+                "89.2 at 0.3); use train.lr=0.3 as recipes/voc07_weak.yaml does"
+            )
+        return out
+
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""

@@ -374,6 +374,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     if rank == 0:
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, recipe.run_dir / "recipe.yaml")
+        for warning in recipe.underfit_warnings():
+            log.warning(warning)
     backbone = None
     if recipe.train.unlock:  # the trunk whose last stages train; the extractor runs a fused copy of its frozen part
         b = recipe.backbone

@@ -162,3 +162,11 @@ def test_cache_compression_settings():
         recipe_from_dict({}, ["cache.compress=fp8"])
     with pytest.raises(RecipeError, match="cache.pca_dim and cache.pca_images must be at least 1"):
         recipe_from_dict({}, ["cache.compress=pca", "cache.pca_dim=0"])
+
+
+def test_image_supervision_at_the_patch_loss_lr_is_warned_and_shipped_recipes_are_not():
+    dev = Path(__file__).parent.parent / "recipes" / "voc07_dev.yaml"
+    (warning,) = load_recipe(dev, ["train.supervision=images"]).underfit_warnings()
+    assert "train.lr=0.01 underfits" in warning and "train.lr=0.3" in warning
+    assert load_recipe(dev, ["train.supervision=images", "train.lr=0.3"]).underfit_warnings() == []
+    assert all(load_recipe(p).underfit_warnings() == [] for p in RECIPES)
