@@ -10,6 +10,7 @@ with plain torch) and, where the ops allow, as ONNX.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .api import load
+from .backbones.lite import Conv2dSame
 from .errors import PatchnetError
 from .extract import map_cells
 from .files import atomic_write
@@ -157,6 +160,9 @@ def export(checkpoint: str | Path, width: int, height: int, out: str | Path, onn
         program = torch.export.export(model, example)
     atomic_write(out, lambda f: torch.export.save(program, f))
     if onnx is not None:
+        for module in model.modules():  # padded depthwise weights come out of the ONNX exporter dangling
+            if isinstance(module, Conv2dSame):
+                module.pad_weight = False
         try:
             onnx_program = torch.onnx.export(model, example, dynamo=True, verbose=False)
         except Exception as e:  # an op ONNX lacks, or the exporter's packages missing
@@ -167,3 +173,40 @@ def export(checkpoint: str | Path, width: int, height: int, out: str | Path, onn
         assert onnx_program is not None  # dynamo=True returns the program
         onnx_program.save(str(onnx))
     return model, program
+
+
+def _best_ms(run, repeats: int) -> float:
+    run()  # the first call pays for lazy set-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def check_export(
+    checkpoint: str | Path, program: str | Path, image: np.ndarray, onnx: str | Path | None = None, repeats: int = 5
+) -> dict[str, float]:
+    """The written program (and ONNX file, run by onnxruntime) against the API on one (H, W, 3) uint8 image of the
+    exported size: max absolute difference of the outputs, and median milliseconds per image of each."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    module = torch.export.load(str(program)).module()
+    api = load(checkpoint, device="cpu", precision="fp32")  # the precision the program runs at
+    reference = api.predict(image)
+    want = reference.probabilities if reference.probabilities is not None else reference.scores
+    out = {"api_fp32_ms": _best_ms(lambda: api.predict(image), repeats)}
+    default = load(checkpoint, device="cpu")  # the trunk at the recipe's precision (bf16 where native)
+    out["api_ms"] = _best_ms(lambda: default.predict(image), repeats)
+    with torch.no_grad():
+        got = module(x)[0].numpy()
+        out["program_ms"] = _best_ms(lambda: module(x), repeats)
+    out["program_diff"] = float(np.abs(got - want[0]).max())
+    if onnx is not None:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        out["onnx_diff"] = float(np.abs(session.run(None, feed)[0] - want[0]).max())
+        out["onnx_ms"] = _best_ms(lambda: session.run(None, feed), repeats)
+    return out

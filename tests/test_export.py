@@ -12,7 +12,7 @@ import torch
 
 import patchnet
 from patchnet.datasets import load_image
-from patchnet.export import ExportError, export
+from patchnet.export import ExportError, check_export, export
 from patchnet.train import train
 
 from conftest import tiny_recipe
@@ -58,3 +58,17 @@ def test_exact_mode_checkpoints_are_refused_with_the_reason(tmp_path, small_voc)
     train(recipe, progress=False)
     with pytest.raises(ExportError, match="shared mode"):
         export(recipe.run_dir / "last.pt", 64, 48, tmp_path / "m.pt2")
+
+
+def test_onnx_runs_in_onnx_runtime_and_check_export_states_the_differences(tmp_path, small_voc):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    recipe = tiny_recipe(tmp_path, small_voc, "train.epochs=1", "infer.fuse=true", "train.holdout=0.5")
+    train(recipe, progress=False)
+    ckpt = recipe.run_dir / "last.pt"
+    image = load_image(small_voc / "JPEGImages" / "f.jpg")  # 64 x 80: odd padding in the depthwise convolutions
+    h, w = image.shape[:2]
+    export(ckpt, w, h, tmp_path / "model.pt2", tmp_path / "model.onnx")
+    r = check_export(ckpt, tmp_path / "model.pt2", image, tmp_path / "model.onnx", repeats=1)
+    assert r["program_diff"] < 1e-4 and r["onnx_diff"] < 1e-4
+    assert all(r[k] > 0 for k in ("program_ms", "onnx_ms", "api_ms", "api_fp32_ms"))

@@ -20,6 +20,8 @@ from .weights import file_digest, load_strict, read_state_dict
 class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow "same" padding (asymmetric for stride 2), computed per input size."""
 
+    pad_weight = True  # the depthwise shortcut below; ONNX export turns it off (its exporter drops the padded weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ih, iw = x.shape[-2:]
         kh, kw = self.weight.shape[-2:]
@@ -28,7 +30,7 @@ class Conv2dSame(nn.Conv2d):
         pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
         if ph % 2 == 0 and pw % 2 == 0:  # symmetric: the convolution pads without a copy
             return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation, self.groups)
-        if self.groups > 1 and self.dilation == (1, 1):
+        if self.pad_weight and self.groups > 1 and self.dilation == (1, 1):
             # One more pad on the far side = one more on both sides with a zero first kernel tap: the
             # same sums, and no padded copy of the map (4x faster on Lite's large depthwise maps; the
             # dense stem ran slower with the larger kernel, so it keeps the copy).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -85,9 +84,8 @@ def export(
     image size, which plain torch runs: torch.export.load(path).module()(image)."""
     with session(verbose):
         import numpy as np
-        import torch
 
-        from ..api import as_image, load
+        from ..api import as_image
         from ..errors import PatchnetError
         from ..export import export as write
 
@@ -103,19 +101,14 @@ def export(
         if image is not None:
             from PIL import Image
 
+            from ..export import check_export
+
             array = np.array(Image.fromarray(as_image(image)).resize((width, height), Image.Resampling.BILINEAR))
-            x = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
-            program = torch.export.load(str(out)).module()
-            api = load(checkpoint, device="cpu", precision="fp32")
-            start = time.perf_counter()
-            reference = api.predict(array)
-            api_ms = 1000 * (time.perf_counter() - start)
-            start = time.perf_counter()
-            probs, scores, _ = program(x)
-            program_ms = 1000 * (time.perf_counter() - start)
-            got = (probs if reference.probabilities is not None else scores).numpy()
-            want = reference.probabilities if reference.probabilities is not None else reference.scores
+            r = check_export(checkpoint, out, array, onnx)
             typer.echo(
-                f"{image}: max |program - API| = {np.abs(got - want[0]).max():.2e}; "
-                f"{program_ms:.0f} ms (program) against {api_ms:.0f} ms (API, fp32)"
+                f"{image} at {width}x{height}: max |program - API| = {r['program_diff']:.2e}"
+                + (f", max |ONNX Runtime - API| = {r['onnx_diff']:.2e}" if onnx else "")
+                + f"; median ms per image: program {r['program_ms']:.0f}"
+                + (f", ONNX Runtime {r['onnx_ms']:.0f}" if onnx else "")
+                + f", API fp32 {r['api_fp32_ms']:.0f}, API at the recipe's precision {r['api_ms']:.0f}"
             )
