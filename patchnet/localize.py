@@ -3,13 +3,15 @@
 Every scored patch is already a square box with a score. ``method``:
 
 - ``map`` (the default): the class's score map (each pixel the mean value of the patches covering it,
-  ``patchnet.infer.score_map``), thresholded at ``threshold`` times its peak; each connected region
-  above it is one box, the region holding the peak first (CAM's recipe, on patch scores).
+  ``patchnet.infer.score_map``), min-max normalised and thresholded at ``threshold``; each connected
+  region above it is one box, the region holding the peak first (CAM's recipe, on patch scores). The
+  normalisation matters: large patches that hold the object lift the whole map, and a cut at a
+  fraction of the peak alone then merges regions (CorLoc 39.6 against 40.5 on held-out devtrain).
 - ``patch``: the single highest-scoring patch (a baseline).
 - ``whole``: the whole image (a baseline).
 
 A box's score is the image's score for the class plus the log of its region's peak over the map's
-peak, so that the first box of an image keeps the image's score and ranks images as classification
+peak (both above the map's minimum), so that the first box of an image keeps the image's score and ranks images as classification
 does, and the others rank below it.
 """
 
@@ -43,12 +45,14 @@ class Detection:
 
 
 def map_regions(values: np.ndarray, threshold: float) -> list[tuple[tuple[float, float, float, float], float]]:
-    """The bounding boxes of the connected regions of an (H, W) map above ``threshold`` times its peak, with
-    each region's peak, the region holding the map's peak first."""
-    peak = float(values.max()) if values.size else 0.0
-    if peak <= 0:
+    """The bounding boxes of the connected regions of an (H, W) map at or above ``threshold`` of the way from its
+    minimum to its peak, each with its peak above the minimum, the region holding the map's peak first."""
+    if not values.size:
         return []
-    labels, _ = ndimage.label(values >= threshold * peak, structure=np.ones((3, 3), bool))
+    low, peak = float(values.min()), float(values.max())
+    if peak <= low:  # a flat map: no region stands out
+        return []
+    labels, _ = ndimage.label(values >= low + threshold * (peak - low), structure=np.ones((3, 3), bool))
     regions = []
     for index, found in enumerate(ndimage.find_objects(labels), 1):
         if found is None:
@@ -57,7 +61,7 @@ def map_regions(values: np.ndarray, threshold: float) -> list[tuple[tuple[float,
         regions.append(
             (
                 (float(xs.start), float(ys.start), float(xs.stop), float(ys.stop)),
-                float(values[found][labels[found] == index].max()),
+                float(values[found][labels[found] == index].max()) - low,
             )
         )
     return sorted(regions, key=lambda r: -r[1])

@@ -19,7 +19,17 @@ def test_map_regions_are_the_connected_parts_above_the_threshold_peak_first():
     regions = map_regions(m, 0.5)
     assert regions == [((3.0, 2.0, 9.0, 6.0), 0.9), ((20.0, 10.0, 28.0, 18.0), 0.6)]
     assert map_regions(m, 0.7) == [((3.0, 2.0, 9.0, 6.0), 0.9)]
-    assert map_regions(np.zeros((4, 4)), 0.5) == []
+    assert map_regions(np.zeros((4, 4)), 0.5) == [] and map_regions(np.full((4, 4), 0.3), 0.5) == []
+
+
+def test_map_regions_cut_between_the_maps_floor_and_its_peak():
+    m = np.full((20, 30), 0.5)  # large patches that hold the object lift the whole map
+    m[2:6, 3:9] = 0.9
+    m[10:18, 20:28] = 0.6
+    # half way from 0.5 to 0.9 is 0.7: only the peak region; a cut at half the peak (0.45) would take everything
+    (region,) = map_regions(m, 0.5)
+    assert region[0] == (3.0, 2.0, 9.0, 6.0) and region[1] == pytest.approx(0.4)
+    assert [r[0] for r in map_regions(m, 0.2)] == [(3.0, 2.0, 9.0, 6.0), (20.0, 10.0, 28.0, 18.0)]
 
 
 def test_localize_by_map_patch_and_whole_image():
