@@ -10,6 +10,7 @@ with plain torch) and, where the ops allow, as ONNX.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -163,6 +164,11 @@ def export(checkpoint: str | Path, width: int, height: int, out: str | Path, onn
         for module in model.modules():  # padded depthwise weights come out of the ONNX exporter dangling
             if isinstance(module, Conv2dSame):
                 module.pad_weight = False
+        # the exporter's optimisers log every rewrite at INFO
+        quiet = {name: logging.getLogger(name) for name in ("onnx_ir", "onnxscript")}
+        levels = {name: q.level for name, q in quiet.items()}
+        for q in quiet.values():
+            q.setLevel(logging.WARNING)
         try:
             onnx_program = torch.onnx.export(model, example, dynamo=True, verbose=False)
         except Exception as e:  # an op ONNX lacks, or the exporter's packages missing
@@ -170,6 +176,9 @@ def export(checkpoint: str | Path, width: int, height: int, out: str | Path, onn
                 f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "
                 f"torch.export program {out} was written"
             ) from None
+        finally:
+            for name, q in quiet.items():
+                q.setLevel(levels[name])
         assert onnx_program is not None  # dynamo=True returns the program
         onnx_program.save(str(onnx))
     return model, program

@@ -11,8 +11,8 @@ Every scored patch is already a square box with a score. ``method``:
 - ``whole``: the whole image (a baseline).
 
 A box's score is the image's score for the class plus the log of its region's peak over the map's
-peak (both above the map's minimum), so that the first box of an image keeps the image's score and ranks images as classification
-does, and the others rank below it.
+peak (both above the map's minimum), so that the first box of an image keeps the image's score and
+ranks images as classification does, and the others rank below it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,12 @@ def localize(
         str | None, typer.Option(help="Comma-separated classes (default: those judged present).")
     ] = None,
     method: Annotated[str | None, typer.Option(help="map (regions of the score map), patch or whole.")] = None,
-    threshold: Annotated[float | None, typer.Option(help="map: the fraction of the map's peak.")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="map: where to cut, from the map's floor (0) to its peak (1) (default: infer.box_threshold)."
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Boxes in the COCO results format.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the images with their boxes drawn.")] = None,
     verbose: bool = False,

@@ -74,7 +74,10 @@ def eval(
         str | None, typer.Option(help="Boxes: map (regions of the score map), patch or whole (baselines).")
     ] = None,
     box_threshold: Annotated[
-        float | None, typer.Option(help="Boxes, map: the fraction of the map's peak (default: infer.box_threshold).")
+        float | None,
+        typer.Option(
+            help="Boxes, map: where to cut, from the map's floor (0) to its peak (1) (default: infer.box_threshold)."
+        ),
     ] = None,
     verbose: bool = False,
 ):
@@ -146,7 +149,10 @@ def _localization(predictor, dataset, store, items, scores, prior, method, thres
         infer.map_prior if prior < 0 else prior,
     )
     typer.echo(result.format())
-    typer.echo(f"boxes: {method}" + (f", regions above {threshold:g} of the map's peak" if method == "map" else ""))
+    typer.echo(
+        f"boxes: {method}"
+        + (f", regions above {threshold:g} of the way from the map's floor to its peak" if method == "map" else "")
+    )
     return {**result.to_dict(), "method": method, "threshold": threshold}
 
 
