@@ -170,7 +170,14 @@ def export(checkpoint: str | Path, width: int, height: int, out: str | Path, onn
         for q in quiet.values():
             q.setLevel(logging.WARNING)
         try:
-            onnx_program = torch.onnx.export(model, example, dynamo=True, verbose=False)
+            onnx_program = torch.onnx.export(
+                model,
+                example,
+                input_names=["image"],
+                output_names=["probabilities", "scores", "patch_values"],
+                dynamo=True,
+                verbose=False,
+            )
         except Exception as e:  # an op ONNX lacks, or the exporter's packages missing
             raise ExportError(
                 f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "

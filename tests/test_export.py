@@ -72,3 +72,8 @@ def test_onnx_runs_in_onnx_runtime_and_check_export_states_the_differences(tmp_p
     r = check_export(ckpt, tmp_path / "model.pt2", image, tmp_path / "model.onnx", repeats=1)
     assert r["program_diff"] < 1e-4 and r["onnx_diff"] < 1e-4
     assert all(r[k] > 0 for k in ("program_ms", "onnx_ms", "api_ms", "api_fp32_ms"))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]  # the names the README documents
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "scores", "patch_values"]
