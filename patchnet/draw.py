@@ -68,21 +68,9 @@ def _draw_scale(ax, image, grid, record: ImageRecord, classes: list[str], colors
                     (x1, y1), x2 - x1, y2 - y1, facecolor=face, edgecolor=colors[lab], lw=2.0, path_effects=OUTLINE
                 )
             )
-    for (x1, y1, x2, y2), c, d in zip(record.boxes, record.box_classes, record.box_difficult):
-        ax.add_patch(
-            Rectangle(
-                (x1, y1),
-                x2 - x1,
-                y2 - y1,
-                fill=False,
-                edgecolor="white",
-                lw=1.5,
-                ls=":" if d else "-",
-                path_effects=OUTLINE,
-            )
-        )
-        name = plain(classes[c]) + (" (difficult)" if d else "")
-        ax.text(x1 + 2, y1 + 2, name, fontsize=6, va="top", color="white", path_effects=OUTLINE)
+    for box, c, d in zip(record.boxes, record.box_classes, record.box_difficult):
+        name = classes[c] + (" (difficult)" if d else "")
+        _labelled_box(ax, box, name, "white", lw=1.5, ls=":" if d else "-", fontsize=6)
     pos = int(((labels >= 0) & (labels < len(classes))).sum())
     ign, nbg = int((labels == IGNORE).sum()), int(bg.sum())
     ax.set_title(f"λ={grid.scale:g} (side {grid.side:.0f} px): {pos} pos, {nbg} bg, {ign} ignored", fontsize=8)
@@ -101,28 +89,15 @@ def draw_detections(image, detections: list, classes: list[str], out: str | Path
         rank = seen[d.class_index] = seen.get(d.class_index, -1) + 1
         if rank >= max_boxes:
             continue
-        x1, y1, x2, y2 = d.box
-        color = colors[d.class_index]
-        ax.add_patch(
-            Rectangle(
-                (x1, y1),
-                x2 - x1,
-                y2 - y1,
-                fill=False,
-                edgecolor=color,
-                lw=2.5 if rank == 0 else 1.2,
-                ls="-" if rank == 0 else "--",
-                path_effects=OUTLINE,
-            )
-        )
-        ax.text(
-            x1 + 3,
-            y1 + 3,
-            plain(f"{classes[d.class_index]} {d.score:.2f}"),
-            fontsize=8,
-            va="top",
-            color=color,
-            path_effects=OUTLINE,
-        )
+        label = f"{classes[d.class_index]} {d.score:.2f}"
+        first = rank == 0
+        _labelled_box(ax, d.box, label, colors[d.class_index], lw=2.5 if first else 1.2, ls="-" if first else "--")
     fig.tight_layout(pad=0.1)
     return save_figure(fig, out)
+
+
+def _labelled_box(ax, box, label: str, color, lw: float, ls: str, fontsize: int = 8) -> None:
+    """An outlined box with its label inside its top-left corner."""
+    x1, y1, x2, y2 = box
+    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, lw=lw, ls=ls, path_effects=OUTLINE))
+    ax.text(x1 + 3, y1 + 3, plain(label), fontsize=fontsize, va="top", color=color, path_effects=OUTLINE)
