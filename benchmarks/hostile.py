@@ -353,7 +353,7 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     shutil.rmtree(caches[0])
     (caches[0] / "chunks").mkdir(parents=True)
     (caches[0] / "chunks" / "000000.npz").write_bytes(b"PK\x03\x04 half a chunk")
-    c.run("garbage chunk of a killed build: train", ["train", "--recipe", r], "counted skip")
+    c.run("garbage chunk of a killed build: train", ["train", "--recipe", r, "--overwrite"], "counted skip")
 
     c = case("6 COCO from labelling tools")
     d = coco_data()

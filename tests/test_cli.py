@@ -33,3 +33,13 @@ def test_inspect_reports_bad_input_in_one_line(tmp_path):
     assert result.exit_code == 2
     assert "error:" in result.output and "not a VOC root" in result.output
     assert "Traceback" not in result.output
+
+
+def test_python_dash_m_runs_the_command_line():
+    # torchrun launches `-m patchnet.cli` (README, DDP): the package needs its __main__
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "patchnet.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "train" in p.stdout and "localize" in p.stdout

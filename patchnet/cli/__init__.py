@@ -14,8 +14,4 @@ __all__ = ["Skipped", "app", "main", "session"]
 
 
 def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()  # typer's app exits the process itself
+    app()  # typer's app exits the process itself
