@@ -41,12 +41,21 @@ def patch_loss(logits: torch.Tensor, labels: np.ndarray, targets: torch.Tensor |
     return F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
 
 
-def image_loss(image_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of (I, C) pooled image logits against 1/-1/0 labels; 0 (difficult only) is left out."""
+def image_loss(image_logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Binary cross-entropy of (I, C) pooled image logits against 1/-1/0 labels; 0 (difficult only) is left out.
+
+    ``mean`` averages over the known (image, class) pairs; ``sum`` sums over each image's classes and averages
+    over images, so that its gradients match the patch loss's size and one learning rate serves both.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     known = labels != 0
     if not known.any():
         return image_logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(image_logits[known], (labels[known] > 0).float())
+    if reduction == "mean":
+        return F.binary_cross_entropy_with_logits(image_logits[known], (labels[known] > 0).float())
+    bce = F.binary_cross_entropy_with_logits(image_logits, (labels > 0).float(), reduction="none")
+    return (bce * known).sum() / len(image_logits)
 
 
 def accuracy_counts(logits: torch.Tensor, labels: np.ndarray) -> tuple[int, int]:

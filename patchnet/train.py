@@ -289,7 +289,10 @@ class Trainer:
         loss, correct, patches = None, 0, 0
         if sup != "boxes":
             image_logits = pool(patch_values(logits, self.recipe.pool.name), counts, self.recipe.pool)
-            loss = image_loss(image_logits, torch.from_numpy(self.data.image_labels(items)).to(logits.device))
+            # alone, the image loss sums over classes (lr 0.01 as for the patch loss); beside the patch loss it
+            # averages (the summed term at image_weight 1 scored 91.3 against 91.6 on held-out devtrain)
+            image_labels = torch.from_numpy(self.data.image_labels(items)).to(logits.device)
+            loss = image_loss(image_logits, image_labels, "sum" if sup == "images" else "mean")
             if sup == "both":
                 loss = self.t.image_weight * loss
         if train is not None and train.any():  # train is None exactly when sup == "images"

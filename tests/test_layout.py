@@ -68,6 +68,7 @@ ORDER = [
     "cli.study",
     "cli.deploy",
     "cli",
+    "cli.__main__",  # python -m patchnet.cli: runs the package
 ]
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 60

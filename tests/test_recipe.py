@@ -164,9 +164,11 @@ def test_cache_compression_settings():
         recipe_from_dict({}, ["cache.compress=pca", "cache.pca_dim=0"])
 
 
-def test_image_supervision_at_the_patch_loss_lr_is_warned_and_shipped_recipes_are_not():
+def test_one_lr_serves_every_supervision_and_far_from_it_images_are_warned():
     dev = Path(__file__).parent.parent / "recipes" / "voc07_dev.yaml"
-    (warning,) = load_recipe(dev, ["train.supervision=images"]).underfit_warnings()
-    assert "train.lr=0.01 underfits" in warning and "train.lr=0.3" in warning
-    assert load_recipe(dev, ["train.supervision=images", "train.lr=0.3"]).underfit_warnings() == []
+    for supervision in ("boxes", "both", "images"):  # the dev recipe's lr 0.01
+        assert load_recipe(dev, [f"train.supervision={supervision}"]).underfit_warnings() == []
+    for lr in ("0.3", "0.0005"):  # the old averaged loss's lr; the old underfitting setting, summed
+        (warning,) = load_recipe(dev, ["train.supervision=images", f"train.lr={lr}"]).underfit_warnings()
+        assert f"train.lr={lr}:" in warning and "use train.lr=0.01" in warning
     assert all(load_recipe(p).underfit_warnings() == [] for p in RECIPES)

@@ -420,6 +420,11 @@ def test_image_loss_leaves_label_zero_out():
     changed[0, 2], changed[1, 1] = -40.0, 40.0  # the difficult-only entries: no effect
     assert torch.allclose(image_loss(changed, labels), got)
     assert image_loss(logits, torch.zeros(2, 3, dtype=torch.long)).item() == 0.0
+    # sum: each image's known classes summed, averaged over the 2 images (4 known pairs: twice the mean)
+    assert torch.allclose(image_loss(logits, labels, "sum"), want * 4 / 2)
+    assert torch.allclose(image_loss(changed, labels, "sum"), want * 4 / 2)
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        image_loss(logits, labels, "max")
 
 
 def test_multilabel_patch_targets_spread_over_the_classes():
