@@ -187,7 +187,7 @@ def export(checkpoint: str | Path, width: int, height: int, out: str | Path, onn
             for name, q in quiet.items():
                 q.setLevel(levels[name])
         assert onnx_program is not None  # dynamo=True returns the program
-        onnx_program.save(str(onnx))
+        atomic_write(onnx, onnx_program.model_proto.SerializeToString())
     return model, program
 
 
@@ -219,7 +219,10 @@ def check_export(
         out["program_ms"] = _best_ms(lambda: module(x), repeats)
     out["program_diff"] = float(np.abs(got - want[0]).max())
     if onnx is not None:
-        import onnxruntime
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ExportError("checking the ONNX file needs onnxruntime: pip install 'patchnet[onnx]'") from None
 
         session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: x.numpy()}

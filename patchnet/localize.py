@@ -23,11 +23,26 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .errors import PatchnetError
 from .infer import score_map
 from .metrics import LocalizationResult, corloc_hits, detection_ap
 from .pooling import map_values
 
 METHODS = ("map", "patch", "whole")
+
+
+class BoxOptionError(PatchnetError, ValueError):
+    """A box method or threshold outside what ``localize`` accepts."""
+
+
+def check_box_options(method: str, threshold: float) -> None:
+    """Raise a one-line error for a method outside ``METHODS`` or a ``map`` cut outside [0, 1]."""
+    if method not in METHODS:
+        raise BoxOptionError(f"the box method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "map" and not 0.0 <= threshold <= 1.0:
+        raise BoxOptionError(
+            f"the map's cut must lie in [0, 1] (0 the map's floor, 1 its peak; default 0.4), got {threshold:g}"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +96,7 @@ def localize(
 ) -> list[Detection]:
     """Boxes of ``classes`` in one image from its (N, 4) patch ``boxes``, their (N, C) map ``values`` and the
     image's (C,) ``scores`` (see the module docstring for ``method``)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_box_options(method, threshold)
     out = []
     for c in classes:
         score = float(scores[c])

@@ -117,6 +117,49 @@ def test_localize_command_writes_coco_results_that_pycocotools_scores(model, tmp
     assert -1 <= ev.stats[1] <= 1  # AP at IoU 0.5 is computed
 
 
+@pytest.mark.parametrize(
+    "option, said",
+    [
+        (["--classes", "unicorn"], "unknown class name(s) unicorn; valid names: cat, dog, person"),
+        (["--method", "bogus"], "the box method must be one of map, patch, whole, got 'bogus'"),
+        (["--threshold", "1.5"], "the map's cut must lie in [0, 1]"),
+    ],
+)
+def test_localize_command_refuses_bad_options_once_before_any_image(model, tmp_path, option, said):
+    from typer.testing import CliRunner
+
+    from patchnet.cli import app
+
+    m, root = model
+    args = ["localize", str(root / "JPEGImages"), "--checkpoint", str(m.predictor.state_path), *option]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output
+    assert "skipped" not in result.output  # one error, not one per image
+
+
+def test_localize_command_keeps_images_of_one_stem_apart(model, tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from patchnet.cli import app
+
+    m, root = model
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(root / "JPEGImages" / "a.jpg", tmp_path / folder / "img.jpg")
+    args = [str(tmp_path / "x" / "img.jpg"), str(tmp_path / "y" / "img.jpg"), "--classes", "cat"]
+    out, boxes = tmp_path / "drawn", tmp_path / "boxes.json"
+    result = CliRunner().invoke(
+        app,
+        ["localize", *args, "--checkpoint", str(m.predictor.state_path), "--out", str(out), "--json", str(boxes)],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list(out.iterdir())) == 2  # neither drawing overwrote the other
+    assert len({b["image_id"] for b in json.loads(boxes.read_text())}) == 2
+
+
 def test_eval_scores_localization_beside_the_classification_table(model, tmp_path):
     import json
 

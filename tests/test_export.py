@@ -77,3 +77,15 @@ def test_onnx_runs_in_onnx_runtime_and_check_export_states_the_differences(tmp_p
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]  # the names the README documents
     assert [o.name for o in session.get_outputs()] == ["probabilities", "scores", "patch_values"]
+
+
+@pytest.mark.parametrize("size", ["0x375", "-5x10", "500", "axb"])
+def test_export_command_refuses_a_bad_size_in_one_line(tmp_path, size):
+    from typer.testing import CliRunner
+
+    from patchnet.cli import app
+
+    # the size is checked before the checkpoint is read
+    result = CliRunner().invoke(app, ["export", "-c", str(tmp_path / "none.pt"), "--size", size])
+    assert result.exit_code == 2 and "--size must be WIDTHxHEIGHT in positive pixels" in result.output
+    assert "Traceback" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -37,12 +38,23 @@ def localize(
         from ..api import load
         from ..datasets import image_files, load_image
         from ..draw import draw_detections
+        from ..localize import check_box_options
 
         model = load(checkpoint)
+        infer = model.recipe.infer
+        method = method or infer.box_method
+        threshold = infer.box_threshold if threshold is None else threshold
+        check_box_options(method, threshold)
         wanted = [c.strip() for c in classes.split(",")] if classes else None
+        unknown = [c for c in wanted or [] if c not in model.classes]
+        if unknown:
+            raise DatasetError(f"unknown class name(s) {', '.join(unknown)}; valid names: {', '.join(model.classes)}")
         files = image_files(images)
         skipped, results, names = Skipped(len(files)), [], UniqueNames()
+        stems = Counter(path.stem for path in files)
         for path in files:
+            # an image's name in the outputs: its stem, or its whole path where two images share a stem
+            name = path.stem if stems[path.stem] == 1 else str(path)
             try:
                 found = model.localize(path, wanted, method, threshold)
             except DatasetError as e:
@@ -55,18 +67,18 @@ def localize(
                     for d in found
                 )
             )
-            results += [_coco_result(path, d, model.classes) for d in found]
+            results += [_coco_result(name, d, model.classes) for d in found]
             if out is not None:
-                draw_detections(load_image(path), found, model.classes, output_path(out, path.stem, ".png", names))
+                draw_detections(load_image(path), found, model.classes, output_path(out, name, ".png", names))
         if json_out:
             atomic_write(json_out, json.dumps(results, indent=1))
             typer.echo(f"wrote {len(results)} boxes to {json_out} (COCO results format; category_id = class index + 1)")
         skipped.finish()
 
 
-def _coco_result(path: Path, d, classes: list[str]) -> dict:
+def _coco_result(name: str, d, classes: list[str]) -> dict:
     x1, y1, x2, y2 = d.box
-    image_id: int | str = int(path.stem) if path.stem.isdigit() else path.stem
+    image_id: int | str = int(name) if name.isdigit() else name
     return {
         "image_id": image_id,
         "category_id": d.class_index + 1,
@@ -97,7 +109,9 @@ def export(
         try:
             width, height = (int(v) for v in size.lower().split("x"))
         except ValueError:
-            raise PatchnetError(f"--size must be WIDTHxHEIGHT, e.g. 500x375; got {size!r}") from None
+            width = height = 0
+        if width < 1 or height < 1:
+            raise PatchnetError(f"--size must be WIDTHxHEIGHT in positive pixels, e.g. 500x375; got {size!r}")
         model, _ = write(checkpoint, width, height, out, onnx)
         typer.echo(
             f"wrote {out}" + (f" and {onnx}" if onnx else "") + f": {len(model.classes)} classes, "

@@ -128,15 +128,14 @@ def _pointing(predictor, dataset, store, items, prior) -> dict:
 
 def _localization(predictor, dataset, store, items, scores, prior, method, threshold) -> dict:
     """CorLoc and detection AP of the split, printed; returns them for the JSON table."""
-    from ..localize import METHODS, evaluate_localization
+    from ..localize import check_box_options, evaluate_localization
 
     infer = predictor.recipe.infer
     method = method or infer.box_method
-    if method not in METHODS:
-        raise DatasetError(f"--box-method must be one of {', '.join(METHODS)}, got {method!r}")
+    threshold = infer.box_threshold if threshold is None else threshold
+    check_box_options(method, threshold)
     if not dataset.has_boxes:
         raise DatasetError(f"--localize needs boxes, and {dataset.name} has none")
-    threshold = infer.box_threshold if threshold is None else threshold
     result = evaluate_localization(
         predictor.head,
         store,
