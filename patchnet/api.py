@@ -129,13 +129,18 @@ class Model:
             np.stack([cast(np.ndarray, r.present) for r in results]) if calibrated else None,
         )
 
-    def _class_indices(self, classes: list[str] | None, prediction: Prediction) -> list[int]:
-        if classes is not None:
-            unknown = [c for c in classes if c not in self.classes]
-            if unknown:
-                names = ", ".join(self.classes)
-                raise DatasetError(f"unknown class name(s) {', '.join(unknown)}; valid names: {names}")
-            return [self.classes.index(c) for c in classes]
+    def class_indices(self, classes: list[str]) -> list[int]:
+        """The indices of class names; an unknown name is an error that lists the valid ones."""
+        unknown = [c for c in classes if c not in self.classes]
+        if unknown:
+            names = ", ".join(self.classes)
+            raise DatasetError(f"unknown class name(s) {', '.join(unknown)}; valid names: {names}")
+        return [self.classes.index(c) for c in classes]
+
+    def _class_indices(self, wanted: list[int] | None, prediction: Prediction) -> list[int]:
+        """``wanted`` (from ``class_indices``), or the classes judged present."""
+        if wanted is not None:
+            return wanted
         if prediction.present is not None and prediction.present.any():
             return [int(c) for c in np.flatnonzero(prediction.present)]
         return [int(np.argmax(prediction.scores))]  # nothing judged present: the best class
@@ -145,17 +150,19 @@ class Model:
         classes judged present, or ``classes``)."""
         from .infer import score_map
 
+        wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
         _, p = self._one(image)
         prior = self.recipe.infer.map_prior if prior is None else prior
         return {
             self.classes[c]: score_map(p.boxes, p.values[:, c], p.width, p.height, prior=prior)
-            for c in self._class_indices(classes, p)
+            for c in self._class_indices(wanted, p)
         }
 
     def localize(
         self, image, classes: list[str] | None = None, method: str | None = None, threshold: float | None = None
     ) -> list[Detection]:
         """Boxes of one image (``patchnet.localize``): for the classes judged present, or ``classes``."""
+        wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
         _, p = self._one(image)
         infer = self.recipe.infer
         scores = p.scores if p.probabilities is None else np.log(np.maximum(p.probabilities, 1e-12))
@@ -165,7 +172,7 @@ class Model:
             scores,
             p.width,
             p.height,
-            self._class_indices(classes, p),
+            self._class_indices(wanted, p),
             method or infer.box_method,
             infer.box_threshold if threshold is None else threshold,
             infer.map_prior,

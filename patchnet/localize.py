@@ -27,6 +27,7 @@ from .errors import PatchnetError
 from .infer import score_map
 from .metrics import LocalizationResult, corloc_hits, detection_ap
 from .pooling import map_values
+from .recipe import InferConfig
 
 METHODS = ("map", "patch", "whole")
 
@@ -41,7 +42,8 @@ def check_box_options(method: str, threshold: float) -> None:
         raise BoxOptionError(f"the box method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "map" and not 0.0 <= threshold <= 1.0:
         raise BoxOptionError(
-            f"the map's cut must lie in [0, 1] (0 the map's floor, 1 its peak; default 0.4), got {threshold:g}"
+            f"the map's cut must lie in [0, 1] (0 the map's floor, 1 its peak; default "
+            f"{InferConfig.box_threshold:g}), got {threshold:g}"
         )
 
 

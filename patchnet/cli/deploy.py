@@ -46,9 +46,8 @@ def localize(
         threshold = infer.box_threshold if threshold is None else threshold
         check_box_options(method, threshold)
         wanted = [c.strip() for c in classes.split(",")] if classes else None
-        unknown = [c for c in wanted or [] if c not in model.classes]
-        if unknown:
-            raise DatasetError(f"unknown class name(s) {', '.join(unknown)}; valid names: {', '.join(model.classes)}")
+        if wanted is not None:
+            model.class_indices(wanted)  # once, before any image
         files = image_files(images)
         skipped, results, names = Skipped(len(files)), [], UniqueNames()
         stems = Counter(path.stem for path in files)
