@@ -34,7 +34,7 @@ def pil_crops(extractor: PatchExtractor, image: np.ndarray, model=None) -> int:
     with torch.inference_mode():
         for start in range(0, len(boxes), bs):
             crops = [np.asarray(pil.crop(tuple(b)).resize((s, s), Image.BILINEAR)) for b in boxes[start : start + bs]]
-            x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255)
+            x = torch.from_numpy(np.stack(crops)).to(extractor.device).permute(0, 3, 1, 2).float().div_(255)
             if model is not None:
                 model(x)
             else:
@@ -47,7 +47,7 @@ def pil_crops(extractor: PatchExtractor, image: np.ndarray, model=None) -> int:
 
 def bound(extractor: PatchExtractor, patches: int) -> None:
     s, bs = extractor.size, extractor.batch_size
-    x = torch.rand(bs, 3, s, s)
+    x = torch.rand(bs, 3, s, s, device=extractor.device)
     x = x.contiguous(memory_format=torch.channels_last) if extractor.channels_last else x
     with torch.inference_mode(), extractor.autocast():
         for _ in range(0, patches, bs):
@@ -67,6 +67,7 @@ def main() -> None:
     ex = PatchExtractor(
         plain, PatchConfig(mode="exact"), BackboneConfig(precision=args.precision), batch_size=args.batch
     )
+    plain.to(ex.device)  # the extractor runs a fused copy; the naive loop runs this one, on the same device
     ex(images[0][:200, :200])  # warm-up
     total = sum(len(ex.plan(im.shape[1], im.shape[0]).boxes) for im in images)
     with Timer() as t_bound:

@@ -13,8 +13,13 @@ is printed: a real split pays it once per image size). The machine's speed drift
 minute, so the rows take turns: every round of ``--round`` images runs all four paths, in an order
 that rotates from round to round, and each row sums its rounds.
 
+With ``--precisions`` and ``--layouts``, the bound and the extractor run once per trunk precision and
+memory layout (channels_last ``cl`` or ``nchw``), side by side in the same rounds; the last column is each
+row's speed against the extractor of the first configuration.
+
     python benchmarks/shared_throughput.py --images 80
     python benchmarks/shared_throughput.py --images 80 --set runtime.workers=0
+    python benchmarks/shared_throughput.py --images 40 --precisions fp32 bf16 --layouts cl nchw
 """
 
 from __future__ import annotations
@@ -42,35 +47,66 @@ def level_inputs(ex, image) -> list[tuple[torch.Tensor, list]]:
 def main() -> None:
     ap = bench_parser(__doc__)
     ap.add_argument("--images", type=int, default=80)
-    ap.add_argument("--round", type=int, default=10, help="images per round of the four paths")
+    ap.add_argument("--round", type=int, default=10, help="images per round of the paths")
+    ap.add_argument(
+        "--precisions", nargs="*", default=[], help="trunk precisions to compare (fp32 bf16; default: the recipe's)"
+    )
+    ap.add_argument(
+        "--layouts",
+        nargs="*",
+        default=[],
+        choices=["cl", "nchw"],
+        help="memory layouts (default: the recipe's)",
+    )
     args = ap.parse_args()
     voc = require_voc(args.voc)
     with tempfile.TemporaryDirectory() as tmp:
         recipe = dev_recipe(args, f"runtime.cache_dir={tmp}")
         if recipe.patches.mode != "shared":
             raise SystemExit(f"this benchmark measures shared mode; the recipe has patches.mode={recipe.patches.mode}")
+        precisions = args.precisions or [recipe.backbone.precision]
+        layouts = args.layouts or ["cl" if recipe.backbone.channels_last else "nchw"]
+        configs = [(p, lay) for p in precisions for lay in layouts]
         full = read_voc(voc, "devval", VOC_CLASSES)
         ds = Dataset(f"{full.name}[:{args.images}]", full.classes, full.records[: args.images])
-        ex = build_extractor(recipe)
         images = [load_image(r.path) for r in ds.records]
-        ready = [level_inputs(ex, im) for im in images]
-        pixels = sum(x.shape[-1] * x.shape[-2] for levels in ready for x, _ in levels)
+        extractors = {
+            (p, lay): build_extractor(
+                dev_recipe(
+                    args,
+                    f"runtime.cache_dir={tmp}",
+                    after=(f"backbone.precision={p}", f"backbone.channels_last={str(lay == 'cl').lower()}"),
+                )
+            )
+            for p, lay in configs
+        }
+        ready = {c: [level_inputs(ex, im) for im in images] for c, ex in extractors.items()}
+        first = configs[0]
+        ex = extractors[first]
+        pixels = sum(x.shape[-1] * x.shape[-2] for levels in ready[first] for x, _ in levels)
 
-        def bound(part):
-            with torch.inference_mode(), ex.autocast():
-                for levels in ready[part]:
-                    for x, _ in levels:
-                        ex.backbone.feature_map(x)
+        def bound(c):
+            def run(part):
+                e = extractors[c]
+                with torch.inference_mode(), e.autocast():
+                    for levels in ready[c][part]:
+                        for x, _ in levels:
+                            e.backbone.feature_map(x)
+
+            return run
 
         def pool(part):
             with torch.inference_mode():
-                for im, levels in zip(images[part], ready[part]):
+                for im, levels in zip(images[part], ready[first][part]):
                     for x, grids in levels:
                         ex._shared_level(x, grids, im.shape[1], im.shape[0])
 
-        def extractor(part):
-            for im in images[part]:
-                ex(im)
+        def extractor(c):
+            def run(part):
+                for im in images[part]:
+                    extractors[c](im)
+
+            return run
 
         spec = cache_spec(recipe, ex, progress=False)  # cache.compress=pca* fits its projection here, untimed
 
@@ -78,39 +114,47 @@ def main() -> None:
             build_features(spec, Dataset(f"{ds.name}:{part.start}", ds.classes, ds.records[part]), ex, progress=False)
 
         with Timer() as t_first:  # untimed in the rows: oneDNN builds its kernels for each new shape
-            bound(slice(None))
-        paths = [bound, pool, extractor, build]
-        seconds = dict.fromkeys(paths, 0.0)
+            for c in configs:
+                bound(c)(slice(None))
+        # (row name, its bound's row name, configuration, path)
+        rows = []
+        for c in configs:
+            tag = f", {c[0]} {c[1]}" if len(configs) > 1 else ""
+            rows.append((f"bare trunk on the rescaled images (bound){tag}", c, bound(c)))
+            if c == first:
+                rows.append((f"trunk + pooling of every patch{tag}", c, pool))
+            rows.append((f"extractor on decoded images (+ rescaling){tag}", c, extractor(c)))
+            if c == first:
+                rows.append((f"cache build from JPEG files{tag}", c, build))
+        seconds = [0.0] * len(rows)
         for r, start in enumerate(range(0, len(images), args.round)):
             part = slice(start, start + args.round)
-            for path in paths[r % 4 :] + paths[: r % 4]:  # each path takes each place in the order in turn
+            shift = r % len(rows)
+            for i in list(range(shift, len(rows))) + list(range(shift)):  # each path takes each place in turn
                 with Timer() as t:
-                    path(part)
-                seconds[path] += t.seconds
+                    rows[i][2](part)
+                seconds[i] += t.seconds
     n = len(images)
-    names = {
-        bound: "bare trunk on the rescaled images (bound)",
-        pool: "trunk + pooling of every patch",
-        extractor: "extractor on decoded images (+ rescaling)",
-        build: "cache build from JPEG files",
-    }
+    bounds = {c: seconds[i] for i, (name, c, _) in enumerate(rows) if name.startswith("bare trunk")}
+    base = next(seconds[i] for i, (name, c, _) in enumerate(rows) if c == first and name.startswith("extractor"))
     print(f"\nmachine: {machine()}; {args.recipe} {' '.join(args.set)}")
     print(
         f"{n} devval images, {pixels / n / 1e6:.2f} M trunk pixels per image, levels {recipe.patches.levels}, "
-        f"autocast {ex.autocast_dtype}, workers {recipe.runtime.workers}"
+        f"workers {recipe.runtime.workers}; autocast per configuration: "
+        + ", ".join(f"{p} {lay} -> {extractors[(p, lay)].autocast_dtype}" for p, lay in configs)
     )
     sizes = len({im.shape for im in images})
     print(
         f"first pass of the bare trunk (oneDNN builds its kernels for each of {sizes} image sizes; untimed in "
-        f"the rows): {1000 * t_first.seconds / n:.0f} ms/image\n"
+        f"the rows): {1000 * t_first.seconds / n / len(configs):.0f} ms/image\n"
     )
     print(
         table(
             [
-                (names[p], f"{n / t:.2f}", f"{1000 * t / n:.0f}", f"{seconds[bound] / t:.2f}")
-                for p, t in seconds.items()
+                (name, f"{n / t:.2f}", f"{1000 * t / n:.0f}", f"{bounds[c] / t:.2f}", f"{base / t:.2f}")
+                for (name, c, _), t in zip(rows, seconds)
             ],
-            ("path", "images/s", "ms/image", "of bound"),
+            ("path", "images/s", "ms/image", "of bound", f"x extractor {first[0]} {first[1]}"),
         )
     )
 

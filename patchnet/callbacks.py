@@ -148,16 +148,10 @@ class TrainingLog:
             if "select_map07" in record
             else ""
         )
-        what = "patch accuracy" if self.recipe.train.supervision != "images" else "-"
+        # image labels alone train no patch: no patch accuracy to report
+        acc = f", patch accuracy {record['patch_acc']:.3f}" if self.recipe.train.supervision != "images" else ""
         log.info(
-            "epoch %d: loss %.4f, %s %.3f, lr %.3g%s (%.0f s)",
-            e,
-            record["loss"],
-            what,
-            record["patch_acc"],
-            record["lr"],
-            sel,
-            record["seconds"],
+            "epoch %d: loss %.4f%s, lr %.3g%s (%.0f s)", e, record["loss"], acc, record["lr"], sel, record["seconds"]
         )
 
     def close(self) -> None:

@@ -117,6 +117,9 @@ class TrainConfig:
     )
     image_weight: float = 1.0  # both: weight of the image loss against the patch loss
     image_batch: int = 8  # images / both: whole images per step (all their patches in one forward pass)
+    # images / both: share of each image's patches (a fresh random draw per epoch) that the image loss pools
+    # over; the head's cost per step follows it (with both, the patch loss's patches are forwarded too)
+    image_patches: float = 1.0
     multilabel: bool = False  # boxes / both: keep patches that match objects of several classes, with a sigmoid loss
     holdout: float = 0.1  # fraction of the training images held out (fixed by the seed) to choose best.pt on
     precision: Precision = (
@@ -278,6 +281,11 @@ class Recipe:
         t = self.train
         if not 0.0 <= t.bg_rate <= 1.0:
             raise RecipeError(f"train.bg_rate must lie in [0, 1], got {t.bg_rate}")
+        if not 0.0 < t.image_patches <= 1.0:
+            raise RecipeError(
+                f"train.image_patches must lie in (0, 1] (the share of each image's patches the image loss sees), "
+                f"got {t.image_patches}"
+            )
         if t.supervision != "boxes" and self.pool.name == "power":
             raise RecipeError(
                 f"train.supervision={t.supervision} trains through the pooling, and pool.name=power "

@@ -7,6 +7,9 @@
 - ``both``: batches of whole images, the image loss plus the patch loss on their positives and a
   ``bg_rate`` share of their background, from one forward pass.
 
+With ``train.image_patches`` < 1 the image loss pools over a fresh random share of each image's patches
+each epoch, and only those (and the patch loss's patches) go through the head: the step's cost follows.
+
 With ``train.unlock`` the trunk's last stages train too (``patchnet.unlock``): every supervision
 steps on batches of whole images, whose cached maps run through the unlocked stages first.
 
@@ -114,6 +117,7 @@ class Trainer:
         # held-out images, and their augmented views, never train
         self.labels = np.where(np.repeat(held, np.diff(train_data.store.offsets)), IGNORE, train_data.labels)
         self.epoch_seconds = 0.0  # of the last run_epoch (0 when resuming at end_epoch)
+        self.patch_draw: np.ndarray | None = None  # per row, this epoch's draw for train.image_patches
         self.dtype = autocast_dtype(self.t.precision, state.device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
@@ -138,6 +142,12 @@ class Trainer:
         keep_bg = (
             np.random.default_rng([t.seed, s.epoch, 1]).random(len(self.labels)) < t.bg_rate
             if images and t.supervision != "images"
+            else None
+        )
+        # train.image_patches < 1: the image loss pools over a fresh random share of each image's patches
+        self.patch_draw = (
+            np.random.default_rng([t.seed, s.epoch, 2]).random(len(self.labels))
+            if images and t.supervision != "boxes" and t.image_patches < 1 and s.stages is None
             else None
         )
         s.head.train()
@@ -281,14 +291,23 @@ class Trainer:
             if sup != "images"
             else None
         )
-        if self.state.stages is None:
+        pooled = self._image_rows(index, counts)  # the rows the image loss pools over (None: all)
+        if pooled is not None:  # forward those and the patch loss's rows only; positions below are among them
+            forward = pooled if train is None else pooled | train
+            x = torch.from_numpy(store.rows[index[forward]])
+            logits = self._forward(x)
+            counts = np.bincount(np.repeat(np.arange(len(counts)), counts)[pooled], minlength=len(counts))
+            pooled, train = pooled[forward], None if train is None else train[forward]
+            index, labels = index[forward], labels[forward]
+        elif self.state.stages is None:
             x = torch.from_numpy(gather_items(store.rows, store.offsets, items))
             logits = self._forward(x)
         else:  # the patch loss alone needs the features of the trained patches only
             x, logits = self._forward_maps(items, counts, train if sup == "boxes" else None)
         loss, correct, patches = None, 0, 0
         if sup != "boxes":
-            image_logits = pool(patch_values(logits, self.recipe.pool.name), counts, self.recipe.pool)
+            values = patch_values(logits if pooled is None else logits[torch.from_numpy(pooled)], self.recipe.pool.name)
+            image_logits = pool(values, counts, self.recipe.pool)
             # alone, the image loss sums over classes (lr 0.01 as for the patch loss); beside the patch loss it
             # averages (the summed term at image_weight 1 scored 91.3 against 91.6 on held-out devtrain)
             image_labels = torch.from_numpy(self.data.image_labels(items)).to(logits.device)
@@ -305,6 +324,16 @@ class Trainer:
             loss = logits.sum() * 0.0
         self._check(loss, x, None)
         return loss, correct, patches, len(x)
+
+    def _image_rows(self, index: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+        """With ``train.image_patches`` < 1, the mask of the rows of ``index`` (whole images, ``counts`` rows each)
+        that the image loss pools over this epoch: the drawn share, and at least one row per image."""
+        if self.patch_draw is None:
+            return None
+        draw, image = self.patch_draw[index], np.repeat(np.arange(len(counts)), counts)
+        lowest = np.full(len(counts), np.inf)
+        np.minimum.at(lowest, image, draw)
+        return (draw < self.t.image_patches) | (draw == lowest[image])
 
     def _forward_maps(self, items: np.ndarray, counts: np.ndarray, rows: np.ndarray | None):
         """Features and fp32 logits of the patches of ``items`` (those where ``rows`` is set, if given) through

@@ -75,6 +75,9 @@ def test_unknown_keys_and_bad_types_are_explained():
         recipe_from_dict({}, ["patches.mode=exact", "patches.exact_up_to=2.0"])
     with pytest.raises(RecipeError, match=r"must be 0 \(off\) or a scale >= 1; got 0.5"):
         recipe_from_dict({}, ["patches.exact_up_to=0.5"])
+    for bad in ("0", "1.5"):
+        with pytest.raises(RecipeError, match=rf"train.image_patches must lie in \(0, 1\] .*got {bad}"):
+            recipe_from_dict({}, [f"train.image_patches={bad}"])
     with pytest.raises(RecipeError, match=r"head.dropout must lie in \[0, 1\), got 1.0"):
         recipe_from_dict({}, ["head.dropout=1.0"])
     with pytest.raises(RecipeError, match="section.field=value"):

@@ -657,3 +657,47 @@ def test_importing_train_loads_no_plotting_and_no_demo_generator():
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_image_patches_pools_a_fresh_share_of_each_image_and_resumes_exactly(tmp_path, small_voc, monkeypatch):
+    pooled_counts, forwarded = [], []
+    real_pool, real_forward = train_module.pool, train_module.Trainer._forward
+
+    def spy_pool(values, counts, cfg):
+        pooled_counts.append(np.asarray(counts).copy())
+        assert len(values) == int(np.sum(counts))  # the pooled rows, image after image
+        return real_pool(values, counts, cfg)
+
+    def spy_forward(self, x):
+        forwarded.append(len(x))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(train_module, "pool", spy_pool)
+    monkeypatch.setattr(train_module.Trainer, "_forward", spy_forward)
+    args = ("train.supervision=images", "pool.name=topk", "train.image_batch=2", "train.holdout=0")
+    full = train(tiny_recipe(tmp_path / "full", small_voc, *args, "data.val_split="), progress=False)
+    all_counts, all_rows = np.concatenate(pooled_counts), sum(forwarded)
+    pooled_counts.clear(), forwarded.clear()
+    half = train(
+        tiny_recipe(tmp_path / "half", small_voc, *args, "data.val_split=", "train.image_patches=0.5"), progress=False
+    )
+    counts = np.concatenate(pooled_counts)
+    # every image keeps at least one patch and about half of them; alone, the image loss forwards only those
+    assert counts.min() >= 1 and (counts <= all_counts).all() and 0.3 < counts.sum() / all_counts.sum() < 0.7
+    assert sum(forwarded) == counts.sum() < all_rows
+    first, second = np.split(counts, 2)  # two epochs of the same images in another order: fresh draws
+    assert first.sum() != second.sum() or not np.array_equal(np.sort(first), np.sort(second))
+    heads = [load_checkpoint(r.run_dir / "last.pt")["head"] for r in (full, half)]
+    assert not _heads_equal(*heads)
+    monkeypatch.undo()
+    a, b = _straight_and_killed_after_epoch_1(
+        tmp_path / "both",
+        small_voc,
+        monkeypatch,
+        "train.supervision=both",
+        "pool.name=topk",
+        "train.image_batch=2",
+        "train.image_patches=0.5",
+        "train.epochs=3",
+    )
+    assert _heads_equal(a["head"], b["head"])
