@@ -30,6 +30,7 @@ __all__ = [
     "pool_features",
     "pool_image",
     "pool_items",
+    "pooled_share",
 ]
 
 
@@ -112,6 +113,15 @@ def item_groups(counts: np.ndarray, max_patches: int = 32768) -> Iterator[tuple[
         stop = min(n, max(int(np.searchsorted(ends, base + max_patches, side="right")), start + 1))
         yield start, stop
         start = stop
+
+
+def pooled_share(draw: np.ndarray, counts: np.ndarray, share: float) -> np.ndarray:
+    """The mask of the rows (whole images, ``counts`` rows each) whose uniform ``draw`` falls under ``share``, plus
+    each image's lowest draw: a random share of every image's patches, never none of them."""
+    image = np.repeat(np.arange(len(counts)), counts)
+    lowest = np.full(len(counts), np.inf)
+    np.minimum.at(lowest, image, draw)
+    return (draw < share) | (draw == lowest[image])
 
 
 def gather_items(features, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:

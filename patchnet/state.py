@@ -5,6 +5,9 @@ calibration and fusion, and the RNG state."""
 from __future__ import annotations
 
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,3 +160,22 @@ class TrainState:
         self.sums = EpochSums(**state["carry"])
         self.rng = dict(state["rng"])
         _set_rng_state(self.rng, self.device)
+
+
+@contextmanager
+def hold_interrupts():
+    """Hold SIGINT until the block ends, then deliver it: a Ctrl-C never lands between the halves of a commit
+    (an optimizer step and its step counter, a schedule step and its epoch counter)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    held: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, held[0])
+        elif held and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -51,16 +48,16 @@ from .infer import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets
 from .metrics import APTable
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
-from .pooling import gather_items, patch_values, pool
+from .pooling import gather_items, patch_values, pool, pooled_share
 from .recipe import Recipe, recipe_from_dict, save_recipe
 from .sampler import IGNORE
 from .splits import Selection, SplitData, held_out, log_split, prepare_split, selection_split
-from .state import EpochSums, TrainState, rng_state
+from .state import EpochSums, TrainState, hold_interrupts, rng_state
 from .unlock import MapsAndHead, MapStore, UnlockedStages
 
 log = logging.getLogger("patchnet")
 
-__all__ = ["Trainer", "TrainingError", "epoch_indices", "hold_interrupts", "train"]
+__all__ = ["Trainer", "TrainingError", "epoch_indices", "train"]
 
 
 class TrainingError(PatchnetError, RuntimeError):
@@ -294,7 +291,7 @@ class Trainer:
         pooled = self._image_rows(index, counts)  # the rows the image loss pools over (None: all)
         if pooled is not None:  # forward those and the patch loss's rows only; positions below are among them
             forward = pooled if train is None else pooled | train
-            x = torch.from_numpy(store.rows[index[forward]])
+            x = torch.from_numpy(cast(FeatureStore, store).rows[index[forward]])  # no unlocked stages here
             logits = self._forward(x)
             counts = np.bincount(np.repeat(np.arange(len(counts)), counts)[pooled], minlength=len(counts))
             pooled, train = pooled[forward], None if train is None else train[forward]
@@ -326,14 +323,8 @@ class Trainer:
         return loss, correct, patches, len(x)
 
     def _image_rows(self, index: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
-        """With ``train.image_patches`` < 1, the mask of the rows of ``index`` (whole images, ``counts`` rows each)
-        that the image loss pools over this epoch: the drawn share, and at least one row per image."""
-        if self.patch_draw is None:
-            return None
-        draw, image = self.patch_draw[index], np.repeat(np.arange(len(counts)), counts)
-        lowest = np.full(len(counts), np.inf)
-        np.minimum.at(lowest, image, draw)
-        return (draw < self.t.image_patches) | (draw == lowest[image])
+        """With ``train.image_patches`` < 1, this epoch's rows of ``index`` that the image loss pools over."""
+        return None if self.patch_draw is None else pooled_share(self.patch_draw[index], counts, self.t.image_patches)
 
     def _forward_maps(self, items: np.ndarray, counts: np.ndarray, rows: np.ndarray | None):
         """Features and fp32 logits of the patches of ``items`` (those where ``rows`` is set, if given) through
@@ -367,25 +358,6 @@ class Trainer:
 
 def _nothing(*_args) -> None:
     """A callback's missing step."""
-
-
-@contextmanager
-def hold_interrupts():
-    """Hold SIGINT until the block ends, then deliver it: a Ctrl-C never lands between the halves of a commit
-    (an optimizer step and its step counter, a schedule step and its epoch counter)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread receives signals
-        return
-    held: list = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and callable(previous):
-            previous(signal.SIGINT, held[0])
-        elif held and previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
 
 
 def _sums_path(run_dir: Path, rank: int) -> Path:

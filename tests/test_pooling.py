@@ -119,3 +119,21 @@ def test_pool_items_streams_groups_and_marks_empty_items_nan():
     sub = pool_items(Linear(), feats, offsets, c, items=np.array([3, 0]))
     np.testing.assert_allclose(sub, got[[3, 0]])
     np.testing.assert_array_equal(gather_items(feats, offsets, np.array([2])), feats[4:7].astype(np.float32))
+
+
+def test_pooled_share_keeps_about_the_share_of_every_image_and_never_none():
+    from patchnet.pooling import pooled_share
+
+    rng = np.random.default_rng(0)
+    counts = np.array([1, 3, 400, 1000, 2])
+    draw = rng.random(counts.sum())
+    mask = pooled_share(draw, counts, 0.1)
+    per_image = np.add.reduceat(mask, np.cumsum(counts) - counts)
+    assert (per_image >= 1).all()
+    assert 0.07 < per_image[3] / 1000 < 0.13 and 0.06 < per_image[2] / 400 < 0.14
+    # exactly the rows under the share, plus each image's lowest draw
+    starts = np.cumsum(counts) - counts
+    lowest = np.zeros_like(mask)
+    lowest[[s + np.argmin(draw[s : s + n]) for s, n in zip(starts, counts)]] = True
+    np.testing.assert_array_equal(mask, (draw < 0.1) | lowest)
+    assert pooled_share(draw, counts, 1.0).all()
