@@ -144,7 +144,7 @@ class Trainer:
         # train.image_patches < 1: the image loss pools over a fresh random share of each image's patches
         self.patch_draw = (
             np.random.default_rng([t.seed, s.epoch, 2]).random(len(self.labels))
-            if images and t.supervision != "boxes" and t.image_patches < 1 and s.stages is None
+            if t.supervision != "boxes" and t.image_patches < 1
             else None
         )
         s.head.train()
@@ -291,8 +291,11 @@ class Trainer:
         pooled = self._image_rows(index, counts)  # the rows the image loss pools over (None: all)
         if pooled is not None:  # forward those and the patch loss's rows only; positions below are among them
             forward = pooled if train is None else pooled | train
-            x = torch.from_numpy(cast(FeatureStore, store).rows[index[forward]])  # no unlocked stages here
-            logits = self._forward(x)
+            if self.state.stages is None:
+                x = torch.from_numpy(cast(FeatureStore, store).rows[index[forward]])
+                logits = self._forward(x)
+            else:
+                x, logits = self._forward_maps(items, counts, forward)
             counts = np.bincount(np.repeat(np.arange(len(counts)), counts)[pooled], minlength=len(counts))
             pooled, train = pooled[forward], None if train is None else train[forward]
             index, labels = index[forward], labels[forward]

@@ -119,9 +119,11 @@ def captured(monkeypatch):
     return built
 
 
-@pytest.mark.parametrize("supervision", ["boxes", "both", "images"])
+@pytest.mark.parametrize("supervision", ["boxes", "both", "images", "both, image_patches 0.5"])
 def test_a_step_trains_the_unlocked_stages_and_nothing_else(tmp_path, small_voc, captured, supervision):
     pool = [] if supervision == "boxes" else ["pool.name=topk"]
+    supervision, *share = supervision.split(", image_patches ")
+    pool += [f"train.image_patches={v}" for v in share]  # the image loss over a share of each image's patches
     recipe = tiny_recipe(
         tmp_path,
         small_voc,
