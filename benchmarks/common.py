@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from patchnet.dist import native_bf16
+
 REPO = Path(__file__).resolve().parent.parent
 VOC = REPO.parent / "shared" / "data" / "VOCdevkit" / "VOC2007"
 DEV_RECIPE = REPO / "recipes" / "voc07_dev.yaml"
@@ -70,8 +72,7 @@ def cpu_name() -> str:
                 break
     except OSError:
         pass
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return f"{name} ({'native bf16' if native else 'no native bf16: fp32 trunk'})"
+    return f"{name} ({'native bf16' if native_bf16() else 'no native bf16: fp32 trunk'})"
 
 
 def machine() -> str:

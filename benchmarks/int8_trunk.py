@@ -22,6 +22,7 @@ import torch
 
 from patchnet.backbones import Conv2dSame
 from patchnet.datasets import load_image, read_voc
+from patchnet.dist import native_bf16
 from patchnet.extract import build_extractor
 from patchnet.recipe import VOC_CLASSES
 
@@ -40,7 +41,7 @@ def export_trunk(backbone, path: Path) -> None:
     model = _FeatureMap(backbone).eval()
     for m in model.modules():
         if isinstance(m, Conv2dSame):
-            m.shape_free, m.pad_weight = True, False
+            m.shape_free = True  # its path pads explicitly: pad_weight never applies
     h, w = torch.export.Dim("h", min=32, max=4096), torch.export.Dim("w", min=32, max=4096)
     example = torch.rand(1, 3, 224, 320)
     program = torch.onnx.export(
@@ -117,7 +118,7 @@ def main() -> None:
             return lambda x: sessions[name].run(None, {"image": x})[0]
 
         paths = {"torch fp32 (channels_last)": torch_run(None), "ort fp32": ort_run("ort fp32")}
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        if native_bf16():
             paths["torch bf16 (channels_last)"] = torch_run(torch.bfloat16)
         paths["ort int8"] = ort_run("ort int8")
         reference = [paths["torch fp32 (channels_last)"](x).mean((2, 3)) for x in levels]

@@ -116,16 +116,16 @@ def main() -> None:
         with Timer() as t_first:  # untimed in the rows: oneDNN builds its kernels for each new shape
             for c in configs:
                 bound(c)(slice(None))
-        # (row name, its bound's row name, configuration, path)
-        rows = []
-        for c in configs:
-            tag = f", {c[0]} {c[1]}" if len(configs) > 1 else ""
-            rows.append((f"bare trunk on the rescaled images (bound){tag}", c, bound(c)))
-            if c == first:
-                rows.append((f"trunk + pooling of every patch{tag}", c, pool))
-            rows.append((f"extractor on decoded images (+ rescaling){tag}", c, extractor(c)))
-            if c == first:
-                rows.append((f"cache build from JPEG files{tag}", c, build))
+        names = {
+            "bound": "bare trunk on the rescaled images (bound)",
+            "pool": "trunk + pooling of every patch",
+            "extractor": "extractor on decoded images (+ rescaling)",
+            "build": "cache build from JPEG files",
+        }
+        # (configuration, path, run); pooling and the cache build only for the first configuration
+        rows = [(c, "bound", bound(c)) for c in configs] + [(c, "extractor", extractor(c)) for c in configs]
+        rows += [(first, "pool", pool), (first, "build", build)]
+        rows.sort(key=lambda row: (configs.index(row[0]), list(names).index(row[1])))
         seconds = [0.0] * len(rows)
         for r, start in enumerate(range(0, len(images), args.round)):
             part = slice(start, start + args.round)
@@ -135,8 +135,7 @@ def main() -> None:
                     rows[i][2](part)
                 seconds[i] += t.seconds
     n = len(images)
-    bounds = {c: seconds[i] for i, (name, c, _) in enumerate(rows) if name.startswith("bare trunk")}
-    base = next(seconds[i] for i, (name, c, _) in enumerate(rows) if c == first and name.startswith("extractor"))
+    took = {(c, path): t for (c, path, _), t in zip(rows, seconds)}
     print(f"\nmachine: {machine()}; {args.recipe} {' '.join(args.set)}")
     print(
         f"{n} devval images, {pixels / n / 1e6:.2f} M trunk pixels per image, levels {recipe.patches.levels}, "
@@ -151,8 +150,14 @@ def main() -> None:
     print(
         table(
             [
-                (name, f"{n / t:.2f}", f"{1000 * t / n:.0f}", f"{bounds[c] / t:.2f}", f"{base / t:.2f}")
-                for (name, c, _), t in zip(rows, seconds)
+                (
+                    names[path] + (f", {c[0]} {c[1]}" if len(configs) > 1 else ""),
+                    f"{n / t:.2f}",
+                    f"{1000 * t / n:.0f}",
+                    f"{took[(c, 'bound')] / t:.2f}",
+                    f"{took[(first, 'extractor')] / t:.2f}",
+                )
+                for (c, path), t in took.items()
             ],
             ("path", "images/s", "ms/image", "of bound", f"x extractor {first[0]} {first[1]}"),
         )

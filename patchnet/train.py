@@ -289,21 +289,27 @@ class Trainer:
             else None
         )
         pooled = self._image_rows(index, counts)  # the rows the image loss pools over (None: all)
-        if pooled is not None:  # forward those and the patch loss's rows only; positions below are among them
-            forward = pooled if train is None else pooled | train
-            if self.state.stages is None:
-                x = torch.from_numpy(cast(FeatureStore, store).rows[index[forward]])
-                logits = self._forward(x)
-            else:
-                x, logits = self._forward_maps(items, counts, forward)
-            counts = np.bincount(np.repeat(np.arange(len(counts)), counts)[pooled], minlength=len(counts))
-            pooled, train = pooled[forward], None if train is None else train[forward]
-            index, labels = index[forward], labels[forward]
-        elif self.state.stages is None:
-            x = torch.from_numpy(gather_items(store.rows, store.offsets, items))
+        # the rows that go through the head (None: all)
+        if sup == "boxes":  # here only with unlocked stages: the patch loss's rows alone
+            forward = train
+        elif pooled is None or train is None:
+            forward = pooled
+        else:  # both, on a share: the pooled rows and the patch loss's
+            forward = pooled | train
+        if self.state.stages is None:
+            features = cast(FeatureStore, store).rows  # a MapStore comes only with unlocked stages
+            x = torch.from_numpy(
+                gather_items(features, store.offsets, items) if forward is None else features[index[forward]]
+            )
             logits = self._forward(x)
-        else:  # the patch loss alone needs the features of the trained patches only
-            x, logits = self._forward_maps(items, counts, train if sup == "boxes" else None)
+        else:
+            x, logits = self._forward_maps(items, counts, forward)
+        if forward is not None:  # from here on, positions among the forwarded rows
+            if pooled is not None:
+                counts = np.bincount(np.repeat(np.arange(len(counts)), counts)[pooled], minlength=len(counts))
+                pooled = pooled[forward]
+            train = None if train is None else train[forward]
+            index, labels = index[forward], labels[forward]
         loss, correct, patches = None, 0, 0
         if sup != "boxes":
             values = patch_values(logits if pooled is None else logits[torch.from_numpy(pooled)], self.recipe.pool.name)
@@ -315,11 +321,10 @@ class Trainer:
             if sup == "both":
                 loss = self.t.image_weight * loss
         if train is not None and train.any():  # train is None exactly when sup == "images"
-            picked = np.flatnonzero(train) if sup != "boxes" else np.arange(int(train.sum()))
-            rows = torch.from_numpy(picked).to(logits.device)
-            patch = self._patch_loss(logits[rows], labels[train], index[train])
+            picked = torch.from_numpy(np.flatnonzero(train)).to(logits.device)
+            patch = self._patch_loss(logits[picked], labels[train], index[train])
             loss = patch if loss is None else loss + patch
-            correct, patches = accuracy_counts(logits[rows], labels[train])
+            correct, patches = accuracy_counts(logits[picked], labels[train])
         if loss is None:  # no patch of these images trains (boxes): a step without a gradient
             loss = logits.sum() * 0.0
         self._check(loss, x, None)

@@ -677,7 +677,8 @@ def test_image_patches_pools_a_fresh_share_of_each_image_and_resumes_exactly(tmp
     args = ("train.supervision=images", "pool.name=topk", "train.image_batch=2", "train.holdout=0")
     full = train(tiny_recipe(tmp_path / "full", small_voc, *args, "data.val_split="), progress=False)
     all_counts, all_rows = np.concatenate(pooled_counts), sum(forwarded)
-    pooled_counts.clear(), forwarded.clear()
+    pooled_counts.clear()
+    forwarded.clear()
     half = train(
         tiny_recipe(tmp_path / "half", small_voc, *args, "data.val_split=", "train.image_patches=0.5"), progress=False
     )
