@@ -69,7 +69,7 @@ class SelectionEval:
         """The fusion of the head's selection ``scores`` with the max-pool SVM, and the calibration of the fused
         scores."""
         if self.svm is None or unlocked:  # unlocked stages change the features the SVM sees
-            self.svm = self._fit_svm()
+            self.svm = self.fit_svm()
         coef, intercept, pooled = self.svm
         labels = self.selection.labels()
         fusion, tried = fit_fusion(self.recipe.infer_pool, coef, intercept, scores, pooled, labels)
@@ -81,7 +81,7 @@ class SelectionEval:
         calibration = _calibration(self.recipe, fusion.combine(scores, fusion.decision(pooled)), labels, fused=True)
         return {**fusion.to_dict(), "k": self.recipe.pool.k}, calibration
 
-    def _fit_svm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def fit_svm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The max-pool linear SVM on the training items (never the selection images), and the selection
         images' max-pooled features."""
         data, sel = self.train_data, self.selection

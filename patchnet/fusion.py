@@ -18,6 +18,8 @@ from .metrics import ap_table
 from .pooling import l2_normalize
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
+# per-class weights: a class's own best weight counts as this many held-out positives against the shared one
+SHRINK_POSITIVES = 10.0
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Fusion:
     head_std: np.ndarray
     linear_mean: np.ndarray
     linear_std: np.ndarray
-    weight: float
+    weight: float | np.ndarray  # one for every class, or (C,)
 
     def decision(self, pooled: np.ndarray) -> np.ndarray:
         return l2_normalize(pooled) @ self.coef.T + self.intercept
@@ -65,10 +67,13 @@ def fit_fusion(
     pooled: np.ndarray,
     labels: np.ndarray,
     weights=FUSION_WEIGHTS,
+    shrink: float | None = None,
 ) -> tuple[Fusion, dict]:
     """Choose the fusion weight by 11-point mAP on held-out (head scores, max-pooled features, labels).
 
-    Returns the fusion and the held-out mAP of every weight tried.
+    With ``shrink``, each class gets its own weight: its best by its held-out AP, averaged with the shared
+    weight as if that were ``shrink`` more positives (``n_c w_c + shrink w) / (n_c + shrink)``).
+    Returns the fusion and the held-out mAP of every shared weight tried.
     """
     decisions = l2_normalize(pooled) @ coef.T + intercept
     h = score_feature(head_scores, pool)
@@ -78,11 +83,18 @@ def fit_fusion(
         "linear_mean": decisions.mean(0),
         "linear_std": decisions.std(0) + 1e-12,
     }
-    tried = {}
+    tried, per_class = {}, {}
     for w in weights:
         fused = Fusion(pool, coef, intercept, **stats, weight=float(w))
-        tried[float(w)] = ap_table(
-            fused.combine(head_scores, decisions), labels, [str(i) for i in range(len(coef))]
-        ).map07
+        t = ap_table(fused.combine(head_scores, decisions), labels, [str(i) for i in range(len(coef))])
+        tried[float(w)], per_class[float(w)] = t.map07, t.ap07
     best = max(tried, key=lambda w: (np.nan_to_num(tried[w], nan=-1.0), -w))  # ties: the smaller weight
-    return Fusion(pool, coef, intercept, **stats, weight=best), tried
+    if shrink is None:
+        return Fusion(pool, coef, intercept, **stats, weight=best), tried
+    grid = np.array(list(per_class))
+    aps = np.nan_to_num(np.stack([per_class[w] for w in grid]), nan=-1.0)  # (W, C)
+    # ties (and classes without an AP): the weight nearest the shared one
+    own = grid[np.lexsort((np.abs(grid - best)[:, None].repeat(aps.shape[1], 1), -aps), axis=0)[0]]
+    n = (labels == 1).sum(0)
+    shrunk = np.where(n + shrink > 0, (n * own + shrink * best) / np.maximum(n + shrink, 1e-12), best)
+    return Fusion(pool, coef, intercept, **stats, weight=shrunk), tried

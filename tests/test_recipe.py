@@ -9,7 +9,7 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 def test_shipped_recipes_exist():
     names = {p.stem for p in RECIPES}
-    assert {"demo", "voc07", "voc07_lite0", "voc07_dev", "coco_example"} <= names
+    assert {"demo", "voc07", "voc07_trainval", "voc07_dev", "coco_example"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""One fusion weight for every class, or one per class: measured on a trained run's cached features.
+
+For a run's ``last.pt`` (its recipe and cache), fits the max-pool SVM as training does, then compares
+the fusion weight chosen per class (shrunk towards the one shared weight by the class's held-out
+positives) with the shared weight:
+
+- ``held-out CV``: the held-out training images split in two at random, weights chosen on one half and
+  scored on the other, both ways, averaged over ``--repeats`` splits; the choice of method is made on
+  this row, never on the validation split;
+- ``val``: chosen on all the held-out images, scored on the validation split (reported only).
+
+    python benchmarks/fusion_weights.py checkpoints/voc07_dev/last.pt --cache-dir <the run's cache>
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from patchnet.callbacks import SelectionEval
+from patchnet.datasets import open_split
+from patchnet.features import build_features, cache_spec
+from patchnet.fusion import SHRINK_POSITIVES, fit_fusion
+from patchnet.infer import Predictor, evaluation_items, image_scores
+from patchnet.metrics import ap_table
+from patchnet.pooling import pool_features
+from patchnet.splits import prepare_split, selection_split
+
+from common import bench_parser, table
+
+# the shrinkage strengths compared (0: each class's own best weight; None: one weight for all)
+SHRINKS = (None, 0.0, 5.0, SHRINK_POSITIVES, 20.0, 40.0)
+
+
+def _map07(fusion, scores, pooled, labels) -> float:
+    return ap_table(
+        fusion.combine(scores, fusion.decision(pooled)), labels, [str(i) for i in range(labels.shape[1])]
+    ).map07
+
+
+def main() -> None:
+    ap = bench_parser(__doc__, voc=False, recipe=None, sets=False)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--cache-dir", required=True, help="the cache the run was trained from")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+
+    predictor = Predictor(args.checkpoint, fuse=False)
+    recipe, extractor = predictor.recipe, predictor.extractor
+    recipe.runtime.cache_dir = args.cache_dir
+    spec = cache_spec(recipe, extractor, codec=predictor.codec)
+    train_data = prepare_split(recipe, recipe.data.train_split, extractor, spec)
+    selection = selection_split(recipe, train_data, extractor, spec)
+    assert selection is not None, "the run held out no training images"
+    coef, intercept, sel_pooled = SelectionEval(recipe, train_data, selection).fit_svm()
+    pool = predictor.pool
+    sel_scores = image_scores(predictor.head, selection.data.store, selection.items, recipe.pool, pool)
+    sel_labels = selection.labels()
+
+    val = open_split(recipe.data, recipe.data.val_split, classes=predictor.classes)
+    store = build_features(spec, val, extractor)
+    items = evaluation_items(store)
+    val_scores = image_scores(predictor.head, store, items, recipe.pool, pool)
+    val_pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
+    val_labels = val.labels()[store.record[items]]
+
+    shared, _ = fit_fusion(pool, coef, intercept, sel_scores, sel_pooled, sel_labels)
+    val_svm = ap_table(shared.decision(val_pooled), val_labels, predictor.classes)
+    val_head = ap_table(val_scores, val_labels, predictor.classes)
+    rows = [
+        ("max-pool SVM alone (no boxes)", "", f"{100 * val_svm.map07:.1f} / {100 * val_svm.map:.1f}", ""),
+        ("the head alone", "", f"{100 * val_head.map07:.1f} / {100 * val_head.map:.1f}", ""),
+    ]
+    rng = np.random.default_rng(0)
+    fused = {}
+    n = len(sel_labels)
+    for shrink in SHRINKS:
+        cv = []
+        for _ in range(args.repeats):
+            perm = rng.permutation(n)
+            halves = perm[: n // 2], perm[n // 2 :]
+            for a, b in (halves, halves[::-1]):
+                f, _ = fit_fusion(pool, coef, intercept, sel_scores[a], sel_pooled[a], sel_labels[a], shrink=shrink)
+                cv.append(_map07(f, sel_scores[b], sel_pooled[b], sel_labels[b]))
+        f, _ = fit_fusion(pool, coef, intercept, sel_scores, sel_pooled, sel_labels, shrink=shrink)
+        v = fused[shrink] = ap_table(f.combine(val_scores, f.decision(val_pooled)), val_labels, predictor.classes)
+        weights = np.atleast_1d(f.weight)
+        rows.append(
+            (
+                "one weight" if shrink is None else f"per class, shrink {shrink:g}",
+                f"{100 * np.mean(cv):.2f}",
+                f"{100 * v.map07:.1f} / {100 * v.map:.1f}",
+                " ".join(f"{w:.2g}" for w in weights),
+            )
+        )
+    print(table(rows, ["fusion weight", "held-out CV mAP 11-pt", "val mAP 11-pt / env", "weights"]))
+    per_class = [
+        (
+            c,
+            f"{100 * val_svm.ap07[i]:.1f}",
+            f"{100 * fused[None].ap07[i]:.1f}",
+            f"{100 * fused[SHRINK_POSITIVES].ap07[i]:.1f}",
+        )
+        for i, c in enumerate(predictor.classes)
+    ]
+    print(
+        table(
+            per_class,
+            ["class (val AP 11-pt)", "max-pool SVM", "fused, one weight", f"fused, shrink {SHRINK_POSITIVES:g}"],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
