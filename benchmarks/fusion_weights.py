@@ -6,8 +6,8 @@ the fusion weight chosen per class (shrunk towards the one shared weight by the 
 positives) with the shared weight:
 
 - ``held-out CV``: the held-out training images split in two at random, weights chosen on one half and
-  scored on the other, both ways, averaged over ``--repeats`` splits; the choice of method is made on
-  this row, never on the validation split;
+  scored on the other, both ways, averaged over ``--repeats`` splits (the same ones for every row); the
+  choice of method is made on this row, never on the validation split;
 - ``val``: chosen on all the held-out images, scored on the validation split (reported only).
 
     python benchmarks/fusion_weights.py checkpoints/voc07_dev/last.pt --cache-dir <the run's cache>
@@ -72,12 +72,12 @@ def main() -> None:
         ("the head alone", "", f"{100 * val_head.map07:.1f} / {100 * val_head.map:.1f}", ""),
     ]
     rng = np.random.default_rng(0)
-    fused = {}
     n = len(sel_labels)
+    perms = [rng.permutation(n) for _ in range(args.repeats)]  # the same halvings for every row: paired
+    fused = {}
     for shrink in SHRINKS:
         cv = []
-        for _ in range(args.repeats):
-            perm = rng.permutation(n)
+        for perm in perms:
             halves = perm[: n // 2], perm[n // 2 :]
             for a, b in (halves, halves[::-1]):
                 f, _ = fit_fusion(pool, coef, intercept, sel_scores[a], sel_pooled[a], sel_labels[a], shrink=shrink)

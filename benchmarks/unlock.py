@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Unlocking the trunk's last stages (`train.unlock`): accuracy, epoch time and cache size against the head alone.
 
-Each row trains the recipe (default `voc07_dev.yaml`: shared mode, levels [1, 2, 4], supervision
+Each row trains the recipe (default `voc07_dev.yaml`: Lite2, shared mode, levels [1, 2, 3], supervision
 `both`) on the first --limit devtrain images with `train.unlock` = N and scores `last.pt` on the first
 --limit devval images: as the recipe scores (fused with the max-pool SVM when `infer.fuse`), and the
 head alone through `patchnet eval --no-fuse`, which extracts devval with the trained trunk. N = 0 is the

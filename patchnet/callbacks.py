@@ -74,9 +74,9 @@ class SelectionEval:
         labels = self.selection.labels()
         fusion, tried = fit_fusion(self.recipe.infer_pool, coef, intercept, scores, pooled, labels)
         log.info(
-            "fusion: selection mAP by weight %s; chose %g",
+            "fusion: selection mAP by weight %s; chose %s",
             ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()),
-            fusion.weight,
+            fusion.weight_text(),
         )
         calibration = _calibration(self.recipe, fusion.combine(scores, fusion.decision(pooled)), labels, fused=True)
         return {**fusion.to_dict(), "k": self.recipe.pool.k}, calibration

@@ -95,9 +95,8 @@ class FixedSizeModel(nn.Module):
         self.fused, self.calibrated = predictor.fusion is not None, predictor.calibration is not None
         if predictor.fusion is not None:
             f = predictor.fusion
-            for name in ("coef", "intercept", "head_mean", "head_std", "linear_mean", "linear_std"):
+            for name in ("coef", "intercept", "head_mean", "head_std", "linear_mean", "linear_std", "weight"):
                 self.register_buffer(f"fusion_{name}", torch.as_tensor(getattr(f, name), dtype=torch.float64))
-            self.fusion_weight = float(f.weight)
         if predictor.calibration is not None:
             c = predictor.calibration
             self.register_buffer("cal_a", torch.as_tensor(c.a, dtype=torch.float64))

@@ -47,6 +47,11 @@ class Fusion:
         h = (score_feature(head_scores, self.pool) - self.head_mean) / self.head_std
         return h + self.weight * (decisions - self.linear_mean) / self.linear_std
 
+    def weight_text(self) -> str:
+        """The weight as a person reads it: one number, or the range of the per-class weights."""
+        w = np.asarray(self.weight)
+        return f"{float(w):g}" if w.ndim == 0 else f"per class, {w.min():g} to {w.max():g}"
+
     def to_dict(self) -> dict:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
@@ -91,6 +96,8 @@ def fit_fusion(
     best = max(tried, key=lambda w: (np.nan_to_num(tried[w], nan=-1.0), -w))  # ties: the smaller weight
     if shrink is None:
         return Fusion(pool, coef, intercept, **stats, weight=best), tried
+    if shrink < 0:
+        raise ValueError(f"shrink counts held-out positives: 0 or more, got {shrink}")
     grid = np.array(list(per_class))
     aps = np.nan_to_num(np.stack([per_class[w] for w in grid]), nan=-1.0)  # (W, C)
     # ties (and classes without an AP): the weight nearest the shared one

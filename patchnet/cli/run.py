@@ -92,7 +92,7 @@ def eval(
         typer.echo(table.format())
         typer.echo(
             f"{n} images; pooling {predictor.pool}"
-            + (f", fused with the max-pool SVM (weight {predictor.fusion.weight:g})" if predictor.fusion else "")
+            + (f", fused with the max-pool SVM (weight {predictor.fusion.weight_text()})" if predictor.fusion else "")
         )
         values = table.to_dict()
         if pointing:
