@@ -18,8 +18,6 @@ from .metrics import ap_table
 from .pooling import l2_normalize
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
-# per-class weights: a class's own best weight counts as this many held-out positives against the shared one
-SHRINK_POSITIVES = 10.0
 
 
 @dataclass
@@ -101,7 +99,7 @@ def fit_fusion(
     grid = np.array(list(per_class))
     aps = np.nan_to_num(np.stack([per_class[w] for w in grid]), nan=-1.0)  # (W, C)
     # ties (and classes without an AP): the weight nearest the shared one
-    own = grid[np.lexsort((np.abs(grid - best)[:, None].repeat(aps.shape[1], 1), -aps), axis=0)[0]]
+    own = grid[np.lexsort((np.broadcast_to(np.abs(grid - best)[:, None], aps.shape), -aps), axis=0)[0]]
     n = (labels == 1).sum(0)
     shrunk = np.where(n + shrink > 0, (n * own + shrink * best) / np.maximum(n + shrink, 1e-12), best)
     return Fusion(pool, coef, intercept, **stats, weight=shrunk), tried
