@@ -5,7 +5,7 @@ does not run it yet).
 The fused trunk is exported once for any image size (``Conv2dSame.shape_free``), quantised statically
 by ONNX Runtime (per-channel int8 weights, QDQ, activations calibrated with MinMax on the pyramid levels
 of ``--calibration`` devtrain images), and run on the pyramid levels of ``--images`` devval images
-beside torch fp32 (channels_last), torch bf16 (channels_last, where the CPU has native bf16) and ONNX
+beside torch fp32 (channels_last and NCHW), torch bf16 (channels_last, where the CPU has native bf16) and ONNX
 Runtime fp32. Rows: ms per image (every level), speed against torch fp32, and the relative L2 error of
 each level's mean-pooled map against torch fp32 (mean and worst).
 
@@ -14,6 +14,7 @@ each level's mean-pooled map against torch fp32 (mean and worst).
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -104,20 +105,27 @@ def main() -> None:
             for n, p in (("ort fp32", fp32), ("ort int8", int8))
         }
         levels = [x for r in val for x in level_images(ex, load_image(r.path))]
-        cl = backbone.to(memory_format=torch.channels_last)
+        nchw = backbone
+        cl = copy.deepcopy(backbone).to(memory_format=torch.channels_last)
 
-        def torch_run(dtype):
+        def torch_run(dtype, layout=torch.channels_last):
+            net = cl if layout == torch.channels_last else nchw
+
             def run(x: np.ndarray) -> np.ndarray:
-                t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+                t = torch.from_numpy(x).contiguous(memory_format=layout)
                 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                    return cl.feature_map(t).float().numpy()
+                    return net.feature_map(t).float().numpy()
 
             return run
 
         def ort_run(name):
             return lambda x: sessions[name].run(None, {"image": x})[0]
 
-        paths = {"torch fp32 (channels_last)": torch_run(None), "ort fp32": ort_run("ort fp32")}
+        paths = {
+            "torch fp32 (channels_last)": torch_run(None),
+            "torch fp32 (NCHW)": torch_run(None, torch.contiguous_format),
+            "ort fp32": ort_run("ort fp32"),
+        }
         if native_bf16():
             paths["torch bf16 (channels_last)"] = torch_run(torch.bfloat16)
         paths["ort int8"] = ort_run("ort int8")

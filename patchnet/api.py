@@ -21,7 +21,7 @@ from PIL import Image
 
 from .datasets import DatasetError, load_image
 from .infer import Prediction, Predictor
-from .localize import Detection, localize
+from .localize import Detection, box_options, localize
 
 
 def as_image(image, max_pixels: int | None = None) -> np.ndarray:
@@ -163,8 +163,8 @@ class Model:
     ) -> list[Detection]:
         """Boxes of one image (``patchnet.localize``): for the classes judged present, or ``classes``."""
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
+        method, threshold = box_options(self.recipe.infer, method, threshold)
         _, p = self._one(image)
-        infer = self.recipe.infer
         scores = p.scores if p.probabilities is None else np.log(np.maximum(p.probabilities, 1e-12))
         return localize(
             p.boxes,
@@ -173,9 +173,9 @@ class Model:
             p.width,
             p.height,
             self._class_indices(wanted, p),
-            method or infer.box_method,
-            infer.box_threshold if threshold is None else threshold,
-            infer.map_prior,
+            method,
+            threshold,
+            self.recipe.infer.map_prior,
         )
 
 

@@ -47,6 +47,14 @@ def check_box_options(method: str, threshold: float) -> None:
         )
 
 
+def box_options(infer: InferConfig, method: str | None = None, threshold: float | None = None) -> tuple[str, float]:
+    """The box method and map cut a caller asked for, else the recipe's ``infer`` ones; checked."""
+    method = method or infer.box_method
+    threshold = infer.box_threshold if threshold is None else threshold
+    check_box_options(method, threshold)
+    return method, threshold
+
+
 @dataclass(frozen=True)
 class Detection:
     """One box of a class in an image: ``box`` is ``x1, y1, x2, y2`` in pixels."""

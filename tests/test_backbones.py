@@ -305,3 +305,10 @@ def test_a_traced_trunk_has_no_stage_maps():
         backbone.stage_maps(torch.rand(1, 3, SIZE, SIZE), ["layer1"])
     with pytest.raises(BackboneError, match="has no stage 'conv9'; its stages: layer1, layer2"):
         backbone.stage("conv9")
+
+
+def test_shape_free_padding_refuses_a_kernel_smaller_than_its_stride():
+    conv = Conv2dSame(4, 4, 1, 2)
+    conv.shape_free = True
+    with pytest.raises(ValueError, match="kernel at least the stride"):
+        conv(torch.randn(1, 4, 8, 8))

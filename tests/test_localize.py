@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from patchnet.localize import localize, map_regions
+from patchnet.localize import BoxOptionError, box_options, localize, map_regions
 from patchnet.metrics import box_iou, corloc_hits, detection_ap
+from patchnet.recipe import InferConfig
 
 
 def test_map_regions_are_the_connected_parts_above_the_threshold_peak_first():
@@ -126,3 +127,13 @@ def test_detection_ap_matches_pycocotools_on_random_boxes(tmp_path):
     coco_ap = float(ev.eval["precision"][0, :, 0, 0, 0].mean())
     _, ap = detection_ap(dets, truth, iou=0.5)
     assert ap == pytest.approx(coco_ap, abs=0.02) and 0.2 < ap < 0.95
+
+
+def test_box_options_take_the_callers_else_the_recipes_and_are_checked():
+    infer = InferConfig(box_method="patch", box_threshold=0.3)
+    assert box_options(infer) == ("patch", 0.3)
+    assert box_options(infer, "map", 0.0) == ("map", 0.0)  # a cut of 0 is the caller's, not "unset"
+    with pytest.raises(BoxOptionError, match="one of"):
+        box_options(infer, "boxes")
+    with pytest.raises(BoxOptionError, match=r"\[0, 1\]"):
+        box_options(InferConfig(box_method="map", box_threshold=1.5))

@@ -38,13 +38,10 @@ def localize(
         from ..api import load
         from ..datasets import image_files, load_image
         from ..draw import draw_detections
-        from ..localize import check_box_options
+        from ..localize import box_options
 
         model = load(checkpoint)
-        infer = model.recipe.infer
-        method = method or infer.box_method
-        threshold = infer.box_threshold if threshold is None else threshold
-        check_box_options(method, threshold)
+        method, threshold = box_options(model.recipe.infer, method, threshold)
         wanted = [c.strip() for c in classes.split(",")] if classes else None
         if wanted is not None:
             model.class_indices(wanted)  # once, before any image

@@ -128,12 +128,9 @@ def _pointing(predictor, dataset, store, items, prior) -> dict:
 
 def _localization(predictor, dataset, store, items, scores, prior, method, threshold) -> dict:
     """CorLoc and detection AP of the split, printed; returns them for the JSON table."""
-    from ..localize import check_box_options, evaluate_localization
+    from ..localize import box_options, evaluate_localization
 
-    infer = predictor.recipe.infer
-    method = method or infer.box_method
-    threshold = infer.box_threshold if threshold is None else threshold
-    check_box_options(method, threshold)
+    method, threshold = box_options(predictor.recipe.infer, method, threshold)
     if not dataset.has_boxes:
         raise DatasetError(f"--localize needs boxes, and {dataset.name} has none")
     result = evaluate_localization(
@@ -145,7 +142,7 @@ def _localization(predictor, dataset, store, items, scores, prior, method, thres
         predictor.pool,
         method,
         threshold,
-        infer.map_prior if prior < 0 else prior,
+        predictor.recipe.infer.map_prior if prior < 0 else prior,
     )
     typer.echo(result.format())
     typer.echo(

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Test-time mirroring: a trained run's scores with and without the mirror image's patches.
+
+For a run's ``last.pt`` (its recipe and cache), extracts the patches of every held-out training image
+and every validation image mirrored left-right, and scores each image from the union of its own
+patches and its mirror's (the head's pooling over both sets; the max-pool SVM on the maximum over
+both). The fusion weight is refitted on the held-out images for each row, as training fits it. The
+choice is made on the held-out rows, never on the validation split (reported only).
+
+    python benchmarks/flip_tta.py checkpoints/voc07_dev/last.pt --cache-dir <the run's cache>
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from patchnet.callbacks import SelectionEval
+from patchnet.datasets import load_image, open_split
+from patchnet.features import build_features, cache_spec
+from patchnet.fusion import fit_fusion
+from patchnet.infer import Predictor, evaluation_items, image_scores
+from patchnet.metrics import ap_table
+from patchnet.pooling import pool_features, pool_image
+from patchnet.splits import prepare_split, selection_split
+
+from common import bench_parser, table
+
+
+def mirrored(predictor: Predictor, store, dataset, items: np.ndarray, desc: str):
+    """(I, C) head scores over each image's patches and its mirror's, and (I, d) max-pooled trunk features
+    over both; also the seconds per mirrored image."""
+    recipe, head, codec = predictor.recipe, predictor.head, predictor.codec
+    scores, pooled, started = [], [], time.perf_counter()
+    for i in tqdm(items, desc=desc):
+        rec = dataset.records[store.record[i]]
+        image = load_image(rec.path, recipe.data.max_pixels)[:, ::-1]
+        flipped, _ = predictor.extractor.extract(image)
+        flipped = codec.roundtrip(flipped)
+        logits = torch.cat([head.logits(store.rows[store.item_slice(int(i))]), head.logits(flipped)])
+        scores.append(pool_image(logits, recipe.pool, predictor.pool))
+        both = np.concatenate([np.asarray(store.trunk_rows[store.item_slice(int(i))]), codec.unproject(flipped)])
+        pooled.append(both.max(0))
+    return np.stack(scores), np.stack(pooled), (time.perf_counter() - started) / len(items)
+
+
+def main() -> None:
+    ap = bench_parser(__doc__, voc=False, recipe=None, sets=False)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--cache-dir", required=True, help="the cache the run was trained from")
+    args = ap.parse_args()
+
+    predictor = Predictor(args.checkpoint, fuse=False, runtime=None)  # the recipe's trunk runtime, as training ran
+    recipe, extractor, pool = predictor.recipe, predictor.extractor, predictor.pool
+    recipe.runtime.cache_dir = args.cache_dir
+    spec = cache_spec(recipe, extractor, codec=predictor.codec)
+    train_data = prepare_split(recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views)
+    selection = selection_split(recipe, train_data, extractor, spec)
+    assert selection is not None, "the run held out no training images"
+    coef, intercept, sel_pooled = SelectionEval(recipe, train_data, selection).fit_svm()
+    sel_store, sel_labels = selection.data.store, selection.labels()
+    sel_scores = image_scores(predictor.head, sel_store, selection.items, recipe.pool, pool)
+
+    val = open_split(recipe.data, recipe.data.val_split, classes=predictor.classes)
+    store = build_features(spec, val, extractor)
+    items = evaluation_items(store)
+    val_scores = image_scores(predictor.head, store, items, recipe.pool, pool)
+    val_pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
+    val_labels = val.labels()[store.record[items]]
+
+    sel_tta = mirrored(predictor, sel_store, selection.data.dataset, selection.items, "held-out, mirrored")
+    val_tta = mirrored(predictor, store, val, items, "val, mirrored")
+
+    names = [str(i) for i in range(sel_labels.shape[1])]
+    rows = []
+    for name, (s_scores, s_pooled), (v_scores, v_pooled) in (
+        ("as trained", (sel_scores, sel_pooled), (val_scores, val_pooled)),
+        ("with the mirror image", sel_tta[:2], val_tta[:2]),
+    ):
+        fusion, _ = fit_fusion(pool, coef, intercept, s_scores, s_pooled, sel_labels)
+        s_head = ap_table(s_scores, sel_labels, names)
+        s_fused = ap_table(fusion.combine(s_scores, fusion.decision(s_pooled)), sel_labels, names)
+        v_head = ap_table(v_scores, val_labels, predictor.classes)
+        v_fused = ap_table(fusion.combine(v_scores, fusion.decision(v_pooled)), val_labels, predictor.classes)
+        v_svm = ap_table(fusion.decision(v_pooled), val_labels, predictor.classes)
+        rows.append(
+            (
+                name,
+                f"{100 * s_head.map07:.1f} / {100 * s_fused.map07:.1f}",
+                fusion.weight_text(),
+                f"{100 * v_head.map07:.1f} / {100 * v_fused.map07:.1f} / {100 * v_fused.map:.1f}",
+                f"{100 * v_svm.map07:.1f}",
+            )
+        )
+    print(
+        table(
+            rows,
+            ["scores", "held-out 11-pt head / fused", "weight", "val 11-pt head / fused / fused env", "val SVM 11-pt"],
+        )
+    )
+    print(f"mirror extraction: {sel_tta[2]:.3f} s/image (held-out), {val_tta[2]:.3f} s/image (val)")
+
+
+if __name__ == "__main__":
+    main()
