@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from patchnet.dist import native_bf16
+
+if TYPE_CHECKING:
+    from patchnet.cache import FeatureStore
+    from patchnet.datasets import Dataset
+    from patchnet.infer import Predictor
+    from patchnet.splits import Selection
 
 REPO = Path(__file__).resolve().parent.parent
 VOC = REPO.parent / "shared" / "data" / "VOCdevkit" / "VOC2007"
@@ -106,3 +115,63 @@ def table(rows: list[tuple], headers: tuple) -> str:
     width = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |"
     return "\n".join([fmt(cells[0]), "| " + " | ".join("-" * w for w in width) + " |"] + [fmt(r) for r in cells[1:]])
+
+
+@dataclass
+class RunScores:
+    """A trained run's scores as training saw them: the held-out training images (selection) and the validation
+    split, each with its head scores, max-pooled trunk features and labels, and the max-pool SVM fitted as
+    training fits it (on the other training images)."""
+
+    predictor: Predictor
+    selection: Selection
+    coef: np.ndarray
+    intercept: np.ndarray
+    sel_scores: np.ndarray
+    sel_pooled: np.ndarray
+    sel_labels: np.ndarray
+    val: Dataset
+    store: FeatureStore  # the validation split's
+    items: np.ndarray
+    val_scores: np.ndarray
+    val_pooled: np.ndarray
+    val_labels: np.ndarray
+
+
+def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
+    """``checkpoint``'s scores from the cache its run was trained from."""
+    from patchnet.callbacks import SelectionEval
+    from patchnet.datasets import open_split
+    from patchnet.features import build_features, cache_spec
+    from patchnet.infer import Predictor, evaluation_items, image_scores
+    from patchnet.pooling import pool_features
+    from patchnet.splits import prepare_split, selection_split
+
+    predictor = Predictor(checkpoint, fuse=False)
+    recipe, extractor, pool = predictor.recipe, predictor.extractor, predictor.pool
+    recipe.runtime.cache_dir = cache_dir
+    spec = cache_spec(recipe, extractor, codec=predictor.codec)
+    train_data = prepare_split(recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views)
+    selection = selection_split(recipe, train_data, extractor, spec)
+    if selection is None:
+        raise SystemExit(f"{checkpoint}: its run held out no training images (train.holdout=0)")
+    coef, intercept, sel_pooled = SelectionEval(recipe, train_data, selection).fit_svm()
+    sel_scores = image_scores(predictor.head, selection.data.store, selection.items, recipe.pool, pool)
+    val = open_split(recipe.data, recipe.data.val_split, classes=predictor.classes)
+    store = build_features(spec, val, extractor)
+    items = evaluation_items(store)
+    return RunScores(
+        predictor,
+        selection,
+        coef,
+        intercept,
+        sel_scores,
+        sel_pooled,
+        selection.labels(),
+        val,
+        store,
+        items,
+        image_scores(predictor.head, store, items, recipe.pool, pool),
+        pool_features(store.trunk_rows, store.offsets, items, "max"),
+        val.labels()[store.record[items]],
+    )

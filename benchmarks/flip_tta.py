@@ -18,16 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from patchnet.callbacks import SelectionEval
-from patchnet.datasets import load_image, open_split
-from patchnet.features import build_features, cache_spec
+from patchnet.datasets import load_image
 from patchnet.fusion import fit_fusion
-from patchnet.infer import Predictor, evaluation_items, image_scores
+from patchnet.infer import Predictor
 from patchnet.metrics import ap_table
-from patchnet.pooling import pool_features, pool_image
-from patchnet.splits import prepare_split, selection_split
+from patchnet.pooling import pool_image
 
-from common import bench_parser, table
+from common import bench_parser, run_scores, table
 
 
 def mirrored(predictor: Predictor, store, dataset, items: np.ndarray, desc: str):
@@ -53,31 +50,16 @@ def main() -> None:
     ap.add_argument("--cache-dir", required=True, help="the cache the run was trained from")
     args = ap.parse_args()
 
-    predictor = Predictor(args.checkpoint, fuse=False, runtime=None)  # the recipe's trunk runtime, as training ran
-    recipe, extractor, pool = predictor.recipe, predictor.extractor, predictor.pool
-    recipe.runtime.cache_dir = args.cache_dir
-    spec = cache_spec(recipe, extractor, codec=predictor.codec)
-    train_data = prepare_split(recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views)
-    selection = selection_split(recipe, train_data, extractor, spec)
-    assert selection is not None, "the run held out no training images"
-    coef, intercept, sel_pooled = SelectionEval(recipe, train_data, selection).fit_svm()
-    sel_store, sel_labels = selection.data.store, selection.labels()
-    sel_scores = image_scores(predictor.head, sel_store, selection.items, recipe.pool, pool)
-
-    val = open_split(recipe.data, recipe.data.val_split, classes=predictor.classes)
-    store = build_features(spec, val, extractor)
-    items = evaluation_items(store)
-    val_scores = image_scores(predictor.head, store, items, recipe.pool, pool)
-    val_pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
-    val_labels = val.labels()[store.record[items]]
-
-    sel_tta = mirrored(predictor, sel_store, selection.data.dataset, selection.items, "held-out, mirrored")
-    val_tta = mirrored(predictor, store, val, items, "val, mirrored")
+    run = run_scores(args.checkpoint, args.cache_dir)
+    predictor, pool, coef, intercept = run.predictor, run.predictor.pool, run.coef, run.intercept
+    sel_labels, val_labels, sel = run.sel_labels, run.val_labels, run.selection
+    sel_tta = mirrored(predictor, sel.data.store, sel.data.dataset, sel.items, "held-out, mirrored")
+    val_tta = mirrored(predictor, run.store, run.val, run.items, "val, mirrored")
 
     names = [str(i) for i in range(sel_labels.shape[1])]
     rows = []
     for name, (s_scores, s_pooled), (v_scores, v_pooled) in (
-        ("as trained", (sel_scores, sel_pooled), (val_scores, val_pooled)),
+        ("as trained", (run.sel_scores, run.sel_pooled), (run.val_scores, run.val_pooled)),
         ("with the mirror image", sel_tta[:2], val_tta[:2]),
     ):
         fusion, _ = fit_fusion(pool, coef, intercept, s_scores, s_pooled, sel_labels)

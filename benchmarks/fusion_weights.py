@@ -17,16 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from patchnet.callbacks import SelectionEval
-from patchnet.datasets import open_split
-from patchnet.features import build_features, cache_spec
 from patchnet.fusion import fit_fusion
-from patchnet.infer import Predictor, evaluation_items, image_scores
 from patchnet.metrics import ap_table
-from patchnet.pooling import pool_features
-from patchnet.splits import prepare_split, selection_split
 
-from common import bench_parser, table
+from common import bench_parser, run_scores, table
 
 # the shrinkage strengths compared (0: each class's own best weight; None: one weight for all)
 SHRINKS = (None, 0.0, 5.0, 10.0, 20.0, 40.0)
@@ -40,24 +34,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
 
-    predictor = Predictor(args.checkpoint, fuse=False)
-    recipe, extractor = predictor.recipe, predictor.extractor
-    recipe.runtime.cache_dir = args.cache_dir
-    spec = cache_spec(recipe, extractor, codec=predictor.codec)
-    train_data = prepare_split(recipe, recipe.data.train_split, extractor, spec)
-    selection = selection_split(recipe, train_data, extractor, spec)
-    assert selection is not None, "the run held out no training images"
-    coef, intercept, sel_pooled = SelectionEval(recipe, train_data, selection).fit_svm()
-    pool = predictor.pool
-    sel_scores = image_scores(predictor.head, selection.data.store, selection.items, recipe.pool, pool)
-    sel_labels = selection.labels()
-
-    val = open_split(recipe.data, recipe.data.val_split, classes=predictor.classes)
-    store = build_features(spec, val, extractor)
-    items = evaluation_items(store)
-    val_scores = image_scores(predictor.head, store, items, recipe.pool, pool)
-    val_pooled = pool_features(store.trunk_rows, store.offsets, items, "max")
-    val_labels = val.labels()[store.record[items]]
+    run = run_scores(args.checkpoint, args.cache_dir)
+    predictor, pool, coef, intercept = run.predictor, run.predictor.pool, run.coef, run.intercept
+    sel_scores, sel_pooled, sel_labels = run.sel_scores, run.sel_pooled, run.sel_labels
+    val_scores, val_pooled, val_labels = run.val_scores, run.val_pooled, run.val_labels
 
     # the SVM's decisions depend on no weight: computed once
     shared, _ = fit_fusion(pool, coef, intercept, sel_scores, sel_pooled, sel_labels)

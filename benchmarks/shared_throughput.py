@@ -13,15 +13,13 @@ is printed: a real split pays it once per image size). The machine's speed drift
 minute, so the rows take turns: every round of ``--round`` images runs all four paths, in an order
 that rotates from round to round, and each row sums its rounds.
 
-With ``--precisions``, ``--layouts`` and ``--runtimes``, the bound and the extractor run once per trunk
-precision, memory layout (channels_last ``cl`` or ``nchw``) and runtime (``torch``, or ``onnx``: ONNX
-Runtime's CPU kernels, fp32 only), side by side in the same rounds; the last column is each row's speed
-against the extractor of the first configuration.
+With ``--precisions`` and ``--layouts``, the bound and the extractor run once per trunk precision and
+memory layout (channels_last ``cl`` or ``nchw``), side by side in the same rounds; the last column is each
+row's speed against the extractor of the first configuration.
 
     python benchmarks/shared_throughput.py --images 80
     python benchmarks/shared_throughput.py --images 80 --set runtime.workers=0
     python benchmarks/shared_throughput.py --images 40 --precisions fp32 bf16 --layouts cl nchw
-    python benchmarks/shared_throughput.py --images 30 --precisions fp32 --runtimes torch onnx
 """
 
 from __future__ import annotations
@@ -60,13 +58,6 @@ def main() -> None:
         choices=["cl", "nchw"],
         help="memory layouts (default: the recipe's)",
     )
-    ap.add_argument(
-        "--runtimes",
-        nargs="*",
-        default=[],
-        choices=["torch", "onnx", "auto"],
-        help="what runs the trunk (default: the recipe's backbone.runtime)",
-    )
     args = ap.parse_args()
     voc = require_voc(args.voc)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,24 +66,19 @@ def main() -> None:
             raise SystemExit(f"this benchmark measures shared mode; the recipe has patches.mode={recipe.patches.mode}")
         precisions = args.precisions or [recipe.backbone.precision]
         layouts = args.layouts or ["cl" if recipe.backbone.channels_last else "nchw"]
-        runtimes = args.runtimes or [recipe.backbone.runtime]
-        configs = [(p, lay, rt) for p in precisions for lay in layouts for rt in runtimes]
+        configs = [(p, lay) for p in precisions for lay in layouts]
         full = read_voc(voc, "devval", VOC_CLASSES)
         ds = Dataset(f"{full.name}[:{args.images}]", full.classes, full.records[: args.images])
         images = [load_image(r.path) for r in ds.records]
         extractors = {
-            (p, lay, rt): build_extractor(
+            (p, lay): build_extractor(
                 dev_recipe(
                     args,
                     f"runtime.cache_dir={tmp}",
-                    after=(
-                        f"backbone.precision={p}",
-                        f"backbone.channels_last={str(lay == 'cl').lower()}",
-                        f"backbone.runtime={rt}",
-                    ),
+                    after=(f"backbone.precision={p}", f"backbone.channels_last={str(lay == 'cl').lower()}"),
                 )
             )
-            for p, lay, rt in configs
+            for p, lay in configs
         }
         ready = {c: [level_inputs(ex, im) for im in images] for c, ex in extractors.items()}
         first = configs[0]
@@ -105,7 +91,7 @@ def main() -> None:
                 with torch.inference_mode(), e.autocast():
                     for levels in ready[c][part]:
                         for x, _ in levels:
-                            e.feature_map(x)
+                            e.backbone.feature_map(x)
 
             return run
 
@@ -154,9 +140,7 @@ def main() -> None:
     print(
         f"{n} devval images, {pixels / n / 1e6:.2f} M trunk pixels per image, levels {recipe.patches.levels}, "
         f"workers {recipe.runtime.workers}; autocast per configuration: "
-        + ", ".join(
-            f"{' '.join(c)} -> {extractors[c].autocast_dtype}, runtime {extractors[c].runtime}" for c in configs
-        )
+        + ", ".join(f"{p} {lay} -> {extractors[(p, lay)].autocast_dtype}" for p, lay in configs)
     )
     sizes = len({im.shape for im in images})
     print(
@@ -167,7 +151,7 @@ def main() -> None:
         table(
             [
                 (
-                    names[path] + (f", {' '.join(c)}" if len(configs) > 1 else ""),
+                    names[path] + (f", {c[0]} {c[1]}" if len(configs) > 1 else ""),
                     f"{n / t:.2f}",
                     f"{1000 * t / n:.0f}",
                     f"{took[(c, 'bound')] / t:.2f}",
@@ -175,7 +159,7 @@ def main() -> None:
                 )
                 for (c, path), t in took.items()
             ],
-            ("path", "images/s", "ms/image", "of bound", f"x extractor {' '.join(first)}"),
+            ("path", "images/s", "ms/image", "of bound", f"x extractor {first[0]} {first[1]}"),
         )
     )
 

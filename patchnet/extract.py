@@ -16,16 +16,13 @@ becomes exactly ``input_size`` pixels. Which patches an image has and how each i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from pathlib import Path
 from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone, BackboneError, backbone_spec, build_backbone, check_patch_mode
-from .backbones.onnx import OnnxFeatureMap, onnx_available, onnx_feature_map
+from .backbones import Backbone, backbone_spec, build_backbone, check_patch_mode
 from .dist import resolve_device, resolve_precision
 from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import PatchPlan, ScaleGrid, patch_plan
@@ -38,49 +35,7 @@ def build_extractor(recipe: Recipe, backbone: Backbone | None = None) -> PatchEx
     """
     b = recipe.backbone
     backbone = backbone or build_backbone(b.name, b.weights, b.input_size, b.layer)
-    if recipe.train.unlock and b.runtime != "torch":
-        if b.runtime == "onnx":
-            raise BackboneError(
-                "backbone.runtime=onnx cannot run with train.unlock: the unlocked stages train through torch; "
-                "set backbone.runtime=auto or torch"
-            )
-        b = dataclasses.replace(b, runtime="torch")
-    return PatchExtractor(
-        backbone,
-        recipe.patches,
-        b,
-        recipe.runtime.device,
-        recipe.runtime.trunk_batch,
-        trunk_dir=recipe.runtime.cache_dir,
-    )
-
-
-def resolve_runtime(runtime: str, name: str, mode: str, device: torch.device, autocast_dtype) -> str:
-    """What runs the trunk's feature maps: ``torch`` or ``onnx`` (ONNX Runtime's CPU kernels).
-
-    ``auto``: ONNX Runtime for an fp32 EfficientNet-Lite trunk on the CPU in shared or whole mode (where it
-    measured faster than torch), torch otherwise. ``onnx`` where it cannot run is an error that says why.
-    """
-    if runtime == "torch":
-        return "torch"
-    why = (
-        "it runs on the CPU only"
-        if device.type != "cpu"
-        else "it runs the trunk in fp32 only (set backbone.precision=fp32)"
-        if autocast_dtype is not None
-        else "exact mode crops every patch through torch (use patches.mode=shared)"
-        if mode == "exact"
-        else "onnx or onnxruntime is not installed (pip install onnx onnxruntime)"
-        if not onnx_available()
-        else ""
-    )
-    if runtime == "auto":
-        return "onnx" if not why and backbone_spec(name).family == "lite" else "torch"
-    if runtime != "onnx":
-        raise BackboneError(f"backbone.runtime must be auto, torch or onnx, got {runtime!r}")
-    if why:
-        raise BackboneError(f"backbone.runtime=onnx cannot run here: {why}; or set backbone.runtime=torch")
-    return "onnx"
+    return PatchExtractor(backbone, recipe.patches, b, recipe.runtime.device, recipe.runtime.trunk_batch)
 
 
 def map_cells(backbone: Backbone, boxes: torch.Tensor, fx: float, fy: float) -> torch.Tensor:
@@ -103,9 +58,7 @@ class PatchExtractor:
         device: str = "auto",
         batch_size: int = 0,
         fuse: bool = True,
-        trunk_dir: str | Path = ".cache/features",
     ):
-        """``trunk_dir``: where the ONNX export of the trunk is kept (``backbone.runtime``)."""
         cfg = backbone_cfg or BackboneConfig()
         check_patch_mode(backbone_spec(backbone.name), patches.mode, backbone.input_size)
         self.patches = patches
@@ -117,12 +70,6 @@ class PatchExtractor:
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.size = backbone.input_size
-        # an unfused extractor reads the trunk's stages (patchnet.stages): torch's modules
-        runtime = cfg.runtime if fuse else "torch"
-        self.runtime = resolve_runtime(runtime, backbone.name, patches.mode, self.device, self.autocast_dtype)
-        self.onnx: OnnxFeatureMap | None = (
-            onnx_feature_map(self.backbone, trunk_dir) if self.runtime == "onnx" else None
-        )
 
     @property
     def feature_dim(self) -> int:
@@ -146,10 +93,6 @@ class PatchExtractor:
         if isinstance(image, np.ndarray):
             image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         return image.to(self.device, non_blocking=True).unsqueeze(0).float().div_(255)
-
-    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The trunk's map of (B, 3, H, W) images in [0, 1], by torch or ONNX Runtime (``backbone.runtime``)."""
-        return self.backbone.feature_map(images) if self.onnx is None else self.onnx(images)
 
     def rescale(self, img: torch.Tensor, factor: float) -> torch.Tensor:
         h, w = img.shape[-2:]
@@ -208,7 +151,7 @@ class PatchExtractor:
         """One trunk pass on the whole image, short side at the input size, pooled over the whole map."""
         h, w = img.shape[-2:]
         with self.autocast():
-            fmap = self.feature_map(self.rescale(img, self.whole_factor(w, h)))
+            fmap = self.backbone.feature_map(self.rescale(img, self.whole_factor(w, h)))
             cells = torch.tensor([[0.0, 0.0, fmap.shape[-1], fmap.shape[-2]]], device=self.device)
             return self.backbone.pool_regions(fmap, cells).float()
 
@@ -217,7 +160,7 @@ class PatchExtractor:
     ) -> list[torch.Tensor]:
         """Features of ``grids`` (boxes in pixels of the width x height image) pooled from one trunk pass."""
         with self.autocast():
-            fmap = self.feature_map(scaled)
+            fmap = self.backbone.feature_map(scaled)
         boxes = torch.from_numpy(np.concatenate([g.boxes for g in grids])).to(self.device, torch.float32)
         cells = map_cells(self.backbone, boxes, scaled.shape[-1] / width, scaled.shape[-2] / height)
         with self.autocast():

@@ -130,17 +130,11 @@ class Predictor:
         k: float | None = None,
         fuse: bool = True,
         precision: str | None = None,
-        runtime: str | None = "torch",
     ):
-        """``runtime``: what runs the trunk (``backbone.runtime``); torch by default, since ``onnx`` keeps an
-        export of the trunk in the recipe's cache folder; None: the recipe's (a split's evaluation, which
-        fills that folder anyway)."""
         self.state, self.state_path = load_checkpoint(checkpoint), Path(checkpoint)
         overrides = [f"runtime.device={device}"] if device else []
         if precision:
             overrides.append(f"backbone.precision={precision}")
-        if runtime:
-            overrides.append(f"backbone.runtime={runtime}")
         if mode:
             overrides.append(f"patches.mode={mode}")
         if pool:
@@ -246,7 +240,7 @@ def evaluate_split(
     Returns the AP table, the number of images scored, and the (predictor, dataset, store, items,
     scores) behind them for further use (the pointing game, localisation).
     """
-    predictor = Predictor(checkpoint, mode=mode, pool=pool, k=k, fuse=fuse, runtime=None)
+    predictor = Predictor(checkpoint, mode=mode, pool=pool, k=k, fuse=fuse)
     recipe = predictor.recipe
     recipe.data = data_override(recipe.data, data, fmt)
     split = split or recipe.data.val_split

@@ -41,7 +41,6 @@ Pooling = Literal["power", "max", "lse", "topk"]
 Format = Literal["voc", "coco", "demo", "folder", "csv"]
 Supervision = Literal["boxes", "images", "both"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Runtime = Literal["auto", "torch", "onnx"]
 Compress = Literal["none", "int8", "pca", "pca_int8"]
 POOLINGS = typing.get_args(Pooling)
 # Pillow refuses images of more than twice its MAX_IMAGE_PIXELS (about 179 M pixels) as decompression
@@ -91,9 +90,6 @@ class BackboneConfig:
     layer: str = ""  # alexnet/vgg16: fc6 or fc7 (the default); others: the pooled penultimate feature
     channels_last: bool = True
     precision: Precision = "auto"  # auto | fp32 | bf16 | fp16
-    # what runs the trunk's maps: torch, onnx (ONNX Runtime's CPU kernels, fp32) or auto (onnx for an fp32 Lite
-    # trunk on the CPU in shared or whole mode: a CPU without native bf16)
-    runtime: Runtime = "torch"
 
 
 @dataclass

@@ -3,11 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchnet.backbones import BackboneError, build_backbone
-from patchnet.backbones.onnx import onnx_available
+from patchnet.backbones import build_backbone
 from patchnet.dist import resolve_precision
-from patchnet.extract import PatchExtractor, build_extractor, resolve_runtime
-from patchnet.recipe import BackboneConfig, PatchConfig, recipe_from_dict
+from patchnet.extract import PatchExtractor
+from patchnet.recipe import BackboneConfig, PatchConfig
 from patchnet.sampler import patch_grid
 
 FP32 = BackboneConfig(precision="fp32")
@@ -160,86 +159,3 @@ def test_timm_vit_shared_mode_pools_its_token_grid():
         tokens = backbone.feature_map(x)  # (1, 192, 2, 3)
     torch.testing.assert_close(feats[0], tokens[0, :, :, 0:2].mean(dim=(1, 2)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(feats[1], tokens[0, :, :, 1:3].mean(dim=(1, 2)), rtol=1e-4, atol=1e-5)
-
-
-# --------------------------------------------------------------------------- backbone.runtime: onnx
-
-needs_ort = pytest.mark.skipif(not onnx_available(), reason="needs onnx and onnxruntime")
-ONNX = BackboneConfig(precision="fp32", runtime="onnx")
-
-
-@needs_ort
-@pytest.mark.parametrize("levels", [[1.0, 2.0], []])
-def test_onnx_runtime_gives_torchs_features_at_every_image_size(tmp_path, levels):
-    """One export serves every rescaled size (odd and even: TF "same" padding) and equals torch's fp32 maps."""
-    backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=64)
-    cfg = PatchConfig(scales=[1.0, 1.6, 2.0], levels=levels)
-    ref = PatchExtractor(backbone, cfg, FP32, "cpu")
-    ort = PatchExtractor(backbone, cfg, ONNX, "cpu", trunk_dir=tmp_path)
-    assert (ref.runtime, ort.runtime) == ("torch", "onnx")
-    for w, h in [(96, 80), (101, 77), (64, 131)]:
-        a, b = ref(_image(w, h)), ort(_image(w, h))
-        assert a.shape == b.shape
-        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
-
-
-@needs_ort
-def test_onnx_trunk_is_exported_once_and_kept_beside_the_caches(tmp_path, monkeypatch):
-    from patchnet.backbones import onnx
-
-    backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=64)
-    PatchExtractor(backbone, PatchConfig(scales=[1.0]), ONNX, "cpu", trunk_dir=tmp_path)
-    (kept,) = (tmp_path / "trunks").iterdir()
-    assert kept.name.startswith("efficientnet_lite0-") and kept.suffix == ".onnx"
-
-    def no_export(_backbone):
-        raise AssertionError("exported again")
-
-    monkeypatch.setattr(onnx, "export_feature_map", no_export)
-    ex = PatchExtractor(backbone, PatchConfig(scales=[1.0]), ONNX, "cpu", trunk_dir=tmp_path)
-    assert ex(_image(64, 64)).shape == (1, backbone.feature_dim)
-    # random weights differ at every build: never kept
-    random = build_backbone("efficientnet_lite0", "random", input_size=64)
-    monkeypatch.undo()
-    PatchExtractor(random, PatchConfig(scales=[1.0]), ONNX, "cpu", trunk_dir=tmp_path / "r")
-    assert not (tmp_path / "r").exists()
-
-
-@needs_ort
-def test_a_damaged_onnx_trunk_names_the_file_and_the_fix(tmp_path):
-    backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=64)
-    PatchExtractor(backbone, PatchConfig(scales=[1.0]), ONNX, "cpu", trunk_dir=tmp_path)
-    (kept,) = (tmp_path / "trunks").iterdir()
-    kept.write_bytes(kept.read_bytes()[:1000])
-    with pytest.raises(BackboneError, match=f"rm {kept}"):
-        PatchExtractor(backbone, PatchConfig(scales=[1.0]), ONNX, "cpu", trunk_dir=tmp_path)
-
-
-def test_runtime_auto_takes_onnx_only_for_an_fp32_lite_trunk_on_the_cpu(monkeypatch):
-    from patchnet import extract
-
-    monkeypatch.setattr(extract, "onnx_available", lambda: True)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    lite = "efficientnet_lite0"
-    assert resolve_runtime("auto", lite, "shared", cpu, None) == "onnx"
-    assert resolve_runtime("auto", lite, "whole", cpu, None) == "onnx"
-    assert resolve_runtime("auto", lite, "shared", cpu, torch.bfloat16) == "torch"  # native bf16: torch is faster
-    assert resolve_runtime("auto", lite, "exact", cpu, None) == "torch"
-    assert resolve_runtime("auto", lite, "shared", cuda, torch.bfloat16) == "torch"
-    assert resolve_runtime("auto", "resnet50", "shared", cpu, None) == "torch"
-    assert resolve_runtime("torch", lite, "shared", cpu, None) == "torch"
-    with pytest.raises(BackboneError, match="fp32 only"):
-        resolve_runtime("onnx", lite, "shared", cpu, torch.bfloat16)
-    with pytest.raises(BackboneError, match="patches.mode=shared"):
-        resolve_runtime("onnx", lite, "exact", cpu, None)
-    monkeypatch.setattr(extract, "onnx_available", lambda: False)
-    assert resolve_runtime("auto", lite, "shared", cpu, None) == "torch"
-    with pytest.raises(BackboneError, match="pip install onnx onnxruntime"):
-        resolve_runtime("onnx", lite, "shared", cpu, None)
-
-
-def test_runtime_onnx_with_unlocked_stages_is_refused_and_auto_keeps_torch(tmp_path):
-    base = ["backbone.weights=random", "backbone.precision=fp32", "train.unlock=1", f"runtime.cache_dir={tmp_path}"]
-    with pytest.raises(BackboneError, match="train.unlock"):
-        build_extractor(recipe_from_dict({}, [*base, "backbone.runtime=onnx"]))
-    assert build_extractor(recipe_from_dict({}, [*base, "backbone.runtime=auto"])).runtime == "torch"
