@@ -15,11 +15,14 @@ that rotates from round to round, and each row sums its rounds.
 
 With ``--precisions`` and ``--layouts``, the bound and the extractor run once per trunk precision and
 memory layout (channels_last ``cl`` or ``nchw``), side by side in the same rounds; the last column is each
-row's speed against the extractor of the first configuration.
+row's speed against the extractor of the first configuration, and a second table has each configuration's
+patch features against the first's. An int8 trunk is calibrated first, untimed, on ``backbone.int8_images``
+devtrain images.
 
     python benchmarks/shared_throughput.py --images 80
     python benchmarks/shared_throughput.py --images 80 --set runtime.workers=0
     python benchmarks/shared_throughput.py --images 40 --precisions fp32 bf16 --layouts cl nchw
+    python benchmarks/shared_throughput.py --images 40 --precisions fp32 bf16 int8
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from patchnet.datasets import Dataset, load_image, read_voc
 from patchnet.extract import build_extractor
-from patchnet.features import build_features, cache_spec
+from patchnet.features import build_features, cache_spec, calibrate_extractor
 from patchnet.recipe import VOC_CLASSES
 
 from common import Timer, bench_parser, dev_recipe, machine, require_voc, table
@@ -41,7 +44,7 @@ def level_inputs(ex, image) -> list[tuple[torch.Tensor, list]]:
     img = ex.prepare(image)
     h, w = img.shape[-2:]
     plan = ex.plan(w, h)
-    return [(ex.rescale(img, lv.factor), [plan.grids[i] for i in lv.grids]) for lv in plan.levels]
+    return [(ex.rescale(img, lv.factor, ex.multiple), [plan.grids[i] for i in lv.grids]) for lv in plan.levels]
 
 
 def main() -> None:
@@ -80,6 +83,10 @@ def main() -> None:
             )
             for p, lay in configs
         }
+        train = read_voc(voc, "devtrain", VOC_CLASSES)
+        for e in extractors.values():  # int8: calibrated on devtrain images, untimed
+            if e.int8:
+                calibrate_extractor(recipe, e, train, progress=False)
         ready = {c: [level_inputs(ex, im) for im in images] for c, ex in extractors.items()}
         first = configs[0]
         ex = extractors[first]
@@ -134,6 +141,15 @@ def main() -> None:
                 with Timer() as t:
                     rows[i][2](part)
                 seconds[i] += t.seconds
+        # each configuration's patch features against the first's (int8 rescales its levels to multiples of 32)
+        error = {}
+        for c, e in extractors.items():
+            rel, cos = [], []
+            for im in images[: args.round]:
+                a, b = extractors[first](im), e(im)
+                rel.append(((b - a).norm() / a.norm()).item())
+                cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1).median().item())
+            error[c] = (sum(rel) / len(rel), sum(cos) / len(cos))
     n = len(images)
     took = {(c, path): t for (c, path, _), t in zip(rows, seconds)}
     print(f"\nmachine: {machine()}; {args.recipe} {' '.join(args.set)}")
@@ -162,6 +178,14 @@ def main() -> None:
             ("path", "images/s", "ms/image", "of bound", f"x extractor {first[0]} {first[1]}"),
         )
     )
+    if len(configs) > 1:
+        print(f"\npatch features of {min(args.round, n)} images against {first[0]} {first[1]}:")
+        print(
+            table(
+                [(f"{c[0]} {c[1]}", f"{100 * r:.1f}%", f"{m:.3f}") for c, (r, m) in error.items() if c != first],
+                ("configuration", "relative L2 error", "median cosine per image"),
+            )
+        )
 
 
 if __name__ == "__main__":

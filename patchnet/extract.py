@@ -22,8 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone, backbone_spec, build_backbone, check_patch_mode
+from .backbones import Backbone, BackboneError, backbone_spec, build_backbone, check_patch_mode
+from .backbones.lite import EfficientNetLiteTrunk
+from .backbones.quantize import MULTIPLE, Int8Ranges, calibrate_int8, int8_trunk, weight_bits
 from .dist import resolve_device, resolve_precision
+from .files import digest
 from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import PatchPlan, ScaleGrid, patch_plan
 
@@ -63,13 +66,58 @@ class PatchExtractor:
         check_patch_mode(backbone_spec(backbone.name), patches.mode, backbone.input_size)
         self.patches = patches
         self.device = resolve_device(device)
-        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        self.int8 = cfg.precision == "int8"
+        if self.int8 and (self.device.type != "cpu" or not isinstance(backbone.trunk, EfficientNetLiteTrunk)):
+            raise BackboneError(
+                f"backbone.precision=int8 runs an EfficientNet-Lite trunk on the CPU; got {backbone.name} on "
+                f"{self.device}; use backbone.precision=auto"
+            )
+        self.autocast_dtype = None if self.int8 else resolve_precision(cfg.precision, self.device)
         self.channels_last = cfg.channels_last
         self.batch_size = batch_size or (128 if self.device.type == "cuda" else 16)
-        self.backbone = (backbone.fused() if fuse else backbone).to(self.device)
+        self.backbone = (backbone.fused() if fuse or self.int8 else backbone).to(self.device)
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.size = backbone.input_size
+        self.float_trunk = self.backbone.trunk
+        self.int8_ranges: Int8Ranges | None = None  # set by calibrate or use_int8
+        self.multiple = MULTIPLE if self.int8 else 1  # shared and whole modes rescale to sizes of this multiple
+
+    @property
+    def precision_id(self) -> str:
+        """The trunk's arithmetic, for cache keys: fp32, an autocast dtype, or int8 with its weight bits and ranges."""
+        if not self.int8:
+            return str(self.autocast_dtype or "fp32")
+        return f"int8-w{weight_bits()}-{digest(self.calibrated_ranges)}"
+
+    @property
+    def calibrated_ranges(self) -> Int8Ranges:
+        if self.int8_ranges is None:
+            raise BackboneError(
+                "backbone.precision=int8: the trunk is not calibrated yet (training calibrates it on the training "
+                "split, and its checkpoint carries the ranges); call calibrate or use_int8 first"
+            )
+        return self.int8_ranges
+
+    def use_int8(self, ranges: Int8Ranges) -> None:
+        """Run the int8 trunk with these activation ranges (``calibrate``'s, or a checkpoint's)."""
+        self.backbone.trunk = int8_trunk(cast(EfficientNetLiteTrunk, self.float_trunk), ranges)
+        self.int8_ranges = ranges
+
+    def calibrate(self, images) -> Int8Ranges:
+        """Calibrate the int8 trunk on the pyramid levels of ``images`` (uint8 (H, W, 3) arrays) and run it."""
+        inputs = (x for image in images for x in self.level_inputs(image))
+        with torch.inference_mode():
+            ranges = calibrate_int8(cast(EfficientNetLiteTrunk, self.float_trunk), inputs)
+        self.use_int8(ranges)
+        return ranges
+
+    def level_inputs(self, image) -> list[torch.Tensor]:
+        """The normalised trunk inputs of an image in shared mode: one per pyramid level."""
+        img = self.prepare(image)
+        plan = self.plan(img.shape[-1], img.shape[-2])
+        b = self.backbone
+        return [(self.rescale(img, lv.factor, self.multiple) - b.mean) / b.std for lv in plan.levels]
 
     @property
     def feature_dim(self) -> int:
@@ -94,9 +142,9 @@ class PatchExtractor:
             image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         return image.to(self.device, non_blocking=True).unsqueeze(0).float().div_(255)
 
-    def rescale(self, img: torch.Tensor, factor: float) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    def rescale(self, img: torch.Tensor, factor: float, multiple: int = 1) -> torch.Tensor:
+        """``img`` rescaled by ``factor``, its sides rounded to a ``multiple``."""
+        size = tuple(max(multiple, round(side * factor / multiple) * multiple) for side in img.shape[-2:])
         out = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=factor < 1)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
@@ -107,6 +155,8 @@ class PatchExtractor:
     @torch.inference_mode()
     def extract(self, image) -> tuple[torch.Tensor, PatchPlan]:
         """(N, d) float32 features of all patches of an image, on the CPU, and the plan they follow."""
+        if self.int8:
+            self.calibrated_ranges  # noqa: B018  (refuses an uncalibrated int8 trunk with its fix)
         img = self.prepare(image)
         h, w = img.shape[-2:]
         plan = self.plan(w, h)
@@ -117,7 +167,8 @@ class PatchExtractor:
         ]
         for level in plan.levels:
             grids = [plan.grids[i] for i in level.grids]
-            for i, f in zip(level.grids, self._shared_level(self.rescale(img, level.factor), grids, w, h)):
+            scaled = self.rescale(img, level.factor, self.multiple)
+            for i, f in zip(level.grids, self._shared_level(scaled, grids, w, h)):
                 feats[i] = f
         return torch.cat(cast(list[torch.Tensor], feats)).float().cpu(), plan  # every grid is filled
 
@@ -151,7 +202,7 @@ class PatchExtractor:
         """One trunk pass on the whole image, short side at the input size, pooled over the whole map."""
         h, w = img.shape[-2:]
         with self.autocast():
-            fmap = self.backbone.feature_map(self.rescale(img, self.whole_factor(w, h)))
+            fmap = self.backbone.feature_map(self.rescale(img, self.whole_factor(w, h), self.multiple))
             cells = torch.tensor([[0.0, 0.0, fmap.shape[-1], fmap.shape[-2]]], device=self.device)
             return self.backbone.pool_regions(fmap, cells).float()
 

@@ -69,7 +69,10 @@ def cache_spec(
     progress: bool = True,
 ) -> CacheSpec:
     """The feature cache of a recipe. Its rows are stored as ``codec``, by default as ``cache.compress`` says (a
-    PCA projection fitted on ``train``, the training split, opened if not given)."""
+    PCA projection fitted on ``train``, the training split, opened if not given). An int8 extractor not yet
+    calibrated is calibrated on ``train`` first (``calibrate_extractor``)."""
+    if extractor.int8 and extractor.int8_ranges is None:
+        calibrate_extractor(recipe, extractor, train or open_split(recipe.data, recipe.data.train_split), progress)
     spec = CacheSpec(
         Path(recipe.runtime.cache_dir),
         max(1, recipe.cache.chunk),
@@ -94,7 +97,7 @@ def cache_fields(dataset: Dataset, extractor: PatchExtractor, views: int = 0, sp
         "backbone": extractor.backbone.name,
         "weights": extractor.backbone.weights_id,
         "input_size": extractor.size,
-        "precision": str(extractor.autocast_dtype or "fp32"),
+        "precision": extractor.precision_id,
         "views": views,
     }
     if views:  # augmented views carry their own (transformed) boxes, so they depend on the annotations too
@@ -263,6 +266,31 @@ def fit_codec(
                 )
     with np.load(path) as z:
         return FeatureCodec(cfg.compress, z["mean"], z["components"])
+
+
+def calibrate_extractor(recipe: Recipe, extractor: PatchExtractor, train: Dataset, progress: bool = True) -> None:
+    """Calibrate an int8 extractor on ``backbone.int8_images`` training images (a fixed draw, every pyramid level),
+    once: the activation ranges are kept in ``<cache_dir>/int8/``, keyed by the images, backbone and patches."""
+    fields = {
+        "images": train.images_digest,
+        "backbone": extractor.backbone.name,
+        "weights": extractor.backbone.weights_id,
+        "patches": dataclasses.asdict(extractor.patches),
+        "int8_images": recipe.backbone.int8_images,
+        "seed": PCA_SEED,
+    }
+    path = Path(recipe.runtime.cache_dir) / "int8" / f"{digest(fields)}.json"
+    if path.is_file():
+        extractor.use_int8(json.loads(path.read_text())["ranges"])
+        return
+    n = min(recipe.backbone.int8_images, len(train.records))
+    chosen = np.sort(np.random.default_rng(PCA_SEED).permutation(len(train.records))[:n])
+    items = [(int(r), 0) for r in chosen]
+    images = iter_images(train.records, items, device=extractor.device, desc="int8 calibration", progress=progress)
+    ranges = extractor.calibrate(image for _, image, _ in images)
+    log.info("int8 trunk calibrated on %d images of %s", n, train.name)
+    if rank_world()[0] == 0:
+        atomic_write(path, json.dumps({"ranges": ranges, "fields": fields}))
 
 
 def _projection_sample(cfg: CacheConfig, fp16: CacheSpec, train: Dataset, extractor: PatchExtractor, progress: bool):

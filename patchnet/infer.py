@@ -221,7 +221,15 @@ def checkpoint_extractor(state: dict, path: str | Path, recipe: Recipe) -> Patch
             load_unlocked(backbone, state["trunk"], unlock_split(backbone_spec(b.name), recipe.train.unlock))
         except BackboneError as e:
             raise CheckpointError(f"{path}: {e}") from None
-    return build_extractor(recipe, backbone)
+    extractor = build_extractor(recipe, backbone)
+    if extractor.int8:
+        if not state.get("int8"):
+            raise CheckpointError(
+                f"{path}: its recipe runs an int8 trunk, but it carries no int8 ranges; it is not a complete "
+                "patchnet checkpoint (use precision='fp32' or 'bf16' to score with a float trunk)"
+            )
+        extractor.use_int8(state["int8"])
+    return extractor
 
 
 def evaluate_split(

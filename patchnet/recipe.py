@@ -41,6 +41,7 @@ Pooling = Literal["power", "max", "lse", "topk"]
 Format = Literal["voc", "coco", "demo", "folder", "csv"]
 Supervision = Literal["boxes", "images", "both"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+TrunkPrecision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 Compress = Literal["none", "int8", "pca", "pca_int8"]
 POOLINGS = typing.get_args(Pooling)
 # Pillow refuses images of more than twice its MAX_IMAGE_PIXELS (about 179 M pixels) as decompression
@@ -89,7 +90,8 @@ class BackboneConfig:
     input_size: int = 0  # 0: the backbone's own
     layer: str = ""  # alexnet/vgg16: fc6 or fc7 (the default); others: the pooled penultimate feature
     channels_last: bool = True
-    precision: Precision = "auto"  # auto | fp32 | bf16 | fp16
+    precision: TrunkPrecision = "auto"  # auto | fp32 | bf16 | fp16 | int8 (Lite trunks on CPUs)
+    int8_images: int = 16  # int8: training images (all their pyramid levels) the activation ranges are calibrated on
 
 
 @dataclass
@@ -243,6 +245,14 @@ class Recipe:
                 unlock_split(spec, self.train.unlock)
         except BackboneError as e:
             raise RecipeError(f"backbone: {e}") from None
+        if self.backbone.precision == "int8" and (spec.family != "lite" or self.train.unlock):
+            raise RecipeError(
+                f"backbone.precision=int8 quantises a frozen EfficientNet-Lite trunk; got backbone.name="
+                f"{self.backbone.name} with train.unlock={self.train.unlock}; use backbone.precision=auto, or "
+                "efficientnet_lite0/1/2 with train.unlock=0"
+            )
+        if self.backbone.int8_images < 1:
+            raise RecipeError(f"backbone.int8_images must be at least 1, got {self.backbone.int8_images}")
         if self.train.unlock_lr <= 0:
             raise RecipeError(f"train.unlock_lr must be positive (a fraction of train.lr), got {self.train.unlock_lr}")
         if self.train.unlock and self.cache.compress != "none":

@@ -407,6 +407,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         "feature_dim": extractor.feature_dim,
         "weights_id": extractor.backbone.weights_id,
         "codec": spec.codec.state_dict(),
+        "int8": extractor.int8_ranges,  # backbone.precision=int8: the activation ranges the features were made with
     }
     if saved is not None:
         _resume(state, saved, recipe, extractor, classes)
@@ -421,6 +422,8 @@ def _splits(recipe: Recipe, extractor, saved: dict | None, progress: bool):
     """The training split, the selection images, the validation split (or None), and the cache they are in."""
     # a resumed run keeps the projection its head was trained on; unlock stores its maps as they are
     codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else None
+    if saved is not None and saved.get("int8") and extractor.int8:  # and the int8 trunk
+        extractor.use_int8(saved["int8"])
     train_set = open_split(recipe.data, recipe.data.train_split)
     spec = cache_spec(recipe, extractor, train_set, FeatureCodec() if recipe.train.unlock else codec, progress)
     train_data = prepare_split(

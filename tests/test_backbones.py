@@ -1,3 +1,4 @@
+import json
 import math
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from patchnet.backbones import BACKBONES, BackboneError, Conv2dSame, backbone_spec, build_backbone, weights_id
+from patchnet.backbones.quantize import Int8Trunk, calibrate_int8, int8_trunk
 from patchnet.recipe import RecipeError, recipe_from_dict
 
 # random weights: tests never download; 64 px is the smallest input AlexNet's layers accept
@@ -312,3 +314,51 @@ def test_shape_free_padding_refuses_a_kernel_smaller_than_its_stride():
     conv.shape_free = True
     with pytest.raises(ValueError, match="kernel at least the stride"):
         conv(torch.randn(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_int8_trunk_layers_before_quantisation_are_the_fused_trunk_on_multiples_of_32(name):
+    # the static padding (a zero tap in front of each stride-2 kernel) must be TF "same" padding exactly
+    trunk = build_backbone(name, "imagenet").fused().trunk
+    model = Int8Trunk(trunk).eval()
+    for m in model.modules():  # float: ReLU6, whose cap quantisation's calibrated range applies
+        if isinstance(m, torch.ao.nn.intrinsic.ConvReLU2d):
+            m[1] = torch.nn.ReLU6()
+    x = torch.randn(1, 3, 96, 160)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), trunk(x), atol=1e-4)
+        assert model(torch.randn(1, 3, 70, 101)).shape == trunk(torch.randn(1, 3, 70, 101)).shape
+
+
+def _photo_like(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """Smooth random images (normalised), more like photos than white noise."""
+    g = torch.Generator().manual_seed(seed)
+    return [F.interpolate(torch.randn(1, 3, 8, 12, generator=g), size=(128, 192), mode="bilinear") for _ in range(n)]
+
+
+def test_int8_trunk_is_close_to_fp32_and_rebuilds_from_its_ranges():
+    trunk = build_backbone("efficientnet_lite0", "imagenet").fused().trunk
+    ranges = calibrate_int8(trunk, _photo_like(4))
+    assert all(len(v) == 2 and v[0] > 0 and 0 <= v[1] <= 255 for v in ranges.values())
+    a, b = int8_trunk(trunk, ranges), int8_trunk(trunk, json.loads(json.dumps(ranges)))  # as a checkpoint keeps them
+    x = _photo_like(2, seed=1)[1]
+    with torch.inference_mode():
+        ref, out = trunk(x).mean((2, 3)), a(x)
+        assert torch.equal(out, b(x))
+        assert out.shape[1:] == (1280, 4, 6) and out.dtype == torch.float32
+        assert F.cosine_similarity(out.mean((2, 3)), ref).item() > 0.8  # 0.88 here; real photos: see the README
+
+
+def test_int8_ranges_of_another_trunk_are_refused():
+    ranges = calibrate_int8(build_backbone("efficientnet_lite0", "imagenet").fused().trunk, _photo_like(1))
+    with pytest.raises(BackboneError, match="another backbone"):
+        int8_trunk(build_backbone("efficientnet_lite2", "imagenet").fused().trunk, ranges)
+
+
+def test_int8_needs_a_frozen_lite_trunk():
+    with pytest.raises(RecipeError, match="int8 quantises a frozen EfficientNet-Lite"):
+        recipe_from_dict({"backbone": {"name": "resnet50", "precision": "int8"}}).validate()
+    with pytest.raises(RecipeError, match="int8 quantises a frozen EfficientNet-Lite"):
+        recipe_from_dict({"backbone": {"precision": "int8"}, "train": {"unlock": 1}}).validate()
+    with pytest.raises(RecipeError, match="must be one of auto, fp32, bf16, fp16\\b"):
+        recipe_from_dict({"train": {"precision": "int8"}}).validate()

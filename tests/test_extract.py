@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchnet.backbones import build_backbone
+from patchnet.backbones import BackboneError, build_backbone
 from patchnet.dist import resolve_precision
 from patchnet.extract import PatchExtractor
 from patchnet.recipe import BackboneConfig, PatchConfig
@@ -159,3 +159,24 @@ def test_timm_vit_shared_mode_pools_its_token_grid():
         tokens = backbone.feature_map(x)  # (1, 192, 2, 3)
     torch.testing.assert_close(feats[0], tokens[0, :, :, 0:2].mean(dim=(1, 2)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(feats[1], tokens[0, :, :, 1:3].mean(dim=(1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_int8_extractor_calibrates_then_runs_the_pyramid_at_multiples_of_32():
+    backbone = build_backbone("efficientnet_lite0", "imagenet", input_size=64)
+    cfg = PatchConfig(scales=[1.0, 2.0])
+    ex = PatchExtractor(backbone, cfg, BackboneConfig(precision="int8"), "cpu")
+    img = _image(150, 100)
+    with pytest.raises(BackboneError, match="not calibrated yet"):
+        ex(img)
+    assert all(x.shape[-1] % 32 == 0 and x.shape[-2] % 32 == 0 for x in ex.level_inputs(img))
+    ranges = ex.calibrate([_image(150, 100, seed=s) for s in range(3)])
+    assert ex.precision_id.startswith("int8-") and ex.int8_ranges is ranges
+    a = PatchExtractor(backbone, cfg, FP32, "cpu")(img)
+    b = ex(img)
+    assert b.shape == a.shape and b.dtype == torch.float32
+    assert F.cosine_similarity(a, b, dim=1).median() > 0.9  # the same patches (the levels a little rescaled)
+
+
+def test_int8_runs_lite_trunks_on_the_cpu_only():
+    with pytest.raises(BackboneError, match="EfficientNet-Lite trunk on the CPU"):
+        PatchExtractor(build_backbone("resnet50", "random"), PatchConfig(), BackboneConfig(precision="int8"), "cpu")

@@ -702,3 +702,24 @@ def test_image_patches_pools_a_fresh_share_of_each_image_and_resumes_exactly(tmp
         "train.epochs=3",
     )
     assert _heads_equal(a["head"], b["head"])
+
+
+def test_an_int8_trunk_trains_and_its_checkpoint_scores_new_images_as_the_cache_does(tmp_path, small_voc):
+    from patchnet.infer import Predictor, evaluate_split
+
+    recipe = tiny_recipe(tmp_path, small_voc, "backbone.precision=int8", "backbone.int8_images=2", "train.epochs=1")
+    result = train(recipe, progress=False)
+    ranges = load_checkpoint(result.run_dir / "last.pt")["int8"]
+    assert ranges and list((tmp_path / "cache" / "int8").glob("*.json"))  # calibrated once, kept for every run
+    _, _, (predictor, dataset, store, items, _) = evaluate_split(result.run_dir / "last.pt", split="val", progress=False)
+    assert predictor.extractor.int8_ranges == ranges
+    fresh = Predictor(result.run_dir / "last.pt")  # the int8 trunk rebuilt from the checkpoint's ranges
+    for i in items:
+        rec = dataset.records[store.record[i]]
+        s = store.item_slice(i)
+        cached = predictor.predict_features(store.rows[s], store.patch_boxes[s], rec.width, rec.height)
+        np.testing.assert_allclose(fresh.predict(rec.path).scores, cached.scores, rtol=1e-3, atol=1e-6)
+    # the float trunk of the same recipe keeps its own caches
+    train(tiny_recipe(tmp_path, small_voc, "name=float", "train.epochs=1"), progress=False)
+    metas = [json.loads(p.read_text())["fields"]["precision"] for p in (tmp_path / "cache").glob("*/meta.json")]
+    assert sorted(m.split("-")[0] for m in metas) == ["fp32", "fp32", "int8", "int8"]  # train and val, each trunk
