@@ -25,6 +25,24 @@ VOC = REPO.parent / "shared" / "data" / "VOCdevkit" / "VOC2007"
 DEV_RECIPE = REPO / "recipes" / "voc07_dev.yaml"
 
 
+def int8_weight_bits_option(ap: argparse.ArgumentParser) -> None:
+    """``--int8-weight-bits``: int8 trunks quantise their weights to 7 or 8 bits whatever this CPU has."""
+    ap.add_argument(
+        "--int8-weight-bits",
+        type=int,
+        choices=[7, 8],
+        help="backbone.precision=int8: the weights' bits whatever this CPU has (7: as a CPU without VNNI gets them)",
+    )
+
+
+def force_int8_weight_bits(bits: int | None) -> None:
+    if bits:
+        from patchnet import extract
+        from patchnet.backbones import quantize
+
+        quantize.weight_bits = extract.weight_bits = lambda: bits  # type: ignore[assignment]
+
+
 def require_voc(root: Path | str = VOC) -> Path:
     root = Path(root)
     if not (root / "ImageSets" / "Main" / "devval.txt").is_file():

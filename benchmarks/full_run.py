@@ -6,6 +6,7 @@ official VOC2007 train -> val split (2500 + 2508 images).
 
     python benchmarks/full_run.py                      # recipes/voc07_dev.yaml
     python benchmarks/full_run.py --set patches.levels=[]
+    python benchmarks/full_run.py --set backbone.precision=int8 train.precision=fp32   # a CPU without native bf16
 """
 
 from __future__ import annotations
@@ -19,14 +20,26 @@ from patchnet.features import cache_spec
 from patchnet.splits import prepare_split
 from patchnet.train import train
 
-from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
+from common import (
+    REPO,
+    Timer,
+    bench_parser,
+    dev_recipe,
+    force_int8_weight_bits,
+    int8_weight_bits_option,
+    machine,
+    require_voc,
+    table,
+)
 
 
 def main() -> None:
     ap = bench_parser(__doc__)
     ap.add_argument("--output", default=str(REPO / "checkpoints" / "bench_full_run"))
     ap.add_argument("--cache-dir", default="", help="an empty folder to keep the cache in (default: a temporary one)")
+    int8_weight_bits_option(ap)
     args = ap.parse_args()
+    force_int8_weight_bits(args.int8_weight_bits)
     require_voc(args.voc)
     if args.cache_dir and Path(args.cache_dir).exists() and any(Path(args.cache_dir).iterdir()):
         raise SystemExit(f"--cache-dir {args.cache_dir} is not empty: the run must start from an empty cache")

@@ -36,7 +36,16 @@ from patchnet.extract import build_extractor
 from patchnet.features import build_features, cache_spec, calibrate_extractor
 from patchnet.recipe import VOC_CLASSES
 
-from common import Timer, bench_parser, dev_recipe, machine, require_voc, table
+from common import (
+    Timer,
+    bench_parser,
+    dev_recipe,
+    force_int8_weight_bits,
+    int8_weight_bits_option,
+    machine,
+    require_voc,
+    table,
+)
 
 
 def level_inputs(ex, image) -> list[tuple[torch.Tensor, list]]:
@@ -61,7 +70,9 @@ def main() -> None:
         choices=["cl", "nchw"],
         help="memory layouts (default: the recipe's)",
     )
+    int8_weight_bits_option(ap)
     args = ap.parse_args()
+    force_int8_weight_bits(args.int8_weight_bits)
     voc = require_voc(args.voc)
     with tempfile.TemporaryDirectory() as tmp:
         recipe = dev_recipe(args, f"runtime.cache_dir={tmp}")
@@ -155,8 +166,8 @@ def main() -> None:
     print(f"\nmachine: {machine()}; {args.recipe} {' '.join(args.set)}")
     print(
         f"{n} devval images, {pixels / n / 1e6:.2f} M trunk pixels per image, levels {recipe.patches.levels}, "
-        f"workers {recipe.runtime.workers}; autocast per configuration: "
-        + ", ".join(f"{p} {lay} -> {extractors[(p, lay)].autocast_dtype}" for p, lay in configs)
+        f"workers {recipe.runtime.workers}; the trunk per configuration: "
+        + ", ".join(f"{p} {lay} -> {'-'.join(extractors[(p, lay)].precision_id.split('-')[:2])}" for p, lay in configs)
     )
     sizes = len({im.shape for im in images})
     print(

@@ -83,22 +83,6 @@ def test_depthwise_same_padding_without_a_padded_copy_matches_tf(h, w, kernel, s
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel,stride,groups", [(3, 2, 4), (5, 2, 4), (3, 1, 1), (3, 2, 1)])
-def test_shape_free_padding_exports_once_for_every_size(kernel, stride, groups):
-    """One program exported with symbolic H and W gives the TF-same outputs at even and odd sizes."""
-    torch.manual_seed(0)
-    conv = Conv2dSame(4, 4, kernel, stride, groups=groups, bias=True).eval()
-    free = Conv2dSame(4, 4, kernel, stride, groups=groups, bias=True).eval()
-    free.load_state_dict(conv.state_dict())
-    free.shape_free = True
-    h, w = torch.export.Dim("h", min=8, max=512), torch.export.Dim("w", min=8, max=512)
-    program = torch.export.export(free, (torch.randn(1, 4, 16, 20),), dynamic_shapes={"x": {2: h, 3: w}}).module()
-    for size in [(8, 9), (9, 8), (15, 16), (33, 47)]:
-        x = torch.randn(1, 4, *size)
-        with torch.no_grad():
-            torch.testing.assert_close(program(x), conv(x), rtol=1e-5, atol=1e-5)
-
-
 def test_lite0_imagenet_weights_classify_a_real_photo():
     """The port (padding, ReLU6, BN eps, normalisation) is right if the packaged weights see a cat."""
     data = pytest.importorskip("skimage.data")
@@ -307,13 +291,6 @@ def test_a_traced_trunk_has_no_stage_maps():
         backbone.stage_maps(torch.rand(1, 3, SIZE, SIZE), ["layer1"])
     with pytest.raises(BackboneError, match="has no stage 'conv9'; its stages: layer1, layer2"):
         backbone.stage("conv9")
-
-
-def test_shape_free_padding_refuses_a_kernel_smaller_than_its_stride():
-    conv = Conv2dSame(4, 4, 1, 2)
-    conv.shape_free = True
-    with pytest.raises(ValueError, match="kernel at least the stride"):
-        conv(torch.randn(1, 4, 8, 8))
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])

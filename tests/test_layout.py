@@ -19,6 +19,7 @@ ORDER = [
     "backbones.weights",
     "backbones.backbone",
     "backbones.lite",
+    "backbones.quantize",
     "backbones.torchvision",
     "backbones.timm",
     "backbones",

@@ -711,7 +711,9 @@ def test_an_int8_trunk_trains_and_its_checkpoint_scores_new_images_as_the_cache_
     result = train(recipe, progress=False)
     ranges = load_checkpoint(result.run_dir / "last.pt")["int8"]
     assert ranges and list((tmp_path / "cache" / "int8").glob("*.json"))  # calibrated once, kept for every run
-    _, _, (predictor, dataset, store, items, _) = evaluate_split(result.run_dir / "last.pt", split="val", progress=False)
+    _, _, (predictor, dataset, store, items, _) = evaluate_split(
+        result.run_dir / "last.pt", split="val", progress=False
+    )
     assert predictor.extractor.int8_ranges == ranges
     fresh = Predictor(result.run_dir / "last.pt")  # the int8 trunk rebuilt from the checkpoint's ranges
     for i in items:

@@ -21,23 +21,11 @@ class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow "same" padding (asymmetric for stride 2), computed per input size."""
 
     pad_weight = True  # the depthwise shortcut below; ONNX export turns it off (its exporter drops the padded weight)
-    # export for any image size (torch.export with symbolic H and W): one explicit pad computed from the size,
-    # no Python branch on it
-    shape_free = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ih, iw = x.shape[-2:]
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
-        if self.shape_free:
-            if self.kernel_size[0] < sh or self.kernel_size[1] < sw:  # Python ints, also under tracing
-                raise ValueError(f"shape_free padding needs a kernel at least the stride, got {self.kernel_size}")
-            # (ceil(i / s) - 1) s + k - i >= k - s >= 0: no max, so that the tracing ONNX exporter (sizes as
-            # tensors) and torch.export (sizes as SymInts) both take it
-            ph = (ih + sh - 1) // sh * sh - sh + kh - ih
-            pw = (iw + sw - 1) // sw * sw - sw + kw - iw
-            x = F.pad(x, cast(list[int], [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]))
-            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
         if ph % 2 == 0 and pw % 2 == 0:  # symmetric: the convolution pads without a copy

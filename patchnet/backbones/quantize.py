@@ -47,7 +47,7 @@ def _static_conv(conv: nn.Conv2d, same: bool) -> nn.Conv2d:
         weight = F.pad(weight, [1, 0, 1, 0])
     out = nn.Conv2d(conv.in_channels, conv.out_channels, k, s, pad, groups=conv.groups, bias=True)
     out.weight.data.copy_(weight)
-    out.bias.data.copy_(conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels))
+    cast(torch.Tensor, out.bias).data.copy_(cast(torch.Tensor, conv.bias).detach())  # fused: BatchNorm's bias
     return out
 
 
@@ -99,8 +99,13 @@ class _ReLU6Histogram(tq.HistogramObserver):
         return x_orig
 
 
+def int8_available() -> bool:
+    """Whether this build of PyTorch has the quantised engine the int8 trunk runs on."""
+    return ENGINE in torch.backends.quantized.supported_engines
+
+
 def _check_engine() -> None:
-    if ENGINE not in torch.backends.quantized.supported_engines:
+    if not int8_available():
         raise BackboneError(
             f"backbone.precision=int8 needs PyTorch's {ENGINE} quantised engine (x86 CPUs); this build has "
             f"{', '.join(torch.backends.quantized.supported_engines)}; use backbone.precision=fp32 or bf16"
@@ -137,7 +142,7 @@ def _quiet():
 def _prepare(model: Int8Trunk, qconfigs: dict[str, tq.QConfig]) -> None:
     for name, m in _observed(model).items():
         m.qconfig = qconfigs[name]  # type: ignore[assignment]
-    model.dequant.qconfig = qconfigs["head"]  # type: ignore[assignment]
+    model.dequant.qconfig = qconfigs["head"]
     tq.prepare(model, inplace=True)
 
 
