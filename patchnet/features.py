@@ -281,8 +281,11 @@ def calibrate_extractor(recipe: Recipe, extractor: PatchExtractor, train: Datase
     }
     path = Path(recipe.runtime.cache_dir) / "int8" / f"{digest(fields)}.json"
     if path.is_file():
-        extractor.use_int8(json.loads(path.read_text())["ranges"])
-        return
+        try:
+            extractor.use_int8(json.loads(path.read_text())["ranges"])
+            return
+        except (ValueError, KeyError, TypeError) as e:  # a damaged file: calibrate again and replace it
+            log.warning("%s is unreadable (%s); calibrating the int8 trunk again", path, e)
     n = min(recipe.backbone.int8_images, len(train.records))
     chosen = np.sort(np.random.default_rng(PCA_SEED).permutation(len(train.records))[:n])
     items = [(int(r), 0) for r in chosen]

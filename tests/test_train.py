@@ -725,3 +725,19 @@ def test_an_int8_trunk_trains_and_its_checkpoint_scores_new_images_as_the_cache_
     train(tiny_recipe(tmp_path, small_voc, "name=float", "train.epochs=1"), progress=False)
     metas = [json.loads(p.read_text())["fields"]["precision"] for p in (tmp_path / "cache").glob("*/meta.json")]
     assert sorted(m.split("-")[0] for m in metas) == ["fp32", "fp32", "int8", "int8"]  # train and val, each trunk
+
+
+def test_a_damaged_int8_calibration_file_is_calibrated_again(tmp_path, small_voc):
+    from patchnet.datasets import open_split
+    from patchnet.extract import build_extractor
+    from patchnet.features import calibrate_extractor
+
+    recipe = tiny_recipe(tmp_path, small_voc, "backbone.precision=int8", "backbone.int8_images=1")
+    train_set = open_split(recipe.data, "train")
+    first = build_extractor(recipe)
+    calibrate_extractor(recipe, first, train_set, progress=False)
+    (kept,) = (tmp_path / "cache" / "int8").glob("*.json")
+    kept.write_text('{"ranges": {"quant": [1.0, 0.0]}}')  # another trunk's, or a torn write
+    again = build_extractor(recipe)
+    calibrate_extractor(recipe, again, train_set, progress=False)
+    assert again.int8_ranges == first.int8_ranges == json.loads(kept.read_text())["ranges"]
