@@ -37,10 +37,9 @@ def int8_weight_bits_option(ap: argparse.ArgumentParser) -> None:
 
 def force_int8_weight_bits(bits: int | None) -> None:
     if bits:
-        from patchnet import extract
         from patchnet.backbones import quantize
 
-        quantize.weight_bits = extract.weight_bits = lambda: bits  # type: ignore[assignment]
+        quantize.weight_bits = lambda: bits
 
 
 def require_voc(root: Path | str = VOC) -> Path:

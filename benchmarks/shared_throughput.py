@@ -51,9 +51,8 @@ from common import (
 def level_inputs(ex, image) -> list[tuple[torch.Tensor, list]]:
     """Each trunk input of an image (rescaled, channels_last as the extractor runs it) with its grids."""
     img = ex.prepare(image)
-    h, w = img.shape[-2:]
-    plan = ex.plan(w, h)
-    return [(ex.rescale(img, lv.factor, ex.multiple), [plan.grids[i] for i in lv.grids]) for lv in plan.levels]
+    plan = ex.plan(img.shape[-1], img.shape[-2])
+    return [(x, [plan.grids[i] for i in lv.grids]) for lv, x in ex.level_images(img, plan)]
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ becomes exactly ``input_size`` pixels. Which patches an image has and how each i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import cast
 
 import numpy as np
@@ -24,11 +25,11 @@ import torch.nn.functional as F
 
 from .backbones import Backbone, BackboneError, backbone_spec, build_backbone, check_patch_mode
 from .backbones.lite import EfficientNetLiteTrunk
-from .backbones.quantize import MULTIPLE, Int8Ranges, calibrate_int8, int8_trunk, weight_bits
+from .backbones.quantize import MULTIPLE, Int8Ranges, Int8Trunk, calibrate_int8, int8_trunk
 from .dist import resolve_device, resolve_precision
 from .files import digest
 from .recipe import BackboneConfig, PatchConfig, Recipe
-from .sampler import PatchPlan, ScaleGrid, patch_plan
+from .sampler import Level, PatchPlan, ScaleGrid, patch_plan
 
 
 def build_extractor(recipe: Recipe, backbone: Backbone | None = None) -> PatchExtractor:
@@ -88,7 +89,8 @@ class PatchExtractor:
         """The trunk's arithmetic, for cache keys: fp32, an autocast dtype, or int8 with its weight bits and ranges."""
         if not self.int8:
             return str(self.autocast_dtype or "fp32")
-        return f"int8-w{weight_bits()}-{digest(self.calibrated_ranges)}"
+        ranges = self.calibrated_ranges
+        return f"int8-w{cast(Int8Trunk, self.backbone.trunk).weight_bits}-{digest(ranges)}"
 
     @property
     def calibrated_ranges(self) -> Int8Ranges:
@@ -115,9 +117,13 @@ class PatchExtractor:
     def level_inputs(self, image) -> list[torch.Tensor]:
         """The normalised trunk inputs of an image in shared mode: one per pyramid level."""
         img = self.prepare(image)
-        plan = self.plan(img.shape[-1], img.shape[-2])
         b = self.backbone
-        return [(self.rescale(img, lv.factor, self.multiple) - b.mean) / b.std for lv in plan.levels]
+        return [(x - b.mean) / b.std for _, x in self.level_images(img, self.plan(img.shape[-1], img.shape[-2]))]
+
+    def level_images(self, img: torch.Tensor, plan: PatchPlan) -> Iterator[tuple[Level, torch.Tensor]]:
+        """Each pyramid level of ``plan`` with the prepared ``img`` rescaled for it, as shared mode runs the trunk."""
+        for level in plan.levels:
+            yield level, self.rescale(img, level.factor, self.multiple)
 
     @property
     def feature_dim(self) -> int:
@@ -165,9 +171,8 @@ class PatchExtractor:
         feats: list[torch.Tensor | None] = [
             self._exact(img, g) if i in plan.cropped else None for i, g in enumerate(plan.grids)
         ]
-        for level in plan.levels:
+        for level, scaled in self.level_images(img, plan):
             grids = [plan.grids[i] for i in level.grids]
-            scaled = self.rescale(img, level.factor, self.multiple)
             for i, f in zip(level.grids, self._shared_level(scaled, grids, w, h)):
                 feats[i] = f
         return torch.cat(cast(list[torch.Tensor], feats)).float().cpu(), plan  # every grid is filled

@@ -73,6 +73,8 @@ class _Block(nn.Module):
 class Int8Trunk(nn.Module):
     """A fused Lite trunk's layers, ready for quantisation: normalised (B, 3, H, W) floats in, the float map out."""
 
+    weight_bits = 8  # of the weights, once ``int8_trunk`` has quantised them
+
     def __init__(self, trunk: EfficientNetLiteTrunk):
         super().__init__()
         if not isinstance(trunk._bn0, nn.Identity):
@@ -180,7 +182,8 @@ def int8_trunk(trunk: EfficientNetLiteTrunk, ranges: Int8Ranges, bits: int | Non
             f"the int8 ranges name {len(ranges)} modules, the trunk quantises {len(observed)}: they come from "
             "another backbone; calibrate again (retrain, or use backbone.precision=fp32 or bf16)"
         )
-    weights = _weight_observer(bits or weight_bits())
+    model.weight_bits = bits or weight_bits()
+    weights = _weight_observer(model.weight_bits)
     qconfigs = {}
     for name, (scale, zero) in ranges.items():
         act = tq.FixedQParamsObserver.with_args(scale=scale, zero_point=int(zero))
