@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -146,12 +146,8 @@ class Predictor:
         self.extractor = checkpoint_extractor(self.state, checkpoint, self.recipe)
         # the head reads features stored as in training: through the checkpoint's projection and quantisation
         self.codec = FeatureCodec.from_state(self.state.get("codec"))
-        self.head = AdaptationHead(
-            self.codec.dim(self.extractor.feature_dim),
-            len(self.classes),
-            self.recipe.head.hidden,
-            self.recipe.head.dropout,
-        )
+        dim = self.codec.dim(self.extractor.feature_dim)
+        self.head = AdaptationHead(dim, len(self.classes), **asdict(self.recipe.head))
         load_head(self.head, self.state, checkpoint)
         self.head.eval()
         self.pool = self.recipe.infer_pool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +42,53 @@ class ByteDropout(nn.Module):
         return x * mask
 
 
+class MemberLinear(nn.Module):
+    """``members`` independent ``nn.Linear(in_features, out_features)`` layers, member m reading the m-th
+    block of ``in_features`` inputs: (N, members * in) -> (members, N, out)."""
+
+    def __init__(self, members: int, in_features: int, out_features: int):
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, in_features, out_features
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's initial range, per member
+        self.weight = nn.Parameter(torch.empty(members, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(members, 1, out_features).uniform_(-bound, bound))
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(len(x), self.members, self.in_features).transpose(0, 1)
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def mean_softmax_logits(z: torch.Tensor) -> torch.Tensor:
+    """(members, N, K) logits -> (N, K) logits whose softmax is the members' mean softmax."""
+    if len(z) == 1:
+        return z[0]
+    return torch.logsumexp(z.float().log_softmax(-1), 0) - math.log(len(z))
+
+
 class AdaptationHead(nn.Module):
     """FCa = Linear(d, hidden) + ReLU + Dropout, then FCb = Linear(hidden, C + 1).
 
-    The last output is the background class; softmax runs over all C + 1 outputs.
+    The last output is the background class; softmax runs over all C + 1 outputs. With ``members`` > 1
+    the head is an ensemble of that many such heads, each trained by its own loss, run as one wider FCa;
+    its output is the log of the members' mean softmax, so its softmax is their average.
     """
 
-    def __init__(self, feature_dim: int, num_classes: int, hidden: int = 2048, dropout: float = 0.5):
+    def __init__(self, feature_dim: int, num_classes: int, hidden: int = 2048, dropout: float = 0.5, members: int = 1):
         super().__init__()
-        self.num_classes = num_classes
-        self.fca = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), ByteDropout(dropout))
-        self.fcb = nn.Linear(hidden, num_classes + 1)
+        self.num_classes, self.members = num_classes, members
+        self.fca = nn.Sequential(nn.Linear(feature_dim, members * hidden), nn.ReLU(inplace=True), ByteDropout(dropout))
+        out = num_classes + 1
+        self.fcb = nn.Linear(hidden, out) if members == 1 else MemberLinear(members, hidden, out)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, d) features -> (N, C + 1) logits."""
-        return self.fcb(self.fca(features))
+    def forward(self, features: torch.Tensor, members: bool = False) -> torch.Tensor:
+        """(N, d) features -> (N, C + 1) logits; with ``members``, each member's: (members, N, C + 1)."""
+        z = self.fcb(self.fca(features))
+        if self.members == 1:
+            return z[None] if members else z
+        return z if members else mean_softmax_logits(z)
 
     @torch.no_grad()
     def logits(self, features, batch_size: int = 16384) -> torch.Tensor:

@@ -98,6 +98,7 @@ class BackboneConfig:
 class HeadConfig:
     hidden: int = 2048
     dropout: float = 0.5
+    members: int = 1  # an ensemble of this many heads, each trained by its own loss; images get their mean softmax
 
 
 @dataclass
@@ -313,6 +314,15 @@ class Recipe:
             raise RecipeError("train.image_batch must be at least 1 and train.image_weight non-negative")
         if not 0.0 <= self.head.dropout < 1.0:
             raise RecipeError(f"head.dropout must lie in [0, 1), got {self.head.dropout}")
+        if self.head.members < 1 or self.head.hidden < 1:
+            raise RecipeError(
+                f"head.members and head.hidden must be at least 1, got {self.head.members} and {self.head.hidden}"
+            )
+        if self.head.members > 1 and t.unlock:
+            raise RecipeError(
+                f"head.members={self.head.members} with train.unlock={t.unlock}: the unlocked stages train with one "
+                "head; set head.members=1 or train.unlock=0"
+            )
         if t.epochs < 1 or t.batch_size < 1:
             raise RecipeError("train.epochs and train.batch_size must be at least 1")
 

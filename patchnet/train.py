@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -47,7 +48,7 @@ from .fusion import Fusion
 from .infer import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets
 from .metrics import APTable
-from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint
+from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, mean_softmax_logits
 from .pooling import gather_items, patch_values, pool, pooled_share
 from .recipe import Recipe, recipe_from_dict, save_recipe
 from .sampler import IGNORE
@@ -183,7 +184,7 @@ class Trainer:
             else:
                 loss.backward()
                 s.optimizer.step()
-            s.sums = s.sums.add(loss.item(), correct, patches)
+            s.sums = s.sums.add(loss.item() / s.head.members, correct, patches)  # the loss of one member
             s.step, s.rng = s.step + 1, rng_state(s.device)
 
     def end_epoch(self) -> bool:
@@ -256,10 +257,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits in fp32; the head's matrix products run under autocast (``train.precision``)."""
+        """Each head member's logits in fp32, (members, N, C + 1); the head's matrix products run under autocast
+        (``train.precision``)."""
         device = self.state.device
         with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.model(x.to(device)).float()
+            return self.model(x.to(device), members=True).float()
 
     def _patch_loss(self, logits: torch.Tensor, labels: np.ndarray, index: np.ndarray) -> torch.Tensor:
         targets = (
@@ -273,9 +275,9 @@ class Trainer:
         x = torch.from_numpy(cast(FeatureStore, self.data.store).rows[idx])  # patch batches: no unlocked stages
         labels = self.labels[idx]
         logits = self._forward(x)
-        loss = self._patch_loss(logits, labels, idx)
+        loss = sum_members(self._patch_loss(z, labels, idx) for z in logits)  # each member trains on its own loss
         self._check(loss, x, labels)
-        return (loss, *accuracy_counts(logits, labels), len(idx))
+        return (loss, *accuracy_counts(mean_softmax_logits(logits), labels), len(idx))
 
     def _image_step(self, items: np.ndarray, keep_bg: np.ndarray | None):
         """A step on whole images: the image loss (images, both), the patch loss (both; boxes with unlock)."""
@@ -304,6 +306,7 @@ class Trainer:
             logits = self._forward(x)
         else:
             x, logits = self._forward_maps(items, counts, forward)
+            logits = logits[None]  # one member: the recipe refuses head.members > 1 with unlocked stages
         if forward is not None:  # from here on, positions among the forwarded rows
             if pooled is not None:
                 counts = np.bincount(np.repeat(np.arange(len(counts)), counts)[pooled], minlength=len(counts))
@@ -312,19 +315,21 @@ class Trainer:
             index, labels = index[forward], labels[forward]
         loss, correct, patches = None, 0, 0
         if sup != "boxes":
-            values = patch_values(logits if pooled is None else logits[torch.from_numpy(pooled)], self.recipe.pool.name)
-            image_logits = pool(values, counts, self.recipe.pool)
+            rows = logits if pooled is None else logits[:, torch.from_numpy(pooled)]
             # alone, the image loss sums over classes (lr 0.01 as for the patch loss); beside the patch loss it
             # averages (the summed term at image_weight 1 scored 91.3 against 91.6 on held-out devtrain)
             image_labels = torch.from_numpy(self.data.image_labels(items)).to(logits.device)
-            loss = image_loss(image_logits, image_labels, "sum" if sup == "images" else "mean")
+            reduction, cfg = "sum" if sup == "images" else "mean", self.recipe.pool
+            loss = sum_members(
+                image_loss(pool(patch_values(z, cfg.name), counts, cfg), image_labels, reduction) for z in rows
+            )
             if sup == "both":
                 loss = self.t.image_weight * loss
         if train is not None and train.any():  # train is None exactly when sup == "images"
             picked = torch.from_numpy(np.flatnonzero(train)).to(logits.device)
-            patch = self._patch_loss(logits[picked], labels[train], index[train])
+            patch = sum_members(self._patch_loss(z[picked], labels[train], index[train]) for z in logits)
             loss = patch if loss is None else loss + patch
-            correct, patches = accuracy_counts(logits[picked], labels[train])
+            correct, patches = accuracy_counts(mean_softmax_logits(logits[:, picked]), labels[train])
         if loss is None:  # no patch of these images trains (boxes): a step without a gradient
             loss = logits.sum() * 0.0
         self._check(loss, x, None)
@@ -364,6 +369,11 @@ class Trainer:
         )
 
 
+def sum_members(losses: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The head members' losses summed: each member's gradient is that of its own loss alone."""
+    return torch.stack(list(losses)).sum()
+
+
 def _nothing(*_args) -> None:
     """A callback's missing step."""
 
@@ -397,7 +407,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     classes = train_data.dataset.classes
     torch.manual_seed(recipe.train.seed)
     device = extractor.device
-    head = AdaptationHead(train_data.store.feature_dim, len(classes), recipe.head.hidden, recipe.head.dropout)
+    head = AdaptationHead(train_data.store.feature_dim, len(classes), **asdict(recipe.head))
     stages = _unlocked_stages(recipe, backbone, device, [train_data, selection.data if selection else None, val])
     state = TrainState(head.to(device), recipe, device, stages)
     # feature_dim: the trunk's; the head reads codec.dim(feature_dim) values, the codec's projection applied

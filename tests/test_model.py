@@ -98,3 +98,47 @@ def test_checkpoint_from_another_backbone_or_class_list_is_refused():
         check_compatible(state, "x.pt", "resnet50", ["cat", "dog"], 2048)
     with pytest.raises(CheckpointError, match=r"trained for classes \['cat', 'dog'\]"):
         check_compatible(state, "x.pt", "efficientnet_lite0", ["cat", "cow"], 1280)
+
+
+def test_a_one_member_head_keeps_its_layers_and_gives_a_member_axis_on_request():
+    head = AdaptationHead(16, 3, hidden=8)
+    assert set(head.state_dict()) == {"fca.0.weight", "fca.0.bias", "fcb.weight", "fcb.bias"}
+    x = torch.randn(5, 16)
+    head.eval()
+    assert torch.equal(head(x, members=True), head(x)[None])
+
+
+def test_an_ensemble_head_scores_the_mean_softmax_of_its_members_each_an_ordinary_head():
+    torch.manual_seed(0)
+    ensemble = AdaptationHead(16, 3, hidden=8, dropout=0.0, members=3).eval()
+    x = torch.randn(5, 16)
+    alone, member_logits = [], ensemble(x, members=True)
+    assert member_logits.shape == (3, 5, 4)
+    for m in range(3):  # member m: the m-th block of FCa's units and its own FCb
+        head = AdaptationHead(16, 3, hidden=8, dropout=0.0).eval()
+        with torch.no_grad():
+            head.fca[0].weight.copy_(ensemble.fca[0].weight[8 * m : 8 * (m + 1)])
+            head.fca[0].bias.copy_(ensemble.fca[0].bias[8 * m : 8 * (m + 1)])
+            head.fcb.weight.copy_(ensemble.fcb.weight[m].T)
+            head.fcb.bias.copy_(ensemble.fcb.bias[m, 0])
+        torch.testing.assert_close(member_logits[m], head(x))
+        alone.append(head(x).softmax(-1))
+    torch.testing.assert_close(ensemble.probabilities(x), torch.stack(alone).mean(0))
+    # members start apart (one draw for all), as separately seeded heads would
+    assert not torch.allclose(member_logits[0], member_logits[1])
+
+
+def test_each_member_of_an_ensemble_head_gets_the_gradient_of_its_own_loss_alone():
+    from patchnet.train import sum_members
+
+    torch.manual_seed(0)
+    head = AdaptationHead(6, 2, hidden=4, dropout=0.0, members=2)
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    z = head(x, members=True)
+    sum_members(torch.nn.functional.cross_entropy(m, y) for m in z).backward()
+    both = head.fcb.weight.grad.clone()
+    head.zero_grad()
+    torch.nn.functional.cross_entropy(head(x, members=True)[0], y).backward()
+    torch.testing.assert_close(head.fcb.weight.grad[0], both[0])
+    assert torch.count_nonzero(head.fcb.weight.grad[1]) == 0
+    assert torch.count_nonzero(head.fca[0].weight.grad[4:]) == 0  # FCa's units of member 1 untouched

@@ -741,3 +741,32 @@ def test_a_damaged_int8_calibration_file_is_calibrated_again(tmp_path, small_voc
     again = build_extractor(recipe)
     calibrate_extractor(recipe, again, train_set, progress=False)
     assert again.int8_ranges == first.int8_ranges == json.loads(kept.read_text())["ranges"]
+
+
+def test_an_ensemble_head_trains_resumes_exactly_and_scores_through_eval(tmp_path, small_voc, monkeypatch):
+    from patchnet.infer import evaluate_split
+
+    a, b = _straight_and_killed_after_epoch_1(
+        tmp_path,
+        small_voc,
+        monkeypatch,
+        "train.supervision=both",
+        "pool.name=topk",
+        "train.image_batch=2",
+        "train.epochs=3",
+        "head.members=3",
+        "infer.fuse=true",
+        "train.holdout=0.5",
+        "runtime.cache_dir=" + str(tmp_path / "c"),
+    )
+    assert _heads_equal(a["head"], b["head"]) and a["head"]["fcb.weight"].shape[0] == 3
+    assert a["history"][-1]["patch_acc"] > 0 and np.isfinite(a["history"][-1]["loss"])
+    table, _n, _ = evaluate_split(next((tmp_path / "a").rglob("last.pt")), split="val", progress=False)
+    assert np.isfinite(table.map07)
+
+
+def test_an_ensemble_head_is_refused_with_unlocked_stages():
+    from patchnet.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="head.members=2 with train.unlock=1"):
+        recipe_from_dict({"backbone": {"name": "efficientnet_lite0"}}, ["head.members=2", "train.unlock=1"])
