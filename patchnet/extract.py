@@ -89,17 +89,16 @@ class PatchExtractor:
         """The trunk's arithmetic, for cache keys: fp32, an autocast dtype, or int8 with its weight bits and ranges."""
         if not self.int8:
             return str(self.autocast_dtype or "fp32")
-        ranges = self.calibrated_ranges
-        return f"int8-w{cast(Int8Trunk, self.backbone.trunk).weight_bits}-{digest(ranges)}"
+        self.require_calibration()
+        return f"int8-w{cast(Int8Trunk, self.backbone.trunk).weight_bits}-{digest(self.int8_ranges)}"
 
-    @property
-    def calibrated_ranges(self) -> Int8Ranges:
-        if self.int8_ranges is None:
+    def require_calibration(self) -> None:
+        """Refuse an int8 trunk without activation ranges, naming the fix."""
+        if self.int8 and self.int8_ranges is None:
             raise BackboneError(
                 "backbone.precision=int8: the trunk is not calibrated yet (training calibrates it on the training "
                 "split, and its checkpoint carries the ranges); call calibrate or use_int8 first"
             )
-        return self.int8_ranges
 
     def use_int8(self, ranges: Int8Ranges) -> None:
         """Run the int8 trunk with these activation ranges (``calibrate``'s, or a checkpoint's)."""
@@ -161,8 +160,7 @@ class PatchExtractor:
     @torch.inference_mode()
     def extract(self, image) -> tuple[torch.Tensor, PatchPlan]:
         """(N, d) float32 features of all patches of an image, on the CPU, and the plan they follow."""
-        if self.int8:
-            self.calibrated_ranges  # noqa: B018  (refuses an uncalibrated int8 trunk with its fix)
+        self.require_calibration()
         img = self.prepare(image)
         h, w = img.shape[-2:]
         plan = self.plan(w, h)
