@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,3 +64,8 @@ def accuracy_counts(logits: torch.Tensor, labels: np.ndarray) -> tuple[int, int]
     """Correct arg-max predictions among the single-label patches, and their number."""
     single = labels >= 0
     return int((logits.argmax(1).cpu().numpy() == labels)[single].sum()), int(single.sum())
+
+
+def sum_members(losses: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The head members' losses summed: each member's gradient is that of its own loss alone."""
+    return torch.stack(list(losses)).sum()

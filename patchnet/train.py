@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -46,7 +45,7 @@ from .features import cache_spec
 from .files import atomic_write
 from .fusion import Fusion
 from .infer import evaluate, evaluation_items
-from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets
+from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets, sum_members
 from .metrics import APTable
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, mean_softmax_logits
 from .pooling import gather_items, patch_values, pool, pooled_share
@@ -257,8 +256,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Each head member's logits in fp32, (members, N, C + 1); the head's matrix products run under autocast
-        (``train.precision``)."""
+        """(members, N, C + 1) fp32 logits; the head's matrix products run under autocast (``train.precision``)."""
         device = self.state.device
         with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return self.model(x.to(device), members=True).float()
@@ -306,7 +304,6 @@ class Trainer:
             logits = self._forward(x)
         else:
             x, logits = self._forward_maps(items, counts, forward)
-            logits = logits[None]  # one member: the recipe refuses head.members > 1 with unlocked stages
         if forward is not None:  # from here on, positions among the forwarded rows
             if pooled is not None:
                 counts = np.bincount(np.repeat(np.arange(len(counts)), counts)[pooled], minlength=len(counts))
@@ -318,11 +315,9 @@ class Trainer:
             rows = logits if pooled is None else logits[:, torch.from_numpy(pooled)]
             # alone, the image loss sums over classes (lr 0.01 as for the patch loss); beside the patch loss it
             # averages (the summed term at image_weight 1 scored 91.3 against 91.6 on held-out devtrain)
-            image_labels = torch.from_numpy(self.data.image_labels(items)).to(logits.device)
-            reduction, cfg = "sum" if sup == "images" else "mean", self.recipe.pool
-            loss = sum_members(
-                image_loss(pool(patch_values(z, cfg.name), counts, cfg), image_labels, reduction) for z in rows
-            )
+            y, cfg = torch.from_numpy(self.data.image_labels(items)).to(logits.device), self.recipe.pool
+            reduction = "sum" if sup == "images" else "mean"
+            loss = sum_members(image_loss(pool(patch_values(z, cfg.name), counts, cfg), y, reduction) for z in rows)
             if sup == "both":
                 loss = self.t.image_weight * loss
         if train is not None and train.any():  # train is None exactly when sup == "images"
@@ -340,8 +335,8 @@ class Trainer:
         return None if self.patch_draw is None else pooled_share(self.patch_draw[index], counts, self.t.image_patches)
 
     def _forward_maps(self, items: np.ndarray, counts: np.ndarray, rows: np.ndarray | None):
-        """Features and fp32 logits of the patches of ``items`` (those where ``rows`` is set, if given) through
-        the unlocked stages and the head, under autocast (``train.precision``)."""
+        """Features and (1, N, C + 1) fp32 logits of the patches of ``items`` (those where ``rows`` is set, if
+        given) through the unlocked stages and the head, under autocast (``train.precision``)."""
         maps = [cast(MapStore, self.data.store).item_maps(i) for i in items]  # the unlocked stages read maps
         if rows is not None:
             ends = np.cumsum(counts)
@@ -349,7 +344,7 @@ class Trainer:
         device = self.state.device
         with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             x, logits = self.model(maps)
-        return x.detach().float(), logits.float()
+        return x.detach().float(), logits.float()[None]  # one member: unlocked stages train one head
 
     def _check(self, loss: torch.Tensor, x: torch.Tensor, labels: np.ndarray | None) -> None:
         if torch.isfinite(loss):
@@ -367,11 +362,6 @@ class Trainer:
             f"{self.checkpoints.last} is left as it was; lower train.lr, or check the feature cache "
             f"(patchnet cache verify --cache-dir {Path(self.recipe.runtime.cache_dir)})."
         )
-
-
-def sum_members(losses: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The head members' losses summed: each member's gradient is that of its own loss alone."""
-    return torch.stack(list(losses)).sum()
 
 
 def _nothing(*_args) -> None:

@@ -129,7 +129,7 @@ def test_an_ensemble_head_scores_the_mean_softmax_of_its_members_each_an_ordinar
 
 
 def test_each_member_of_an_ensemble_head_gets_the_gradient_of_its_own_loss_alone():
-    from patchnet.train import sum_members
+    from patchnet.losses import sum_members
 
     torch.manual_seed(0)
     head = AdaptationHead(6, 2, hidden=4, dropout=0.0, members=2)
