@@ -18,8 +18,8 @@ from patchnet.train import train
 from conftest import tiny_recipe
 
 
-@pytest.mark.parametrize("compress", ["none", "pca_int8"])
-def test_the_exported_program_matches_the_api_without_patchnet(tmp_path, small_voc, compress):
+@pytest.mark.parametrize(("compress", "members"), [("none", 1), ("pca_int8", 1), ("none", 3)])
+def test_the_exported_program_matches_the_api_without_patchnet(tmp_path, small_voc, compress, members):
     recipe = tiny_recipe(
         tmp_path,
         small_voc,
@@ -28,6 +28,7 @@ def test_the_exported_program_matches_the_api_without_patchnet(tmp_path, small_v
         "train.holdout=0.5",
         f"cache.compress={compress}",
         "cache.pca_dim=8",
+        f"head.members={members}",
     )
     train(recipe, progress=False)
     ckpt = recipe.run_dir / "last.pt"
