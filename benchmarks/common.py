@@ -192,3 +192,22 @@ def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
         pool_features(store.trunk_rows, store.offsets, items, "max"),
         val.labels()[store.record[items]],
     )
+
+
+def fused_tables(run: RunScores, sel_scores: np.ndarray, sel_pooled: np.ndarray, val_scores, val_pooled):
+    """The fusion refitted on the held-out rows as training fits it, and the 11-point / envelope tables of the
+    held-out images (head alone, fused) and the validation split (head alone, fused, the SVM alone)."""
+    from patchnet.fusion import fit_fusion
+    from patchnet.metrics import ap_table
+
+    p, labels = run.predictor, run.sel_labels
+    names = [str(i) for i in range(labels.shape[1])]
+    fusion, _ = fit_fusion(p.pool, run.coef, run.intercept, sel_scores, sel_pooled, labels)
+    val_decisions = fusion.decision(val_pooled)
+    return fusion, (
+        ap_table(sel_scores, labels, names),
+        ap_table(fusion.combine(sel_scores, fusion.decision(sel_pooled)), labels, names),
+        ap_table(val_scores, run.val_labels, p.classes),
+        ap_table(fusion.combine(val_scores, val_decisions), run.val_labels, p.classes),
+        ap_table(val_decisions, run.val_labels, p.classes),
+    )

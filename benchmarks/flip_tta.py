@@ -19,12 +19,10 @@ import torch
 from tqdm import tqdm
 
 from patchnet.datasets import load_image
-from patchnet.fusion import fit_fusion
 from patchnet.infer import Predictor
-from patchnet.metrics import ap_table
 from patchnet.pooling import pool_image
 
-from common import bench_parser, run_scores, table
+from common import bench_parser, fused_tables, run_scores, table
 
 
 def mirrored(predictor: Predictor, store, dataset, items: np.ndarray, desc: str):
@@ -52,23 +50,17 @@ def main() -> None:
     args = ap.parse_args()
 
     run = run_scores(args.checkpoint, args.cache_dir)
-    predictor, pool, coef, intercept = run.predictor, run.predictor.pool, run.coef, run.intercept
-    sel_labels, val_labels, sel = run.sel_labels, run.val_labels, run.selection
+    predictor, sel = run.predictor, run.selection
     sel_tta = mirrored(predictor, sel.data.store, sel.data.dataset, sel.items, "held-out, mirrored")
     val_tta = mirrored(predictor, run.store, run.val, run.items, "val, mirrored")
 
-    names = [str(i) for i in range(sel_labels.shape[1])]
     rows = []
     for name, (s_scores, s_pooled), (v_scores, v_pooled) in (
         ("as trained", (run.sel_scores, run.sel_pooled), (run.val_scores, run.val_pooled)),
         ("with the mirror image", sel_tta[:2], val_tta[:2]),
     ):
-        fusion, _ = fit_fusion(pool, coef, intercept, s_scores, s_pooled, sel_labels)
-        s_head = ap_table(s_scores, sel_labels, names)
-        s_fused = ap_table(fusion.combine(s_scores, fusion.decision(s_pooled)), sel_labels, names)
-        v_head = ap_table(v_scores, val_labels, predictor.classes)
-        v_fused = ap_table(fusion.combine(v_scores, fusion.decision(v_pooled)), val_labels, predictor.classes)
-        v_svm = ap_table(fusion.decision(v_pooled), val_labels, predictor.classes)
+        fusion, tables = fused_tables(run, s_scores, s_pooled, v_scores, v_pooled)
+        s_head, s_fused, v_head, v_fused, v_svm = tables
         rows.append(
             (
                 name,

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from patchnet.fusion import fit_fusion
 from patchnet.infer import image_scores
-from patchnet.metrics import ap_table
 
-from common import bench_parser, run_scores, table
+from common import bench_parser, fused_tables, run_scores, table
 
 
 def main() -> None:
@@ -29,21 +27,18 @@ def main() -> None:
     args = ap.parse_args()
 
     run = run_scores(args.checkpoint, args.cache_dir)
-    predictor, sel, labels = run.predictor, run.selection, run.sel_labels
+    predictor, sel = run.predictor, run.selection
     recipe, head = predictor.recipe, predictor.head
     if predictor.pool != "power":
         raise SystemExit(f"{args.checkpoint}: its run scores images with {predictor.pool!r}, not the power-k mean")
-    names = [str(i) for i in range(labels.shape[1])]
     rows = []
     for k in args.k:
         cfg = dataclasses.replace(recipe.pool, k=k)
         s_scores = image_scores(head, sel.data.store, sel.items, cfg, "power")
         v_scores = image_scores(head, run.store, run.items, cfg, "power")
-        fusion, _ = fit_fusion("power", run.coef, run.intercept, s_scores, run.sel_pooled, labels)
-        s_head = ap_table(s_scores, labels, names)
-        s_fused = ap_table(fusion.combine(s_scores, fusion.decision(run.sel_pooled)), labels, names)
-        v_head = ap_table(v_scores, run.val_labels, predictor.classes)
-        v_fused = ap_table(fusion.combine(v_scores, fusion.decision(run.val_pooled)), run.val_labels, predictor.classes)
+        fusion, (s_head, s_fused, v_head, v_fused, _) = fused_tables(
+            run, s_scores, run.sel_pooled, v_scores, run.val_pooled
+        )
         rows.append(
             (
                 f"{k:g}" + (" (the run's)" if k == recipe.pool.k else ""),

@@ -86,8 +86,7 @@ class AdaptationHead(nn.Module):
     def forward(self, features: torch.Tensor, members: bool = False) -> torch.Tensor:
         """(N, d) features -> (N, C + 1) logits; with ``members``, each member's: (members, N, C + 1)."""
         z = self.fcb(self.fca(features))
-        if self.members == 1:
-            return z[None] if members else z
+        z = z[None] if self.members == 1 else z  # (members, N, C + 1)
         return z if members else mean_softmax_logits(z)
 
     @torch.no_grad()
