@@ -155,28 +155,37 @@ class RunScores:
     val_labels: np.ndarray
 
 
-def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
-    """``checkpoint``'s scores from the cache its run was trained from."""
-    from patchnet.callbacks import SelectionEval
+def run_splits(predictor: Predictor, cache_dir: str):
+    """The held-out training images (the selection) and the validation split of ``predictor``'s run, its
+    features from the cache the run was trained from: (train data, selection, val dataset, val store, val items)."""
     from patchnet.datasets import open_split
     from patchnet.features import build_features, cache_spec
-    from patchnet.infer import Predictor, evaluation_items, image_scores
-    from patchnet.pooling import pool_features
+    from patchnet.infer import evaluation_items
     from patchnet.splits import prepare_split, selection_split
 
-    predictor = Predictor(checkpoint, fuse=False)
-    recipe, extractor, pool = predictor.recipe, predictor.extractor, predictor.pool
+    recipe, extractor = predictor.recipe, predictor.extractor
     recipe.runtime.cache_dir = cache_dir
     spec = cache_spec(recipe, extractor, codec=predictor.codec)
     train_data = prepare_split(recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views)
     selection = selection_split(recipe, train_data, extractor, spec)
     if selection is None:
-        raise SystemExit(f"{checkpoint}: its run held out no training images (train.holdout=0)")
-    coef, intercept, sel_pooled = SelectionEval(recipe, train_data, selection).fit_svm()
-    sel_scores = image_scores(predictor.head, selection.data.store, selection.items, recipe.pool, pool)
+        raise SystemExit(f"{recipe.name}: its run held out no training images (train.holdout=0)")
     val = open_split(recipe.data, recipe.data.val_split, classes=predictor.classes)
     store = build_features(spec, val, extractor)
-    items = evaluation_items(store)
+    return train_data, selection, val, store, evaluation_items(store)
+
+
+def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
+    """``checkpoint``'s scores from the cache its run was trained from."""
+    from patchnet.callbacks import SelectionEval
+    from patchnet.infer import Predictor, image_scores
+    from patchnet.pooling import pool_features
+
+    predictor = Predictor(checkpoint, fuse=False)
+    recipe, pool = predictor.recipe, predictor.pool
+    train_data, selection, val, store, items = run_splits(predictor, cache_dir)
+    coef, intercept, sel_pooled = SelectionEval(recipe, train_data, selection).fit_svm()
+    sel_scores = image_scores(predictor.head, selection.data.store, selection.items, recipe.pool, pool)
     return RunScores(
         predictor,
         selection,
