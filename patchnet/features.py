@@ -158,6 +158,12 @@ def _build_features(
 
     if rank_world()[0] == 0:
         save_projection(path, codec)
+    # the originals of a split a run without augmented views has cached are copied, not extracted again
+    originals = cached_features(spec, dataset, extractor) if views else None
+    if originals is not None:
+        log.info(
+            "feature cache %s: copying the %d original images from %s", path.name, len(originals), originals.path.name
+        )
     num_chunks = fill_chunks(
         path,
         meta,
@@ -169,6 +175,7 @@ def _build_features(
         write,
         f"features {dataset.name.rsplit(':', 1)[-1]}",
         progress,
+        stored=None if originals is None else lambda record, view: originals.stored_item(record) if view == 0 else None,
     )
     if rank_world()[0] == 0:
         join_feature_chunks(path, num_chunks, layout)
@@ -185,22 +192,35 @@ def fill_chunks(
     write: Callable[[Path, list], None],
     desc: str,
     progress: bool,
+    stored: Callable[[int, int], tuple | None] | None = None,
 ) -> int:
     """Compute this rank's missing chunks of a build and write each as soon as its items are done.
 
     Items are ``(record, view)`` pairs, ``spec.chunk`` to a chunk; ``compute(image)`` gives an item's
     result, and ``write(target, [(result or None, objects or failure message), ...])`` stores a
-    chunk. Returns the number of chunks; when it returns every rank's chunks exist.
+    chunk. ``stored(record, view)``, when given, returns such a pair for an item another cache already
+    holds (it is copied, not decoded), or None. Returns the number of chunks; when it returns every
+    rank's chunks exist.
     """
     rank, _ = rank_world()
     items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
     chunks = [items[i : i + spec.chunk] for i in range(0, len(items), spec.chunk)]
     todo = start_chunks(path, {**meta, "items": len(items), "chunk": spec.chunk}, len(chunks))
-    flat = [(c, item) for c in todo for item in chunks[c]]
-    pending: dict[int, list] = {c: [] for c in todo}
+    pending: dict[int, list] = {c: [None] * len(chunks[c]) for c in todo}
+    left = {c: len(chunks[c]) for c in todo}  # items of each chunk not yet done
+    flat = []  # (chunk, position in it, item) of the items to decode
+    for c in todo:
+        for pos, item in enumerate(chunks[c]):
+            copied = stored(*item) if stored is not None else None
+            if copied is None:
+                flat.append((c, pos, item))
+            else:
+                pending[c][pos], left[c] = copied, left[c] - 1
+        if not left[c]:
+            write(chunk_path(path, c), pending.pop(c))
     for i, image, info in iter_images(
         dataset.records,
-        [item for _, item in flat],
+        [item for _, _, item in flat],
         aug=spec.aug,
         seed=spec.seed,
         workers=spec.workers,
@@ -209,9 +229,9 @@ def fill_chunks(
         progress=progress and rank == 0,
         keep_failures=True,
     ):
-        c = flat[i][0]
-        pending[c].append((None if image is None else compute(image), info))
-        if len(pending[c]) == len(chunks[c]):
+        c, pos, _ = flat[i]
+        pending[c][pos], left[c] = (None if image is None else compute(image), info), left[c] - 1
+        if not left[c]:
             write(chunk_path(path, c), pending.pop(c))
     barrier()
     return len(chunks)

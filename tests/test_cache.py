@@ -167,6 +167,28 @@ def test_augmented_views_are_cached_with_their_own_boxes(tmp_path, small_voc):
     np.testing.assert_array_equal(store.boxes, store2.boxes)
 
 
+def test_a_build_with_views_copies_the_originals_a_build_without_them_cached(tmp_path, small_voc):
+    (small_voc / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff garbage")  # a failure is copied too
+    overrides = ("aug.views=1", "aug.rotate=0", "aug.color=0")
+    recipe, ds, ex = _setup(tmp_path, small_voc, *overrides)
+    originals = build(recipe, ds, ex, progress=False)
+    counting = CountingExtractor(ex)
+    store = build(recipe, ds, counting, views=1, progress=False)
+    assert counting.calls == 3  # the views of the three readable images: no original is extracted again
+    scratch_recipe, _, _ = _setup(tmp_path / "scratch", small_voc, *overrides)
+    scratch = build(scratch_recipe, ds, ex, views=1, progress=False)
+    for name in ("offsets", "record", "view", "ok", "patch_boxes", "box_offsets", "boxes", "box_classes"):
+        np.testing.assert_array_equal(getattr(store, name), getattr(scratch, name), err_msg=name)
+    assert (
+        store.failures == scratch.failures and len(store.failures) == 2 and "b.jpg" in store.failures[0]
+    )  # and its view
+    np.testing.assert_allclose(store.rows[:], scratch.rows[:], atol=1e-3)
+    for i in np.flatnonzero(store.ok & (store.view == 0)):  # the originals' rows are the other cache's, bit for bit
+        np.testing.assert_array_equal(
+            store.rows.stored[store.item_slice(i)], originals.rows.stored[originals.item_slice(store.record[i])]
+        )
+
+
 def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_voc):
     recipe, ds, ex = _setup(tmp_path, small_voc)
     fields = cache_fields(ds, ex, 0, cache_spec(recipe, ex))
