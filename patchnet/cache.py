@@ -126,13 +126,12 @@ class FeatureStore(ItemIndex):
         self.trunk_rows = self.rows if self.codec.components is None else Rows(**arrays, codec=self.codec)
         self._stored = arrays
 
-    def stored_item(self, i: int) -> tuple:
-        """Item ``i`` as a build's chunk takes it (``save_feature_chunk``): ``((stored arrays, patch boxes),
-        objects)``, or ``(None, failure message)`` for an unreadable image."""
+    def stored_item(self, i: int) -> tuple[dict[str, np.ndarray], np.ndarray] | str:
+        """Item ``i`` as stored: its row arrays and patch boxes, or the failure message of an unreadable image."""
         if not self.ok[i]:
-            return None, self.failures[int(np.count_nonzero(~self.ok[:i]))]
+            return self.failures[int(np.count_nonzero(~self.ok[:i]))]
         s = self.item_slice(i)
-        return ({name: np.asarray(a[s]) for name, a in self._stored.items()}, self.patch_boxes[s]), self.item_objects(i)
+        return {name: np.asarray(a[s]) for name, a in self._stored.items()}, self.patch_boxes[s]
 
 
 # --------------------------------------------------------------------------- integrity

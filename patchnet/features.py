@@ -25,6 +25,7 @@ import torch
 
 from .cache import (
     CACHE_VERSION,
+    CacheError,
     FeatureStore,
     building,
     chunk_path,
@@ -158,12 +159,6 @@ def _build_features(
 
     if rank_world()[0] == 0:
         save_projection(path, codec)
-    # the originals of a split a run without augmented views has cached are copied, not extracted again
-    originals = cached_features(spec, dataset, extractor) if views else None
-    if originals is not None:
-        log.info(
-            "feature cache %s: copying the %d original images from %s", path.name, len(originals), originals.path.name
-        )
     num_chunks = fill_chunks(
         path,
         meta,
@@ -175,10 +170,37 @@ def _build_features(
         write,
         f"features {dataset.name.rsplit(':', 1)[-1]}",
         progress,
-        stored=None if originals is None else lambda record, view: originals.stored_item(record) if view == 0 else None,
+        stored=_cached_originals(spec, dataset, extractor, path) if views else None,
     )
     if rank_world()[0] == 0:
         join_feature_chunks(path, num_chunks, layout)
+
+
+def _cached_originals(
+    spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, path: Path
+) -> Callable[[int, int], tuple | None] | None:
+    """``fill_chunks``'s ``stored`` for a build with augmented views: the original images (view 0) from the
+    split's cache without views, when a complete one exists, so that they are copied, not extracted again."""
+    try:
+        originals = cached_features(spec, dataset, extractor)
+    except CacheError as e:  # a damaged cache is rebuilt when its own run needs it; this build extracts instead
+        log.warning("%s; extracting the original images again", e)
+        return None
+    if originals is None:
+        return None
+    if rank_world()[0] == 0:
+        log.info("feature cache %s: copying the original images from %s", path.name, originals.path.name)
+
+    def stored(record: int, view: int) -> tuple | None:
+        if view:
+            return None
+        item = originals.stored_item(record)
+        if isinstance(item, str):
+            return None, item
+        rec = dataset.records[record]  # view 0's objects are the annotations, as decoding gives them
+        return item, (rec.boxes, rec.box_classes, rec.box_difficult)
+
+    return stored
 
 
 def fill_chunks(

@@ -167,9 +167,10 @@ def test_augmented_views_are_cached_with_their_own_boxes(tmp_path, small_voc):
     np.testing.assert_array_equal(store.boxes, store2.boxes)
 
 
-def test_a_build_with_views_copies_the_originals_a_build_without_them_cached(tmp_path, small_voc):
+@pytest.mark.parametrize("compress", ["none", "int8"])  # int8 rows are stored as two arrays: codes and scales
+def test_a_build_with_views_copies_the_originals_a_build_without_them_cached(tmp_path, small_voc, compress):
     (small_voc / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff garbage")  # a failure is copied too
-    overrides = ("aug.views=1", "aug.rotate=0", "aug.color=0")
+    overrides = ("aug.views=1", "aug.rotate=0", "aug.color=0", f"cache.compress={compress}")
     recipe, ds, ex = _setup(tmp_path, small_voc, *overrides)
     originals = build(recipe, ds, ex, progress=False)
     counting = CountingExtractor(ex)
@@ -184,9 +185,21 @@ def test_a_build_with_views_copies_the_originals_a_build_without_them_cached(tmp
     )  # and its view
     np.testing.assert_allclose(store.rows[:], scratch.rows[:], atol=1e-3)
     for i in np.flatnonzero(store.ok & (store.view == 0)):  # the originals' rows are the other cache's, bit for bit
-        np.testing.assert_array_equal(
-            store.rows.stored[store.item_slice(i)], originals.rows.stored[originals.item_slice(store.record[i])]
-        )
+        mine, theirs = store.item_slice(i), originals.item_slice(store.record[i])
+        np.testing.assert_array_equal(store.rows.stored[mine], originals.rows.stored[theirs])
+        if compress == "int8":
+            np.testing.assert_array_equal(store.rows.scales[mine], originals.rows.scales[theirs])
+
+
+def test_a_damaged_cache_of_the_originals_is_not_copied_but_extracted_again(tmp_path, small_voc, caplog):
+    recipe, ds, ex = _setup(tmp_path, small_voc, "aug.views=1", "aug.rotate=0", "aug.color=0")
+    originals = build(recipe, ds, ex, progress=False)
+    with open(originals.path / "features.f16", "r+b") as f:
+        f.truncate(100)
+    counting = CountingExtractor(ex)
+    store = build(recipe, ds, counting, views=1, progress=False)
+    assert counting.calls == 2 * len(ds) and store.ok.all()
+    assert "is damaged" in caplog.text and "extracting the original images again" in caplog.text
 
 
 def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_voc):
