@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from patchnet.cache import FeatureStore
     from patchnet.datasets import Dataset
     from patchnet.infer import Predictor
-    from patchnet.splits import Selection
+    from patchnet.splits import Selection, SplitData
 
 REPO = Path(__file__).resolve().parent.parent
 VOC = REPO.parent / "shared" / "data" / "VOCdevkit" / "VOC2007"
@@ -141,6 +141,7 @@ class RunScores:
     training fits it (on the other training images)."""
 
     predictor: Predictor
+    train_data: SplitData
     selection: Selection
     coef: np.ndarray
     intercept: np.ndarray
@@ -188,6 +189,7 @@ def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
     sel_scores = image_scores(predictor.head, selection.data.store, selection.items, recipe.pool, pool)
     return RunScores(
         predictor,
+        train_data,
         selection,
         coef,
         intercept,

@@ -11,16 +11,16 @@ validation split (reported only, never chosen on).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from patchnet.fusion import fit_fusion
-from patchnet.infer import Predictor, image_scores
 from patchnet.linear import SplitFeatures, fit_linear, linear_arrays
 from patchnet.metrics import ap_table
 from patchnet.pooling import l2_normalize, pool_features
 from patchnet.splits import held_out
 
-from common import bench_parser, run_splits, table
+from common import RunScores, bench_parser, fused_tables, run_scores, table
 
 POOLS = ("max", "mean", "maxmean")
 
@@ -31,6 +31,28 @@ def pooled(store, items: np.ndarray, how: str) -> np.ndarray:
     return np.concatenate([l2_normalize(pooled(store, items, p)) for p in ("max", "mean")], 1)
 
 
+def with_svm(run: RunScores, how: str) -> RunScores:
+    """``run`` with its SVM fitted on ``how``-pooled features of the training images not held out, as training
+    fits the max-pooled one (``SelectionEval.fit_svm``), and the held-out and val features pooled alike."""
+    data, sel = run.train_data, run.selection
+    items = np.flatnonzero(data.store.ok & ~held_out(data, sel))
+    x = pooled(data.store, items, how)
+    ids = [data.dataset.records[r].image_id for r in data.store.record[items]]
+    model = fit_linear(
+        SplitFeatures(ids, x, data.image_labels(items), data.dataset.classes),
+        seed=run.predictor.recipe.train.seed,
+        progress=False,
+    )
+    coef, intercept = linear_arrays(model, x.shape[1])
+    return dataclasses.replace(
+        run,
+        coef=coef,
+        intercept=intercept,
+        sel_pooled=pooled(sel.data.store, sel.items, how),
+        val_pooled=pooled(run.store, run.items, how),
+    )
+
+
 def main() -> None:
     ap = bench_parser(__doc__, voc=False, recipe=None, sets=False)
     ap.add_argument("checkpoint")
@@ -38,32 +60,15 @@ def main() -> None:
     ap.add_argument("--pools", nargs="+", choices=POOLS, default=list(POOLS))
     args = ap.parse_args()
 
-    predictor = Predictor(args.checkpoint, fuse=False)
-    recipe, head, pool = predictor.recipe, predictor.head, predictor.pool
-    data, sel, val, store, items = run_splits(predictor, args.cache_dir)
-    train_items = np.flatnonzero(data.store.ok & ~held_out(data, sel))
-    ids = [data.dataset.records[r].image_id for r in data.store.record[train_items]]
-    sel_labels, val_labels = sel.labels(), val.labels()[store.record[items]]
-    sel_scores = image_scores(head, sel.data.store, sel.items, recipe.pool, pool)
-    val_scores = image_scores(head, store, items, recipe.pool, pool)
-    names = [str(i) for i in range(len(predictor.classes))]
+    run = run_scores(args.checkpoint, args.cache_dir)  # its SVM is training's, on max-pooled features
+    names = [str(i) for i in range(len(run.predictor.classes))]
     rows = []
     for how in args.pools:
-        x = pooled(data.store, train_items, how)
-        model = fit_linear(
-            SplitFeatures(ids, x, data.image_labels(train_items), data.dataset.classes),
-            seed=recipe.train.seed,
-            progress=False,
+        r = run if how == "max" else with_svm(run, how)
+        fusion, (_, held, _, val_fused, val_svm) = fused_tables(
+            r, r.sel_scores, r.sel_pooled, r.val_scores, r.val_pooled
         )
-        coef, intercept = linear_arrays(model, x.shape[1])
-        sel_x, val_x = pooled(sel.data.store, sel.items, how), pooled(store, items, how)
-        fusion, _ = fit_fusion(pool, coef, intercept, sel_scores, sel_x, sel_labels)
-        held_svm, val_svm = (
-            ap_table(fusion.decision(sel_x), sel_labels, names),
-            ap_table(fusion.decision(val_x), val_labels, predictor.classes),
-        )
-        held = ap_table(fusion.combine(sel_scores, fusion.decision(sel_x)), sel_labels, names)
-        val_fused = ap_table(fusion.combine(val_scores, fusion.decision(val_x)), val_labels, predictor.classes)
+        held_svm = ap_table(fusion.decision(r.sel_pooled), r.sel_labels, names)
         rows.append(
             (
                 how + (" (training's)" if how == "max" else ""),
