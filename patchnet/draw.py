@@ -1,10 +1,12 @@
-"""Figures: patches coloured by training label (the paper's Figure 4)."""
+"""Figures: patches coloured by training label (the paper's Figure 4), boxes, and images labelled with their classes."""
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from matplotlib import patheffects
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
@@ -101,3 +103,76 @@ def _labelled_box(ax, box, label: str, color, lw: float, ls: str, fontsize: int 
     x1, y1, x2, y2 = box
     ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, lw=lw, ls=ls, path_effects=OUTLINE))
     ax.text(x1 + 3, y1 + 3, plain(label), fontsize=fontsize, va="top", color=color, path_effects=OUTLINE)
+
+
+PRESENT_COLOR, ABSENT_COLOR = (255, 214, 0), (215, 215, 215)  # yellow reads on any photo behind the dark box
+
+
+@lru_cache(maxsize=16)
+def _font(size: int, bold: bool):
+    """Matplotlib's DejaVu Sans, which every install carries: no system font needed, and it has the tick."""
+    import matplotlib
+    from PIL import ImageFont
+
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size)
+
+
+def label_image(image: np.ndarray, rows: list[tuple[str, str, bool]], min_side: int = 360):
+    """A PIL copy of an RGB image with a label box in its top-left corner: one line per ``(class, value,
+    present)``, a class judged present in bold yellow after a tick, the others in grey. An image whose shorter
+    side is under ``min_side`` pixels is enlarged first, so that the label stays legible without hiding it."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    short = min(im.size)
+    if short < min_side:
+        scale = min_side / short
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+    size = max(12, round(min(im.size) / 24))
+    pad, gap = size // 2, size // 4
+    fonts = [_font(size, present) for _, _, present in rows]
+    tick = "\u2713 "
+    indent = max(f.getlength(tick) for f in fonts) if rows else 0
+    name_w = max((f.getlength(name) for f, (name, _, _) in zip(fonts, rows)), default=0)
+    value_w = max((f.getlength(value) for f, (_, value, _) in zip(fonts, rows)), default=0)
+    line_h = size + gap
+    width = round(pad * 2 + indent + name_w + size + value_w)
+    height = pad * 2 + line_h * len(rows) - gap
+    overlay = Image.new("RGBA", im.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    draw.rounded_rectangle((0, 0, width, height), radius=pad, fill=(0, 0, 0, 170))
+    for i, (font, (name, value, present)) in enumerate(zip(fonts, rows)):
+        y, color = pad + i * line_h, PRESENT_COLOR if present else ABSENT_COLOR
+        if present:
+            draw.text((pad, y), tick, font=font, fill=color)
+        draw.text((pad + indent, y), name, font=font, fill=color)
+        draw.text((width - pad, y), value, font=font, fill=color, anchor="ra")  # values right-aligned
+    return Image.alpha_composite(im.convert("RGBA"), overlay).convert("RGB")
+
+
+def draw_confusion(matrix: np.ndarray, classes: list[str], out: str | Path, title: str = "") -> Path:
+    """A confusion matrix of single-label images (rows: the true class, columns: the predicted one), each row
+    shaded by its share and every cell labelled with its count."""
+    matrix = np.asarray(matrix)
+    n = len(classes)
+    side = min(max(3.5, 0.45 * n + 2.0), 16.0)
+    fig, axes = new_figure(figsize=(side + 0.8, side))
+    ax = axes[0, 0]
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:  # beyond that the counts would not be legible
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    color = "white" if share[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=color, fontsize=8)
+    names = [plain(c) for c in classes]
+    ax.set_xticks(range(n), names, rotation=90 if n > 4 else 0, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(plain(title), fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, out, dpi=120)

@@ -139,6 +139,14 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(np.mean(guess == truth)), float(np.mean(per_class))
 
 
+def confusion_matrix(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(C, C) counts of single-label images: row = the true class (the one label 1), column = the arg-max class."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    c = scores.shape[1]
+    truth, guess = labels.argmax(1), scores.argmax(1)
+    return np.bincount(truth * c + guess, minlength=c * c).reshape(c, c)
+
+
 def ap_table(scores: np.ndarray, labels: np.ndarray, classes: list[str], single_label: bool = False) -> APTable:
     """Both APs for every class of (N, C) image scores and (N, C) 1/-1/0 labels (and accuracy if single-label)."""
     scores, labels = np.asarray(scores), np.asarray(labels)

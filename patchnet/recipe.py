@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +57,15 @@ class RecipeError(PatchnetError, ValueError):
 
 @dataclass
 class DataConfig:
-    format: Format = "voc"  # voc | coco | demo | folder (root/<split>/<class>/*.jpg) | csv (root/<split>.csv)
+    # voc | coco | demo | folder (root/<split>/<class>/*.jpg; split "." = root/<class>/) | csv (root/<split>.csv)
+    format: Format = "voc"
     root: str = ""  # VOC: VOCdevkit/VOC20xx; COCO: folder with annotations/ and images
     train_split: str = "trainval"
     val_split: str = "test"  # reported after training, never used to choose a checkpoint; "" = none
     select_split: str = ""  # a split to choose best.pt on; "" = train.holdout of the training images
+    # > 0: the data has no val split; val_split names this share of train_split's images, drawn by a hash
+    # of each image id per class (the same images every run) and never trained on
+    val_from_train: float = 0.0
     classes: list[str] = field(default_factory=lambda: list(VOC_CLASSES))  # coco, folder, csv: [] = all found
     boxes: bool = True  # false: read image-level labels only (VOC/COCO boxes are ignored)
     limit: int = 0  # use only the first N images of each split (0: all), for quick checks
@@ -231,6 +236,7 @@ class Recipe:
     def validate(self) -> Recipe:
         """Check every field against the others and against the backbone registry; returns the recipe."""
         self._check_backbone()
+        self._check_data()
         self._check_patches()
         self._check_training()
         return self
@@ -265,6 +271,16 @@ class Recipe:
             raise RecipeError(
                 f"cache.pca_dim and cache.pca_images must be at least 1, got {self.cache.pca_dim} "
                 f"and {self.cache.pca_images}"
+            )
+
+    def _check_data(self) -> None:
+        d = self.data
+        if not 0.0 <= d.val_from_train < 1.0:
+            raise RecipeError(f"data.val_from_train must lie in [0, 1), got {d.val_from_train}")
+        if d.val_from_train and (not d.val_split or d.val_split == d.train_split):
+            raise RecipeError(
+                f"data.val_from_train={d.val_from_train} holds out a val split from data.train_split, so "
+                f"data.val_split must name it, other than the training split (e.g. val); got {d.val_split!r}"
             )
 
     def _check_patches(self) -> None:
@@ -369,14 +385,29 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(values) - set(names), key=str)
     if unknown:
-        raise RecipeError(
-            f"unknown recipe key(s) {', '.join(prefix + u for u in unknown)}; "
-            f"valid keys here: {', '.join(prefix + n for n in names)}"
-        )
+        raise _unknown_keys(prefix, unknown, names, values)
     kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
+
+
+def _unknown_keys(prefix: str, unknown: list, names: list[str], values: dict[str, Any]) -> RecipeError:
+    """Unknown keys of a section (a mapping given is an unknown section), each with the valid key its name is
+    closest to, if any is close (a typo), and the valid keys."""
+    what = "section" if len(unknown) == 1 and isinstance(values[unknown[0]], dict) else "key"
+    said = ", ".join(prefix + str(u) for u in unknown)
+    close = {u: difflib.get_close_matches(str(u), names, n=1, cutoff=0.7) for u in unknown}
+    guesses = [(u, m[0]) for u, m in close.items() if m]
+    if len(unknown) == 1:
+        hint = f"; did you mean {prefix}{guesses[0][1]}?" if guesses else ";"
+    else:
+        pairs = ", ".join(f"{prefix}{m} for {prefix}{u}" for u, m in guesses)
+        hint = f"; did you mean {pairs}?" if guesses else ";"
+    return RecipeError(
+        f"unknown recipe {what}{'s' if len(unknown) > 1 else ''} {said}{hint} "
+        f"valid keys here: {', '.join(prefix + n for n in names)}"
+    )
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -460,16 +491,47 @@ def _read_values(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe (on top of its ``base:``), apply overrides and validate every field."""
+    """Load a YAML recipe (on top of its ``base:``), apply overrides and validate every field.
+
+    An error names what it comes from: the file (``path: ...``), or the override (``--set key=value: ...``,
+    as the command line takes it) that brought an unknown key or a bad value in."""
     path = Path(path)
     values = _read_values(path)
-    try:
-        return recipe_from_dict(values, overrides)
+    overrides = list(overrides or [])
+    try:  # the file's own keys and values, before any override
+        _build(Recipe, _migrate(copy.deepcopy(values)))
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
+    merged = copy.deepcopy(values)
+    for item in overrides:
+        merged = apply_overrides(merged, [item])  # its own errors name the override
+        try:
+            _build(Recipe, _migrate(copy.deepcopy(merged)))
+        except RecipeError as e:
+            raise RecipeError(f"--set {item}: {e}") from None
+    recipe = _build(Recipe, _migrate(merged))
+    try:
+        return recipe.validate()
+    except RecipeError as e:
+        if overrides and _valid(values):  # the file alone is valid: the overrides made it invalid
+            raise RecipeError(f"{' '.join(f'--set {o}' for o in overrides)}: {e}") from None
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def _valid(values: dict[str, Any]) -> bool:
+    try:
+        _build(Recipe, _migrate(copy.deepcopy(values))).validate()
+    except RecipeError:
+        return False
+    return True
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     from .files import atomic_write
 
     atomic_write(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+# For recipes assembled from several sources (patchnet.run_recipe): a file's values, and one layer on another.
+read_values = _read_values
+merge_values = _merge

@@ -37,7 +37,7 @@ from .backbones import backbone_spec, build_backbone, unlock_split
 from .cache import FeatureStore
 from .callbacks import Checkpoints, EpochEnd, SelectionEval, TrainingLog
 from .codec import FeatureCodec
-from .datasets import open_split
+from .datasets import Dataset, open_split
 from .dist import all_sum, init_distributed, rank_world, resolve_precision
 from .errors import PatchnetError
 from .extract import build_extractor
@@ -46,7 +46,7 @@ from .files import atomic_write
 from .fusion import Fusion
 from .infer import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets, sum_members
-from .metrics import APTable
+from .metrics import APTable, confusion_matrix
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, mean_softmax_logits
 from .pooling import gather_items, patch_values, pool, pooled_share
 from .recipe import Recipe, recipe_from_dict, save_recipe
@@ -86,6 +86,7 @@ class TrainResult:
     best_map07: float  # on the selection images (held-out training images or data.select_split)
     table: APTable | None  # last.pt on data.val_split, for reporting
     seconds: float
+    confusion: np.ndarray | None = None  # (C, C) of last.pt on data.val_split where it is single-label
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -376,8 +377,13 @@ def _sums_path(run_dir: Path, rank: int) -> Path:
 # --------------------------------------------------------------------------- a run
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train the adaptation head of ``recipe``; checkpoints go to ``recipe.run_dir``."""
+def train(
+    recipe: Recipe, resume: bool = False, progress: bool = True, datasets: dict[str, Dataset] | None = None
+) -> TrainResult:
+    """Train the adaptation head of ``recipe``; checkpoints go to ``recipe.run_dir``.
+
+    ``datasets``: splits already read (split name -> dataset), not read again.
+    """
     init_distributed()
     rank, _ = rank_world()
     started = time.perf_counter()
@@ -393,8 +399,11 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
         b = recipe.backbone
         backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
     extractor = build_extractor(recipe) if backbone is None else build_extractor(recipe, backbone)
-    train_data, selection, val, spec = _splits(recipe, extractor, saved, progress)
+    train_data, selection, val, spec = _splits(recipe, extractor, saved, progress, datasets or {})
     classes = train_data.dataset.classes
+    if rank == 0 and recipe.data.classes != classes:  # the saved recipe names the classes the run really used
+        recipe.data.classes = list(classes)
+        save_recipe(recipe, recipe.run_dir / "recipe.yaml")
     torch.manual_seed(recipe.train.seed)
     device = extractor.device
     head = AdaptationHead(train_data.store.feature_dim, len(classes), **asdict(recipe.head))
@@ -414,17 +423,17 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     Trainer(recipe, train_data, selection, state, meta, progress).fit()
     if rank:
         _sums_path(recipe.run_dir, rank).unlink(missing_ok=True)
-    table = _report(recipe, state, val) if val is not None and rank == 0 else None
-    return TrainResult(recipe.run_dir, state.epoch, state.best, table, time.perf_counter() - started)
+    table, confusion = _report(recipe, state, val) if val is not None and rank == 0 else (None, None)
+    return TrainResult(recipe.run_dir, state.epoch, state.best, table, time.perf_counter() - started, confusion)
 
 
-def _splits(recipe: Recipe, extractor, saved: dict | None, progress: bool):
+def _splits(recipe: Recipe, extractor, saved: dict | None, progress: bool, datasets: dict[str, Dataset]):
     """The training split, the selection images, the validation split (or None), and the cache they are in."""
     # a resumed run keeps the projection its head was trained on; unlock stores its maps as they are
     codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else None
     if saved is not None and saved.get("int8") and extractor.int8:  # and the int8 trunk
         extractor.use_int8(saved["int8"])
-    train_set = open_split(recipe.data, recipe.data.train_split)
+    train_set = datasets.get(recipe.data.train_split) or open_split(recipe.data, recipe.data.train_split)
     spec = cache_spec(recipe, extractor, train_set, FeatureCodec() if recipe.train.unlock else codec, progress)
     train_data = prepare_split(
         recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views, progress=progress, dataset=train_set
@@ -434,7 +443,13 @@ def _splits(recipe: Recipe, extractor, saved: dict | None, progress: bool):
     val = None
     if recipe.data.val_split:
         val = prepare_split(
-            recipe, recipe.data.val_split, extractor, spec, progress=progress, classes=train_data.dataset.classes
+            recipe,
+            recipe.data.val_split,
+            extractor,
+            spec,
+            progress=progress,
+            classes=train_data.dataset.classes,
+            dataset=datasets.get(recipe.data.val_split),
         )
     return train_data, selection, val, spec
 
@@ -479,22 +494,25 @@ def _unlocked_stages(recipe: Recipe, backbone, device: torch.device, splits: lis
     return stages
 
 
-def _report(recipe: Recipe, state: TrainState, val: SplitData) -> APTable:
-    """last.pt on the validation split (with its fusion): reported, never used to choose."""
+def _report(recipe: Recipe, state: TrainState, val: SplitData) -> tuple[APTable, np.ndarray | None]:
+    """last.pt on the validation split (with its fusion), and its confusion matrix where the split is
+    single-label: reported, never used to choose."""
     fusion = Fusion.from_dict(state.fusion) if state.fusion is not None else None
-    table, _ = evaluate(
-        state.head, val.store, val.dataset, evaluation_items(val.store), recipe.pool, recipe.infer_pool, fusion
-    )
+    items = evaluation_items(val.store)
+    table, scores = evaluate(state.head, val.store, val.dataset, items, recipe.pool, recipe.infer_pool, fusion)
     log.info(
         "last.pt on %s: mAP %.1f (11-pt) %.1f (envelope)", recipe.data.val_split, 100 * table.map07, 100 * table.map
     )
-    return table
+    single = val.dataset.single_label and len(items)
+    return table, confusion_matrix(scores, val.image_labels(items)) if single else None
 
 
 def _resume_key(values: dict) -> dict:
-    """What a resumed run must share with the saved one: all but the runtime section and train.epochs
-    (a finished run may be extended)."""
+    """What a resumed run must share with the saved one: all but the runtime section, train.epochs (a
+    finished run may be extended) and data.classes (an empty list is filled in with the classes found;
+    the class lists themselves are compared by check_compatible)."""
     return {
         **{k: v for k, v in values.items() if k != "runtime"},
         "train": {k: v for k, v in values["train"].items() if k != "epochs"},
+        "data": {k: v for k, v in values["data"].items() if k != "classes"},
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from ..errors import PatchnetError
 
@@ -19,6 +20,39 @@ app = typer.Typer(
     help="Multi-scale patch-based transfer learning on a frozen ImageNet CNN.",
 )
 log = logging.getLogger("patchnet")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("patchnet")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from .. import __version__ as number
+        typer.echo(f"patchnet {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Multi-scale patch-based transfer learning on a frozen ImageNet CNN."""
+
+
+# typer's rich help prints a type beside every option, "<bool>" beside flags, which take no value (typer
+# 0.29: the plain help leaves it out): give flags no type column.
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_type(self: typer.core.TyperOption, ctx) -> str | None:
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -65,6 +99,18 @@ class Skipped:
             raise typer.Exit(1)
 
 
+def resolve_checkpoint(value: Path | None) -> Path:
+    """The checkpoint a command scores with: the ``--checkpoint`` given (none given is an error, for now)."""
+    if value is None:
+        from ..model import CheckpointError  # torch: only when a command needs it
+
+        raise CheckpointError(
+            "no model given: pass --checkpoint (-c) with a trained best.pt or last.pt, e.g. "
+            "--checkpoint checkpoints/demo/best.pt (make demo trains it)"
+        )
+    return Path(value)
+
+
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: section.field=value.")]
 DataOpt = Annotated[
@@ -79,3 +125,35 @@ PoolChoice = Annotated[
     str | None,
     typer.Option("--pool", help="Pooling of patch scores: power, max, lse or topk (default: the model's own)."),
 ]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="Where the model runs: auto, cpu, cuda or cuda:N. Default: auto.", show_default=False
+    ),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log debugging detail.")]
+TrunkDeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="Where the trunk runs: auto, cpu, cuda or cuda:N (default: the recipe's runtime.device, auto unless "
+        "it says otherwise).",
+        show_default=False,
+    ),
+]
+
+
+def on_device(recipe, device: str | None):
+    """``recipe`` with ``--device`` (when given) as its runtime.device; returns it."""
+    if device:
+        check_device(device)
+        recipe.runtime.device = device
+    return recipe
+
+
+def check_device(device: str | None) -> None:
+    """A ``--device`` that cannot be used (unknown, or CUDA where there is none) refused before any work."""
+    if device:
+        from ..dist import resolve_device
+
+        resolve_device(device)

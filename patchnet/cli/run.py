@@ -14,32 +14,120 @@ import typer
 from ..datasets import DatasetError
 from ..files import atomic_write, output_path
 from ..recipe import load_recipe
-from .common import DataOpt, PoolChoice, RecipeOpt, SetOpt, Skipped, app, log, session
+from .common import (
+    DataOpt,
+    DeviceOpt,
+    PoolChoice,
+    SetOpt,
+    Skipped,
+    TrunkDeviceOpt,
+    VerboseOpt,
+    app,
+    check_device,
+    log,
+    resolve_checkpoint,
+    session,
+)
 
 
 @app.command()
 def train(
-    recipe: RecipeOpt,
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Your images: a folder per class, train/ and val/ folders of them, a VOC devkit, a COCO or "
+            "Roboflow export, or <split>.csv lists. What is found (format, splits, classes) is printed first.",
+            show_default=False,
+        ),
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe", "-r", help="Recipe YAML (see recipes/). Default: the default recipe.", show_default=False
+        ),
+    ] = None,
     overrides: SetOpt = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run from its last.pt.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Train anew over an earlier run of the same name.")] = False,
-    verbose: bool = False,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="Read DATA as voc, coco, csv or folder (where it looks like several).", show_default=False
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Run name: its folder is <out>/<name>/. Default: DATA's folder name, or the recipe's.",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs of the head. Default: the recipe's (12).", show_default=False)
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="Frozen trunk, e.g. efficientnet_lite0, resnet50 (README, Recipes). Default: efficientnet_lite2.",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder the run's folder goes in. Default: checkpoints.", show_default=False)
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last.pt.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Train anew over an earlier run of the same name.")
+    ] = False,
+    verbose: VerboseOpt = False,
 ):
-    """Train the adaptation layers of a recipe; checkpoints go to <output>/<name>/."""
+    """Train on a folder of your images (patchnet train photos/) or as a recipe says; the run goes to <out>/<name>/."""
     with session(verbose):
+        from ..dist import resolve_device
         from ..model import CheckpointError
+        from ..run_recipe import RunOptions, layout_table, open_run_splits, run_recipe
         from ..train import train as run
 
-        r = load_recipe(recipe, overrides)
+        options = RunOptions(name, epochs, backbone, device, None if out is None else str(out))
+        r, layout = run_recipe(data, recipe, overrides, options, fmt)
         if not resume and not overwrite and (r.run_dir / "last.pt").is_file():
             raise CheckpointError(
                 f"{r.run_dir} already holds a run (last.pt); continue it with --resume, train anew "
-                f"over it with --overwrite, or name this run otherwise with --set name=..."
+                f"over it with --overwrite, or name this run otherwise with --name NAME"
             )
-        result = run(r, resume=resume)
-        typer.echo(f"run {result.run_dir}: {result.epochs} epochs in {result.seconds / 60:.1f} min")
-        if result.table is not None:
-            typer.echo(result.table.format())
+        splits = open_run_splits(r) if data is not None else {}
+        if splits:
+            typer.echo(layout_table(r, layout, splits, str(resolve_device(r.runtime.device))))
+        result = run(r, resume=resume, datasets=splits)
+        report_run(r, result)
+
+
+def report_run(recipe, result) -> None:
+    """What a run made and where: the val split's figures (a confusion matrix for single-label data), the
+    files, and the command that tries the model."""
+    from ..draw import draw_confusion
+
+    d = result.run_dir
+    typer.echo(f"\nrun {d}: {result.epochs} epochs in {result.seconds / 60:.1f} min")
+    if result.table is not None:
+        t, split = result.table, recipe.data.val_split
+        typer.echo(result.table.format())
+        if t.top1 is not None:
+            typer.echo(
+                f"{split}: top-1 accuracy {100 * t.top1:.1f}%, mean per-class accuracy "
+                f"{100 * t.mean_class_accuracy:.1f}%, mAP {100 * t.map07:.1f} (last.pt)"
+            )
+        else:
+            typer.echo(f"{split}: mAP {100 * t.map07:.1f} (VOC07 11-point), {100 * t.map:.1f} (envelope) (last.pt)")
+        write_table(t, d, f"eval_{split}")
+        if result.confusion is not None:
+            path = draw_confusion(result.confusion, t.classes, d / f"confusion_{split}.png", f"last.pt on {split}")
+            typer.echo(f"wrote {path}")
+    best = d / "best.pt"
+    typer.echo(f"models: {best if best.is_file() else ''} {d / 'last.pt'}; recipe: {d / 'recipe.yaml'}")
+    typer.echo(f"training curves: tensorboard --logdir {d / 'tensorboard'}")
+    typer.echo(
+        f"try it: patchnet predict --checkpoint {best if best.is_file() else d / 'last.pt'} IMAGES --out predictions/"
+    )
 
 
 @app.command()
@@ -58,17 +146,18 @@ def eval(
         bool, typer.Option(help="Add the checkpoint's fused max-pool classifier (infer.fuse), if any.")
     ] = True,
     pointing: Annotated[
-        bool, typer.Option(help="Also play the pointing game with the score maps (needs boxes).")
+        bool, typer.Option("--pointing", help="Also play the pointing game with the score maps (needs boxes).")
     ] = False,
     prior: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Score maps (pointing game, localisation): pseudo-patches of the image mean in each pixel's mean "
-            "(default: the recipe's infer.map_prior)."
+            help="Score maps (pointing game, localisation): pseudo-patches of the image mean in each pixel's mean.",
+            show_default="the recipe's infer.map_prior",
         ),
-    ] = -1.0,
+    ] = None,
     localize: Annotated[
-        bool, typer.Option(help="Also score boxes (needs boxes): CorLoc and VOC detection AP at IoU 0.5.")
+        bool,
+        typer.Option("--localize", help="Also score boxes (needs boxes): CorLoc and VOC detection AP at IoU 0.5."),
     ] = False,
     box_method: Annotated[
         str | None, typer.Option(help="Boxes: map (regions of the score map), patch or whole (baselines).")
@@ -79,15 +168,27 @@ def eval(
             help="Boxes, map: where to cut, from the map's floor (0) to its peak (1) (default: infer.box_threshold)."
         ),
     ] = None,
-    verbose: bool = False,
+    device: TrunkDeviceOpt = None,
+    verbose: VerboseOpt = False,
 ):
     """Score a split: per-class AP (VOC07 11-point and envelope), mAP, accuracy for single-label data; with
-    --pointing and --localize, where the classes were found."""
+    --pointing and --localize, where the classes were found (read from the split's boxes, also for a model
+    trained without them)."""
     with session(verbose):
         from ..infer import evaluate_split
 
+        check_device(device)
         table, n, (predictor, dataset, store, items, scores) = evaluate_split(
-            checkpoint, data=data, split=split, fmt=fmt, mode=mode, pool=pool, k=k, fuse=fuse
+            checkpoint,
+            data=data,
+            split=split,
+            fmt=fmt,
+            mode=mode,
+            pool=pool,
+            k=k,
+            fuse=fuse,
+            device=device,
+            boxes=pointing or localize,
         )
         typer.echo(table.format())
         typer.echo(
@@ -120,7 +221,7 @@ def _pointing(predictor, dataset, store, items, prior) -> dict:
 
     if not dataset.has_boxes:
         raise DatasetError(f"--pointing needs boxes, and {dataset.name} has none")
-    prior = predictor.recipe.infer.map_prior if prior < 0 else prior
+    prior = predictor.recipe.infer.map_prior if prior is None else prior
     result = pointing_game(predictor.head, store, dataset, items, predictor.pool, prior)
     typer.echo(result.format())
     return result.rates()
@@ -142,7 +243,7 @@ def _localization(predictor, dataset, store, items, scores, prior, method, thres
         predictor.pool,
         method,
         threshold,
-        predictor.recipe.infer.map_prior if prior < 0 else prior,
+        predictor.recipe.infer.map_prior if prior is None else prior,
     )
     typer.echo(result.format())
     typer.echo(
@@ -169,51 +270,101 @@ def write_table(table, out: Path, stem: str, values: dict | None = None) -> None
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c")],
-    top: Annotated[int, typer.Option(help="Classes to print per image.")] = 3,
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders (a folder stands for its images).")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint", "-c", help="The trained model: a best.pt or last.pt, e.g. checkpoints/demo/best.pt."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the results: per image <name>.jpg (its top classes and probabilities drawn in a corner, "
+            "classes judged present ticked) and heatmaps/<name>_<class>.png (where each class judged present was "
+            "found, or the best class where none is); predictions.csv, one row per image and class, best first "
+            "(file, rank, class, probability, score, present, annotated, heatmap: filter present or rank in a "
+            "spreadsheet); predictions.json, the same keyed by the image's path."
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Classes printed (and drawn) per image.")] = 3,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Judge a class present where its calibrated probability reaches this (default: the checkpoint's "
+            "own per-class thresholds, fitted on held-out training images).",
+        ),
+    ] = None,
+    device: DeviceOpt = None,
     pool: PoolChoice = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write all scores as JSON.")] = None,
-    verbose: bool = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write all scores as JSON to this file (as predictions.json).")
+    ] = None,
+    verbose: VerboseOpt = False,
 ):
-    """Print each image's top classes with calibrated probabilities; '*' marks a class judged present.
+    """Print each image's top classes with calibrated probabilities ('*' marks a class judged present); with
+    --out, also write annotated copies, heatmaps, predictions.csv and predictions.json.
 
     Folders stand for the images in them. An image that cannot be read is skipped with a warning; the
     others are scored and written, and the exit code is then 1.
     """
     with session(verbose):
+        from tqdm.auto import tqdm
+
         from ..api import load
         from ..datasets import image_files
+        from ..results import PredictionFolder, input_names
 
-        model = load(checkpoint, pool=pool)
+        path = resolve_checkpoint(checkpoint)
+        model = load(path, device=device or "auto", pool=pool)  # auto: a GPU where there is one
         if model.predictor.calibration is None:
             log.warning(
-                "%s carries no calibration for pooling %s: printing raw pooled scores", checkpoint, model.predictor.pool
+                "%s carries no calibration for pooling %s: printing raw pooled scores", path, model.predictor.pool
             )
+        model.predict([], threshold=threshold)  # refuses a threshold it cannot honour, once, before any image
         results = {}
         files = image_files(images)
         skipped = Skipped(len(files))
-        for path in files:
+        folder = PredictionFolder(out, model.classes, top) if out is not None else None
+        # a bar where there are more than a few images; the per-image lines print above it
+        for file, name in tqdm(
+            list(zip(files, input_names(files))), desc="predict", unit="img", disable=len(files) <= 3, leave=False
+        ):
             try:
-                p = model.predict(path)
+                if folder is not None:
+                    explained = model.explain(file, threshold=threshold)
+                    p = explained.predictions
+                else:
+                    p = model.predict(file, threshold=threshold)
             except DatasetError as e:
-                skipped.add(str(path), e)
+                skipped.add(str(file), e)
                 continue
+            if folder is not None:
+                folder.add(file, name, explained)
             marks = p.present[0] if p.present is not None else np.zeros(len(model.classes), bool)
             best = ", ".join(f"{c}{'*' if marks[model.classes.index(c)] else ''} {v:.3f}" for c, v in p.top(top)[0])
-            typer.echo(f"{path}: {best}")
-            results[str(path)] = p.to_dict()[0]
+            tqdm.write(f"{file}: {best}")
+            results[str(file)] = p.to_dict()[0]
         if model.predictor.calibration is not None:
-            typer.echo(
-                "(calibrated probabilities; * = above the class's decision threshold, both fitted on "
-                "held-out training images)"
+            rule = (
+                f"above {threshold:g}"
+                if threshold is not None
+                else "above the class's decision threshold, both fitted on held-out training images"
             )
+            typer.echo(f"(calibrated probabilities; * = {rule})")
+        document = {
+            "checkpoint": str(path),
+            "pool": model.predictor.pool,
+            "threshold": threshold,  # null: the checkpoint's per-class thresholds
+            "images": results,
+            "skipped": skipped.failed,
+        }
         if json_out:
-            atomic_write(
-                json_out,
-                json.dumps({"pool": model.predictor.pool, "images": results, "skipped": skipped.failed}, indent=1),
-            )
+            atomic_write(json_out, json.dumps(document, indent=1))
             typer.echo(f"wrote {json_out}")
+        if folder is not None:
+            folder.finish(document)
+            typer.echo(folder.summary())
         skipped.finish()
 
 
@@ -224,7 +375,8 @@ DEMO_RECIPE = Path(__file__).resolve().parent.parent.parent / "recipes" / "demo.
 def demo(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="The demo recipe.")] = DEMO_RECIPE,
     overrides: SetOpt = None,
-    verbose: bool = False,
+    device: TrunkDeviceOpt = None,
+    verbose: VerboseOpt = False,
 ):
     """The embedded default: generate the demo set, train on it, evaluate on its test split."""
     with session(verbose):
@@ -232,8 +384,10 @@ def demo(
         from ..train import train as run
 
         r = load_recipe(recipe, overrides)
+        if device:
+            r.runtime.device = device
         result = run(r)
-        table, n, _ = evaluate_split(result.run_dir / "best.pt", split="test")
+        table, n, _ = evaluate_split(result.run_dir / "best.pt", split="test", device=device)
         typer.echo(table.format())
         typer.echo(
             f"demo: trained in {result.seconds:.0f} s; test mAP {100 * table.map07:.1f} (VOC07 11-point), "

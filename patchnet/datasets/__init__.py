@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .coco import coco_paths, read_coco
+from .detect import Layout, detect_layout
 from .images import (
     IMAGE_SUFFIXES,
     MAX_PIXELS,
@@ -40,8 +41,11 @@ __all__ = [
     "ImageRecord",
     "ImageTooLarge",
     "ItemImages",
+    "Layout",
     "coco_paths",
     "data_override",
+    "detect_layout",
+    "held_out_share",
     "image_files",
     "image_label_statistics",
     "image_size",
@@ -100,8 +104,39 @@ def open_split(cfg, split: str, classes: list[str] | None = None) -> Dataset:
 
     ``classes``: the class list where ``data.classes`` is empty (the classes found in the data): the
     other splits of a run take the training split's, a checkpoint's splits its own, so that a category
-    missing from one split does not shift the others.
+    missing from one split does not shift the others. With ``data.val_from_train``, the training split and
+    the val split are the two parts of the training split as read.
     """
+    share = getattr(cfg, "val_from_train", 0.0)
+    if share and split in (cfg.train_split, cfg.val_split):
+        dataset = _read_split(cfg, cfg.train_split, classes)
+        val = held_out_share(dataset, share)
+        keep = val if split == cfg.val_split else ~val
+        name = f"{dataset.name} ({'the' if split == cfg.val_split else 'all but the'} {share:.0%} held out as {split})"
+        return Dataset(name, dataset.classes, [r for r, k in zip(dataset.records, keep) if k], dataset.fixes)
+    return _read_split(cfg, split, classes)
+
+
+def held_out_share(dataset: Dataset, share: float) -> np.ndarray:
+    """(N,) bool: ``share`` of each class's images (by their first class; images of none form a group), those
+    whose ids hash lowest: the same images on every run and machine, whatever order the files were listed in."""
+    import hashlib
+
+    labels = dataset.labels()
+    first = np.where((labels == 1).any(1), (labels == 1).argmax(1), -1)
+    rank = np.array([hashlib.sha1(r.image_id.encode("utf-8", "surrogatepass")).digest() for r in dataset.records])
+    out = np.zeros(len(dataset), bool)
+    for group in np.unique(first):
+        members = np.flatnonzero(first == group)
+        n = int(round(share * len(members)))
+        if len(members) > 1:  # every class of two images or more is seen in both parts
+            n = min(max(n, 1), len(members) - 1)
+        out[members[np.argsort(rank[members], kind="stable")[:n]]] = True
+    return out
+
+
+def _read_split(cfg, split: str, classes: list[str] | None = None) -> Dataset:
+    """A split as it lies on disk (see ``open_split``)."""
     classes = list(cfg.classes or classes or [])
     limit = cfg.max_pixels
     if cfg.format == "demo":

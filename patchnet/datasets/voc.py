@@ -91,6 +91,26 @@ def voc_splits(root: str | Path) -> list[str]:
     return sorted(p.stem for p in main.glob("*.txt") if "_" not in p.stem)
 
 
+def voc_classes(root: str | Path, split: str) -> list[str]:
+    """The classes of a VOC-layout split: those of its per-class lists (``<class>_<split>.txt``), else the object
+    names in its annotations (an annotation that cannot be read is left to ``read_voc`` to report). VOC's own
+    20 classes come in VOC's order, any others sorted."""
+    from ..recipe import VOC_CLASSES
+
+    main = Path(root) / "ImageSets" / "Main"
+    found = {p.name[: -len(f"_{split}.txt")] for p in main.glob(f"*_{split}.txt")}
+    if not found and (main / f"{split}.txt").is_file():
+        for row in read_list(main / f"{split}.txt"):
+            try:
+                tree = SafeET.parse(str(Path(root) / "Annotations" / f"{row[0]}.xml"))
+            except (DefusedXmlException, SafeET.ParseError, OSError, ValueError):
+                continue
+            found |= {(obj.findtext("name") or "").strip() for obj in tree.getroot().iter("object")} - {""}
+    if found <= set(VOC_CLASSES) and len(found) > 10:  # VOC itself (or most of it): its 20 classes in its order
+        return list(VOC_CLASSES)
+    return sorted(found)
+
+
 def read_voc(root: str | Path, split: str, classes: list[str], max_pixels: int | None = MAX_PIXELS) -> Dataset:
     """Read a VOC-layout split: ``ImageSets/Main/<split>.txt``, ``Annotations/*.xml``, ``JPEGImages/*``.
 
