@@ -25,7 +25,7 @@ from patchnet.extract import build_extractor
 from patchnet.infer import evaluate_split
 from patchnet.linear import linear_baseline, whole_image_recipe
 from patchnet.model import load_checkpoint
-from patchnet.train import train
+from patchnet.trainer import train
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
 

@@ -20,7 +20,7 @@ from patchnet.datasets import load_image, open_split
 from patchnet.extract import build_extractor
 from patchnet.features import build_features, cache_spec
 from patchnet.model import load_checkpoint
-from patchnet.train import train
+from patchnet.trainer import train
 
 from common import Timer, bench_parser, dev_recipe, machine, require_voc, table
 

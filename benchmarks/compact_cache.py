@@ -22,7 +22,7 @@ from patchnet.codec import FeatureCodec
 from patchnet.datasets import open_split
 from patchnet.extract import build_extractor
 from patchnet.features import build_features, cache_spec
-from patchnet.train import train
+from patchnet.trainer import train
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, table
 

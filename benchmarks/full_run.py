@@ -18,7 +18,7 @@ from patchnet.datasets import open_split
 from patchnet.extract import build_extractor
 from patchnet.features import cache_spec
 from patchnet.splits import prepare_split
-from patchnet.train import train
+from patchnet.trainer import train
 
 from common import (
     REPO,

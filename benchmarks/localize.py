@@ -125,9 +125,12 @@ def _sheet(predictor, dataset, store, items, scores, threshold, prior, out: Path
 
     from patchnet.datasets import load_image
     from patchnet.draw import draw_detections
-    from patchnet.localize import localize
+    from patchnet.localize import confidence, localize
     from patchnet.pooling import map_values
 
+    p = predictor
+    # box scores in [0, 1]: localize takes the log of the image's confidence (calibrated probability, else squashed)
+    sure = confidence(scores, p.pool, p.recipe.pool.k, p.calibration, p.fusion is not None)
     tiles = []
     for row, i in enumerate(items):
         rec = dataset.records[store.record[i]]
@@ -137,7 +140,7 @@ def _sheet(predictor, dataset, store, items, scores, threshold, prior, out: Path
         found = localize(
             store.patch_boxes[s],
             values,
-            scores[row],
+            np.log(np.maximum(sure[row], 1e-300)),
             rec.width,
             rec.height,
             present,

@@ -89,7 +89,7 @@ def load_times(page: Path, chromium: str, repeats: int) -> tuple[float, float, f
 def main() -> None:
     ap = bench_parser(__doc__, voc=False, recipe=None, sets=False)  # a synthetic collection: no VOC, no recipe
     ap.add_argument("--sizes", type=int, nargs="+", default=[500, 5000])
-    ap.add_argument("--k", type=int, default=8, help="neighbours per image, as `patchnet retrieve --k`")
+    ap.add_argument("--k", type=int, default=8, help="neighbours per image, as `patchnet retrieve --neighbours`")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/patchnet_retrieval_bench"))
     ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))

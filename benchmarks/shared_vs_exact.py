@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from patchnet.datasets import load_image, open_split
 from patchnet.extract import build_extractor
-from patchnet.train import train
+from patchnet.trainer import train
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
 

@@ -23,7 +23,7 @@ from patchnet.extract import build_extractor
 from patchnet.features import build_features, cache_spec
 from patchnet.infer import evaluate_split
 from patchnet.model import load_checkpoint
-from patchnet.train import train
+from patchnet.trainer import train
 from patchnet.unlock import build_maps
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table

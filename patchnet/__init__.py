@@ -1,8 +1,10 @@
 """patchnet: multi-scale, patch-based transfer learning on a frozen ImageNet CNN (Oquab et al., CVPR 2014).
 
     import patchnet
-    model = patchnet.load("checkpoints/demo/best.pt")
+    model = patchnet.load("voc07")            # the shipped model, or a best.pt / last.pt
     model.predict("photo.jpg")
+    run = patchnet.train("photos/")           # as `patchnet train photos/`
+    patchnet.load(run.best).predict("new.jpg")
 
 ``load`` gives a ``patchnet.api.Model``; the modules below it follow the data flow (docs/architecture.md).
 """
@@ -13,8 +15,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .api import Model
+    from .trainer import TrainResult
 
-__all__ = ["load"]
+__all__ = ["load", "train"]
 __version__ = "0.1.0"
 
 
@@ -26,3 +29,30 @@ def load(
     from .api import load as _load
 
     return _load(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision)
+
+
+def train(
+    data=None,
+    recipe=None,
+    *,
+    name: str | None = None,
+    epochs: int | None = None,
+    backbone: str | None = None,
+    device: str | None = None,
+    out=None,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on a folder of images (its format, splits and classes found as ``patchnet train DATA`` finds them)
+    or as a recipe file says; ``overrides`` are ``--set`` strings; an earlier run of the same name is
+    continued with ``resume`` or replaced with ``overwrite``. Returns the run's ``TrainResult`` (its
+    ``run_dir``, ``best`` and ``last`` checkpoints, and the val split's ``table``)."""
+    from .run_recipe import RunOptions, check_new_run, open_run_splits, run_recipe
+    from .trainer import train as _train
+
+    options = RunOptions(name, epochs, backbone, device, None if out is None else str(out))
+    r, _ = run_recipe(data, recipe, overrides, options)
+    check_new_run(r, resume, overwrite)
+    return _train(r, resume=resume, progress=progress, datasets=open_run_splits(r) if data is not None else None)

@@ -4,6 +4,7 @@
     model = patchnet.load("checkpoints/demo/best.pt")
     model.predict(["photo.jpg", pil_image, tensor_batch])   # per-class probabilities and raw scores
     model.score_maps("photo.jpg")                           # class -> (H, W) map of where it was found
+    model.explain("photo.jpg")                              # both from one pass, beside the image as read
     model.localize("photo.jpg")                             # boxes with scores
 
 The command line calls the same object (``patchnet predict``, ``patchnet localize``).
@@ -11,6 +12,7 @@ The command line calls the same object (``patchnet predict``, ``patchnet localiz
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -20,8 +22,14 @@ import torch
 from PIL import Image
 
 from .datasets import DatasetError, load_image
+from .errors import PatchnetError
 from .infer import Prediction, Predictor
 from .localize import Detection, box_options, localize
+from .model import CheckpointError
+
+
+class ThresholdError(PatchnetError, ValueError):
+    """A probability threshold outside [0, 1]."""
 
 
 def as_image(image, max_pixels: int | None = None) -> np.ndarray:
@@ -72,6 +80,26 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def __getitem__(self, index: int | slice) -> Predictions:
+        """The predictions of one image (``p[0]``, ``p[-1]``) or of a slice of them (``p[1:3]``), as Predictions."""
+        if isinstance(index, slice):
+            rows = index
+        else:
+            i, n = operator.index(index), len(self)
+            if not -n <= i < n:
+                raise IndexError(f"image {i} of predictions for {n} images")
+            rows = slice(i % n, i % n + 1)
+        return Predictions(
+            self.classes,
+            self.scores[rows],
+            None if self.probabilities is None else self.probabilities[rows],
+            None if self.present is None else self.present[rows],
+        )
+
+    def __iter__(self):
+        """One-image Predictions, in the order of the input."""
+        return (self[i] for i in range(len(self)))
+
     def top(self, k: int = 3) -> list[list[tuple[str, float]]]:
         """Per image, its ``k`` best classes with their probability (or score)."""
         shown = self.scores if self.probabilities is None else self.probabilities
@@ -90,6 +118,16 @@ class Predictions:
     def __repr__(self) -> str:
         rows = ", ".join("[" + ", ".join(f"{c} {p:.3f}" for c, p in top) + "]" for top in self.top())
         return f"Predictions({len(self)} images, top classes: {rows})"
+
+
+@dataclass
+class Explanation:
+    """One image as ``Model.explain`` saw it: the RGB ``image`` it read, its one-image ``predictions``, and
+    ``maps``: class -> (H, W) score map (the size of ``image``) of the classes judged present."""
+
+    image: np.ndarray
+    predictions: Predictions
+    maps: dict[str, np.ndarray]
 
 
 class Model:
@@ -112,22 +150,54 @@ class Model:
         self.classes: list[str] = list(self.predictor.classes)
         self.recipe = self.predictor.recipe
 
+    def __repr__(self) -> str:
+        p, names = self.predictor, self.classes
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        pool = f"{p.pool} k={self.recipe.pool.k:g}" if p.pool == "power" else p.pool
+        return (
+            f"Model({p.state_path}: {len(names)} classes ({shown}), backbone {self.recipe.backbone.name}, "
+            f"pooling {pool}, {'fused with its max-pool classifier' if p.fusion else 'not fused'}, "
+            f"{'calibrated' if p.calibration else 'not calibrated'}, on {p.extractor.device})"
+        )
+
     def _one(self, image) -> tuple[np.ndarray, Prediction]:
         array = as_image(image, self.recipe.data.max_pixels)
         return array, self.predictor.predict(array)
 
-    def predict(self, images) -> Predictions:
-        """Per-class scores (and calibrated probabilities) of one image or several: paths, PIL images, (H, W, 3)
-        arrays, (3, H, W) tensors or a (B, 3, H, W) batch."""
-        results = [self._one(image)[1] for image in _images(images)]
+    def check_threshold(self, threshold: float | None) -> None:
+        """Refuse a threshold (a calibrated probability) outside [0, 1], or any where the model has no probabilities."""
+        if threshold is None:
+            return
+        if not 0.0 <= threshold <= 1.0:
+            raise ThresholdError(f"a threshold is a probability and must lie in [0, 1], got {threshold:g}")
+        if self.predictor.calibration is None:
+            raise CheckpointError(
+                f"{self.predictor.state_path} carries no calibration for pooling {self.predictor.pool}, so it has no "
+                "probabilities to compare with a threshold; leave the threshold out, or use the model's own pooling"
+            )
+
+    def _predictions(self, results: list[Prediction], threshold: float | None = None) -> Predictions:
+        """Predictions of scored images; ``threshold``: present = probability >= threshold instead of the
+        checkpoint's per-class thresholds."""
         calibrated = bool(results) and results[0].probabilities is not None
+        # a calibrated checkpoint gives every image probabilities and present flags
+        probabilities = np.stack([cast(np.ndarray, r.probabilities) for r in results]) if calibrated else None
+        present = np.stack([cast(np.ndarray, r.present) for r in results]) if calibrated else None
+        if threshold is not None and probabilities is not None:
+            present = probabilities >= threshold
         return Predictions(
             self.classes,
             np.stack([r.scores for r in results]) if results else np.zeros((0, len(self.classes))),
-            # a calibrated checkpoint gives every image probabilities and present flags
-            np.stack([cast(np.ndarray, r.probabilities) for r in results]) if calibrated else None,
-            np.stack([cast(np.ndarray, r.present) for r in results]) if calibrated else None,
+            probabilities,
+            present,
         )
+
+    def predict(self, images, threshold: float | None = None) -> Predictions:
+        """Per-class scores (and calibrated probabilities) of one image or several: paths, PIL images, (H, W, 3)
+        arrays, (3, H, W) tensors or a (B, 3, H, W) batch. ``threshold``: judge a class present where its
+        probability reaches it (default: the checkpoint's per-class thresholds)."""
+        self.check_threshold(threshold)
+        return self._predictions([self._one(image)[1] for image in _images(images)], threshold)
 
     def class_indices(self, classes: list[str]) -> list[int]:
         """The indices of class names; an unknown name is an error that lists the valid ones."""
@@ -137,26 +207,40 @@ class Model:
             raise DatasetError(f"unknown class name(s) {', '.join(unknown)}; valid names: {names}")
         return [self.classes.index(c) for c in classes]
 
-    def _class_indices(self, wanted: list[int] | None, prediction: Prediction) -> list[int]:
-        """``wanted`` (from ``class_indices``), or the classes judged present."""
+    def _class_indices(
+        self, wanted: list[int] | None, prediction: Prediction, present: np.ndarray | None = None
+    ) -> list[int]:
+        """``wanted`` (from ``class_indices``), or the classes judged present (``present``, else the prediction's)."""
         if wanted is not None:
             return wanted
-        if prediction.present is not None and prediction.present.any():
-            return [int(c) for c in np.flatnonzero(prediction.present)]
-        return [int(np.argmax(prediction.scores))]  # nothing judged present: the best class
+        present = prediction.present if present is None else present
+        if present is not None and present.any():
+            return [int(c) for c in np.flatnonzero(present)]
+        # nothing judged present: the best class, as ``Predictions.top`` ranks them (by probability where calibrated)
+        return [int(np.argmax(prediction.scores if prediction.probabilities is None else prediction.probabilities))]
 
-    def score_maps(self, image, classes: list[str] | None = None, prior: float | None = None) -> dict[str, np.ndarray]:
-        """class -> (H, W) map of one image: at each pixel the mean value of the patches covering it (the
-        classes judged present, or ``classes``)."""
+    def explain(
+        self, image, classes: list[str] | None = None, threshold: float | None = None, prior: float | None = None
+    ) -> Explanation:
+        """One image scored once: its predictions and the score map of each class judged present (or of
+        ``classes``; the best class where none is), beside the image as the model read it."""
         from .infer import score_map
 
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
-        _, p = self._one(image)
+        self.check_threshold(threshold)
+        array, p = self._one(image)
+        predictions = self._predictions([p], threshold)
         prior = self.recipe.infer.map_prior if prior is None else prior
-        return {
-            self.classes[c]: score_map(p.boxes, p.values[:, c], p.width, p.height, prior=prior)
-            for c in self._class_indices(wanted, p)
-        }
+        chosen = self._class_indices(wanted, p, None if predictions.present is None else predictions.present[0])
+        maps = {self.classes[c]: score_map(p.boxes, p.values[:, c], p.width, p.height, prior=prior) for c in chosen}
+        return Explanation(array, predictions, maps)
+
+    def score_maps(
+        self, image, classes: list[str] | None = None, prior: float | None = None, threshold: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """class -> (H, W) map of one image: at each pixel the mean value of the patches covering it (the
+        classes judged present, or ``classes``)."""
+        return self.explain(image, classes, threshold, prior).maps
 
     def localize(
         self, image, classes: list[str] | None = None, method: str | None = None, threshold: float | None = None

@@ -54,7 +54,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"device {name!r} asked for, but CUDA is not available; use runtime.device=cpu or auto")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's own message lists every backend it knows: name the usual ones instead
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N (e.g. cuda:0)") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

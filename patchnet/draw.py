@@ -130,7 +130,7 @@ def label_image(image: np.ndarray, rows: list[tuple[str, str, bool]], min_side: 
         scale = min_side / short
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
     size = max(12, round(min(im.size) / 24))
-    pad, gap = size // 2, size // 4
+    pad, gap, margin = size // 2, size // 4, size // 4
     fonts = [_font(size, present) for _, _, present in rows]
     tick = "\u2713 "
     indent = max(f.getlength(tick) for f in fonts) if rows else 0
@@ -141,13 +141,13 @@ def label_image(image: np.ndarray, rows: list[tuple[str, str, bool]], min_side: 
     height = pad * 2 + line_h * len(rows) - gap
     overlay = Image.new("RGBA", im.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    draw.rounded_rectangle((0, 0, width, height), radius=pad, fill=(0, 0, 0, 170))
+    draw.rounded_rectangle((margin, margin, margin + width, margin + height), radius=pad, fill=(0, 0, 0, 170))
     for i, (font, (name, value, present)) in enumerate(zip(fonts, rows)):
-        y, color = pad + i * line_h, PRESENT_COLOR if present else ABSENT_COLOR
+        x, y, color = margin + pad, margin + pad + i * line_h, PRESENT_COLOR if present else ABSENT_COLOR
         if present:
-            draw.text((pad, y), tick, font=font, fill=color)
-        draw.text((pad + indent, y), name, font=font, fill=color)
-        draw.text((width - pad, y), value, font=font, fill=color, anchor="ra")  # values right-aligned
+            draw.text((x, y), tick, font=font, fill=color)
+        draw.text((x + indent, y), name, font=font, fill=color)
+        draw.text((margin + width - pad, y), value, font=font, fill=color, anchor="ra")  # values right-aligned
     return Image.alpha_composite(im.convert("RGBA"), overlay).convert("RGB")
 
 

@@ -150,12 +150,20 @@ def _map_size(backbone, size: tuple[int, int]) -> tuple[int, int]:
     return int(fmap.shape[-2]), int(fmap.shape[-1])
 
 
-def export(checkpoint: str | Path, width: int, height: int, out: str | Path, onnx: str | Path | None = None):
+def export(
+    checkpoint: str | Path,
+    width: int,
+    height: int,
+    out: str | Path,
+    onnx: str | Path | None = None,
+    device: str = "cpu",
+):
     """Write the checkpoint's ``FixedSizeModel`` for W x H images with ``torch.export`` (and as ONNX when
-    ``onnx`` is given); returns the model and its exported program."""
-    predictor = Predictor(checkpoint, device="cpu", precision="fp32")
-    model = FixedSizeModel(predictor, width, height).eval()
-    example = (torch.rand(1, 3, height, width),)
+    ``onnx`` is given), traced on ``device``, where its weights then live; returns the model and its program."""
+    predictor = Predictor(checkpoint, device=device, precision="fp32")
+    target = predictor.extractor.device
+    model = FixedSizeModel(predictor, width, height).to(target).eval()
+    example = (torch.rand(1, 3, height, width, device=target),)
     with torch.no_grad():
         program = torch.export.export(model, example)
     atomic_write(out, lambda f: torch.export.save(program, f))
@@ -201,21 +209,35 @@ def _best_ms(run, repeats: int) -> float:
 
 
 def check_export(
-    checkpoint: str | Path, program: str | Path, image: np.ndarray, onnx: str | Path | None = None, repeats: int = 5
+    checkpoint: str | Path,
+    program: str | Path,
+    image: np.ndarray,
+    onnx: str | Path | None = None,
+    repeats: int = 5,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """The written program (and ONNX file, run by onnxruntime) against the API on one (H, W, 3) uint8 image of the
-    exported size: max absolute difference of the outputs, and median milliseconds per image of each."""
+    exported size: max absolute difference of the outputs, and median milliseconds per image of each; the program
+    and the API on ``device`` (the program's, as exported)."""
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     module = torch.export.load(str(program)).module()
-    api = load(checkpoint, device="cpu", precision="fp32")  # the precision the program runs at
+    api = load(checkpoint, device=device, precision="fp32")  # the precision the program runs at
     reference = api.predict(image)
     want = reference.probabilities if reference.probabilities is not None else reference.scores
     out = {"api_fp32_ms": _best_ms(lambda: api.predict(image), repeats)}
-    default = load(checkpoint, device="cpu")  # the trunk at the recipe's precision (bf16 where native)
+    default = load(checkpoint, device=device)  # the trunk at the recipe's precision (bf16 where native)
     out["api_ms"] = _best_ms(lambda: default.predict(image), repeats)
+    on = api.predictor.extractor.device
     with torch.no_grad():
-        got = module(x)[0].numpy()
-        out["program_ms"] = _best_ms(lambda: module(x), repeats)
+        x_on = x.to(on)
+        got = module(x_on)[0].cpu().numpy()
+
+        def run() -> None:
+            module(x_on)
+            if on.type == "cuda":
+                torch.cuda.synchronize(on)
+
+        out["program_ms"] = _best_ms(run, repeats)
     out["program_diff"] = float(np.abs(got - want[0]).max())
     if onnx is not None:
         try:

@@ -72,10 +72,26 @@ def render_heatmaps(
     """Write one PNG with a heatmap per chosen class; titles give the class, its image score (and probability)."""
     h, w = image.shape[:2]
     maps = class_maps(boxes, values, w, h, chosen, reduce, prior)
+    probs = None if probabilities is None else [float(probabilities[c]) for c in chosen]
+    return write_heatmaps(
+        image, maps, [class_names[c] for c in chosen], [float(scores[c]) for c in chosen], out, probs, cols
+    )
+
+
+def write_heatmaps(
+    image: np.ndarray,
+    maps: list[np.ndarray],
+    names: list[str],
+    scores: list[float],
+    out: str | Path,
+    probabilities: list[float] | None = None,
+    cols: int = 3,
+) -> Path:
+    """Write one PNG of score maps over their image (``heatmap_figure``), each titled with its class, its image
+    score and probability: what ``render_heatmaps`` and ``patchnet predict --out`` draw."""
     titles = [
-        f"{class_names[c]}: score {scores[c]:.3g}"
-        + (f", P {probabilities[c]:.2f}" if probabilities is not None else "")
-        for c in chosen
+        f"{name}: score {score:.3g}" + (f", P {probabilities[i]:.2f}" if probabilities is not None else "")
+        for i, (name, score) in enumerate(zip(names, scores))
     ]
     return save_figure(heatmap_figure(image, maps, titles, cols), out)
 

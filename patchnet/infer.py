@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from .features import build_features, cache_spec
 from .fusion import Fusion
 from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
 from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, load_head
+from .models import resolve_checkpoint
 from .pooling import map_values, pool_features, pool_image, pool_items
 from .recipe import PoolConfig, Recipe, recipe_from_dict
 from .unlock import load_unlocked
@@ -131,7 +132,7 @@ class Predictor:
         fuse: bool = True,
         precision: str | None = None,
     ):
-        self.state, self.state_path = load_checkpoint(checkpoint), Path(checkpoint)
+        self.state, self.state_path = load_checkpoint(checkpoint), resolve_checkpoint(checkpoint)
         overrides = [f"runtime.device={device}"] if device else []
         if precision:
             overrides.append(f"backbone.precision={precision}")
@@ -238,15 +239,23 @@ def evaluate_split(
     k: float | None = None,
     fuse: bool = True,
     progress: bool = True,
+    device: str | None = None,
+    boxes: bool = False,
 ):
-    """Scores of a checkpoint on a split (default: its recipe's validation split).
+    """Scores of a checkpoint on a split (default: its recipe's validation split), its trunk on ``device``
+    (default: the recipe's runtime.device).
+
+    ``boxes``: read the split's boxes even where the checkpoint was trained without them (``data.boxes:
+    false``), for the pointing game and localisation; the AP table does not depend on them.
 
     Returns the AP table, the number of images scored, and the (predictor, dataset, store, items,
     scores) behind them for further use (the pointing game, localisation).
     """
-    predictor = Predictor(checkpoint, mode=mode, pool=pool, k=k, fuse=fuse)
+    predictor = Predictor(checkpoint, device=device, mode=mode, pool=pool, k=k, fuse=fuse)
     recipe = predictor.recipe
     recipe.data = data_override(recipe.data, data, fmt)
+    if boxes:
+        recipe.data = replace(recipe.data, boxes=True)
     split = split or recipe.data.val_split
     if not split:
         raise DatasetError("no split given and the recipe has no data.val_split; pass --split")

@@ -10,9 +10,11 @@ Every scored patch is already a square box with a score. ``method``:
 - ``patch``: the single highest-scoring patch (a baseline).
 - ``whole``: the whole image (a baseline).
 
-A box's score is the image's score for the class plus the log of its region's peak over the map's
-peak (both above the map's minimum), so that the first box of an image keeps the image's score and
-ranks images as classification does, and the others rank below it.
+A box's score lies in [0, 1]: the image's confidence in the class (its calibrated probability where the
+checkpoint carries a calibration, else its pooled score squashed into [0, 1], ``confidence``) times its
+region's peak over the map's peak (both above the map's minimum), so that the first box of an image keeps
+the image's confidence and ranks images as classification does, and the others rank below it.
+``localize`` takes that confidence as its log (what ``Model.localize`` passes: the log of the probability).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def box_options(infer: InferConfig, method: str | None = None, threshold: float 
 
 @dataclass(frozen=True)
 class Detection:
-    """One box of a class in an image: ``box`` is ``x1, y1, x2, y2`` in pixels."""
+    """One box of a class in an image: ``box`` is ``x1, y1, x2, y2`` in pixels (COCO's ``x, y, w, h`` is
+    ``x1, y1, x2 - x1, y2 - y1``), ``score`` in [0, 1] (the module docstring)."""
 
     class_index: int
     box: tuple[float, float, float, float]
@@ -67,6 +70,19 @@ class Detection:
         x1, y1, x2, y2 = self.box
         out = {"class": classes[self.class_index] if classes else self.class_index, "score": round(self.score, 6)}
         return {**out, "box": [round(v, 2) for v in (x1, y1, x2, y2)]}
+
+
+def confidence(scores: np.ndarray, pool: str, k: float = 5.0, calibration=None, fused: bool = False) -> np.ndarray:
+    """Pooled image scores as a confidence in [0, 1] per class: the calibrated probability where ``calibration``
+    (``patchnet.calibration.Calibration``, fitted for this pooling) is given, else the score squashed: the
+    power-k mean's k-th root (the generalised mean of the patches' probabilities, in [0, 1]), or the logistic
+    of an evidence pooling's score (a logit) or of a fused score."""
+    scores = np.asarray(scores, np.float64)
+    if calibration is not None:
+        return calibration.probabilities(scores)
+    if pool == "power" and not fused:
+        return np.clip(scores, 0.0, 1.0) ** (1.0 / k)
+    return 1 / (1 + np.exp(-np.clip(scores, -60, 60)))
 
 
 def map_regions(values: np.ndarray, threshold: float) -> list[tuple[tuple[float, float, float, float], float]]:
@@ -105,23 +121,37 @@ def localize(
     max_boxes: int = 5,
 ) -> list[Detection]:
     """Boxes of ``classes`` in one image from its (N, 4) patch ``boxes``, their (N, C) map ``values`` and the
-    image's (C,) ``scores`` (see the module docstring for ``method``)."""
+    image's (C,) ``scores``: the log of its confidence in each class (``np.log(confidence(...))``; a value
+    above 0 counts as 0). Each box's score, in [0, 1], is that confidence times its region's share of the
+    map's peak (see the module docstring for ``method``)."""
     check_box_options(method, threshold)
-    out = []
-    for c in classes:
-        score = float(scores[c])
-        if method == "whole":
-            out.append(Detection(c, (0.0, 0.0, float(width), float(height)), score))
-        elif method == "patch":
-            x1, y1, x2, y2 = (float(v) for v in boxes[int(np.argmax(values[:, c]))])
-            out.append(Detection(c, (max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)), score))
-        else:
-            regions = map_regions(score_map(boxes, values[:, c], width, height, prior=prior), threshold)
-            top = regions[0][1] if regions else 1.0
-            out += [
-                Detection(c, box, score + float(np.log(max(peak / top, 1e-12)))) for box, peak in regions[:max_boxes]
-            ]
-    return out
+    return [
+        Detection(c, box, float(np.exp(min(float(scores[c]) + share, 0.0))))
+        for c in classes
+        for box, share in _class_boxes(boxes, values[:, c], width, height, method, threshold, prior, max_boxes)
+    ]
+
+
+def _class_boxes(
+    boxes: np.ndarray,
+    values: np.ndarray,
+    width: int,
+    height: int,
+    method: str,
+    threshold: float,
+    prior: float,
+    max_boxes: int = 5,
+) -> list[tuple[tuple[float, float, float, float], float]]:
+    """The boxes of one class from its (N,) patch ``values``, each with the log of its region's peak over the
+    map's peak (0 for the first box, and for ``patch`` and ``whole``)."""
+    if method == "whole":
+        return [((0.0, 0.0, float(width), float(height)), 0.0)]
+    if method == "patch":
+        x1, y1, x2, y2 = (float(v) for v in boxes[int(np.argmax(values))])
+        return [((max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)), 0.0)]
+    regions = map_regions(score_map(boxes, values, width, height, prior=prior), threshold)
+    top = regions[0][1] if regions else 1.0
+    return [(box, float(np.log(max(peak / top, 1e-12)))) for box, peak in regions[:max_boxes]]
 
 
 def evaluate_localization(
@@ -137,7 +167,9 @@ def evaluate_localization(
     progress: bool = True,
 ) -> LocalizationResult:
     """CorLoc and VOC detection AP of every class on store ``items`` of a split with boxes, from their
-    (I, C) image ``scores`` (the first box of a class is the one CorLoc judges)."""
+    (I, C) image ``scores`` (the first box of a class is the one CorLoc judges). Detections rank by the image's
+    score plus the log of their region's share of the map's peak (the ranking is all detection AP sees)."""
+    check_box_options(method, threshold)
     num = len(dataset.classes)
     detections: list[list] = [[] for _ in range(num)]
     truth: list[dict] = [{} for _ in range(num)]
@@ -147,11 +179,11 @@ def evaluate_localization(
         s = store.item_slice(i)
         values = map_values(head.logits(store.rows[s]), pool).numpy()
         first: dict[int, tuple] = {}
-        for d in localize(
-            store.patch_boxes[s], values, scores[row], rec.width, rec.height, list(range(num)), method, threshold, prior
-        ):
-            detections[d.class_index].append((row, d.score, np.asarray(d.box)))
-            first.setdefault(d.class_index, d.box)
+        for c in range(num):
+            found = _class_boxes(store.patch_boxes[s], values[:, c], rec.width, rec.height, method, threshold, prior)
+            detections[c] += [(row, float(scores[row, c]) + share, np.asarray(box)) for box, share in found]
+            if found:
+                first[c] = found[0][0]
         for c in np.unique(rec.box_classes):
             mine = rec.box_classes == c
             truth[c][row] = (rec.boxes[mine], rec.box_difficult[mine])

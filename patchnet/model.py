@@ -137,10 +137,16 @@ def load_head(head: nn.Module, state: dict, path: str | Path, key: str = "head")
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a patchnet checkpoint safely (tensors and plain containers only, no code)."""
-    path = Path(path)
+    """Load a patchnet checkpoint safely (tensors and plain containers only, no code): a file, or the name of a
+    shipped model (``voc07``)."""
+    from .models import SHIPPED, resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; runs write checkpoints/<name>/best.pt and last.pt")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; runs write checkpoints/<name>/best.pt and last.pt, and the "
+            f"shipped models go by name ({', '.join(SHIPPED)})"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -393,20 +393,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _unknown_keys(prefix: str, unknown: list, names: list[str], values: dict[str, Any]) -> RecipeError:
-    """Unknown keys of a section (a mapping given is an unknown section), each with the valid key its name is
-    closest to, if any is close (a typo), and the valid keys."""
-    what = "section" if len(unknown) == 1 and isinstance(values[unknown[0]], dict) else "key"
-    said = ", ".join(prefix + str(u) for u in unknown)
-    close = {u: difflib.get_close_matches(str(u), names, n=1, cutoff=0.7) for u in unknown}
-    guesses = [(u, m[0]) for u, m in close.items() if m]
-    if len(unknown) == 1:
-        hint = f"; did you mean {prefix}{guesses[0][1]}?" if guesses else ";"
-    else:
-        pairs = ", ".join(f"{prefix}{m} for {prefix}{u}" for u, m in guesses)
-        hint = f"; did you mean {pairs}?" if guesses else ";"
+    """Unknown keys of a section (a mapping: a section), each with the valid key closest to it if one is close."""
+    one = len(unknown) == 1
+    close = [(u, difflib.get_close_matches(str(u), names, n=1, cutoff=0.7)) for u in unknown]
+    guess = ", ".join(f"{prefix}{m[0]}" + ("" if one else f" for {prefix}{u}") for u, m in close if m)
+    what = "section" if one and isinstance(values[unknown[0]], dict) else "key" if one else "keys"
     return RecipeError(
-        f"unknown recipe {what}{'s' if len(unknown) > 1 else ''} {said}{hint} "
-        f"valid keys here: {', '.join(prefix + n for n in names)}"
+        f"unknown recipe {what} {', '.join(prefix + str(u) for u in unknown)}"
+        f"{f'; did you mean {guess}?' if guess else ';'} valid keys here: {', '.join(prefix + n for n in names)}"
     )
 
 
@@ -491,39 +485,33 @@ def _read_values(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe (on top of its ``base:``), apply overrides and validate every field.
-
-    An error names what it comes from: the file (``path: ...``), or the override (``--set key=value: ...``,
-    as the command line takes it) that brought an unknown key or a bad value in."""
+    """Load a YAML recipe (on top of its ``base:``), apply overrides and validate every field; an error names
+    the file, or the override (``--set key=value``, as the command line takes it) it comes from."""
     path = Path(path)
     values = _read_values(path)
-    overrides = list(overrides or [])
-    try:  # the file's own keys and values, before any override
-        _build(Recipe, _migrate(copy.deepcopy(values)))
-    except RecipeError as e:
-        raise RecipeError(f"{path}: {e}") from None
-    merged = copy.deepcopy(values)
-    for item in overrides:
-        merged = apply_overrides(merged, [item])  # its own errors name the override
-        try:
-            _build(Recipe, _migrate(copy.deepcopy(merged)))
-        except RecipeError as e:
-            raise RecipeError(f"--set {item}: {e}") from None
-    recipe = _build(Recipe, _migrate(merged))
     try:
-        return recipe.validate()
+        return recipe_from_dict(values, overrides)
     except RecipeError as e:
-        if overrides and _valid(values):  # the file alone is valid: the overrides made it invalid
-            raise RecipeError(f"{' '.join(f'--set {o}' for o in overrides)}: {e}") from None
-        raise RecipeError(f"{path}: {e}") from None
+        raise RecipeError(f"{_culprit(values, list(overrides or [])) or path}: {e}") from None
 
 
-def _valid(values: dict[str, Any]) -> bool:
+def _culprit(values: dict[str, Any], overrides: list[str]) -> str | None:
+    """What a recipe's error comes from: None (the file), the first override that brings a bad key or value in,
+    or all of them where the file alone is valid."""
     try:
-        _build(Recipe, _migrate(copy.deepcopy(values))).validate()
+        alone = _build(Recipe, _migrate(copy.deepcopy(values)))
     except RecipeError:
-        return False
-    return True
+        return None
+    for n, item in enumerate(overrides, 1):
+        try:
+            _build(Recipe, _migrate(apply_overrides(copy.deepcopy(values), overrides[:n])))
+        except RecipeError:
+            return f"--set {item}"
+    try:
+        alone.validate()
+    except RecipeError:
+        return None
+    return " ".join(f"--set {o}" for o in overrides) or None
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

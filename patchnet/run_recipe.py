@@ -84,6 +84,17 @@ def run_recipe(
     return recipe_from_dict(values, overrides), layout
 
 
+def check_new_run(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over an earlier run of the same name unless told to continue it or start anew."""
+    from .model import CheckpointError
+
+    if not resume and not overwrite and (recipe.run_dir / "last.pt").is_file():
+        raise CheckpointError(
+            f"{recipe.run_dir} already holds a run (last.pt); continue it with --resume, train anew "
+            f"over it with --overwrite, or name this run otherwise with --name NAME"
+        )
+
+
 def split_counts(dataset: Dataset) -> np.ndarray:
     """(C,) images per class (present, difficult-only excluded)."""
     return (dataset.labels() == 1).sum(0)

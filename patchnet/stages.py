@@ -104,7 +104,7 @@ class StageExtractor(PatchExtractor):
 def stage_recipe(recipe: Recipe, pool: str) -> Recipe:
     """The recipe whose patch settings give ``pool``: whole images, or shared mode over its levels."""
     if pool not in POOLS:
-        raise PatchnetError(f"--pool must be one of {', '.join(POOLS)}; got {pool!r}")
+        raise PatchnetError(f"--features must be one of {', '.join(POOLS)}; got {pool!r}")
     if pool == "whole":
         return whole_image_recipe(recipe)
     return replace(recipe, patches=replace(recipe.patches, mode="shared", exact_up_to=0.0))

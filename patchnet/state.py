@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .model import AdaptationHead, load_head
-from .recipe import Recipe
+from .model import AdaptationHead, CheckpointError, load_checkpoint, load_head
+from .recipe import Recipe, recipe_from_dict
 from .unlock import UnlockedStages
 
 
@@ -179,3 +179,28 @@ def hold_interrupts():
             previous(signal.SIGINT, held[0])
         elif held and previous == signal.SIG_DFL:
             signal.raise_signal(signal.SIGINT)
+
+
+def saved_run(recipe: Recipe) -> dict:
+    """last.pt of the run to resume, checked to come from the same recipe."""
+    last_path = recipe.run_dir / "last.pt"
+    if not last_path.is_file():
+        raise CheckpointError(f"--resume: {last_path} does not exist; start without --resume")
+    saved = load_checkpoint(last_path)
+    if resume_key(recipe_from_dict(saved["recipe"]).to_dict()) != resume_key(recipe.to_dict()):
+        raise CheckpointError(
+            f"--resume: {last_path} was made with another recipe; resume with the saved one: "
+            f"patchnet train --recipe {recipe.run_dir / 'recipe.yaml'} --resume"
+        )
+    return saved
+
+
+def resume_key(values: dict) -> dict:
+    """What a resumed run must share with the saved one: all but the runtime section, train.epochs (a
+    finished run may be extended) and data.classes (an empty list is filled in with the classes found;
+    the class lists themselves are compared by check_compatible)."""
+    return {
+        **{k: v for k, v in values.items() if k != "runtime"},
+        "train": {k: v for k, v in values["train"].items() if k != "epochs"},
+        "data": {k: v for k, v in values["data"].items() if k != "classes"},
+    }

@@ -12,7 +12,7 @@ from PIL import Image
 
 import patchnet
 from patchnet.datasets import DatasetError, load_image
-from patchnet.train import train
+from patchnet.trainer import train
 
 from conftest import four_voc, tiny_recipe
 
@@ -192,3 +192,50 @@ def test_eval_scores_localization_beside_the_classification_table(model, tmp_pat
         ],
     )
     assert whole.exit_code == 0 and "boxes: whole" in whole.output
+
+
+def test_predictions_index_slice_and_iterate_as_one_image_predictions(model):
+    m, root = model
+    paths = [root / "JPEGImages" / f"{i}.jpg" for i in "abc"]
+    p = m.predict(paths)
+    first, last = p[0], p[-1]
+    assert isinstance(first, patchnet.api.Predictions) and len(first) == 1 and first.classes == p.classes
+    np.testing.assert_array_equal(first.scores, p.scores[:1])
+    np.testing.assert_array_equal(last.probabilities, p.probabilities[2:])
+    np.testing.assert_array_equal(p[1:].present, p.present[1:])
+    assert len(p[1:]) == 2 and len(p[5:]) == 0
+    one = list(p)
+    assert len(one) == 3 and all(len(q) == 1 for q in one)
+    assert [q.top(1)[0] for q in p] == [t[:1] for t in p.top()]
+    np.testing.assert_allclose(p[1].scores, m.predict(paths[1]).scores, rtol=1e-6)
+    with pytest.raises(IndexError, match="image 3 of predictions for 3 images"):
+        p[3]
+
+
+def test_model_repr_says_what_it_holds(model):
+    m, _ = model
+    text = repr(m)
+    assert text.startswith(f"Model({m.predictor.state_path}: 3 classes (cat, dog, person), backbone efficientnet_lite0")
+    assert "pooling power k=5" in text and "not fused" in text and "calibrated" in text and "on cpu" in text
+    m.classes = [f"c{i}" for i in range(7)]  # many classes: the first few, then an ellipsis
+    try:
+        assert "7 classes (c0, c1, c2, c3, ...)" in repr(m)
+    finally:
+        m.classes = m.predictor.classes
+
+
+def test_explain_scores_once_and_a_threshold_decides_what_is_present(model):
+    m, root = model
+    path = root / "JPEGImages" / "b.jpg"
+    e = m.explain(path)
+    assert e.image.shape == (72, 96, 3) and len(e.predictions) == 1
+    np.testing.assert_allclose(e.predictions.scores, m.predict(path).scores, rtol=1e-6)
+    present = [c for c, f in zip(m.classes, e.predictions.present[0]) if f]
+    assert list(e.maps) == (present or [e.predictions.top(1)[0][0][0]])
+    everything = m.explain(path, threshold=0.0)
+    assert everything.predictions.present.all() and list(everything.maps) == m.classes
+    assert m.predict(path, threshold=0.0).present.all() and set(m.score_maps(path, threshold=0.0)) == set(m.classes)
+    strict = m.predict(path, threshold=1.0)
+    np.testing.assert_array_equal(strict.present, strict.probabilities >= 1.0)
+    with pytest.raises(patchnet.api.ThresholdError, match=r"must lie in \[0, 1\], got 2"):
+        m.predict(path, threshold=2)

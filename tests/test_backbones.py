@@ -223,7 +223,7 @@ def test_timm_imagenet_weights_missing_offline_say_how_to_supply_them(tmp_path, 
 
 @pytest.mark.slow  # a subprocess or several processes
 def test_timm_is_imported_only_when_a_timm_backbone_is_used():
-    code = "import sys, patchnet.train, patchnet.cli; assert 'timm' not in sys.modules, 'timm imported'"
+    code = "import sys, patchnet.trainer, patchnet.cli; assert 'timm' not in sys.modules, 'timm imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 

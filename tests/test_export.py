@@ -13,7 +13,7 @@ import torch
 import patchnet
 from patchnet.datasets import load_image
 from patchnet.export import ExportError, check_export, export
-from patchnet.train import train
+from patchnet.trainer import train
 
 from conftest import tiny_recipe
 

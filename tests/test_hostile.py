@@ -27,7 +27,7 @@ from patchnet.extract import build_extractor
 from patchnet.files import OutputPathError, UniqueNames, atomic_write, output_path, safe_name
 from patchnet.model import CheckpointError
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
-from patchnet.train import train
+from patchnet.trainer import train
 
 from conftest import CLASSES, build, four_voc, tiny_recipe, write_image
 

@@ -75,7 +75,7 @@ def test_layers_command_writes_table_json_and_plot(small_voc, tmp_path):
             str(path),
             "--train-split",
             "train",
-            "--val-split",
+            "--split",
             "val",
             "--methods",
             "svm,logreg",
@@ -102,7 +102,8 @@ def test_layers_command_writes_table_json_and_plot(small_voc, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--pool", "mean"], "--pool must be one of whole, max"),
+        (["--features", "mean"], "--features must be one of whole, max"),
+        (["--pool", "mean"], "--features must be one of whole, max"),  # its old name, hidden
         (["--methods", "svm,tree"], "--methods must name some of svm, logreg"),
     ],
 )

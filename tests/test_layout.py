@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "patchnet"
 ORDER = [
     "errors",
     "files",
+    "models",
     "regions",
     "backbones.spec",
     "backbones.weights",
@@ -33,6 +34,7 @@ ORDER = [
     "datasets.coco",
     "datasets.lists",
     "datasets.loader",
+    "datasets.detect",
     "datasets",
     "sampler",
     "dist",
@@ -54,9 +56,11 @@ ORDER = [
     "heatmaps",
     "draw",
     "callbacks",
-    "train",
+    "trainer",
+    "run_recipe",
     "localize",
     "api",
+    "results",
     "export",
     "receptive",
     "stages",
@@ -125,7 +129,7 @@ def test_a_module_imports_only_modules_below_it(name):
 
 
 def test_the_cache_stores_and_never_runs_a_model():
-    assert not imports("cache", _modules()["cache"]) & {"model", "train", "unlock", "extract", "backbones", "features"}
+    assert not imports("cache", _modules()["cache"]) & {"model", "trainer", "unlock", "extract", "backbones", "features"}
 
 
 def test_no_file_or_function_is_too_long_to_read():

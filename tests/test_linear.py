@@ -67,7 +67,9 @@ def test_features_linear_and_retrieve_commands(tmp_path, small_voc):
     with np.load(out) as f:
         first, ids = f["features"], f["ids"].tolist()
     assert first.shape == (4, 1280) and ids == ["a", "b", "c", "d"]
-    r = runner.invoke(app, ["features", "-r", str(recipe_file), "--split", "train", "--out", str(out), "--pool", "max"])
+    r = runner.invoke(
+        app, ["features", "-r", str(recipe_file), "--split", "train", "--out", str(out), "--features", "max"]
+    )
     assert r.exit_code == 0, r.output
     with np.load(out) as f:
         assert not np.allclose(f["features"], first)
@@ -77,9 +79,9 @@ def test_features_linear_and_retrieve_commands(tmp_path, small_voc):
             "linear",
             "-r",
             str(recipe_file),
-            "--train",
+            "--train-split",
             "train",
-            "--eval",
+            "--split",
             "val",
             "--c",
             "1",
@@ -92,7 +94,19 @@ def test_features_linear_and_retrieve_commands(tmp_path, small_voc):
     page = tmp_path / "ret.html"
     r = runner.invoke(
         app,
-        ["retrieve", "-r", str(recipe_file), "--split", "train", "--queries", "a,c", "--k", "2", "--out", str(page)],
+        [
+            "retrieve",
+            "-r",
+            str(recipe_file),
+            "--split",
+            "train",
+            "--queries",
+            "a,c",
+            "--neighbours",
+            "2",
+            "--out",
+            str(page),
+        ],
     )
     assert r.exit_code == 0, r.output
     text = page.read_text()

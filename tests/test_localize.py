@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from patchnet.localize import BoxOptionError, box_options, localize, map_regions
+from patchnet.localize import BoxOptionError, box_options, confidence, localize, map_regions
 from patchnet.metrics import box_iou, corloc_hits, detection_ap
 from patchnet.recipe import InferConfig
 
@@ -36,11 +36,12 @@ def test_map_regions_cut_between_the_maps_floor_and_its_peak():
 def test_localize_by_map_patch_and_whole_image():
     boxes = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20], [10, 10, 20, 20]], np.float32)
     values = np.array([[0.9, 0.1], [0.8, 0.1], [0.1, 0.2], [0.1, 0.7]])
-    scores = np.array([2.0, -1.0])
+    scores = np.log([0.8, 0.3])  # the log of the image's confidence in each class
     (cat,) = localize(boxes, values, scores, 20, 20, [0], "map", threshold=0.5)
-    assert cat.box == (0.0, 0.0, 20.0, 10.0) and cat.score == 2.0  # the top row, where class 0 scores high
+    assert cat.box == (0.0, 0.0, 20.0, 10.0)  # the top row, where class 0 scores high
+    assert cat.score == pytest.approx(0.8)  # the first box keeps the image's confidence
     (top,) = localize(boxes, values, scores, 20, 20, [1], "patch")
-    assert top.box == (10.0, 10.0, 20.0, 20.0) and top.score == -1.0
+    assert top.box == (10.0, 10.0, 20.0, 20.0) and top.score == pytest.approx(0.3)
     (whole,) = localize(boxes, values, scores, 20, 20, [1], "whole")
     assert whole.box == (0.0, 0.0, 20.0, 20.0)
     with pytest.raises(ValueError, match="map, patch, whole"):
@@ -50,9 +51,34 @@ def test_localize_by_map_patch_and_whole_image():
 def test_secondary_regions_rank_below_the_first_by_their_relative_peak():
     boxes = np.array([[0, 0, 10, 10], [30, 0, 40, 10]], np.float32)
     values = np.array([[1.0], [0.6]])
-    first, second = localize(boxes, values, np.array([0.0]), 40, 10, [0], "map", threshold=0.5)
+    first, second = localize(boxes, values, np.log([0.5]), 40, 10, [0], "map", threshold=0.5)
     assert first.box == (0.0, 0.0, 10.0, 10.0) and second.box == (30.0, 0.0, 40.0, 10.0)
-    assert first.score == 0.0 and second.score == pytest.approx(np.log(0.6))
+    assert first.score == pytest.approx(0.5) and second.score == pytest.approx(0.5 * 0.6)
+
+
+def test_box_scores_lie_in_0_1_whatever_the_caller_passes():
+    boxes = np.array([[0, 0, 10, 10], [30, 0, 40, 10]], np.float32)
+    values = np.array([[1.0], [0.6]])
+    for score in (5.0, 0.0, -3.0, -1e6):  # a raw score above 0 counts as full confidence
+        found = localize(boxes, values, np.array([score]), 40, 10, [0], "map", threshold=0.5)
+        assert found and all(0.0 <= d.score <= 1.0 for d in found)
+        assert found[0].score == pytest.approx(min(np.exp(score), 1.0))
+
+
+def test_confidence_is_the_calibrated_probability_else_a_squashed_score():
+    from patchnet.calibration import Calibration
+
+    cal = Calibration("power", np.array([1.0, 2.0]), np.array([0.0, -1.0]), np.array([0.5, 0.5]))
+    scores = np.array([0.05, 1e-4])
+    assert np.allclose(confidence(scores, "power", 5.0, cal), cal.probabilities(scores))
+    # the power-k mean of probabilities: its k-th root, the generalised mean, in [0, 1]
+    assert np.allclose(confidence(np.array([0.0, 0.5**5, 1.0]), "power", 5.0), [0.0, 0.5, 1.0])
+    # evidence poolings (logits) and fused scores: the logistic
+    assert np.allclose(confidence(np.array([-2.0, 0.0, 3.0]), "max"), 1 / (1 + np.exp([2.0, 0.0, -3.0])))
+    assert np.allclose(confidence(np.array([-2.0, 0.0]), "power", fused=True), 1 / (1 + np.exp([2.0, 0.0])))
+    for pool in ("power", "max", "lse", "topk"):
+        c = confidence(np.array([-1e9, -5.0, 0.0, 0.3, 7.0, 1e9]), pool)
+        assert ((c >= 0) & (c <= 1)).all()
 
 
 def test_iou_and_corloc_by_hand():

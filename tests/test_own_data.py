@@ -80,3 +80,19 @@ def test_bad_folders_get_one_line(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and result.output.startswith("error: ")
         assert "Traceback" not in result.output
+
+
+def test_python_train_on_a_folder(tmp_path):
+    import patchnet
+    from patchnet.model import CheckpointError
+
+    root = image_folder(tmp_path / "pets", {".": 4})
+    sets = [a for a in tiny(tmp_path) if a != "--set"]
+    run = patchnet.train(root, epochs=1, backbone="efficientnet_lite0", out=tmp_path / "runs", overrides=sets)
+    assert run.run_dir == tmp_path / "runs" / "pets" and run.best.is_file() and run.last.is_file()
+    assert run.table is not None and run.table.top1 is not None and run.confusion is not None
+    assert run.confusion.sum() == len(run.table.classes)  # one val image per class (10% of 4, at least one)
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        patchnet.train(root, epochs=1, out=tmp_path / "runs", overrides=sets)
+    model = patchnet.load(run.best)
+    assert model.classes == ["cat", "dog"]

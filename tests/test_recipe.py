@@ -62,7 +62,7 @@ def test_overrides_are_typed():
 
 def test_unknown_keys_and_bad_types_are_explained():
     with pytest.raises(
-        RecipeError, match=r"unknown recipe key\(s\) train.learning_rate; valid keys here: train.supervision"
+        RecipeError, match=r"unknown recipe key train.learning_rate; valid keys here: train.supervision"
     ):
         recipe_from_dict({}, ["train.learning_rate=0.1"])
     with pytest.raises(RecipeError, match=r"train.epochs must be of type int, got 'many'"):
@@ -96,6 +96,33 @@ def test_recipe_file_errors(tmp_path):
     bad.write_text("train:\n  lr: fast\n")
     with pytest.raises(RecipeError, match=r"bad.yaml: train.lr must be of type float"):
         load_recipe(bad)
+
+
+def test_a_typo_in_a_key_or_a_section_is_answered_with_the_closest_valid_name():
+    with pytest.raises(RecipeError, match=r"unknown recipe key train.epoch; did you mean train.epochs\? valid keys"):
+        recipe_from_dict({}, ["train.epoch=3"])
+    with pytest.raises(RecipeError, match=r"unknown recipe section tran; did you mean train\? valid keys here: name,"):
+        recipe_from_dict({}, ["tran.epochs=3"])
+    with pytest.raises(RecipeError, match=r"did you mean train.epochs for train.epoch, train.lr for train.lrr\?"):
+        recipe_from_dict({}, ["train.epoch=3", "train.lrr=0.1"])
+    with pytest.raises(RecipeError, match=r"unknown recipe key train.colour; valid keys"):  # nothing close
+        recipe_from_dict({}, ["train.colour=3"])
+
+
+def test_an_error_names_the_override_it_comes_from_and_the_file_only_for_its_own(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, ["train.lr=0.1", "train.epoch=3"])
+    assert str(e.value).startswith("--set train.epoch=3: unknown recipe key train.epoch; did you mean train.epochs?")
+    assert "r.yaml" not in str(e.value)
+    with pytest.raises(RecipeError, match=r"^--set train.epochs=many: train.epochs must be of type int"):
+        load_recipe(path, ["train.epochs=many"])
+    with pytest.raises(RecipeError, match=r"^--set data.boxes=false: train.supervision=boxes needs boxes"):
+        load_recipe(path, ["data.boxes=false"])  # valid alone, invalid with the override
+    path.write_text("tran:\n  epochs: 2\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: unknown recipe section tran; did you mean train\?"):
+        load_recipe(path, ["train.lr=0.1"])  # the file's typo, whatever the overrides
 
 
 def test_saved_recipe_loads_back_identically(tmp_path):

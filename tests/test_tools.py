@@ -9,7 +9,7 @@ import pytest
 
 from patchnet.heatmaps import best_patch_per_item, class_index, top_items
 from patchnet.model import AdaptationHead
-from patchnet.train import train
+from patchnet.trainer import train
 
 from conftest import four_voc, tiny_recipe
 

@@ -14,14 +14,14 @@ from typer.testing import CliRunner
 
 import patchnet.callbacks as callbacks_module
 import patchnet.losses as losses_module
-import patchnet.train as train_module
+import patchnet.trainer as train_module
 from patchnet.cli import app
 from patchnet.datasets import DatasetError
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import recipe_from_dict, save_recipe
 from patchnet.sampler import MULTI
 from patchnet.state import LRSchedule
-from patchnet.train import TrainingError, epoch_indices, train
+from patchnet.trainer import TrainingError, epoch_indices, train
 
 from conftest import tiny_recipe
 
@@ -646,7 +646,7 @@ def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_do
 @pytest.mark.slow  # a subprocess or several processes
 def test_importing_train_loads_no_plotting_and_no_demo_generator():
     code = (
-        "import sys, patchnet.train; "
+        "import sys, patchnet.trainer; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m == 'patchnet.demo'))"
     )
     out = subprocess.run(

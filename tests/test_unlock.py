@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import patchnet.train as train_module
+import patchnet.trainer as train_module
 from patchnet.backbones import backbone_spec, build_backbone, unlock_split
 from patchnet.datasets import load_image, open_split
 from patchnet.errors import PatchnetError
@@ -12,7 +12,7 @@ from patchnet.extract import build_extractor
 from patchnet.features import cache_spec
 from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import RecipeError
-from patchnet.train import train
+from patchnet.trainer import train
 from patchnet.unlock import UnlockedStages, build_maps
 
 from conftest import build, tiny_recipe

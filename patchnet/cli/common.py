@@ -100,17 +100,33 @@ class Skipped:
 
 
 def resolve_checkpoint(value: Path | None) -> Path:
-    """The checkpoint a command scores with: the ``--checkpoint`` given (none given is an error, for now)."""
-    if value is None:
-        from ..model import CheckpointError  # torch: only when a command needs it
+    """The checkpoint a command scores with: the ``--checkpoint`` given (a file, or a shipped model's name),
+    else the shipped VOC model."""
+    from ..models import DEFAULT
+    from ..models import resolve_checkpoint as resolve
 
-        raise CheckpointError(
-            "no model given: pass --checkpoint (-c) with a trained best.pt or last.pt, e.g. "
-            "--checkpoint checkpoints/demo/best.pt (make demo trains it)"
-        )
-    return Path(value)
+    return resolve(DEFAULT if value is None else value)
 
 
+def table_folder(checkpoint: Path) -> Path:
+    """Where a command writes tables about a checkpoint by default: beside it; for a shipped model (inside the
+    installed package, never written to) checkpoints/<name>/."""
+    from ..models import is_shipped
+    from ..models import resolve_checkpoint as resolve
+
+    path = resolve(checkpoint)
+    return Path("checkpoints") / path.stem if is_shipped(path) else path.parent
+
+
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        help="The trained model: a best.pt or last.pt, or a shipped model's name (voc07). Default: voc07.",
+        show_default=False,
+    ),
+]
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: section.field=value.")]
 DataOpt = Annotated[
@@ -157,3 +173,34 @@ def check_device(device: str | None) -> None:
         from ..dist import resolve_device
 
         resolve_device(device)
+
+
+DataArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Your images: a folder per class, train/ and val/ folders of them, a VOC devkit, a COCO or Roboflow "
+        "export, or <split>.csv lists. What is found (format, splits, classes) is printed first.",
+        show_default=False,
+    ),
+]
+DataFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format", help="Read DATA as voc, coco, csv or folder (where it looks like several).", show_default=False
+    ),
+]
+# how eval --localize and localize turn score maps into boxes (patchnet.localize)
+BoxMethodOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--box-method",
+        help="Boxes: map (regions of the score map), patch or whole (baselines) (default: infer.box_method).",
+    ),
+]
+BoxThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--box-threshold",
+        help="Boxes, map: where to cut, from the map's floor (0) to its peak (1) (default: infer.box_threshold).",
+    ),
+]

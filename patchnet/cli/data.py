@@ -9,40 +9,51 @@ import typer
 
 from ..datasets import DatasetError
 from ..errors import PatchnetError
-from ..recipe import load_recipe
-from .common import FormatOpt, SetOpt, app, session
+from .common import DataArg, DataFormatOpt, SetOpt, VerboseOpt, app, session
 
 
 @app.command()
 def inspect(
-    data: Annotated[
-        Path, typer.Option("--data", help="Dataset root (VOC layout, COCO folder, image folder, CSV folder).")
-    ],
-    split: Annotated[str, typer.Option(help="Split name.")] = "trainval",
-    fmt: FormatOpt = "voc",
+    data: DataArg = None,
+    old_data: Annotated[Path | None, typer.Option("--data", hidden=True, help="The old name of DATA.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Split to look at. Default: the one patchnet train trains on.", show_default=False),
+    ] = None,
+    fmt: DataFormatOpt = None,
     recipe: Annotated[
-        Path | None, typer.Option("--recipe", "-r", help="Recipe for patch settings and classes.")
+        Path | None,
+        typer.Option(
+            "--recipe", "-r", help="Recipe for patch settings. Default: the default recipe.", show_default=False
+        ),
     ] = None,
     overrides: SetOpt = None,
-    image: Annotated[str | None, typer.Option(help="Image id to draw (default: the first with objects).")] = None,
+    image: Annotated[
+        str | None, typer.Option(help="Image id to draw. Default: the first with several objects.", show_default=False)
+    ] = None,
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("inspect.png"),
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ):
-    """Print label statistics of a split and draw one image's patches coloured by training label."""
+    """Print what a folder holds (format, splits, classes per split) and draw one image's patches coloured by
+    training label."""
     with session(verbose):
-        from ..datasets import data_override, image_label_statistics, open_split
+        from ..datasets import image_label_statistics, open_split
         from ..draw import draw_labels
-        from ..recipe import recipe_from_dict
+        from ..run_recipe import layout_table, open_run_splits, run_recipe
         from ..sampler import split_statistics
 
-        r = load_recipe(recipe, overrides) if recipe else recipe_from_dict({}, overrides)
-        cfg = data_override(r.data, data, fmt)
-        if cfg.format in ("coco", "folder", "csv") and recipe is None:
-            cfg.classes = []  # the classes found in the data
-        dataset = open_split(cfg, split)
+        root = data or old_data
+        if root is None:
+            raise PatchnetError("give the folder to look at: patchnet inspect photos/")
+        r, layout = run_recipe(root, recipe, overrides, fmt=fmt)
+        splits = open_run_splits(r)
+        typer.echo(layout_table(r, layout, splits, r.runtime.device))
+        train = next(iter(splits.values()))
+        name = split or r.data.train_split
+        dataset = splits[name] if name in splits else open_split(r.data, name, classes=train.classes)
         typer.echo(image_label_statistics(dataset))
         if not dataset.has_boxes:
-            typer.echo("no boxes: train with --set train.supervision=images (no patch labels to draw)")
+            typer.echo("no boxes: patchnet train learns from the image labels (no patch labels to draw)")
             return
         stats = split_statistics(dataset, r.patches)
         typer.echo(stats.format())
@@ -82,7 +93,7 @@ def cache_verify(
             help="Delete damaged caches (the next run rebuilds them) and damaged chunks of unfinished builds.",
         ),
     ] = False,
-    verbose: bool = False,
+    verbose: VerboseOpt = False,
 ):
     """Check every cache of a folder: each file's size and CRC-32 against those recorded when it was written.
 

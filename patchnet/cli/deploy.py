@@ -11,7 +11,16 @@ import typer
 
 from ..datasets import DatasetError
 from ..files import UniqueNames, atomic_write, output_path
-from .common import Skipped, app, session
+from .common import BoxMethodOpt, BoxThresholdOpt, Skipped, TrunkDeviceOpt, VerboseOpt, app, check_device, session
+
+OldMethodOpt = Annotated[str | None, typer.Option("--method", hidden=True, help="The old name of --box-method.")]
+OldThresholdOpt = Annotated[
+    float | None, typer.Option("--threshold", hidden=True, help="The old name of --box-threshold.")
+]
+CocoJsonOpt = Annotated[
+    Path | None,
+    typer.Option("--json", help="Boxes in the COCO results format: bbox x, y, width, height in pixels."),
+]
 
 
 @app.command()
@@ -21,26 +30,30 @@ def localize(
     classes: Annotated[
         str | None, typer.Option(help="Comma-separated classes (default: those judged present).")
     ] = None,
-    method: Annotated[str | None, typer.Option(help="map (regions of the score map), patch or whole.")] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="map: where to cut, from the map's floor (0) to its peak (1) (default: infer.box_threshold)."
-        ),
-    ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Boxes in the COCO results format.")] = None,
+    method: BoxMethodOpt = None,
+    threshold: BoxThresholdOpt = None,
+    old_method: OldMethodOpt = None,
+    old_threshold: OldThresholdOpt = None,
+    json_out: CocoJsonOpt = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the images with their boxes drawn.")] = None,
-    verbose: bool = False,
+    device: TrunkDeviceOpt = None,
+    verbose: VerboseOpt = False,
 ):
-    """Boxes of the classes in each image, from its patches' scores (patchnet.localize); an image that cannot
-    be read is skipped with a warning, the others written, and the exit code is then 1."""
+    """Boxes of the classes in each image, from its patches' scores (patchnet.localize), printed as the JSON
+    writes them: x y w h in pixels from the image's top-left corner (COCO's bbox), and a score in [0, 1]: the
+    image's calibrated probability of the class (its pooled score squashed into [0, 1] where the checkpoint has
+    no calibration) times the box region's share of the map's peak.
+    An image that cannot be read is skipped with a warning, the others written, and the exit code is then 1."""
     with session(verbose):
         from ..api import load
         from ..datasets import image_files, load_image
         from ..draw import draw_detections
         from ..localize import box_options
 
-        model = load(checkpoint)
+        check_device(device)
+        model = load(checkpoint, device=device)
+        method = method or old_method
+        threshold = old_threshold if threshold is None else threshold
         method, threshold = box_options(model.recipe.infer, method, threshold)
         wanted = [c.strip() for c in classes.split(",")] if classes else None
         if wanted is not None:
@@ -48,6 +61,7 @@ def localize(
         files = image_files(images)
         skipped, results, names = Skipped(len(files)), [], UniqueNames()
         stems = Counter(path.stem for path in files)
+        typer.echo("image: class score at x y w h (pixels from the top-left corner, COCO's bbox; score in [0, 1])")
         for path in files:
             # an image's name in the outputs: its stem, or its whole path where two images share a stem
             name = path.stem if stems[path.stem] == 1 else str(path)
@@ -56,20 +70,20 @@ def localize(
             except DatasetError as e:
                 skipped.add(str(path), e)
                 continue
-            typer.echo(
-                f"{path}: "
-                + "; ".join(
-                    f"{model.classes[d.class_index]} {d.score:.3f} at {', '.join(f'{v:.0f}' for v in d.box)}"
-                    for d in found
-                )
-            )
-            results += [_coco_result(name, d, model.classes) for d in found]
+            coco = [_coco_result(name, d, model.classes) for d in found]
+            typer.echo(f"{path}: " + "; ".join(f"{r['category']} {_box_text(r)}" for r in coco))
+            results += coco
             if out is not None:
                 draw_detections(load_image(path), found, model.classes, output_path(out, name, ".png", names))
         if json_out:
             atomic_write(json_out, json.dumps(results, indent=1))
             typer.echo(f"wrote {len(results)} boxes to {json_out} (COCO results format; category_id = class index + 1)")
         skipped.finish()
+
+
+def _box_text(result: dict) -> str:
+    """A box as localize prints it: its score, then its COCO bbox (x y w h) to the pixel."""
+    return f"{result['score']:.3f} at {' '.join(f'{v:.0f}' for v in result['bbox'])}"
 
 
 def _coco_result(name: str, d, classes: list[str]) -> dict:
@@ -91,7 +105,13 @@ def export(
     out: Annotated[Path, typer.Option(help="The torch.export program (.pt2).")] = Path("model.pt2"),
     onnx: Annotated[Path | None, typer.Option(help="Also write it as ONNX here (onnxscript needed).")] = None,
     image: Annotated[Path | None, typer.Option(help="An image to check the program against the API on.")] = None,
-    verbose: bool = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where the program is traced and its weights live: cpu (it then runs on any machine) or cuda.",
+        ),
+    ] = "cpu",
+    verbose: VerboseOpt = False,
 ):
     """The trained model (trunk in shared mode, head, pooling, fusion, calibration) as one program for a fixed
     image size, which plain torch runs: torch.export.load(path).module()(image)."""
@@ -108,7 +128,8 @@ def export(
             width = height = 0
         if width < 1 or height < 1:
             raise PatchnetError(f"--size must be WIDTHxHEIGHT in positive pixels, e.g. 500x375; got {size!r}")
-        model, _ = write(checkpoint, width, height, out, onnx)
+        check_device(device)
+        model, _ = write(checkpoint, width, height, out, onnx, device=device)
         typer.echo(
             f"wrote {out}" + (f" and {onnx}" if onnx else "") + f": {len(model.classes)} classes, "
             f"(1, 3, {height}, {width}) RGB in [0, 1] -> probabilities, scores, patch values"
@@ -119,7 +140,7 @@ def export(
             from ..export import check_export
 
             array = np.array(Image.fromarray(as_image(image)).resize((width, height), Image.Resampling.BILINEAR))
-            r = check_export(checkpoint, out, array, onnx)
+            r = check_export(checkpoint, out, array, onnx, device=device)
             typer.echo(
                 f"{image} at {width}x{height}: max |program - API| = {r['program_diff']:.2e}"
                 + (f", max |ONNX Runtime - API| = {r['onnx_diff']:.2e}" if onnx else "")

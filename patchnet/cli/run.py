@@ -15,6 +15,11 @@ from ..datasets import DatasetError
 from ..files import atomic_write, output_path
 from ..recipe import load_recipe
 from .common import (
+    BoxMethodOpt,
+    BoxThresholdOpt,
+    CheckpointOpt,
+    DataArg,
+    DataFormatOpt,
     DataOpt,
     DeviceOpt,
     PoolChoice,
@@ -27,19 +32,13 @@ from .common import (
     log,
     resolve_checkpoint,
     session,
+    table_folder,
 )
 
 
 @app.command()
 def train(
-    data: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Your images: a folder per class, train/ and val/ folders of them, a VOC devkit, a COCO or "
-            "Roboflow export, or <split>.csv lists. What is found (format, splits, classes) is printed first.",
-            show_default=False,
-        ),
-    ] = None,
+    data: DataArg = None,
     recipe: Annotated[
         Path | None,
         typer.Option(
@@ -47,12 +46,7 @@ def train(
         ),
     ] = None,
     overrides: SetOpt = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format", help="Read DATA as voc, coco, csv or folder (where it looks like several).", show_default=False
-        ),
-    ] = None,
+    fmt: DataFormatOpt = None,
     name: Annotated[
         str | None,
         typer.Option(
@@ -66,7 +60,7 @@ def train(
     backbone: Annotated[
         str | None,
         typer.Option(
-            help="Frozen trunk, e.g. efficientnet_lite0, resnet50 (README, Recipes). Default: efficientnet_lite2.",
+            help="Frozen trunk, e.g. efficientnet_lite0, resnet50 (docs/usage.md). Default: efficientnet_lite2.",
             show_default=False,
         ),
     ] = None,
@@ -83,17 +77,12 @@ def train(
     """Train on a folder of your images (patchnet train photos/) or as a recipe says; the run goes to <out>/<name>/."""
     with session(verbose):
         from ..dist import resolve_device
-        from ..model import CheckpointError
-        from ..run_recipe import RunOptions, layout_table, open_run_splits, run_recipe
-        from ..train import train as run
+        from ..run_recipe import RunOptions, check_new_run, layout_table, open_run_splits, run_recipe
+        from ..trainer import train as run
 
         options = RunOptions(name, epochs, backbone, device, None if out is None else str(out))
         r, layout = run_recipe(data, recipe, overrides, options, fmt)
-        if not resume and not overwrite and (r.run_dir / "last.pt").is_file():
-            raise CheckpointError(
-                f"{r.run_dir} already holds a run (last.pt); continue it with --resume, train anew "
-                f"over it with --overwrite, or name this run otherwise with --name NAME"
-            )
+        check_new_run(r, resume, overwrite)
         splits = open_run_splits(r) if data is not None else {}
         if splits:
             typer.echo(layout_table(r, layout, splits, str(resolve_device(r.runtime.device))))
@@ -130,6 +119,15 @@ def report_run(recipe, result) -> None:
     )
 
 
+PriorOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Score maps (pointing game, localisation): pseudo-patches of the image mean in each pixel's mean "
+        "(default: the recipe's infer.map_prior).",
+    ),
+]
+
+
 @app.command()
 def eval(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A best.pt or last.pt.")],
@@ -148,26 +146,13 @@ def eval(
     pointing: Annotated[
         bool, typer.Option("--pointing", help="Also play the pointing game with the score maps (needs boxes).")
     ] = False,
-    prior: Annotated[
-        float | None,
-        typer.Option(
-            help="Score maps (pointing game, localisation): pseudo-patches of the image mean in each pixel's mean.",
-            show_default="the recipe's infer.map_prior",
-        ),
-    ] = None,
+    prior: PriorOpt = None,
     localize: Annotated[
         bool,
         typer.Option("--localize", help="Also score boxes (needs boxes): CorLoc and VOC detection AP at IoU 0.5."),
     ] = False,
-    box_method: Annotated[
-        str | None, typer.Option(help="Boxes: map (regions of the score map), patch or whole (baselines).")
-    ] = None,
-    box_threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Boxes, map: where to cut, from the map's floor (0) to its peak (1) (default: infer.box_threshold)."
-        ),
-    ] = None,
+    box_method: BoxMethodOpt = None,
+    box_threshold: BoxThresholdOpt = None,
     device: TrunkDeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
@@ -178,17 +163,9 @@ def eval(
         from ..infer import evaluate_split
 
         check_device(device)
+        # --pointing and --localize read the split's boxes, also where the model was trained without them
         table, n, (predictor, dataset, store, items, scores) = evaluate_split(
-            checkpoint,
-            data=data,
-            split=split,
-            fmt=fmt,
-            mode=mode,
-            pool=pool,
-            k=k,
-            fuse=fuse,
-            device=device,
-            boxes=pointing or localize,
+            checkpoint, data, split, fmt, mode, pool, k, fuse, device=device, boxes=pointing or localize
         )
         typer.echo(table.format())
         typer.echo(
@@ -202,7 +179,7 @@ def eval(
             values["localization"] = _localization(
                 predictor, dataset, store, items, scores, prior, box_method, box_threshold
             )
-        write_table(table, out or checkpoint.parent, _eval_stem(split, pool, k, fuse), values)
+        write_table(table, out or table_folder(checkpoint), _eval_stem(split, pool, k, fuse), values)
 
 
 def _eval_stem(split, pool, k, fuse) -> str:
@@ -268,33 +245,35 @@ def write_table(table, out: Path, stem: str, values: dict | None = None) -> None
     typer.echo(f"wrote {json_path} and {csv_path.name}")
 
 
+PredictOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Folder for the results: per image <name>.jpg (its top classes and probabilities drawn in a corner, "
+        "classes judged present ticked) and heatmaps/<name>_<class>.png (where each class judged present was "
+        "found, or the best class where none is); predictions.csv, one row per image and class, best first "
+        "(file, rank, class, probability, score, present, annotated, heatmap: filter present or rank in a "
+        "spreadsheet); predictions.json, the same keyed by the image's path.",
+    ),
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Judge a class present where its calibrated probability reaches this (default: the checkpoint's "
+        "own per-class thresholds, fitted on held-out training images)."
+    ),
+]
+
+
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (a folder stands for its images).")],
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint", "-c", help="The trained model: a best.pt or last.pt, e.g. checkpoints/demo/best.pt."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder for the results: per image <name>.jpg (its top classes and probabilities drawn in a corner, "
-            "classes judged present ticked) and heatmaps/<name>_<class>.png (where each class judged present was "
-            "found, or the best class where none is); predictions.csv, one row per image and class, best first "
-            "(file, rank, class, probability, score, present, annotated, heatmap: filter present or rank in a "
-            "spreadsheet); predictions.json, the same keyed by the image's path."
-        ),
-    ] = None,
-    top: Annotated[int, typer.Option(min=1, help="Classes printed (and drawn) per image.")] = 3,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Judge a class present where its calibrated probability reaches this (default: the checkpoint's "
-            "own per-class thresholds, fitted on held-out training images).",
-        ),
-    ] = None,
+    checkpoint: CheckpointOpt = None,
+    out: PredictOutOpt = None,
+    top: Annotated[
+        int, typer.Option(min=1, help="Classes printed and drawn per image (classes judged present are drawn too).")
+    ] = 3,
+    threshold: ThresholdOpt = None,
     device: DeviceOpt = None,
     pool: PoolChoice = None,
     json_out: Annotated[
@@ -309,11 +288,8 @@ def predict(
     others are scored and written, and the exit code is then 1.
     """
     with session(verbose):
-        from tqdm.auto import tqdm
-
         from ..api import load
-        from ..datasets import image_files
-        from ..results import PredictionFolder, input_names
+        from ..results import PredictionFolder
 
         path = resolve_checkpoint(checkpoint)
         model = load(path, device=device or "auto", pool=pool)  # auto: a GPU where there is one
@@ -321,37 +297,14 @@ def predict(
             log.warning(
                 "%s carries no calibration for pooling %s: printing raw pooled scores", path, model.predictor.pool
             )
-        model.predict([], threshold=threshold)  # refuses a threshold it cannot honour, once, before any image
-        results = {}
-        files = image_files(images)
+        model.check_threshold(threshold)  # once, before any image
+        files = _image_files(images)
         skipped = Skipped(len(files))
         folder = PredictionFolder(out, model.classes, top) if out is not None else None
-        # a bar where there are more than a few images; the per-image lines print above it
-        for file, name in tqdm(
-            list(zip(files, input_names(files))), desc="predict", unit="img", disable=len(files) <= 3, leave=False
-        ):
-            try:
-                if folder is not None:
-                    explained = model.explain(file, threshold=threshold)
-                    p = explained.predictions
-                else:
-                    p = model.predict(file, threshold=threshold)
-            except DatasetError as e:
-                skipped.add(str(file), e)
-                continue
-            if folder is not None:
-                folder.add(file, name, explained)
-            marks = p.present[0] if p.present is not None else np.zeros(len(model.classes), bool)
-            best = ", ".join(f"{c}{'*' if marks[model.classes.index(c)] else ''} {v:.3f}" for c, v in p.top(top)[0])
-            tqdm.write(f"{file}: {best}")
-            results[str(file)] = p.to_dict()[0]
+        results = _predict_each(model, files, folder, threshold, top, skipped)
         if model.predictor.calibration is not None:
-            rule = (
-                f"above {threshold:g}"
-                if threshold is not None
-                else "above the class's decision threshold, both fitted on held-out training images"
-            )
-            typer.echo(f"(calibrated probabilities; * = {rule})")
+            rule = f"at or above {threshold:g}" if threshold is not None else "above the class's decision threshold"
+            typer.echo(f"(calibrated probabilities; * = {rule}, fitted on held-out training images)")
         document = {
             "checkpoint": str(path),
             "pool": model.predictor.pool,
@@ -368,6 +321,45 @@ def predict(
         skipped.finish()
 
 
+def _image_files(images: list[Path]) -> list[Path]:
+    """The image files given and those in the folders given; none at all is an error."""
+    from ..datasets import IMAGE_SUFFIXES, image_files
+
+    files = image_files(images)
+    if not files:
+        raise DatasetError(
+            f"no images in {', '.join(map(str, images))}; give image files, or folders that hold "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} files"
+        )
+    return files
+
+
+def _predict_each(model, files: list[Path], folder, threshold: float | None, top: int, skipped: Skipped) -> dict:
+    """Score the images one by one, printing a line each (and writing their files into ``folder``, if any);
+    returns path -> class -> score, probability, present."""
+    from tqdm.auto import tqdm
+
+    from ..results import input_names
+
+    results = {}
+    # a bar where there are more than a few images; the per-image lines print above it
+    jobs = list(zip(files, input_names(files)))
+    for file, name in tqdm(jobs, desc="predict", unit="img", disable=len(files) <= 3, leave=False):
+        try:
+            explained = model.explain(file, threshold=threshold) if folder is not None else None
+            p = model.predict(file, threshold=threshold) if explained is None else explained.predictions
+        except DatasetError as e:
+            skipped.add(str(file), e)
+            continue
+        if explained is not None:
+            folder.add(file, name, explained)
+        marks = p.present[0] if p.present is not None else np.zeros(len(model.classes), bool)
+        best = ", ".join(f"{c}{'*' if marks[model.classes.index(c)] else ''} {v:.3f}" for c, v in p.top(top)[0])
+        tqdm.write(f"{file}: {best}")
+        results[str(file)] = p.to_dict()[0]
+    return results
+
+
 DEMO_RECIPE = Path(__file__).resolve().parent.parent.parent / "recipes" / "demo.yaml"
 
 
@@ -381,7 +373,7 @@ def demo(
     """The embedded default: generate the demo set, train on it, evaluate on its test split."""
     with session(verbose):
         from ..infer import evaluate_split
-        from ..train import train as run
+        from ..trainer import train as run
 
         r = load_recipe(recipe, overrides)
         if device:

@@ -10,24 +10,33 @@ import typer
 
 from ..files import atomic_write
 from ..recipe import RecipeError, load_recipe
-from .common import RecipeOpt, SetOpt, app, session
+from .common import RecipeOpt, SetOpt, TrunkDeviceOpt, VerboseOpt, app, on_device, session
 from .run import write_table
 
-PoolOpt = Annotated[
+# --features: how an image's feature vector is pooled (--pool, in eval and predict, pools patch scores)
+FeaturesOpt = Annotated[
     str,
     typer.Option(
-        help="whole: one pass on the image and its mirror, averaged; "
-        "mean/max: over the recipe's multi-scale patch grid."
+        "--features",
+        help="How each image's feature is pooled: whole (one pass on the image and its mirror, averaged), "
+        "mean or max (over the recipe's multi-scale patch grid).",
     ),
+]
+OldPoolOpt = Annotated[str | None, typer.Option("--pool", hidden=True, help="The old name of --features.")]
+TrainSplitOpt = Annotated[
+    str | None, typer.Option("--train-split", help="Training split (default: the recipe's data.train_split).")
+]
+ScoredSplitOpt = Annotated[
+    str | None, typer.Option("--split", help="Scored split (default: the recipe's data.val_split).")
 ]
 
 
-def _pooled_recipe(recipe_path: Path, overrides, pool: str):
+def _pooled_recipe(recipe_path: Path, overrides, pool: str, device: str | None = None):
     from ..linear import whole_image_recipe
 
-    r = load_recipe(recipe_path, overrides)
+    r = on_device(load_recipe(recipe_path, overrides), device)
     if pool not in ("whole", "mean", "max"):
-        raise RecipeError(f"--pool must be whole, mean or max; got {pool!r}")
+        raise RecipeError(f"--features must be whole, mean or max; got {pool!r}")
     return (whole_image_recipe(r) if pool == "whole" else r), ("mean" if pool == "whole" else pool)
 
 
@@ -36,9 +45,11 @@ def features(
     recipe: RecipeOpt,
     split: Annotated[str, typer.Option(help="Split of the recipe's dataset.")],
     out: Annotated[Path, typer.Option(help="Output .npz: ids, features, labels, classes.")],
-    pool: PoolOpt = "whole",
+    pool: FeaturesOpt = "whole",
+    old_pool: OldPoolOpt = None,
     overrides: SetOpt = None,
-    verbose: bool = False,
+    device: TrunkDeviceOpt = None,
+    verbose: VerboseOpt = False,
 ):
     """Extract one feature per image of a split (FC6/FC7 of alexnet/vgg16: --set backbone.layer=fc6)."""
     with session(verbose):
@@ -46,7 +57,7 @@ def features(
         from ..extract import build_extractor
         from ..linear import split_features
 
-        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        r, reduce = _pooled_recipe(recipe, overrides, old_pool or pool, device)
         f = split_features(r, open_split(r.data, split), build_extractor(r), reduce)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(
@@ -61,28 +72,35 @@ def features(
 @app.command()
 def linear(
     recipe: RecipeOpt,
-    train_split: Annotated[str | None, typer.Option("--train", help="Training split (default: the recipe's).")] = None,
-    eval_split: Annotated[str | None, typer.Option("--eval", help="Scored split (default: the recipe's val).")] = None,
+    train_split: TrainSplitOpt = None,
+    eval_split: ScoredSplitOpt = None,
+    old_train: Annotated[
+        str | None, typer.Option("--train", hidden=True, help="The old name of --train-split.")
+    ] = None,
+    old_eval: Annotated[str | None, typer.Option("--eval", hidden=True, help="The old name of --split.")] = None,
     method: Annotated[str, typer.Option(help="svm (linear SVM) or logreg (logistic regression).")] = "svm",
-    pool: PoolOpt = "whole",
+    pool: FeaturesOpt = "whole",
+    old_pool: OldPoolOpt = None,
     views: Annotated[int, typer.Option(help="Augmented views per training image (the recipe's aug section).")] = 0,
     c: Annotated[
         str, typer.Option(help="Comma-separated C values, chosen per class by 3-fold CV AP.")
     ] = "0.01,0.1,1,10",
     out: Annotated[Path | None, typer.Option(help="Folder for the AP table as JSON and CSV.")] = None,
     overrides: SetOpt = None,
-    verbose: bool = False,
+    device: TrunkDeviceOpt = None,
+    verbose: VerboseOpt = False,
 ):
     """The off-the-shelf baseline: L2-normalised features, one linear classifier per class, VOC AP."""
     with session(verbose):
         from ..extract import build_extractor
         from ..linear import linear_baseline
 
-        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        pool = old_pool or pool
+        r, reduce = _pooled_recipe(recipe, overrides, pool, device)
         table, model = linear_baseline(
             r,
-            train_split or r.data.train_split,
-            eval_split or r.data.val_split,
+            train_split or old_train or r.data.train_split,
+            eval_split or old_eval or r.data.val_split,
             build_extractor,
             method,
             reduce,
@@ -97,19 +115,18 @@ def linear(
 @app.command()
 def layers(
     recipe: RecipeOpt,
-    train_split: Annotated[
-        str | None, typer.Option("--train-split", help="Training split (default: the recipe's).")
-    ] = None,
-    val_split: Annotated[
-        str | None, typer.Option("--val-split", help="Scored split (default: the recipe's val).")
-    ] = None,
+    train_split: TrainSplitOpt = None,
+    val_split: ScoredSplitOpt = None,
+    old_val: Annotated[str | None, typer.Option("--val-split", hidden=True, help="The old name of --split.")] = None,
     pool: Annotated[
         str,
         typer.Option(
-            help="whole: each stage averaged over the image and its mirror; max: averaged "
-            "over each patch (shared mode), max-pooled over the image's patches."
+            "--features",
+            help="How each stage's feature is pooled: whole (averaged over the image and its mirror) or max "
+            "(averaged over each patch, shared mode, then max-pooled over the image's patches).",
         ),
     ] = "whole",
+    old_pool: OldPoolOpt = None,
     methods: Annotated[
         str, typer.Option(help="Comma-separated: svm (linear SVM), logreg (logistic regression).")
     ] = "svm,logreg",
@@ -118,20 +135,22 @@ def layers(
     ] = "0.01,0.1,1,10",
     out: Annotated[
         Path | None,
-        typer.Option(help="Folder for layers.json and layers.png (default: <output>/<name>/layers_<pool>)."),
+        typer.Option(help="Folder for layers.json and layers.png (default: <output>/<name>/layers_<features>)."),
     ] = None,
     overrides: SetOpt = None,
-    verbose: bool = False,
+    device: TrunkDeviceOpt = None,
+    verbose: VerboseOpt = False,
 ):
     """Per-layer transfer: a linear classifier on each stage of the trunk, one trunk pass per image for all."""
     with session(verbose):
         from ..layers import layer_study, write_study
 
-        r = load_recipe(recipe, overrides)
+        pool = old_pool or pool
+        r = on_device(load_recipe(recipe, overrides), device)
         study = layer_study(
             r,
             train_split or r.data.train_split,
-            val_split or r.data.val_split,
+            val_split or old_val or r.data.val_split,
             pool,
             [m.strip() for m in methods.split(",") if m.strip()],
             _c_grid(c),
@@ -155,18 +174,26 @@ def retrieve(
     queries: Annotated[str | None, typer.Option(help="Comma-separated image ids of the split to query.")] = None,
     query_images: Annotated[list[Path] | None, typer.Option("--query-image", help="An image file to query.")] = None,
     num_queries: Annotated[int, typer.Option(help="Queries drawn from the split when none are named.")] = 8,
-    k: Annotated[int, typer.Option(help="Neighbours shown per query and per image of the map.")] = 8,
-    pool: PoolOpt = "whole",
+    k: Annotated[
+        int,
+        typer.Option("--neighbours", help="Neighbours shown per query and per image of the map (the k of P@k)."),
+    ] = 8,
+    old_k: Annotated[int | None, typer.Option("--k", hidden=True, help="The old name of --neighbours.")] = None,
+    pool: FeaturesOpt = "whole",
+    old_pool: OldPoolOpt = None,
     out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("retrieval.html"),
     overrides: SetOpt = None,
-    verbose: bool = False,
+    device: TrunkDeviceOpt = None,
+    verbose: VerboseOpt = False,
 ):
     """Nearest neighbours by L2 distance and a t-SNE map of the split, as one self-contained HTML page;
     prints precision@k per class."""
     with session(verbose):
         from ..retrieve import retrieval_page
 
-        r, reduce = _pooled_recipe(recipe, overrides, pool)
+        k = k if old_k is None else old_k
+        pool = old_pool or pool
+        r, reduce = _pooled_recipe(recipe, overrides, pool, device)
         names = [q.strip() for q in queries.split(",")] if queries else []
         f, precision = retrieval_page(
             r, split, reduce, out, names, list(query_images or []), num_queries, k, f"{pool} features"

@@ -47,12 +47,12 @@ from .fusion import Fusion
 from .infer import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets, sum_members
 from .metrics import APTable, confusion_matrix
-from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, mean_softmax_logits
+from .model import AdaptationHead, check_compatible, mean_softmax_logits
 from .pooling import gather_items, patch_values, pool, pooled_share
-from .recipe import Recipe, recipe_from_dict, save_recipe
+from .recipe import Recipe, save_recipe
 from .sampler import IGNORE
 from .splits import Selection, SplitData, held_out, log_split, prepare_split, selection_split
-from .state import EpochSums, TrainState, hold_interrupts, rng_state
+from .state import EpochSums, TrainState, hold_interrupts, rng_state, saved_run
 from .unlock import MapsAndHead, MapStore, UnlockedStages
 
 log = logging.getLogger("patchnet")
@@ -87,6 +87,12 @@ class TrainResult:
     table: APTable | None  # last.pt on data.val_split, for reporting
     seconds: float
     confusion: np.ndarray | None = None  # (C, C) of last.pt on data.val_split where it is single-label
+
+    @property
+    def best(self) -> Path:  # last.pt for a run with nothing to choose best.pt on
+        return self.run_dir / "best.pt" if (self.run_dir / "best.pt").is_file() else self.last
+
+    last = property(lambda self: self.run_dir / "last.pt")
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -388,7 +394,7 @@ def train(
     rank, _ = rank_world()
     started = time.perf_counter()
     recipe.check_run_dir()
-    saved = _saved_run(recipe) if resume else None
+    saved = saved_run(recipe) if resume else None
     if rank == 0:
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, recipe.run_dir / "recipe.yaml")
@@ -466,20 +472,6 @@ def _resume(state: TrainState, saved: dict, recipe: Recipe, extractor, classes: 
     log.info("resuming %s at epoch %d, step %d", recipe.run_dir, state.epoch + 1, state.step)
 
 
-def _saved_run(recipe: Recipe) -> dict:
-    """last.pt of the run to resume, checked to come from the same recipe."""
-    last_path = recipe.run_dir / "last.pt"
-    if not last_path.is_file():
-        raise CheckpointError(f"--resume: {last_path} does not exist; start without --resume")
-    saved = load_checkpoint(last_path)
-    if _resume_key(recipe_from_dict(saved["recipe"]).to_dict()) != _resume_key(recipe.to_dict()):
-        raise CheckpointError(
-            f"--resume: {last_path} was made with another recipe; resume with the saved one: "
-            f"patchnet train --recipe {recipe.run_dir / 'recipe.yaml'} --resume"
-        )
-    return saved
-
-
 def _unlocked_stages(recipe: Recipe, backbone, device: torch.device, splits: list) -> UnlockedStages | None:
     """With ``train.unlock``: the stages that train, with every split's map store reading through them."""
     if backbone is None:
@@ -505,14 +497,3 @@ def _report(recipe: Recipe, state: TrainState, val: SplitData) -> tuple[APTable,
     )
     single = val.dataset.single_label and len(items)
     return table, confusion_matrix(scores, val.image_labels(items)) if single else None
-
-
-def _resume_key(values: dict) -> dict:
-    """What a resumed run must share with the saved one: all but the runtime section, train.epochs (a
-    finished run may be extended) and data.classes (an empty list is filled in with the classes found;
-    the class lists themselves are compared by check_compatible)."""
-    return {
-        **{k: v for k, v in values.items() if k != "runtime"},
-        "train": {k: v for k, v in values["train"].items() if k != "epochs"},
-        "data": {k: v for k, v in values["data"].items() if k != "classes"},
-    }
