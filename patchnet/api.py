@@ -24,7 +24,7 @@ from PIL import Image
 from .datasets import DatasetError, load_image
 from .errors import PatchnetError
 from .infer import Prediction, Predictor
-from .localize import Detection, box_options, localize
+from .localize import Detection, box_options, confidence, localize
 from .model import CheckpointError
 
 
@@ -249,7 +249,10 @@ class Model:
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
         method, threshold = box_options(self.recipe.infer, method, threshold)
         _, p = self._one(image)
-        scores = p.scores if p.probabilities is None else np.log(np.maximum(p.probabilities, 1e-12))
+        # box scores are log-confidences in [0, 1]: the calibrated probability, else the squashed pooled score
+        pr = self.predictor
+        sure = confidence(p.scores, pr.pool, self.recipe.pool.k, pr.calibration, pr.fusion is not None)
+        scores = np.log(np.maximum(sure, 1e-300))
         return localize(
             p.boxes,
             p.values,

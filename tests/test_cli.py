@@ -39,9 +39,9 @@ def test_inspect_prints_statistics_and_writes_a_png(small_voc, tmp_path):
 
 
 def test_inspect_reports_bad_input_in_one_line(tmp_path):
-    result = runner.invoke(app, ["inspect", "--data", str(tmp_path), "--split", "train"])
+    result = runner.invoke(app, ["inspect", str(tmp_path), "--split", "train"])
     assert result.exit_code == 2
-    assert "error:" in result.output and "not a VOC root" in result.output
+    assert "error:" in result.output and "found no dataset" in result.output and "a folder per class" in result.output
     assert "Traceback" not in result.output
 
 

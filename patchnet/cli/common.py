@@ -144,19 +144,13 @@ PoolChoice = Annotated[
 DeviceOpt = Annotated[
     str | None,
     typer.Option(
-        "--device", help="Where the model runs: auto, cpu, cuda or cuda:N. Default: auto.", show_default=False
-    ),
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log debugging detail.")]
-TrunkDeviceOpt = Annotated[
-    str | None,
-    typer.Option(
         "--device",
-        help="Where the trunk runs: auto, cpu, cuda or cuda:N (default: the recipe's runtime.device, auto unless "
-        "it says otherwise).",
+        help="Where the model runs: auto, cpu, cuda or cuda:N. Default: the recipe's runtime.device (auto: a GPU "
+        "where there is one).",
         show_default=False,
     ),
 ]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log debugging detail.")]
 
 
 def on_device(recipe, device: str | None):

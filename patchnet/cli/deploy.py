@@ -11,7 +11,7 @@ import typer
 
 from ..datasets import DatasetError
 from ..files import UniqueNames, atomic_write, output_path
-from .common import BoxMethodOpt, BoxThresholdOpt, Skipped, TrunkDeviceOpt, VerboseOpt, app, check_device, session
+from .common import BoxMethodOpt, BoxThresholdOpt, DeviceOpt, Skipped, VerboseOpt, app, check_device, session
 
 OldMethodOpt = Annotated[str | None, typer.Option("--method", hidden=True, help="The old name of --box-method.")]
 OldThresholdOpt = Annotated[
@@ -36,7 +36,7 @@ def localize(
     old_threshold: OldThresholdOpt = None,
     json_out: CocoJsonOpt = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the images with their boxes drawn.")] = None,
-    device: TrunkDeviceOpt = None,
+    device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
     """Boxes of the classes in each image, from its patches' scores (patchnet.localize), printed as the JSON

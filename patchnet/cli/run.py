@@ -25,7 +25,6 @@ from .common import (
     PoolChoice,
     SetOpt,
     Skipped,
-    TrunkDeviceOpt,
     VerboseOpt,
     app,
     check_device,
@@ -153,7 +152,7 @@ def eval(
     ] = False,
     box_method: BoxMethodOpt = None,
     box_threshold: BoxThresholdOpt = None,
-    device: TrunkDeviceOpt = None,
+    device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
     """Score a split: per-class AP (VOC07 11-point and envelope), mAP, accuracy for single-label data; with
@@ -367,7 +366,7 @@ DEMO_RECIPE = Path(__file__).resolve().parent.parent.parent / "recipes" / "demo.
 def demo(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="The demo recipe.")] = DEMO_RECIPE,
     overrides: SetOpt = None,
-    device: TrunkDeviceOpt = None,
+    device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
     """The embedded default: generate the demo set, train on it, evaluate on its test split."""

@@ -10,7 +10,7 @@ import typer
 
 from ..files import atomic_write
 from ..recipe import RecipeError, load_recipe
-from .common import RecipeOpt, SetOpt, TrunkDeviceOpt, VerboseOpt, app, on_device, session
+from .common import DeviceOpt, RecipeOpt, SetOpt, VerboseOpt, app, on_device, session
 from .run import write_table
 
 # --features: how an image's feature vector is pooled (--pool, in eval and predict, pools patch scores)
@@ -48,7 +48,7 @@ def features(
     pool: FeaturesOpt = "whole",
     old_pool: OldPoolOpt = None,
     overrides: SetOpt = None,
-    device: TrunkDeviceOpt = None,
+    device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
     """Extract one feature per image of a split (FC6/FC7 of alexnet/vgg16: --set backbone.layer=fc6)."""
@@ -87,7 +87,7 @@ def linear(
     ] = "0.01,0.1,1,10",
     out: Annotated[Path | None, typer.Option(help="Folder for the AP table as JSON and CSV.")] = None,
     overrides: SetOpt = None,
-    device: TrunkDeviceOpt = None,
+    device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
     """The off-the-shelf baseline: L2-normalised features, one linear classifier per class, VOC AP."""
@@ -138,7 +138,7 @@ def layers(
         typer.Option(help="Folder for layers.json and layers.png (default: <output>/<name>/layers_<features>)."),
     ] = None,
     overrides: SetOpt = None,
-    device: TrunkDeviceOpt = None,
+    device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
     """Per-layer transfer: a linear classifier on each stage of the trunk, one trunk pass per image for all."""
@@ -183,7 +183,7 @@ def retrieve(
     old_pool: OldPoolOpt = None,
     out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("retrieval.html"),
     overrides: SetOpt = None,
-    device: TrunkDeviceOpt = None,
+    device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
     """Nearest neighbours by L2 distance and a t-SNE map of the split, as one self-contained HTML page;

@@ -197,6 +197,12 @@ def detect_layout(root: str | Path, fmt: str | None = None, train_split: str | N
     """The layout of the dataset at ``root`` (``fmt``: only that format is looked for; ``train_split``: the
     split to train on where the user named it, ``.`` for a folder of class folders)."""
     root = Path(root)
+    if fmt is not None and fmt not in (*FORMATS, "demo"):
+        raise DatasetError(f"format {fmt!r} is not one patchnet detects; use one of {', '.join(FORMATS)}")
+    if fmt == "demo":  # the generated demo set: written into an empty folder, refused over any other
+        from ..demo import DEMO_CLASSES
+
+        return Layout("demo", root, ["train", "test"], "train", "", boxes=True, classes=list(DEMO_CLASSES))
     if not root.exists():
         raise DatasetError(f"{root}: no such folder; give the folder that holds your images (or their splits)")
     if not root.is_dir():
@@ -204,8 +210,6 @@ def detect_layout(root: str | Path, fmt: str | None = None, train_split: str | N
             f"{root}: is a file; give the folder that holds it (a CSV list is read as <folder>/<split>.csv, "
             "a COCO file as <folder>/annotations/instances_<split>.json)"
         )
-    if fmt is not None and fmt not in FORMATS:
-        raise DatasetError(f"format {fmt!r} is not one patchnet detects; use one of {', '.join(FORMATS)}")
     found: list[Layout] = []
     if fmt in (None, "voc"):
         inner = [d for d in _dirs(root) if _is_voc(d)] if not _is_voc(root) else [root]

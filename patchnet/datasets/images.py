@@ -4,6 +4,8 @@ every mode converted to RGB, and every failure one ``DatasetError`` that names t
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import PatchnetError
 from ..recipe import MAX_PIXELS, PILLOW_LIMIT
+
+log = logging.getLogger("patchnet")
 
 EXIF_ORIENTATION = 0x0112
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -108,17 +112,37 @@ def thumbnail(path: str | Path, size: int, max_pixels: int | None = None) -> Ima
 
 
 def image_files(paths: list[Path]) -> list[Path]:
-    """The paths given, with each folder replaced by its image files (hidden entries skipped), in order.
+    """The paths given, with each folder replaced by the image files under it at any depth (``photos/`` of class
+    folders too; hidden entries skipped), in order.
 
     Paths that are not folders are kept as given: a missing or unreadable file fails when it is
     loaded, on its own.
     """
     files = []
     for p in paths:
-        if p.is_dir():
-            files += sorted(
-                f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(f.name) and f.is_file()
-            )
-        else:
-            files.append(p)
+        files += walk_images(p, p) if p.is_dir() else [p]
     return files
+
+
+def walk_images(folder: Path, where: Path) -> list[Path]:
+    """Image files under ``folder`` at any depth, as torchvision's ImageFolder finds them: links followed,
+    each real folder visited once (a link back up is skipped with a warning), hidden entries skipped."""
+    out, seen = [], set()
+
+    def unreadable(e: OSError) -> None:
+        log.warning("%s: cannot read %s (%s); its images are left out", where, e.filename, e.strerror)
+
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(top)
+        if real in seen:
+            log.warning("%s: %s leads back to a folder already read (a link loop?); skipped", where, top)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        out += [
+            Path(top) / f
+            for f in sorted(files)  # regular files only: a FIFO would block the decoder
+            if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(top) / f).is_file()
+        ]
+    return out

@@ -5,40 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import posixpath
 from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_SUFFIXES, MAX_PIXELS, DatasetError, is_hidden
+from .images import IMAGE_SUFFIXES, MAX_PIXELS, DatasetError, is_hidden, walk_images
 from .records import Dataset, Fixes, box_free_record, resolve_classes
 
 log = logging.getLogger("patchnet")
-
-
-def _walk_images(folder: Path, where: Path) -> list[Path]:
-    """Image files under ``folder`` at any depth, as torchvision's ImageFolder finds them: links followed,
-    each real folder visited once (a link back up is skipped with a warning), hidden entries skipped."""
-    out, seen = [], set()
-
-    def unreadable(e: OSError) -> None:
-        log.warning("%s: cannot read %s (%s); its images are left out", where, e.filename, e.strerror)
-
-    for top, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
-        real = os.path.realpath(top)
-        if real in seen:
-            log.warning("%s: %s leads back to a folder already read (a link loop?); skipped", where, top)
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        out += [
-            Path(top) / f
-            for f in sorted(files)  # regular files only: a FIFO would block the decoder
-            if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(top) / f).is_file()
-        ]
-    return out
 
 
 def read_folder(
@@ -73,7 +48,7 @@ def read_folder(
     index = {c: i for i, c in enumerate(classes)}
     fixes, made = Fixes(), []  # made: None for an image left out
     for folder in folders:
-        files = _walk_images(folder, base)
+        files = walk_images(folder, base)
         if not files:
             log.warning("%s: class folder %s holds no images (%s)", base, folder.name, ", ".join(IMAGE_SUFFIXES))
         for path in files:
