@@ -7,8 +7,9 @@ box-free baseline on the same cached features (patch features max-pooled per ima
 
 The folder is an ImageFolder (``train/<class>/``, ``val/<class>/``; links to the VOC JPEGs): train from the
 devtrain images, val from the devval images. ``--choose`` builds ``<class>/`` folders from devtrain alone,
-so that the run's val split is the 10% of devtrain it holds out itself: settings are chosen there, never
-on the devval images reported. Each ``--variant 'label|key=value|key=value'`` trains once more on the same
+so that the run's val split is the 10% of devtrain it holds out itself, and ``--fold K N`` makes the
+K-th of N parts of devtrain the val split: settings are chosen there, never on the devval images
+reported. Each ``--variant 'label|key=value|key=value'`` trains once more on the same
 cache with those ``--set`` overrides. Prints top-1 accuracy, mean per-class accuracy and mAP (11-point)
 of last.pt on val, and the wall time of each.
 """
@@ -16,6 +17,7 @@ of last.pt on val, and the wall time of each.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -41,19 +43,24 @@ def split_labels(voc: Path, split: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def build_folder(voc: Path, root: Path, classes: list[str] | None, choose: bool) -> dict[str, int]:
-    """Links to the images holding exactly one of ``classes`` (and no difficult-only one); returns counts."""
+def build_folder(
+    voc: Path, root: Path, classes: list[str] | None, choose: bool, fold: tuple[int, int] | None = None
+) -> dict[str, int]:
+    """Links to the images holding exactly one of ``classes`` (and no difficult-only one); returns counts.
+    ``fold`` (k, n): devtrain alone, its k-th of n parts (by a hash of the image id) the val split."""
     from patchnet.recipe import VOC_CLASSES
 
     wanted = classes or VOC_CLASSES
     counts: dict[str, int] = {}
     for split, folder in (("devtrain", "train"), ("devval", "val")):
-        if choose and split == "devval":
+        if (choose or fold) and split == "devval":
             continue
         for image, labels in split_labels(voc, split).items():
             present = [c for c in wanted if labels[c] == 1]
             if len(present) != 1 or any(labels[c] == 0 for c in wanted):
                 continue
+            if fold is not None:
+                folder = "val" if int(hashlib.sha1(image.encode()).hexdigest(), 16) % fold[1] == fold[0] else "train"
             target = root / ("." if choose else folder) / present[0] / f"{image}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
@@ -103,15 +110,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", dest="which", choices=list(SETS), default="pets")
     ap.add_argument("--choose", action="store_true", help="devtrain alone; val = the 10%% the run holds out")
+    ap.add_argument("--fold", type=int, nargs=2, metavar=("K", "N"), help="devtrain alone; val = its K-th of N parts")
     ap.add_argument("--variant", action="append", default=[], help="'label|key=value|...': one more run")
     ap.add_argument("--out", type=Path, default=Path("/tmp/patchnet_own_data"))
     ap.add_argument("--cache-dir", type=Path, default=None, help="default: OUT/cache")
     ap.add_argument("--voc", type=Path, default=VOC)
     args = ap.parse_args()
     voc = require_voc(args.voc)
-    name = args.which + ("_choose" if args.choose else "")
+    name = (
+        args.which + ("_choose" if args.choose else "") + (f"_fold{args.fold[0]}of{args.fold[1]}" if args.fold else "")
+    )
     folder = args.out / "data" / name
-    counts = build_folder(voc, folder, SETS[args.which], args.choose)
+    counts = build_folder(voc, folder, SETS[args.which], args.choose, tuple(args.fold) if args.fold else None)
     cache = args.cache_dir or args.out / "cache"
     print(f"{name}: {counts} images (links into {voc}); CPU: {cpu_name()}", flush=True)
     rows = []

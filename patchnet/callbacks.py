@@ -72,7 +72,8 @@ class SelectionEval:
             self.svm = self.fit_svm()
         coef, intercept, pooled = self.svm
         labels = self.selection.labels()
-        fusion, tried = fit_fusion(self.recipe.infer_pool, coef, intercept, scores, pooled, labels)
+        weights = self.recipe.infer.fuse_weights
+        fusion, tried = fit_fusion(self.recipe.infer_pool, coef, intercept, scores, pooled, labels, weights)
         log.info(
             "fusion: selection mAP by weight %s; chose %s",
             ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()),

@@ -100,18 +100,15 @@ class PoolConfig:
 
 @dataclass
 class TrainConfig:
-    supervision: Supervision = (
-        "boxes"  # boxes (patch labels) | images (image labels only) | both (the sum of the losses)
-    )
+    supervision: Supervision = "boxes"  # boxes (patch labels) | images (image labels) | both (the sum of the losses)
     image_weight: float = 1.0  # both: weight of the image loss against the patch loss
     image_batch: int = 8  # images / both: whole images per step (all their patches in one forward pass)
-    # images / both: share of each image's patches (a fresh random draw per epoch) that the image loss pools
-    # over; the head's cost per step follows it (with both, the patch loss's patches are forwarded too)
+    # images / both: share of each image's patches (redrawn each epoch) the image loss pools over; a step's cost follows
     image_patches: float = 1.0
     multilabel: bool = False  # boxes / both: keep patches that match objects of several classes, with a sigmoid loss
     holdout: float = 0.1  # fraction of the training images held out (fixed by the seed) to choose best.pt on
     precision: Precision = (
-        "auto"  # the head's autocast: auto (bf16 on CUDA and on CPUs with native bf16) | fp32 | bf16 | fp16
+        "auto"  # the head's autocast: auto (bf16 on CUDA, CPUs with native bf16) | fp32 | bf16 | fp16
     )
     epochs: int = 30
     batch_size: int = 256
@@ -136,6 +133,7 @@ class InferConfig:
     )
     map_prior: float = 0.0  # score maps: pseudo-patches of the image's mean value added to each pixel's mean
     fuse: bool = False  # add a max-pool linear SVM's decision to the pooled score (weight chosen on held-out images)
+    fuse_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])  # the SVM weights tried
     box_method: Literal["map", "patch", "whole"] = "map"  # localize: regions of the score map | top patch | image
     # localize, map: a region is the map above this fraction of the way from its minimum to its peak (0.4
     # chosen among 0.2-0.8 by CorLoc on held-out devtrain images, for voc07_dev and voc07_weak alike)
@@ -283,6 +281,8 @@ class Recipe:
         p = self.pool
         if p.k <= 0 or p.r <= 0 or not 0 < p.top <= 1 or not 0 <= p.bottom <= 1:
             raise RecipeError(f"pool needs k > 0, r > 0, top in (0, 1] and bottom in [0, 1]; got {p}")
+        if not self.infer.fuse_weights or min(self.infer.fuse_weights) < 0:
+            raise RecipeError(f"infer.fuse_weights must list weights >= 0, got {self.infer.fuse_weights}")
 
     def _check_training(self) -> None:
         t = self.train

@@ -5,9 +5,12 @@ predicts; ``deploy`` localises and exports; ``data`` looks at datasets and cache
 trunk's features.
 """
 
+# ruff: noqa: I001  (the imports below register the commands in the order --help lists them)
 from __future__ import annotations
 
-from . import data, deploy, run, study  # noqa: F401  (each registers its commands on the app)
+# each module registers its commands on the app; --help lists them in this order: train, eval, predict first
+from . import run  # noqa: F401
+from . import data, deploy, study  # noqa: F401
 from .common import Skipped, app, session
 
 __all__ = ["Skipped", "app", "main", "session"]
