@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .threads import configure as _configure_threads
+
+_configure_threads()  # before any module loads torch: its thread count and how its threads wait (threads.py)
+
 if TYPE_CHECKING:
     from .api import Model
     from .trainer import TrainResult

@@ -93,20 +93,28 @@ class Calibration:
         )
 
 
-def calibrate(scores: np.ndarray, labels: np.ndarray, pool: str, fused: bool = False) -> Calibration:
+def calibrate(
+    scores: np.ndarray, labels: np.ndarray, pool: str, fused: bool = False, shared: bool = False
+) -> Calibration:
     """Fit one Platt scaling and one F1-best threshold per class on held-out (N, C) scores and 1/-1/0 labels.
 
     A class without both positive and negative held-out images keeps the identity map on its
-    transformed score and a threshold of 0.5.
+    transformed score and a threshold of 0.5. ``shared``: one Platt scaling for every class, fitted on all
+    of them, which keeps the classes' order (single-label data: a few held-out images per class would
+    otherwise reorder them).
     """
     x = np.asarray(scores, np.float64) if fused else score_feature(scores, pool)
     n = x.shape[1]
     a, b, thr = np.ones(n), np.zeros(n), np.full(n, 0.5)
+    known = labels != 0
+    if shared and (labels[known] == 1).any() and (labels[known] == -1).any():
+        a[:], b[:] = fit_platt(x[known], labels[known])
     for c in range(n):
         keep = labels[:, c] != 0
         y = labels[keep, c]
         if (y == 1).any() and (y == -1).any():
-            a[c], b[c] = fit_platt(x[keep, c], y)
+            if not shared:
+                a[c], b[c] = fit_platt(x[keep, c], y)
             p = 1 / (1 + np.exp(-np.clip(a[c] * x[keep, c] + b[c], -60, 60)))
             thr[c] = best_threshold(p, y)
     return Calibration(pool, a, b, thr, fused)

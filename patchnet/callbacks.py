@@ -46,6 +46,8 @@ class SelectionEval:
         self.recipe, self.train_data, self.selection = recipe, train_data, selection
         self.rank = rank_world()[0]
         self.svm: tuple | None = None
+        # single-label data is read by its arg-max class: fusion and calibration keep the classes comparable
+        self.single_label = train_data.dataset.single_label
 
     def before_commit(self, state: TrainState, end: EpochEnd) -> None:
         t, done, sel, head = self.recipe.train, end.record["epoch"], self.selection, state.head
@@ -59,7 +61,7 @@ class SelectionEval:
             )
             end.record.update(select_map07=end.table.map07, select_map=end.table.map)
             end.improved = end.table.map07 > state.best
-            end.calibration = _calibration(self.recipe, scores, sel.labels())
+            end.calibration = _calibration(self.recipe, scores, sel.labels(), shared=self.single_label)
         else:
             scores = image_scores(head, sel.data.store, sel.items, self.recipe.pool, self.recipe.infer_pool)
         if self.recipe.infer.fuse:
@@ -72,14 +74,17 @@ class SelectionEval:
             self.svm = self.fit_svm()
         coef, intercept, pooled = self.svm
         labels = self.selection.labels()
-        weights = self.recipe.infer.fuse_weights
-        fusion, tried = fit_fusion(self.recipe.infer_pool, coef, intercept, scores, pooled, labels, weights)
+        weights, shared = self.recipe.infer.fuse_weights, self.single_label
+        fusion, tried = fit_fusion(
+            self.recipe.infer_pool, coef, intercept, scores, pooled, labels, weights, shared=shared
+        )
         log.info(
             "fusion: selection mAP by weight %s; chose %s",
             ", ".join(f"{w:g}: {100 * m:.1f}" for w, m in tried.items()),
             fusion.weight_text(),
         )
-        calibration = _calibration(self.recipe, fusion.combine(scores, fusion.decision(pooled)), labels, fused=True)
+        fused = fusion.combine(scores, fusion.decision(pooled))
+        calibration = _calibration(self.recipe, fused, labels, fused=True, shared=self.single_label)
         return {**fusion.to_dict(), "k": self.recipe.pool.k}, calibration
 
     def fit_svm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,9 +164,11 @@ class TrainingLog:
         self.writer.close()
 
 
-def _calibration(recipe: Recipe, scores: np.ndarray, labels: np.ndarray, fused: bool = False) -> dict:
+def _calibration(
+    recipe: Recipe, scores: np.ndarray, labels: np.ndarray, fused: bool = False, shared: bool = False
+) -> dict:
     """The checkpoint entry of a calibration of held-out scores, with the power it holds for."""
-    out = calibrate(scores, labels, recipe.infer_pool, fused).to_dict()
+    out = calibrate(scores, labels, recipe.infer_pool, fused, shared).to_dict()
     if recipe.infer_pool == "power":
         out["k"] = recipe.pool.k
     return out

@@ -30,6 +30,7 @@ from .dist import resolve_device, resolve_precision
 from .files import digest
 from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import Level, PatchPlan, ScaleGrid, patch_plan
+from .threads import use_threads
 
 
 def build_extractor(recipe: Recipe, backbone: Backbone | None = None) -> PatchExtractor:
@@ -38,6 +39,7 @@ def build_extractor(recipe: Recipe, backbone: Backbone | None = None) -> PatchEx
     ``backbone``: the recipe's backbone already built (with trained stages loaded, for instance).
     """
     b = recipe.backbone
+    use_threads(recipe.runtime.threads)
     backbone = backbone or build_backbone(b.name, b.weights, b.input_size, b.layer)
     return PatchExtractor(backbone, recipe.patches, b, recipe.runtime.device, recipe.runtime.trunk_batch)
 

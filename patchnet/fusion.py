@@ -71,8 +71,13 @@ def fit_fusion(
     labels: np.ndarray,
     weights=FUSION_WEIGHTS,
     shrink: float | None = None,
+    shared: bool = False,
 ) -> tuple[Fusion, dict]:
     """Choose the fusion weight by 11-point mAP on held-out (head scores, max-pooled features, labels).
+
+    ``shared``: z-score both with one mean and deviation for every class instead of each class's own, so that
+    fused scores of different classes stay comparable (single-label data, where an image's class is its
+    arg-max: per-class statistics of a few held-out images reorder the classes).
 
     With ``shrink``, each class gets its own weight: its best by its held-out AP, averaged with the shared
     weight as if that were ``shrink`` more positives (``n_c w_c + shrink w) / (n_c + shrink)``).
@@ -80,11 +85,12 @@ def fit_fusion(
     """
     decisions = l2_normalize(pooled) @ coef.T + intercept
     h = score_feature(head_scores, pool)
-    stats = {
-        "head_mean": h.mean(0),
-        "head_std": h.std(0) + 1e-12,
-        "linear_mean": decisions.mean(0),
-        "linear_std": decisions.std(0) + 1e-12,
+    axis, c = (None if shared else 0), h.shape[1]
+    stats = {  # (C,) each, equal across classes where shared
+        "head_mean": np.broadcast_to(h.mean(axis), c).copy(),
+        "head_std": np.broadcast_to(h.std(axis), c) + 1e-12,
+        "linear_mean": np.broadcast_to(decisions.mean(axis), c).copy(),
+        "linear_std": np.broadcast_to(decisions.std(axis), c) + 1e-12,
     }
     tried, per_class = {}, {}
     for w in weights:

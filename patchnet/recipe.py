@@ -50,9 +50,8 @@ class DataConfig:
     boxes: bool = True  # false: read image-level labels only (VOC/COCO boxes are ignored)
     limit: int = 0  # use only the first N images of each split (0: all), for quick checks
     max_pixels: int = MAX_PIXELS  # larger images are skipped (counted) before decoding; at most Pillow's 178956970
-    annotations: str = (
-        ""  # coco: the annotation file, from data.root ({split} is replaced), e.g. {split}/_annotations.coco.json
-    )
+    # coco: the annotation file, from data.root ({split} is replaced), e.g. {split}/_annotations.coco.json
+    annotations: str = ""
     images: str = ""  # coco: the image folder, from data.root ({split} is replaced); "" = beside the annotation file
 
 
@@ -157,6 +156,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trunk_batch: int = 0  # patches per trunk call in exact mode; 0: 16 on CPU (faster than 64 there), 128 on CUDA
     workers: int = 2  # image-decoding worker processes (on a CPU device, at most the cores torch leaves free)
+    threads: int = 0  # torch's threads; 0: chosen from the cores this process may use (patchnet/threads.py)
     cache_dir: str = ".cache/features"
     output: str = "checkpoints"  # runs go to <output>/<name>/
     heatmaps: int = 4  # selection images drawn to TensorBoard at each evaluation
@@ -319,8 +319,8 @@ class Recipe:
                 f"head.members={self.head.members} with train.unlock={t.unlock}: the unlocked stages train with one "
                 "head; set head.members=1 or train.unlock=0"
             )
-        if t.epochs < 1 or t.batch_size < 1:
-            raise RecipeError("train.epochs and train.batch_size must be at least 1")
+        if t.epochs < 1 or t.batch_size < 1 or self.runtime.threads < 0:
+            raise RecipeError("train.epochs and train.batch_size must be at least 1, runtime.threads at least 0")
 
     def underfit_warnings(self) -> list[str]:
         """Settings that are valid but known to underfit, each a sentence naming the fix."""

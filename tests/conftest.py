@@ -136,3 +136,15 @@ def build(recipe, dataset, extractor, **kw):
     from patchnet.features import build_features, cache_spec
 
     return build_features(cache_spec(recipe, extractor, progress=False), dataset, extractor, **kw)
+
+
+def calibrated_model(tmp: Path):
+    """A tiny calibrated model (half the training images held out to fit the calibration) of four_voc, and its
+    VOC root."""
+    import patchnet
+    from patchnet.trainer import train
+
+    root = four_voc(tmp / "VOC", ["a", "b"])
+    recipe = tiny_recipe(tmp, root, "train.epochs=2", "train.holdout=0.5")
+    train(recipe, progress=False)
+    return patchnet.load(recipe.run_dir / "last.pt", device="cpu"), root

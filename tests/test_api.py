@@ -12,19 +12,13 @@ from PIL import Image
 
 import patchnet
 from patchnet.datasets import DatasetError, load_image
-from patchnet.trainer import train
 
-from conftest import four_voc, tiny_recipe
+from conftest import calibrated_model
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-
-    tmp = tmp_path_factory.mktemp("api")
-    root = four_voc(tmp / "VOC", ["a", "b"])
-    recipe = tiny_recipe(tmp, root, "train.epochs=2", "train.holdout=0.5")
-    train(recipe, progress=False)
-    return patchnet.load(recipe.run_dir / "last.pt", device="cpu"), root
+    return calibrated_model(tmp_path_factory.mktemp("api"))
 
 
 def test_predict_takes_paths_pil_arrays_tensors_and_batches_alike(model):

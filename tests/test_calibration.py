@@ -37,3 +37,25 @@ def test_best_threshold_maximises_f1_by_hand():
 def test_a_class_without_held_out_positives_keeps_neutral_parameters():
     cal = calibrate(np.array([[0.1], [0.2]]), np.array([[-1], [-1]]), "max")
     assert cal.a.tolist() == [1.0] and cal.threshold.tolist() == [0.5]
+
+
+def single_label(n=60, c=4, seed=0):
+    """Scores of single-label images whose classes sit on different scales: class 0's scores are ten times the
+    others', so per-class statistics of a few images reorder the classes."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, c, n)
+    scores = rng.random((n, c)) * 0.5
+    scores[np.arange(n), truth] += 0.6
+    scores[:, 0] *= 10
+    labels = np.where(np.eye(c, dtype=bool)[truth], 1, -1).astype(np.int8)
+    return scores, labels
+
+
+def test_a_shared_calibration_keeps_the_order_of_the_classes():
+    scores, labels = single_label()
+    shared = calibrate(scores, labels, "max", shared=True)
+    assert np.ptp(shared.a) == 0 and np.ptp(shared.b) == 0 and shared.a[0] > 0
+    probs = shared.probabilities(scores)
+    assert (probs.argmax(1) == scores.argmax(1)).all()  # one increasing map: every image keeps its arg-max
+    own = calibrate(scores, labels, "max").probabilities(scores)
+    assert (own.argmax(1) != scores.argmax(1)).any()  # per-class maps reorder some images' classes

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from patchnet.cli import app
 from patchnet.recipe import VOC_CLASSES
 
-from conftest import four_voc, tiny_recipe
+from conftest import calibrated_model, four_voc, tiny_recipe
 
 runner = CliRunner()
 
@@ -60,15 +60,9 @@ def test_python_dash_m_runs_the_command_line():
 
 @pytest.fixture(scope="module")
 def predict_model(tmp_path_factory):
-    """A tiny calibrated checkpoint (half the training images held out to fit the calibration) and its images."""
-    import patchnet
-    from patchnet.trainer import train
-
-    tmp = tmp_path_factory.mktemp("predict")
-    root = four_voc(tmp / "VOC", ["a", "b"])
-    recipe = tiny_recipe(tmp, root, "train.epochs=2", "train.holdout=0.5")
-    train(recipe, progress=False)
-    return patchnet.load(recipe.run_dir / "last.pt", device="cpu"), root / "JPEGImages"
+    """A tiny calibrated checkpoint and its images."""
+    model, root = calibrated_model(tmp_path_factory.mktemp("predict"))
+    return model, root / "JPEGImages"
 
 
 def _predict(model, *args):

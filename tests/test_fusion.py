@@ -78,3 +78,19 @@ def test_class_weights_survive_the_checkpoint_dict_and_read_as_a_range():
     np.testing.assert_allclose(back.combine(head, back.decision(pooled)), fusion.combine(head, fusion.decision(pooled)))
     assert back.weight_text() == f"per class, {fusion.weight.min():g} to {fusion.weight.max():g}"
     assert Fusion(**{**fusion.__dict__, "weight": 0.25}).weight_text() == "0.25"
+
+
+def test_shared_statistics_keep_fused_scores_comparable_across_classes():
+    from patchnet.calibration import score_feature
+
+    rng = np.random.default_rng(3)
+    n, c, d = 40, 3, 8
+    head = rng.random((n, c)) * np.array([1.0, 0.01, 0.1])  # classes on different scales, as a power mean gives
+    pooled, coef, intercept = rng.random((n, d)), rng.normal(size=(c, d)), np.zeros(c)
+    labels = np.where(np.eye(c, dtype=bool)[rng.integers(0, c, n)], 1, -1)
+    fusion, _ = fit_fusion("power", coef, intercept, head, pooled, labels, weights=[0.0], shared=True)
+    assert np.ptp(fusion.head_mean) == 0 and np.ptp(fusion.linear_std) == 0
+    fused = fusion.combine(head, fusion.decision(pooled))
+    assert (fused.argmax(1) == score_feature(head, "power").argmax(1)).all()  # weight 0: the head's own order
+    own, _ = fit_fusion("power", coef, intercept, head, pooled, labels, weights=[0.0])
+    assert np.ptp(own.head_mean) > 0

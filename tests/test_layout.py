@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "patchnet"
 # Lowest first: a module may import only modules listed before it (a package after its own modules).
 ORDER = [
     "errors",
+    "threads",
     "files",
     "models",
     "regions",
@@ -129,7 +130,14 @@ def test_a_module_imports_only_modules_below_it(name):
 
 
 def test_the_cache_stores_and_never_runs_a_model():
-    assert not imports("cache", _modules()["cache"]) & {"model", "trainer", "unlock", "extract", "backbones", "features"}
+    assert not imports("cache", _modules()["cache"]) & {
+        "model",
+        "trainer",
+        "unlock",
+        "extract",
+        "backbones",
+        "features",
+    }
 
 
 def test_no_file_or_function_is_too_long_to_read():

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_detect import csv_lists, image_folder, roboflow, voc_devkit
 from typer.testing import CliRunner
 
 from patchnet.cli import app
-
-from test_detect import csv_lists, image_folder, roboflow, voc_devkit
 
 runner = CliRunner()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..augment import augment, build_pipeline, view_seed
 from ..recipe import AugConfig
+from ..threads import loader_workers
 from .images import DatasetError, load_image
 from .records import ImageRecord
 
@@ -73,7 +73,7 @@ def iter_images(
     items = [(r, 0) for r in range(len(records))] if items is None else items
     device = device or torch.device("cpu")
     if device.type == "cpu":
-        workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
+        workers = loader_workers(workers, torch.get_num_threads())
     loader = DataLoader(
         ItemImages(records, items, aug, seed),
         batch_size=None,

@@ -1,0 +1,187 @@
+"""patchnet.threads: the thread count and wait policy chosen before torch loads, and what overrides them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchnet import extract, threads
+from patchnet.recipe import RecipeError
+
+from conftest import tiny_recipe
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
+
+
+def machine(monkeypatch, cpus: int, cores: int, quota: float | None) -> None:
+    """A machine where this process may use ``cpus`` logical CPUs on ``cores`` cores, under ``quota``."""
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: list(range(cpus)))
+    monkeypatch.setattr(threads, "physical_cores", lambda found: cores)
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: quota)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "cores", "quota", "usable", "count", "workers"),
+    [
+        (2, 2, None, 2, 2, 0),  # this 2-core machine: torch takes both, the loader decodes in the main process
+        (16, 8, None, 16, 8, 2),  # hyperthreads: one thread per core, the siblings decode
+        (16, 8, 2.5, 2, 2, 0),  # a container's --cpus 2.5 on that machine: two threads, no spare CPU
+        (16, 8, 4.0, 4, 4, 0),
+        (16, 8, 0.5, 1, 1, 0),  # half a CPU: still one thread
+        (3, 3, None, 3, 3, 0),  # taskset -c 0-2
+    ],
+)
+def test_the_count_follows_the_affinity_the_cores_and_the_quota(
+    monkeypatch, cpus, cores, quota, usable, count, workers
+):
+    machine(monkeypatch, cpus, cores, quota)
+    assert threads.usable_cpus() == usable
+    assert threads.automatic_threads() == count
+    assert threads.loader_workers(2, count) == workers
+    assert threads.loader_workers(2, 1) == min(2, usable - 1)
+
+
+def test_cgroup_quotas_v2_and_v1_are_read_along_the_process_path(tmp_path):
+    own = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "cpu.max").write_text("max 100000\n")  # no limit here: the parent's counts
+    (root / "a" / "cpu.max").write_text("150000 100000\n")
+    own.write_text("0::/a/b\n")
+    assert threads.cgroup_cpus(root, own) == 1.5
+    (root / "cpu.max").write_text("300000 100000\n")
+    assert threads.cgroup_cpus(root, own) == 1.5  # the smallest along the path
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "docker" / "x").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "docker" / "x" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu,cpuacct" / "docker" / "x" / "cpu.cfs_period_us").write_text("100000\n")
+    own.write_text("5:memory:/docker/x\n4:cpu,cpuacct:/docker/x\n0::/\n")
+    assert threads.cgroup_cpus(v1, own) == 2.0
+    (v1 / "cpu,cpuacct" / "docker" / "x" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert threads.cgroup_cpus(v1, own) is None
+    assert threads.cgroup_cpus(tmp_path / "nothing", tmp_path / "missing") is None
+
+
+def test_hyperthread_siblings_count_once(tmp_path):
+    for cpu, core in [(0, 0), (1, 1), (2, 0), (3, 1)]:
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "core_id").write_text(f"{core}\n")
+        (topology / "physical_package_id").write_text("0\n")
+    assert threads.physical_cores([0, 1, 2, 3], tmp_path) == 2
+    assert threads.physical_cores([0, 2], tmp_path) == 1
+    assert threads.physical_cores([0, 7], tmp_path) == 2  # unreadable: every CPU counts
+
+
+def test_before_torch_the_count_and_a_passive_wait_are_set(monkeypatch):
+    machine(monkeypatch, 16, 8, 3.0)
+    environ: dict[str, str] = {}
+    choice = threads.configure(environ, modules={})
+    assert environ == {
+        "OMP_NUM_THREADS": "3",
+        "MKL_NUM_THREADS": "3",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "KMP_BLOCKTIME": "0",
+    }
+    assert (choice.cpus, choice.threads, choice.source, choice.late) == (3, 3, "auto", False)
+    assert "3 torch threads" in str(choice)
+
+
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+
+
+@pytest.mark.parametrize(
+    ("user", "count", "source", "added"),
+    [
+        ({"OMP_NUM_THREADS": "1"}, 1, "OMP_NUM_THREADS", PASSIVE),
+        ({"OMP_NUM_THREADS": "4,2"}, 4, "OMP_NUM_THREADS", PASSIVE),  # one count per nesting level: the first
+        ({"MKL_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"}, 3, "MKL_NUM_THREADS", PASSIVE),  # torch's order
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, 2, "auto", {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}),
+        ({"KMP_BLOCKTIME": "200"}, 2, "auto", {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}),
+        ({"GOMP_SPINCOUNT": "1000"}, 2, "auto", {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}),
+        ({"PATCHNET_THREADS": "5"}, 5, "PATCHNET_THREADS", {"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5", **PASSIVE}),
+        ({"PATCHNET_THREADS": "off"}, 0, "off", {}),
+        ({"PATCHNET_THREADS": "off", "OMP_NUM_THREADS": "1"}, 1, "off", {}),
+    ],
+)
+def test_the_variables_users_set_win(monkeypatch, user, count, source, added):
+    machine(monkeypatch, 2, 2, None)
+    environ = dict(user)
+    choice = threads.configure(environ, modules={})
+    assert (choice.threads, choice.source) == (count, source)
+    assert environ == {**user, **added}  # what the user set is never overwritten
+
+
+class FakeTorch:
+    def __init__(self, n: int):
+        self.n, self.calls = n, []
+
+    def get_num_threads(self) -> int:
+        return self.n
+
+    def set_num_threads(self, n: int) -> None:
+        self.calls.append(n)
+        self.n = n
+
+
+@pytest.mark.parametrize(
+    ("loaded", "user", "calls", "after"),
+    [
+        (8, {}, [2], 2),  # torch counted the host's cores, not the quota: lowered
+        (1, {}, [], 1),  # the user lowered it already: kept
+        (8, {"PATCHNET_THREADS": "3"}, [3], 3),
+        (8, {"OMP_NUM_THREADS": "8"}, [], 8),
+    ],
+)
+def test_after_torch_only_the_count_changes(monkeypatch, loaded, user, calls, after):
+    machine(monkeypatch, 16, 8, 2.0)
+    fake, environ = FakeTorch(loaded), dict(user)
+    choice = threads.configure(environ, modules={"torch": fake})
+    assert (fake.calls, choice.threads, choice.late) == (calls, after, True)
+    assert environ == user  # too late for OpenMP's variables: none set
+
+
+def test_runtime_threads_sets_the_count_of_a_run(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(extract, "use_threads", seen.append)
+    extract.build_extractor(tiny_recipe(tmp_path, tmp_path, "runtime.threads=1"))
+    extract.build_extractor(tiny_recipe(tmp_path, tmp_path))
+    assert seen == [1, 0]
+    before = torch.get_num_threads()
+    try:
+        threads.use_threads(1)
+        assert torch.get_num_threads() == 1
+        threads.use_threads(0)  # 0: the count chosen at import stays
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RecipeError, match="runtime.threads"):
+        tiny_recipe(tmp_path, tmp_path, "runtime.threads=-1")
+
+
+def _python(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in (*THREAD_VARS, "PATCHNET_THREADS")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, cwd=Path(__file__).parent
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.slow  # subprocesses
+def test_importing_patchnet_loads_no_torch_and_sets_the_variables_before_it():
+    code = (
+        "import os, sys, patchnet\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "import torch\n"
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads(),"
+        " patchnet.threads.automatic_threads())"
+    )
+    policy, env_count, count, auto = _python(code).split()
+    assert policy == "PASSIVE" and int(env_count) == int(count) == int(auto)
+    assert _python(code, OMP_NUM_THREADS="1").split()[1:3] == ["1", "1"]  # the user's count wins
