@@ -59,6 +59,8 @@ def env_of(policy: str, hog_threads: int = 0) -> dict[str, str]:
         env.update({name: str(hog_threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")})
     elif policy == "spin":
         env["PATCHNET_THREADS"] = "off"
+    elif policy.startswith("spincount="):  # GNU OpenMP spins this many times, then sleeps; the count stays auto
+        env["GOMP_SPINCOUNT"] = policy.split("=", 1)[1]
     return env
 
 
@@ -200,7 +202,9 @@ def main() -> None:
     from common import bench_parser, cpu_name, table
 
     ap = bench_parser(__doc__)
-    ap.add_argument("--policy", nargs="+", default=["auto", "spin"], choices=["auto", "spin"])
+    ap.add_argument(
+        "--policy", nargs="+", default=["auto", "spin"], help="auto, spin, or spincount=N (GOMP_SPINCOUNT=N)"
+    )
     ap.add_argument("--jobs", nargs="+", default=["extract", "head"], choices=["extract", "head"])
     ap.add_argument("--images", type=int, default=10, help="extract: devval images timed (and warmed up on)")
     ap.add_argument("--steps", type=int, default=100, help="head: training steps timed")
