@@ -46,11 +46,14 @@ def inspect(
         if root is None:
             raise PatchnetError("give the folder to look at: patchnet inspect photos/")
         r, layout = run_recipe(root, recipe, overrides, fmt=fmt)
-        splits = open_run_splits(r)
-        typer.echo(layout_table(r, layout, splits, r.runtime.device))
-        train = next(iter(splits.values()))
-        name = split or r.data.train_split
-        dataset = splits[name] if name in splits else open_split(r.data, name, classes=train.classes)
+        if split is None:  # what patchnet train would find: the table of its splits
+            splits = open_run_splits(r)
+            typer.echo(layout_table(r, layout, splits, r.runtime.device))
+            dataset = splits[r.data.train_split]
+        else:  # that split alone: another split that cannot be read does not stop it
+            assert layout is not None  # run_recipe found the layout of root
+            typer.echo(f"{layout.root} ({layout.format}); splits: {', '.join(layout.splits)}")
+            dataset = open_split(r.data, split)
         typer.echo(image_label_statistics(dataset))
         if not dataset.has_boxes:
             typer.echo("no boxes: patchnet train learns from the image labels (no patch labels to draw)")
