@@ -40,7 +40,7 @@ import patchnet  # before torch: patchnet.threads sets the thread count and wait
 HERE = Path(__file__).resolve()
 CLEARED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")
 CLEARED += ("GOMP_SPINCOUNT", "PATCHNET_THREADS")
-NEIGHBOURS = ("alone", "patchnet", "cpu")
+NEIGHBOURS = ("alone", "patchnet", "cpu", "later")
 UNIT = {"extract": "image", "head": "step"}
 HOG = """
 import numpy as np
@@ -59,6 +59,10 @@ def env_of(policy: str, hog_threads: int = 0) -> dict[str, str]:
         env.update({name: str(hog_threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")})
     elif policy == "spin":
         env["PATCHNET_THREADS"] = "off"
+    elif policy == "passive":  # as import patchnet chooses on a busy machine, whatever the load
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    elif policy.startswith("threads="):  # that many torch threads; the wait policy as import patchnet chooses it
+        env["PATCHNET_THREADS"] = policy.split("=", 1)[1]
     elif policy.startswith("spincount="):  # GNU OpenMP spins this many times, then sleeps; the count stays auto
         env["GOMP_SPINCOUNT"] = policy.split("=", 1)[1]
     return env
@@ -113,6 +117,7 @@ def head_job(args):
     order = rng.permutation(args.rows)
 
     def step(i: int) -> None:
+        patchnet.threads.tick()  # as the trainer's loop does
         start = (i * batch) % max(1, args.rows - batch)
         idx = order[start : start + batch]
         x = torch.from_numpy(rows[idx])
@@ -134,6 +139,8 @@ def child(args) -> None:
     for i in range(warm):
         unit(i)
     print("BUSY ready", flush=True)
+    if args.wait:  # the parent starts a neighbour first, then says go
+        sys.stdin.readline()
     n = args.images if args.child == "extract" else args.steps
     i = warm
     while args.loop:
@@ -168,19 +175,30 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def job_command(job: str, args, loop: bool = False) -> list[str]:
+def job_command(job: str, args, loop: bool = False, wait: bool = False) -> list[str]:
     cmd = [sys.executable, str(HERE), "--child", job, "--voc", args.voc, "--recipe", args.recipe]
     cmd += ["--images", str(args.images), "--steps", str(args.steps), "--rows", str(args.rows)]
-    return cmd + (["--loop"] if loop else []) + ["--set", *args.set]
+    return cmd + (["--loop"] if loop else []) + (["--wait"] if wait else []) + ["--set", *args.set]
 
 
 def cell(job: str, policy: str, neighbour: str, args) -> dict:
     """One measured job beside its neighbour: the child's ``done`` record."""
-    start = lambda cmd, env: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    start = lambda cmd, env, **kw: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, **kw)
     side = None
     try:
+        if neighbour == "later":  # the measured job first, alone as it starts; then a second one
+            timed = start(job_command(job, args, wait=True), env_of(policy), stdin=subprocess.PIPE)
+            try:
+                wait_for(timed, "ready")
+                side = start(job_command(job, args, loop=True), env_of(args.side_policy or policy))
+                wait_for(side, "ready")
+                timed.stdin.write("go\n")
+                timed.stdin.flush()
+                return json.loads(wait_for(timed, "done"))
+            finally:
+                stop(timed)
         if neighbour == "patchnet":
-            side = start(job_command(job, args, loop=True), env_of(policy))
+            side = start(job_command(job, args, loop=True), env_of(args.side_policy or policy))
         elif neighbour == "cpu":
             side = start([sys.executable, "-c", HOG], env_of(policy, args.hog_threads))
         if side is not None:
@@ -203,8 +221,9 @@ def main() -> None:
 
     ap = bench_parser(__doc__)
     ap.add_argument(
-        "--policy", nargs="+", default=["auto", "spin"], help="auto, spin, or spincount=N (GOMP_SPINCOUNT=N)"
+        "--policy", nargs="+", default=["auto", "spin"], help="auto, spin, threads=N (PATCHNET_THREADS=N), or spincount=N (GOMP_SPINCOUNT=N)"
     )
+    ap.add_argument("--side-policy", help="the patchnet neighbour's policy (default: the measured job's)")
     ap.add_argument("--jobs", nargs="+", default=["extract", "head"], choices=["extract", "head"])
     ap.add_argument("--images", type=int, default=10, help="extract: devval images timed (and warmed up on)")
     ap.add_argument("--steps", type=int, default=100, help="head: training steps timed")
@@ -213,6 +232,7 @@ def main() -> None:
     ap.add_argument("--hog-threads", type=int, default=usable_cpus(), help="cpu: the numpy process's threads")
     ap.add_argument("--child", choices=["extract", "head"], help="(internal) run one job in this process")
     ap.add_argument("--loop", action="store_true", help="(internal) the job loops until it is stopped")
+    ap.add_argument("--wait", action="store_true", help="(internal) the job waits for a line on stdin to start")
     args = ap.parse_args()
     if args.child:
         return child(args)

@@ -30,7 +30,7 @@ from .dist import resolve_device, resolve_precision
 from .files import digest
 from .recipe import BackboneConfig, PatchConfig, Recipe
 from .sampler import Level, PatchPlan, ScaleGrid, patch_plan
-from .threads import use_threads
+from .threads import tick, use_threads
 
 
 def build_extractor(recipe: Recipe, backbone: Backbone | None = None) -> PatchExtractor:
@@ -163,6 +163,7 @@ class PatchExtractor:
     def extract(self, image) -> tuple[torch.Tensor, PatchPlan]:
         """(N, d) float32 features of all patches of an image, on the CPU, and the plan they follow."""
         self.require_calibration()
+        tick()  # another process may have started: spinning threads give way (threads.py)
         img = self.prepare(image)
         h, w = img.shape[-2:]
         plan = self.plan(w, h)

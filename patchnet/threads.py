@@ -8,7 +8,11 @@ decoding workers of the loader take the CPUs left over (``loader_workers``). Whe
 process starts (``busy``), threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, and ``KMP_BLOCKTIME=0`` for
 Intel and LLVM OpenMP; GNU OpenMP ignores it): by default they spin while they wait for each other, and on a
 machine running a second job the spinning takes the cores the other job needs (two extraction processes on 2
-cores: 2.2 s/image each spinning, 0.35 passive). On an idle machine they spin, which is faster alone.
+cores: 2.2 s/image each spinning, 0.35 passive). On an idle machine they spin, which is faster alone. Where work
+arrives later, the spinning threads of this process are the ones that suffer (5-7x their time alone beside a
+passive second job), and the wait policy cannot change once torch has loaded: the ``governor`` then runs torch
+on one thread, which has no one to wait for, until the other work ends (``tick``, called by the loops over
+images and batches).
 
 The variables users know win: a count in ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``, a wait policy in
 ``OMP_WAIT_POLICY``, ``KMP_BLOCKTIME`` or ``GOMP_SPINCOUNT`` is left as it is. ``PATCHNET_THREADS=N`` sets
@@ -22,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,21 +170,34 @@ def configure(environ=os.environ, modules=sys.modules) -> Choice:
         choice = Choice(cpus, torch.get_num_threads(), source, late=True)
         return choice
     env = {} if source in COUNT_VARS else {name: str(threads) for name in COUNT_VARS}
-    if not any(name in environ for name in WAIT_VARS) and busy(cpus):
+    waits = any(name in environ for name in WAIT_VARS)
+    if not waits and busy(cpus):
         env.update(PASSIVE)
     environ.update(env)
     choice = Choice(cpus, threads, source, env)
+    # only a count patchnet chose, of threads that spin, on CPUs whose use /proc/stat shows (no cgroup quota)
+    spinning = source == "auto" and threads > 1 and not waits and "OMP_WAIT_POLICY" not in env
+    governor.enabled = spinning and cgroup_cpus() is None and _cpu_seconds(affinity_cpus()) is not None
     return choice
 
 
-BUSY_LOAD = 0.5  # the share of the usable CPUs the 1-minute load must reach before threads wait passively
+BUSY_LOAD = 0.5  # the share of the usable CPUs others must use as a process starts for its threads to wait passively
 
 
-def busy(cpus: int) -> bool:
-    """Whether other work holds the machine as this process starts (the 1-minute load average at least half its
-    usable CPUs). Passive waiting pays only then: beside a second job each runs 1.5x its time alone instead of
-    5-9x, but alone it costs extraction about 20% (decoding and extraction of VOC images, 192 against 238
-    ms/image on a 2-core EPYC) and head steps about 10% (docs/performance.md)."""
+def busy(cpus: int, glance: float = 0.05) -> bool:
+    """Whether other work holds the machine as this process starts: other processes using at least half its
+    usable CPUs over a ``glance`` (seconds) at its CPUs' counters in /proc/stat; where those do not tell
+    (a cgroup quota shares the CPUs with the host's other work, not Linux), the 1-minute load average, which
+    lags a minute behind. Passive waiting pays only then: beside a second job each runs 1.5x its time alone
+    instead of 5-9x, but alone it costs extraction about 20% (decoding and extraction of VOC images, 192
+    against 238 ms/image on a 2-core EPYC) and head steps about 10% (docs/performance.md)."""
+    mine = affinity_cpus()
+    before, own = _cpu_seconds(mine), sum(os.times()[:2])
+    if cgroup_cpus() is None and before is not None and glance > 0:
+        time.sleep(glance)
+        after = _cpu_seconds(mine)
+        if after is not None:
+            return (after - before) - (sum(os.times()[:2]) - own) >= BUSY_LOAD * cpus * glance
     try:
         return os.getloadavg()[0] >= BUSY_LOAD * cpus
     except OSError:  # no load average (not a Unix): spinning, OpenMP's default
@@ -192,3 +210,77 @@ def use_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- while the process runs
+
+BUSY_OTHERS = 0.5  # CPUs other processes use, over a period, before spinning threads give way
+IDLE_OTHERS = 0.25  # ... and below which the full count comes back
+
+
+def _cpu_seconds(cpus: list[int], stat: Path = Path("/proc/stat")) -> float | None:
+    """Seconds the CPUs ``cpus`` have spent busy since boot (user, nice, system, irq, softirq, steal), or None
+    where /proc/stat cannot say."""
+    want, total = {f"cpu{c}" for c in cpus}, 0
+    try:
+        for line in stat.read_text().splitlines():
+            name, *fields = line.split()
+            if name in want:  # user nice system idle iowait irq softirq steal ...
+                v = [int(x) for x in fields[:8]]
+                total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class Governor:
+    """One torch thread while other processes keep this one's CPUs busy, the chosen count again once they stop.
+
+    ``tick`` is cheap (a clock read) except once a ``period``, when it compares the busy time of this process's
+    CPUs with its own CPU time: the difference is the other processes' share. Spinning threads count as this
+    process's time, so a process alone reads about zero whatever its threads do."""
+
+    def __init__(self, period: float = 2.0, clock=time.monotonic, own=lambda: sum(os.times()[:2]), cpus=None):
+        self.enabled, self.period, self.clock, self.own = False, period, clock, own
+        self.cpus = cpus
+        self.last: tuple[float, float, float] | None = None  # (wall, CPUs' busy seconds, own seconds)
+        self.full: int | None = None  # the count before giving way; None while it runs at full count
+        self.others = 0.0  # the other processes' CPUs over the last period
+
+    def tick(self) -> None:
+        if not self.enabled:
+            return
+        now = self.clock()
+        if self.last is not None and now - self.last[0] < self.period:
+            return
+        busy = _cpu_seconds(self.cpus if self.cpus is not None else affinity_cpus())
+        if busy is None:
+            self.enabled = False
+            return
+        sample = (now, busy, self.own())
+        previous, self.last = self.last, sample
+        if previous is not None:
+            self.decide(sample, previous)
+
+    def decide(self, sample: tuple[float, float, float], previous: tuple[float, float, float]) -> None:
+        """Set torch's count from the other processes' share between two (wall, busy, own seconds) samples."""
+        import torch
+
+        wall = sample[0] - previous[0]
+        if wall <= 0:
+            return
+        self.others = max(0.0, (sample[1] - previous[1]) - (sample[2] - previous[2])) / wall
+        if self.full is None and self.others >= BUSY_OTHERS and torch.get_num_threads() > 1:
+            self.full = torch.get_num_threads()
+            torch.set_num_threads(1)
+        elif self.full is not None and self.others < IDLE_OTHERS:
+            torch.set_num_threads(self.full)
+            self.full = None
+
+
+governor = Governor()
+
+
+def tick() -> None:
+    """Let the governor look at the machine (at most once a period); call it from the thread that runs torch."""
+    governor.tick()

@@ -166,6 +166,7 @@ class Trainer:
         )
         tick, seen = time.perf_counter(), 0
         while s.step < steps:
+            tick()  # another process may have started: spinning threads give way (threads.py)
             batch = np.sort(order[s.step * per_rank : (s.step + 1) * per_rank])
             loss, correct, patches, n = self._image_step(batch, keep_bg) if images else self._patch_step(batch)
             self._commit_step(loss, correct, patches)
