@@ -12,13 +12,18 @@ The jobs:
 Every job is a fresh process, started with its environment set explicitly: patchnet's thread variables
 (OMP_NUM_THREADS, MKL_NUM_THREADS, OMP_WAIT_POLICY, KMP_BLOCKTIME, GOMP_SPINCOUNT, PATCHNET_THREADS) are
 removed, then --policy decides: ``auto`` is what ``import patchnet`` chooses (patchnet/threads.py: one thread
-per core this process may use, OMP_WAIT_POLICY=PASSIVE); ``spin`` is the old default (PATCHNET_THREADS=off:
-torch's count and OpenMP's wait policy unset, so threads spin a while before they sleep). Neighbours:
+per core this process may use; threads wait passively where other processes keep the CPUs busy as it starts,
+and otherwise spin, with the governor running torch on one thread while others work); ``spin`` is the old
+default (PATCHNET_THREADS=off: torch's count and OpenMP's wait policy unset, so threads spin a while before they
+sleep); ``passive`` sets OMP_WAIT_POLICY=PASSIVE whatever the machine; ``threads=N`` sets PATCHNET_THREADS=N;
+``spincount=N`` GOMP_SPINCOUNT=N. Neighbours:
 - alone: nothing else runs;
-- patchnet: a second process doing the same job with the same policy, started first (past its warm-up)
-  and looping until the measured job ends;
+- patchnet: a second process doing the same job with the same policy (or --side-policy), started first
+  (past its warm-up) and looping until the measured job ends;
 - cpu: a plain CPU-bound process, numpy matrix products on --hog-threads threads (default: the CPUs this
-  process may use), started first.
+  process may use), started first;
+- later: the measured job starts alone (past its warm-up), then the second patchnet process starts, and the
+  timing begins once that one is past its warm-up: the case of a job that was alone when it chose.
 The machine's speed drifts, so each of --rounds rounds runs every cell, in an order that rotates from
 round to round, and a cell's time is the sum of its rounds. Do not run it beside other work.
 

@@ -158,7 +158,7 @@ def configure(environ=os.environ, modules=sys.modules) -> Choice:
     """Choose torch's thread count and wait policy before torch loads: set the variables the user has not set
     (``os.environ`` by default); where torch is loaded already, lower its count with ``torch.set_num_threads``."""
     global choice
-    cpus = usable_cpus()
+    cpus, governor.enabled = usable_cpus(), False
     if environ.get("PATCHNET_THREADS", "").strip().lower() == "off":
         choice = Choice(cpus, _env_count(environ, "OMP_NUM_THREADS") or 0, "off")
         return choice
@@ -177,11 +177,26 @@ def configure(environ=os.environ, modules=sys.modules) -> Choice:
     choice = Choice(cpus, threads, source, env)
     # only a count patchnet chose, of threads that spin, on CPUs whose use /proc/stat shows (no cgroup quota)
     spinning = source == "auto" and threads > 1 and not waits and "OMP_WAIT_POLICY" not in env
-    governor.enabled = spinning and cgroup_cpus() is None and _cpu_seconds(affinity_cpus()) is not None
+    governor.enabled = spinning and cgroup_cpus() is None and cpu_seconds(affinity_cpus()) is not None
     return choice
 
 
 BUSY_LOAD = 0.5  # the share of the usable CPUs others must use as a process starts for its threads to wait passively
+
+
+def cpu_seconds(cpus: list[int], stat: Path = Path("/proc/stat")) -> float | None:
+    """Seconds the CPUs ``cpus`` have spent busy since boot (user, nice, system, irq, softirq, steal), or None
+    where /proc/stat cannot say."""
+    want, total = {f"cpu{c}" for c in cpus}, 0
+    try:
+        for line in stat.read_text().splitlines():
+            name, *fields = line.split()
+            if name in want:  # user nice system idle iowait irq softirq steal ...
+                v = [int(x) for x in fields[:8]]
+                total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def busy(cpus: int, glance: float = 0.05) -> bool:
@@ -191,17 +206,30 @@ def busy(cpus: int, glance: float = 0.05) -> bool:
     lags a minute behind. Passive waiting pays only then: beside a second job each runs 1.5x its time alone
     instead of 5-9x, but alone it costs extraction about 20% (decoding and extraction of VOC images, 192
     against 238 ms/image on a 2-core EPYC) and head steps about 10% (docs/performance.md)."""
-    mine = affinity_cpus()
-    before, own = _cpu_seconds(mine), sum(os.times()[:2])
-    if cgroup_cpus() is None and before is not None and glance > 0:
-        time.sleep(glance)
-        after = _cpu_seconds(mine)
-        if after is not None:
-            return (after - before) - (sum(os.times()[:2]) - own) >= BUSY_LOAD * cpus * glance
+    others = others_using(glance) if cgroup_cpus() is None else None
+    if others is not None:
+        return others >= BUSY_LOAD * cpus
     try:
         return os.getloadavg()[0] >= BUSY_LOAD * cpus
     except OSError:  # no load average (not a Unix): spinning, OpenMP's default
         return False
+
+
+def others_using(glance: float) -> float | None:
+    """The CPUs other processes keep busy, of this process's, over ``glance`` seconds; None where /proc/stat
+    cannot tell."""
+    mine = affinity_cpus()
+    before, own = cpu_seconds(mine), own_seconds()
+    if before is None or glance <= 0:
+        return None
+    time.sleep(glance)
+    after = cpu_seconds(mine)
+    return None if after is None else max(0.0, (after - before) - (own_seconds() - own)) / glance
+
+
+def own_seconds() -> float:
+    """CPU seconds this process has used, all its threads."""
+    return sum(os.times()[:2])
 
 
 def use_threads(threads: int) -> None:
@@ -218,21 +246,6 @@ BUSY_OTHERS = 0.5  # CPUs other processes use, over a period, before spinning th
 IDLE_OTHERS = 0.25  # ... and below which the full count comes back
 
 
-def _cpu_seconds(cpus: list[int], stat: Path = Path("/proc/stat")) -> float | None:
-    """Seconds the CPUs ``cpus`` have spent busy since boot (user, nice, system, irq, softirq, steal), or None
-    where /proc/stat cannot say."""
-    want, total = {f"cpu{c}" for c in cpus}, 0
-    try:
-        for line in stat.read_text().splitlines():
-            name, *fields = line.split()
-            if name in want:  # user nice system idle iowait irq softirq steal ...
-                v = [int(x) for x in fields[:8]]
-                total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
-    except (OSError, ValueError, IndexError):
-        return None
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 class Governor:
     """One torch thread while other processes keep this one's CPUs busy, the chosen count again once they stop.
 
@@ -240,7 +253,7 @@ class Governor:
     CPUs with its own CPU time: the difference is the other processes' share. Spinning threads count as this
     process's time, so a process alone reads about zero whatever its threads do."""
 
-    def __init__(self, period: float = 2.0, clock=time.monotonic, own=lambda: sum(os.times()[:2]), cpus=None):
+    def __init__(self, period: float = 2.0, clock=time.monotonic, own=own_seconds, cpus=None):
         self.enabled, self.period, self.clock, self.own = False, period, clock, own
         self.cpus = cpus
         self.last: tuple[float, float, float] | None = None  # (wall, CPUs' busy seconds, own seconds)
@@ -253,7 +266,7 @@ class Governor:
         now = self.clock()
         if self.last is not None and now - self.last[0] < self.period:
             return
-        busy = _cpu_seconds(self.cpus if self.cpus is not None else affinity_cpus())
+        busy = cpu_seconds(self.cpus if self.cpus is not None else affinity_cpus())
         if busy is None:
             self.enabled = False
             return

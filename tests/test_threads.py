@@ -15,7 +15,15 @@ from patchnet.recipe import RecipeError
 
 from conftest import tiny_recipe
 
+OTHERS_USING = threads.others_using
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
+
+
+@pytest.fixture(autouse=True)
+def no_governor_after():
+    """configure() may enable the governor; the rest of the suite runs without it (conftest.py)."""
+    yield
+    threads.governor.enabled = False
 
 
 def machine(monkeypatch, cpus: int, cores: int, quota: float | None) -> None:
@@ -24,6 +32,7 @@ def machine(monkeypatch, cpus: int, cores: int, quota: float | None) -> None:
     monkeypatch.setattr(threads, "physical_cores", lambda found: cores)
     monkeypatch.setattr(threads, "cgroup_cpus", lambda: quota)
     monkeypatch.setattr(os, "getloadavg", lambda: (2.0 * cpus, 0.0, 0.0))  # a busy machine: threads wait passively
+    monkeypatch.setattr(threads, "others_using", lambda glance: None)  # as where /proc/stat cannot tell
 
 
 def test_threads_spin_on_an_idle_machine_and_wait_passively_on_a_busy_one(monkeypatch):
@@ -195,3 +204,76 @@ def test_importing_patchnet_loads_no_torch_and_sets_the_variables_before_it():
     policy, env_count, count, auto = _python(code).split()
     assert policy in ("PASSIVE", "unset") and int(env_count) == int(count) == int(auto)  # passive when busy
     assert _python(code, OMP_NUM_THREADS="1").split()[1:3] == ["1", "1"]  # the user's count wins
+
+
+def test_cpu_seconds_read_the_busy_time_of_the_given_cpus(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text(
+        "cpu  300 0 100 5000 7 0 0 0 0 0\ncpu0 100 5 50 2000 3 1 2 4 0 0\ncpu1 200 0 50 3000 4 0 0 0 0 0\nintr 1 2\n"
+    )
+    tick = os.sysconf("SC_CLK_TCK")
+    assert threads.cpu_seconds([0], stat) == pytest.approx((100 + 5 + 50 + 1 + 2 + 4) / tick)  # idle, iowait out
+    assert threads.cpu_seconds([0, 1], stat) == pytest.approx((162 + 250) / tick)
+    assert threads.cpu_seconds([0], tmp_path / "missing") is None
+
+
+def counters(monkeypatch, busy_seconds: list[float], own: list[float]) -> None:
+    """The CPUs' busy seconds and this process's seconds, read in turn."""
+    monkeypatch.setattr(threads, "cpu_seconds", lambda cpus: busy_seconds.pop(0))
+    monkeypatch.setattr(threads, "own_seconds", lambda: own.pop(0))
+
+
+@pytest.mark.parametrize(
+    ("busy_seconds", "own", "expected"),
+    [
+        ([10.0, 10.08], [1.0, 1.0], True),  # others used 0.08 s of 2 CPUs' 0.1 s over the glance
+        ([10.0, 10.08], [1.0, 1.07], False),  # this process's own work (a spinning import) is not others'
+        ([10.0, 10.02], [1.0, 1.0], False),  # the odd shell command
+    ],
+)
+def test_a_glance_at_the_counters_tells_a_busy_machine_as_the_process_starts(monkeypatch, busy_seconds, own, expected):
+    machine(monkeypatch, 2, 2, None)
+    monkeypatch.setattr(threads, "others_using", OTHERS_USING)
+    counters(monkeypatch, busy_seconds, own)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the lagging load average says idle
+    assert threads.busy(2, glance=0.05) is expected
+
+
+def test_the_governor_gives_way_while_others_work_and_takes_the_cores_back_after(monkeypatch):
+    count = [2]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: count[0])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: count.__setitem__(0, n))
+    now = [0.0]
+    # per period of 2 s: the CPUs' busy seconds and this process's; others = busy - own
+    busy_seconds = [0.0, 4.0, 8.0, 11.0, 15.0, 19.0, 19.4]
+    own = [0.0, 4.0, 6.0, 8.0, 10.0, 12.0, 12.2]  # alone (spinning: all its own), then beside 1-2 CPUs of others
+    gov = threads.Governor(period=2.0, clock=lambda: now[0], own=lambda: own.pop(0), cpus=[0, 1])
+    gov.enabled = True
+    monkeypatch.setattr(threads, "cpu_seconds", lambda cpus: busy_seconds.pop(0))
+    seen = []
+    for t in (0.0, 0.5, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0):
+        now[0] = t
+        gov.tick()
+        seen.append(count[0])
+    # 0.5 s: within the period, nothing read; 4.0 s: others took 2 CPUs -> one thread; 10 s: others 1 CPU, still;
+    # 12 s: others 0.1 CPU -> both threads again
+    assert seen == [2, 2, 2, 1, 1, 1, 1, 2]
+    assert gov.others == pytest.approx(0.1)
+
+
+def test_the_governor_acts_only_on_spinning_threads_patchnet_counted(monkeypatch):
+    machine(monkeypatch, 2, 2, None)
+    monkeypatch.setattr(threads, "cpu_seconds", lambda cpus: 0.0)
+    monkeypatch.setattr(threads, "others_using", lambda glance: 0.0)  # idle: threads spin
+    for environ, enabled in (
+        ({}, True),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, False),  # the user's policy
+        ({"OMP_NUM_THREADS": "2"}, False),  # the user's count
+        ({"PATCHNET_THREADS": "off"}, False),
+    ):
+        threads.configure(environ, modules={})
+        assert threads.governor.enabled is enabled, environ
+    monkeypatch.setattr(threads, "others_using", lambda glance: 2.0)  # busy: threads wait passively, no governor
+    threads.configure({}, modules={})
+    assert not threads.governor.enabled
