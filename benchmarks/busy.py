@@ -226,7 +226,10 @@ def main() -> None:
 
     ap = bench_parser(__doc__)
     ap.add_argument(
-        "--policy", nargs="+", default=["auto", "spin"], help="auto, spin, threads=N (PATCHNET_THREADS=N), or spincount=N (GOMP_SPINCOUNT=N)"
+        "--policy",
+        nargs="+",
+        default=["auto", "spin"],
+        help="auto, spin, passive, threads=N (PATCHNET_THREADS=N), spincount=N (GOMP_SPINCOUNT=N)",
     )
     ap.add_argument("--side-policy", help="the patchnet neighbour's policy (default: the measured job's)")
     ap.add_argument("--jobs", nargs="+", default=["extract", "head"], choices=["extract", "head"])
