@@ -81,7 +81,9 @@ def test_first_filters_fold_batchnorm_and_normalisation():
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([-1.0, 2.0]))  # a negative scale flips the filter
     std = (0.5, 0.25, 1.0)
-    backbone = Backbone("test", nn.Sequential(conv, bn), nn.Identity(), 2, 32, 1, mean=(0.0,) * 3, std=std)
+    backbone = Backbone(
+        "test", nn.Sequential(conv, bn), nn.Identity(), feature_dim=2, input_size=32, stride=1, mean=(0.0,) * 3, std=std
+    )
     got = first_filters(backbone)
     assert got.shape == (2, 3, 3, 3)
     w = -conv.weight[0].detach() / torch.tensor(std).view(3, 1, 1)
