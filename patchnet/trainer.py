@@ -53,6 +53,7 @@ from .recipe import Recipe, save_recipe
 from .sampler import IGNORE
 from .splits import Selection, SplitData, held_out, log_split, prepare_split, selection_split
 from .state import EpochSums, TrainState, hold_interrupts, rng_state, saved_run
+from .threads import tick
 from .unlock import MapsAndHead, MapStore, UnlockedStages
 
 log = logging.getLogger("patchnet")
@@ -164,7 +165,7 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        tick, seen = time.perf_counter(), 0
+        started, seen = time.perf_counter(), 0
         while s.step < steps:
             tick()  # another process may have started: spinning threads give way (threads.py)
             batch = np.sort(order[s.step * per_rank : (s.step + 1) * per_rank])
@@ -174,11 +175,11 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(
                 loss=f"{s.sums.loss_sum / s.sums.steps:.4f}",
-                patches_s=f"{seen / max(time.perf_counter() - tick, 1e-9):.0f}",
+                patches_s=f"{seen / max(time.perf_counter() - started, 1e-9):.0f}",
                 refresh=False,
             )
         bar.close()
-        self.epoch_seconds = time.perf_counter() - tick
+        self.epoch_seconds = time.perf_counter() - started
 
     def _commit_step(self, loss: torch.Tensor, correct: int, patches: int) -> None:
         s = self.state
