@@ -20,13 +20,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from patchnet.cache import CacheError, FeatureStore, verify_cache
 from patchnet.cli import app
 from patchnet.datasets import DatasetError, ImageTooLarge, load_image, open_split, read_coco, read_csv_list, read_folder
 from patchnet.extract import build_extractor
 from patchnet.files import OutputPathError, UniqueNames, atomic_write, output_path, safe_name
 from patchnet.model import CheckpointError
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
+from patchnet.store import CacheError, FeatureStore, verify_cache
 from patchnet.trainer import train
 
 from conftest import CLASSES, build, four_voc, tiny_recipe, write_image
@@ -446,7 +446,9 @@ def test_a_warm_cache_in_a_read_only_folder_is_read(built, monkeypatch):
     recipe, ds, ex, store = built
     for stamp in store.path.glob("verified-*"):
         stamp.unlink()
-    monkeypatch.setattr("patchnet.cache.atomic_write", lambda *a: (_ for _ in ()).throw(PermissionError(13, "ro")))
+    monkeypatch.setattr(
+        "patchnet.store.integrity.atomic_write", lambda *a: (_ for _ in ()).throw(PermissionError(13, "ro"))
+    )
     assert build(recipe, ds, ex, progress=False).num_patches == store.num_patches
 
 
