@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from ..datasets import Dataset, iter_images
 from ..dist import barrier, rank_world
 from ..recipe import AugConfig
 from .chunks import chunk_path, save_chunk, start_chunks
+from .integrity import Meta
 
 
 @dataclass(frozen=True)
@@ -34,21 +36,22 @@ class CacheSpec:
     seed: int = 0
 
 
-Computed = tuple[object, np.ndarray]  # an item's payload and its (P, 4) patch boxes
+Computed = tuple[Any, np.ndarray]  # an item's payload and its (P, 4) patch boxes
+Pack = Callable[[list[Any]], dict[str, np.ndarray]]  # the payloads of a chunk's items (None: unreadable) -> its arrays
 
 
 def fill_chunks(
     path: Path,
-    meta: dict,
+    meta: Meta,
     dataset: Dataset,
     views: int,
     spec: CacheSpec,
     device: torch.device,
     compute: Callable[[torch.Tensor], Computed],
-    pack: Callable[[list], dict[str, np.ndarray]],
+    pack: Pack,
     desc: str,
     progress: bool,
-    stored: Callable[[int, int], tuple | None] | None = None,
+    stored: Callable[[int, int], tuple[Any, Any] | None] | None = None,
 ) -> int:
     """Compute this rank's missing chunks of a build and write each as soon as its items are done.
 
@@ -62,9 +65,12 @@ def fill_chunks(
     items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
     chunks = [items[i : i + spec.chunk] for i in range(0, len(items), spec.chunk)]
     todo = start_chunks(path, {**meta, "items": len(items), "chunk": spec.chunk}, len(chunks))
-    pending: dict[int, list] = {c: [None] * len(chunks[c]) for c in todo}
+    pending: dict[int, list[Any]] = {c: [None] * len(chunks[c]) for c in todo}
     left = {c: len(chunks[c]) for c in todo}  # items of each chunk not yet done
-    write = lambda c: _write_chunk(path, c, c * spec.chunk, pending.pop(c), pack)
+
+    def write(c: int) -> None:
+        _write_chunk(path, c, c * spec.chunk, pending.pop(c), pack)
+
     flat = []  # (chunk, position in it, item) of the items to decode
     for c in todo:
         for pos, item in enumerate(chunks[c]):
@@ -94,7 +100,7 @@ def fill_chunks(
     return len(chunks)
 
 
-def _write_chunk(path: Path, c: int, first: int, results: list, pack: Callable[[list], dict[str, np.ndarray]]) -> None:
+def _write_chunk(path: Path, c: int, first: int, results: list[Any], pack: Pack) -> None:
     """Chunk ``c``: ``results`` per item ``((payload, boxes) or None, objects or failure message)``."""
     save_chunk(
         chunk_path(path, c),

@@ -12,14 +12,15 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..dist import rank_world
 from ..files import atomic_write
-from .integrity import UNREADABLE, complete_cache, read_meta
+from .integrity import UNREADABLE, Files, Meta, complete_cache, read_meta
 
 log = logging.getLogger("patchnet")
 
@@ -45,7 +46,7 @@ def chunk_problem(target: Path, first: int | None = None, items: int | None = No
     return None
 
 
-def start_chunks(path: Path, meta: dict, num_chunks: int) -> list[int]:
+def start_chunks(path: Path, meta: Meta, num_chunks: int) -> list[int]:
     """Prepare ``path`` for a chunked build (meta.json first) and return this rank's chunks still to compute.
 
     ``meta`` holds ``items`` and ``chunk`` (items per chunk). A chunk left by a killed build counts as
@@ -71,7 +72,7 @@ def start_chunks(path: Path, meta: dict, num_chunks: int) -> list[int]:
     return todo
 
 
-def save_chunk(target: Path, first: int, results: list, **arrays: np.ndarray) -> None:
+def save_chunk(target: Path, first: int, results: list[tuple[Any, Any]], **arrays: np.ndarray) -> None:
     """Write a chunk atomically: ``arrays`` of its kind plus its first item and the per-item indexes every
     chunk has.
 
@@ -98,7 +99,7 @@ def save_chunk(target: Path, first: int, results: list, **arrays: np.ndarray) ->
     )
 
 
-def chunk_arrays(path: Path, num_chunks: int, names) -> dict[str, list[np.ndarray]]:
+def chunk_arrays(path: Path, num_chunks: int, names: Iterable[str]) -> dict[str, list[np.ndarray]]:
     """The arrays ``names`` of every chunk, each file opened and closed in turn (thousands of chunks stay
     within the limit of open files)."""
     out: dict[str, list[np.ndarray]] = {name: [] for name in names}
@@ -109,16 +110,14 @@ def chunk_arrays(path: Path, num_chunks: int, names) -> dict[str, list[np.ndarra
     return out
 
 
-def chunk_rows(path: Path, num_chunks: int, names) -> Iterator[dict[str, np.ndarray]]:
+def chunk_rows(path: Path, num_chunks: int, names: Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
     """The row arrays ``names`` of one chunk after another, without holding more than one chunk."""
     for c in range(num_chunks):
         with np.load(chunk_path(path, c)) as z:
             yield {name: z[name] for name in names}
 
 
-def finish_join(
-    path: Path, parts: dict[str, list[np.ndarray]], what: str, files: dict[str, dict], **index: np.ndarray
-) -> None:
+def finish_join(path: Path, parts: dict[str, list[np.ndarray]], what: str, files: Files, **index: np.ndarray) -> None:
     """Write the item and box indexes every chunk has (``parts``, from ``chunk_arrays``; plus ``index``), then
     mark the cache complete and remove the chunks."""
     meta = read_meta(path)

@@ -12,7 +12,7 @@ import contextlib
 import errno
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..dist import barrier, rank_world
 from ..files import digest, file_lock
@@ -24,17 +24,17 @@ KINDS = ("", "layers")  # the sub-folders of runtime.cache_dir that hold cache f
 T = TypeVar("T")
 
 
-def key(fields: dict) -> str:
+def key(fields: dict[str, Any]) -> str:
     """The name of a cache built from ``fields``: 20 hex digits of their hash; any change gives another."""
     return digest(fields)
 
 
-def keyed_folder(root: Path, fields: dict, kind: str = "") -> Path:
+def keyed_folder(root: Path, fields: dict[str, Any], kind: str = "") -> Path:
     """The cache folder of ``fields`` under ``root`` (``kind``: one of ``KINDS``)."""
     return Path(root) / kind / key(fields)
 
 
-def keyed_file(root: Path, kind: str, fields: dict, suffix: str) -> Path:
+def keyed_file(root: Path, kind: str, fields: dict[str, Any], suffix: str) -> Path:
     """A cache kept as one file (``<root>/<kind>/<key><suffix>``), written whole by ``atomic_write``."""
     return Path(root) / kind / f"{key(fields)}{suffix}"
 

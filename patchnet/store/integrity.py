@@ -15,6 +15,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from ..errors import PatchnetError
 from ..files import atomic_write, file_crc
 
 log = logging.getLogger("patchnet")
+
+Meta = dict[str, Any]  # a meta.json: what a cache was built from, and its files
+Files = dict[str, dict[str, int]]  # file name -> its size and CRC-32
 
 MARKER = "index.npz"  # written last by every kind of cache: its presence marks the folder complete
 
@@ -55,7 +59,7 @@ def complete(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> Meta:
     with damaged_if_unreadable(path, "meta.json"):
         meta = json.loads((path / "meta.json").read_text())
     if not isinstance(meta, dict) or "fields" not in meta:
@@ -63,7 +67,7 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def memmap(path: Path, name: str, dtype, shape: tuple[int, int]) -> np.ndarray:
+def memmap(path: Path, name: str, dtype: np.dtype | type, shape: tuple[int, int]) -> np.ndarray:
     """The rows of file ``name`` of a cache, memory-mapped read-only."""
     if not shape[0]:
         return np.zeros(shape, dtype)
@@ -79,7 +83,7 @@ def boot_id() -> str:
         return "unknown"
 
 
-def check_files(path: Path, meta: dict, checksums: bool = False) -> None:
+def check_files(path: Path, meta: Meta, checksums: bool = False) -> None:
     """Raise ``CacheError`` unless every file ``meta`` records has its size (and, with ``checksums``, its CRC-32)."""
     for name, info in meta.get("files", {}).items():
         f = path / name
@@ -99,7 +103,7 @@ def stamp(path: Path) -> Path:
     return path / f"verified-{boot_id()}"
 
 
-def open_checked(path: Path) -> dict:
+def open_checked(path: Path) -> Meta:
     """The meta of a complete cache whose file sizes are right; its checksums too on the first open since
     the machine started (after a crash, writes that were not yet on disk would show), by rank 0."""
     meta = read_meta(path)
@@ -112,7 +116,7 @@ def open_checked(path: Path) -> dict:
     return meta
 
 
-def complete_cache(path: Path, meta: dict, files: dict[str, dict], index: bytes) -> None:
+def complete_cache(path: Path, meta: Meta, files: Files, index: bytes) -> None:
     """Record every file's size and checksum in meta.json, then write the marker ``index.npz`` (``index``), whose
     presence marks the cache complete; both fsynced."""
     files = {**files, MARKER: {"size": len(index), "crc32": zlib.crc32(index)}}

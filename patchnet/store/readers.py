@@ -38,7 +38,7 @@ class Rows:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, index) -> np.ndarray:
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
         rows = decode_rows(self.stored[index], None if self.scales is None else self.scales[index])
         return rows if self.codec is None else self.codec.unproject(rows)
 

@@ -15,13 +15,13 @@ import numpy as np
 from ..codec import FeatureCodec
 from ..files import atomic_write, temporary_name
 from .chunks import INDEX_ARRAYS, chunk_arrays, chunk_rows, finish_join
-from .integrity import MARKER, complete_cache
+from .integrity import MARKER, Files, Meta, complete_cache
 from .readers import FeatureStore, row_file
 
 Layout = dict[str, tuple[np.dtype, int]]  # stored array name -> (dtype, width)
 
 
-def write_rows(path: Path, layout: Layout, total: int, blocks: Iterable[dict[str, np.ndarray]]) -> dict[str, dict]:
+def write_rows(path: Path, layout: Layout, total: int, blocks: Iterable[dict[str, np.ndarray]]) -> Files:
     """Write ``total`` rows of each stored array from ``blocks`` (dicts of consecutive rows); returns each
     file's size and CRC-32, computed as it is written.
 
@@ -67,7 +67,7 @@ def join_chunks(path: Path, num_chunks: int, layout: Layout, what: str) -> None:
     finish_join(path, parts, what, files)
 
 
-def transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: dict, block: int = 65536) -> None:
+def transcode(source: FeatureStore, codec: FeatureCodec, path: Path, meta: Meta, block: int = 65536) -> None:
     """Encode a complete fp16 cache into ``path`` with ``codec``: the same items and index, no trunk."""
     path.mkdir(parents=True, exist_ok=True)
     save_projection(path, codec)
