@@ -11,7 +11,7 @@ from patchnet.codec import CodecError, FeatureCodec
 from patchnet.datasets import load_image, open_split
 from patchnet.extract import build_extractor
 from patchnet.features import cache_fields, cache_spec
-from patchnet.files import digest
+from patchnet.store import key
 
 from conftest import build, tiny_recipe
 
@@ -110,20 +110,20 @@ def test_extraction_under_torchrun_splits_the_images_across_ranks(tmp_path, smal
 )
 def test_any_input_of_the_features_changes_the_key(tmp_path, small_voc, override):
     _recipe, ds, ex = _setup(tmp_path, small_voc)
-    base = digest(cache_fields(ds, ex))
+    base = key(cache_fields(ds, ex))
     _recipe2, ds2, ex2 = _setup(tmp_path, small_voc, override)
-    assert digest(cache_fields(ds2, ex2)) != base
+    assert key(cache_fields(ds2, ex2)) != base
 
 
 def test_key_changes_with_the_image_list_and_views_but_not_with_training_settings(tmp_path, small_voc):
     recipe, ds, ex = _setup(tmp_path, small_voc)
-    base = digest(cache_fields(ds, ex))
-    assert digest(cache_fields(open_split(recipe.data, "val"), ex)) != base
+    base = key(cache_fields(ds, ex))
+    assert key(cache_fields(open_split(recipe.data, "val"), ex)) != base
     smaller = type(ds)(ds.name, ds.classes, ds.records[:-1])
-    assert digest(cache_fields(smaller, ex)) != base
-    assert digest(cache_fields(ds, ex, 2, cache_spec(recipe, ex))) != base
+    assert key(cache_fields(smaller, ex)) != base
+    assert key(cache_fields(ds, ex, 2, cache_spec(recipe, ex))) != base
     recipe2, _, _ = _setup(tmp_path, small_voc, "train.lr=0.5", "train.epochs=9", "infer.k=2")
-    assert digest(cache_fields(ds, ex, 0, cache_spec(recipe2, ex))) == base
+    assert key(cache_fields(ds, ex, 0, cache_spec(recipe2, ex))) == base
 
 
 def test_a_killed_build_resumes_where_it_stopped(tmp_path, small_voc):
@@ -254,7 +254,7 @@ def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_
     recipe, ds, ex = _setup(tmp_path, small_voc)
     fields = cache_fields(ds, ex, 0, cache_spec(recipe, ex))
     assert "compress" not in fields and cache_fields(ds, ex, 0, cache_spec(recipe, ex, codec=FeatureCodec())) == fields
-    keys = {digest(fields)}
+    keys = {key(fields)}
     for overrides in (
         ["cache.compress=int8"],
         ["cache.compress=pca", "cache.pca_dim=4"],
@@ -262,7 +262,7 @@ def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_
         ["cache.compress=pca_int8", "cache.pca_dim=4"],
     ):
         r = tiny_recipe(tmp_path, small_voc, *overrides)
-        keys.add(digest(cache_fields(ds, ex, 0, cache_spec(r, ex, progress=False))))
+        keys.add(key(cache_fields(ds, ex, 0, cache_spec(r, ex, progress=False))))
     assert len(keys) == 5
     r = tiny_recipe(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=2000")
     with pytest.raises(CodecError, match="at most 1280"):

@@ -405,12 +405,11 @@ def test_a_truncated_cache_file_names_the_folder_and_how_to_rebuild(built, name)
 
 def test_a_garbage_chunk_left_by_a_killed_run_is_computed_again(tmp_path, small_voc, caplog):
     from patchnet.features import cache_fields, cache_spec
-    from patchnet.files import digest
+    from patchnet.store import keyed_folder
 
     recipe = tiny_recipe(tmp_path, small_voc)
     ds, ex = open_split(recipe.data, "train"), build_extractor(recipe)
-    key = digest(cache_fields(ds, ex, 0, cache_spec(recipe, ex)))
-    chunks = tmp_path / "cache" / key / "chunks"
+    chunks = keyed_folder(tmp_path / "cache", cache_fields(ds, ex, 0, cache_spec(recipe, ex))) / "chunks"
     chunks.mkdir(parents=True)
     (chunks / "000000.npz").write_bytes(b"PK\x03\x04 garbage, as a half-written chunk")
     with caplog.at_level(logging.WARNING, logger="patchnet"):
