@@ -15,10 +15,10 @@ import torch
 from patchnet.dist import native_bf16
 
 if TYPE_CHECKING:
-    from patchnet.cache import FeatureStore
     from patchnet.datasets import Dataset
     from patchnet.infer import Predictor
     from patchnet.splits import Selection, SplitData
+    from patchnet.store import FeatureStore
 
 REPO = Path(__file__).resolve().parent.parent
 VOC = REPO.parent / "shared" / "data" / "VOCdevkit" / "VOC2007"

@@ -1,4 +1,4 @@
-"""Patch features of a split, computed once into the feature cache (``patchnet.cache``) and read from it after.
+"""Patch features of a split, computed once into the feature cache (``patchnet.store``) and read from it after.
 
 The trunk is frozen, so a patch's feature depends only on the image, the patch grid, the backbone and
 its weights, the input size and the precision; the cache key is a hash of exactly those
@@ -7,8 +7,8 @@ projection when it has one. A PCA projection is fitted once on the training spli
 (``cache.pca_images`` images, a fixed seed) and kept in ``<cache_dir>/projections/``; every split of a
 run, and every later evaluation through the checkpoint, which carries it, stores its rows through it.
 
-Builds run in chunks of images (``fill_chunks``, shared with the map cache of ``patchnet.unlock``):
-under ``torchrun`` the ranks compute disjoint chunks and rank 0 joins them.
+Builds run in chunks of images (``patchnet.store.fill_chunks``, as every cache does): under ``torchrun``
+the ranks compute disjoint chunks and rank 0 joins them.
 """
 
 from __future__ import annotations
@@ -17,49 +17,37 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cache import (
-    CACHE_VERSION,
-    CacheError,
-    FeatureStore,
-    building,
-    chunk_path,
-    complete,
-    join_feature_chunks,
-    ready,
-    save_feature_chunk,
-    save_projection,
-    start_chunks,
-    transcode,
-)
 from .codec import CodecError, FeatureCodec, Moments
 from .datasets import Dataset, iter_images, open_split
 from .dist import barrier, rank_world
 from .extract import PatchExtractor
-from .files import atomic_write, digest
-from .recipe import AugConfig, CacheConfig, Recipe
+from .files import atomic_write
+from .recipe import CacheConfig, Recipe
+from .store import (
+    CACHE_VERSION,
+    CacheError,
+    CacheSpec,
+    FeatureStore,
+    building,
+    complete,
+    fill_chunks,
+    join_chunks,
+    keyed_file,
+    keyed_folder,
+    open_or_build,
+    save_projection,
+    transcode,
+)
 
 log = logging.getLogger("patchnet")
 
 PCA_SEED = 0  # draws the training images a projection is fitted on; fixed, so that runs share projections
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """What a cache build needs of a run: where caches live, how they are chunked and stored, how images are
-    decoded, and what makes the augmented views."""
-
-    root: Path
-    chunk: int = 32  # images per chunk file: a killed build loses at most one chunk of work
-    workers: int = 2
-    codec: FeatureCodec = field(default_factory=FeatureCodec)
-    aug: AugConfig = field(default_factory=AugConfig)
-    seed: int = 0
 
 
 def cache_spec(
@@ -110,7 +98,7 @@ def cached_features(
     spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, views: int = 0
 ) -> FeatureStore | None:
     """The complete cache of a split if one exists (a warm cache), without extracting it."""
-    path = spec.root / digest(cache_fields(dataset, extractor, views, spec))
+    path = keyed_folder(spec.root, cache_fields(dataset, extractor, views, spec))
     return FeatureStore(path) if complete(path) else None
 
 
@@ -123,13 +111,13 @@ def build_features(
     compressed cache is encoded from the split's fp16 cache when that exists, without running the trunk.
     """
     fields = cache_fields(dataset, extractor, views, spec)
-    path = spec.root / digest(fields)
-    if ready(path):
-        return FeatureStore(path)
-    with building(path, f"feature cache {path.name}"):
-        if not complete(path):  # another process may have built it while this one waited
-            _build_features(spec, dataset, extractor, views, fields, path, progress)
-    return FeatureStore(path)
+    path = keyed_folder(spec.root, fields)
+    return open_or_build(
+        path,
+        "feature cache",
+        lambda: _build_features(spec, dataset, extractor, views, fields, path, progress),
+        FeatureStore,
+    )
 
 
 def _build_features(
@@ -150,12 +138,16 @@ def _build_features(
         return
     layout = codec.layout(extractor.feature_dim)
 
-    def compute(image: torch.Tensor):
+    def compute(image: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
         features, plan = extractor.extract(image)
         return codec.encode(features), plan.boxes
 
-    def write(target: Path, results: list) -> None:
-        save_feature_chunk(target, [(None, None, info) if r is None else (*r, info) for r, info in results], layout)
+    def pack(payloads: list) -> dict[str, np.ndarray]:
+        done = [f for f in payloads if f is not None]
+        return {
+            name: np.concatenate([f[name] for f in done]) if done else np.zeros((0, width), dtype)
+            for name, (dtype, width) in layout.items()
+        }
 
     if rank_world()[0] == 0:
         save_projection(path, codec)
@@ -167,13 +159,13 @@ def _build_features(
         spec,
         extractor.device,
         compute,
-        write,
+        pack,
         f"features {dataset.name.rsplit(':', 1)[-1]}",
         progress,
         stored=_cached_originals(spec, dataset, extractor, path) if views else None,
     )
     if rank_world()[0] == 0:
-        join_feature_chunks(path, num_chunks, layout)
+        join_chunks(path, num_chunks, layout, "feature cache")
 
 
 def _cached_originals(
@@ -203,62 +195,6 @@ def _cached_originals(
     return stored
 
 
-def fill_chunks(
-    path: Path,
-    meta: dict,
-    dataset: Dataset,
-    views: int,
-    spec: CacheSpec,
-    device: torch.device,
-    compute: Callable[[torch.Tensor], object],
-    write: Callable[[Path, list], None],
-    desc: str,
-    progress: bool,
-    stored: Callable[[int, int], tuple | None] | None = None,
-) -> int:
-    """Compute this rank's missing chunks of a build and write each as soon as its items are done.
-
-    Items are ``(record, view)`` pairs, ``spec.chunk`` to a chunk; ``compute(image)`` gives an item's
-    result, and ``write(target, [(result or None, objects or failure message), ...])`` stores a
-    chunk. ``stored(record, view)``, when given, returns such a pair for an item another cache already
-    holds (it is copied, not decoded), or None. Returns the number of chunks; when it returns every
-    rank's chunks exist.
-    """
-    rank, _ = rank_world()
-    items = [(r, v) for r in range(len(dataset.records)) for v in range(views + 1)]
-    chunks = [items[i : i + spec.chunk] for i in range(0, len(items), spec.chunk)]
-    todo = start_chunks(path, {**meta, "items": len(items), "chunk": spec.chunk}, len(chunks))
-    pending: dict[int, list] = {c: [None] * len(chunks[c]) for c in todo}
-    left = {c: len(chunks[c]) for c in todo}  # items of each chunk not yet done
-    flat = []  # (chunk, position in it, item) of the items to decode
-    for c in todo:
-        for pos, item in enumerate(chunks[c]):
-            copied = stored(*item) if stored is not None else None
-            if copied is None:
-                flat.append((c, pos, item))
-            else:
-                pending[c][pos], left[c] = copied, left[c] - 1
-        if not left[c]:
-            write(chunk_path(path, c), pending.pop(c))
-    for i, image, info in iter_images(
-        dataset.records,
-        [item for _, _, item in flat],
-        aug=spec.aug,
-        seed=spec.seed,
-        workers=spec.workers,
-        device=device,
-        desc=desc,
-        progress=progress and rank == 0,
-        keep_failures=True,
-    ):
-        c, pos, _ = flat[i]
-        pending[c][pos], left[c] = (None if image is None else compute(image), info), left[c] - 1
-        if not left[c]:
-            write(chunk_path(path, c), pending.pop(c))
-    barrier()
-    return len(chunks)
-
-
 def fit_codec(
     cfg: CacheConfig, spec: CacheSpec, train: Dataset, extractor: PatchExtractor, progress: bool = True
 ) -> FeatureCodec:
@@ -279,8 +215,8 @@ def fit_codec(
         "pca_images": cfg.pca_images,
         "seed": PCA_SEED,
     }
-    key = digest(fields)
-    path = spec.root / "projections" / f"{key}.npz"
+    path = keyed_file(spec.root, "projections", fields, ".npz")
+    key = path.stem
     if not path.is_file() or rank_world()[1] > 1:  # under torchrun every rank enters, to decide together
         with building(spec.root / f"projection-{key}", f"PCA projection {key}"):
             if rank_world()[0] == 0 and not path.is_file():
@@ -310,18 +246,25 @@ def fit_codec(
         return FeatureCodec(cfg.compress, z["mean"], z["components"])
 
 
-def calibrate_extractor(recipe: Recipe, extractor: PatchExtractor, train: Dataset, progress: bool = True) -> None:
-    """Calibrate an int8 extractor on ``backbone.int8_images`` training images (a fixed draw, every pyramid level),
-    once: the activation ranges are kept in ``<cache_dir>/int8/``, keyed by the images, backbone and patches."""
-    fields = {
+def calibration_fields(recipe: Recipe, extractor: PatchExtractor, train: Dataset) -> dict:
+    """What the int8 activation ranges depend on: the images drawn, the trunk and its weights, the patches and
+    the input size they are resized to (the activations' range changes with it)."""
+    return {
         "images": train.images_digest,
         "backbone": extractor.backbone.name,
         "weights": extractor.backbone.weights_id,
         "patches": dataclasses.asdict(extractor.patches),
+        "input_size": extractor.size,
         "int8_images": recipe.backbone.int8_images,
         "seed": PCA_SEED,
     }
-    path = Path(recipe.runtime.cache_dir) / "int8" / f"{digest(fields)}.json"
+
+
+def calibrate_extractor(recipe: Recipe, extractor: PatchExtractor, train: Dataset, progress: bool = True) -> None:
+    """Calibrate an int8 extractor on ``backbone.int8_images`` training images (a fixed draw, every pyramid level),
+    once: the activation ranges are kept in ``<cache_dir>/int8/``, keyed by ``calibration_fields``."""
+    fields = calibration_fields(recipe, extractor, train)
+    path = keyed_file(Path(recipe.runtime.cache_dir), "int8", fields, ".json")
     if path.is_file():
         try:
             extractor.use_int8(json.loads(path.read_text())["ranges"])

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from .backbones import BackboneError, backbone_spec, build_backbone, unlock_split
-from .cache import damaged
 from .calibration import Calibration
 from .codec import FeatureCodec
 from .datasets import DatasetError, data_override, load_image, open_split
@@ -21,6 +20,7 @@ from .model import AdaptationHead, CheckpointError, check_compatible, load_check
 from .models import resolve_checkpoint
 from .pooling import map_values, pool_features, pool_image, pool_items
 from .recipe import PoolConfig, Recipe, recipe_from_dict
+from .store import damaged
 from .unlock import load_unlocked
 
 

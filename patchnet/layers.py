@@ -7,9 +7,9 @@ image. Each stage's map becomes one vector per image:
   whole-image features of ``patchnet linear``; FC6/FC7 from the RoI grid of the last map);
 - ``max``: its mean over each patch of the recipe's grid (shared mode, the recipe's levels),
   max-pooled over the patches of the image (the box-free ``--features max`` baseline).
-The vectors of a split are cached on disk, one ``.npy`` per stage, keyed by everything they depend
-on. On each stage a linear SVM and/or logistic regression is fit per class (``patchnet.linear``, C
-by cross-validation on the training split) and scored on the other split by VOC AP.
+The vectors of a split are cached on disk (a ``patchnet.store`` folder, one row file per stage), keyed by
+everything they depend on. On each stage a linear SVM and/or logistic regression is fit per class
+(``patchnet.linear``, C by cross-validation on the training split) and scored on the other split by VOC AP.
 """
 
 from __future__ import annotations

@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import FeatureStore
 from .codec import FeatureCodec
 from .datasets import Dataset, open_split
 from .features import build_features, cache_spec
 from .metrics import APTable, ap_table, voc_ap
 from .pooling import l2_normalize, pool_features
 from .recipe import Recipe
+from .store import FeatureStore
 
 log = logging.getLogger("patchnet")
 

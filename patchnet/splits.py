@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backbones import backbone_spec, unlock_split
-from .cache import FeatureStore
 from .datasets import Dataset, DatasetError, open_split
 from .extract import PatchExtractor
-from .features import CacheSpec, build_features
+from .features import build_features
 from .infer import evaluation_items
 from .model import CheckpointError
 from .recipe import Recipe
 from .sampler import IGNORE, MULTI, label_patches
+from .store import CacheSpec, FeatureStore
 from .unlock import MapStore, build_maps
 
 log = logging.getLogger("patchnet")

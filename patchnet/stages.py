@@ -1,4 +1,5 @@
-"""One vector per stage of a frozen trunk for each image of a split, from one trunk pass, cached on disk.
+"""One vector per stage of a frozen trunk for each image of a split, from one trunk pass, cached on disk (a
+``patchnet.store`` folder under ``<cache_dir>/layers/``: one row file per stage, one row per readable image).
 
 The per-layer study (``patchnet.layers``) fits linear classifiers on these vectors; the unit views
 (``patchnet.units``) read the stage maps themselves.
@@ -6,30 +7,26 @@ The per-layer study (``patchnet.layers``) fits linear classifiers on these vecto
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, cast
 
 import numpy as np
 import torch
 
 from .backbones import Backbone, build_backbone
-from .cache import building
-from .datasets import Dataset, iter_images
+from .datasets import Dataset
 from .dist import rank_world
 from .errors import PatchnetError
 from .extract import PatchExtractor
 from .features import cache_fields
-from .files import atomic_write, digest
 from .linear import SplitFeatures, whole_image_recipe
 from .recipe import Recipe
+from .store import CacheSpec, ItemIndex, fill_chunks, join_chunks, keyed_folder, memmap, open_or_build, row_file
 
 log = logging.getLogger("patchnet")
 
-LAYERS_VERSION = 1  # bump whenever what a stage vector holds changes
+LAYERS_VERSION = 2  # bump whenever what a stage vector holds, or how it is stored, changes (2: store folders)
 POOLS = ("whole", "max")
 
 
@@ -137,48 +134,50 @@ def stage_cache_key(recipe: Recipe, dataset: Dataset, extractor: StageExtractor)
         "layers_version": LAYERS_VERSION,
         "stages": [(s.name, s.module, s.head) for s in extractor.stages],
     }
-    return Path(recipe.runtime.cache_dir) / "layers" / digest(fields), fields
+    return keyed_folder(Path(recipe.runtime.cache_dir), fields, "layers"), fields
+
+
+F32 = np.dtype(np.float32)
 
 
 def stage_features(recipe: Recipe, dataset: Dataset, extractor: StageExtractor, progress: bool = True) -> StageFeatures:
-    """The stage vectors of a split, from the cache or computed there first (``meta.json``, written last, marks
-    it done)."""
+    """The stage vectors of a split, from the cache or computed there first."""
     path, fields = stage_cache_key(recipe, dataset, extractor)
-    if not (path / "meta.json").is_file() or rank_world()[1] > 1:  # under torchrun every rank enters, to agree
-        with building(path, f"stage cache {path.name}"):
-            if not (path / "meta.json").is_file():  # another process may have written it while this one waited
-                _compute_stage_features(recipe, dataset, extractor, path, fields, progress)
-    meta = json.loads((path / "meta.json").read_text())
-    records = np.asarray(meta["records"], np.int64)
-    features = {s: np.load(path / f"{s}.npy") for s in meta["stages"]}
+    index = open_or_build(
+        path,
+        "stage cache",
+        lambda: _compute_stage_features(recipe, dataset, extractor, path, fields, progress),
+        ItemIndex,
+    )
+    records = np.flatnonzero(index.ok)  # one item per record (no views); an unreadable image has no row
+    features = {
+        name: np.array(memmap(path, row_file(name, F32), F32, (len(records), dim)))
+        for name, dim in index.meta["stages"].items()
+    }
     return StageFeatures(
         [dataset.records[r].image_id for r in records], dataset.labels()[records], list(dataset.classes), features
     )
 
 
-def _compute_stage_features(recipe, dataset, extractor, path: Path, fields: dict, progress: bool) -> None:
-    rows: dict[str, list[np.ndarray]] = {s.name: [] for s in extractor.stages}
-    records, failures = [], []
-    for i, image, info in iter_images(
-        dataset.records,
-        workers=recipe.runtime.workers,
-        device=extractor.device,
-        desc=f"stages {dataset.name.rsplit(':', 1)[-1]}",
-        progress=progress,
-        keep_failures=True,
-    ):
-        if image is None:
-            failures.append(info)
-            continue
-        for name, v in extractor(image).items():
-            rows[name].append(v.numpy())
-        records.append(i)
-    path.mkdir(parents=True, exist_ok=True)
-    for s in extractor.stages:
-        x = np.stack(rows[s.name]) if records else np.zeros((0, s.dim), np.float32)
-        # the cast gives mypy the lambda's type, which it cannot infer with the default argument
-        atomic_write(
-            path / f"{s.name}.npy", cast(Callable[[BinaryIO], object], lambda f, x=x: np.save(f, x.astype(np.float32)))
-        )
-    meta = {"fields": fields, "stages": [s.name for s in extractor.stages], "records": records, "failures": failures}
-    atomic_write(path / "meta.json", json.dumps(meta, indent=1))
+def _compute_stage_features(
+    recipe: Recipe, dataset: Dataset, extractor: StageExtractor, path: Path, fields: dict, progress: bool
+) -> None:
+    spec = CacheSpec(path.parent, max(1, recipe.cache.chunk), recipe.runtime.workers)
+    layout = {s.name: (F32, s.dim) for s in extractor.stages}
+
+    def compute(image: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        h, w = image.shape[-2:]  # the item's one row describes the whole image
+        return {k: v.numpy()[None] for k, v in extractor(image).items()}, np.array([[0, 0, w, h]], np.float32)
+
+    def pack(payloads: list) -> dict[str, np.ndarray]:
+        done = [p for p in payloads if p is not None]
+        return {
+            name: np.concatenate([p[name] for p in done]) if done else np.zeros((0, dim), F32)
+            for name, (_, dim) in layout.items()
+        }
+
+    meta = {"fields": fields, "feature_dim": extractor.feature_dim, "stages": {s.name: s.dim for s in extractor.stages}}
+    desc = f"stages {dataset.name.rsplit(':', 1)[-1]}"
+    num_chunks = fill_chunks(path, meta, dataset, 0, spec, extractor.device, compute, pack, desc, progress)
+    if rank_world()[0] == 0:
+        join_chunks(path, num_chunks, layout, "stage cache")

@@ -34,7 +34,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import backbone_spec, build_backbone, unlock_split
-from .cache import FeatureStore
 from .callbacks import Checkpoints, EpochEnd, SelectionEval, TrainingLog
 from .codec import FeatureCodec
 from .datasets import Dataset, open_split
@@ -53,6 +52,7 @@ from .recipe import Recipe, save_recipe
 from .sampler import IGNORE
 from .splits import Selection, SplitData, held_out, log_split, prepare_split, selection_split
 from .state import EpochSums, TrainState, hold_interrupts, rng_state, saved_run
+from .store import FeatureStore
 from .threads import tick
 from .unlock import MapsAndHead, MapStore, UnlockedStages
 

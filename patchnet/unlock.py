@@ -2,7 +2,7 @@
 
 The trunk's features change at every step once its last stages train, so the cache keeps instead
 each image's maps at the boundary below them (``build_maps``: shared mode's trunk passes stopped
-early, stored by ``patchnet.cache`` in the chunks of ``patchnet.features``). ``UnlockedStages``
+early, stored in chunks by ``patchnet.store`` as every cache is). ``UnlockedStages``
 computes the patch features from those maps, ``MapStore`` reads them as a feature store does, and
 ``MapsAndHead`` is the module a training step differentiates.
 """
@@ -19,27 +19,26 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, BackboneError, EfficientNetLiteTrunk, Unlock
-from .cache import (
-    INDEX_ARRAYS,
-    ItemIndex,
-    building,
-    chunk_arrays,
-    chunk_rows,
-    complete,
-    finish_join,
-    memmap,
-    ready,
-    save_chunk,
-    write_rows,
-)
 from .codec import FeatureCodec
 from .datasets import Dataset
 from .dist import rank_world
 from .errors import PatchnetError
 from .extract import PatchExtractor, map_cells
-from .features import CacheSpec, cache_fields, fill_chunks
-from .files import digest
+from .features import cache_fields
 from .regions import region_weights
+from .store import (
+    INDEX_ARRAYS,
+    CacheSpec,
+    ItemIndex,
+    chunk_arrays,
+    chunk_rows,
+    fill_chunks,
+    finish_join,
+    keyed_folder,
+    memmap,
+    open_or_build,
+    write_rows,
+)
 
 MAP_VERSION = 1  # bump whenever what build_maps stores changes
 
@@ -243,48 +242,49 @@ def build_maps(
         "unlock": unlock.n,
         "boundary": unlock.boundary.name,
     }
-    path = spec.root / digest(fields)
-    if ready(path):
-        return MapStore(path)
-    with building(path, f"map cache {path.name}"):
-        if not complete(path):
-            meta = {"fields": fields, "feature_dim": extractor.feature_dim, "map_dim": unlock.boundary.dim}
-            num_chunks = fill_chunks(
-                path,
-                meta,
-                dataset,
-                views,
-                spec,
-                extractor.device,
-                lambda image: boundary_maps(extractor, image, unlock.part),
-                lambda target, results: _write_map_chunk(target, results, unlock.boundary.dim),
-                f"maps {dataset.name.rsplit(':', 1)[-1]}",
-                progress,
-            )
-            if rank_world()[0] == 0:
-                _join_map_chunks(path, num_chunks, unlock.boundary.dim)
-    return MapStore(path)
+    path = keyed_folder(spec.root, fields)
+
+    def build() -> None:
+        meta = {"fields": fields, "feature_dim": extractor.feature_dim, "map_dim": unlock.boundary.dim}
+        num_chunks = fill_chunks(
+            path,
+            meta,
+            dataset,
+            views,
+            spec,
+            extractor.device,
+            lambda image: _with_boxes(boundary_maps(extractor, image, unlock.part)),
+            lambda payloads: _pack_maps(payloads, unlock.boundary.dim),
+            f"maps {dataset.name.rsplit(':', 1)[-1]}",
+            progress,
+        )
+        if rank_world()[0] == 0:
+            _join_map_chunks(path, num_chunks, unlock.boundary.dim)
+
+    return open_or_build(path, "map cache", build, MapStore)
 
 
-def _write_map_chunk(target: Path, results: list, dim: int) -> None:
-    """A chunk of boundary maps: ``results`` per item ``(ImageMaps or None, objects or failure message)``."""
+def _with_boxes(maps: ImageMaps) -> tuple[ImageMaps, np.ndarray]:
+    return maps, maps.boxes
+
+
+def _pack_maps(payloads: list[ImageMaps | None], dim: int) -> dict[str, np.ndarray]:
+    """The arrays of a chunk of boundary maps: per item its ``ImageMaps``, or None for an unreadable image."""
     maps, shapes, factors, levels, level_counts = [], [], [], [], []
-    for m, _ in results:
+    for m in payloads:
         level_counts.append(0 if m is None else len(m.maps))
         if m is not None:
             maps += [x.reshape(-1, x.shape[-1]) for x in m.maps]
             shapes += [x.shape[:2] for x in m.maps]
             factors.append(m.factors)
             levels.append(m.level)
-    save_chunk(
-        target,
-        [(None if m is None else m.boxes, info) for m, info in results],
-        maps=np.concatenate(maps) if maps else np.zeros((0, dim), np.float16),
-        level_shape=np.array(shapes, np.int64).reshape(-1, 2),
-        level_factor=np.concatenate(factors) if factors else np.zeros((0, 2)),
-        level_counts=np.array(level_counts, np.int64),
-        patch_level=np.concatenate(levels) if levels else np.zeros(0, np.int64),
-    )
+    return {
+        "maps": np.concatenate(maps) if maps else np.zeros((0, dim), np.float16),
+        "level_shape": np.array(shapes, np.int64).reshape(-1, 2),
+        "level_factor": np.concatenate(factors) if factors else np.zeros((0, 2)),
+        "level_counts": np.array(level_counts, np.int64),
+        "patch_level": np.concatenate(levels) if levels else np.zeros(0, np.int64),
+    }
 
 
 def _join_map_chunks(path: Path, num_chunks: int, dim: int) -> None:

@@ -11,7 +11,7 @@ from patchnet.codec import CodecError, FeatureCodec
 from patchnet.datasets import load_image, open_split
 from patchnet.extract import build_extractor
 from patchnet.features import cache_fields, cache_spec
-from patchnet.files import digest
+from patchnet.store import key
 
 from conftest import build, tiny_recipe
 
@@ -110,20 +110,20 @@ def test_extraction_under_torchrun_splits_the_images_across_ranks(tmp_path, smal
 )
 def test_any_input_of_the_features_changes_the_key(tmp_path, small_voc, override):
     _recipe, ds, ex = _setup(tmp_path, small_voc)
-    base = digest(cache_fields(ds, ex))
+    base = key(cache_fields(ds, ex))
     _recipe2, ds2, ex2 = _setup(tmp_path, small_voc, override)
-    assert digest(cache_fields(ds2, ex2)) != base
+    assert key(cache_fields(ds2, ex2)) != base
 
 
 def test_key_changes_with_the_image_list_and_views_but_not_with_training_settings(tmp_path, small_voc):
     recipe, ds, ex = _setup(tmp_path, small_voc)
-    base = digest(cache_fields(ds, ex))
-    assert digest(cache_fields(open_split(recipe.data, "val"), ex)) != base
+    base = key(cache_fields(ds, ex))
+    assert key(cache_fields(open_split(recipe.data, "val"), ex)) != base
     smaller = type(ds)(ds.name, ds.classes, ds.records[:-1])
-    assert digest(cache_fields(smaller, ex)) != base
-    assert digest(cache_fields(ds, ex, 2, cache_spec(recipe, ex))) != base
+    assert key(cache_fields(smaller, ex)) != base
+    assert key(cache_fields(ds, ex, 2, cache_spec(recipe, ex))) != base
     recipe2, _, _ = _setup(tmp_path, small_voc, "train.lr=0.5", "train.epochs=9", "infer.k=2")
-    assert digest(cache_fields(ds, ex, 0, cache_spec(recipe2, ex))) == base
+    assert key(cache_fields(ds, ex, 0, cache_spec(recipe2, ex))) == base
 
 
 def test_a_killed_build_resumes_where_it_stopped(tmp_path, small_voc):
@@ -138,6 +138,54 @@ def test_a_killed_build_resumes_where_it_stopped(tmp_path, small_voc):
     clean = build(clean_recipe, ds, ex, progress=False)
     np.testing.assert_array_equal(store.offsets, clean.offsets)
     np.testing.assert_allclose(store.rows[:], clean.rows[:], atol=1e-3)
+
+
+def test_a_build_resumed_with_another_chunk_size_gives_the_rows_of_a_fresh_build(tmp_path, small_voc, monkeypatch):
+    """Chunks of 3 images (0-2, then 3) left by a build killed before its join; resumed with chunks of 1, the file of
+    chunk 1 (image 3) must not be taken for image 1's."""
+    recipe, ds, ex = _setup(tmp_path, small_voc, "cache.chunk=3")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("patchnet.features.join_chunks", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe, ds, ex, progress=False)
+    monkeypatch.undo()
+    chunks = sorted(p.name for p in (tmp_path / "cache").glob("*/chunks/*.npz"))
+    assert chunks == ["000000.npz", "000001.npz"]
+    resumed_recipe, _, _ = _setup(tmp_path, small_voc, "cache.chunk=1")
+    resumed = CountingExtractor(ex)
+    store = build(resumed_recipe, ds, resumed, progress=False)
+    assert resumed.calls == len(ds)  # no chunk of the killed build holds a chunk of 1 image: all computed again
+    clean_recipe, _, _ = _setup(tmp_path / "clean", small_voc)
+    clean = build(clean_recipe, ds, ex, progress=False)
+    np.testing.assert_array_equal(store.offsets, clean.offsets)
+    np.testing.assert_array_equal(store.patch_boxes, clean.patch_boxes)
+    np.testing.assert_allclose(store.rows[:], clean.rows[:], atol=1e-3)
+    # resumed with its own chunk size, a killed build's chunks are taken as they are
+    monkeypatch.setattr("patchnet.features.join_chunks", killed)
+    again_recipe, _, _ = _setup(tmp_path / "again", small_voc, "cache.chunk=3")
+    with pytest.raises(KeyboardInterrupt):
+        build(again_recipe, ds, ex, progress=False)
+    monkeypatch.undo()
+    again = CountingExtractor(ex)
+    np.testing.assert_allclose(build(again_recipe, ds, again, progress=False).rows[:], clean.rows[:], atol=1e-3)
+    assert again.calls == 0
+
+
+def test_two_input_sizes_give_two_int8_calibrations(tmp_path, small_voc):
+    from patchnet.features import calibrate_extractor
+
+    ranges = []
+    for size in (32, 64):
+        recipe, ds, ex = _setup(
+            tmp_path, small_voc, "backbone.precision=int8", "backbone.int8_images=1", f"backbone.input_size={size}"
+        )
+        calibrate_extractor(recipe, ex, ds, progress=False)
+        ranges.append(ex.int8_ranges)
+    assert len(list((tmp_path / "cache" / "int8").glob("*.json"))) == 2
+    assert ranges[0] != ranges[1]  # the activations' ranges change with the input size
 
 
 def test_a_corrupt_image_is_skipped_and_counted(tmp_path, small_voc, caplog):
@@ -206,7 +254,7 @@ def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_
     recipe, ds, ex = _setup(tmp_path, small_voc)
     fields = cache_fields(ds, ex, 0, cache_spec(recipe, ex))
     assert "compress" not in fields and cache_fields(ds, ex, 0, cache_spec(recipe, ex, codec=FeatureCodec())) == fields
-    keys = {digest(fields)}
+    keys = {key(fields)}
     for overrides in (
         ["cache.compress=int8"],
         ["cache.compress=pca", "cache.pca_dim=4"],
@@ -214,7 +262,7 @@ def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_
         ["cache.compress=pca_int8", "cache.pca_dim=4"],
     ):
         r = tiny_recipe(tmp_path, small_voc, *overrides)
-        keys.add(digest(cache_fields(ds, ex, 0, cache_spec(r, ex, progress=False))))
+        keys.add(key(cache_fields(ds, ex, 0, cache_spec(r, ex, progress=False))))
     assert len(keys) == 5
     r = tiny_recipe(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=2000")
     with pytest.raises(CodecError, match="at most 1280"):
@@ -280,3 +328,37 @@ def test_a_compressed_cache_is_encoded_from_the_fp16_cache_without_the_trunk(tmp
     np.testing.assert_array_equal(store.rows.scales, fresh.rows.scales)
     np.testing.assert_array_equal(store.offsets, fresh.offsets)
     np.testing.assert_array_equal(store.patch_boxes, fresh.patch_boxes)
+
+
+def test_cache_verify_checks_every_kind_of_cache_folder(tmp_path, small_voc):
+    """Features, unlock's boundary maps and the per-layer vectors: each listed, each found damaged when a byte flips."""
+    from typer.testing import CliRunner
+
+    from patchnet.backbones import backbone_spec, unlock_split
+    from patchnet.cli import app
+    from patchnet.stages import build_stage_extractor, stage_features, stage_recipe
+    from patchnet.unlock import build_maps
+
+    recipe, ds, ex = _setup(tmp_path, small_voc)
+    features = build(recipe, ds, ex, progress=False)
+    maps = build_maps(
+        cache_spec(recipe, ex), ds, ex, unlock_split(backbone_spec("efficientnet_lite0"), 1), progress=False
+    )
+    r = stage_recipe(recipe, "whole")
+    stage_features(r, ds, build_stage_extractor(r), progress=False)
+    (layers,) = (p.parent for p in (tmp_path / "cache" / "layers").glob("*/meta.json"))
+    cache_dir = str(tmp_path / "cache")
+    result = CliRunner().invoke(app, ["cache", "verify", "--cache-dir", cache_dir])
+    assert result.exit_code == 0, result.output
+    for folder in (features.path.name, maps.path.name, f"layers/{layers.name}"):
+        assert f"{folder}  ok" in result.output
+    assert "3 caches, 0 damaged" in result.output
+    for f in (maps.path / "maps.f16", layers / "head.f32"):
+        data = bytearray(f.read_bytes())
+        data[8] ^= 0xFF
+        f.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["cache", "verify", "--cache-dir", cache_dir])
+    assert result.exit_code == 1 and "3 caches, 2 damaged" in result.output
+    assert f"layers/{layers.name}  head.f32 does not match its checksum" in result.output
+    assert f"{maps.path.name}  maps.f16 does not match its checksum" in result.output
+    assert f"{features.path.name}  ok" in result.output

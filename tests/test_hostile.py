@@ -20,13 +20,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from patchnet.cache import CacheError, FeatureStore, verify_cache
 from patchnet.cli import app
 from patchnet.datasets import DatasetError, ImageTooLarge, load_image, open_split, read_coco, read_csv_list, read_folder
 from patchnet.extract import build_extractor
 from patchnet.files import OutputPathError, UniqueNames, atomic_write, output_path, safe_name
 from patchnet.model import CheckpointError
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
+from patchnet.store import CacheError, FeatureStore, verify_cache
 from patchnet.trainer import train
 
 from conftest import CLASSES, build, four_voc, tiny_recipe, write_image
@@ -405,12 +405,11 @@ def test_a_truncated_cache_file_names_the_folder_and_how_to_rebuild(built, name)
 
 def test_a_garbage_chunk_left_by_a_killed_run_is_computed_again(tmp_path, small_voc, caplog):
     from patchnet.features import cache_fields, cache_spec
-    from patchnet.files import digest
+    from patchnet.store import keyed_folder
 
     recipe = tiny_recipe(tmp_path, small_voc)
     ds, ex = open_split(recipe.data, "train"), build_extractor(recipe)
-    key = digest(cache_fields(ds, ex, 0, cache_spec(recipe, ex)))
-    chunks = tmp_path / "cache" / key / "chunks"
+    chunks = keyed_folder(tmp_path / "cache", cache_fields(ds, ex, 0, cache_spec(recipe, ex))) / "chunks"
     chunks.mkdir(parents=True)
     (chunks / "000000.npz").write_bytes(b"PK\x03\x04 garbage, as a half-written chunk")
     with caplog.at_level(logging.WARNING, logger="patchnet"):
@@ -446,7 +445,9 @@ def test_a_warm_cache_in_a_read_only_folder_is_read(built, monkeypatch):
     recipe, ds, ex, store = built
     for stamp in store.path.glob("verified-*"):
         stamp.unlink()
-    monkeypatch.setattr("patchnet.cache.atomic_write", lambda *a: (_ for _ in ()).throw(PermissionError(13, "ro")))
+    monkeypatch.setattr(
+        "patchnet.store.integrity.atomic_write", lambda *a: (_ for _ in ()).throw(PermissionError(13, "ro"))
+    )
     assert build(recipe, ds, ex, progress=False).num_patches == store.num_patches
 
 

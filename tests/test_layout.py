@@ -40,7 +40,14 @@ ORDER = [
     "sampler",
     "dist",
     "extract",
-    "cache",
+    "store.integrity",
+    "store.readers",
+    "store.chunks",
+    "store.rows",
+    "store.folder",
+    "store.build",
+    "store.verify",
+    "store",
     "features",
     "unlock",
     "model",
@@ -129,14 +136,16 @@ def test_a_module_imports_only_modules_below_it(name):
     assert not higher, f"patchnet.{name} imports {', '.join(higher)}, listed after it"
 
 
-def test_the_cache_stores_and_never_runs_a_model():
-    assert not imports("cache", _modules()["cache"]) & {
+@pytest.mark.parametrize("name", [m for m in ORDER if m == "store" or m.startswith("store.")])
+def test_the_store_stores_and_never_runs_a_model(name):
+    assert not imports(name, _modules()[name]) & {
         "model",
         "trainer",
         "unlock",
         "extract",
         "backbones",
         "features",
+        "stages",
     }
 
 

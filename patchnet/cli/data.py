@@ -105,13 +105,13 @@ def cache_verify(
     with session(verbose):
         import shutil
 
-        from ..cache import verify_cache
+        from ..store import cache_folders, verify_cache
 
         if not cache_dir.is_dir():
             raise PatchnetError(
                 f"{cache_dir}: no such folder; give the runtime.cache_dir of your runs with --cache-dir"
             )
-        folders = sorted(p for p in cache_dir.iterdir() if p.is_dir() and (p / "meta.json").is_file())
+        folders = list(cache_folders(cache_dir))
         if not folders:
             typer.echo(f"{cache_dir}: holds no caches")
             return
@@ -127,7 +127,7 @@ def cache_verify(
                     shutil.rmtree(folder)
                 status += " -> deleted"
             bad += damaged and not delete
-            typer.echo(f"{folder.name}  {status}")
+            typer.echo(f"{folder.relative_to(cache_dir)}  {status}")
         typer.echo(
             f"{len(folders)} caches, {bad} damaged"
             + ("; rerun with --delete-damaged to delete them (the next run rebuilds them)" if bad else "")
