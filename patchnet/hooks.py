@@ -7,6 +7,7 @@ patchnet's own: the evaluation on the selection images with the calibration and 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 from .calibration import calibrate
 from .checkpoint import Checkpoint, save_checkpoint
 from .dist import rank_world
+from .errors import PatchnetError
 from .fusion import fit_fusion
 from .infer import evaluate, image_scores
 from .linear import SplitFeatures, fit_linear, linear_arrays
@@ -71,6 +73,18 @@ class HookBase:
 
     def after_train(self, state: TrainState) -> None:
         """Called once when training ends (also on an error or an interrupt)."""
+
+
+class HookError(PatchnetError, TypeError):
+    """A hook passed to training that is not a ``HookBase``."""
+
+
+def check_hooks(hooks: Sequence[HookBase]) -> list[HookBase]:
+    """``hooks`` as a list, refused (before any work) where one is not a ``HookBase``."""
+    for hook in hooks:
+        if not isinstance(hook, HookBase):
+            raise HookError(f"hooks: {hook!r} is not a patchnet.hooks.HookBase; subclass it and override its methods")
+    return list(hooks)
 
 
 class SelectionEval(HookBase):

@@ -43,7 +43,7 @@ from .errors import PatchnetError
 from .extract import build_extractor
 from .files import atomic_write
 from .fusion import Fusion
-from .hooks import Checkpoints, EpochEnd, HookBase, SelectionEval, TrainingLog
+from .hooks import Checkpoints, EpochEnd, HookBase, SelectionEval, TrainingLog, check_hooks
 from .infer import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets, sum_members
 from .metrics import APTable, confusion_matrix
@@ -130,10 +130,7 @@ class Trainer:
         self.checkpoints = Checkpoints(recipe.run_dir, facts, selection is not None)
         own: list[HookBase] = [SelectionEval(recipe, train_data, selection)] if selection is not None else []
         own += [self.checkpoints, *([TrainingLog(recipe, selection)] if self.rank == 0 else [])]
-        for hook in hooks:  # a hook found missing at the end of the first epoch would cost the epoch
-            if not isinstance(hook, HookBase):
-                raise TrainingError(f"hooks: {hook!r} is not a patchnet.hooks.HookBase; subclass it")
-        self.hooks = [*own, *hooks]  # the user's after patchnet's own: they see the evaluation's results
+        self.hooks = [*own, *check_hooks(hooks)]  # the user's after patchnet's own: they see the evaluation's
 
     # ------------------------------------------------------------------ the two halves of an epoch
     def run_epoch(self) -> None:
@@ -397,6 +394,7 @@ def train(
     ``datasets``: splits already read (split name -> dataset), not read again. ``hooks``: ``HookBase``
     objects called around the steps and epochs, after patchnet's own.
     """
+    hooks = check_hooks(hooks)
     init_distributed()
     rank, _ = rank_world()
     started = time.perf_counter()
