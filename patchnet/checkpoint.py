@@ -221,10 +221,20 @@ class Checkpoint:
         if not all(isinstance(c, str) for c in state["classes"]):
             raise CheckpointError(f"{path}: field 'classes' should hold class names (strings); {REMEDY}")
         data = state.get("data")
+        get = state.get
         return cls(
-            **{k: state.get(k) for k in FIELDS if k not in ("history", "data", "classes")},
+            head=state["head"],
+            recipe=state["recipe"],
             classes=list(state["classes"]),
-            history=list(state.get("history") or []),
+            feature_dim=state["feature_dim"],
+            weights_id=get("weights_id"),
+            codec=get("codec"),
+            int8=get("int8"),
+            trunk=get("trunk"),
+            calibration=get("calibration"),
+            fusion=get("fusion"),
+            history=list(get("history") or []),
+            card=get("card"),
             training={k: state[k] for k in TRAINING} if present else None,
             data=None if data is None else DataFingerprint.from_dict(data, path),
             version=version,
