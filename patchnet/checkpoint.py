@@ -122,21 +122,24 @@ class DataFingerprint:
         changed = [i for i, v in now.images.items() if i in self.images and list(self.images[i]) != list(v)]
         for n, what, ids in ((len(added), "added", added), (len(removed), "removed", removed)):
             if n:
-                out.append(f"{n} training images {what} (e.g. {', '.join(map(repr, ids[:3]))})")
+                out.append(f"{_images(n)} {what} (e.g. {', '.join(map(repr, ids[:3]))})")
         if changed:
             out.append(
-                f"{len(changed)} training images changed (size or modification time; e.g. "
-                f"{', '.join(map(repr, changed[:3]))})"
+                f"{_images(len(changed))} changed (size or modification time; e.g. {', '.join(map(repr, changed[:3]))})"
             )
         if self.classes != now.classes:
             gone, new = sorted(set(self.classes) - set(now.classes)), sorted(set(now.classes) - set(self.classes))
             out.append(f"classes {self.classes} then, {now.classes} now (new: {new}, gone: {gone})")
         if self.world != now.world:
-            out.append(f"{self.world} training processes then, {now.world} now")
+            out.append(f"{self.world} training process{'es' if self.world > 1 else ''} then, {now.world} now")
         if out and self.resolved != now.resolved:
             relative = " (relative: it depends on the folder you run from)" if not Path(now.root).is_absolute() else ""
             out.append(f"data.root {now.root!r}{relative} points to {now.resolved}, and pointed to {self.resolved}")
         return out
+
+
+def _images(n: int) -> str:
+    return f"{n} training image{'s' if n != 1 else ''}"
 
 
 def check_same_data(saved: DataFingerprint | None, now: DataFingerprint, path: Path) -> None:
@@ -196,7 +199,9 @@ class Checkpoint:
     def from_dict(cls, state: object, path: Path) -> Checkpoint:
         """Check ``state`` field by field, naming ``path`` and the first field missing or of the wrong type."""
         if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: not a patchnet checkpoint (it holds a {type(state).__name__}, not a dict)")
+            raise CheckpointError(
+                f"{path}: not a patchnet checkpoint (it holds a {type(state).__name__}, not a dict); {REMEDY}"
+            )
         version = state.get("format", 1)
         if not isinstance(version, int) or isinstance(version, bool):
             raise CheckpointError(f"{path}: field 'format' should be an int, not {type(version).__name__}; {REMEDY}")

@@ -137,9 +137,9 @@ def test_the_fingerprint_names_images_added_removed_changed_classes_world_and_a_
     records = _records(tmp_path / "d", ["a", "b", "x", "y"])
     (tmp_path / "d" / "a.jpg").write_bytes(b"longer than before")
     text = "; ".join(then.changes(DataFingerprint.of(str(tmp_path / "d"), records, ["cat", "dog"], 2)))
-    assert "2 training images added (e.g. 'x', 'y')" in text and "1 training images removed (e.g. 'c')" in text
-    assert "1 training images changed" in text and "'a'" in text and "new: ['dog']" in text
-    assert "1 training processes then, 2 now" in text
+    assert "2 training images added (e.g. 'x', 'y')" in text and "1 training image removed (e.g. 'c')" in text
+    assert "1 training image changed" in text and "'a'" in text and "new: ['dog']" in text
+    assert "1 training process then, 2 now" in text
     # a relative data.root that now points to another folder, from another working folder
     monkeypatch.chdir(tmp_path)
     relative = DataFingerprint.of("d", _records(tmp_path / "d", "abc"), ["cat"], 1)
@@ -147,7 +147,7 @@ def test_the_fingerprint_names_images_added_removed_changed_classes_world_and_a_
     monkeypatch.chdir(tmp_path / "elsewhere")
     now = DataFingerprint.of("d", _records(tmp_path / "elsewhere" / "d", "ab"), ["cat"], 1)
     text = "; ".join(relative.changes(now))
-    assert "1 training images removed" in text and "data.root 'd' (relative" in text
+    assert "1 training image removed" in text and "data.root 'd' (relative" in text
     assert str(tmp_path / "elsewhere" / "d") in text and str(tmp_path / "d") in text
 
 
