@@ -182,7 +182,7 @@ class Checkpoint:
     training: dict[str, Any] | None = None
     data: DataFingerprint | None = None
     card: dict[str, Any] | None = None
-    version: int = FORMAT
+    version: int = FORMAT  # of the file it was loaded from; saving writes the current one
 
     def to_dict(self) -> dict[str, Any]:
         """The flat dict saved (absent optional fields left out), readable by ``torch.load(weights_only=True)``."""
@@ -191,7 +191,7 @@ class Checkpoint:
             value = getattr(self, name)
             if name == "data" and value is not None:
                 value = value.to_dict()
-            if value is not None or name in ("calibration",):  # calibration: None was always written
+            if value is not None:
                 out[name] = value
         return {**out, **(self.training or {})}
 
