@@ -21,10 +21,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from patchnet.checkpoint import load_checkpoint
 from patchnet.extract import build_extractor
 from patchnet.infer import evaluate_split
 from patchnet.linear import linear_baseline, whole_image_recipe
-from patchnet.model import load_checkpoint
 from patchnet.trainer import train
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
@@ -190,7 +190,7 @@ def _label(row: str, results: dict) -> str:
 
 
 def _epoch_seconds(run_dir: Path) -> float:
-    history = load_checkpoint(run_dir / "last.pt")["history"]
+    history = load_checkpoint(run_dir / "last.pt").history
     return sum(h["seconds"] for h in history) / max(len(history), 1)
 
 

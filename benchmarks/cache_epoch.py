@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import tempfile
 
+from patchnet.checkpoint import load_checkpoint
 from patchnet.datasets import load_image, open_split
 from patchnet.extract import build_extractor
 from patchnet.features import build_features, cache_spec
-from patchnet.model import load_checkpoint
 from patchnet.trainer import train
 
 from common import Timer, bench_parser, dev_recipe, machine, require_voc, table
@@ -44,11 +44,11 @@ def main() -> None:
         with Timer() as t_trunk:  # with cache.compress=pca*, its projection too: a run without the cache pays it
             store = build_features(cache_spec(recipe, extractor, dataset), dataset, extractor)
         result = train(recipe)
-        epoch = load_checkpoint(result.run_dir / "last.pt")["history"][0]["seconds"]
+        epoch = load_checkpoint(result.run_dir / "last.pt").history[0]["seconds"]
         others = {}
         for sup in ("images", "both"):
             r = dev_recipe(args, *run, f"name={sup}", f"train.supervision={sup}", "pool.name=topk")
-            others[sup] = load_checkpoint(train(r).run_dir / "last.pt")["history"][0]["seconds"]
+            others[sup] = load_checkpoint(train(r).run_dir / "last.pt").history[0]["seconds"]
     rows = [
         ("cached features: the head only (patch loss, train.supervision=boxes)", f"{epoch:.2f}", "1"),
         *(

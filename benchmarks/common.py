@@ -178,7 +178,7 @@ def run_splits(predictor: Predictor, cache_dir: str):
 
 def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
     """``checkpoint``'s scores from the cache its run was trained from."""
-    from patchnet.callbacks import SelectionEval
+    from patchnet.hooks import SelectionEval
     from patchnet.infer import Predictor, image_scores
     from patchnet.pooling import pool_features
 

@@ -36,9 +36,9 @@ step() { echo; echo "== $1"; }
 epoch_s=$("$PY" - "$WORK/runs" <<'PY'
 import sys
 from pathlib import Path
-from patchnet.model import load_checkpoint
+from patchnet.checkpoint import load_checkpoint
 last = next(Path(sys.argv[1]).rglob("last.pt"))
-seconds = [r["seconds"] for r in load_checkpoint(last)["history"]]
+seconds = [r["seconds"] for r in load_checkpoint(last).history]
 print(f"{sum(seconds) / len(seconds):.1f}")
 PY
 )

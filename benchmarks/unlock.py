@@ -17,12 +17,12 @@ import json
 from pathlib import Path
 
 from patchnet.backbones import backbone_spec, unlock_split
+from patchnet.checkpoint import load_checkpoint
 from patchnet.codec import FeatureCodec
 from patchnet.datasets import open_split
 from patchnet.extract import build_extractor
 from patchnet.features import build_features, cache_spec
 from patchnet.infer import evaluate_split
-from patchnet.model import load_checkpoint
 from patchnet.trainer import train
 from patchnet.unlock import build_maps
 
@@ -50,7 +50,7 @@ def main() -> None:
         )
         with Timer() as t:
             result = train(recipe)
-        history = load_checkpoint(result.run_dir / "last.pt")["history"]
+        history = load_checkpoint(result.run_dir / "last.pt").history
         epoch = sum(h["seconds"] for h in history) / len(history)
         head = evaluate_split(result.run_dir / "last.pt", data=voc, fuse=False)[0]
         megabytes = _cache_megabytes_per_image(recipe)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .threads import configure as _configure_threads
@@ -19,6 +20,7 @@ _configure_threads()  # before any module loads torch: its thread count and how 
 
 if TYPE_CHECKING:
     from .api import Model
+    from .hooks import HookBase
     from .trainer import TrainResult
 
 __all__ = ["load", "train"]
@@ -48,15 +50,18 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    hooks: Sequence[HookBase] = (),
 ) -> TrainResult:
     """Train on a folder of images (its format, splits and classes found as ``patchnet train DATA`` finds them)
     or as a recipe file says; ``overrides`` are ``--set`` strings; an earlier run of the same name is
-    continued with ``resume`` or replaced with ``overwrite``. Returns the run's ``TrainResult`` (its
-    ``run_dir``, ``best`` and ``last`` checkpoints, and the val split's ``table``)."""
+    continued with ``resume`` or replaced with ``overwrite`` (its files cleared first); ``hooks`` are
+    ``patchnet.hooks.HookBase`` objects the trainer calls around steps and epochs. Returns the run's
+    ``TrainResult`` (its ``run_dir``, ``best`` and ``last`` checkpoints, and the val split's ``table``)."""
     from .run_recipe import RunOptions, check_new_run, open_run_splits, run_recipe
     from .trainer import train as _train
 
     options = RunOptions(name, epochs, backbone, device, None if out is None else str(out))
     r, _ = run_recipe(data, recipe, overrides, options)
     check_new_run(r, resume, overwrite)
-    return _train(r, resume=resume, progress=progress, datasets=open_run_splits(r) if data is not None else None)
+    datasets = open_run_splits(r) if data is not None else None
+    return _train(r, resume=resume, progress=progress, datasets=datasets, overwrite=overwrite, hooks=hooks)

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint import CheckpointError
 from .datasets import DatasetError, load_image
 from .errors import PatchnetError
 from .infer import Prediction, Predictor
 from .localize import Detection, box_options, confidence, localize
-from .model import CheckpointError
 
 
 class ThresholdError(PatchnetError, ValueError):

@@ -168,12 +168,21 @@ except ImportError:  # Windows: no advisory locks; concurrent builds of one cach
     fcntl = None  # type: ignore[assignment]
 
 
+class LockHeld(PatchnetError, RuntimeError):
+    """``file_lock(..., wait=False)`` found the lock held by another process (``holder``: its pid, or ``?``)."""
+
+    def __init__(self, path: Path, what: str, holder: str):
+        super().__init__(f"{what} is in use by another process (pid {holder}); lock file {path}")
+        self.path, self.what, self.holder = path, what, holder
+
+
 @contextlib.contextmanager
-def file_lock(path: str | Path, what: str, poll: float = 1.0) -> Iterator[None]:
+def file_lock(path: str | Path, what: str, poll: float = 1.0, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (created if needed) for the block.
 
     A second process asking for the same lock logs once that it waits for the first (naming ``what``
-    and the holder's pid) and blocks until it is released.
+    and the holder's pid) and blocks until it is released; with ``wait=False`` it raises ``LockHeld``
+    at once instead.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,8 +206,10 @@ def file_lock(path: str | Path, what: str, poll: float = 1.0) -> Iterator[None]:
                         break
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if not wait:
+                    raise LockHeld(path, what, holder)
                 if not waited:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                     log.info("waiting for another process (pid %s) that is building %s", holder, what)
                     waited = True
                 time.sleep(poll)

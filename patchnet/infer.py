@@ -10,13 +10,14 @@ import torch
 
 from .backbones import BackboneError, backbone_spec, build_backbone, unlock_split
 from .calibration import Calibration
+from .checkpoint import Checkpoint, CheckpointError, check_compatible, load_checkpoint, load_head
 from .codec import FeatureCodec
 from .datasets import DatasetError, data_override, load_image, open_split
 from .extract import PatchExtractor, build_extractor
 from .features import build_features, cache_spec
 from .fusion import Fusion
 from .metrics import APTable, PointingResult, ap_table, point_hits, union_fraction
-from .model import AdaptationHead, CheckpointError, check_compatible, load_checkpoint, load_head
+from .model import AdaptationHead
 from .models import resolve_checkpoint
 from .pooling import map_values, pool_features, pool_image, pool_items
 from .recipe import PoolConfig, Recipe, recipe_from_dict
@@ -142,24 +143,24 @@ class Predictor:
             overrides.append(f"infer.pool={pool}")
         if k is not None:
             overrides.append(f"pool.k={k}")
-        self.recipe: Recipe = recipe_from_dict(self.state["recipe"], overrides)
-        self.classes: list[str] = list(self.state["classes"])
+        self.recipe: Recipe = recipe_from_dict(self.state.recipe, overrides)
+        self.classes: list[str] = list(self.state.classes)
         self.extractor = checkpoint_extractor(self.state, checkpoint, self.recipe)
         # the head reads features stored as in training: through the checkpoint's projection and quantisation
-        self.codec = FeatureCodec.from_state(self.state.get("codec"))
+        self.codec = FeatureCodec.from_state(self.state.codec)
         dim = self.codec.dim(self.extractor.feature_dim)
         self.head = AdaptationHead(dim, len(self.classes), **asdict(self.recipe.head))
-        load_head(self.head, self.state, checkpoint)
+        load_head(self.head, self.state.head, checkpoint)
         self.head.eval()
         self.pool = self.recipe.infer_pool
-        fusion = self.state.get("fusion")
+        fusion = self.state.fusion
         # a fusion (and the calibration fitted on its scores) holds for the pooling it was fitted with
         self.fusion = (
             Fusion.from_dict(fusion)
             if fuse and fusion and fusion["pool"] == self.pool and self._same_k(fusion)
             else None
         )
-        cal = self.state.get("calibration")
+        cal = self.state.calibration
         # a calibration holds for the pooling (and power) it was fitted on
         self.calibration = (
             Calibration.from_dict(cal)
@@ -202,30 +203,30 @@ class Predictor:
         return Prediction(scores, probs, present, np.asarray(boxes), self.map_values(logits), width, height)
 
 
-def checkpoint_extractor(state: dict, path: str | Path, recipe: Recipe) -> PatchExtractor:
+def checkpoint_extractor(state: Checkpoint, path: str | Path, recipe: Recipe) -> PatchExtractor:
     """The extractor that scores images for a checkpoint: its recipe's backbone, checked against it, with the
     trained stages of ``train.unlock`` loaded before the extractor folds BatchNorm into them."""
     b = recipe.backbone
     backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
-    check_compatible(state, path, b.name, list(state["classes"]), backbone.feature_dim, backbone.weights_id)
+    check_compatible(state, path, b.name, list(state.classes), backbone.feature_dim, backbone.weights_id)
     if recipe.train.unlock:
-        if "trunk" not in state:
+        if state.trunk is None:
             raise CheckpointError(
                 f"{path}: its recipe unlocks {recipe.train.unlock} trunk stages, but it carries no "
                 "trained stages (trunk); it is not a complete patchnet checkpoint"
             )
         try:
-            load_unlocked(backbone, state["trunk"], unlock_split(backbone_spec(b.name), recipe.train.unlock))
+            load_unlocked(backbone, state.trunk, unlock_split(backbone_spec(b.name), recipe.train.unlock))
         except BackboneError as e:
             raise CheckpointError(f"{path}: {e}") from None
     extractor = build_extractor(recipe, backbone)
     if extractor.int8:
-        if not state.get("int8"):
+        if not state.int8:
             raise CheckpointError(
                 f"{path}: its recipe runs an int8 trunk, but it carries no int8 ranges; it is not a complete "
                 "patchnet checkpoint (use precision='fp32' or 'bf16' to score with a float trunk)"
             )
-        extractor.use_int8(state["int8"])
+        extractor.use_int8(state.int8)
     return extractor
 
 

@@ -1,16 +1,12 @@
-"""The adaptation layers trained on top of the frozen trunk."""
+"""The adaptation layers trained on top of the frozen trunk (their checkpoints: ``patchnet.checkpoint``)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-
-from .errors import PatchnetError
-from .files import atomic_write
 
 
 class ByteDropout(nn.Module):
@@ -109,69 +105,3 @@ class AdaptationHead(nn.Module):
     def probabilities(self, features, batch_size: int = 16384) -> torch.Tensor:
         """(N, C + 1) softmax outputs in inference mode."""
         return self.logits(features, batch_size).softmax(-1)
-
-
-class CheckpointError(PatchnetError, ValueError):
-    """A checkpoint that cannot be used as asked."""
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write atomically and durably (fsynced before the rename): a kill or a power loss mid-write leaves the
-    previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_head(head: nn.Module, state: dict, path: str | Path, key: str = "head") -> None:
-    """Load a checkpoint's weights into ``head``, with one clear error where they do not fit it."""
-    try:
-        head.load_state_dict(state[key])
-    except (RuntimeError, KeyError, TypeError) as e:
-        shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-        raise CheckpointError(
-            f"{path}: its {key} does not fit the model its recipe builds ({shapes}): "
-            f"{str(e).splitlines()[0][:300]}. The file was edited or made by another version; "
-            "use a checkpoint written by patchnet train with this recipe"
-        ) from None
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a patchnet checkpoint safely (tensors and plain containers only, no code): a file, or the name of a
-    shipped model (``voc07``)."""
-    from .models import SHIPPED, resolve_checkpoint
-
-    path = resolve_checkpoint(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; runs write checkpoints/<name>/best.pt and last.pt, and the "
-            f"shipped models go by name ({', '.join(SHIPPED)})"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable patchnet checkpoint ({type(e).__name__}: {e})") from None
-    missing = [k for k in ("head", "recipe", "classes", "feature_dim") if k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a patchnet checkpoint (missing {', '.join(missing)})")
-    return state
-
-
-def check_compatible(
-    state: dict, path: str | Path, backbone: str, classes: list[str], feature_dim: int, weights_id: str | None = None
-) -> None:
-    """Refuse a checkpoint made for another backbone, weights or class list, saying what differs."""
-    theirs = state["recipe"]["backbone"]["name"]
-    if theirs != backbone or state["feature_dim"] != feature_dim:
-        raise CheckpointError(
-            f"{path}: trained on backbone {theirs} ({state['feature_dim']}-d features), "
-            f"but this run uses {backbone} ({feature_dim}-d)"
-        )
-    if weights_id is not None and state.get("weights_id") not in (None, weights_id):
-        raise CheckpointError(
-            f"{path}: trained on features of backbone weights {state['weights_id']!r}, but this "
-            f"run's {backbone} has weights {weights_id!r}; its head would score features it never "
-            "saw. Use the same backbone.weights as the checkpoint's recipe.yaml"
-        )
-    if list(state["classes"]) != list(classes):
-        raise CheckpointError(f"{path}: trained for classes {state['classes']}, but the data has {classes}")

@@ -86,7 +86,7 @@ def run_recipe(
 
 def check_new_run(recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """Refuse to train over an earlier run of the same name unless told to continue it or start anew."""
-    from .model import CheckpointError
+    from .checkpoint import CheckpointError
 
     if not resume and not overwrite and (recipe.run_dir / "last.pt").is_file():
         raise CheckpointError(

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backbones import backbone_spec, unlock_split
+from .checkpoint import Checkpoint, CheckpointError, DataFingerprint, check_same_data
+from .codec import FeatureCodec
 from .datasets import Dataset, DatasetError, open_split
+from .dist import rank_world
 from .extract import PatchExtractor
-from .features import build_features
+from .features import build_features, cache_spec
 from .infer import evaluation_items
-from .model import CheckpointError
 from .recipe import Recipe
 from .sampler import IGNORE, MULTI, label_patches
 from .store import CacheSpec, FeatureStore
@@ -166,3 +168,36 @@ def log_split(name: str, data: SplitData, selection: Selection | None) -> None:
         counts[c + 1],
         held,
     )
+
+
+def run_splits(
+    recipe: Recipe, extractor: PatchExtractor, saved: Checkpoint | None, progress: bool, datasets: dict[str, Dataset]
+):
+    """A training run's splits: the training split, the selection images, the validation split (or None), the
+    cache they are in, and the fingerprint of the training data (checked against a resumed run's first)."""
+    # a resumed run keeps the projection its head was trained on; unlock stores its maps as they are
+    codec = FeatureCodec.from_state(saved.codec) if saved is not None else None
+    if saved is not None and saved.int8 and extractor.int8:  # and the int8 trunk
+        extractor.use_int8(saved.int8)
+    train_set = datasets.get(recipe.data.train_split) or open_split(recipe.data, recipe.data.train_split)
+    data = DataFingerprint.of(recipe.data.root, train_set.records, train_set.classes, rank_world()[1])
+    if saved is not None:
+        check_same_data(saved.data, data, recipe.run_dir / "last.pt")
+    spec = cache_spec(recipe, extractor, train_set, FeatureCodec() if recipe.train.unlock else codec, progress)
+    train_data = prepare_split(
+        recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views, progress=progress, dataset=train_set
+    )
+    selection = selection_split(recipe, train_data, extractor, spec, progress)
+    log_split("train", train_data, selection)
+    val = None
+    if recipe.data.val_split:
+        val = prepare_split(
+            recipe,
+            recipe.data.val_split,
+            extractor,
+            spec,
+            progress=progress,
+            classes=train_data.dataset.classes,
+            dataset=datasets.get(recipe.data.val_split),
+        )
+    return train_data, selection, val, spec, data

@@ -4,16 +4,19 @@ calibration and fusion, and the RNG state."""
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .model import AdaptationHead, CheckpointError, load_checkpoint, load_head
+from .checkpoint import Checkpoint, CheckpointError, check_compatible, load_checkpoint, load_head
+from .dist import rank_world
+from .model import AdaptationHead
 from .recipe import Recipe, recipe_from_dict
 from .unlock import UnlockedStages
 
@@ -130,33 +133,41 @@ class TrainState:
         self.fusion: dict | None = None
         self.rng = rng_state(device)
 
-    def state_dict(self) -> dict:
-        trunk = {} if self.stages is None else {"trunk": {k: v.cpu() for k, v in self.stages.state().items()}}
-        fusion = {} if self.fusion is None else {"fusion": self.fusion}
-        return {
-            "head": self.head.state_dict(),
-            **trunk,
+    def checkpoint(self, facts: Checkpoint) -> Checkpoint:
+        """The checkpoint of this state: ``facts`` (the run's recipe, classes, trunk, codec, data fingerprint)
+        with this state's weights, calibration, fusion, history and everything resuming reads."""
+        trunk = None if self.stages is None else {k: v.cpu() for k, v in self.stages.state().items()}
+        training = {
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "best_map07": self.best,
-            "history": list(self.history),
             "carry": asdict(self.sums),
             "rng": dict(self.rng),
-            "calibration": self.calibration,
-            **fusion,
         }
+        return replace(
+            facts,
+            head=self.head.state_dict(),
+            trunk=trunk,
+            calibration=self.calibration,
+            fusion=self.fusion,
+            history=list(self.history),
+            training=training,
+        )
 
-    def load_state_dict(self, state: dict, path: str | Path = "the checkpoint") -> None:
-        load_head(self.head, state, path)
+    def restore(self, saved: Checkpoint, path: str | Path = "the checkpoint") -> None:
+        """Take back the state ``saved`` holds (its weights, counters, schedule, sums and random states)."""
+        state = saved.resume_state(Path(path))
+        load_head(self.head, saved.head, path)
         if self.stages is not None:
-            self.stages.load(state["trunk"])
+            if saved.trunk is None:
+                raise CheckpointError(f"{path}: its recipe unlocks trunk stages, but it carries no trained stages")
+            self.stages.load(saved.trunk)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best_map07"]
-        self.history, self.calibration = list(state["history"]), state.get("calibration")
-        self.fusion = state.get("fusion")
+        self.history, self.calibration, self.fusion = list(saved.history), saved.calibration, saved.fusion
         self.sums = EpochSums(**state["carry"])
         self.rng = dict(state["rng"])
         _set_rng_state(self.rng, self.device)
@@ -181,13 +192,14 @@ def hold_interrupts():
             signal.raise_signal(signal.SIGINT)
 
 
-def saved_run(recipe: Recipe) -> dict:
-    """last.pt of the run to resume, checked to come from the same recipe."""
+def saved_run(recipe: Recipe) -> Checkpoint:
+    """last.pt of the run to resume, checked to come from the same recipe (its data: ``check_same_data``)."""
     last_path = recipe.run_dir / "last.pt"
     if not last_path.is_file():
         raise CheckpointError(f"--resume: {last_path} does not exist; start without --resume")
     saved = load_checkpoint(last_path)
-    if resume_key(recipe_from_dict(saved["recipe"]).to_dict()) != resume_key(recipe.to_dict()):
+    saved.resume_state(last_path)
+    if resume_key(recipe_from_dict(saved.recipe).to_dict()) != resume_key(recipe.to_dict()):
         raise CheckpointError(
             f"--resume: {last_path} was made with another recipe; resume with the saved one: "
             f"patchnet train --recipe {recipe.run_dir / 'recipe.yaml'} --resume"
@@ -204,3 +216,19 @@ def resume_key(values: dict) -> dict:
         "train": {k: v for k, v in values["train"].items() if k != "epochs"},
         "data": {k: v for k, v in values["data"].items() if k != "classes"},
     }
+
+
+def resume_run(state: TrainState, saved: Checkpoint, recipe: Recipe, extractor, classes: list[str]) -> None:
+    """Load the saved run into ``state``, refusing one made for another backbone, weights or class list."""
+    last = recipe.run_dir / "last.pt"
+    check_compatible(saved, last, recipe.backbone.name, classes, extractor.feature_dim, extractor.backbone.weights_id)
+    state.restore(saved, last)
+    rank = rank_world()[0]
+    if rank:
+        sums = sums_path(recipe.run_dir, rank)
+        state.sums = EpochSums(**json.loads(sums.read_text())) if sums.is_file() else EpochSums()
+
+
+def sums_path(run_dir: Path, rank: int) -> Path:
+    """Under DDP an interrupted rank keeps its own running sums here (rank 0's are in last.pt)."""
+    return run_dir / f"carry.rank{rank}.json"

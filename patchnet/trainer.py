@@ -14,7 +14,7 @@ With ``train.unlock`` the trunk's last stages train too (``patchnet.unlock``): e
 steps on batches of whole images, whose cached maps run through the unlocked stages first.
 
 One ``TrainState`` owns everything that a resumed run must get back. ``Trainer.run_epoch`` does the
-steps; ``Trainer.end_epoch`` runs the end-of-epoch callbacks (the evaluation on held-out training
+steps; ``Trainer.end_epoch`` runs the hooks (``patchnet.hooks``: the evaluation on held-out training
 images with its calibration and fusion, the checkpoints, the logs) around one commit, so that
 ``last.pt`` is only written from a consistent state. Epoch e draws its order and its background from
 a generator seeded by ``(seed, e)``, so a killed epoch replays exactly on resume.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -34,24 +35,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import backbone_spec, build_backbone, unlock_split
-from .callbacks import Checkpoints, EpochEnd, SelectionEval, TrainingLog
-from .codec import FeatureCodec
-from .datasets import Dataset, open_split
+from .checkpoint import Checkpoint, run_folder
+from .datasets import Dataset
 from .dist import all_sum, init_distributed, rank_world, resolve_precision
 from .errors import PatchnetError
 from .extract import build_extractor
-from .features import cache_spec
 from .files import atomic_write
 from .fusion import Fusion
+from .hooks import Checkpoints, EpochEnd, HookBase, SelectionEval, TrainingLog, check_hooks
 from .infer import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets, sum_members
 from .metrics import APTable, confusion_matrix
-from .model import AdaptationHead, check_compatible, mean_softmax_logits
+from .model import AdaptationHead, mean_softmax_logits
 from .pooling import gather_items, patch_values, pool, pooled_share
 from .recipe import Recipe, save_recipe
 from .sampler import IGNORE
-from .splits import Selection, SplitData, held_out, log_split, prepare_split, selection_split
-from .state import EpochSums, TrainState, hold_interrupts, rng_state, saved_run
+from .splits import Selection, SplitData, held_out, run_splits
+from .state import EpochSums, TrainState, hold_interrupts, resume_run, rng_state, saved_run, sums_path
 from .store import FeatureStore
 from .threads import tick
 from .unlock import MapsAndHead, MapStore, UnlockedStages
@@ -108,8 +108,9 @@ class Trainer:
         train_data: SplitData,
         selection: Selection | None,
         state: TrainState,
-        meta: dict,
+        facts: Checkpoint,
         progress: bool = True,
+        hooks: Sequence[HookBase] = (),
     ):
         self.recipe, self.t, self.data, self.selection, self.state = recipe, recipe.train, train_data, selection, state
         self.progress = progress
@@ -126,9 +127,10 @@ class Trainer:
         self.dtype = autocast_dtype(self.t.precision, state.device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-        self.checkpoints = Checkpoints(recipe.run_dir, meta, selection is not None)
-        self.callbacks: list = [SelectionEval(recipe, train_data, selection)] if selection is not None else []
-        self.callbacks.append(self.checkpoints)
+        self.checkpoints = Checkpoints(recipe.run_dir, facts, selection is not None)
+        own: list[HookBase] = [SelectionEval(recipe, train_data, selection)] if selection is not None else []
+        own += [self.checkpoints, *([TrainingLog(recipe, selection)] if self.rank == 0 else [])]
+        self.hooks = [*own, *check_hooks(hooks)]  # the user's after patchnet's own: they see the evaluation's
 
     # ------------------------------------------------------------------ the two halves of an epoch
     def run_epoch(self) -> None:
@@ -171,6 +173,8 @@ class Trainer:
             batch = np.sort(order[s.step * per_rank : (s.step + 1) * per_rank])
             loss, correct, patches, n = self._image_step(batch, keep_bg) if images else self._patch_step(batch)
             self._commit_step(loss, correct, patches)
+            for hook in self.hooks:
+                hook.after_step(s)
             seen += n
             bar.update(1)
             bar.set_postfix(
@@ -219,8 +223,8 @@ class Trainer:
             fusion=s.fusion,
             stop=s.schedule.stops(loss),
         )
-        for callback in self.callbacks:
-            getattr(callback, "before_commit", _nothing)(s, end)
+        for hook in self.hooks:
+            hook.before_commit(s, end)
         with hold_interrupts():  # commit
             keep_going = s.schedule.step(s.epoch + 1, loss)
             s.history.append(end.record)
@@ -228,17 +232,17 @@ class Trainer:
             if end.improved:
                 assert end.table is not None  # an improvement was measured on it (SelectionEval)
                 s.best = end.table.map07
-            for callback in self.callbacks:
-                getattr(callback, "at_commit", _nothing)(s, end)
-        for callback in self.callbacks:
-            getattr(callback, "after_commit", _nothing)(s, end)
+            for hook in self.hooks:
+                hook.at_commit(s, end)
+        for hook in self.hooks:
+            hook.after_epoch(s, end)
         return keep_going
 
     def fit(self) -> None:
         s = self.state
-        if self.rank == 0:
-            self.callbacks.append(TrainingLog(self.recipe, self.selection))
         try:
+            for hook in self.hooks:
+                hook.before_train(s)
             while s.epoch < self.t.epochs:
                 self.run_epoch()
                 if not self.end_epoch():
@@ -250,7 +254,7 @@ class Trainer:
             # every step and end_epoch commit leaves the state consistent; no collective calls here
             with hold_interrupts():  # a second Ctrl-C must not cut the save short
                 if self.rank:
-                    atomic_write(_sums_path(self.recipe.run_dir, self.rank), json.dumps(asdict(s.sums)))
+                    atomic_write(sums_path(self.recipe.run_dir, self.rank), json.dumps(asdict(s.sums)))
                 self.checkpoints.save(s, self.checkpoints.last)
             log.warning(
                 "interrupted: saved %s at epoch %d, step %d; continue with --resume",
@@ -260,8 +264,8 @@ class Trainer:
             )
             raise
         finally:
-            for callback in self.callbacks:
-                getattr(callback, "close", lambda: None)()
+            for hook in self.hooks:
+                hook.after_train(s)
 
     # ------------------------------------------------------------------ steps
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -373,43 +377,54 @@ class Trainer:
         )
 
 
-def _nothing(*_args) -> None:
-    """A callback's missing step."""
-
-
-def _sums_path(run_dir: Path, rank: int) -> Path:
-    """Under DDP an interrupted rank keeps its own running sums here (rank 0's are in last.pt)."""
-    return run_dir / f"carry.rank{rank}.json"
-
-
 # --------------------------------------------------------------------------- a run
 
 
 def train(
-    recipe: Recipe, resume: bool = False, progress: bool = True, datasets: dict[str, Dataset] | None = None
+    recipe: Recipe,
+    resume: bool = False,
+    progress: bool = True,
+    datasets: dict[str, Dataset] | None = None,
+    overwrite: bool = False,
+    hooks: Sequence[HookBase] = (),
 ) -> TrainResult:
-    """Train the adaptation head of ``recipe``; checkpoints go to ``recipe.run_dir``.
+    """Train the adaptation head of ``recipe``; checkpoints go to ``recipe.run_dir``, which no other run may use
+    meanwhile (its lock); ``overwrite`` clears an earlier run's files there first.
 
-    ``datasets``: splits already read (split name -> dataset), not read again.
+    ``datasets``: splits already read (split name -> dataset), not read again. ``hooks``: ``HookBase``
+    objects called around the steps and epochs, after patchnet's own.
     """
+    hooks = check_hooks(hooks)
     init_distributed()
     rank, _ = rank_world()
     started = time.perf_counter()
     recipe.check_run_dir()
-    saved = saved_run(recipe) if resume else None
-    if rank == 0:
-        recipe.run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, recipe.run_dir / "recipe.yaml")
-        for warning in recipe.underfit_warnings():
-            log.warning(warning)
+    with run_folder(recipe.run_dir, overwrite and not resume, lock=rank == 0):
+        saved = saved_run(recipe) if resume else None
+        if rank == 0:
+            recipe.run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, recipe.run_dir / "recipe.yaml")
+            for warning in recipe.underfit_warnings():
+                log.warning(warning)
+        state, val = _run(recipe, saved, progress, datasets or {}, hooks)
+        if rank:
+            sums_path(recipe.run_dir, rank).unlink(missing_ok=True)
+    table, confusion = _report(recipe, state, val) if val is not None and rank == 0 else (None, None)
+    return TrainResult(recipe.run_dir, state.epoch, state.best, table, time.perf_counter() - started, confusion)
+
+
+def _run(
+    recipe: Recipe, saved: Checkpoint | None, progress: bool, datasets: dict[str, Dataset], hooks: Sequence[HookBase]
+) -> tuple[TrainState, SplitData | None]:
+    """The run itself, in its locked folder: the splits and their cache, the head, the epochs."""
     backbone = None
     if recipe.train.unlock:  # the trunk whose last stages train; the extractor runs a fused copy of its frozen part
         b = recipe.backbone
         backbone = build_backbone(b.name, b.weights, b.input_size, b.layer)
     extractor = build_extractor(recipe) if backbone is None else build_extractor(recipe, backbone)
-    train_data, selection, val, spec = _splits(recipe, extractor, saved, progress, datasets or {})
+    train_data, selection, val, spec, data = run_splits(recipe, extractor, saved, progress, datasets)
     classes = train_data.dataset.classes
-    if rank == 0 and recipe.data.classes != classes:  # the saved recipe names the classes the run really used
+    if rank_world()[0] == 0 and recipe.data.classes != classes:  # the saved recipe names the classes really used
         recipe.data.classes = list(classes)
         save_recipe(recipe, recipe.run_dir / "recipe.yaml")
     torch.manual_seed(recipe.train.seed)
@@ -418,60 +433,21 @@ def train(
     stages = _unlocked_stages(recipe, backbone, device, [train_data, selection.data if selection else None, val])
     state = TrainState(head.to(device), recipe, device, stages)
     # feature_dim: the trunk's; the head reads codec.dim(feature_dim) values, the codec's projection applied
-    meta = {
-        "recipe": recipe.to_dict(),
-        "classes": classes,
-        "feature_dim": extractor.feature_dim,
-        "weights_id": extractor.backbone.weights_id,
-        "codec": spec.codec.state_dict(),
-        "int8": extractor.int8_ranges,  # backbone.precision=int8: the activation ranges the features were made with
-    }
-    if saved is not None:
-        _resume(state, saved, recipe, extractor, classes)
-    Trainer(recipe, train_data, selection, state, meta, progress).fit()
-    if rank:
-        _sums_path(recipe.run_dir, rank).unlink(missing_ok=True)
-    table, confusion = _report(recipe, state, val) if val is not None and rank == 0 else (None, None)
-    return TrainResult(recipe.run_dir, state.epoch, state.best, table, time.perf_counter() - started, confusion)
-
-
-def _splits(recipe: Recipe, extractor, saved: dict | None, progress: bool, datasets: dict[str, Dataset]):
-    """The training split, the selection images, the validation split (or None), and the cache they are in."""
-    # a resumed run keeps the projection its head was trained on; unlock stores its maps as they are
-    codec = FeatureCodec.from_state(saved.get("codec")) if saved is not None else None
-    if saved is not None and saved.get("int8") and extractor.int8:  # and the int8 trunk
-        extractor.use_int8(saved["int8"])
-    train_set = datasets.get(recipe.data.train_split) or open_split(recipe.data, recipe.data.train_split)
-    spec = cache_spec(recipe, extractor, train_set, FeatureCodec() if recipe.train.unlock else codec, progress)
-    train_data = prepare_split(
-        recipe, recipe.data.train_split, extractor, spec, views=recipe.aug.views, progress=progress, dataset=train_set
+    facts = Checkpoint(
+        head={},  # each save takes the state's
+        recipe=recipe.to_dict(),
+        classes=list(classes),
+        feature_dim=extractor.feature_dim,
+        weights_id=extractor.backbone.weights_id,
+        codec=spec.codec.state_dict(),
+        int8=extractor.int8_ranges,  # backbone.precision=int8: the activation ranges the features were made with
+        data=data,
     )
-    selection = selection_split(recipe, train_data, extractor, spec, progress)
-    log_split("train", train_data, selection)
-    val = None
-    if recipe.data.val_split:
-        val = prepare_split(
-            recipe,
-            recipe.data.val_split,
-            extractor,
-            spec,
-            progress=progress,
-            classes=train_data.dataset.classes,
-            dataset=datasets.get(recipe.data.val_split),
-        )
-    return train_data, selection, val, spec
-
-
-def _resume(state: TrainState, saved: dict, recipe: Recipe, extractor, classes: list[str]) -> None:
-    """Load the saved run into ``state``, refusing one made for another backbone, weights or class list."""
-    last = recipe.run_dir / "last.pt"
-    check_compatible(saved, last, recipe.backbone.name, classes, extractor.feature_dim, extractor.backbone.weights_id)
-    state.load_state_dict(saved, last)
-    rank = rank_world()[0]
-    if rank:
-        sums = _sums_path(recipe.run_dir, rank)
-        state.sums = EpochSums(**json.loads(sums.read_text())) if sums.is_file() else EpochSums()
-    log.info("resuming %s at epoch %d, step %d", recipe.run_dir, state.epoch + 1, state.step)
+    if saved is not None:
+        resume_run(state, saved, recipe, extractor, classes)
+        log.info("resuming %s at epoch %d, step %d", recipe.run_dir, state.epoch + 1, state.step)
+    Trainer(recipe, train_data, selection, state, facts, progress, hooks).fit()
+    return state, val
 
 
 def _unlocked_stages(recipe: Recipe, backbone, device: torch.device, splits: list) -> UnlockedStages | None:

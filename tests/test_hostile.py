@@ -20,11 +20,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from patchnet.checkpoint import CheckpointError
 from patchnet.cli import app
 from patchnet.datasets import DatasetError, ImageTooLarge, load_image, open_split, read_coco, read_csv_list, read_folder
 from patchnet.extract import build_extractor
 from patchnet.files import OutputPathError, UniqueNames, atomic_write, output_path, safe_name
-from patchnet.model import CheckpointError
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
 from patchnet.store import CacheError, FeatureStore, verify_cache
 from patchnet.trainer import train
@@ -420,12 +420,12 @@ def test_a_garbage_chunk_left_by_a_killed_run_is_computed_again(tmp_path, small_
 
 
 def test_writes_are_fsynced_before_the_rename_and_leave_no_temporary_file(tmp_path, monkeypatch):
-    from patchnet.model import save_checkpoint
+    from patchnet.checkpoint import Checkpoint, save_checkpoint
 
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
-    save_checkpoint({"head": {"w": torch.ones(2)}}, tmp_path / "run" / "last.pt")
+    save_checkpoint(Checkpoint({"w": torch.ones(2)}, {}, ["a"], 4), tmp_path / "run" / "last.pt")
     assert any(s.endswith(".tmp") for s in synced) and str(tmp_path / "run") in synced
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["last.pt"]
     with pytest.raises(ZeroDivisionError):

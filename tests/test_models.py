@@ -7,9 +7,9 @@ import torch
 from typer.testing import CliRunner
 
 import patchnet
+from patchnet.checkpoint import load_checkpoint
 from patchnet.cli import app
 from patchnet.cli.common import table_folder
-from patchnet.model import load_checkpoint
 from patchnet.models import DEFAULT, SHIPPED, is_shipped, resolve_checkpoint, shipped_path
 from patchnet.recipe import VOC_CLASSES
 
@@ -22,10 +22,10 @@ def test_every_shipped_model_is_in_the_package_and_slim():
         path = shipped_path(name)
         assert path.is_file() and path.stat().st_size < 8e6
         state = load_checkpoint(name)  # by name
-        assert "optimizer" not in state and "rng" not in state  # nothing only resuming needs
-        assert {v.dtype for v in state["head"].values()} == {torch.float16}
-        assert state["card"]["name"] == name and state["card"]["commit"]
-        assert state["fusion"] is not None and state["calibration"] is not None
+        assert state.training is None and not state.history  # nothing only resuming needs
+        assert {v.dtype for v in state.head.values()} == {torch.float16}
+        assert state.card["name"] == name and state.card["commit"]
+        assert state.fusion is not None and state.calibration is not None
 
 
 def test_the_shipped_voc_model_predicts_by_name():

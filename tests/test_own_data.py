@@ -83,7 +83,7 @@ def test_bad_folders_get_one_line(tmp_path):
 
 def test_python_train_on_a_folder(tmp_path):
     import patchnet
-    from patchnet.model import CheckpointError
+    from patchnet.checkpoint import CheckpointError
 
     root = image_folder(tmp_path / "pets", {".": 4})
     sets = [a for a in tiny(tmp_path) if a != "--set"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from patchnet.heatmaps import best_patch_per_item, class_index, top_items
 from patchnet.model import AdaptationHead
@@ -117,3 +118,27 @@ def test_class_index():
     assert class_index(["a", "b"], ["b"]) == [1]
     with pytest.raises(ValueError, match="valid names: a, b"):
         class_index(["a", "b"], ["c"])
+
+
+def test_ship_model_keeps_what_scoring_reads_and_drops_what_resuming_needs(trained):
+    """tools/ship_model.py's slim copy: the head in fp16, no training state, history or data fingerprint; it
+    loads back as a checkpoint and scores as the run's own within fp16's precision."""
+    import importlib.util
+
+    from patchnet import load
+    from patchnet.checkpoint import load_checkpoint, save_checkpoint
+
+    tmp, recipe = trained
+    spec = importlib.util.spec_from_file_location("ship_model", TOOLS / "ship_model.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    full = load_checkpoint(recipe.run_dir / "last.pt")
+    assert full.training is not None and full.history and full.data is not None
+    save_checkpoint(ship.slim(full, {"name": "x"}), tmp / "slim.pt")
+    slim = load_checkpoint(tmp / "slim.pt")
+    assert slim.training is None and slim.history == [] and slim.data is None and slim.card == {"name": "x"}
+    assert {t.dtype for t in slim.head.values()} == {torch.float16}
+    assert slim.recipe["runtime"]["cache_dir"] == ".cache/features" and slim.classes == full.classes
+    image = Path(recipe.data.root) / "JPEGImages" / "a.jpg"
+    a = load(recipe.run_dir / "last.pt", device="cpu").predict(image)
+    np.testing.assert_allclose(a.scores, load(tmp / "slim.pt", device="cpu").predict(image).scores, atol=1e-2)

@@ -12,12 +12,12 @@ import torch
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
-import patchnet.callbacks as callbacks_module
+import patchnet.hooks as hooks_module
 import patchnet.losses as losses_module
 import patchnet.trainer as train_module
+from patchnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchnet.cli import app
 from patchnet.datasets import DatasetError
-from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import recipe_from_dict, save_recipe
 from patchnet.sampler import MULTI
 from patchnet.state import LRSchedule
@@ -37,9 +37,9 @@ def test_training_writes_checkpoints_recipe_and_logs(tmp_path, small_voc):
     assert (run / "last.pt").is_file() and (run / "best.pt").is_file() and (run / "recipe.yaml").is_file()
     assert any((run / "tensorboard").iterdir())
     state = load_checkpoint(run / "last.pt")
-    assert state["epoch"] == 2 and len(state["history"]) == 2
-    assert state["history"][-1]["loss"] > 0 and 0 <= result.best_map07 <= 1
-    assert set(state["history"][-1]) >= {"loss", "patch_acc", "lr", "select_map07", "select_map"}
+    assert state.training["epoch"] == 2 and len(state.history) == 2
+    assert state.history[-1]["loss"] > 0 and 0 <= result.best_map07 <= 1
+    assert set(state.history[-1]) >= {"loss", "patch_acc", "lr", "select_map07", "select_map"}
     assert result.table is not None and result.table.classes == ["cat", "dog", "person"]
 
 
@@ -69,7 +69,7 @@ def test_the_trunk_that_runs_never_changes(tmp_path, small_voc, monkeypatch):
 def test_same_seed_same_head(tmp_path, small_voc):
     a = train(tiny_recipe(tmp_path / "a", small_voc, "runtime.cache_dir=" + str(tmp_path / "c")), progress=False)
     b = train(tiny_recipe(tmp_path / "b", small_voc, "runtime.cache_dir=" + str(tmp_path / "c")), progress=False)
-    assert _heads_equal(load_checkpoint(a.run_dir / "last.pt")["head"], load_checkpoint(b.run_dir / "last.pt")["head"])
+    assert _heads_equal(load_checkpoint(a.run_dir / "last.pt").head, load_checkpoint(b.run_dir / "last.pt").head)
 
 
 class Killed(Exception):
@@ -79,18 +79,18 @@ class Killed(Exception):
 def _straight_and_killed_after_epoch_1(tmp_path, root, monkeypatch, *args):
     """last.pt of an uninterrupted run, and of the same run killed after epoch 1 and resumed."""
     straight = train(tiny_recipe(tmp_path / "a", root, *args), progress=False)
-    real_save = callbacks_module.save_checkpoint
+    real_save = hooks_module.save_checkpoint
 
     def save_then_die(state, path):
         real_save(state, path)
-        if path.name == "last.pt" and state["epoch"] == 1:
+        if path.name == "last.pt" and state.training["epoch"] == 1:
             raise Killed
 
-    monkeypatch.setattr(callbacks_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(hooks_module, "save_checkpoint", save_then_die)
     recipe = tiny_recipe(tmp_path / "b", root, *args)
     with pytest.raises(Killed):
         train(recipe, progress=False)
-    monkeypatch.setattr(callbacks_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(hooks_module, "save_checkpoint", real_save)
     resumed = train(recipe, resume=True, progress=False)
     return load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
 
@@ -99,15 +99,15 @@ def test_resume_after_a_kill_between_epochs_continues_exactly(tmp_path, small_vo
     a, b = _straight_and_killed_after_epoch_1(
         tmp_path, small_voc, monkeypatch, "runtime.cache_dir=" + str(tmp_path / "c"), "train.epochs=3"
     )
-    assert _heads_equal(a["head"], b["head"])
-    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in h] for h in (a["history"], b["history"])]
+    assert _heads_equal(a.head, b.head)
+    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in h] for h in (a.history, b.history)]
     assert untimed[0] == untimed[1]
 
 
 def test_a_finished_run_can_be_extended(tmp_path, small_voc):
     train(tiny_recipe(tmp_path, small_voc, "train.epochs=1"), progress=False)
     longer = train(tiny_recipe(tmp_path, small_voc, "train.epochs=2"), resume=True, progress=False)
-    assert longer.epochs == 2 and len(load_checkpoint(longer.run_dir / "last.pt")["history"]) == 2
+    assert longer.epochs == 2 and len(load_checkpoint(longer.run_dir / "last.pt").history) == 2
 
 
 def _interrupt_then_resume(monkeypatch, recipe, owner, name: str, at_call: int):
@@ -137,9 +137,9 @@ def test_resume_after_ctrl_c_mid_epoch_continues_exactly(tmp_path, small_voc, mo
     saved, resumed = _interrupt_then_resume(
         monkeypatch, tiny_recipe(tmp_path / "b", small_voc, cache), losses_module.F, "cross_entropy", 5
     )
-    assert saved["step"] > 0  # saved mid-epoch, with the batches already done
+    assert saved.training["step"] > 0  # saved mid-epoch, with the batches already done
     assert _heads_equal(
-        load_checkpoint(straight.run_dir / "last.pt")["head"], load_checkpoint(resumed.run_dir / "last.pt")["head"]
+        load_checkpoint(straight.run_dir / "last.pt").head, load_checkpoint(resumed.run_dir / "last.pt").head
     )
 
 
@@ -180,8 +180,8 @@ def test_a_signal_inside_a_commit_waits_for_its_end(tmp_path, small_voc, monkeyp
     monkeypatch.setattr(owner, name, real)
     resumed = train(recipe, resume=True, progress=False)
     a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
-    assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]]
-    assert _heads_equal(a["head"], b["head"])
+    assert [r["lr"] for r in a.history] == [r["lr"] for r in b.history]
+    assert _heads_equal(a.head, b.head)
 
 
 @pytest.mark.slow  # a subprocess or several processes
@@ -220,14 +220,14 @@ def test_sigint_to_a_real_train_process_then_resume_matches_a_straight_run(tmp_p
     assert proc.wait(timeout=120) == 130, rest
     assert "interrupted: saved" in rest and "continue with --resume" in rest
     saved = load_checkpoint(recipe.run_dir / "last.pt")
-    assert 1 <= saved["epoch"] < 30  # the signal landed mid-run
+    assert 1 <= saved.training["epoch"] < 30  # the signal landed mid-run
     resumed = subprocess.run(
         [*cli, "--resume"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}
     )
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(recipe.run_dir / "last.pt")
-    assert b["epoch"] == 30 and [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]]
-    assert _heads_equal(a["head"], b["head"])
+    assert b.training["epoch"] == 30 and [r["lr"] for r in a.history] == [r["lr"] for r in b.history]
+    assert _heads_equal(a.head, b.head)
 
 
 def test_nan_loss_stops_with_the_facts_and_keeps_last_pt(tmp_path, small_voc, monkeypatch):
@@ -313,8 +313,8 @@ def test_eval_refuses_a_dataset_with_other_classes(tmp_path, small_voc):
     from patchnet.infer import evaluate_split
 
     state = load_checkpoint(recipe.run_dir / "best.pt")
-    state["classes"] = ["cat", "dog", "horse"]
-    torch.save(state, tmp_path / "other.pt")
+    state.classes = ["cat", "dog", "horse"]
+    save_checkpoint(state, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=r"trained for classes \['cat', 'dog', 'horse'\]"):
         evaluate_split(tmp_path / "other.pt", split="val", progress=False)
 
@@ -374,15 +374,16 @@ def test_ddp_ctrl_c_mid_epoch_keeps_every_ranks_running_loss(tmp_path, small_voc
         mp.spawn(_ddp_interrupt_worker, args=(2, _free_port(), tmp_path, small_voc, mode), nprocs=2, join=True)
         if mode == "interrupt":
             saved = load_checkpoint(tmp_path / "interrupt" / "runs" / "tiny" / "last.pt")
-            assert saved["epoch"] == 0 and saved["step"] == 2  # two steps of epoch 1 done on each rank
+            # two steps of epoch 1 done on each rank
+            assert saved.training["epoch"] == 0 and saved.training["step"] == 2
             assert (tmp_path / "interrupt" / "runs" / "tiny" / "carry.rank1.json").is_file()
     a = load_checkpoint(tmp_path / "straight" / "runs" / "tiny" / "last.pt")
     b = load_checkpoint(tmp_path / "interrupt" / "runs" / "tiny" / "last.pt")
-    assert b["epoch"] == 2 and not (tmp_path / "interrupt" / "runs" / "tiny" / "carry.rank1.json").exists()
+    assert b.training["epoch"] == 2 and not (tmp_path / "interrupt" / "runs" / "tiny" / "carry.rank1.json").exists()
     # the epoch loss is the mean over both ranks' steps, before and after the interrupt
-    assert [r["loss"] for r in a["history"]] == pytest.approx([r["loss"] for r in b["history"]], rel=1e-6)
-    for k in a["head"]:
-        assert torch.allclose(a["head"][k], b["head"][k], atol=1e-6), k
+    assert [r["loss"] for r in a.history] == pytest.approx([r["loss"] for r in b.history], rel=1e-6)
+    for k in a.head:
+        assert torch.allclose(a.head[k], b.head[k], atol=1e-6), k
 
 
 @pytest.mark.slow  # a subprocess or several processes
@@ -391,15 +392,15 @@ def test_ddp_on_cpu_with_gloo_two_processes(tmp_path, small_voc):
     mp.spawn(_ddp_worker, args=(2, port, tmp_path, small_voc, tmp_path), nprocs=2, join=True)
     assert (tmp_path / "done0.pt").is_file() and (tmp_path / "done1.pt").is_file()
     state = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
-    assert state["epoch"] == 2 and "select_map07" in state["history"][-1]
+    assert state.training["epoch"] == 2 and "select_map07" in state.history[-1]
     # the same global batches on one process give the same head (dropout off), up to summation order
     single = train(
         tiny_recipe(tmp_path / "single", small_voc, "head.dropout=0.0", "runtime.cache_dir=" + str(tmp_path / "cache")),
         progress=False,
     )
-    ref = load_checkpoint(single.run_dir / "last.pt")["head"]
+    ref = load_checkpoint(single.run_dir / "last.pt").head
     for k in ref:
-        assert torch.allclose(ref[k], state["head"][k], atol=1e-5), k
+        assert torch.allclose(ref[k], state.head[k], atol=1e-5), k
 
 
 # --------------------------------------------------------------------------- image-level supervision
@@ -476,8 +477,8 @@ def test_images_mode_trains_on_a_set_without_any_box(tmp_path, boxless_voc):
     )
     result = train(recipe, progress=False)
     state = load_checkpoint(result.run_dir / "last.pt")
-    assert state["epoch"] == 2 and state["history"][-1]["loss"] > 0
-    assert result.table is not None and state["calibration"]["pool"] == "topk"
+    assert state.training["epoch"] == 2 and state.history[-1]["loss"] > 0
+    assert result.table is not None and state.calibration["pool"] == "topk"
     # the patch-label path refuses the same data with the fix in the message
     with pytest.raises(DatasetError, match="has no boxes.*train.supervision=images"):
         train(tiny_recipe(tmp_path / "b", boxless_voc), progress=False)
@@ -496,7 +497,7 @@ def test_both_mode_adds_the_patch_loss_and_resumes_exactly(tmp_path, small_voc, 
         "train.precision=bf16",
         "runtime.cache_dir=" + str(tmp_path / "c"),
     )
-    assert _heads_equal(a["head"], b["head"]) and a["history"][-1]["patch_acc"] > 0
+    assert _heads_equal(a.head, b.head) and a.history[-1]["patch_acc"] > 0
 
 
 def test_ctrl_c_during_the_evaluation_of_a_milestone_epoch_keeps_the_decay(tmp_path, small_voc, monkeypatch):
@@ -506,32 +507,32 @@ def test_ctrl_c_during_the_evaluation_of_a_milestone_epoch_keeps_the_decay(tmp_p
     straight = train(tiny_recipe(tmp_path / "a", small_voc, *args), progress=False)
     # the second evaluation is the end of epoch 2, the milestone
     _, resumed = _interrupt_then_resume(
-        monkeypatch, tiny_recipe(tmp_path / "b", small_voc, *args), callbacks_module, "evaluate", 2
+        monkeypatch, tiny_recipe(tmp_path / "b", small_voc, *args), hooks_module, "evaluate", 2
     )
     a, b = load_checkpoint(straight.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
-    assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]] == [0.01, 0.01, 0.001, 0.001]
-    assert _heads_equal(a["head"], b["head"])
+    assert [r["lr"] for r in a.history] == [r["lr"] for r in b.history] == [0.01, 0.01, 0.001, 0.001]
+    assert _heads_equal(a.head, b.head)
 
 
 def test_a_checkpoint_of_other_backbone_weights_is_refused(tmp_path, small_voc):
     recipe = tiny_recipe(tmp_path, small_voc, "train.epochs=1")
     train(recipe, progress=False)
     state = load_checkpoint(recipe.run_dir / "last.pt")
-    state["weights_id"] = "efficientnet_lite0:some-other-weights"
-    torch.save(state, recipe.run_dir / "last.pt")
+    state.weights_id = "efficientnet_lite0:some-other-weights"
+    save_checkpoint(state, recipe.run_dir / "last.pt")
     with pytest.raises(CheckpointError, match="weights 'efficientnet_lite0:some-other-weights'"):
         train(tiny_recipe(tmp_path, small_voc, "train.epochs=2"), resume=True, progress=False)
 
 
 def test_best_is_chosen_on_held_out_training_images_not_on_the_val_split(tmp_path, small_voc, monkeypatch):
     seen = []
-    real_evaluate = callbacks_module.evaluate
+    real_evaluate = hooks_module.evaluate
 
     def spy(head, store, dataset, items, *a, **k):
         seen.append((dataset.name, tuple(items)))
         return real_evaluate(head, store, dataset, items, *a, **k)
 
-    monkeypatch.setattr(callbacks_module, "evaluate", spy)  # the selection
+    monkeypatch.setattr(hooks_module, "evaluate", spy)  # the selection
     monkeypatch.setattr(train_module, "evaluate", spy)  # the report
     recipe = tiny_recipe(tmp_path, small_voc, "train.holdout=0.25")
     train(recipe, progress=False)
@@ -548,7 +549,7 @@ def test_fused_checkpoint_scores_through_eval_and_predict(tmp_path, small_voc):
     recipe = tiny_recipe(tmp_path, small_voc, "infer.fuse=true", "train.holdout=0.5")
     result = train(recipe, progress=False)
     state = load_checkpoint(result.run_dir / "last.pt")
-    assert state["fusion"]["pool"] == "power" and state["calibration"]["fused"]
+    assert state.fusion["pool"] == "power" and state.calibration["fused"]
     predictor = Predictor(result.run_dir / "last.pt")
     assert predictor.fusion is not None and predictor.calibration is not None
     table, _n, _ = evaluate_split(result.run_dir / "last.pt", split="val", progress=False)
@@ -598,7 +599,7 @@ def test_a_timm_backbone_trains_and_evaluates(tmp_path, small_voc, mode):
     )
     result = train(recipe, progress=False)
     state = load_checkpoint(recipe.run_dir / "last.pt")
-    assert state["weights_id"] == "timm/resnet18:random" and state["history"][-1]["loss"] > 0
+    assert state.weights_id == "timm/resnet18:random" and state.history[-1]["loss"] > 0
     assert result.table is not None and result.table.classes == ["cat", "dog", "person"]
     out = runner.invoke(
         app, ["eval", "--checkpoint", str(recipe.run_dir / "best.pt"), "--split", "val", "--out", str(tmp_path / "ev")]
@@ -623,8 +624,8 @@ def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_do
     result = train(recipe, progress=False)
     state = load_checkpoint(result.run_dir / "last.pt")
     dim = 8 if compress == "pca" else 1280
-    assert state["head"]["fca.0.weight"].shape[1] == dim and state["feature_dim"] == 1280
-    assert state["codec"]["compress"] == compress and ("components" in state["codec"]) == (compress == "pca")
+    assert state.head["fca.0.weight"].shape[1] == dim and state.feature_dim == 1280
+    assert state.codec["compress"] == compress and ("components" in state.codec) == (compress == "pca")
     table, n, (predictor, dataset, store, items, _) = evaluate_split(
         result.run_dir / "last.pt", split="val", progress=False
     )
@@ -688,7 +689,7 @@ def test_image_patches_pools_a_fresh_share_of_each_image_and_resumes_exactly(tmp
     assert sum(forwarded) == counts.sum() < all_rows
     first, second = np.split(counts, 2)  # two epochs of the same images in another order: fresh draws
     assert first.sum() != second.sum() or not np.array_equal(np.sort(first), np.sort(second))
-    heads = [load_checkpoint(r.run_dir / "last.pt")["head"] for r in (full, half)]
+    heads = [load_checkpoint(r.run_dir / "last.pt").head for r in (full, half)]
     assert not _heads_equal(*heads)
     monkeypatch.undo()
     a, b = _straight_and_killed_after_epoch_1(
@@ -701,7 +702,7 @@ def test_image_patches_pools_a_fresh_share_of_each_image_and_resumes_exactly(tmp
         "train.image_patches=0.5",
         "train.epochs=3",
     )
-    assert _heads_equal(a["head"], b["head"])
+    assert _heads_equal(a.head, b.head)
 
 
 def test_an_int8_trunk_trains_and_its_checkpoint_scores_new_images_as_the_cache_does(tmp_path, small_voc):
@@ -709,7 +710,7 @@ def test_an_int8_trunk_trains_and_its_checkpoint_scores_new_images_as_the_cache_
 
     recipe = tiny_recipe(tmp_path, small_voc, "backbone.precision=int8", "backbone.int8_images=2", "train.epochs=1")
     result = train(recipe, progress=False)
-    ranges = load_checkpoint(result.run_dir / "last.pt")["int8"]
+    ranges = load_checkpoint(result.run_dir / "last.pt").int8
     assert ranges and list((tmp_path / "cache" / "int8").glob("*.json"))  # calibrated once, kept for every run
     _, _, (predictor, dataset, store, items, _) = evaluate_split(
         result.run_dir / "last.pt", split="val", progress=False
@@ -759,8 +760,8 @@ def test_an_ensemble_head_trains_resumes_exactly_and_scores_through_eval(tmp_pat
         "train.holdout=0.5",
         "runtime.cache_dir=" + str(tmp_path / "c"),
     )
-    assert _heads_equal(a["head"], b["head"]) and a["head"]["fcb.weight"].shape[0] == 3
-    assert a["history"][-1]["patch_acc"] > 0 and np.isfinite(a["history"][-1]["loss"])
+    assert _heads_equal(a.head, b.head) and a.head["fcb.weight"].shape[0] == 3
+    assert a.history[-1]["patch_acc"] > 0 and np.isfinite(a.history[-1]["loss"])
     table, _n, _ = evaluate_split(next((tmp_path / "a").rglob("last.pt")), split="val", progress=False)
     assert np.isfinite(table.map07)
 

@@ -6,11 +6,11 @@ import torch
 
 import patchnet.trainer as train_module
 from patchnet.backbones import backbone_spec, build_backbone, unlock_split
+from patchnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchnet.datasets import load_image, open_split
 from patchnet.errors import PatchnetError
 from patchnet.extract import build_extractor
 from patchnet.features import cache_spec
-from patchnet.model import CheckpointError, load_checkpoint
 from patchnet.recipe import RecipeError
 from patchnet.trainer import train
 from patchnet.unlock import UnlockedStages, build_maps
@@ -145,8 +145,8 @@ def test_a_step_trains_the_unlocked_stages_and_nothing_else(tmp_path, small_voc,
     assert "_bn1.weight" in moved  # BN affine weights of unlocked stages train
     assert not any(m.training for m in stages.backbone.modules())
     state = load_checkpoint(recipe.run_dir / "last.pt")
-    assert set(state["trunk"]) == {k for k in before if k.startswith(prefixes)}
-    assert all(torch.equal(state["trunk"][k], after[k]) for k in state["trunk"])
+    assert set(state.trunk) == {k for k in before if k.startswith(prefixes)}
+    assert all(torch.equal(state.trunk[k], after[k]) for k in state.trunk)
 
 
 def test_resume_with_unlocked_stages_matches_a_straight_run(tmp_path, small_voc, monkeypatch):
@@ -163,10 +163,10 @@ def test_resume_with_unlocked_stages_matches_a_straight_run(tmp_path, small_voc,
         "train.precision=bf16",
         "runtime.cache_dir=" + str(tmp_path / "c"),
     )
-    assert _heads_equal(a["head"], b["head"]) and _heads_equal(a["trunk"], b["trunk"])
+    assert _heads_equal(a.head, b.head) and _heads_equal(a.trunk, b.trunk)
     # the unlocked stages' own groups: train.unlock_lr x train.lr, decayed with the head's (after epochs 1 and 2)
-    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5])
-    assert [g["weight_decay"] for g in a["optimizer"]["param_groups"]] == [5e-4, 0.0, 5e-4, 0.0]
+    assert [g["lr"] for g in a.training["optimizer"]["param_groups"]] == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5])
+    assert [g["weight_decay"] for g in a.training["optimizer"]["param_groups"]] == [5e-4, 0.0, 5e-4, 0.0]
 
 
 def test_an_unlocked_checkpoint_scores_new_images_with_its_trained_stages(tmp_path, small_voc):
@@ -188,7 +188,7 @@ def test_an_unlocked_checkpoint_scores_new_images_with_its_trained_stages(tmp_pa
     extractor = build_extractor(recipe)
     maps = build_maps(cache_spec(recipe, extractor), val, extractor, unlock_split(LITE0, 1), progress=False)
     stages = UnlockedStages(build_backbone("efficientnet_lite0", "imagenet", input_size=32), unlock_split(LITE0, 1))
-    stages.load(load_checkpoint(last)["trunk"])
+    stages.load(load_checkpoint(last).trunk)
     maps.attach(stages, None)
     s = maps.item_slice(0)
     np.testing.assert_allclose(trained.numpy(), maps.rows[s], rtol=0, atol=2e-3 * float(trained.abs().max()))
@@ -196,11 +196,11 @@ def test_an_unlocked_checkpoint_scores_new_images_with_its_trained_stages(tmp_pa
     np.testing.assert_allclose(table.ap07, result.table.ap07)
 
     state = load_checkpoint(last)
-    del state["trunk"]["_conv_head.weight"]
-    torch.save(state, tmp_path / "partial.pt")
+    del state.trunk["_conv_head.weight"]
+    save_checkpoint(state, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match="partial.pt: the trained stages hold 5 tensors"):
         Predictor(tmp_path / "partial.pt")
-    del state["trunk"]
-    torch.save(state, tmp_path / "none.pt")
+    state.trunk = None
+    save_checkpoint(state, tmp_path / "none.pt")
     with pytest.raises(CheckpointError, match="carries no trained stages"):
         Predictor(tmp_path / "none.pt")

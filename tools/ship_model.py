@@ -14,27 +14,28 @@ recipe, commit) travels in the file as ``card``.
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
 
+from patchnet.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from patchnet.cli import session
-from patchnet.model import load_checkpoint, save_checkpoint
 from patchnet.models import HERE, SHIPPED
 
-KEEP = ("head", "trunk", "recipe", "classes", "feature_dim", "weights_id", "codec", "int8", "fusion", "calibration")
 
+def slim(state: Checkpoint, card: dict) -> Checkpoint:
+    """What scoring reads (no training state, history or data fingerprint), floating-point weights of the head
+    (and unlocked stages) in fp16."""
 
-def slim(state: dict, card: dict) -> dict:
-    """The keys scoring reads, floating-point weights of the head (and unlocked stages) in fp16."""
-    out = {k: state[k] for k in KEEP if k in state and state[k] is not None}
-    for key in ("head", "trunk"):
-        if key in out:
-            out[key] = {n: t.half() if t.is_floating_point() else t for n, t in out[key].items()}
-    out["recipe"] = {**out["recipe"], "runtime": {**out["recipe"]["runtime"], "cache_dir": ".cache/features"}}
-    return {**out, "card": card}
+    def half(weights: dict | None) -> dict | None:
+        return None if weights is None else {n: t.half() if t.is_floating_point() else t for n, t in weights.items()}
+
+    recipe = {**state.recipe, "runtime": {**state.recipe["runtime"], "cache_dir": ".cache/features"}}
+    weights = {"head": half(state.head), "trunk": half(state.trunk)}
+    return replace(state, **weights, recipe=recipe, history=[], training=None, data=None, card=card)
 
 
 def main(
@@ -51,7 +52,7 @@ def main(
             raise typer.BadParameter(f"--name must be one of {', '.join(SHIPPED)} (patchnet/models/__init__.py)")
         state = load_checkpoint(checkpoint)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        card = {"name": name, "data": data, "commit": commit, "epochs": len(state.get("history", []))}
+        card = {"name": name, "data": data, "commit": commit, "epochs": len(state.history)}
         target = HERE / SHIPPED[name]
         save_checkpoint(slim(state, card), target)
         typer.echo(

@@ -85,7 +85,7 @@ def train(
         splits = open_run_splits(r) if data is not None else {}
         if splits:
             typer.echo(layout_table(r, layout, splits, str(resolve_device(r.runtime.device))))
-        result = run(r, resume=resume, datasets=splits)
+        result = run(r, resume=resume, datasets=splits, overwrite=overwrite)
         report_run(r, result)
 
 

@@ -1,22 +1,27 @@
-"""What happens at the end of each training epoch, around its commit (``Trainer.end_epoch``): the evaluation on the
-selection images with the calibration and the fusion fitted there (before the commit), the checkpoints (at the
-commit), the logs (after it)."""
+"""Hooks: objects the trainer calls around training, each step and each epoch's commit (``Trainer.end_epoch``).
+
+patchnet's own: the evaluation on the selection images with the calibration and the fusion fitted there
+(before the commit), the checkpoints (at the commit), the logs (after it). A user's hooks, subclasses of
+``HookBase`` passed to ``patchnet.train(..., hooks=[...])``, run after them."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .calibration import calibrate
+from .checkpoint import Checkpoint, save_checkpoint
 from .dist import rank_world
+from .errors import PatchnetError
 from .fusion import fit_fusion
 from .infer import evaluate, image_scores
 from .linear import SplitFeatures, fit_linear, linear_arrays
 from .metrics import APTable
-from .model import save_checkpoint
 from .pooling import pool_features
 from .recipe import Recipe
 from .splits import Selection, SplitData, held_out
@@ -38,7 +43,51 @@ class EpochEnd:
     stop: bool = False
 
 
-class SelectionEval:
+class HookBase:
+    """A training hook, as detectron2's: subclass it and override the methods you need (each does nothing here).
+
+    - ``before_train(state)``: once, before the first step (of a resumed run too);
+    - ``after_step(state)``: after each optimizer step, committed (``state.step`` counts it);
+    - ``before_commit(state, end)``: at the end of an epoch, before its commit; ``end`` holds the epoch's
+      history record (a hook may add values to ``end.record``: they are saved) and what the evaluation
+      on the selection images found;
+    - ``at_commit(state, end)``: inside the commit, the state at "epoch done";
+    - ``after_epoch(state, end)``: after the commit;
+    - ``after_train(state)``: once, when training ends, normally or not.
+    """
+
+    def before_train(self, state: TrainState) -> None:
+        """Called once, before the first step."""
+
+    def after_step(self, state: TrainState) -> None:
+        """Called after each committed optimizer step."""
+
+    def before_commit(self, state: TrainState, end: EpochEnd) -> None:
+        """Called at the end of an epoch, before its commit."""
+
+    def at_commit(self, state: TrainState, end: EpochEnd) -> None:
+        """Called inside an epoch's commit."""
+
+    def after_epoch(self, state: TrainState, end: EpochEnd) -> None:
+        """Called after an epoch's commit."""
+
+    def after_train(self, state: TrainState) -> None:
+        """Called once when training ends (also on an error or an interrupt)."""
+
+
+class HookError(PatchnetError, TypeError):
+    """A hook passed to training that is not a ``HookBase``."""
+
+
+def check_hooks(hooks: Sequence[HookBase]) -> list[HookBase]:
+    """``hooks`` as a list, refused (before any work) where one is not a ``HookBase``."""
+    for hook in hooks:
+        if not isinstance(hook, HookBase):
+            raise HookError(f"hooks: {hook!r} is not a patchnet.hooks.HookBase; subclass it and override its methods")
+    return list(hooks)
+
+
+class SelectionEval(HookBase):
     """Before the commit: score the selection images, fit the calibration (and, with ``infer.fuse``, the fusion
     weight of the max-pool SVM, fitted once on the other training images) and say whether best.pt improved."""
 
@@ -105,22 +154,22 @@ class SelectionEval:
         return (*linear_arrays(model, pooled.shape[1]), held)
 
 
-class Checkpoints:
+class Checkpoints(HookBase):
     """At the commit: best.pt when the selection mAP improved (every epoch without selection images), last.pt
-    always; both from the committed state and the run's ``meta``."""
+    always; both from the committed state and the run's ``facts`` (its recipe, classes, trunk, data)."""
 
-    def __init__(self, run_dir: Path, meta: dict, has_selection: bool):
-        self.best, self.last, self.meta, self.has_selection = (
+    def __init__(self, run_dir: Path, facts: Checkpoint, has_selection: bool):
+        self.best, self.last, self.facts, self.has_selection = (
             run_dir / "best.pt",
             run_dir / "last.pt",
-            meta,
+            facts,
             has_selection,
         )
         self.rank = rank_world()[0]
 
     def save(self, state: TrainState, path: Path) -> None:
         if self.rank == 0:
-            save_checkpoint({**state.state_dict(), **self.meta}, path)
+            save_checkpoint(state.checkpoint(self.facts), path)
 
     def at_commit(self, state: TrainState, end: EpochEnd) -> None:
         if end.improved or not self.has_selection:
@@ -128,16 +177,19 @@ class Checkpoints:
         self.save(state, self.last)
 
 
-class TrainingLog:
+class TrainingLog(HookBase):
     """After the commit: the epoch's log line, and TensorBoard scalars and heatmaps (rank 0)."""
 
     def __init__(self, recipe: Recipe, selection: Selection | None):
+        self.recipe, self.selection = recipe, selection
+        self.writer: Any = None
+
+    def before_train(self, state: TrainState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.recipe, self.selection = recipe, selection
-        self.writer = SummaryWriter(str(recipe.run_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(self.recipe.run_dir / "tensorboard"))
 
-    def after_commit(self, state: TrainState, end: EpochEnd) -> None:
+    def after_epoch(self, state: TrainState, end: EpochEnd) -> None:
         record, table, e = end.record, end.table, end.record["epoch"]
         for key in ("loss", "patch_acc", "lr"):
             self.writer.add_scalar(f"train/{key}", record[key], e)
@@ -160,8 +212,9 @@ class TrainingLog:
             "epoch %d: loss %.4f%s, lr %.3g%s (%.0f s)", e, record["loss"], acc, record["lr"], sel, record["seconds"]
         )
 
-    def close(self) -> None:
-        self.writer.close()
+    def after_train(self, state: TrainState) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _calibration(
