@@ -223,6 +223,28 @@ def test_predict_writes_nothing_outside_out(predict_model, tmp_path):
     assert list(elsewhere.iterdir()) == [] and _tree(again) == ["heatmaps"]  # refused before any image
 
 
+def test_predict_shows_a_file_name_that_is_not_utf8_escaped_and_writes_strict_json(predict_model, tmp_path):
+    import os
+
+    model, images = predict_model
+    odd = tmp_path / "in" / (os.fsdecode(b"caf\xe9") + ".jpg")  # the byte is held as a lone surrogate
+    broken = tmp_path / "in" / (os.fsdecode(b"bad\xff") + ".jpg")
+    odd.parent.mkdir()
+    shutil.copy(images / "a.jpg", odd)
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    result = _predict(model, str(odd.parent), "--out", str(out), "--json", str(tmp_path / "all.json"))
+    assert result.exit_code == 1, result.output  # the broken image is skipped, the other written
+    assert "Traceback" not in result.output and "caf\\xe9.jpg: " in result.output
+    escaped = str(odd.parent / "caf\\xe9.jpg")
+    assert [r["file"] for r in _rows(out)] == [escaped] * 3
+    for path in (out / "predictions.json", tmp_path / "all.json"):
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        decoded = json.dumps(doc, ensure_ascii=False)  # every string as read, lone surrogates kept raw
+        assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in decoded)
+        assert list(doc["images"]) == [escaped] and list(doc["skipped"]) == [str(odd.parent / "bad\\xff.jpg")]
+
+
 # --------------------------------------------------------------------------- the commands as one family
 
 

@@ -12,6 +12,7 @@ import typer
 import typer.core
 
 from ..errors import PatchnetError
+from ..files import printable
 
 app = typer.Typer(
     add_completion=False,
@@ -66,11 +67,11 @@ def session(verbose: bool = False):
         with logging_redirect_tqdm():
             yield
     except PatchnetError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {printable(e)}", err=True)
         raise typer.Exit(2) from None
     except OSError as e:  # a path the user gave that cannot be read or written
         where = f"{e.filename}: " if e.filename else ""
-        typer.echo(f"error: {where}{e.strerror or e}; check the path and its permissions", err=True)
+        typer.echo(printable(f"error: {where}{e.strerror or e}; check the path and its permissions"), err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -87,7 +88,7 @@ class Skipped:
         self.total, self.what, self.failed = total, what, {}
 
     def add(self, name: str, error: Exception | str) -> None:
-        log.warning("skipped %s", error if str(name) in str(error) else f"{name}: {error}")
+        log.warning("skipped %s", printable(error if str(name) in str(error) else f"{name}: {error}"))
         self.failed[str(name)] = str(error)
 
     def finish(self) -> None:

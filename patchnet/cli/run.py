@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,7 @@ import numpy as np
 import typer
 
 from ..datasets import DatasetError
-from ..files import atomic_write, output_path
+from ..files import atomic_write, json_text, output_path, printable
 from ..recipe import load_recipe
 from .common import (
     BoxMethodOpt,
@@ -233,7 +232,7 @@ def write_table(table, out: Path, stem: str, values: dict | None = None) -> None
     """An AP table as JSON (with any further ``values``) and CSV."""
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = output_path(out, stem, ".json"), output_path(out, stem, ".csv")
-    atomic_write(json_path, json.dumps(values or table.to_dict(), indent=1))
+    atomic_write(json_path, json_text(values or table.to_dict(), indent=1))
     rows = io.StringIO(newline="")
     w = csv.writer(rows)
     w.writerow(["class", "ap07", "ap"])
@@ -312,7 +311,7 @@ def predict(
             "skipped": skipped.failed,
         }
         if json_out:
-            atomic_write(json_out, json.dumps(document, indent=1))
+            atomic_write(json_out, json_text(document, indent=1))
             typer.echo(f"wrote {json_out}")
         if folder is not None:
             folder.finish(document)
@@ -354,7 +353,7 @@ def _predict_each(model, files: list[Path], folder, threshold: float | None, top
             folder.add(file, name, explained)
         marks = p.present[0] if p.present is not None else np.zeros(len(model.classes), bool)
         best = ", ".join(f"{c}{'*' if marks[model.classes.index(c)] else ''} {v:.3f}" for c, v in p.top(top)[0])
-        tqdm.write(f"{file}: {best}")
+        tqdm.write(printable(f"{file}: {best}"))
         results[str(file)] = p.to_dict()[0]
     return results
 
