@@ -13,7 +13,7 @@ The command line calls the same object (``patchnet predict``, ``patchnet localiz
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -23,9 +23,11 @@ from PIL import Image
 
 from .datasets import DatasetError, load_image
 from .errors import PatchnetError
-from .infer import Prediction, Predictor
 from .localize import Detection, box_options, confidence, localize
+from .maps import score_map
 from .model import CheckpointError
+from .predictor import Prediction, Predictor
+from .scoring import InferOptions
 
 
 class ThresholdError(PatchnetError, ValueError):
@@ -133,20 +135,12 @@ class Explanation:
 class Model:
     """A trained patchnet checkpoint: its frozen backbone, head, pooling, fusion and calibration.
 
-    ``device``: cpu, cuda, cuda:N (default: the checkpoint's recipe's, auto); ``pool``: score images by
-    another pooling than the model's own; ``fuse``: add the checkpoint's max-pool classifier;
-    ``precision``: the trunk's (auto, fp32, bf16, fp16; default the recipe's).
+    ``options``: how it scores (``InferOptions``: device, precision, patch mode, pooling, fusion, the score
+    maps' prior; default: as the checkpoint's recipe says).
     """
 
-    def __init__(
-        self,
-        checkpoint: str | Path,
-        device: str | None = None,
-        pool: str | None = None,
-        fuse: bool = True,
-        precision: str | None = None,
-    ):
-        self.predictor = Predictor(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision)
+    def __init__(self, checkpoint: str | Path, options: InferOptions | None = None):
+        self.predictor = Predictor(checkpoint, options)
         self.classes: list[str] = list(self.predictor.classes)
         self.recipe = self.predictor.recipe
 
@@ -224,13 +218,11 @@ class Model:
     ) -> Explanation:
         """One image scored once: its predictions and the score map of each class judged present (or of
         ``classes``; the best class where none is), beside the image as the model read it."""
-        from .infer import score_map
-
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
         self.check_threshold(threshold)
         array, p = self._one(image)
         predictions = self._predictions([p], threshold)
-        prior = self.recipe.infer.map_prior if prior is None else prior
+        prior = self.predictor.map_prior(prior)
         chosen = self._class_indices(wanted, p, None if predictions.present is None else predictions.present[0])
         maps = {self.classes[c]: score_map(p.boxes, p.values[:, c], p.width, p.height, prior=prior) for c in chosen}
         return Explanation(array, predictions, maps)
@@ -262,7 +254,7 @@ class Model:
             self._class_indices(wanted, p),
             method,
             threshold,
-            self.recipe.infer.map_prior,
+            self.predictor.map_prior(),
         )
 
 
@@ -272,6 +264,16 @@ def load(
     pool: str | None = None,
     fuse: bool = True,
     precision: str | None = None,
+    options: InferOptions | None = None,
 ) -> Model:
-    """A trained checkpoint (``best.pt`` or ``last.pt``) ready to predict, draw score maps and localise."""
-    return Model(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision)
+    """A trained checkpoint (``best.pt`` or ``last.pt``, or a shipped model's name) ready to predict, draw score
+    maps and localise.
+
+    ``device``: cpu, cuda, cuda:N (default: the checkpoint's recipe's, auto); ``pool``: score images by another
+    pooling than the model's own; ``fuse``: add the checkpoint's max-pool classifier; ``precision``: the
+    trunk's (auto, fp32, bf16, fp16; default the recipe's). ``options``: all of them (and the patch mode, the
+    power k, the score maps' prior) as one ``InferOptions``; the keywords given override it.
+    """
+    given = {"device": device, "pool": pool, "precision": precision, "fuse": None if fuse else False}
+    options = replace(options or InferOptions(), **{k: v for k, v in given.items() if v is not None})
+    return Model(checkpoint, options)

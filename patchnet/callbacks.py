@@ -13,12 +13,12 @@ import numpy as np
 from .calibration import calibrate
 from .dist import rank_world
 from .fusion import fit_fusion
-from .infer import evaluate, image_scores
 from .linear import SplitFeatures, fit_linear, linear_arrays
 from .metrics import APTable
 from .model import save_checkpoint
 from .pooling import pool_features
 from .recipe import Recipe
+from .scoring import evaluate, image_scores
 from .splits import Selection, SplitData, held_out
 from .state import TrainState
 

@@ -24,9 +24,10 @@ from .backbones.lite import Conv2dSame
 from .errors import PatchnetError
 from .extract import map_cells
 from .files import atomic_write
-from .infer import Predictor
 from .pooling import patch_values, pool
+from .predictor import Predictor
 from .regions import region_weights
+from .scoring import InferOptions
 
 
 class ExportError(PatchnetError, ValueError):
@@ -160,7 +161,7 @@ def export(
 ):
     """Write the checkpoint's ``FixedSizeModel`` for W x H images with ``torch.export`` (and as ONNX when
     ``onnx`` is given), traced on ``device``, where its weights then live; returns the model and its program."""
-    predictor = Predictor(checkpoint, device=device, precision="fp32")
+    predictor = Predictor(checkpoint, InferOptions(device=device, precision="fp32"))
     target = predictor.extractor.device
     model = FixedSizeModel(predictor, width, height).to(target).eval()
     example = (torch.rand(1, 3, height, width, device=target),)

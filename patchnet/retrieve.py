@@ -254,8 +254,7 @@ def _query_section(
     ]
     for j, d in zip(neighbours, nd):
         cells.append(
-            f'<figure><img src="{_thumb(paths[j])}"><figcaption>{_text(ids[j])}'
-            f"<br>d = {d:.3f}</figcaption></figure>"
+            f'<figure><img src="{_thumb(paths[j])}"><figcaption>{_text(ids[j])}<br>d = {d:.3f}</figcaption></figure>'
         )
     return (
         f'<h3>{_text(q["name"])}</h3><div class="row">{"".join(cells)}'

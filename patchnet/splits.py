@@ -13,10 +13,10 @@ from .cache import FeatureStore
 from .datasets import Dataset, DatasetError, open_split
 from .extract import PatchExtractor
 from .features import CacheSpec, build_features
-from .infer import evaluation_items
 from .model import CheckpointError
 from .recipe import Recipe
 from .sampler import IGNORE, MULTI, label_patches
+from .scoring import evaluation_items
 from .unlock import MapStore, build_maps
 
 log = logging.getLogger("patchnet")

@@ -44,7 +44,7 @@ from .extract import build_extractor
 from .features import cache_spec
 from .files import atomic_write
 from .fusion import Fusion
-from .infer import evaluate, evaluation_items
+from .scoring import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets, sum_members
 from .metrics import APTable, confusion_matrix
 from .model import AdaptationHead, check_compatible, mean_softmax_logits

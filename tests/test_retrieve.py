@@ -162,8 +162,9 @@ def test_page_draws_the_map_and_opens_a_neighbourhood_in_chromium(tmp_path):
 
 
 def test_page_renders_from_the_templates_shipped_as_package_data(tmp_path):
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     import patchnet
 

@@ -61,7 +61,8 @@ def open_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Iterato
             raise ImageTooLarge(
                 f"{path}: {w}x{h} is {w * h / 1e6:.1f} M pixels, over data.max_pixels "
                 f"({max_pixels / 1e6:.1f} M); skipped without decoding. If the image is genuine, "
-                f"raise the limit, e.g. --set data.max_pixels={w * h} (at most {PILLOW_LIMIT})"
+                f"raise the limit, e.g. --set data.max_pixels={w * h} (predict: --max-pixels {w * h}; "
+                f"at most {PILLOW_LIMIT})"
             )
         yield im
 
