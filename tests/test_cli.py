@@ -245,6 +245,32 @@ def test_predict_shows_a_file_name_that_is_not_utf8_escaped_and_writes_strict_js
         assert list(doc["images"]) == [escaped] and list(doc["skipped"]) == [str(odd.parent / "bad\\xff.jpg")]
 
 
+def test_predict_max_pixels_sets_the_image_limit(predict_model, tmp_path):
+    model, images = predict_model
+    image = images / "a.jpg"  # 96 x 72 = 6912 pixels
+    result = _predict(model, str(image), "--max-pixels", "6000", "--json", str(tmp_path / "small.json"))
+    assert result.exit_code == 1 and "over data.max_pixels" in result.output and "--max-pixels 6912" in result.output
+    assert list(json.loads((tmp_path / "small.json").read_text())["skipped"]) == [str(image)]
+    result = _predict(model, str(image), "--max-pixels", "6912")
+    assert result.exit_code == 0, result.output
+    result = _predict(model, str(image), "--max-pixels", "0")
+    assert result.exit_code == 2 and "--max-pixels" in result.output and "Traceback" not in result.output
+
+
+def test_eval_cache_dir_moves_the_feature_cache(predict_model, tmp_path):
+    model, _images = predict_model
+    ckpt = str(model.predictor.state_path)
+    elsewhere = tmp_path / "elsewhere"
+    result = runner.invoke(
+        app, ["eval", "-c", ckpt, "--split", "val", "--cache-dir", str(elsewhere), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert any(p.is_file() for p in elsewhere.rglob("*"))  # the features were cached there
+    again = runner.invoke(app, ["eval", "-c", ckpt, "--split", "val", "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "eval_val.json").read_text() == (tmp_path / "b" / "eval_val.json").read_text()  # same table
+
+
 # --------------------------------------------------------------------------- the commands as one family
 
 
