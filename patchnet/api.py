@@ -274,6 +274,12 @@ def load(
     trunk's (auto, fp32, bf16, fp16; default the recipe's). ``options``: all of them (and the patch mode, the
     power k, the score maps' prior) as one ``InferOptions``; the keywords given override it.
     """
-    given = {"device": device, "pool": pool, "precision": precision, "fuse": None if fuse else False}
-    options = replace(options or InferOptions(), **{k: v for k, v in given.items() if v is not None})
-    return Model(checkpoint, options)
+    o = options or InferOptions()
+    o = replace(
+        o,
+        device=o.device if device is None else device,
+        pool=o.pool if pool is None else pool,
+        precision=o.precision if precision is None else precision,
+        fuse=o.fuse and fuse,
+    )
+    return Model(checkpoint, o)
