@@ -27,6 +27,8 @@ from .unlock import load_unlocked
 
 @dataclass
 class Prediction:
+    """One image scored: its pooled scores (calibrated where the checkpoint can), and its patches' values for maps."""
+
     scores: np.ndarray  # (C,) pooled image scores
     probabilities: np.ndarray | None  # (C,) calibrated P(class present), when the checkpoint carries a calibration
     present: np.ndarray | None  # (C,) bool: above the class's decision threshold
