@@ -245,6 +245,25 @@ def test_predict_shows_a_file_name_that_is_not_utf8_escaped_and_writes_strict_js
         assert list(doc["images"]) == [escaped] and list(doc["skipped"]) == [str(odd.parent / "bad\\xff.jpg")]
 
 
+def test_log_lines_naming_a_file_that_is_not_utf8_reach_a_strict_utf8_stream(capsys):
+    import io
+    import logging
+    import os
+
+    from patchnet.cli.common import PrintableLog
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    logger = logging.getLogger("patchnet.test_printable")
+    logger.propagate = False
+    logger.addHandler(logging.StreamHandler(stream))
+    name = os.fsdecode(b"caf\xe9.jpg")
+    logger.warning("skipped %s: cannot read", name)
+    assert "Logging error" in capsys.readouterr().err  # the handler cannot write it as it is
+    logger.addFilter(PrintableLog())
+    logger.warning("skipped %s: cannot read", name)
+    assert stream.buffer.getvalue().decode() == "skipped caf\\xe9.jpg: cannot read\n"
+
+
 def test_predict_max_pixels_sets_the_image_limit(predict_model, tmp_path):
     model, images = predict_model
     image = images / "a.jpg"  # 96 x 72 = 6912 pixels

@@ -56,6 +56,14 @@ def _flag_type(self: typer.core.TyperOption, ctx) -> str | None:
 typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 
+class PrintableLog(logging.Filter):
+    """Log lines made ``printable``: a file name that is not UTF-8 in a warning would make the handler fail."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = printable(record.getMessage()), ()
+        return True
+
+
 @contextmanager
 def session(verbose: bool = False):
     """Log through tqdm, and turn errors about the user's input into one line and exit code 2."""
@@ -63,6 +71,8 @@ def session(verbose: bool = False):
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("patchnet").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(f, PrintableLog) for f in log.filters):
+        log.addFilter(PrintableLog())
     try:
         with logging_redirect_tqdm():
             yield
@@ -88,7 +98,7 @@ class Skipped:
         self.total, self.what, self.failed = total, what, {}
 
     def add(self, name: str, error: Exception | str) -> None:
-        log.warning("skipped %s", printable(error if str(name) in str(error) else f"{name}: {error}"))
+        log.warning("skipped %s", error if str(name) in str(error) else f"{name}: {error}")
         self.failed[str(name)] = str(error)
 
     def finish(self) -> None:
