@@ -35,8 +35,8 @@ class ThresholdError(PatchnetError, ValueError):
 
 
 def as_image(image, max_pixels: int | None = None) -> np.ndarray:
-    """An RGB uint8 (H, W, 3) array from a path, a PIL image, an (H, W, 3) array or a (3, H, W) tensor (uint8, or
-    float in [0, 1])."""
+    """An RGB uint8 (H, W, 3) array from a path, a PIL image, an (H, W, 3) array (uint8, uint16, or float in [0, 1])
+    or a (3, H, W) tensor (uint8, or float in [0, 1])."""
     if isinstance(image, (str, Path)):
         return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
@@ -55,9 +55,25 @@ def as_image(image, max_pixels: int | None = None) -> np.ndarray:
     if array.ndim != 3 or array.shape[-1] != 3:
         raise DatasetError(f"an image array must be (H, W, 3) RGB; got shape {array.shape}")
     if array.dtype != np.uint8:
-        scaled = np.clip(array, 0, 1) * 255 if array.dtype.kind == "f" else array
-        array = np.asarray(scaled).round().astype(np.uint8)
+        array = np.asarray(_unit_range(array) * 255).round().astype(np.uint8)
     return array
+
+
+def _unit_range(array: np.ndarray) -> np.ndarray:
+    """A non-uint8 image array in [0, 1], as the decoder maps files: floats clipped to [0, 1], 16-bit by [0, 65535];
+    other integers as 8-bit values, refused outside [0, 255] (they would wrap around)."""
+    if array.dtype.kind == "f":
+        return np.clip(np.nan_to_num(array, nan=0.0), 0, 1)
+    if array.dtype == np.uint16:
+        return array / 65535
+    if array.dtype.kind not in "iub":
+        raise DatasetError(f"an image array must hold numbers; got dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise DatasetError(
+            f"an image array of dtype {array.dtype} must hold 0..255 (uint8 values), or be uint16 or float in [0, 1]; "
+            f"got values in [{array.min()}, {array.max()}]"
+        )
+    return array / 255
 
 
 def _images(images) -> list:
