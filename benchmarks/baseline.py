@@ -23,8 +23,9 @@ from pathlib import Path
 
 from patchnet.checkpoint import load_checkpoint
 from patchnet.extract import build_extractor
-from patchnet.infer import evaluate_split
 from patchnet.linear import linear_baseline, whole_image_recipe
+from patchnet.predictor import evaluate_split
+from patchnet.scoring import InferOptions
 from patchnet.trainer import train
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
@@ -66,7 +67,9 @@ def run_rows(args, voc: Path, after: list[str], tag: str = "") -> tuple[dict, di
                 results[row] = result.table  # last.pt on devval
                 epochs[row] = _epoch_seconds(result.run_dir)
                 if r.infer.fuse:  # the head alone, without the fused max-pool SVM
-                    results[row + "_head"] = evaluate_split(result.run_dir / "last.pt", data=voc, fuse=False)[0]
+                    results[row + "_head"] = evaluate_split(
+                        result.run_dir / "last.pt", data=voc, options=InferOptions(fuse=False)
+                    )[0]
                     seconds[row + "_head"] = 0.0
             else:
                 if row.startswith("whole"):

@@ -16,7 +16,7 @@ from patchnet.dist import native_bf16
 
 if TYPE_CHECKING:
     from patchnet.datasets import Dataset
-    from patchnet.infer import Predictor
+    from patchnet.predictor import Predictor
     from patchnet.splits import Selection, SplitData
     from patchnet.store import FeatureStore
 
@@ -161,7 +161,7 @@ def run_splits(predictor: Predictor, cache_dir: str):
     features from the cache the run was trained from: (train data, selection, val dataset, val store, val items)."""
     from patchnet.datasets import open_split
     from patchnet.features import build_features, cache_spec
-    from patchnet.infer import evaluation_items
+    from patchnet.scoring import evaluation_items
     from patchnet.splits import prepare_split, selection_split
 
     recipe, extractor = predictor.recipe, predictor.extractor
@@ -179,10 +179,11 @@ def run_splits(predictor: Predictor, cache_dir: str):
 def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
     """``checkpoint``'s scores from the cache its run was trained from."""
     from patchnet.hooks import SelectionEval
-    from patchnet.infer import Predictor, image_scores
     from patchnet.pooling import pool_features
+    from patchnet.predictor import Predictor
+    from patchnet.scoring import InferOptions, image_scores
 
-    predictor = Predictor(checkpoint, fuse=False)
+    predictor = Predictor(checkpoint, InferOptions(fuse=False))
     recipe, pool = predictor.recipe, predictor.pool
     train_data, selection, val, store, items = run_splits(predictor, cache_dir)
     coef, intercept, sel_pooled = SelectionEval(recipe, train_data, selection).fit_svm()

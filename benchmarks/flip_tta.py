@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from patchnet.datasets import load_image
-from patchnet.infer import Predictor
 from patchnet.pooling import pool_image
+from patchnet.predictor import Predictor
 
 from common import bench_parser, fused_tables, run_scores, table
 

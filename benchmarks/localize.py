@@ -21,8 +21,9 @@ import numpy as np
 
 from patchnet.datasets import open_split
 from patchnet.features import build_features, cache_spec
-from patchnet.infer import Predictor, evaluation_items, image_scores
 from patchnet.localize import evaluate_localization
+from patchnet.predictor import Predictor
+from patchnet.scoring import evaluation_items, image_scores
 from patchnet.splits import holdout_records
 
 from common import REPO, Timer, bench_parser, machine, require_voc, table

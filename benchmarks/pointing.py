@@ -16,7 +16,9 @@ from pathlib import Path
 
 from patchnet.datasets import open_split
 from patchnet.features import build_features, cache_spec
-from patchnet.infer import Predictor, evaluation_items, pointing_game
+from patchnet.maps import pointing_game
+from patchnet.predictor import Predictor
+from patchnet.scoring import evaluation_items
 from patchnet.splits import holdout_records
 
 from common import bench_parser, machine, require_voc, table

@@ -22,7 +22,8 @@ from patchnet.codec import FeatureCodec
 from patchnet.datasets import open_split
 from patchnet.extract import build_extractor
 from patchnet.features import build_features, cache_spec
-from patchnet.infer import evaluate_split
+from patchnet.predictor import evaluate_split
+from patchnet.scoring import InferOptions
 from patchnet.trainer import train
 from patchnet.unlock import build_maps
 
@@ -52,7 +53,7 @@ def main() -> None:
             result = train(recipe)
         history = load_checkpoint(result.run_dir / "last.pt").history
         epoch = sum(h["seconds"] for h in history) / len(history)
-        head = evaluate_split(result.run_dir / "last.pt", data=voc, fuse=False)[0]
+        head = evaluate_split(result.run_dir / "last.pt", data=voc, options=InferOptions(fuse=False))[0]
         megabytes = _cache_megabytes_per_image(recipe)
         fused = "fused" if recipe.infer.fuse else "as scored"
         report[n] = {

@@ -28,13 +28,19 @@ __version__ = "0.1.0"
 
 
 def load(
-    checkpoint, device: str | None = None, pool: str | None = None, fuse: bool = True, precision: str | None = None
+    checkpoint,
+    device: str | None = None,
+    pool: str | None = None,
+    fuse: bool = True,
+    precision: str | None = None,
+    options=None,
 ) -> Model:
     """A trained checkpoint (``best.pt`` or ``last.pt``) ready to predict, draw score maps and localise
-    (``patchnet.api.Model``). Importing ``patchnet`` alone loads no torch; ``load`` does."""
+    (``patchnet.api.Model``); ``options``: a ``patchnet.scoring.InferOptions`` (``patchnet.api.load``).
+    Importing ``patchnet`` alone loads no torch; ``load`` does."""
     from .api import load as _load
 
-    return _load(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision)
+    return _load(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision, options=options)
 
 
 def train(

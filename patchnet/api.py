@@ -13,7 +13,7 @@ The command line calls the same object (``patchnet predict``, ``patchnet localiz
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -24,8 +24,10 @@ from PIL import Image
 from .checkpoint import CheckpointError
 from .datasets import DatasetError, load_image
 from .errors import PatchnetError
-from .infer import Prediction, Predictor
 from .localize import Detection, box_options, confidence, localize
+from .maps import score_map
+from .predictor import Prediction, Predictor
+from .scoring import InferOptions
 
 
 class ThresholdError(PatchnetError, ValueError):
@@ -33,8 +35,8 @@ class ThresholdError(PatchnetError, ValueError):
 
 
 def as_image(image, max_pixels: int | None = None) -> np.ndarray:
-    """An RGB uint8 (H, W, 3) array from a path, a PIL image, an (H, W, 3) array or a (3, H, W) tensor (uint8, or
-    float in [0, 1])."""
+    """An RGB uint8 (H, W, 3) array from a path, a PIL image, an (H, W, 3) array (uint8, uint16, or float in [0, 1])
+    or a (3, H, W) tensor (uint8, or float in [0, 1])."""
     if isinstance(image, (str, Path)):
         return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
@@ -53,9 +55,25 @@ def as_image(image, max_pixels: int | None = None) -> np.ndarray:
     if array.ndim != 3 or array.shape[-1] != 3:
         raise DatasetError(f"an image array must be (H, W, 3) RGB; got shape {array.shape}")
     if array.dtype != np.uint8:
-        scaled = np.clip(array, 0, 1) * 255 if array.dtype.kind == "f" else array
-        array = np.asarray(scaled).round().astype(np.uint8)
+        array = np.asarray(_unit_range(array) * 255).round().astype(np.uint8)
     return array
+
+
+def _unit_range(array: np.ndarray) -> np.ndarray:
+    """A non-uint8 image array in [0, 1], as the decoder maps files: floats clipped to [0, 1], 16-bit by [0, 65535];
+    other integers as 8-bit values, refused outside [0, 255] (they would wrap around)."""
+    if array.dtype.kind == "f":
+        return np.clip(np.nan_to_num(array, nan=0.0), 0, 1)
+    if array.dtype == np.uint16:
+        return array / 65535
+    if array.dtype.kind not in "iub":
+        raise DatasetError(f"an image array must hold numbers; got dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise DatasetError(
+            f"an image array of dtype {array.dtype} must hold 0..255 (uint8 values), or be uint16 or float in [0, 1]; "
+            f"got values in [{array.min()}, {array.max()}]"
+        )
+    return array / 255
 
 
 def _images(images) -> list:
@@ -133,20 +151,12 @@ class Explanation:
 class Model:
     """A trained patchnet checkpoint: its frozen backbone, head, pooling, fusion and calibration.
 
-    ``device``: cpu, cuda, cuda:N (default: the checkpoint's recipe's, auto); ``pool``: score images by
-    another pooling than the model's own; ``fuse``: add the checkpoint's max-pool classifier;
-    ``precision``: the trunk's (auto, fp32, bf16, fp16; default the recipe's).
+    ``options``: how it scores (``InferOptions``: device, precision, patch mode, pooling, fusion, the score
+    maps' prior; default: as the checkpoint's recipe says).
     """
 
-    def __init__(
-        self,
-        checkpoint: str | Path,
-        device: str | None = None,
-        pool: str | None = None,
-        fuse: bool = True,
-        precision: str | None = None,
-    ):
-        self.predictor = Predictor(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision)
+    def __init__(self, checkpoint: str | Path, options: InferOptions | None = None):
+        self.predictor = Predictor(checkpoint, options)
         self.classes: list[str] = list(self.predictor.classes)
         self.recipe = self.predictor.recipe
 
@@ -224,13 +234,11 @@ class Model:
     ) -> Explanation:
         """One image scored once: its predictions and the score map of each class judged present (or of
         ``classes``; the best class where none is), beside the image as the model read it."""
-        from .infer import score_map
-
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
         self.check_threshold(threshold)
         array, p = self._one(image)
         predictions = self._predictions([p], threshold)
-        prior = self.recipe.infer.map_prior if prior is None else prior
+        prior = self.predictor.map_prior(prior)
         chosen = self._class_indices(wanted, p, None if predictions.present is None else predictions.present[0])
         maps = {self.classes[c]: score_map(p.boxes, p.values[:, c], p.width, p.height, prior=prior) for c in chosen}
         return Explanation(array, predictions, maps)
@@ -262,7 +270,7 @@ class Model:
             self._class_indices(wanted, p),
             method,
             threshold,
-            self.recipe.infer.map_prior,
+            self.predictor.map_prior(),
         )
 
 
@@ -272,6 +280,22 @@ def load(
     pool: str | None = None,
     fuse: bool = True,
     precision: str | None = None,
+    options: InferOptions | None = None,
 ) -> Model:
-    """A trained checkpoint (``best.pt`` or ``last.pt``) ready to predict, draw score maps and localise."""
-    return Model(checkpoint, device=device, pool=pool, fuse=fuse, precision=precision)
+    """A trained checkpoint (``best.pt`` or ``last.pt``, or a shipped model's name) ready to predict, draw score
+    maps and localise.
+
+    ``device``: cpu, cuda, cuda:N (default: the checkpoint's recipe's, auto); ``pool``: score images by another
+    pooling than the model's own; ``fuse``: add the checkpoint's max-pool classifier; ``precision``: the
+    trunk's (auto, fp32, bf16, fp16; default the recipe's). ``options``: all of them (and the patch mode, the
+    power k, the score maps' prior) as one ``InferOptions``; the keywords given override it.
+    """
+    o = options or InferOptions()
+    o = replace(
+        o,
+        device=o.device if device is None else device,
+        pool=o.pool if pool is None else pool,
+        precision=o.precision if precision is None else precision,
+        fuse=o.fuse and fuse,
+    )
+    return Model(checkpoint, o)

@@ -5,13 +5,18 @@ rescaling of each pyramid level, the frozen trunk (shared mode: one pass per lev
 mean over its region of the map, the storage round trip the head was trained on (fp16, 8-bit codes,
 the PCA projection), the adaptation head, the pooling, the fused max-pool classifier and the
 calibration. ``export`` writes it with ``torch.export`` (``torch.export.load(path).module()`` runs it
-with plain torch) and, where the ops allow, as ONNX.
+with plain torch) and, where the ops allow, as ONNX. A ``.pt2`` archive can hold pickled objects, and
+unpickling runs code: load only programs you made (``load_program`` reads them as safely as torch allows).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +29,10 @@ from .backbones.lite import Conv2dSame
 from .errors import PatchnetError
 from .extract import map_cells
 from .files import atomic_write
-from .infer import Predictor
 from .pooling import patch_values, pool
+from .predictor import Predictor
 from .regions import region_weights
+from .scoring import InferOptions
 
 
 class ExportError(PatchnetError, ValueError):
@@ -160,7 +166,7 @@ def export(
 ):
     """Write the checkpoint's ``FixedSizeModel`` for W x H images with ``torch.export`` (and as ONNX when
     ``onnx`` is given), traced on ``device``, where its weights then live; returns the model and its program."""
-    predictor = Predictor(checkpoint, device=device, precision="fp32")
+    predictor = Predictor(checkpoint, InferOptions(device=device, precision="fp32"))
     target = predictor.extractor.device
     model = FixedSizeModel(predictor, width, height).to(target).eval()
     example = (torch.rand(1, 3, height, width, device=target),)
@@ -198,6 +204,63 @@ def export(
     return model, program
 
 
+# constants that torch.export.load unpickles in full (TorchScript objects, opaque Python objects)
+UNPICKLED_CONSTANTS = ("custom_obj", "opaque_obj")
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every ``torch.load`` in the block with ``weights_only=True``, whatever its caller asks (torch.export.load
+    asks for full unpickling of pickled weights and falls back to it for sample inputs)."""
+    saved = {
+        name: os.environ.pop(name, None)
+        for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    }
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """A program ``export`` wrote (``.pt2``), read back with ``torch.export.load``; ``.module()`` runs it.
+
+    Load only programs you made (or got from someone you trust): a ``.pt2`` archive can hold pickled objects, and
+    unpickling runs code. This loader is as safe as torch allows: it refuses an archive holding constants that
+    torch unpickles in full (TorchScript or opaque objects, which ``export`` never writes), and reads every
+    pickled tensor with ``torch.load(weights_only=True)``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            configs = [n for n in archive.namelist() if n.endswith("_constants_config.json")]
+            unsafe = [
+                f"{key} ({meta.get('path_name')})"
+                for n in configs
+                for key, meta in json.loads(archive.read(n)).get("config", {}).items()
+                if str(meta.get("path_name", "")).startswith(UNPICKLED_CONSTANTS)
+            ]
+    except (OSError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+        raise ExportError(f"{path}: not a torch.export program that patchnet export writes ({e})") from None
+    if unsafe:
+        raise ExportError(
+            f"{path}: refused: it holds objects that loading would unpickle, which can run code "
+            f"({', '.join(unsafe[:3])}); patchnet export never writes them: load only programs you made"
+        )
+    try:
+        with _weights_only_loads():
+            return torch.export.load(str(path))
+    except Exception as e:  # a pickled payload weights_only refuses, or a damaged archive
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ExportError(
+            f"{path}: cannot load it as a program ({type(e).__name__}: {first}); load only programs you made "
+            "with patchnet export"
+        ) from None
+
+
 def _best_ms(run, repeats: int) -> float:
     run()  # the first call pays for lazy set-up
     times = []
@@ -220,7 +283,7 @@ def check_export(
     exported size: max absolute difference of the outputs, and median milliseconds per image of each; the program
     and the API on ``device`` (the program's, as exported)."""
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    module = torch.export.load(str(program)).module()
+    module = load_program(program).module()
     api = load(checkpoint, device=device, precision="fp32")  # the precision the program runs at
     reference = api.predict(image)
     want = reference.probabilities if reference.probabilities is not None else reference.scores

@@ -9,12 +9,12 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from .errors import PatchnetError
-from .files import atomic_write
+from .files import atomic_write, printable
 
 
 def plain(text: object) -> str:
     """``text`` as matplotlib shows it literally: a ``$`` would otherwise start mathtext (and ``$x_$`` crash)."""
-    return str(text).replace("$", r"\$")
+    return printable(text).replace("$", r"\$")
 
 
 def new_figure(rows: int = 1, cols: int = 1, figsize: tuple[float, float] = (6.4, 4.8), **subplots):

@@ -5,6 +5,8 @@ through ``atomic_write``: a temporary file unique to the process, flushed and fs
 target, then the folder fsynced, so a kill or a power loss leaves either the old file or the new one.
 Every name that comes from the user's data (an image id, a class name) becomes a file name through
 ``safe_name`` only, and every such path is checked to lie under its output folder by ``output_path``.
+Every name that reaches text (a page, a title, a printed line, CSV) goes through ``printable``, and every
+JSON document through ``json_text``: a file name that is not UTF-8 shows its odd bytes as ``\\xNN``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,35 @@ def safe_name(name: str, max_len: int = MAX_NAME) -> str:
     if cleaned == text and not reserved and len(cleaned.encode()) <= max_len:
         return cleaned
     return f"{_cut(cleaned, max_len - 9).rstrip('._ ') or '_'}-{_short_hash(text)}"
+
+
+def printable(text: object) -> str:
+    """``text`` (a path, a file name, a message naming one) as it can be printed and written as UTF-8.
+
+    Python holds the bytes of a file name that is not UTF-8 as lone surrogates (``os.fsdecode``), which no
+    UTF-8 file, terminal or strict JSON reader takes: they become ``\\xNN`` escapes of the name's bytes.
+    """
+    text = os.fsdecode(text) if isinstance(text, (bytes, os.PathLike)) else str(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that no file name's bytes make
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def printable_tree(value):
+    """A JSON-able value with every string in it (keys too) made ``printable``."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(k) if isinstance(k, str) else k: printable_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable_tree(v) for v in value]
+    return value
+
+
+def json_text(value, **dumps) -> str:
+    """``json.dumps`` of a value whose strings are made ``printable`` first: strict JSON, no lone surrogates."""
+    return json.dumps(printable_tree(value), **dumps)
 
 
 def _cut(text: str, max_bytes: int) -> str:
@@ -142,12 +173,12 @@ def atomic_file(target: str | Path) -> Iterator[BinaryIO]:
 
 
 def atomic_write(target: str | Path, write: Callable[[BinaryIO], object] | bytes | str) -> Path:
-    """Write ``target`` atomically: ``write(file)``, or the given bytes or text (UTF-8)."""
+    """Write ``target`` atomically: ``write(file)``, or the given bytes or text (UTF-8, made ``printable``)."""
     with atomic_file(target) as f:
         if callable(write):
             write(f)
         else:
-            f.write(write.encode("utf-8") if isinstance(write, str) else write)
+            f.write(printable(write).encode("utf-8") if isinstance(write, str) else write)
     return Path(target)
 
 

@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from .datasets import DatasetError
 from .figures import new_figure, plain, save_figure
-from .infer import score_map
+from .maps import score_map
 from .pooling import item_groups, map_values, pool_image
 
 
@@ -101,7 +101,8 @@ def top_classes(scores: np.ndarray, top: int) -> list[int]:
 
 
 def log_heatmaps(writer, head, split, recipe, epoch: int, items: np.ndarray) -> None:
-    """Draw the top two classes of the first few selection images into TensorBoard."""
+    """Draw the top two classes of the first few selection images into TensorBoard, their maps with the recipe's
+    ``infer.map_prior`` as everywhere else."""
     from .datasets import DatasetError, load_image
 
     store, dataset, name = split.store, split.dataset, recipe.infer_pool
@@ -121,7 +122,7 @@ def log_heatmaps(writer, head, split, recipe, epoch: int, items: np.ndarray) -> 
         h, w = image.shape[:2]
         fig = heatmap_figure(
             image,
-            class_maps(store.patch_boxes[s], values, w, h, chosen),
+            class_maps(store.patch_boxes[s], values, w, h, chosen, prior=recipe.infer.map_prior),
             [f"{dataset.classes[c]}: {scores[c]:.3g}" for c in chosen],
             cols=2,
         )

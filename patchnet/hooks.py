@@ -19,11 +19,11 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .dist import rank_world
 from .errors import PatchnetError
 from .fusion import fit_fusion
-from .infer import evaluate, image_scores
 from .linear import SplitFeatures, fit_linear, linear_arrays
 from .metrics import APTable
 from .pooling import pool_features
 from .recipe import Recipe
+from .scoring import evaluate, image_scores
 from .splits import Selection, SplitData, held_out
 from .state import TrainState
 

@@ -3,7 +3,7 @@
 Every scored patch is already a square box with a score. ``method``:
 
 - ``map`` (the default): the class's score map (each pixel the mean value of the patches covering it,
-  ``patchnet.infer.score_map``), min-max normalised and thresholded at ``threshold``; each connected
+  ``patchnet.maps.score_map``), min-max normalised and thresholded at ``threshold``; each connected
   region above it is one box, the region holding the peak first (CAM's recipe, on patch scores). The
   normalisation matters: large patches that hold the object lift the whole map, and a cut at a
   fraction of the peak alone then merges regions (CorLoc 39.6 against 40.5 on held-out devtrain).
@@ -26,7 +26,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .errors import PatchnetError
-from .infer import score_map
+from .maps import score_map
 from .metrics import LocalizationResult, corloc_hits, detection_ap
 from .pooling import map_values
 from .recipe import InferConfig

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from .api import Explanation
 from .draw import label_image
-from .files import UniqueNames, atomic_write, check_inside, output_path
+from .files import UniqueNames, atomic_write, check_inside, json_text, output_path, printable
 from .heatmaps import write_heatmaps
 
 CSV_COLUMNS = ["file", "rank", "class", "probability", "score", "present", "annotated", "heatmap"]
@@ -103,7 +102,7 @@ class PredictionFolder:
         for rank, c in enumerate(order, 1):
             self.rows.append(
                 [
-                    str(path),
+                    printable(path),
                     str(rank),
                     self.classes[c],
                     "" if probs is None else f"{probs[c]:.6f}",
@@ -131,7 +130,7 @@ class PredictionFolder:
         w.writerows(self.rows)
         csv_path = atomic_write(output_path(self.out, "predictions", ".csv"), text.getvalue())
         json_path = output_path(self.out, "predictions", ".json")
-        atomic_write(json_path, json.dumps({**document, "outputs": self.outputs}, indent=1))
+        atomic_write(json_path, json_text({**document, "outputs": self.outputs}, indent=1))
         return csv_path, json_path
 
     def summary(self) -> str:

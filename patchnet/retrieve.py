@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
+from importlib import resources
 from pathlib import Path
+from string import Template
 from typing import cast
 
 import matplotlib
@@ -24,7 +25,7 @@ from .datasets import DatasetError, load_image, open_split, thumbnail
 from .extract import build_extractor
 from .features import cache_spec
 from .figures import figure_bytes, new_figure, plain
-from .files import atomic_write
+from .files import atomic_write, json_text, printable
 from .linear import split_features
 from .pooling import l2_normalize
 
@@ -179,94 +180,23 @@ def _histogram(dist_row: np.ndarray, neighbour_d: np.ndarray, title: str) -> str
     return _png(fig)
 
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
-body{{font-family:sans-serif;margin:20px;color:#222}} h2{{margin-top:32px}}
-.row{{display:flex;flex-wrap:wrap;align-items:flex-start;gap:8px}} figure{{margin:0;text-align:center;font-size:11px}}
-figure img{{border:1px solid #ccc}} .q img{{border:3px solid #1f77b4}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ddd;padding:2px 8px;font-size:12px;text-align:right}} .cmp{{display:flex;gap:24px}}
-#map{{width:100%;height:max(480px,70vh);border:1px solid #bbb;cursor:grab;display:block}}
-#legend span{{display:inline-block;margin:0 10px 4px 0;font-size:12px;cursor:pointer}}
-#legend i{{display:inline-block;width:11px;height:11px;margin-right:4px;vertical-align:-1px}}
-#legend .off{{opacity:.3}} #hood figure{{cursor:pointer;max-width:110px}} #hood img{{border:3px solid #ccc}}
-#hood .q img{{border-width:5px}}
-</style></head><body><h1>{title}</h1><p>{summary}</p>{browse}
-<h2>Compare two queries' distance distributions</h2><div class="cmp">
-<div><select id="a" onchange="show('a')">{options}</select><br><img id="ia"></div>
-<div><select id="b" onchange="show('b')">{options_b}</select><br><img id="ib"></div></div>
-{table}<h2>Neighbourhoods</h2>{sections}
-<script>const H={hist_js};function show(s){{const v=document.getElementById(s).value;
-if(v in H)document.getElementById('i'+s).src=H[v];}}
-show('a');show('b');</script></body></html>"""
+# The page's HTML, CSS and JavaScript: string.Template files shipped as package data (pyproject). The map is one
+# <canvas>; each thumbnail is decoded once into an ImageBitmap (an <img> would be decoded again at every frame
+# once there are thousands) and drawn at its t-SNE position, only when inside the view. window.mapDrawn turns
+# true (mapDrawnAt: ms since navigation) once every thumbnail is drawn.
+PAGE, MAP = "retrieval.html", "retrieval_map.html"
 
-BROWSE = """<h2>Browse: a map of the collection</h2>
-<p>A t-SNE map of the features of all {n} images: images close on the map look alike to the network.
-The border colour is the image's main class (the largest boxes; click a class to show only its images).
-Scroll to zoom, drag to pan, click an image to see its {k} nearest neighbours (click one of them to go on).
-<button id="reset">reset view</button></p><div id="legend"></div><canvas id="map"></canvas>
-<h3 id="hoodtitle">Click an image of the map</h3><div class="row" id="hood"></div>
-<script type="application/json" id="map-data">{data}</script><script>{js}</script>"""
 
-# The map: one <canvas>; each thumbnail is decoded once into an ImageBitmap (an <img> would be decoded
-# again at every frame once there are thousands) and drawn at its t-SNE position, only when inside the
-# view. window.mapDrawn turns true (mapDrawnAt: ms since navigation) once every thumbnail is drawn.
-MAP_JS = """(function(){
-const M=JSON.parse(document.getElementById('map-data').textContent),N=M.ids.length;
-const cv=document.getElementById('map'),cx=cv.getContext('2d'),hood=document.getElementById('hood');
-const I=M.thumbs.map(s=>{const im=new Image();im.src=s;return im;});
-let W=0,H=0,S=0,zoom=1,ox=0,oy=0,sel=-1,only=-1,raf=0,drag=null;
-const x0=Math.min(...M.x),y0=Math.min(...M.y),xr=Math.max(...M.x)-x0||1,yr=Math.max(...M.y)-y0||1;
-const colour=i=>M.main[i]>=0?M.colours[M.main[i]]:'#555';
-const sx=i=>ox+zoom*((W-S*xr)/2+S*(M.x[i]-x0)),sy=i=>oy+zoom*((H-S*yr)/2+S*(M.y[i]-y0));
-const side=()=>Math.min(64,Math.max(10,S*Math.sqrt(xr*yr/N))*Math.sqrt(zoom));
-const big=()=>Math.max(side(),48);
-function resize(){const r=window.devicePixelRatio||1;W=cv.clientWidth;H=cv.clientHeight;cv.width=W*r;cv.height=H*r;
-  cx.setTransform(r,0,0,r,0,0);S=Math.min((W-50)/xr,(H-50)/yr);draw();}
-function put(i,t,lw){const X=sx(i),Y=sy(i);if(X<-t||Y<-t||X>W+t||Y>H+t)return;
-  const im=I[i],w0=im.width||1,h0=im.height||1,f=t/Math.max(w0,h0),w=w0*f,h=h0*f;
-  cx.fillStyle=colour(i);cx.fillRect(X-w/2-lw,Y-h/2-lw,w+2*lw,h+2*lw);
-  if(im.width)cx.drawImage(im,X-w/2,Y-h/2,w,h);}
-function draw(){raf=0;cx.clearRect(0,0,W,H);const t=side(),lw=t>24?2:1;
-  for(let i=0;i<N;i++){cx.globalAlpha=only<0||M.main[i]===only?1:0.1;put(i,t,lw);}
-  cx.globalAlpha=1;if(sel<0)return;
-  cx.strokeStyle='#000';cx.lineWidth=1.5;cx.beginPath();
-  for(const j of M.neighbours[sel]){cx.moveTo(sx(sel),sy(sel));cx.lineTo(sx(j),sy(j));}cx.stroke();
-  for(const j of M.neighbours[sel])put(j,big(),3);put(sel,big()*1.4,5);}
-function redraw(){if(!raf)raf=requestAnimationFrame(draw);}
-function hit(mx,my){const near=(i,t)=>Math.abs(sx(i)-mx)<=t/2+2&&Math.abs(sy(i)-my)<=t/2+2;
-  if(sel>=0){if(near(sel,big()*1.4))return sel;for(const j of M.neighbours[sel])if(near(j,big()))return j;}
-  for(let i=N-1;i>=0;i--)if((only<0||M.main[i]===only)&&near(i,side()))return i;return -1;}
-const names=i=>M.labels[i].map(c=>M.classes[c]).join(', ')||'no class';
-function fig(j,cap,q){const f=document.createElement('figure'),im=document.createElement('img'),c=document.createElement('figcaption');
-  if(q)f.className='q';im.src=M.thumbs[j];im.style.borderColor=colour(j);c.innerText=cap;f.append(im,c);
-  f.onclick=()=>open(j);return f;}
-function open(i){sel=i;document.getElementById('hoodtitle').textContent='Neighbourhood of '+M.ids[i];
-  hood.replaceChildren(fig(i,'query '+M.ids[i]+'\\n'+names(i),true),
-    ...M.neighbours[i].map((j,r)=>fig(j,M.ids[j]+'\\nd = '+M.distances[i][r].toFixed(3)+'\\n'+names(j))));redraw();}
-window.openImage=open;window.mapPoint=i=>[sx(i),sy(i)];  // for scripts that drive the page
-cv.addEventListener('wheel',e=>{e.preventDefault();const z=Math.min(80,Math.max(1,zoom*Math.exp(-e.deltaY*0.002))),f=z/zoom;
-  ox=e.offsetX-(e.offsetX-ox)*f;oy=e.offsetY-(e.offsetY-oy)*f;zoom=z;redraw();},{passive:false});
-cv.addEventListener('mousedown',e=>{drag={x:e.clientX,y:e.clientY,ox,oy,moved:false};});
-window.addEventListener('mousemove',e=>{if(!drag)return;const dx=e.clientX-drag.x,dy=e.clientY-drag.y;
-  if(Math.abs(dx)+Math.abs(dy)>3)drag.moved=true;if(drag.moved){ox=drag.ox+dx;oy=drag.oy+dy;redraw();}});
-window.addEventListener('mouseup',e=>{if(drag&&!drag.moved&&e.target===cv){const i=hit(e.offsetX,e.offsetY);if(i>=0)open(i);}drag=null;});
-cv.addEventListener('mousemove',e=>{const i=drag?-1:hit(e.offsetX,e.offsetY);cv.title=i<0?'':M.ids[i]+': '+names(i);});
-document.getElementById('reset').onclick=()=>{zoom=1;ox=oy=0;redraw();};
-const legend=document.getElementById('legend');
-M.classes.forEach((c,k)=>{const n=M.main.filter(m=>m===k).length;if(!n)return;
-  const s=document.createElement('span'),b=document.createElement('i');b.style.background=M.colours[k];
-  s.append(b,c+' ('+n+')');s.onclick=()=>{only=only===k?-1:k;
-    for(const o of legend.children)o.className=only<0||o===s?'':'off';redraw();};legend.append(s);});
-window.addEventListener('resize',resize);resize();
-Promise.allSettled(I.map((im,i)=>im.decode().then(()=>createImageBitmap(im)).then(b=>{I[i]=b;redraw();})))
-  .then(()=>{draw();window.mapDrawnAt=performance.now();window.mapDrawn=true;});
-})();"""
+def _template(name: str) -> Template:
+    """A template of the page, from ``patchnet/templates``."""
+    return Template((resources.files("patchnet") / "templates" / name).read_text("utf-8").removesuffix("\n"))
 
 
 def _browse_section(data: dict) -> str:
     # "<" escaped so that no image id can close the script element
-    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    blob = json_text(data, separators=(",", ":")).replace("<", "\\u003c")
     k = len(data["neighbours"][0]) if data["neighbours"] else 0
-    return BROWSE.format(n=len(data["ids"]), k=k, data=blob, js=MAP_JS)
+    return _template(MAP).substitute(n=len(data["ids"]), k=k, data=blob)
 
 
 def write_page(
@@ -291,22 +221,27 @@ def write_page(
         sections.append(
             _query_section(q, hists[str(qi)], collection_paths, collection_ids, neighbours[qi], nd, dist.shape[1], k)
         )
-    options = "".join(f'<option value="{i}">{html.escape(q["name"])}</option>' for i, q in enumerate(queries))
+    options = "".join(f'<option value="{i}">{_text(q["name"])}</option>' for i, q in enumerate(queries))
     options_b = "".join(
-        f'<option value="{i}"{" selected" if i == min(1, len(queries) - 1) else ""}>{html.escape(q["name"])}</option>'
+        f'<option value="{i}"{" selected" if i == min(1, len(queries) - 1) else ""}>{_text(q["name"])}</option>'
         for i, q in enumerate(queries)
     )
-    page = PAGE.format(
-        title=html.escape(title),
+    page = _template(PAGE).substitute(
+        title=_text(title),
         summary=f"{len(queries)} queries against {dist.shape[1]} images, L2 distance between L2-normalised features.",
         options=options,
         options_b=options_b,
         browse=_browse_section(browse) if browse else "",
         table=_precision_table(classes, precision, k) if precision is not None and classes is not None else "",
         sections="".join(sections),
-        hist_js=json.dumps(hists),
+        hist_js=json_text(hists),
     )
     return atomic_write(Path(out), page)
+
+
+def _text(name: object) -> str:
+    """A name (an image id, a file name, a class) as page text: printable, HTML-escaped."""
+    return html.escape(printable(name))
 
 
 def _query_section(
@@ -314,16 +249,15 @@ def _query_section(
 ) -> str:
     """A query, its neighbours with their distances, and its histogram of distances."""
     cells = [
-        f'<figure class="q"><img src="{_thumb(q["path"])}"><figcaption>query<br>{html.escape(q["name"])}'
+        f'<figure class="q"><img src="{_thumb(q["path"])}"><figcaption>query<br>{_text(q["name"])}'
         "</figcaption></figure>"
     ]
     for j, d in zip(neighbours, nd):
         cells.append(
-            f'<figure><img src="{_thumb(paths[j])}"><figcaption>{html.escape(ids[j])}'
-            f"<br>d = {d:.3f}</figcaption></figure>"
+            f'<figure><img src="{_thumb(paths[j])}"><figcaption>{_text(ids[j])}<br>d = {d:.3f}</figcaption></figure>'
         )
     return (
-        f'<h3>{html.escape(q["name"])}</h3><div class="row">{"".join(cells)}'
+        f'<h3>{_text(q["name"])}</h3><div class="row">{"".join(cells)}'
         f'<figure><img src="{hist}"><figcaption>distances to all {total} images; '
         f"red: the {k} neighbours</figcaption></figure></div>"
     )
@@ -331,7 +265,7 @@ def _query_section(
 
 def _precision_table(classes: list[str], precision: np.ndarray, k: int) -> str:
     rows = "".join(
-        f"<tr><th>{html.escape(c)}</th><td>{'n/a' if np.isnan(p) else f'{100 * p:.1f}'}</td></tr>"
+        f"<tr><th>{_text(c)}</th><td>{'n/a' if np.isnan(p) else f'{100 * p:.1f}'}</td></tr>"
         for c, p in zip(classes, precision)
     )
     return (

@@ -15,9 +15,9 @@ from .datasets import Dataset, DatasetError, open_split
 from .dist import rank_world
 from .extract import PatchExtractor
 from .features import build_features, cache_spec
-from .infer import evaluation_items
 from .recipe import Recipe
 from .sampler import IGNORE, MULTI, label_patches
+from .scoring import evaluation_items
 from .store import CacheSpec, FeatureStore
 from .unlock import MapStore, build_maps
 

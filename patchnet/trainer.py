@@ -43,13 +43,13 @@ from .extract import build_extractor
 from .files import atomic_write
 from .fusion import Fusion
 from .hooks import Checkpoints, EpochEnd, HookBase, SelectionEval, TrainingLog, check_hooks
-from .infer import evaluate, evaluation_items
 from .losses import accuracy_counts, image_loss, is_positive, patch_loss, patch_targets, sum_members
 from .metrics import APTable, confusion_matrix
 from .model import AdaptationHead, mean_softmax_logits
 from .pooling import gather_items, patch_values, pool, pooled_share
 from .recipe import Recipe, save_recipe
 from .sampler import IGNORE
+from .scoring import evaluate, evaluation_items
 from .splits import Selection, SplitData, held_out, run_splits
 from .state import EpochSums, TrainState, hold_interrupts, resume_run, rng_state, saved_run, sums_path
 from .store import FeatureStore

@@ -233,3 +233,15 @@ def test_explain_scores_once_and_a_threshold_decides_what_is_present(model):
     np.testing.assert_array_equal(strict.present, strict.probabilities >= 1.0)
     with pytest.raises(patchnet.api.ThresholdError, match=r"must lie in \[0, 1\], got 2"):
         m.predict(path, threshold=2)
+
+
+def test_image_arrays_of_other_types_map_by_their_range_and_never_wrap():
+    from patchnet.api import as_image
+
+    wide = np.array([[[0, 257, 65535]] * 2] * 2, np.uint16)  # 16-bit: by [0, 65535], as a 16-bit file decodes
+    np.testing.assert_array_equal(as_image(wide)[0, 0], np.round(np.array([0, 257, 65535]) / 65535 * 255))
+    assert (as_image(wide.astype(np.int64) // 257) == as_image(wide)).all()  # 8-bit values in a wider type
+    floats = np.array([[[0.0, 0.5, 1.0]], [[-1.0, 2.0, np.nan]]])
+    np.testing.assert_array_equal(as_image(floats)[:, 0], [[0, 128, 255], [0, 255, 0]])
+    with pytest.raises(DatasetError, match=r"must hold 0\.\.255 .* got values in \[0, 300\]"):
+        as_image(np.array([[[0, 300, 5]]], np.int32))  # 300 would have wrapped to 44

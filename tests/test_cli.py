@@ -223,6 +223,73 @@ def test_predict_writes_nothing_outside_out(predict_model, tmp_path):
     assert list(elsewhere.iterdir()) == [] and _tree(again) == ["heatmaps"]  # refused before any image
 
 
+def test_predict_shows_a_file_name_that_is_not_utf8_escaped_and_writes_strict_json(predict_model, tmp_path):
+    import os
+
+    model, images = predict_model
+    odd = tmp_path / "in" / (os.fsdecode(b"caf\xe9") + ".jpg")  # the byte is held as a lone surrogate
+    broken = tmp_path / "in" / (os.fsdecode(b"bad\xff") + ".jpg")
+    odd.parent.mkdir()
+    shutil.copy(images / "a.jpg", odd)
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    result = _predict(model, str(odd.parent), "--out", str(out), "--json", str(tmp_path / "all.json"))
+    assert result.exit_code == 1, result.output  # the broken image is skipped, the other written
+    assert "Traceback" not in result.output and "caf\\xe9.jpg: " in result.output
+    escaped = str(odd.parent / "caf\\xe9.jpg")
+    assert [r["file"] for r in _rows(out)] == [escaped] * 3
+    for path in (out / "predictions.json", tmp_path / "all.json"):
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        decoded = json.dumps(doc, ensure_ascii=False)  # every string as read, lone surrogates kept raw
+        assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in decoded)
+        assert list(doc["images"]) == [escaped] and list(doc["skipped"]) == [str(odd.parent / "bad\\xff.jpg")]
+
+
+def test_log_lines_naming_a_file_that_is_not_utf8_reach_a_strict_utf8_stream(capsys):
+    import io
+    import logging
+    import os
+
+    from patchnet.cli.common import PrintableLog
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    logger = logging.getLogger("patchnet.test_printable")
+    logger.propagate = False
+    logger.addHandler(logging.StreamHandler(stream))
+    name = os.fsdecode(b"caf\xe9.jpg")
+    logger.warning("skipped %s: cannot read", name)
+    assert "Logging error" in capsys.readouterr().err  # the handler cannot write it as it is
+    logger.addFilter(PrintableLog())
+    logger.warning("skipped %s: cannot read", name)
+    assert stream.buffer.getvalue().decode() == "skipped caf\\xe9.jpg: cannot read\n"
+
+
+def test_predict_max_pixels_sets_the_image_limit(predict_model, tmp_path):
+    model, images = predict_model
+    image = images / "a.jpg"  # 96 x 72 = 6912 pixels
+    result = _predict(model, str(image), "--max-pixels", "6000", "--json", str(tmp_path / "small.json"))
+    assert result.exit_code == 1 and "over data.max_pixels" in result.output and "--max-pixels 6912" in result.output
+    assert list(json.loads((tmp_path / "small.json").read_text())["skipped"]) == [str(image)]
+    result = _predict(model, str(image), "--max-pixels", "6912")
+    assert result.exit_code == 0, result.output
+    result = _predict(model, str(image), "--max-pixels", "0")
+    assert result.exit_code == 2 and "--max-pixels" in result.output and "Traceback" not in result.output
+
+
+def test_eval_cache_dir_moves_the_feature_cache(predict_model, tmp_path):
+    model, _images = predict_model
+    ckpt = str(model.predictor.state_path)
+    elsewhere = tmp_path / "elsewhere"
+    result = runner.invoke(
+        app, ["eval", "-c", ckpt, "--split", "val", "--cache-dir", str(elsewhere), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert any(p.is_file() for p in elsewhere.rglob("*"))  # the features were cached there
+    again = runner.invoke(app, ["eval", "-c", ckpt, "--split", "val", "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "eval_val.json").read_text() == (tmp_path / "b" / "eval_val.json").read_text()  # same table
+
+
 # --------------------------------------------------------------------------- the commands as one family
 
 

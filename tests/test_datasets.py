@@ -153,6 +153,60 @@ def test_grayscale_rgba_cmyk_and_palette_images_become_rgb(tmp_path, mode):
     assert arr.shape == (30, 40, 3) and arr.dtype == np.uint8
 
 
+def _tiff_unsigned(path):
+    """Rewrite a little-endian TIFF's SampleFormat tag (339) to 1, unsigned: Pillow writes its mode I as signed."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for n in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * n
+        if struct.unpack_from("<H", data, entry)[0] == 339:
+            struct.pack_into("<H", data, entry + 8, 1)
+    path.write_bytes(data)
+
+
+def _eight_bit(values, top):
+    return np.round(np.clip(np.asarray(values, np.float64) / top, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16_bit_images_are_scaled_by_their_type_range_not_their_own_maximum(tmp_path, suffix):
+    values = np.array([[0, 1000, 4000], [32768, 60000, 65535]], np.uint16)
+    Image.fromarray(values).save(tmp_path / f"a.{suffix}")
+    dark = np.array([[0, 100, 200]], np.uint16)  # a dark image stays dark (its own maximum made it white)
+    Image.fromarray(dark).save(tmp_path / f"dark.{suffix}")
+    np.testing.assert_array_equal(load_image(tmp_path / f"a.{suffix}")[..., 0], _eight_bit(values, 65535))
+    np.testing.assert_array_equal(load_image(tmp_path / f"dark.{suffix}")[..., 1], _eight_bit(dark, 65535))
+
+
+def test_32_bit_tiffs_are_scaled_by_their_range_without_wrapping(tmp_path):
+    signed = np.array([[-5, 0, 2**30, 2**31 - 1]], np.int32)
+    Image.fromarray(signed).save(tmp_path / "s.tif")
+    np.testing.assert_array_equal(load_image(tmp_path / "s.tif")[..., 0], _eight_bit(signed, 2**31 - 1))
+    unsigned = np.array([[0, 2**31, 3 * 2**30, 2**32 - 1]], np.uint32)  # above 2^31: negative as Pillow reads it
+    Image.frombytes("I", (4, 1), unsigned.tobytes(), "raw", "I;32").save(tmp_path / "u.tif")
+    _tiff_unsigned(tmp_path / "u.tif")
+    np.testing.assert_array_equal(load_image(tmp_path / "u.tif")[..., 2], _eight_bit(unsigned, 2**32 - 1))
+
+
+def test_float_tiffs_map_their_unit_range_to_8_bits_clipped(tmp_path):
+    values = np.array([[0.0, 0.25, 0.5, 1.0, -0.5, 3.0, np.nan]], np.float32)
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    out = load_image(tmp_path / "f.tif")
+    np.testing.assert_array_equal(out[..., 0], [[0, 64, 128, 255, 0, 255, 0]])
+    assert out.shape == (1, 7, 3) and (out[..., 0] == out[..., 2]).all()
+
+
+def test_thumbnails_of_16_bit_and_float_images_are_not_black(tmp_path):
+    from patchnet.datasets import thumbnail
+
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    assert np.array(thumbnail(tmp_path / "a.png", 4))[0, 0, 0] == _eight_bit([40000], 65535)[0]
+    assert np.array(thumbnail(tmp_path / "f.tif", 4))[0, 0, 0] == 128
+
+
 def test_transparent_pixels_are_composited_on_white(tmp_path):
     rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black
     Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")

@@ -90,3 +90,83 @@ def test_export_command_refuses_a_bad_size_in_one_line(tmp_path, size):
     result = CliRunner().invoke(app, ["export", "-c", str(tmp_path / "none.pt"), "--size", size])
     assert result.exit_code == 2 and "--size must be WIDTHxHEIGHT in positive pixels" in result.output
     assert "Traceback" not in result.output
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class _Payload:
+    """Unpickling it would create a file: what a hostile archive could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rewrite(path, change):
+    """The .pt2 archive at ``path`` with its members passed through ``change(name, data) -> data``."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = [(i, change(i.filename, z.read(i.filename))) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in members:
+            z.writestr(info, data)
+
+
+def test_load_program_reads_its_own_programs_and_refuses_pickled_objects(tmp_path):
+    import io
+    import json
+    import zipfile
+
+    from patchnet.export import load_program
+
+    x = torch.rand(1, 3)
+    program = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(_Tiny().eval(), (x,)), program)
+    torch.testing.assert_close(load_program(program).module()(x), torch.export.load(str(program)).module()(x))
+
+    # a constant torch would unpickle in full: refused before torch reads the archive
+    custom = tmp_path / "custom.pt2"
+    custom.write_bytes(program.read_bytes())
+    entry = {"path_name": "custom_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+    _rewrite(
+        custom,
+        lambda name, data: (
+            json.dumps({"config": {"evil": entry}}).encode() if name.endswith("_constants_config.json") else data
+        ),
+    )
+    with pytest.raises(ExportError, match=r"custom.pt2: refused: it holds objects that loading would unpickle"):
+        load_program(custom)
+
+    # a weight stored as a pickle (torch.export.load unpickles those in full: the payload would run)
+    marker, hostile = tmp_path / "ran", tmp_path / "hostile.pt2"
+    hostile.write_bytes(program.read_bytes())
+    buffer = io.BytesIO()
+    torch.save(_Payload(marker), buffer)
+    with zipfile.ZipFile(program) as z:
+        config_name = next(n for n in z.namelist() if n.endswith("_weights_config.json"))
+        config = json.loads(z.read(config_name))
+    config["config"]["linear.weight"]["use_pickle"] = True
+    weight = "/weights/" + config["config"]["linear.weight"]["path_name"]
+
+    def poison(name, data):
+        if name == config_name:
+            return json.dumps(config).encode()
+        return buffer.getvalue() if name.endswith(weight) else data
+
+    _rewrite(hostile, poison)
+    with pytest.raises(ExportError, match=r"hostile.pt2: cannot load it as a program .*load only programs you made"):
+        load_program(hostile)
+    assert not marker.exists()  # nothing ran
+    (tmp_path / "text.pt2").write_text("hello")
+    with pytest.raises(ExportError, match="text.pt2: not a torch.export program"):
+        load_program(tmp_path / "text.pt2")

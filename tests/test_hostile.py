@@ -376,8 +376,8 @@ def test_flipped_bytes_are_found_by_verify_and_on_the_first_open_after_a_restart
 
 
 def test_nan_features_stop_an_evaluation_with_the_cache_folder_named(built):
-    from patchnet.infer import evaluation_items, image_scores
     from patchnet.model import AdaptationHead
+    from patchnet.scoring import evaluation_items, image_scores
 
     recipe, ds, _ex, store = built
     f = store.path / "features.f16"

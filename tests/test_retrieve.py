@@ -159,3 +159,40 @@ def test_page_draws_the_map_and_opens_a_neighbourhood_in_chromium(tmp_path):
         browser.close()
     assert not errors
     assert [c.split("\n")[0] for c in captions] == ["query " + f.ids[5]] + [f.ids[j] for j in m["neighbours"][5]]
+
+
+def test_page_renders_from_the_templates_shipped_as_package_data(tmp_path):
+    from pathlib import Path
+
+    import tomllib
+
+    import patchnet
+
+    root = Path(patchnet.__file__).parent
+    shipped = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    templates = sorted(p.relative_to(root).as_posix() for p in (root / "templates").iterdir())
+    assert templates and all(any(Path(t).match(glob) for glob in shipped["patchnet"]) for t in templates)
+    text, m, _f, _ = _page(tmp_path)
+    # every slot filled: the title, the map's data and script, the comparison's histograms
+    assert "${" not in text and text.startswith("<!doctype html>") and text.endswith("</body></html>")
+    assert "<title>t</title>" in text and "const H={" in text and "window.mapDrawn=true" in text
+    assert len(m["ids"]) == 6 and "nearest neighbours (click one of them to go on)" in text
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_escaped_on_the_page(tmp_path):
+    import os
+
+    name = os.fsdecode(b"caf\xe9")  # Python holds the byte as a lone surrogate
+    path = write_image(tmp_path / f"{name}.jpg", 50, 40)
+    assert path.is_file()
+    x, _side = _clusters(n=4, d=16)
+    labels = np.array([[1, -1], [1, -1], [-1, 1], [-1, 1]], np.int8)
+    f = SplitFeatures([name, "b", "c", "d"], x.astype(np.float32), labels, ["cat", name])
+    out = tmp_path / "page.html"
+    collection_page(out, name, [path] * 4, f, [{"name": path.name, "path": path, "feature": x[0]}], k=2)
+    text = out.read_text(encoding="utf-8")  # strict UTF-8
+    assert "caf\\xe9.jpg" in text and "<title>caf\\xe9</title>" in text
+    blob = re.search(r'<script type="application/json" id="map-data">(.*?)</script>', text, re.S).group(1)
+    data = json.loads(blob)
+    assert data["ids"][0] == "caf\\xe9" and data["classes"][1] == "caf\\xe9"
+    assert not re.search(r"\\ud[89a-f]", blob)  # no lone surrogate, escaped or not

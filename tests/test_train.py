@@ -310,7 +310,7 @@ def test_eval_and_predict_commands(tmp_path, small_voc):
 def test_eval_refuses_a_dataset_with_other_classes(tmp_path, small_voc):
     recipe = tiny_recipe(tmp_path, small_voc, "train.epochs=1")
     train(recipe, progress=False)
-    from patchnet.infer import evaluate_split
+    from patchnet.predictor import evaluate_split
 
     state = load_checkpoint(recipe.run_dir / "best.pt")
     state.classes = ["cat", "dog", "horse"]
@@ -544,7 +544,8 @@ def test_best_is_chosen_on_held_out_training_images_not_on_the_val_split(tmp_pat
 
 
 def test_fused_checkpoint_scores_through_eval_and_predict(tmp_path, small_voc):
-    from patchnet.infer import Predictor, evaluate_split
+    from patchnet.predictor import Predictor, evaluate_split
+    from patchnet.scoring import InferOptions
 
     recipe = tiny_recipe(tmp_path, small_voc, "infer.fuse=true", "train.holdout=0.5")
     result = train(recipe, progress=False)
@@ -557,7 +558,7 @@ def test_fused_checkpoint_scores_through_eval_and_predict(tmp_path, small_voc):
     p = predictor.predict(small_voc / "JPEGImages" / "e.jpg")
     assert p.probabilities.shape == (3,) and p.present.dtype == bool
     # another pooling than the fused one scores without the fusion and its calibration
-    other = Predictor(result.run_dir / "last.pt", pool="max")
+    other = Predictor(result.run_dir / "last.pt", InferOptions(pool="max"))
     assert other.fusion is None and other.calibration is None
 
 
@@ -610,7 +611,7 @@ def test_a_timm_backbone_trains_and_evaluates(tmp_path, small_voc, mode):
 
 @pytest.mark.parametrize("compress", ["pca", "int8"])
 def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_does(tmp_path, small_voc, compress):
-    from patchnet.infer import Predictor, evaluate_split
+    from patchnet.predictor import Predictor, evaluate_split
 
     recipe = tiny_recipe(
         tmp_path,
@@ -706,7 +707,7 @@ def test_image_patches_pools_a_fresh_share_of_each_image_and_resumes_exactly(tmp
 
 
 def test_an_int8_trunk_trains_and_its_checkpoint_scores_new_images_as_the_cache_does(tmp_path, small_voc):
-    from patchnet.infer import Predictor, evaluate_split
+    from patchnet.predictor import Predictor, evaluate_split
 
     recipe = tiny_recipe(tmp_path, small_voc, "backbone.precision=int8", "backbone.int8_images=2", "train.epochs=1")
     result = train(recipe, progress=False)
@@ -745,7 +746,7 @@ def test_a_damaged_int8_calibration_file_is_calibrated_again(tmp_path, small_voc
 
 
 def test_an_ensemble_head_trains_resumes_exactly_and_scores_through_eval(tmp_path, small_voc, monkeypatch):
-    from patchnet.infer import evaluate_split
+    from patchnet.predictor import evaluate_split
 
     a, b = _straight_and_killed_after_epoch_1(
         tmp_path,

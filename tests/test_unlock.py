@@ -170,7 +170,7 @@ def test_resume_with_unlocked_stages_matches_a_straight_run(tmp_path, small_voc,
 
 
 def test_an_unlocked_checkpoint_scores_new_images_with_its_trained_stages(tmp_path, small_voc):
-    from patchnet.infer import Predictor, evaluate_split
+    from patchnet.predictor import Predictor, evaluate_split
 
     recipe = tiny_recipe(
         tmp_path, small_voc, "train.unlock=1", "train.unlock_lr=30", "train.holdout=0", "train.epochs=1"

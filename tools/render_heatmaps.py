@@ -25,7 +25,8 @@ from patchnet.datasets import DatasetError, data_override, image_files, load_ima
 from patchnet.features import cache_spec, cached_features
 from patchnet.files import UniqueNames, output_path
 from patchnet.heatmaps import class_index, render_heatmaps, top_classes
-from patchnet.infer import Predictor
+from patchnet.predictor import Predictor
+from patchnet.scoring import InferOptions
 
 
 def main(
@@ -40,17 +41,17 @@ def main(
     mode: Annotated[str | None, typer.Option(help="Patch features: exact or shared (default: as trained).")] = None,
     pool: Annotated[str | None, typer.Option(help="Pooling: power, max, lse or topk (default: the model's).")] = None,
     prior: Annotated[
-        float, typer.Option(help="Pseudo-patches of the image mean per pixel (default: the recipe's).")
-    ] = -1.0,
+        float | None,
+        typer.Option(help="Pseudo-patches of the image mean per pixel (default: the recipe's infer.map_prior)."),
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many images (0: all).")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("heatmaps"),
 ):
     with session():
         if reduce not in ("mean", "max"):
             raise DatasetError(f"--reduce must be mean or max, got {reduce!r}")
-        predictor = Predictor(checkpoint, mode=mode, pool=pool)
+        predictor = Predictor(checkpoint, InferOptions(mode=mode, pool=pool, map_prior=prior))
         recipe = predictor.recipe
-        prior = recipe.infer.map_prior if prior < 0 else prior
         names = predictor.classes
         chosen = class_index(names, [c.strip() for c in classes.split(",")]) if classes else None
         jobs = []  # (name, image path, cached (boxes, features) or None)
@@ -98,7 +99,7 @@ def main(
                     output_path(out, stem, ".png", files),
                     reduce,
                     probabilities=p.probabilities,
-                    prior=prior,
+                    prior=predictor.map_prior(),
                 )
                 written += 1
         typer.echo(f"wrote {written} heatmap PNGs to {out}")

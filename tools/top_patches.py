@@ -23,7 +23,7 @@ from patchnet.datasets import DatasetError, data_override, load_image, open_spli
 from patchnet.features import build_features, cache_spec
 from patchnet.files import UniqueNames, output_path
 from patchnet.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
-from patchnet.infer import Predictor
+from patchnet.predictor import Predictor
 
 
 def crop(image: np.ndarray, box: np.ndarray, size: int = 160) -> np.ndarray:

@@ -12,6 +12,7 @@ import typer
 import typer.core
 
 from ..errors import PatchnetError
+from ..files import printable
 
 app = typer.Typer(
     add_completion=False,
@@ -55,6 +56,14 @@ def _flag_type(self: typer.core.TyperOption, ctx) -> str | None:
 typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 
+class PrintableLog(logging.Filter):
+    """Log lines made ``printable``: a file name that is not UTF-8 in a warning would make the handler fail."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = printable(record.getMessage()), ()
+        return True
+
+
 @contextmanager
 def session(verbose: bool = False):
     """Log through tqdm, and turn errors about the user's input into one line and exit code 2."""
@@ -62,15 +71,17 @@ def session(verbose: bool = False):
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("patchnet").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(f, PrintableLog) for f in log.filters):
+        log.addFilter(PrintableLog())
     try:
         with logging_redirect_tqdm():
             yield
     except PatchnetError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {printable(e)}", err=True)
         raise typer.Exit(2) from None
     except OSError as e:  # a path the user gave that cannot be read or written
         where = f"{e.filename}: " if e.filename else ""
-        typer.echo(f"error: {where}{e.strerror or e}; check the path and its permissions", err=True)
+        typer.echo(printable(f"error: {where}{e.strerror or e}; check the path and its permissions"), err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..datasets import DatasetError
-from ..files import UniqueNames, atomic_write, output_path
+from ..files import UniqueNames, atomic_write, json_text, output_path, printable
 from .common import BoxMethodOpt, BoxThresholdOpt, DeviceOpt, Skipped, VerboseOpt, app, check_device, session
 
 OldMethodOpt = Annotated[str | None, typer.Option("--method", hidden=True, help="The old name of --box-method.")]
@@ -71,12 +70,12 @@ def localize(
                 skipped.add(str(path), e)
                 continue
             coco = [_coco_result(name, d, model.classes) for d in found]
-            typer.echo(f"{path}: " + "; ".join(f"{r['category']} {_box_text(r)}" for r in coco))
+            typer.echo(printable(f"{path}: " + "; ".join(f"{r['category']} {_box_text(r)}" for r in coco)))
             results += coco
             if out is not None:
                 draw_detections(load_image(path), found, model.classes, output_path(out, name, ".png", names))
         if json_out:
-            atomic_write(json_out, json.dumps(results, indent=1))
+            atomic_write(json_out, json_text(results, indent=1))
             typer.echo(f"wrote {len(results)} boxes to {json_out} (COCO results format; category_id = class index + 1)")
         skipped.finish()
 

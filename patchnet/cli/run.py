@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -12,8 +12,8 @@ import numpy as np
 import typer
 
 from ..datasets import DatasetError
-from ..files import atomic_write, output_path
-from ..recipe import load_recipe
+from ..files import atomic_write, json_text, output_path, printable
+from ..recipe import PILLOW_LIMIT, load_recipe
 from .common import (
     BoxMethodOpt,
     BoxThresholdOpt,
@@ -127,6 +127,12 @@ PriorOpt = Annotated[
 ]
 
 
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="Folder of the feature cache (default: the recipe's runtime.cache_dir).", show_default=False),
+]
+
+
 @app.command()
 def eval(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A best.pt or last.pt.")],
@@ -153,18 +159,21 @@ def eval(
     box_method: BoxMethodOpt = None,
     box_threshold: BoxThresholdOpt = None,
     device: DeviceOpt = None,
+    cache_dir: CacheDirOpt = None,
     verbose: VerboseOpt = False,
 ):
     """Score a split: per-class AP (VOC07 11-point and envelope), mAP, accuracy for single-label data; with
     --pointing and --localize, where the classes were found (read from the split's boxes, also for a model
     trained without them)."""
     with session(verbose):
-        from ..infer import evaluate_split
+        from ..predictor import evaluate_split
+        from ..scoring import InferOptions
 
         check_device(device)
+        options = InferOptions(device=device, mode=mode, pool=pool, k=k, fuse=fuse, map_prior=prior)
         # --pointing and --localize read the split's boxes, also where the model was trained without them
         table, n, (predictor, dataset, store, items, scores) = evaluate_split(
-            checkpoint, data, split, fmt, mode, pool, k, fuse, device=device, boxes=pointing or localize
+            checkpoint, data, split, fmt, options, boxes=pointing or localize, cache_dir=cache_dir
         )
         typer.echo(table.format())
         typer.echo(
@@ -173,11 +182,9 @@ def eval(
         )
         values = table.to_dict()
         if pointing:
-            values["pointing"] = _pointing(predictor, dataset, store, items, prior)
+            values["pointing"] = _pointing(predictor, dataset, store, items)
         if localize:
-            values["localization"] = _localization(
-                predictor, dataset, store, items, scores, prior, box_method, box_threshold
-            )
+            values["localization"] = _localization(predictor, dataset, store, items, scores, box_method, box_threshold)
         write_table(table, out or table_folder(checkpoint), _eval_stem(split, pool, k, fuse), values)
 
 
@@ -191,19 +198,18 @@ def _eval_stem(split, pool, k, fuse) -> str:
     )
 
 
-def _pointing(predictor, dataset, store, items, prior) -> dict:
+def _pointing(predictor, dataset, store, items) -> dict:
     """The pointing game on the split, printed; returns its rates for the JSON table."""
-    from ..infer import pointing_game
+    from ..maps import pointing_game
 
     if not dataset.has_boxes:
         raise DatasetError(f"--pointing needs boxes, and {dataset.name} has none")
-    prior = predictor.recipe.infer.map_prior if prior is None else prior
-    result = pointing_game(predictor.head, store, dataset, items, predictor.pool, prior)
+    result = pointing_game(predictor.head, store, dataset, items, predictor.pool, predictor.map_prior())
     typer.echo(result.format())
     return result.rates()
 
 
-def _localization(predictor, dataset, store, items, scores, prior, method, threshold) -> dict:
+def _localization(predictor, dataset, store, items, scores, method, threshold) -> dict:
     """CorLoc and detection AP of the split, printed; returns them for the JSON table."""
     from ..localize import box_options, evaluate_localization
 
@@ -219,7 +225,7 @@ def _localization(predictor, dataset, store, items, scores, prior, method, thres
         predictor.pool,
         method,
         threshold,
-        predictor.recipe.infer.map_prior if prior is None else prior,
+        predictor.map_prior(),
     )
     typer.echo(result.format())
     typer.echo(
@@ -233,7 +239,7 @@ def write_table(table, out: Path, stem: str, values: dict | None = None) -> None
     """An AP table as JSON (with any further ``values``) and CSV."""
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = output_path(out, stem, ".json"), output_path(out, stem, ".csv")
-    atomic_write(json_path, json.dumps(values or table.to_dict(), indent=1))
+    atomic_write(json_path, json_text(values or table.to_dict(), indent=1))
     rows = io.StringIO(newline="")
     w = csv.writer(rows)
     w.writerow(["class", "ap07", "ap"])
@@ -264,6 +270,17 @@ ThresholdOpt = Annotated[
 ]
 
 
+MaxPixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=PILLOW_LIMIT,
+        help="Refuse images of more pixels, before decoding them (default: the recipe's data.max_pixels, 50 M).",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (a folder stands for its images).")],
@@ -278,6 +295,7 @@ def predict(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write all scores as JSON to this file (as predictions.json).")
     ] = None,
+    max_pixels: MaxPixelsOpt = None,
     verbose: VerboseOpt = False,
 ):
     """Print each image's top classes with calibrated probabilities ('*' marks a class judged present); with
@@ -289,9 +307,12 @@ def predict(
     with session(verbose):
         from ..api import load
         from ..results import PredictionFolder
+        from ..scoring import InferOptions
 
         path = resolve_checkpoint(checkpoint)
-        model = load(path, device=device or "auto", pool=pool)  # auto: a GPU where there is one
+        model = load(path, options=InferOptions(device=device or "auto", pool=pool))  # auto: a GPU where there is one
+        if max_pixels is not None:
+            model.recipe.data = replace(model.recipe.data, max_pixels=max_pixels)
         if model.predictor.calibration is None:
             log.warning(
                 "%s carries no calibration for pooling %s: printing raw pooled scores", path, model.predictor.pool
@@ -312,7 +333,7 @@ def predict(
             "skipped": skipped.failed,
         }
         if json_out:
-            atomic_write(json_out, json.dumps(document, indent=1))
+            atomic_write(json_out, json_text(document, indent=1))
             typer.echo(f"wrote {json_out}")
         if folder is not None:
             folder.finish(document)
@@ -354,7 +375,7 @@ def _predict_each(model, files: list[Path], folder, threshold: float | None, top
             folder.add(file, name, explained)
         marks = p.present[0] if p.present is not None else np.zeros(len(model.classes), bool)
         best = ", ".join(f"{c}{'*' if marks[model.classes.index(c)] else ''} {v:.3f}" for c, v in p.top(top)[0])
-        tqdm.write(f"{file}: {best}")
+        tqdm.write(printable(f"{file}: {best}"))
         results[str(file)] = p.to_dict()[0]
     return results
 
@@ -371,14 +392,15 @@ def demo(
 ):
     """The embedded default: generate the demo set, train on it, evaluate on its test split."""
     with session(verbose):
-        from ..infer import evaluate_split
+        from ..predictor import evaluate_split
+        from ..scoring import InferOptions
         from ..trainer import train as run
 
         r = load_recipe(recipe, overrides)
         if device:
             r.runtime.device = device
         result = run(r)
-        table, n, _ = evaluate_split(result.run_dir / "best.pt", split="test", device=device)
+        table, n, _ = evaluate_split(result.run_dir / "best.pt", split="test", options=InferOptions(device=device))
         typer.echo(table.format())
         typer.echo(
             f"demo: trained in {result.seconds:.0f} s; test mAP {100 * table.map07:.1f} (VOC07 11-point), "

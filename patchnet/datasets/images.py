@@ -61,7 +61,8 @@ def open_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Iterato
             raise ImageTooLarge(
                 f"{path}: {w}x{h} is {w * h / 1e6:.1f} M pixels, over data.max_pixels "
                 f"({max_pixels / 1e6:.1f} M); skipped without decoding. If the image is genuine, "
-                f"raise the limit, e.g. --set data.max_pixels={w * h} (at most {PILLOW_LIMIT})"
+                f"raise the limit, e.g. --set data.max_pixels={w * h} (predict: --max-pixels {w * h}; "
+                f"at most {PILLOW_LIMIT})"
             )
         yield im
 
@@ -80,23 +81,47 @@ def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[i
 def load_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image to RGB uint8 (H, W, 3), honouring EXIF orientation.
 
-    Grayscale, palette, CMYK and 16-bit images are converted; transparency is composited on white.
+    Grayscale, palette, CMYK, 16-bit, 32-bit and float images are converted (``_eight_bits``); transparency is
+    composited on white.
     ``max_pixels``: refuse larger images before decoding (None: Pillow's limit only; the readers
     have already dropped the images of a dataset that exceed ``data.max_pixels``).
     """
     with open_image(path, max_pixels) as im:
         try:
+            tags = getattr(im, "tag_v2", None)  # a TIFF's sample format, which the transpose drops
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
                 im = im.convert("RGBA")
                 white = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(white, im)
-            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
+            elif im.mode in HIGH_DEPTH:
+                im = Image.fromarray(_eight_bits(im, tags))
             return np.array(im.convert("RGB"))  # writable, for torch.from_numpy
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{path}: cannot decode image: {e}") from None
+
+
+HIGH_DEPTH = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S")
+
+
+def _eight_bits(im: Image.Image, tags=None) -> np.ndarray:
+    """A single-channel image of more than 8 bits as uint8, mapped by the range of its type, never by its own
+    maximum (a dark 16-bit image stays dark): I;16 by [0, 65535]; I (32-bit) by [0, 2^32 - 1] where the TIFF says
+    its samples are unsigned, else [0, 2^31 - 1] with negatives black, or by its BitsPerSample where fewer; F
+    (float) by [0, 1], clipped, NaN black. ``tags``: the TIFF tags of the file it was read from (``tag_v2``)."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        unit = np.nan_to_num(arr.astype(np.float64), nan=0.0)
+    elif im.mode.startswith("I;16"):
+        unit = arr / np.iinfo(arr.dtype).max
+    else:
+        tags = tags or {}
+        bits = int(max(np.atleast_1d(tags.get(258, 32 if tags else 16))))  # mode I outside TIFF: 16-bit samples
+        signed = np.atleast_1d(tags.get(339, 1))[0] == 2  # TIFF's SampleFormat: 1 unsigned (its default), 2 signed
+        if bits > 16 and not signed:  # Pillow reads unsigned 32-bit samples as signed: above 2^31 they wrap negative
+            arr = arr.view(np.uint32)
+        unit = arr / (2 ** (min(bits, 32) - signed) - 1)
+    return (np.clip(unit, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def thumbnail(path: str | Path, size: int, max_pixels: int | None = None) -> Image.Image:
@@ -104,7 +129,9 @@ def thumbnail(path: str | Path, size: int, max_pixels: int | None = None) -> Ima
     with open_image(path, max_pixels) as im:
         try:
             im.draft("RGB", (size, size))
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            tags = getattr(im, "tag_v2", None)
+            im = ImageOps.exif_transpose(im)
+            im = (Image.fromarray(_eight_bits(im, tags)) if im.mode in HIGH_DEPTH else im).convert("RGB")
             im.thumbnail((size, size))
             return im
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
