@@ -22,11 +22,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from patchnet.checkpoint import load_checkpoint
-from patchnet.extract import build_extractor
-from patchnet.linear import linear_baseline, whole_image_recipe
-from patchnet.predictor import evaluate_split
-from patchnet.scoring import InferOptions
-from patchnet.trainer import train
+from patchnet.evaluation.predictor import evaluate_split
+from patchnet.evaluation.scoring import InferOptions
+from patchnet.features.extract import build_extractor
+from patchnet.studies.linear import linear_baseline, whole_image_recipe
+from patchnet.training.trainer import train
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
 

@@ -78,8 +78,8 @@ def env_of(policy: str, hog_threads: int = 0) -> dict[str, str]:
 
 def extract_job(args):
     """(one image's extraction, warm-up units): the recipe's extractor on decoded devval images."""
-    from patchnet.datasets import load_image, read_voc
-    from patchnet.extract import build_extractor
+    from patchnet.data import load_image, read_voc
+    from patchnet.features.extract import build_extractor
     from patchnet.recipe import VOC_CLASSES
 
     from common import dev_recipe, require_voc
@@ -99,10 +99,10 @@ def head_job(args):
     import torch
 
     from patchnet.backbones import backbone_spec
-    from patchnet.losses import patch_loss
-    from patchnet.model import AdaptationHead
-    from patchnet.state import make_optimizer
-    from patchnet.trainer import autocast_dtype
+    from patchnet.head.layers import AdaptationHead
+    from patchnet.head.losses import patch_loss
+    from patchnet.training.state import make_optimizer
+    from patchnet.training.trainer import autocast_dtype
 
     from common import dev_recipe
 

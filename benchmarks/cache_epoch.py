@@ -17,10 +17,10 @@ from __future__ import annotations
 import tempfile
 
 from patchnet.checkpoint import load_checkpoint
-from patchnet.datasets import load_image, open_split
-from patchnet.extract import build_extractor
-from patchnet.features import build_features, cache_spec
-from patchnet.trainer import train
+from patchnet.data import load_image, open_split
+from patchnet.features.build import build_features, cache_spec
+from patchnet.features.extract import build_extractor
+from patchnet.training.trainer import train
 
 from common import Timer, bench_parser, dev_recipe, machine, require_voc, table
 

@@ -21,17 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-from patchnet.demo import make_demo
+from patchnet.data.demo import make_demo
 
 from common import REPO, bench_parser, machine, table
 
 
 def _one(root: Path, n: int, cache: Path, overrides: list[str]) -> dict:
     """Build the cache of the first ``n`` images in this process; its time, peak memory and disk."""
-    from patchnet.datasets import read_voc
-    from patchnet.demo import DEMO_CLASSES
-    from patchnet.extract import build_extractor
-    from patchnet.features import build_features, cache_spec
+    from patchnet.data import read_voc
+    from patchnet.data.demo import DEMO_CLASSES
+    from patchnet.features.build import build_features, cache_spec
+    from patchnet.features.extract import build_extractor
     from patchnet.recipe import load_recipe
 
     (root / "ImageSets" / "Main" / f"first{n}.txt").write_text("".join(f"{i:06d}\n" for i in range(n)))

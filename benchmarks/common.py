@@ -15,10 +15,10 @@ import torch
 from patchnet.dist import native_bf16
 
 if TYPE_CHECKING:
-    from patchnet.datasets import Dataset
-    from patchnet.predictor import Predictor
-    from patchnet.splits import Selection, SplitData
+    from patchnet.data import Dataset
+    from patchnet.evaluation.predictor import Predictor
     from patchnet.store import FeatureStore
+    from patchnet.training.splits import Selection, SplitData
 
 REPO = Path(__file__).resolve().parent.parent
 VOC = REPO.parent / "shared" / "data" / "VOCdevkit" / "VOC2007"
@@ -159,10 +159,10 @@ class RunScores:
 def run_splits(predictor: Predictor, cache_dir: str):
     """The held-out training images (the selection) and the validation split of ``predictor``'s run, its
     features from the cache the run was trained from: (train data, selection, val dataset, val store, val items)."""
-    from patchnet.datasets import open_split
-    from patchnet.features import build_features, cache_spec
-    from patchnet.scoring import evaluation_items
-    from patchnet.splits import prepare_split, selection_split
+    from patchnet.data import open_split
+    from patchnet.evaluation.scoring import evaluation_items
+    from patchnet.features.build import build_features, cache_spec
+    from patchnet.training.splits import prepare_split, selection_split
 
     recipe, extractor = predictor.recipe, predictor.extractor
     recipe.runtime.cache_dir = cache_dir
@@ -178,10 +178,10 @@ def run_splits(predictor: Predictor, cache_dir: str):
 
 def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
     """``checkpoint``'s scores from the cache its run was trained from."""
-    from patchnet.hooks import SelectionEval
-    from patchnet.pooling import pool_features
-    from patchnet.predictor import Predictor
-    from patchnet.scoring import InferOptions, image_scores
+    from patchnet.evaluation.predictor import Predictor
+    from patchnet.evaluation.scoring import InferOptions, image_scores
+    from patchnet.head.pooling import pool_features
+    from patchnet.training.hooks import SelectionEval
 
     predictor = Predictor(checkpoint, InferOptions(fuse=False))
     recipe, pool = predictor.recipe, predictor.pool
@@ -209,8 +209,8 @@ def run_scores(checkpoint: str, cache_dir: str) -> RunScores:
 def fused_tables(run: RunScores, sel_scores: np.ndarray, sel_pooled: np.ndarray, val_scores, val_pooled):
     """The fusion refitted on the held-out rows as training fits it, and the 11-point / envelope tables of the
     held-out images (head alone, fused) and the validation split (head alone, fused, the SVM alone)."""
-    from patchnet.fusion import fit_fusion
-    from patchnet.metrics import ap_table
+    from patchnet.evaluation.metrics import ap_table
+    from patchnet.head.fusion import fit_fusion
 
     p, labels = run.predictor, run.sel_labels
     names = [str(i) for i in range(labels.shape[1])]

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from patchnet.codec import FeatureCodec
-from patchnet.datasets import open_split
-from patchnet.extract import build_extractor
-from patchnet.features import build_features, cache_spec
-from patchnet.trainer import train
+from patchnet.data import open_split
+from patchnet.features.build import build_features, cache_spec
+from patchnet.features.extract import build_extractor
+from patchnet.store.codec import FeatureCodec
+from patchnet.training.trainer import train
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, table
 

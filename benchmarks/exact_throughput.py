@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from patchnet.backbones import build_backbone
-from patchnet.datasets import load_image, read_voc
-from patchnet.extract import PatchExtractor
+from patchnet.data import load_image, read_voc
+from patchnet.features.extract import PatchExtractor
 from patchnet.recipe import VOC_CLASSES, BackboneConfig, PatchConfig
 
 from common import Timer, bench_parser, machine, require_voc, table

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from patchnet.datasets import load_image
-from patchnet.pooling import pool_image
-from patchnet.predictor import Predictor
+from patchnet.data import load_image
+from patchnet.evaluation.predictor import Predictor
+from patchnet.head.pooling import pool_image
 
 from common import bench_parser, fused_tables, run_scores, table
 

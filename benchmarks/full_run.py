@@ -15,11 +15,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from patchnet.datasets import open_split
-from patchnet.extract import build_extractor
-from patchnet.features import cache_spec
-from patchnet.splits import prepare_split
-from patchnet.trainer import train
+from patchnet.data import open_split
+from patchnet.features.build import cache_spec
+from patchnet.features.extract import build_extractor
+from patchnet.training.splits import prepare_split
+from patchnet.training.trainer import train
 
 from common import (
     REPO,
@@ -36,7 +36,7 @@ from common import (
 
 def bucket_float_sizes(multiple: int) -> None:
     """Every extractor built from now on rounds the sides of its rescaled images to ``multiple``, float or not."""
-    from patchnet.extract import PatchExtractor
+    from patchnet.features.extract import PatchExtractor
 
     init = PatchExtractor.__init__
 

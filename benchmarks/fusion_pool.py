@@ -15,10 +15,10 @@ import dataclasses
 
 import numpy as np
 
-from patchnet.linear import SplitFeatures, fit_linear, linear_arrays
-from patchnet.metrics import ap_table
-from patchnet.pooling import l2_normalize, pool_features
-from patchnet.splits import held_out
+from patchnet.evaluation.metrics import ap_table
+from patchnet.head.pooling import l2_normalize, pool_features
+from patchnet.studies.linear import SplitFeatures, fit_linear, linear_arrays
+from patchnet.training.splits import held_out
 
 from common import RunScores, bench_parser, fused_tables, run_scores, table
 

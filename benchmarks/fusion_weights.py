@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from patchnet.fusion import fit_fusion
-from patchnet.metrics import ap_table
+from patchnet.evaluation.metrics import ap_table
+from patchnet.head.fusion import fit_fusion
 
 from common import bench_parser, run_scores, table
 

@@ -21,10 +21,12 @@ folders (``work/out*``, ``work/cache``, ``work/runs``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -170,13 +172,26 @@ class Case:
         }
         return user, others
 
-    def run(self, label: str, args: list, expect: str, tool: str = "", timeout: int = 600) -> str:
+    def env(self) -> dict:
+        return {**os.environ, "PYTHONPATH": str(self.repo), "PYTHONWARNINGS": "ignore"}
+
+    def run(
+        self, label: str, args: list, expect: str, tool: str = "", timeout: int = 600, program: str = "", names=()
+    ) -> str:
+        """Run a command (``tool``: a script of tools/; ``program``: a Python snippet, see ``patched``) and add its
+        row; ``names``: what its output must say besides (a file, a field, a pid)."""
         before = self.snapshot()
-        cmd = [sys.executable, str(self.repo / "tools" / tool)] if tool else [sys.executable, "-m", "patchnet.cli"]
-        env = {**os.environ, "PYTHONPATH": str(self.repo), "PYTHONWARNINGS": "ignore"}
+        cmd = [sys.executable, "-c", program] if program else [sys.executable, "-m", "patchnet.cli"]
+        cmd = [sys.executable, str(self.repo / "tools" / tool)] if tool else cmd
         try:
             p = subprocess.run(
-                cmd + [str(a) for a in args], cwd=self.work, env=env, capture_output=True, text=True, timeout=timeout
+                cmd + [a if isinstance(a, bytes) else str(a) for a in args],
+                cwd=self.work,
+                env=self.env(),
+                capture_output=True,
+                text=True,
+                errors="surrogateescape",  # bytes that are not UTF-8 come back as lone surrogates, to be found
+                timeout=timeout,
             )
             code, text = p.returncode, p.stdout + p.stderr
         except subprocess.TimeoutExpired:
@@ -185,10 +200,44 @@ class Case:
         outcome = judge(code, text)
         changed = "changed" if after[0] != before[0] else "unchanged"
         outside = ", ".join(sorted(after[1] - before[1])) or "none"
+        missing = [n for n in names if n not in text]
         verdict = "" if outcome == expect else " ✗ (expected " + expect + ")"
+        verdict = verdict or (f" ✗ (does not say {missing[0]!r})" if missing else "")
         said = first_line(text, code).replace(str(self.dir) + "/", "").replace(str(self.dir), "")
         self.rows.append((self.name, label, outcome + verdict, changed, outside, said[:110]))
         return text
+
+    def inspect(self, label: str, data: Path, fmt: str, expect: str, split: str = "train") -> str:
+        args = ["inspect", "--data", data, "--format", fmt, "--split", split, "--out", "out/i.png"]
+        return self.run(label, args, expect)
+
+    def check(self, label: str, ok: bool, detail: str) -> None:
+        """A row for a fact checked after the commands (files, their contents)."""
+        self.rows.append((self.name, label, "ok" if ok else f"{detail} ✗ (expected ok)", "", "", detail[:110]))
+
+    def start(self, args: list, log: Path | None = None) -> subprocess.Popen:
+        """A command in the background, its output to ``log`` (else a pipe)."""
+        with open(log, "w") if log else contextlib.nullcontext(subprocess.PIPE) as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "patchnet.cli", *map(str, args)],
+                cwd=self.work,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+
+    def python(self, code: str, *args) -> str:
+        """A snippet run with the checkout's patchnet: its output."""
+        p = subprocess.run(
+            [sys.executable, "-c", code, *map(str, args)], env=self.env(), capture_output=True, text=True, timeout=300
+        )
+        return p.stdout + p.stderr
+
+
+def patched(setup: str) -> str:
+    """A ``python -c`` program: ``setup`` (a monkeypatch: a full disk, a kill), then the command line as usual."""
+    return setup + "\nimport sys\nsys.argv[0] = 'patchnet'\nfrom patchnet.cli import main\n\nmain()\n"
 
 
 def judge(code: int, text: str) -> str:
@@ -234,11 +283,7 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
 
     c = case("1 demo format on a real VOC folder")
     data = voc(c.user / "VOC")
-    c.run(
-        "inspect --format demo",
-        ["inspect", "--data", data, "--format", "demo", "--split", "train", "--out", "out/i.png"],
-        "clear error",
-    )
+    c.inspect("inspect --format demo", data, "demo", "clear error")
     demo_recipe = recipe(c.work, "d", "demo", c.work / "out" / "demo", limit=6)
     c.run("train (demo, generated in work/out/demo)", ["train", "--recipe", demo_recipe], "ok")
     c.run(
@@ -256,11 +301,7 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
         "path,labels\n../../ESCAPED/a.png,x/../../TP_PWNED\n0.jpg,dog\n1.jpg,x/../../TP_PWNED;dog\n2.jpg,dog\n"
     )
     r = recipe(c.work, "esc", "csv", c.user / "x" / "y", images=True)
-    c.run(
-        "inspect",
-        ["inspect", "--data", c.user / "x" / "y", "--format", "csv", "--split", "train", "--out", "out/i.png"],
-        "ok",
-    )
+    c.inspect("inspect", c.user / "x" / "y", "csv", "ok")
     c.run("train", ["train", "--recipe", r], "ok")
     c.run(
         "render_heatmaps --split --no-grid",
@@ -282,11 +323,7 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     (c.user / "f" / "train" / "cat" / "bomb.png").write_bytes(png_header(100_000, 100_000))
     (c.user / "f" / "train" / "dog" / "pano.png").write_bytes(png_header(10_000, 6_000))
     r = recipe(c.work, "bomb", "folder", c.user / "f", images=True)
-    c.run(
-        "inspect",
-        ["inspect", "--data", c.user / "f", "--format", "folder", "--split", "train", "--out", "out/i.png"],
-        "counted skip",
-    )
+    c.inspect("inspect", c.user / "f", "folder", "counted skip")
     c.run("train", ["train", "--recipe", r], "counted skip")
     c.run(
         "predict bomb.png + a good image",
@@ -305,19 +342,8 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     c = case("4 two runs on one cache key at once")
     data = voc(c.user / "VOC")
     r1, r2 = recipe(c.work, "one", "voc", data, CLASSES, chunk=1), recipe(c.work, "two", "voc", data, CLASSES, chunk=1)
-    env = {**os.environ, "PYTHONPATH": str(repo)}
     before = c.snapshot()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "patchnet.cli", "train", "--recipe", str(r)],
-            cwd=c.work,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (r1, r2)
-    ]
+    procs = [c.start(["train", "--recipe", r]) for r in (r1, r2)]
     texts = [p.communicate(timeout=600)[0] for p in procs]
     outcomes = [judge(p.returncode, t) for p, t in zip(procs, texts)]
     after = c.snapshot()
@@ -360,11 +386,7 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     d["images"][1]["id"] = "b2"
     d["annotations"][1]["image_id"] = "b2"
     coco_file(c.user / "mixed", d)
-    c.run(
-        "mixed string/int ids: inspect",
-        ["inspect", "--data", c.user / "mixed", "--format", "coco", "--split", "train", "--out", "out/i.png"],
-        "ok",
-    )
+    c.inspect("mixed string/int ids: inspect", c.user / "mixed", "coco", "ok")
     for label, change in (
         ("missing file_name", lambda d: d["images"][0].pop("file_name")),
         ("2-number bbox", lambda d: d["annotations"][0].update(bbox=[1, 2])),
@@ -374,29 +396,11 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
         coco_file(c.user / label.replace(" ", "_"), d)
         change(d)
         (c.user / label.replace(" ", "_") / "annotations" / "instances_train.json").write_text(json.dumps(d))
-        c.run(
-            f"{label}: inspect",
-            [
-                "inspect",
-                "--data",
-                c.user / label.replace(" ", "_"),
-                "--format",
-                "coco",
-                "--split",
-                "train",
-                "--out",
-                "out/i.png",
-            ],
-            "clear error",
-        )
+        c.inspect(f"{label}: inspect", c.user / label.replace(" ", "_"), "coco", "clear error")
     d = coco_data()
     d["categories"].insert(0, {"id": 0, "name": "animals", "supercategory": "none"})
     coco_file(c.user / "roboflow", d, "train/_annotations.coco.json", "train")
-    c.run(
-        "Roboflow export: inspect",
-        ["inspect", "--data", c.user / "roboflow", "--format", "coco", "--split", "train", "--out", "out/i.png"],
-        "counted skip",
-    )
+    c.inspect("Roboflow export: inspect", c.user / "roboflow", "coco", "counted skip")
     c.run(
         "Roboflow export: train",
         ["train", "--recipe", recipe(c.work, "rf", "coco", c.user / "roboflow")],
@@ -407,17 +411,9 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     for i in range(3):
         image(c.user / "csv" / f"{i}.jpg", seed=i)
     (c.user / "csv" / "train.csv").write_text("0.jpg,cat\n1.jpg,dog\n0.jpg,cat\n2.jpg,dog\n")
-    c.run(
-        "identical CSV rows: inspect",
-        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "train", "--out", "out/i.png"],
-        "counted skip",
-    )
+    c.inspect("identical CSV rows: inspect", c.user / "csv", "csv", "counted skip")
     (c.user / "csv" / "val.csv").write_text("0.jpg,cat\n1.jpg,dog\n0.jpg,dog\n")
-    c.run(
-        "conflicting CSV rows: inspect",
-        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "val", "--out", "out/i.png"],
-        "clear error",
-    )
+    c.inspect("conflicting CSV rows: inspect", c.user / "csv", "csv", "clear error", split="val")
     image(c.user / "f" / "train" / "cat" / "a.jpg", seed=1)
     image(c.user / "f" / "train" / "cat" / "a.png", seed=2)
     image(c.user / "f" / "train" / "dog" / "b.jpg", seed=3)
@@ -462,23 +458,11 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
     for i in range(3):
         image(c.user / "csv" / f"{i}.jpg", seed=i)
     (c.user / "csv" / "train.csv").write_bytes("path,labels\n0.jpg,café\n1.jpg,thé\n".encode("latin-1"))
-    c.run(
-        "Latin-1 CSV: inspect",
-        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "train", "--out", "out/i.png"],
-        "clear error",
-    )
+    c.inspect("Latin-1 CSV: inspect", c.user / "csv", "csv", "clear error")
     (c.user / "csv" / "bom.csv").write_bytes("path,labels\r\n0.jpg,café\r\n1.jpg,thé\r\n".encode("utf-8-sig"))
-    c.run(
-        "Excel UTF-8 CSV with BOM: inspect",
-        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "bom", "--out", "out/i.png"],
-        "ok",
-    )
+    c.inspect("Excel UTF-8 CSV with BOM: inspect", c.user / "csv", "csv", "ok", split="bom")
     (c.user / "csv" / "empty.csv").write_text("0.jpg,\n1.jpg,\n")
-    c.run(
-        "no label at all: inspect",
-        ["inspect", "--data", c.user / "csv", "--format", "csv", "--split", "empty", "--out", "out/i.png"],
-        "clear error",
-    )
+    c.inspect("no label at all: inspect", c.user / "csv", "csv", "clear error", split="empty")
     base = c.user / "f" / "train"
     image(base / "cat" / "a.jpg", seed=1)
     image(base / "cat" / "2019" / "b.jpg", seed=2)
@@ -539,7 +523,152 @@ def build_cases(root: Path, repo: Path) -> list[Case]:
         ],
         "clear error",
     )
+
+    c = case("11 checkpoints that are not one")
+    (c.work / "out").mkdir()
+    state = torch.load(clean, weights_only=True)
+    torch.save([1, 2], c.work / "out" / "list.pt")
+    torch.save({k: v for k, v in state.items() if k != "classes"}, c.work / "out" / "no_classes.pt")
+    raw = clean.read_bytes()
+    (c.work / "out" / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    good = image(c.user / "a.jpg")
+    for f, what in (("list.pt", "a list"), ("no_classes.pt", "no 'classes'"), ("cut.pt", "truncated")):
+        names = (f"out/{f}", "classes") if f == "no_classes.pt" else (f"out/{f}",)
+        c.run(
+            f"{what}: eval", ["eval", "-c", f"out/{f}", "--split", "train", "--out", "out"], "clear error", names=names
+        )
+        c.run(f"{what}: predict", ["predict", "-c", f"out/{f}", good], "clear error", names=names)
+
+    c = case("12 resume and the run folder")
+    data = voc(c.user / "VOC")
+    (data / "ImageSets/Main/train.txt").write_text("a\nb\nc\n")
+    r, run_dir = recipe(c.work, "run", "voc", data, CLASSES), c.work / "runs" / "run"
+    hold = ["--set", "train.holdout=0.5"]
+    c.run("train (3 images, holdout 0.5)", ["train", "--recipe", r, *hold], "ok")
+    (data / "ImageSets/Main/train.txt").write_text("a\nb\nc\nd\n")
+    c.run(
+        "image d added: train --resume",
+        ["train", "--recipe", r, *hold, "--resume", "--epochs", "2"],
+        "clear error",
+        names=("1 training image added",),
+    )
+    before = sorted(p.name for p in run_dir.glob("*.pt"))
+    die = "import os, patchnet.checkpoint as ck\nck.atomic_write = lambda *a: os.kill(os.getpid(), 9)\n"
+    c.run(
+        "train --overwrite, killed at its first save",
+        ["train", "--recipe", r, "--overwrite"],
+        "exit -9",
+        program=patched(die),
+    )
+    after = sorted(p.name for p in run_dir.glob("*.pt"))
+    c.check("files after: no stale best.pt, last.pt", bool(before) and not after, f"{before} before, {after} after")
+    (c.work / "out").mkdir()
+    first = c.start(["train", "--recipe", r, "--overwrite", "--epochs", "2000"], log=c.work / "out" / "first.log")
+    lock, deadline = run_dir / ".lock", time.time() + 300
+    while first.poll() is None and time.time() < deadline:
+        if lock.is_file() and lock.read_text().strip() == str(first.pid):
+            break
+        time.sleep(0.2)
+    c.run(
+        "a second train --overwrite on the folder meanwhile",
+        ["train", "--recipe", r, "--overwrite"],
+        "clear error",
+        names=(f"pid {first.pid}",),
+    )
+    first.send_signal(signal.SIGINT)
+    try:
+        first.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        first.kill()
+        first.wait()
+    full = (  # the third checkpoint write (epoch 2's best.pt) fails half-way, as on a full disk
+        "import errno, patchnet.checkpoint as ck\nwrite, n = ck.atomic_write, [0]\n"
+        "def half(f):\n    f.write(b'\\0' * 4096)\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "def full(path, fill):\n    n[0] += 1\n    return write(path, fill if n[0] < 3 else half)\n"
+        "ck.atomic_write = full\n"
+    )
+    c.run(
+        "disk full at the 3rd save (simulated): train",
+        ["train", "--recipe", r, "--overwrite", "--epochs", "2"],
+        "clear error",
+        program=patched(full),
+        names=("runs/run", "disk is full", "intact"),
+    )
+    try:
+        last = torch.load(run_dir / "last.pt", weights_only=True)
+        kept = f"last.pt of epoch {last['epoch']}"
+    except Exception as e:
+        last, kept = None, f"last.pt: {type(e).__name__}"
+    left = sorted(p.name for p in run_dir.iterdir() if "tmp" in p.name)
+    c.check("files after the full disk", bool(last) and last["epoch"] == 1 and not left, f"{kept}, temporary {left}")
+
+    c = case("13 16-bit, 32-bit and float images")
+    ramp = np.tile(np.linspace(0, 1, 64), (48, 1))  # 0 to half of each type's range: 0 to 128 in 8 bits
+    deep = {
+        "i16.png": (ramp * 32767).astype(np.uint16),  # mode I;16
+        "i32.tif": (ramp * 2**30).astype(np.int32),  # mode I
+        "f32.tif": (ramp * 0.5).astype(np.float32),  # mode F
+    }
+    for name, arr in deep.items():
+        Image.fromarray(arr).save(c.user / name)
+    files = [c.user / n for n in deep]
+    c.run("predict --out", ["predict", "-c", clean, *files, "--out", "out/p"], "ok")
+    code = "import sys\nfrom patchnet.data.images import load_image\nfor f in sys.argv[1:]:\n    a = load_image(f)\n"
+    said = c.python(code + "    print(a.min(), a.max())", *files).split()
+    for n, name in enumerate(deep):
+        lo, hi = said[2 * n : 2 * n + 2] if len(said) == 2 * len(deep) else ("?", " ".join(said)[-80:])
+        c.check(
+            f"{name} decoded (0 to 128 expected)", lo in "012" and hi.isdigit() and 124 <= int(hi) <= 132, f"{lo}-{hi}"
+        )
+
+    c = case("14 a file name that is not UTF-8")
+    cafe = os.fsencode(c.user) + b"/caf\xe9.jpg"
+    image(Path(os.fsdecode(cafe)), seed=1)
+    good = image(c.user / "good.jpg", seed=2)
+    text = c.run("predict --out", ["predict", "-c", clean, cafe, good, "--out", "out/p"], "ok")
+    bad = ["its output"] if any("\ud800" <= ch <= "\udfff" for ch in text) else []
+    for f in ("predictions.json", "predictions.csv"):
+        try:
+            got = (c.work / "out" / "p" / f).read_bytes().decode("utf-8")
+            got = json.dumps(json.loads(got), ensure_ascii=False).encode("utf-8") if f.endswith("json") else got
+        except (OSError, ValueError) as e:  # not there, not UTF-8, not JSON, or a lone surrogate in it
+            bad.append(f"{f} ({type(e).__name__})")
+    c.check("output, predictions.json and .csv: UTF-8, no lone surrogates", not bad, ", ".join(bad) or "all UTF-8")
+
+    c = case("15 a cache build killed, resumed with another chunk size")
+    data = voc(c.user / "VOC")
+    kill = (  # SIGKILL after the second chunk file is written
+        "import os, signal, patchnet.store.build as b\nsave, n = b.save_chunk, [0]\n"
+        "def save_then_die(*a, **k):\n    save(*a, **k)\n    n[0] += 1\n"
+        "    if n[0] == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "b.save_chunk = save_then_die\n"
+    )
+    r = recipe(c.work, "chunks", "voc", data, CLASSES, chunk=1)
+    c.run("train, chunk 1, killed after 2 of 4 chunks", ["train", "--recipe", r], "exit -9", program=patched(kill))
+    r, fresh = recipe(c.work, "chunks", "voc", data, CLASSES, chunk=3), ["--set", "runtime.cache_dir=out/cache"]
+    c.run("train again, chunk 3", ["train", "--recipe", r], "counted skip", names=("computing it again",))
+    c.run("the same, fresh in another cache folder", ["train", "--recipe", r, "--overwrite", *fresh], "ok")
+    diff = same_caches(c.work / "cache", c.work / "out" / "cache")
+    c.check("resumed cache = fresh cache", not diff, diff or "same features and indexes")
     return cases
+
+
+def same_caches(a: Path, b: Path) -> str:
+    """'' where the complete caches under ``a`` and ``b`` hold the same files and features, else what differs."""
+    pa, pb = ([p for p in d.iterdir() if (p / "meta.json").is_file()] if d.is_dir() else [] for d in (a, b))
+    if len(pa) != 1 or len(pb) != 1 or pa[0].name != pb[0].name:
+        return f"cache folders {[p.name for p in pa]} and {[p.name for p in pb]}"
+    fa, fb = (sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) for d in (pa[0], pb[0]))
+    if fa != fb:
+        return f"files {fa} and {fb}"
+    for f in fa:
+        x, y = (pa[0] / f).read_bytes(), (pb[0] / f).read_bytes()
+        if f.endswith(".f16") and len(x) == len(y):
+            if not np.allclose(np.frombuffer(x, np.float16), np.frombuffer(y, np.float16), atol=1e-2):
+                return f"{f} differs"
+        elif x != y and not f.endswith(".json"):
+            return f"{f} differs"
+    return ""
 
 
 def main() -> None:
@@ -547,6 +676,7 @@ def main() -> None:
     ap.add_argument("--repo", default=str(REPO), help="the patchnet checkout to run (default: this one)")
     ap.add_argument("--keep", default="", help="keep the case folders here (default: a temporary folder)")
     args = ap.parse_args()
+    sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8, as a command said it
     sys.path.insert(0, str(Path(__file__).parent))
     from common import table
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from patchnet.scoring import image_scores
+from patchnet.evaluation.scoring import image_scores
 
 from common import bench_parser, fused_tables, run_scores, table
 

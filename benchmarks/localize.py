@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from patchnet.datasets import open_split
-from patchnet.features import build_features, cache_spec
-from patchnet.localize import evaluate_localization
-from patchnet.predictor import Predictor
-from patchnet.scoring import evaluation_items, image_scores
-from patchnet.splits import holdout_records
+from patchnet.data import open_split
+from patchnet.evaluation.localize import evaluate_localization
+from patchnet.evaluation.predictor import Predictor
+from patchnet.evaluation.scoring import evaluation_items, image_scores
+from patchnet.features.build import build_features, cache_spec
+from patchnet.training.splits import holdout_records
 
 from common import REPO, Timer, bench_parser, machine, require_voc, table
 
@@ -124,10 +124,10 @@ def _sheet(predictor, dataset, store, items, scores, threshold, prior, out: Path
     """The first box of each class judged present in each image, drawn, tiled into one picture."""
     from PIL import Image
 
-    from patchnet.datasets import load_image
-    from patchnet.draw import draw_detections
-    from patchnet.localize import confidence, localize
-    from patchnet.pooling import map_values
+    from patchnet.data import load_image
+    from patchnet.evaluation.localize import confidence, localize
+    from patchnet.head.pooling import map_values
+    from patchnet.outputs.draw import draw_detections
 
     p = predictor
     # box scores in [0, 1]: localize takes the log of the image's confidence (calibrated probability, else squashed)

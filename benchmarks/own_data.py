@@ -86,11 +86,11 @@ def train_run(folder: Path, out: Path, name: str, cache: Path, sets: list[str]) 
 def svm_baseline(run_dir: Path) -> tuple[dict, float]:
     """The max-pool linear SVM (C by 3-fold CV per class) on the run's cached features: trained on every
     training image (the head trained on 90% of them), scored on val."""
-    from patchnet.datasets import open_split
-    from patchnet.extract import build_extractor
-    from patchnet.linear import fit_linear, split_features
-    from patchnet.metrics import accuracy, ap_table
+    from patchnet.data import open_split
+    from patchnet.evaluation.metrics import accuracy, ap_table
+    from patchnet.features.extract import build_extractor
     from patchnet.recipe import load_recipe
+    from patchnet.studies.linear import fit_linear, split_features
 
     started = time.perf_counter()
     r = load_recipe(run_dir / "recipe.yaml")

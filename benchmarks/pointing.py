@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from patchnet.datasets import open_split
-from patchnet.features import build_features, cache_spec
-from patchnet.maps import pointing_game
-from patchnet.predictor import Predictor
-from patchnet.scoring import evaluation_items
-from patchnet.splits import holdout_records
+from patchnet.data import open_split
+from patchnet.evaluation.maps import pointing_game
+from patchnet.evaluation.predictor import Predictor
+from patchnet.evaluation.scoring import evaluation_items
+from patchnet.features.build import build_features, cache_spec
+from patchnet.training.splits import holdout_records
 
 from common import bench_parser, machine, require_voc, table
 

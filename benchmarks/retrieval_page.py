@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Size and load time of the retrieval page (with its map of thumbnails) at 500 and 5000 images.
 
-The collection is synthetic: demo-style images (patchnet.demo) and features made from their labels
+The collection is synthetic: demo-style images (patchnet.data.demo) and features made from their labels
 (a random direction per class, summed over the image's classes, plus noise), so that the t-SNE map has
 clusters to show. The page is built by the same function as `patchnet retrieve`, then opened in
 headless Chromium (Debian's `chromium`, driven by playwright: `pip install -e .[bench]`; no browser is
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from patchnet.demo import DEMO_CLASSES, make_image
-from patchnet.linear import SplitFeatures
-from patchnet.retrieve import collection_page
+from patchnet.data.demo import DEMO_CLASSES, make_image
+from patchnet.studies.linear import SplitFeatures
+from patchnet.studies.retrieve import collection_page
 
 from common import Timer, bench_parser, machine, table
 

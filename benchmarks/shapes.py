@@ -47,8 +47,8 @@ def resized(images: list, kind: str) -> list:
 
 
 def child(args) -> None:
-    from patchnet.datasets import load_image, read_voc
-    from patchnet.extract import build_extractor
+    from patchnet.data import load_image, read_voc
+    from patchnet.features.extract import build_extractor
     from patchnet.recipe import VOC_CLASSES
 
     from common import dev_recipe, require_voc

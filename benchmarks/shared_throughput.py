@@ -31,9 +31,9 @@ import tempfile
 
 import torch
 
-from patchnet.datasets import Dataset, load_image, read_voc
-from patchnet.extract import build_extractor
-from patchnet.features import build_features, cache_spec, calibrate_extractor
+from patchnet.data import Dataset, load_image, read_voc
+from patchnet.features.build import build_features, cache_spec, calibrate_extractor
+from patchnet.features.extract import build_extractor
 from patchnet.recipe import VOC_CLASSES
 
 from common import (

@@ -13,9 +13,9 @@ Modes compared (the recipe's backbone, precision and patch grid; only the featur
 
 from __future__ import annotations
 
-from patchnet.datasets import load_image, open_split
-from patchnet.extract import build_extractor
-from patchnet.trainer import train
+from patchnet.data import load_image, open_split
+from patchnet.features.extract import build_extractor
+from patchnet.training.trainer import train
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
 

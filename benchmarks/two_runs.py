@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from patchnet.metrics import ap_table
-from patchnet.predictor import Predictor
-from patchnet.scoring import image_scores
+from patchnet.evaluation.metrics import ap_table
+from patchnet.evaluation.predictor import Predictor
+from patchnet.evaluation.scoring import image_scores
 
 from common import bench_parser, run_splits, table
 

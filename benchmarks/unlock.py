@@ -18,14 +18,14 @@ from pathlib import Path
 
 from patchnet.backbones import backbone_spec, unlock_split
 from patchnet.checkpoint import load_checkpoint
-from patchnet.codec import FeatureCodec
-from patchnet.datasets import open_split
-from patchnet.extract import build_extractor
-from patchnet.features import build_features, cache_spec
-from patchnet.predictor import evaluate_split
-from patchnet.scoring import InferOptions
-from patchnet.trainer import train
-from patchnet.unlock import build_maps
+from patchnet.data import open_split
+from patchnet.evaluation.predictor import evaluate_split
+from patchnet.evaluation.scoring import InferOptions
+from patchnet.features.build import build_features, cache_spec
+from patchnet.features.extract import build_extractor
+from patchnet.store.codec import FeatureCodec
+from patchnet.training.trainer import train
+from patchnet.training.unlock import build_maps
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, require_voc, table
 

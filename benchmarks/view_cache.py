@@ -15,9 +15,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from patchnet.datasets import open_split
-from patchnet.extract import build_extractor
-from patchnet.features import build_features, cache_spec
+from patchnet.data import open_split
+from patchnet.features.build import build_features, cache_spec
+from patchnet.features.extract import build_extractor
 
 from common import REPO, Timer, bench_parser, dev_recipe, machine, table
 

@@ -20,8 +20,8 @@ _configure_threads()  # before any module loads torch: its thread count and how 
 
 if TYPE_CHECKING:
     from .api import Model
-    from .hooks import HookBase
-    from .trainer import TrainResult
+    from .training.hooks import HookBase
+    from .training.trainer import TrainResult
 
 __all__ = ["load", "train"]
 __version__ = "0.1.0"
@@ -36,7 +36,7 @@ def load(
     options=None,
 ) -> Model:
     """A trained checkpoint (``best.pt`` or ``last.pt``) ready to predict, draw score maps and localise
-    (``patchnet.api.Model``); ``options``: a ``patchnet.scoring.InferOptions`` (``patchnet.api.load``).
+    (``patchnet.api.Model``); ``options``: a ``patchnet.evaluation.scoring.InferOptions`` (``patchnet.api.load``).
     Importing ``patchnet`` alone loads no torch; ``load`` does."""
     from .api import load as _load
 
@@ -61,10 +61,10 @@ def train(
     """Train on a folder of images (its format, splits and classes found as ``patchnet train DATA`` finds them)
     or as a recipe file says; ``overrides`` are ``--set`` strings; an earlier run of the same name is
     continued with ``resume`` or replaced with ``overwrite`` (its files cleared first); ``hooks`` are
-    ``patchnet.hooks.HookBase`` objects the trainer calls around steps and epochs. Returns the run's
+    ``patchnet.training.hooks.HookBase`` objects the trainer calls around steps and epochs. Returns the run's
     ``TrainResult`` (its ``run_dir``, ``best`` and ``last`` checkpoints, and the val split's ``table``)."""
-    from .run_recipe import RunOptions, check_new_run, open_run_splits, run_recipe
-    from .trainer import train as _train
+    from .training.setup import RunOptions, check_new_run, open_run_splits, run_recipe
+    from .training.trainer import train as _train
 
     options = RunOptions(name, epochs, backbone, device, None if out is None else str(out))
     r, _ = run_recipe(data, recipe, overrides, options)

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from .checkpoint import CheckpointError
-from .datasets import DatasetError, load_image
+from .data import DatasetError, load_image
 from .errors import PatchnetError
-from .localize import Detection, box_options, confidence, localize
-from .maps import score_map
-from .predictor import Prediction, Predictor
-from .scoring import InferOptions
+from .evaluation.localize import Detection, box_options, confidence, localize
+from .evaluation.maps import score_map
+from .evaluation.predictor import Prediction, Predictor
+from .evaluation.scoring import InferOptions
 
 
 class ThresholdError(PatchnetError, ValueError):
@@ -253,7 +253,7 @@ class Model:
     def localize(
         self, image, classes: list[str] | None = None, method: str | None = None, threshold: float | None = None
     ) -> list[Detection]:
-        """Boxes of one image (``patchnet.localize``): for the classes judged present, or ``classes``."""
+        """Boxes of one image (``patchnet.evaluation.localize``): for the classes judged present, or ``classes``."""
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
         method, threshold = box_options(self.recipe.infer, method, threshold)
         _, p = self._one(image)

@@ -26,13 +26,13 @@ from torch import nn
 
 from .api import load
 from .backbones.lite import Conv2dSame
+from .backbones.regions import region_weights
 from .errors import PatchnetError
-from .extract import map_cells
+from .evaluation.predictor import Predictor
+from .evaluation.scoring import InferOptions
+from .features.extract import map_cells
 from .files import atomic_write
-from .pooling import patch_values, pool
-from .predictor import Predictor
-from .regions import region_weights
-from .scoring import InferOptions
+from .head.pooling import patch_values, pool
 
 
 class ExportError(PatchnetError, ValueError):

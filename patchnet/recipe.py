@@ -87,7 +87,7 @@ class HeadConfig:
 
 @dataclass
 class PoolConfig:
-    """How patch scores become image scores (patchnet.pooling); every family's parameters live here."""
+    """How patch scores become image scores (patchnet.head.pooling); every family's parameters live here."""
 
     name: Pooling = "power"  # power | max | lse | topk
     k: float = 5.0  # power: (1/M) sum y(c|P)^k over the softmax outputs
@@ -142,7 +142,7 @@ class InferConfig:
 @dataclass
 class CacheConfig:
     chunk: int = 32  # images per chunk file: a killed run loses at most one chunk of work
-    # how patch features are stored (patchnet.codec; README, Feature cache): none (fp16) | int8 (8-bit codes
+    # how patch features are stored (patchnet.store.codec; README, Feature cache): none (fp16) | int8 (8-bit codes
     # per row) | pca (fp16 projections on pca_dim principal components of the training split) | pca_int8
     compress: Compress = "none"
     pca_dim: int = 256  # pca, pca_int8: components kept; the head then reads pca_dim values per patch

@@ -139,7 +139,7 @@ def tiny_recipe(tmp_path: Path, root: Path, *overrides: str):
 
 def build(recipe, dataset, extractor, **kw):
     """The recipe's feature cache of a split, its cache spec made with the same extractor."""
-    from patchnet.features import build_features, cache_spec
+    from patchnet.features.build import build_features, cache_spec
 
     return build_features(cache_spec(recipe, extractor, progress=False), dataset, extractor, **kw)
 
@@ -148,7 +148,7 @@ def calibrated_model(tmp: Path):
     """A tiny calibrated model (half the training images held out to fit the calibration) of four_voc, and its
     VOC root."""
     import patchnet
-    from patchnet.trainer import train
+    from patchnet.training.trainer import train
 
     root = four_voc(tmp / "VOC", ["a", "b"])
     recipe = tiny_recipe(tmp, root, "train.epochs=2", "train.holdout=0.5")

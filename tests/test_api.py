@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import patchnet
-from patchnet.datasets import DatasetError, load_image
+from patchnet.data import DatasetError, load_image
 
 from conftest import calibrated_model
 

@@ -223,7 +223,7 @@ def test_timm_imagenet_weights_missing_offline_say_how_to_supply_them(tmp_path, 
 
 @pytest.mark.slow  # a subprocess or several processes
 def test_timm_is_imported_only_when_a_timm_backbone_is_used():
-    code = "import sys, patchnet.trainer, patchnet.cli; assert 'timm' not in sys.modules, 'timm imported'"
+    code = "import sys, patchnet.training.trainer, patchnet.cli; assert 'timm' not in sys.modules, 'timm imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
@@ -262,7 +262,7 @@ def test_lite0_stages_end_each_block_stage_at_the_documented_channels_and_stride
 
 def test_stage_maps_match_their_specs(backbone):
     """Every stage of every backbone: its channels, its stride (by map size and by the trunk's layers), its vector."""
-    from patchnet.units import stage_receptive_field
+    from patchnet.studies.units import stage_receptive_field
 
     x = torch.rand(1, 3, SIZE, SIZE)
     with torch.no_grad():

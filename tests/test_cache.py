@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from patchnet.codec import CodecError, FeatureCodec
-from patchnet.datasets import load_image, open_split
-from patchnet.extract import build_extractor
-from patchnet.features import cache_fields, cache_spec
+from patchnet.data import load_image, open_split
+from patchnet.features.build import cache_fields, cache_spec
+from patchnet.features.extract import build_extractor
 from patchnet.store import key
+from patchnet.store.codec import CodecError, FeatureCodec
 
 from conftest import build, tiny_recipe
 
@@ -48,7 +48,7 @@ def test_features_are_computed_once_then_read_from_disk(tmp_path, small_voc):
     assert store.rows.stored.dtype == np.float16 and isinstance(store.rows.stored, np.memmap)
     assert store.rows.shape == (store.num_patches, ex.feature_dim) and store.feature_dim == ex.feature_dim
     # the stored rows are the extractor's features of each image, in grid order
-    from patchnet.datasets import load_image
+    from patchnet.data import load_image
 
     direct = ex(load_image(ds.records[1].path)).numpy()
     np.testing.assert_allclose(store.rows[store.item_slice(1)], direct, rtol=2e-3, atol=1e-3)
@@ -148,7 +148,7 @@ def test_a_build_resumed_with_another_chunk_size_gives_the_rows_of_a_fresh_build
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("patchnet.features.join_chunks", killed)
+    monkeypatch.setattr("patchnet.features.build.join_chunks", killed)
     with pytest.raises(KeyboardInterrupt):
         build(recipe, ds, ex, progress=False)
     monkeypatch.undo()
@@ -164,7 +164,7 @@ def test_a_build_resumed_with_another_chunk_size_gives_the_rows_of_a_fresh_build
     np.testing.assert_array_equal(store.patch_boxes, clean.patch_boxes)
     np.testing.assert_allclose(store.rows[:], clean.rows[:], atol=1e-3)
     # resumed with its own chunk size, a killed build's chunks are taken as they are
-    monkeypatch.setattr("patchnet.features.join_chunks", killed)
+    monkeypatch.setattr("patchnet.features.build.join_chunks", killed)
     again_recipe, _, _ = _setup(tmp_path / "again", small_voc, "cache.chunk=3")
     with pytest.raises(KeyboardInterrupt):
         build(again_recipe, ds, ex, progress=False)
@@ -175,7 +175,7 @@ def test_a_build_resumed_with_another_chunk_size_gives_the_rows_of_a_fresh_build
 
 
 def test_two_input_sizes_give_two_int8_calibrations(tmp_path, small_voc):
-    from patchnet.features import calibrate_extractor
+    from patchnet.features.build import calibrate_extractor
 
     ranges = []
     for size in (32, 64):
@@ -336,8 +336,8 @@ def test_cache_verify_checks_every_kind_of_cache_folder(tmp_path, small_voc):
 
     from patchnet.backbones import backbone_spec, unlock_split
     from patchnet.cli import app
-    from patchnet.stages import build_stage_extractor, stage_features, stage_recipe
-    from patchnet.unlock import build_maps
+    from patchnet.features.stages import build_stage_extractor, stage_features, stage_recipe
+    from patchnet.training.unlock import build_maps
 
     recipe, ds, ex = _setup(tmp_path, small_voc)
     features = build(recipe, ds, ex, progress=False)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from patchnet.calibration import Calibration, best_threshold, calibrate, fit_platt
+from patchnet.head.calibration import Calibration, best_threshold, calibrate, fit_platt
 
 
 def test_platt_recovers_known_probabilities():

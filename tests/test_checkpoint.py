@@ -26,9 +26,9 @@ from patchnet.checkpoint import (
     save_checkpoint,
 )
 from patchnet.cli import app
-from patchnet.hooks import HookBase, HookError
 from patchnet.recipe import save_recipe
-from patchnet.trainer import train
+from patchnet.training.hooks import HookBase, HookError
+from patchnet.training.trainer import train
 
 from conftest import VocWriter, tiny_recipe
 
@@ -274,5 +274,5 @@ def test_a_users_hook_passed_in_is_called_around_steps_and_epochs(tmp_path, smal
     per_epoch = [[s for e, s in hook.steps if e == epoch] for epoch in (0, 1)]
     assert per_epoch[0] and all(steps == list(range(1, len(steps) + 1)) for steps in per_epoch)
     assert [r["mine"] for r in load_checkpoint(recipe.run_dir / "last.pt").history] == [1.0, 2.0]
-    with pytest.raises(HookError, match="is not a patchnet.hooks.HookBase"):
+    with pytest.raises(HookError, match="is not a patchnet.training.hooks.HookBase"):
         train(tiny_recipe(tmp_path / "b", small_voc), progress=False, hooks=[object()])

@@ -135,7 +135,7 @@ def test_predict_out_keeps_images_of_one_stem_apart(predict_model, tmp_path):
 
 
 def test_input_names_tell_apart_paths_that_share_a_stem():
-    from patchnet.results import input_names
+    from patchnet.outputs.results import input_names
 
     paths = [Path("x/img.jpg"), Path("y/img.png"), Path("z/other.jpg"), Path("x/img.jpg")]
     assert input_names(paths) == ["x_img", "y_img", "other", "x_img"]  # one path given twice: one name
@@ -379,7 +379,7 @@ def test_a_recipe_command_refuses_an_unknown_device_before_any_work(small_voc, t
 @pytest.fixture(scope="module")
 def boxless_run(tmp_path_factory):
     """A tiny checkpoint trained without boxes (data.boxes: false) on a split that has them, calibrated."""
-    from patchnet.trainer import train
+    from patchnet.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("boxless")
     root = four_voc(tmp / "VOC", ["a", "b"])

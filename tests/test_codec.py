@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchnet.codec import CodecError, FeatureCodec, Moments, dequantize_rows, quantize_rows
+from patchnet.store.codec import CodecError, FeatureCodec, Moments, dequantize_rows, quantize_rows
 
 
 def test_int8_rows_round_trip_within_half_a_step():

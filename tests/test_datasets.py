@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchnet.datasets import DatasetError, image_size, load_image, open_split, read_coco, read_voc
+from patchnet.data import DatasetError, image_size, load_image, open_split, read_coco, read_voc
 from patchnet.recipe import DataConfig
 
 from conftest import CLASSES, write_image
@@ -199,7 +199,7 @@ def test_float_tiffs_map_their_unit_range_to_8_bits_clipped(tmp_path):
 
 
 def test_thumbnails_of_16_bit_and_float_images_are_not_black(tmp_path):
-    from patchnet.datasets import thumbnail
+    from patchnet.data import thumbnail
 
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "a.png")
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
@@ -303,7 +303,7 @@ def test_open_split_requires_a_root():
 
 
 def test_demo_dataset_is_deterministic_and_readable(tmp_path):
-    from patchnet.demo import DEMO_CLASSES, make_demo
+    from patchnet.data.demo import DEMO_CLASSES, make_demo
 
     a = make_demo(tmp_path / "a", seed=3, splits={"train": 6, "test": 3})
     b = make_demo(tmp_path / "b", seed=3, splits={"train": 6, "test": 3})
@@ -318,7 +318,7 @@ def test_demo_dataset_is_deterministic_and_readable(tmp_path):
 
 # --------------------------------------------------------------------------- image folders and CSV lists
 
-from patchnet.datasets import image_label_statistics, read_csv_list, read_folder  # noqa: E402
+from patchnet.data import image_label_statistics, read_csv_list, read_folder  # noqa: E402
 
 
 def _folder(tmp_path, spec: dict[str, int], split="train"):

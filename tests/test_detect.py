@@ -1,4 +1,4 @@
-"""What a user's folder holds (patchnet.datasets.detect) and the recipe a run on it gets (patchnet.run_recipe)."""
+"""What a user's folder holds (patchnet.data.detect) and the recipe a run on it gets (patchnet.training.setup)."""
 
 import json
 from dataclasses import replace
@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchnet.datasets import DatasetError, detect_layout, held_out_share, open_split
+from patchnet.data import DatasetError, detect_layout, held_out_share, open_split
 from patchnet.recipe import VOC_CLASSES, RecipeError
-from patchnet.run_recipe import RunOptions, run_recipe
+from patchnet.training.setup import RunOptions, run_recipe
 
 from conftest import VocWriter, write_image
 

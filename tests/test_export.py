@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import patchnet
-from patchnet.datasets import load_image
+from patchnet.data import load_image
 from patchnet.export import ExportError, check_export, export
-from patchnet.trainer import train
+from patchnet.training.trainer import train
 
 from conftest import tiny_recipe
 

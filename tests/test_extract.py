@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from patchnet.backbones import BackboneError, build_backbone
 from patchnet.dist import resolve_precision
-from patchnet.extract import PatchExtractor
+from patchnet.features.extract import PatchExtractor
+from patchnet.patches.grid import patch_grid
 from patchnet.recipe import BackboneConfig, PatchConfig
-from patchnet.sampler import patch_grid
 
 FP32 = BackboneConfig(precision="fp32")
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from patchnet.fusion import FUSION_WEIGHTS, Fusion, fit_fusion
-from patchnet.metrics import voc_ap
+from patchnet.evaluation.metrics import voc_ap
+from patchnet.head.fusion import FUSION_WEIGHTS, Fusion, fit_fusion
 
 
 def _held_out(seed=0, n=120, c=5, d=8):
@@ -81,7 +81,7 @@ def test_class_weights_survive_the_checkpoint_dict_and_read_as_a_range():
 
 
 def test_shared_statistics_keep_fused_scores_comparable_across_classes():
-    from patchnet.calibration import score_feature
+    from patchnet.head.calibration import score_feature
 
     rng = np.random.default_rng(3)
     n, c, d = 40, 3, 8

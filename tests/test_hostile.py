@@ -22,12 +22,12 @@ from typer.testing import CliRunner
 
 from patchnet.checkpoint import CheckpointError
 from patchnet.cli import app
-from patchnet.datasets import DatasetError, ImageTooLarge, load_image, open_split, read_coco, read_csv_list, read_folder
-from patchnet.extract import build_extractor
+from patchnet.data import DatasetError, ImageTooLarge, load_image, open_split, read_coco, read_csv_list, read_folder
+from patchnet.features.extract import build_extractor
 from patchnet.files import OutputPathError, UniqueNames, atomic_write, output_path, safe_name
 from patchnet.recipe import DataConfig, RecipeError, recipe_from_dict
 from patchnet.store import CacheError, FeatureStore, verify_cache
-from patchnet.trainer import train
+from patchnet.training.trainer import train
 
 from conftest import CLASSES, build, four_voc, tiny_recipe, write_image
 
@@ -84,7 +84,7 @@ def test_demo_format_refuses_a_real_dataset_and_changes_no_byte_of_it(small_voc)
 
 
 def test_demo_generator_writes_into_an_empty_folder_and_rewrites_only_its_own(tmp_path):
-    from patchnet.demo import STAMP, make_demo
+    from patchnet.data.demo import STAMP, make_demo
 
     root = make_demo(tmp_path / "demo", seed=1, splits={"train": 2, "test": 1})
     assert (root / STAMP).is_file() and len(list((root / "JPEGImages").iterdir())) == 3
@@ -102,7 +102,7 @@ def test_demo_generator_writes_into_an_empty_folder_and_rewrites_only_its_own(tm
 def test_an_interrupted_demo_generation_is_redone_and_concurrent_ones_take_turns(tmp_path, monkeypatch):
     import threading
 
-    from patchnet import demo
+    from patchnet.data import demo
 
     calls = {"n": 0}
     real = demo.make_image
@@ -290,8 +290,8 @@ logging.basicConfig(level=logging.INFO)
 sys.path.insert(0, {tests!r})
 import torch
 from conftest import build, tiny_recipe
-from patchnet.datasets import open_split
-from patchnet.extract import build_extractor
+from patchnet.data import open_split
+from patchnet.features.extract import build_extractor
 
 torch.set_num_threads(1)
 recipe = tiny_recipe(Path({tmp!r}), Path({root!r}), "cache.chunk=1")
@@ -376,8 +376,8 @@ def test_flipped_bytes_are_found_by_verify_and_on_the_first_open_after_a_restart
 
 
 def test_nan_features_stop_an_evaluation_with_the_cache_folder_named(built):
-    from patchnet.model import AdaptationHead
-    from patchnet.scoring import evaluation_items, image_scores
+    from patchnet.evaluation.scoring import evaluation_items, image_scores
+    from patchnet.head.layers import AdaptationHead
 
     recipe, ds, _ex, store = built
     f = store.path / "features.f16"
@@ -404,7 +404,7 @@ def test_a_truncated_cache_file_names_the_folder_and_how_to_rebuild(built, name)
 
 
 def test_a_garbage_chunk_left_by_a_killed_run_is_computed_again(tmp_path, small_voc, caplog):
-    from patchnet.features import cache_fields, cache_spec
+    from patchnet.features.build import cache_fields, cache_spec
     from patchnet.store import keyed_folder
 
     recipe = tiny_recipe(tmp_path, small_voc)
@@ -557,8 +557,8 @@ def test_a_roboflow_export_trains_where_it_lies(tmp_path, caplog):
 
 
 def test_the_linear_baseline_scores_coco_splits_that_use_different_categories(tmp_path):
-    from patchnet.extract import build_extractor
-    from patchnet.linear import linear_baseline
+    from patchnet.features.extract import build_extractor
+    from patchnet.studies.linear import linear_baseline
 
     cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "owl"}]
     for split, used in (("train", [1, 2, 3, 1, 2, 3]), ("val", [1, 3, 1, 3])):  # no dog in val
@@ -701,7 +701,7 @@ def test_image_folders_skip_hidden_entries_guard_link_loops_and_read_nested_imag
 
 
 def test_dollar_signs_in_names_are_drawn_as_plain_text(tmp_path):
-    from patchnet.heatmaps import render_heatmaps
+    from patchnet.outputs.heatmaps import render_heatmaps
 
     image = np.zeros((40, 60, 3), np.uint8)
     boxes = np.array([[0, 0, 40, 40], [20, 0, 60, 40]], np.float32)

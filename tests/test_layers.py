@@ -5,14 +5,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from patchnet import stages
 from patchnet.backbones import BACKBONES
 from patchnet.cli import app
-from patchnet.datasets import load_image, open_split
-from patchnet.extract import build_extractor
-from patchnet.linear import split_features, whole_image_recipe
+from patchnet.data import load_image, open_split
+from patchnet.features import stages
+from patchnet.features.extract import build_extractor
+from patchnet.features.stages import build_stage_extractor, stage_features, stage_recipe
 from patchnet.recipe import save_recipe
-from patchnet.stages import build_stage_extractor, stage_features, stage_recipe
+from patchnet.studies.linear import split_features, whole_image_recipe
 
 from conftest import tiny_recipe
 

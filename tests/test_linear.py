@@ -3,8 +3,8 @@ import pytest
 from typer.testing import CliRunner
 
 from patchnet.cli import app
-from patchnet.linear import SplitFeatures, cv_folds, fit_linear
-from patchnet.metrics import ap_table
+from patchnet.evaluation.metrics import ap_table
+from patchnet.studies.linear import SplitFeatures, cv_folds, fit_linear
 
 from conftest import tiny_recipe
 

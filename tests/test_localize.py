@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from patchnet.localize import BoxOptionError, box_options, confidence, localize, map_regions
-from patchnet.metrics import box_iou, corloc_hits, detection_ap
+from patchnet.evaluation.localize import BoxOptionError, box_options, confidence, localize, map_regions
+from patchnet.evaluation.metrics import box_iou, corloc_hits, detection_ap
 from patchnet.recipe import InferConfig
 
 
@@ -66,7 +66,7 @@ def test_box_scores_lie_in_0_1_whatever_the_caller_passes():
 
 
 def test_confidence_is_the_calibrated_probability_else_a_squashed_score():
-    from patchnet.calibration import Calibration
+    from patchnet.head.calibration import Calibration
 
     cal = Calibration("power", np.array([1.0, 2.0]), np.array([0.0, -1.0]), np.array([0.5, 0.5]))
     scores = np.array([0.05, 1e-4])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from patchnet.maps import score_map
+from patchnet.evaluation.maps import score_map
 
 
 def test_score_map_mean_and_max_on_two_patches():
@@ -65,8 +65,8 @@ class _Identity:
 def test_pointing_game_on_a_hand_built_image():
     from types import SimpleNamespace
 
-    from patchnet.datasets import ImageRecord
-    from patchnet.maps import pointing_game
+    from patchnet.data import ImageRecord
+    from patchnet.evaluation.maps import pointing_game
 
     quadrants = [[0, 0, 100, 100], [100, 0, 200, 100], [0, 100, 100, 200], [100, 100, 200, 200]]
     # logits for (class 0, class 1, background): both classes peak in the bottom-right quadrant

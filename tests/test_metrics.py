@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from patchnet.metrics import ap_table, mean_ap, voc_ap
+from patchnet.evaluation.metrics import ap_table, mean_ap, voc_ap
 
 
 def test_hand_computed_case():
@@ -136,7 +136,7 @@ def test_bad_inputs_are_rejected():
 
 
 def test_accuracy_and_mean_per_class_accuracy_by_hand():
-    from patchnet.metrics import accuracy
+    from patchnet.evaluation.metrics import accuracy
 
     labels = np.array([[1, -1], [1, -1], [1, -1], [-1, 1]])
     scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.6]])
@@ -147,7 +147,7 @@ def test_accuracy_and_mean_per_class_accuracy_by_hand():
 
 
 def test_pointing_hits_within_tolerance_and_union_fraction():
-    from patchnet.metrics import PointingResult, point_hits, union_fraction
+    from patchnet.evaluation.metrics import PointingResult, point_hits, union_fraction
 
     box = np.array([[10, 10, 20, 20]])
     assert point_hits(15, 15, box) and point_hits(34, 15, box) and not point_hits(36, 15, box)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from patchnet.model import AdaptationHead, ByteDropout
+from patchnet.head.layers import AdaptationHead, ByteDropout
 
 
 def test_head_shapes_and_layers():
@@ -90,7 +90,7 @@ def test_an_ensemble_head_scores_the_mean_softmax_of_its_members_each_an_ordinar
 
 
 def test_each_member_of_an_ensemble_head_gets_the_gradient_of_its_own_loss_alone():
-    from patchnet.losses import sum_members
+    from patchnet.head.losses import sum_members
 
     torch.manual_seed(0)
     head = AdaptationHead(6, 2, hidden=4, dropout=0.0, members=2)

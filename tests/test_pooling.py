@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchnet.pooling import gather_items, item_groups, patch_values, pool, pool_items
+from patchnet.head.pooling import gather_items, item_groups, patch_values, pool, pool_items
 from patchnet.recipe import PoolConfig
 
 
@@ -122,7 +122,7 @@ def test_pool_items_streams_groups_and_marks_empty_items_nan():
 
 
 def test_pooled_share_keeps_about_the_share_of_every_image_and_never_none():
-    from patchnet.pooling import pooled_share
+    from patchnet.head.pooling import pooled_share
 
     rng = np.random.default_rng(0)
     counts = np.array([1, 3, 400, 1000, 2])

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from patchnet.regions import region_mean, region_weights
+from patchnet.backbones.regions import region_mean, region_weights
 
 
 def _supersampled_mean(fmap, box, n=400):

@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from patchnet.datasets import ImageRecord
-from patchnet.linear import SplitFeatures
-from patchnet.pooling import l2_normalize
-from patchnet.retrieve import (
+from patchnet.data import ImageRecord
+from patchnet.head.pooling import l2_normalize
+from patchnet.studies.linear import SplitFeatures
+from patchnet.studies.retrieve import (
     all_neighbours,
     box_area,
     class_colours,

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
+from patchnet.evaluation.scoring import InferOptions
 from patchnet.recipe import Recipe, RecipeError, recipe_from_dict
-from patchnet.scoring import InferOptions
 
 from conftest import calibrated_model, write_image
 
@@ -45,9 +45,9 @@ def model(tmp_path_factory):
 
 def _reference(predictor, path, prior):
     """Scores and cat map of one image from the extractor, the head, the pooling and score_map directly."""
-    from patchnet.datasets import load_image
-    from patchnet.maps import score_map
-    from patchnet.pooling import map_values, pool_image
+    from patchnet.data import load_image
+    from patchnet.evaluation.maps import score_map
+    from patchnet.head.pooling import map_values, pool_image
 
     image = load_image(path)
     features, plan = predictor.extractor.extract(image)
@@ -86,9 +86,9 @@ def test_the_api_and_predict_score_as_the_reference_with_the_default_options_and
 def test_eval_plays_the_pointing_game_with_the_prior_given_or_the_recipe_s(model, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from patchnet import maps
     from patchnet.cli import app
-    from patchnet.predictor import evaluate_split
+    from patchnet.evaluation import maps
+    from patchnet.evaluation.predictor import evaluate_split
 
     m, _root = model
     ckpt = str(m.predictor.state_path)
@@ -118,10 +118,10 @@ def test_tensorboard_heatmaps_draw_the_maps_with_the_recipe_s_prior(tmp_path, mo
 
     import torch
 
-    from patchnet import heatmaps
-    from patchnet.datasets import ImageRecord
-    from patchnet.maps import score_map
-    from patchnet.pooling import map_values, pool_image
+    from patchnet.data import ImageRecord
+    from patchnet.evaluation.maps import score_map
+    from patchnet.head.pooling import map_values, pool_image
+    from patchnet.outputs import heatmaps
 
     boxes = np.array([[0, 0, 20, 20], [10, 0, 40, 20], [0, 0, 40, 20]], np.float32)
     logits = np.array([[3, -1, 0], [-2, 2, 0], [0, 0, 0]], np.float32)  # (class a, class b, background)

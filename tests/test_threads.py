@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchnet import extract, threads
+from patchnet import threads
+from patchnet.features import extract
 from patchnet.recipe import RecipeError
 
 from conftest import tiny_recipe

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from patchnet.heatmaps import best_patch_per_item, class_index, top_items
-from patchnet.model import AdaptationHead
-from patchnet.trainer import train
+from patchnet.head.layers import AdaptationHead
+from patchnet.outputs.heatmaps import best_patch_per_item, class_index, top_items
+from patchnet.training.trainer import train
 
 from conftest import four_voc, tiny_recipe
 

@@ -12,16 +12,16 @@ import torch
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
-import patchnet.hooks as hooks_module
-import patchnet.losses as losses_module
-import patchnet.trainer as train_module
+import patchnet.head.losses as losses_module
+import patchnet.training.hooks as hooks_module
+import patchnet.training.trainer as train_module
 from patchnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchnet.cli import app
-from patchnet.datasets import DatasetError
+from patchnet.data import DatasetError
+from patchnet.patches.labels import MULTI
 from patchnet.recipe import recipe_from_dict, save_recipe
-from patchnet.sampler import MULTI
-from patchnet.state import LRSchedule
-from patchnet.trainer import TrainingError, epoch_indices, train
+from patchnet.training.state import LRSchedule
+from patchnet.training.trainer import TrainingError, epoch_indices, train
 
 from conftest import tiny_recipe
 
@@ -310,7 +310,7 @@ def test_eval_and_predict_commands(tmp_path, small_voc):
 def test_eval_refuses_a_dataset_with_other_classes(tmp_path, small_voc):
     recipe = tiny_recipe(tmp_path, small_voc, "train.epochs=1")
     train(recipe, progress=False)
-    from patchnet.predictor import evaluate_split
+    from patchnet.evaluation.predictor import evaluate_split
 
     state = load_checkpoint(recipe.run_dir / "best.pt")
     state.classes = ["cat", "dog", "horse"]
@@ -405,8 +405,8 @@ def test_ddp_on_cpu_with_gloo_two_processes(tmp_path, small_voc):
 
 # --------------------------------------------------------------------------- image-level supervision
 
-from patchnet.losses import image_loss, patch_targets  # noqa: E402
-from patchnet.splits import holdout_records  # noqa: E402
+from patchnet.head.losses import image_loss, patch_targets  # noqa: E402
+from patchnet.training.splits import holdout_records  # noqa: E402
 
 
 def test_image_loss_leaves_label_zero_out():
@@ -544,8 +544,8 @@ def test_best_is_chosen_on_held_out_training_images_not_on_the_val_split(tmp_pat
 
 
 def test_fused_checkpoint_scores_through_eval_and_predict(tmp_path, small_voc):
-    from patchnet.predictor import Predictor, evaluate_split
-    from patchnet.scoring import InferOptions
+    from patchnet.evaluation.predictor import Predictor, evaluate_split
+    from patchnet.evaluation.scoring import InferOptions
 
     recipe = tiny_recipe(tmp_path, small_voc, "infer.fuse=true", "train.holdout=0.5")
     result = train(recipe, progress=False)
@@ -573,9 +573,9 @@ def test_resume_ignores_the_runtime_section(tmp_path, small_voc):
 
 
 def test_augmented_views_of_held_out_images_never_train(tmp_path, small_voc):
-    from patchnet.extract import build_extractor
-    from patchnet.features import cache_spec
-    from patchnet.splits import held_out, prepare_split, selection_split
+    from patchnet.features.build import cache_spec
+    from patchnet.features.extract import build_extractor
+    from patchnet.training.splits import held_out, prepare_split, selection_split
 
     recipe = tiny_recipe(tmp_path, small_voc, "aug.views=1", "train.holdout=0.25")
     extractor = build_extractor(recipe)
@@ -611,7 +611,7 @@ def test_a_timm_backbone_trains_and_evaluates(tmp_path, small_voc, mode):
 
 @pytest.mark.parametrize("compress", ["pca", "int8"])
 def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_does(tmp_path, small_voc, compress):
-    from patchnet.predictor import Predictor, evaluate_split
+    from patchnet.evaluation.predictor import Predictor, evaluate_split
 
     recipe = tiny_recipe(
         tmp_path,
@@ -648,8 +648,8 @@ def test_a_compressed_cache_trains_and_predict_scores_new_images_as_the_cache_do
 @pytest.mark.slow  # a subprocess or several processes
 def test_importing_train_loads_no_plotting_and_no_demo_generator():
     code = (
-        "import sys, patchnet.trainer; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m == 'patchnet.demo'))"
+        "import sys, patchnet.training.trainer; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m == 'patchnet.data.demo'))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -707,7 +707,7 @@ def test_image_patches_pools_a_fresh_share_of_each_image_and_resumes_exactly(tmp
 
 
 def test_an_int8_trunk_trains_and_its_checkpoint_scores_new_images_as_the_cache_does(tmp_path, small_voc):
-    from patchnet.predictor import Predictor, evaluate_split
+    from patchnet.evaluation.predictor import Predictor, evaluate_split
 
     recipe = tiny_recipe(tmp_path, small_voc, "backbone.precision=int8", "backbone.int8_images=2", "train.epochs=1")
     result = train(recipe, progress=False)
@@ -730,9 +730,9 @@ def test_an_int8_trunk_trains_and_its_checkpoint_scores_new_images_as_the_cache_
 
 
 def test_a_damaged_int8_calibration_file_is_calibrated_again(tmp_path, small_voc):
-    from patchnet.datasets import open_split
-    from patchnet.extract import build_extractor
-    from patchnet.features import calibrate_extractor
+    from patchnet.data import open_split
+    from patchnet.features.build import calibrate_extractor
+    from patchnet.features.extract import build_extractor
 
     recipe = tiny_recipe(tmp_path, small_voc, "backbone.precision=int8", "backbone.int8_images=1")
     train_set = open_split(recipe.data, "train")
@@ -746,7 +746,7 @@ def test_a_damaged_int8_calibration_file_is_calibrated_again(tmp_path, small_voc
 
 
 def test_an_ensemble_head_trains_resumes_exactly_and_scores_through_eval(tmp_path, small_voc, monkeypatch):
-    from patchnet.predictor import evaluate_split
+    from patchnet.evaluation.predictor import evaluate_split
 
     a, b = _straight_and_killed_after_epoch_1(
         tmp_path,

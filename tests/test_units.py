@@ -8,8 +8,8 @@ from torch import nn
 
 from patchnet.backbones import Backbone, BackboneError
 from patchnet.errors import PatchnetError
-from patchnet.receptive import receptive_field, trunk_layers
-from patchnet.units import UnitPeaks, first_filters, map_peaks, unit_views
+from patchnet.studies.receptive import receptive_field, trunk_layers
+from patchnet.studies.units import UnitPeaks, first_filters, map_peaks, unit_views
 
 from conftest import tiny_recipe
 

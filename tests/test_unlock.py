@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-import patchnet.trainer as train_module
+import patchnet.training.trainer as train_module
 from patchnet.backbones import backbone_spec, build_backbone, unlock_split
 from patchnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from patchnet.datasets import load_image, open_split
+from patchnet.data import load_image, open_split
 from patchnet.errors import PatchnetError
-from patchnet.extract import build_extractor
-from patchnet.features import cache_spec
+from patchnet.features.build import cache_spec
+from patchnet.features.extract import build_extractor
 from patchnet.recipe import RecipeError
-from patchnet.trainer import train
-from patchnet.unlock import UnlockedStages, build_maps
+from patchnet.training.trainer import train
+from patchnet.training.unlock import UnlockedStages, build_maps
 
 from conftest import build, tiny_recipe
 from test_train import _heads_equal, _straight_and_killed_after_epoch_1
@@ -170,7 +170,7 @@ def test_resume_with_unlocked_stages_matches_a_straight_run(tmp_path, small_voc,
 
 
 def test_an_unlocked_checkpoint_scores_new_images_with_its_trained_stages(tmp_path, small_voc):
-    from patchnet.predictor import Predictor, evaluate_split
+    from patchnet.evaluation.predictor import Predictor, evaluate_split
 
     recipe = tiny_recipe(
         tmp_path, small_voc, "train.unlock=1", "train.unlock_lr=30", "train.holdout=0", "train.epochs=1"

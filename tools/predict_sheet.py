@@ -18,7 +18,7 @@ import typer
 from PIL import Image
 
 from patchnet.cli import session
-from patchnet.datasets import DatasetError
+from patchnet.data import DatasetError
 from patchnet.files import atomic_write
 
 

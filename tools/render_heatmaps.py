@@ -21,12 +21,12 @@ import typer
 from tqdm.auto import tqdm
 
 from patchnet.cli import Skipped, session
-from patchnet.datasets import DatasetError, data_override, image_files, load_image, open_split
-from patchnet.features import cache_spec, cached_features
+from patchnet.data import DatasetError, data_override, image_files, load_image, open_split
+from patchnet.evaluation.predictor import Predictor
+from patchnet.evaluation.scoring import InferOptions
+from patchnet.features.build import cache_spec, cached_features
 from patchnet.files import UniqueNames, output_path
-from patchnet.heatmaps import class_index, render_heatmaps, top_classes
-from patchnet.predictor import Predictor
-from patchnet.scoring import InferOptions
+from patchnet.outputs.heatmaps import class_index, render_heatmaps, top_classes
 
 
 def main(

@@ -60,7 +60,7 @@ def main(
         )
         if check is not None:
             from patchnet import load
-            from patchnet.datasets import image_files
+            from patchnet.data import image_files
 
             full, small = load(checkpoint), load(name)
             files = image_files([check])

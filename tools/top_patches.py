@@ -19,11 +19,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from patchnet.cli import Skipped, session
-from patchnet.datasets import DatasetError, data_override, load_image, open_split
-from patchnet.features import build_features, cache_spec
+from patchnet.data import DatasetError, data_override, load_image, open_split
+from patchnet.evaluation.predictor import Predictor
+from patchnet.features.build import build_features, cache_spec
 from patchnet.files import UniqueNames, output_path
-from patchnet.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
-from patchnet.predictor import Predictor
+from patchnet.outputs.heatmaps import best_patch_per_item, class_index, contact_sheet, top_items
 
 
 def crop(image: np.ndarray, box: np.ndarray, size: int = 160) -> np.ndarray:

@@ -18,7 +18,7 @@ import typer
 
 from patchnet.cli import session
 from patchnet.recipe import load_recipe
-from patchnet.units import unit_views
+from patchnet.studies.units import unit_views
 
 
 def main(

@@ -1,7 +1,7 @@
 """A frozen trunk with its own preprocessing: ``trunk`` (image -> feature map) and ``head`` (pooled region -> feature).
 
 Exact mode runs both on each patch; shared mode runs the trunk once per scale and pools each patch's
-region of the map (``patchnet.regions``). ``stages`` name the trunk's depths whose maps one pass gives
+region of the map (``patchnet.backbones.regions``). ``stages`` name the trunk's depths whose maps one pass gives
 (the per-layer study and the unit views).
 """
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from ..regions import region_mean
+from .regions import region_mean
 from .spec import IMAGENET_MEAN, IMAGENET_STD, BackboneError, Stage
 
 if TYPE_CHECKING:

@@ -194,7 +194,7 @@ DataFormatOpt = Annotated[
         "--format", help="Read DATA as voc, coco, csv or folder (where it looks like several).", show_default=False
     ),
 ]
-# how eval --localize and localize turn score maps into boxes (patchnet.localize)
+# how eval --localize and localize turn score maps into boxes (patchnet.evaluation.localize)
 BoxMethodOpt = Annotated[
     str | None,
     typer.Option(

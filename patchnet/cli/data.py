@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..datasets import DatasetError
+from ..data import DatasetError
 from ..errors import PatchnetError
 from .common import DataArg, DataFormatOpt, SetOpt, VerboseOpt, app, session
 
@@ -37,10 +37,10 @@ def inspect(
     """Print what a folder holds (format, splits, classes per split) and draw one image's patches coloured by
     training label."""
     with session(verbose):
-        from ..datasets import image_label_statistics, open_split
-        from ..draw import draw_labels
-        from ..run_recipe import layout_table, open_run_splits, run_recipe
-        from ..sampler import split_statistics
+        from ..data import image_label_statistics, open_split
+        from ..outputs.draw import draw_labels
+        from ..patches.labels import split_statistics
+        from ..training.setup import layout_table, open_run_splits, run_recipe
 
         root = data or old_data
         if root is None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..datasets import DatasetError
+from ..data import DatasetError
 from ..files import UniqueNames, atomic_write, json_text, output_path, printable
 from .common import BoxMethodOpt, BoxThresholdOpt, DeviceOpt, Skipped, VerboseOpt, app, check_device, session
 
@@ -38,16 +38,16 @@ def localize(
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
 ):
-    """Boxes of the classes in each image, from its patches' scores (patchnet.localize), printed as the JSON
+    """Boxes of the classes in each image, from its patches' scores (patchnet.evaluation.localize), printed as the JSON
     writes them: x y w h in pixels from the image's top-left corner (COCO's bbox), and a score in [0, 1]: the
     image's calibrated probability of the class (its pooled score squashed into [0, 1] where the checkpoint has
     no calibration) times the box region's share of the map's peak.
     An image that cannot be read is skipped with a warning, the others written, and the exit code is then 1."""
     with session(verbose):
         from ..api import load
-        from ..datasets import image_files, load_image
-        from ..draw import draw_detections
-        from ..localize import box_options
+        from ..data import image_files, load_image
+        from ..evaluation.localize import box_options
+        from ..outputs.draw import draw_detections
 
         check_device(device)
         model = load(checkpoint, device=device)

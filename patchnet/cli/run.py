@@ -11,7 +11,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from ..datasets import DatasetError
+from ..data import DatasetError
 from ..files import atomic_write, json_text, output_path, printable
 from ..recipe import PILLOW_LIMIT, load_recipe
 from .common import (
@@ -76,8 +76,8 @@ def train(
     """Train on a folder of your images (patchnet train photos/) or as a recipe says; the run goes to <out>/<name>/."""
     with session(verbose):
         from ..dist import resolve_device
-        from ..run_recipe import RunOptions, check_new_run, layout_table, open_run_splits, run_recipe
-        from ..trainer import train as run
+        from ..training.setup import RunOptions, check_new_run, layout_table, open_run_splits, run_recipe
+        from ..training.trainer import train as run
 
         options = RunOptions(name, epochs, backbone, device, None if out is None else str(out))
         r, layout = run_recipe(data, recipe, overrides, options, fmt)
@@ -92,7 +92,7 @@ def train(
 def report_run(recipe, result) -> None:
     """What a run made and where: the val split's figures (a confusion matrix for single-label data), the
     files, and the command that tries the model."""
-    from ..draw import draw_confusion
+    from ..outputs.draw import draw_confusion
 
     d = result.run_dir
     typer.echo(f"\nrun {d}: {result.epochs} epochs in {result.seconds / 60:.1f} min")
@@ -166,8 +166,8 @@ def eval(
     --pointing and --localize, where the classes were found (read from the split's boxes, also for a model
     trained without them)."""
     with session(verbose):
-        from ..predictor import evaluate_split
-        from ..scoring import InferOptions
+        from ..evaluation.predictor import evaluate_split
+        from ..evaluation.scoring import InferOptions
 
         check_device(device)
         options = InferOptions(device=device, mode=mode, pool=pool, k=k, fuse=fuse, map_prior=prior)
@@ -200,7 +200,7 @@ def _eval_stem(split, pool, k, fuse) -> str:
 
 def _pointing(predictor, dataset, store, items) -> dict:
     """The pointing game on the split, printed; returns its rates for the JSON table."""
-    from ..maps import pointing_game
+    from ..evaluation.maps import pointing_game
 
     if not dataset.has_boxes:
         raise DatasetError(f"--pointing needs boxes, and {dataset.name} has none")
@@ -211,7 +211,7 @@ def _pointing(predictor, dataset, store, items) -> dict:
 
 def _localization(predictor, dataset, store, items, scores, method, threshold) -> dict:
     """CorLoc and detection AP of the split, printed; returns them for the JSON table."""
-    from ..localize import box_options, evaluate_localization
+    from ..evaluation.localize import box_options, evaluate_localization
 
     method, threshold = box_options(predictor.recipe.infer, method, threshold)
     if not dataset.has_boxes:
@@ -306,8 +306,8 @@ def predict(
     """
     with session(verbose):
         from ..api import load
-        from ..results import PredictionFolder
-        from ..scoring import InferOptions
+        from ..evaluation.scoring import InferOptions
+        from ..outputs.results import PredictionFolder
 
         path = resolve_checkpoint(checkpoint)
         model = load(path, options=InferOptions(device=device or "auto", pool=pool))  # auto: a GPU where there is one
@@ -343,7 +343,7 @@ def predict(
 
 def _image_files(images: list[Path]) -> list[Path]:
     """The image files given and those in the folders given; none at all is an error."""
-    from ..datasets import IMAGE_SUFFIXES, image_files
+    from ..data import IMAGE_SUFFIXES, image_files
 
     files = image_files(images)
     if not files:
@@ -359,7 +359,7 @@ def _predict_each(model, files: list[Path], folder, threshold: float | None, top
     returns path -> class -> score, probability, present."""
     from tqdm.auto import tqdm
 
-    from ..results import input_names
+    from ..outputs.results import input_names
 
     results = {}
     # a bar where there are more than a few images; the per-image lines print above it
@@ -392,9 +392,9 @@ def demo(
 ):
     """The embedded default: generate the demo set, train on it, evaluate on its test split."""
     with session(verbose):
-        from ..predictor import evaluate_split
-        from ..scoring import InferOptions
-        from ..trainer import train as run
+        from ..evaluation.predictor import evaluate_split
+        from ..evaluation.scoring import InferOptions
+        from ..training.trainer import train as run
 
         r = load_recipe(recipe, overrides)
         if device:

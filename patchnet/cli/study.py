@@ -32,7 +32,7 @@ ScoredSplitOpt = Annotated[
 
 
 def _pooled_recipe(recipe_path: Path, overrides, pool: str, device: str | None = None):
-    from ..linear import whole_image_recipe
+    from ..studies.linear import whole_image_recipe
 
     r = on_device(load_recipe(recipe_path, overrides), device)
     if pool not in ("whole", "mean", "max"):
@@ -53,9 +53,9 @@ def features(
 ):
     """Extract one feature per image of a split (FC6/FC7 of alexnet/vgg16: --set backbone.layer=fc6)."""
     with session(verbose):
-        from ..datasets import open_split
-        from ..extract import build_extractor
-        from ..linear import split_features
+        from ..data import open_split
+        from ..features.extract import build_extractor
+        from ..studies.linear import split_features
 
         r, reduce = _pooled_recipe(recipe, overrides, old_pool or pool, device)
         f = split_features(r, open_split(r.data, split), build_extractor(r), reduce)
@@ -92,8 +92,8 @@ def linear(
 ):
     """The off-the-shelf baseline: L2-normalised features, one linear classifier per class, VOC AP."""
     with session(verbose):
-        from ..extract import build_extractor
-        from ..linear import linear_baseline
+        from ..features.extract import build_extractor
+        from ..studies.linear import linear_baseline
 
         pool = old_pool or pool
         r, reduce = _pooled_recipe(recipe, overrides, pool, device)
@@ -143,7 +143,7 @@ def layers(
 ):
     """Per-layer transfer: a linear classifier on each stage of the trunk, one trunk pass per image for all."""
     with session(verbose):
-        from ..layers import layer_study, write_study
+        from ..studies.layers import layer_study, write_study
 
         pool = old_pool or pool
         r = on_device(load_recipe(recipe, overrides), device)
@@ -189,7 +189,7 @@ def retrieve(
     """Nearest neighbours by L2 distance and a t-SNE map of the split, as one self-contained HTML page;
     prints precision@k per class."""
     with session(verbose):
-        from ..retrieve import retrieval_page
+        from ..studies.retrieve import retrieval_page
 
         k = k if old_k is None else old_k
         pool = old_pool or pool

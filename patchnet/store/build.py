@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..codec import FeatureCodec
-from ..datasets import Dataset, iter_images
+from ..data import Dataset, iter_images
 from ..dist import barrier, rank_world
 from ..recipe import AugConfig
 from .chunks import chunk_path, save_chunk, start_chunks
+from .codec import FeatureCodec
 from .integrity import Meta
 
 

@@ -2,7 +2,7 @@
 memory-mapped and decoded on read (``FeatureStore``, ``Rows``).
 
 A feature cache holds one split's patch features: ``meta.json``, the rows (``features.f16``; or
-``features.u8`` and ``scales.f32``, see ``patchnet.codec``), ``projection.npz`` with a PCA codec and
+``features.u8`` and ``scales.f32``, see ``patchnet.store.codec``), ``projection.npz`` with a PCA codec and
 ``index.npz`` (per item: its patch offsets and boxes, its objects). The other kinds (unlock's maps,
 the per-layer vectors) read their own row files beside the same index.
 """
@@ -14,7 +14,7 @@ from typing import cast
 
 import numpy as np
 
-from ..codec import FeatureCodec, decode_rows, stored_layout
+from .codec import FeatureCodec, decode_rows, stored_layout
 from .integrity import MARKER, damaged_if_unreadable, memmap, open_checked
 
 
@@ -22,7 +22,7 @@ class Rows:
     """The (P, d) float32 feature rows of a store, decoded on read: ``rows[a:b]``, ``rows[index_array]``, ``rows[i]``.
 
     With a ``codec``, rows are mapped back through its projection (``FeatureCodec.unproject``).
-    Functions that take a feature array (``patchnet.pooling``, ``AdaptationHead.logits``) take this too.
+    Functions that take a feature array (``patchnet.head.pooling``, ``AdaptationHead.logits``) take this too.
     """
 
     dtype = np.dtype(np.float32)

@@ -12,9 +12,9 @@ from typing import cast
 
 import numpy as np
 
-from ..codec import FeatureCodec
 from ..files import atomic_write, temporary_name
 from .chunks import INDEX_ARRAYS, chunk_arrays, chunk_rows, finish_join
+from .codec import FeatureCodec
 from .integrity import MARKER, Files, Meta, complete_cache
 from .readers import FeatureStore, row_file
 

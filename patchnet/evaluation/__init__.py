@@ -1,0 +1,1 @@
+"""Scoring images, VOC AP and the other metrics, and boxes from score maps."""

@@ -1,0 +1,1 @@
+"""The views of transfer: the linear baseline, per-layer transfer, units and retrieval."""
