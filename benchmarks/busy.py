@@ -253,7 +253,9 @@ def main() -> None:
             units[c] += done["units"]
             choices[c[1]] = done["choice"]
             print(
-                f"round {r + 1}/{args.rounds}: {' '.join(c)}: {done['seconds'] / done['units']:.4f} s", file=sys.stderr
+                f"round {r + 1}/{args.rounds}: {' '.join(c)}: {done['seconds'] / done['units']:.4f} s ({done['choice']}; "
+                f"{done['threads']} threads at the end)",
+                file=sys.stderr,
             )
     per = {c: seconds[c] / units[c] for c in cells}
     print(f"\npython benchmarks/busy.py {' '.join(sys.argv[1:])}")

@@ -57,7 +57,7 @@ def child(args) -> None:
     records = read_voc(require_voc(args.voc), "devval", VOC_CLASSES).records[: args.images]
     images = resized([load_image(r.path) for r in records], args.kind)
     extractor = build_extractor(recipe)
-    extractor.multiple = args.multiple
+    extractor.multiple = args.multiple[0]
     start = time.perf_counter()
     for img in images:
         extractor(img)

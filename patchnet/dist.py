@@ -22,6 +22,21 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def get_rank() -> int:
+    """This process's rank (0 outside ``torchrun``)."""
+    return rank_world()[0]
+
+
+def get_world_size() -> int:
+    """The number of processes (1 outside ``torchrun``)."""
+    return rank_world()[1]
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0, the one that writes what all share (meta files, tables, checkpoints)."""
+    return rank_world()[0] == 0
+
+
 def barrier() -> None:
     """Wait for every process (nothing outside ``torchrun``)."""
     if dist.is_available() and dist.is_initialized():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..data import Dataset, iter_images, open_split
-from ..dist import barrier, rank_world
+from ..dist import barrier, get_world_size, is_main
 from ..files import atomic_write
 from ..recipe import CacheConfig, Recipe
 from ..store import (
@@ -131,7 +131,7 @@ def _build_features(
         else None
     )
     if source is not None:
-        if rank_world()[0] == 0:
+        if is_main():
             log.info("feature cache %s: encoding the fp16 cache %s as %s", path.name, source.path.name, codec.compress)
             transcode(source, codec, path, {**meta, "items": len(source), "chunk": spec.chunk})
         barrier()
@@ -149,7 +149,7 @@ def _build_features(
             for name, (dtype, width) in layout.items()
         }
 
-    if rank_world()[0] == 0:
+    if is_main():
         save_projection(path, codec)
     num_chunks = fill_chunks(
         path,
@@ -164,7 +164,7 @@ def _build_features(
         progress,
         stored=_cached_originals(spec, dataset, extractor, path) if views else None,
     )
-    if rank_world()[0] == 0:
+    if is_main():
         join_chunks(path, num_chunks, layout, "feature cache")
 
 
@@ -180,7 +180,7 @@ def _cached_originals(
         return None
     if originals is None:
         return None
-    if rank_world()[0] == 0:
+    if is_main():
         log.info("feature cache %s: copying the original images from %s", path.name, originals.path.name)
 
     def stored(record: int, view: int) -> tuple | None:
@@ -217,9 +217,9 @@ def fit_codec(
     }
     path = keyed_file(spec.root, "projections", fields, ".npz")
     key = path.stem
-    if not path.is_file() or rank_world()[1] > 1:  # under torchrun every rank enters, to decide together
+    if not path.is_file() or get_world_size() > 1:  # under torchrun every rank enters, to decide together
         with building(spec.root / f"projection-{key}", f"PCA projection {key}"):
-            if rank_world()[0] == 0 and not path.is_file():
+            if is_main() and not path.is_file():
                 moments = Moments(extractor.feature_dim)
                 for rows in _projection_sample(cfg, fp16, train, extractor, progress):
                     moments.add(rows)
@@ -277,7 +277,7 @@ def calibrate_extractor(recipe: Recipe, extractor: PatchExtractor, train: Datase
     images = iter_images(train.records, items, device=extractor.device, desc="int8 calibration", progress=progress)
     ranges = extractor.calibrate(image for _, image, _ in images)
     log.info("int8 trunk calibrated on %d images of %s", n, train.name)
-    if rank_world()[0] == 0:
+    if is_main():
         atomic_write(path, json.dumps({"ranges": ranges, "fields": fields}))
 
 

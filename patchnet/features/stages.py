@@ -16,7 +16,7 @@ import torch
 
 from ..backbones import Backbone, build_backbone
 from ..data import Dataset
-from ..dist import rank_world
+from ..dist import is_main
 from ..errors import PatchnetError
 from ..recipe import Recipe
 from ..store import CacheSpec, ItemIndex, fill_chunks, join_chunks, keyed_folder, memmap, open_or_build, row_file
@@ -179,5 +179,5 @@ def _compute_stage_features(
     meta = {"fields": fields, "feature_dim": extractor.feature_dim, "stages": {s.name: s.dim for s in extractor.stages}}
     desc = f"stages {dataset.name.rsplit(':', 1)[-1]}"
     num_chunks = fill_chunks(path, meta, dataset, 0, spec, extractor.device, compute, pack, desc, progress)
-    if rank_world()[0] == 0:
+    if is_main():
         join_chunks(path, num_chunks, layout, "stage cache")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..dist import barrier, rank_world
+from ..dist import barrier, get_world_size, rank_world
 from ..files import digest, file_lock
 from .integrity import CacheError, complete
 
@@ -42,7 +42,7 @@ def keyed_file(root: Path, kind: str, fields: dict[str, Any], suffix: str) -> Pa
 def ready(path: Path) -> bool:
     """Whether the cache can be opened without entering ``building``: complete, and not under ``torchrun``,
     whose ranks must all enter it to decide together."""
-    return rank_world()[1] == 1 and complete(path)
+    return get_world_size() == 1 and complete(path)
 
 
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}

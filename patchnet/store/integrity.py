@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dist import rank_world
+from ..dist import is_main
 from ..errors import PatchnetError
 from ..files import atomic_write, file_crc
 
@@ -108,7 +108,7 @@ def open_checked(path: Path) -> Meta:
     the machine started (after a crash, writes that were not yet on disk would show), by rank 0."""
     meta = read_meta(path)
     check_files(path, meta)
-    if meta.get("files") and rank_world()[0] == 0 and not stamp(path).is_file():
+    if meta.get("files") and is_main() and not stamp(path).is_file():
         log.info("cache %s: checking its checksums (first use since the machine started)", path.name)
         check_files(path, meta, checksums=True)
         with contextlib.suppress(OSError):  # a read-only cache is checked again next time

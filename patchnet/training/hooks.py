@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import Checkpoint, save_checkpoint
-from ..dist import rank_world
+from ..dist import get_rank
 from ..errors import PatchnetError
 from ..evaluation.metrics import APTable
 from ..evaluation.scoring import evaluate, image_scores
@@ -95,7 +95,7 @@ class SelectionEval(HookBase):
 
     def __init__(self, recipe: Recipe, train_data: SplitData, selection: Selection):
         self.recipe, self.train_data, self.selection = recipe, train_data, selection
-        self.rank = rank_world()[0]
+        self.rank = get_rank()
         self.svm: tuple | None = None
         # single-label data is read by its arg-max class: fusion and calibration keep the classes comparable
         self.single_label = train_data.dataset.single_label
@@ -167,7 +167,7 @@ class Checkpoints(HookBase):
             facts,
             has_selection,
         )
-        self.rank = rank_world()[0]
+        self.rank = get_rank()
 
     def save(self, state: TrainState, path: Path) -> None:
         if self.rank == 0:

@@ -11,7 +11,7 @@ import numpy as np
 from ..backbones import backbone_spec, unlock_split
 from ..checkpoint import Checkpoint, CheckpointError, DataFingerprint, check_same_data
 from ..data import Dataset, DatasetError, open_split
-from ..dist import rank_world
+from ..dist import get_world_size
 from ..evaluation.scoring import evaluation_items
 from ..features.build import build_features, cache_spec
 from ..features.extract import PatchExtractor
@@ -180,7 +180,7 @@ def run_splits(
     if saved is not None and saved.int8 and extractor.int8:  # and the int8 trunk
         extractor.use_int8(saved.int8)
     train_set = datasets.get(recipe.data.train_split) or open_split(recipe.data, recipe.data.train_split)
-    data = DataFingerprint.of(recipe.data.root, train_set.records, train_set.classes, rank_world()[1])
+    data = DataFingerprint.of(recipe.data.root, train_set.records, train_set.classes, get_world_size())
     if saved is not None:
         check_same_data(saved.data, data, recipe.run_dir / "last.pt")
     spec = cache_spec(recipe, extractor, train_set, FeatureCodec() if recipe.train.unlock else codec, progress)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, CheckpointError, check_compatible, load_checkpoint, load_head
-from ..dist import rank_world
+from ..dist import get_rank
 from ..head.layers import AdaptationHead
 from ..recipe import Recipe, recipe_from_dict
 from .unlock import UnlockedStages
@@ -223,7 +223,7 @@ def resume_run(state: TrainState, saved: Checkpoint, recipe: Recipe, extractor, 
     last = recipe.run_dir / "last.pt"
     check_compatible(saved, last, recipe.backbone.name, classes, extractor.feature_dim, extractor.backbone.weights_id)
     state.restore(saved, last)
-    rank = rank_world()[0]
+    rank = get_rank()
     if rank:
         sums = sums_path(recipe.run_dir, rank)
         state.sums = EpochSums(**json.loads(sums.read_text())) if sums.is_file() else EpochSums()

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..backbones import backbone_spec, build_backbone, unlock_split
 from ..checkpoint import Checkpoint, run_folder
 from ..data import Dataset
-from ..dist import all_sum, init_distributed, rank_world, resolve_precision
+from ..dist import all_sum, init_distributed, is_main, rank_world, resolve_precision
 from ..errors import PatchnetError
 from ..evaluation.metrics import APTable, confusion_matrix
 from ..evaluation.scoring import evaluate, evaluation_items
@@ -424,7 +424,7 @@ def _run(
     extractor = build_extractor(recipe) if backbone is None else build_extractor(recipe, backbone)
     train_data, selection, val, spec, data = run_splits(recipe, extractor, saved, progress, datasets)
     classes = train_data.dataset.classes
-    if rank_world()[0] == 0 and recipe.data.classes != classes:  # the saved recipe names the classes really used
+    if is_main() and recipe.data.classes != classes:  # the saved recipe names the classes really used
         recipe.data.classes = list(classes)
         save_recipe(recipe, recipe.run_dir / "recipe.yaml")
     torch.manual_seed(recipe.train.seed)

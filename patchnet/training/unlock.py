@@ -21,7 +21,7 @@ from torch import nn
 from ..backbones import Backbone, BackboneError, EfficientNetLiteTrunk, Unlock
 from ..backbones.regions import region_weights
 from ..data import Dataset
-from ..dist import rank_world
+from ..dist import is_main
 from ..errors import PatchnetError
 from ..features.build import cache_fields
 from ..features.extract import PatchExtractor, map_cells
@@ -258,7 +258,7 @@ def build_maps(
             f"maps {dataset.name.rsplit(':', 1)[-1]}",
             progress,
         )
-        if rank_world()[0] == 0:
+        if is_main():
             _join_map_chunks(path, num_chunks, unlock.boundary.dim)
 
     return open_or_build(path, "map cache", build, MapStore)
