@@ -12,7 +12,9 @@ cores: 2.2 s/image each spinning, 0.35 passive). On an idle machine they spin, w
 arrives later, the spinning threads of this process are the ones that suffer (5-7x their time alone beside a
 passive second job), and the wait policy cannot change once torch has loaded: the ``governor`` then runs torch
 on one thread, which has no one to wait for, until the other work ends (``tick``, called by the loops over
-images and batches).
+images and batches). Another thread count changes the last bits of a convolution or a matrix product (bf16
+features: up to one unit in the last place), so a run that gave way is reproducible to its figures' noise,
+not to the bit; a fixed count (``PATCHNET_THREADS=N``, ``OMP_NUM_THREADS``) has no governor.
 
 The variables users know win: a count in ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``, a wait policy in
 ``OMP_WAIT_POLICY``, ``KMP_BLOCKTIME`` or ``GOMP_SPINCOUNT`` is left as it is. ``PATCHNET_THREADS=N`` sets
