@@ -253,8 +253,8 @@ def main() -> None:
             units[c] += done["units"]
             choices[c[1]] = done["choice"]
             print(
-                f"round {r + 1}/{args.rounds}: {' '.join(c)}: {done['seconds'] / done['units']:.4f} s ({done['choice']}; "
-                f"{done['threads']} threads at the end)",
+                f"round {r + 1}/{args.rounds}: {' '.join(c)}: {done['seconds'] / done['units']:.4f} s "
+                f"({done['choice']}; {done['threads']} threads at the end)",
                 file=sys.stderr,
             )
     per = {c: seconds[c] / units[c] for c in cells}
