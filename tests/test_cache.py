@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch.multiprocessing as mp
 from patchnet.data import load_image, open_split
 from patchnet.features.build import cache_fields, cache_spec
 from patchnet.features.extract import build_extractor
-from patchnet.store import key
+from patchnet.store import CacheError, key
 from patchnet.store.codec import CodecError, FeatureCodec
 
 from conftest import build, tiny_recipe
@@ -267,6 +268,20 @@ def test_compression_settings_change_the_key_and_fp16_keys_stay(tmp_path, small_
     r = tiny_recipe(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=2000")
     with pytest.raises(CodecError, match="at most 1280"):
         cache_spec(r, ex)
+
+
+def test_a_torn_pca_projection_is_a_clear_error_naming_it(tmp_path, small_voc):
+    recipe, _, ex = _setup(tmp_path, small_voc, "cache.compress=pca", "cache.pca_dim=6")
+    cache_spec(recipe, ex, progress=False)
+    (projection,) = (tmp_path / "cache" / "projections").iterdir()
+    projection.write_bytes(projection.read_bytes()[:100])  # a write cut short after the fact
+    with pytest.raises(
+        CacheError,
+        match=re.escape(f"the PCA projection {projection} cannot be read") + ".*" + re.escape(f"rm {projection}"),
+    ):
+        cache_spec(recipe, ex, progress=False)
+    projection.unlink()  # the way the message gives: the next call fits it again
+    assert cache_spec(recipe, ex, progress=False).codec.components.shape == (6, 1280)
 
 
 def _fp16(ex, rec):

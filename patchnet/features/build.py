@@ -29,6 +29,7 @@ from ..files import atomic_write
 from ..recipe import CacheConfig, Recipe
 from ..store import (
     CACHE_VERSION,
+    UNREADABLE,
     CacheError,
     CacheSpec,
     FeatureStore,
@@ -242,8 +243,14 @@ def fit_codec(
                         fields=json.dumps(fields),
                     ),
                 )
-    with np.load(path) as z:
-        return FeatureCodec(cfg.compress, z["mean"], z["components"])
+    try:
+        with np.load(path) as z:
+            return FeatureCodec(cfg.compress, z["mean"], z["components"])
+    except UNREADABLE as e:  # torn or edited after it was written
+        raise CacheError(
+            f"the PCA projection {path} cannot be read ({type(e).__name__}: {e}). Delete it (rm {path}); "
+            "the next run fits it again"
+        ) from None
 
 
 def calibration_fields(recipe: Recipe, extractor: PatchExtractor, train: Dataset) -> dict:

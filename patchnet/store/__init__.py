@@ -10,7 +10,7 @@ with each file's size and CRC-32, and read back checked. It stores and reads; it
 from .build import CacheSpec, fill_chunks
 from .chunks import INDEX_ARRAYS, chunk_arrays, chunk_rows, finish_join
 from .folder import CACHE_VERSION, building, key, keyed_file, keyed_folder, open_or_build, ready
-from .integrity import CacheError, complete, damaged, memmap
+from .integrity import UNREADABLE, CacheError, complete, damaged, memmap
 from .readers import FeatureStore, ItemIndex, Rows, row_file
 from .rows import join_chunks, save_projection, transcode, write_rows
 from .verify import cache_folders, verify_cache
@@ -18,6 +18,7 @@ from .verify import cache_folders, verify_cache
 __all__ = [
     "CACHE_VERSION",
     "INDEX_ARRAYS",
+    "UNREADABLE",
     "CacheError",
     "CacheSpec",
     "FeatureStore",
