@@ -179,7 +179,7 @@ def configure(environ=os.environ, modules=sys.modules) -> Choice:
     choice = Choice(cpus, threads, source, env)
     # only a count patchnet chose, of threads that spin, on CPUs whose use /proc/stat shows (no cgroup quota)
     spinning = source == "auto" and threads > 1 and not waits and "OMP_WAIT_POLICY" not in env
-    governor.enabled = spinning and cgroup_cpus() is None and cpu_seconds(affinity_cpus()) is not None
+    governor.enabled = spinning and cgroup_cpus() is None  # tick turns it off where /proc/stat cannot tell
     return choice
 
 
