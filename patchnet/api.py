@@ -13,7 +13,7 @@ The command line calls the same object (``patchnet predict``, ``patchnet localiz
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -146,6 +146,7 @@ class Explanation:
     image: np.ndarray
     predictions: Predictions
     maps: dict[str, np.ndarray]
+    boxes: list[Detection] = field(default_factory=list)  # the detection head's, where the checkpoint has one
 
 
 class Model:
@@ -241,7 +242,12 @@ class Model:
         prior = self.predictor.map_prior(prior)
         chosen = self._class_indices(wanted, p, None if predictions.present is None else predictions.present[0])
         maps = {self.classes[c]: score_map(p.boxes, p.values[:, c], p.width, p.height, prior=prior) for c in chosen}
-        return Explanation(array, predictions, maps)
+        boxes = (
+            [_detection(*found) for found in self.predictor.detect(array, chosen)]
+            if self.predictor.detector is not None
+            else []
+        )
+        return Explanation(array, predictions, maps, boxes)
 
     def score_maps(
         self, image, classes: list[str] | None = None, prior: float | None = None, threshold: float | None = None
@@ -255,8 +261,10 @@ class Model:
     ) -> list[Detection]:
         """Boxes of one image (``patchnet.evaluation.localize``): for the classes judged present, or ``classes``."""
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
-        method, threshold = box_options(self.recipe.infer, method, threshold)
-        _, p = self._one(image)
+        method, threshold = box_options(self.recipe.infer, method, threshold, self.predictor.detector is not None)
+        array, p = self._one(image)
+        if method == "mil":  # the detection head's boxes, scored by their regions' refined class scores
+            return [_detection(*found) for found in self.predictor.detect(array, self._class_indices(wanted, p))]
         # box scores are log-confidences in [0, 1]: the calibrated probability, else the squashed pooled score
         pr = self.predictor
         sure = confidence(p.scores, pr.pool, self.recipe.pool.k, pr.calibration, pr.fusion is not None)
@@ -272,6 +280,10 @@ class Model:
             threshold,
             self.predictor.map_prior(),
         )
+
+
+def _detection(class_index: int, box: np.ndarray, score: float) -> Detection:
+    return Detection(class_index, (float(box[0]), float(box[1]), float(box[2]), float(box[3])), score)
 
 
 def load(

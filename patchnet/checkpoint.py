@@ -51,6 +51,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "history": ((list,), False),
     "card": ((dict, type(None)), False),
     "data": ((dict, type(None)), False),
+    "detector": ((dict, type(None)), False),
 }
 REMEDY = "use a best.pt or last.pt written by patchnet train, or a shipped model by name"
 
@@ -182,6 +183,7 @@ class Checkpoint:
     training: dict[str, Any] | None = None
     data: DataFingerprint | None = None
     card: dict[str, Any] | None = None
+    detector: dict[str, Any] | None = None  # train.detector: the detection head's weights and trunk geometry
     version: int = FORMAT  # of the file it was loaded from; saving writes the current one
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,6 +223,10 @@ class Checkpoint:
             _check_type(state, name, types, path)
         for name in ("head", "trunk"):
             bad = [k for k, v in (state.get(name) or {}).items() if not isinstance(v, torch.Tensor)]
+            if name == "head" and isinstance(state.get("detector"), dict):
+                weights = state["detector"].get("head")
+                if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+                    raise CheckpointError(f"{path}: field 'detector' holds no tensors under 'head'; {REMEDY}")
             if bad:
                 raise CheckpointError(f"{path}: field {name!r} holds {bad[0]!r}, which is not a tensor; {REMEDY}")
         if not all(isinstance(c, str) for c in state["classes"]):
@@ -240,6 +246,7 @@ class Checkpoint:
             fusion=get("fusion"),
             history=list(get("history") or []),
             card=get("card"),
+            detector=get("detector"),
             training={k: state[k] for k in TRAINING} if present else None,
             data=None if data is None else DataFingerprint.from_dict(data, path),
             version=version,

@@ -25,6 +25,7 @@ Format = Literal["voc", "coco", "demo", "folder", "csv"]
 Supervision = Literal["boxes", "images", "both"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TrunkPrecision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+Detector = Literal["none", "mil"]
 Compress = Literal["none", "int8", "pca", "pca_int8"]
 POOLINGS = typing.get_args(Pooling)
 PILLOW_LIMIT = 2 * 89_478_485  # Pillow refuses more (twice its MAX_IMAGE_PIXELS) as decompression bombs
@@ -119,6 +120,7 @@ class TrainConfig:
     plateau_patience: int = 2
     max_decays: int = 3
     bg_rate: float = 0.1  # fraction of background patches redrawn each epoch
+    detector: Detector = "none"  # mil: also train a detection head on candidate regions (the detector section)
     unlock: int = 0  # also train the trunk's last N stages (EfficientNet-Lite; 1: its head conv); 0: the head alone
     unlock_lr: float = 0.1  # learning rate of the unlocked stages, as a fraction of train.lr
     seed: int = 0
@@ -133,7 +135,9 @@ class InferConfig:
     map_prior: float = 0.0  # score maps: pseudo-patches of the image's mean value added to each pixel's mean
     fuse: bool = False  # add a max-pool linear SVM's decision to the pooled score (weight chosen on held-out images)
     fuse_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])  # the SVM weights tried
-    box_method: Literal["map", "patch", "whole"] = "map"  # localize: regions of the score map | top patch | image
+    # localize: auto (mil where the checkpoint has a detection head, else map) | mil (the detection head,
+    # train.detector) | map (regions of the score map) | patch (the top patch) | whole (the image)
+    box_method: Literal["auto", "mil", "map", "patch", "whole"] = "auto"
     # localize, map: a region is the map above this fraction of the way from its minimum to its peak (0.4
     # chosen among 0.2-0.8 by CorLoc on held-out devtrain images, for voc07_dev and voc07_weak alike)
     box_threshold: float = 0.4
@@ -172,6 +176,25 @@ class AugConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """The detection head of ``train.detector: mil`` (``patchnet.head.mil``), trained on cached trunk maps after
+    the classification head, whose FCa it reads through."""
+
+    # candidate regions (patchnet.patches.regions): 5 ratios, step 1/2, scales to 6: about 3000 per VOC
+    # image, 82% of devtrain's boxes at IoU >= 0.5 (benchmarks/region_recall.py)
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.3, 1.6, 2.0, 2.4, 2.8, 3.2, 3.6, 4.0, 5.0, 6.0])
+    step: float = 0.5
+    ratios: list[float] = field(default_factory=lambda: [1.0, 0.5, 2.0, 1 / 3, 3.0])  # width : height
+    refinements: int = 3  # OICR's refinement classifiers
+    iou: float = 0.5  # a region overlapping a top region this much takes its class (pseudo-labels)
+    epochs: int = 6
+    lr: float = 0.01
+    image_batch: int = 4  # images per step
+    nms: float = 0.3  # class-wise NMS of the detections
+    max_boxes: int = 100  # per class and image, after NMS
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -183,6 +206,7 @@ class Recipe:
     infer: InferConfig = field(default_factory=InferConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
@@ -245,6 +269,8 @@ class Recipe:
                 f"train.unlock caches fp16 maps below the unlocked stages, not patch features, so "
                 f"cache.compress={self.cache.compress} has nothing to compress; set cache.compress: none"
             )
+        if self.train.detector == "mil":
+            self._check_detector()
         if self.cache.pca_dim < 1 or self.cache.pca_images < 1:
             raise RecipeError(
                 f"cache.pca_dim and cache.pca_images must be at least 1, got {self.cache.pca_dim} "
@@ -321,6 +347,29 @@ class Recipe:
             )
         if t.epochs < 1 or t.batch_size < 1 or self.runtime.threads < 0:
             raise RecipeError("train.epochs and train.batch_size must be at least 1, runtime.threads at least 0")
+
+    def _check_detector(self) -> None:
+        d = self.detector
+        if self.cache.compress.startswith("pca"):
+            raise RecipeError(
+                f"train.detector=mil reads the trunk's maps through the head's first layer, which "
+                f"cache.compress={self.cache.compress} fits to projected features; set cache.compress: none or int8"
+            )
+        if self.train.unlock:
+            raise RecipeError("train.detector=mil reads the frozen trunk's maps; set train.unlock: 0")
+        if not d.scales or min(d.scales) < 1 or not d.ratios or min(d.ratios) <= 0 or not 0 < d.step <= 0.5:
+            raise RecipeError(
+                f"detector: scales must be >= 1, ratios positive and step in (0, 0.5]; got scales={d.scales}, "
+                f"ratios={d.ratios}, step={d.step}"
+            )
+        if d.epochs < 1 or d.image_batch < 1 or d.lr <= 0 or d.refinements < 0 or d.max_boxes < 1:
+            raise RecipeError(
+                f"detector: epochs, image_batch and max_boxes must be at least 1, lr positive, refinements at least "
+                f"0; got epochs={d.epochs}, image_batch={d.image_batch}, max_boxes={d.max_boxes}, lr={d.lr}, "
+                f"refinements={d.refinements}"
+            )
+        if not 0 < d.iou < 1 or not 0 < d.nms <= 1:
+            raise RecipeError(f"detector.iou must lie in (0, 1) and detector.nms in (0, 1]; got {d.iou} and {d.nms}")
 
     def underfit_warnings(self) -> list[str]:
         """Settings that are valid but known to underfit, each a sentence naming the fix."""

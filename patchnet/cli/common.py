@@ -199,7 +199,8 @@ BoxMethodOpt = Annotated[
     str | None,
     typer.Option(
         "--box-method",
-        help="Boxes: map (regions of the score map), patch or whole (baselines) (default: infer.box_method).",
+        help="Boxes: mil (the detection head of train.detector), map (regions of the score map), patch or whole "
+        "(baselines) (default: infer.box_method, auto: mil where the checkpoint has a detection head, else map).",
     ),
 ]
 BoxThresholdOpt = Annotated[

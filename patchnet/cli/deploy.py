@@ -53,7 +53,7 @@ def localize(
         model = load(checkpoint, device=device)
         method = method or old_method
         threshold = old_threshold if threshold is None else threshold
-        method, threshold = box_options(model.recipe.infer, method, threshold)
+        method, threshold = box_options(model.recipe.infer, method, threshold, model.predictor.detector is not None)
         wanted = [c.strip() for c in classes.split(",")] if classes else None
         if wanted is not None:
             model.class_indices(wanted)  # once, before any image

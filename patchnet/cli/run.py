@@ -213,9 +213,11 @@ def _localization(predictor, dataset, store, items, scores, method, threshold) -
     """CorLoc and detection AP of the split, printed; returns them for the JSON table."""
     from ..evaluation.localize import box_options, evaluate_localization
 
-    method, threshold = box_options(predictor.recipe.infer, method, threshold)
+    method, threshold = box_options(predictor.recipe.infer, method, threshold, predictor.detector is not None)
     if not dataset.has_boxes:
         raise DatasetError(f"--localize needs boxes, and {dataset.name} has none")
+    if method == "mil":
+        return _detector_localization(predictor, dataset)
     result = evaluate_localization(
         predictor.head,
         store,
@@ -233,6 +235,30 @@ def _localization(predictor, dataset, store, items, scores, method, threshold) -
         + (f", regions above {threshold:g} of the way from the map's floor to its peak" if method == "map" else "")
     )
     return {**result.to_dict(), "method": method, "threshold": threshold}
+
+
+def _detector_localization(predictor, dataset) -> dict:
+    """CorLoc and detection AP from the detection head, on the split's cached trunk maps; printed with the AP of
+    its WSDDN image scores as a classifier. Returns them for the JSON table."""
+    from ..evaluation.localize import evaluate_detector
+    from ..evaluation.metrics import ap_table
+    from ..features.build import cache_spec
+    from ..store.codec import FeatureCodec
+    from ..training.unlock import build_maps
+
+    ex = predictor.extractor
+    store = build_maps(cache_spec(predictor.recipe, ex, codec=FeatureCodec()), dataset, ex, None)
+    items = np.flatnonzero((store.view == 0) & store.ok)
+    result, image_scores = evaluate_detector(
+        predictor.detector, store, dataset, items, predictor.recipe.detector, predictor.geometry, ex.autocast_dtype
+    )
+    typer.echo(result.format())
+    table = ap_table(image_scores, dataset.labels()[store.record[items]], list(dataset.classes))
+    typer.echo(
+        f"boxes: mil (the detection head); its WSDDN image scores as a classifier: mAP {100 * table.map07:.1f} "
+        f"(VOC07 11-point), {100 * table.map:.1f} (envelope)"
+    )
+    return {**result.to_dict(), "method": "mil", "wsddn_map07": table.map07, "wsddn_map": table.map}
 
 
 def write_table(table, out: Path, stem: str, values: dict | None = None) -> None:

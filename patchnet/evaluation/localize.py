@@ -31,17 +31,18 @@ from ..recipe import InferConfig
 from .maps import score_map
 from .metrics import LocalizationResult, corloc_hits, detection_ap
 
-METHODS = ("map", "patch", "whole")
+METHODS = ("map", "patch", "whole")  # from the patches' scores
+BOX_METHODS = ("auto", "mil", *METHODS)  # what a user may ask for: auto and mil resolve through the checkpoint
 
 
 class BoxOptionError(PatchnetError, ValueError):
     """A box method or threshold outside what ``localize`` accepts."""
 
 
-def check_box_options(method: str, threshold: float) -> None:
-    """Raise a one-line error for a method outside ``METHODS`` or a ``map`` cut outside [0, 1]."""
-    if method not in METHODS:
-        raise BoxOptionError(f"the box method must be one of {', '.join(METHODS)}, got {method!r}")
+def check_box_options(method: str, threshold: float, accepted: tuple[str, ...] = METHODS) -> None:
+    """Raise a one-line error for a method outside ``accepted`` or a ``map`` cut outside [0, 1]."""
+    if method not in accepted:
+        raise BoxOptionError(f"the box method must be one of {', '.join(accepted)}, got {method!r}")
     if method == "map" and not 0.0 <= threshold <= 1.0:
         raise BoxOptionError(
             f"the map's cut must lie in [0, 1] (0 the map's floor, 1 its peak; default "
@@ -49,11 +50,21 @@ def check_box_options(method: str, threshold: float) -> None:
         )
 
 
-def box_options(infer: InferConfig, method: str | None = None, threshold: float | None = None) -> tuple[str, float]:
-    """The box method and map cut a caller asked for, else the recipe's ``infer`` ones; checked."""
+def box_options(
+    infer: InferConfig, method: str | None = None, threshold: float | None = None, detector: bool = False
+) -> tuple[str, float]:
+    """The box method and map cut a caller asked for, else the recipe's ``infer`` ones; checked. ``auto`` is
+    ``mil`` where the checkpoint has a detection head (``detector``), else ``map``; ``mil`` needs one."""
     method = method or infer.box_method
     threshold = infer.box_threshold if threshold is None else threshold
-    check_box_options(method, threshold)
+    check_box_options(method, threshold, BOX_METHODS)
+    if method == "auto":
+        method = "mil" if detector else "map"
+    if method == "mil" and not detector:
+        raise BoxOptionError(
+            "the box method mil needs a checkpoint with a detection head (trained with train.detector: mil); "
+            f"this one has none: use one of {', '.join(METHODS)}"
+        )
     return method, threshold
 
 
@@ -194,3 +205,40 @@ def evaluate_localization(
     with np.errstate(invalid="ignore"):
         corloc = np.where(pairs > 0, hits / np.maximum(pairs, 1), np.nan)
     return LocalizationResult(list(dataset.classes), corloc, pairs, aps[:, 0], aps[:, 1])
+
+
+def evaluate_detector(
+    mil, store, dataset, items: np.ndarray, cfg, geometry: dict, dtype=None, progress: bool = True
+) -> tuple[LocalizationResult, np.ndarray]:
+    """CorLoc and VOC detection AP of every class from the detection head (``train.detector: mil``) on map store
+    ``items`` of a split with boxes, and the (I, C) image scores of its WSDDN stream (a classifier too).
+
+    Every class of every image gets its boxes after class-wise NMS (``cfg.nms``, ``cfg.max_boxes``); CorLoc
+    judges the top one of each class present."""
+    from ..head.mil import detect
+    from ..training.detector import store_regions
+
+    num = len(dataset.classes)
+    detections: list[list] = [[] for _ in range(num)]
+    truth: list[dict] = [{} for _ in range(num)]
+    hits, pairs = np.zeros(num), np.zeros(num)
+    image_scores = np.zeros((len(items), num))
+    device = mil.cls.weight.device
+    for row, i in enumerate(tqdm(items, desc="detect", unit="img", disable=not progress)):
+        rec = dataset.records[store.record[i]]
+        regions = store_regions(store, dataset, int(i), cfg, geometry, device)
+        found, image_scores[row] = detect(mil, regions, cfg, range(num), dtype)
+        first: dict[int, np.ndarray] = {}
+        for c, box, score in found:
+            detections[c].append((row, score, np.asarray(box, np.float64)))
+            first.setdefault(c, box)
+        for c in np.unique(rec.box_classes):
+            mine = rec.box_classes == c
+            truth[c][row] = (rec.boxes[mine], rec.box_difficult[mine])
+            if (~rec.box_difficult[mine]).any():
+                pairs[c] += 1
+                hits[c] += c in first and corloc_hits(np.asarray(first[c]), rec.boxes[mine])
+    aps = np.array([detection_ap(detections[c], truth[c]) for c in range(num)]).reshape(num, 2)
+    with np.errstate(invalid="ignore"):
+        corloc = np.where(pairs > 0, hits / np.maximum(pairs, 1), np.nan)
+    return LocalizationResult(list(dataset.classes), corloc, pairs, aps[:, 0], aps[:, 1]), image_scores

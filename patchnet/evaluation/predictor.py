@@ -18,11 +18,12 @@ from ..features.extract import PatchExtractor, build_extractor
 from ..head.calibration import Calibration
 from ..head.fusion import Fusion
 from ..head.layers import AdaptationHead
+from ..head.mil import detect, image_regions, load_detector
 from ..head.pooling import map_values, pool_image
 from ..models import resolve_checkpoint
 from ..recipe import Recipe, recipe_from_dict
 from ..store.codec import FeatureCodec
-from ..training.unlock import load_unlocked
+from ..training.unlock import boundary_maps, load_unlocked
 from .scoring import InferOptions, check_prior, evaluate, evaluation_items
 
 
@@ -73,6 +74,31 @@ class Predictor:
             and bool(cal.get("fused")) == (self.fusion is not None)
             else None
         )
+
+        detector = self.state.detector
+        self.detector = (
+            load_detector(detector, self.extractor.feature_dim, len(self.classes), self.recipe.detector).to(
+                self.extractor.device
+            )
+            if detector
+            else None
+        )
+        self.geometry = {k: detector[k] for k in ("stride", "offset", "input_size")} if detector else {}
+
+    def detect(self, image: np.ndarray, classes) -> list[tuple[int, np.ndarray, float]]:
+        """Boxes of ``classes`` in one RGB uint8 (H, W, 3) image from the detection head (``train.detector: mil``),
+        after class-wise NMS, as (class, box, score in [0, 1])."""
+        if self.detector is None:
+            raise CheckpointError(
+                f"{self.state_path}: this checkpoint has no detection head (it was trained with train.detector: "
+                "none); use the box method map, or train with --set train.detector=mil"
+            )
+        h, w = image.shape[:2]
+        maps = boundary_maps(self.extractor, image, None)
+        regions = image_regions(
+            maps.maps, maps.factors, w, h, self.recipe.detector, device=self.extractor.device, **self.geometry
+        )
+        return detect(self.detector, regions, self.recipe.detector, classes, self.extractor.autocast_dtype)[0]
 
     def _same_k(self, fitted: dict) -> bool:
         return self.pool != "power" or fitted.get("k", self.recipe.pool.k) == self.recipe.pool.k

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..api import Explanation
 from ..files import UniqueNames, atomic_write, check_inside, json_text, output_path, printable
-from .draw import label_image
+from .draw import draw_detections, label_image
 from .heatmaps import write_heatmaps
 
 CSV_COLUMNS = ["file", "rank", "class", "probability", "score", "present", "annotated", "heatmap"]
@@ -59,13 +59,15 @@ class PredictionFolder:
 
     def __init__(self, out: Path, classes: list[str], top: int = 3):
         out.mkdir(parents=True, exist_ok=True)
-        check_inside(out, out / "heatmaps")  # a link to elsewhere is refused before any image is scored
+        for sub in ("heatmaps", "boxes"):  # a link to elsewhere is refused before any image is scored
+            check_inside(out, out / sub)
         self.out, self.classes, self.top = out, classes, top
         self.rows: list[list[str]] = []
         self.outputs: dict[str, dict] = {}  # input path -> files written for it, relative to out
         self.annotated: set[Path] = set()
         self.heatmaps: set[Path] = set()
-        self._images, self._maps = UniqueNames(), UniqueNames()
+        self.boxes: set[Path] = set()
+        self._images, self._maps, self._boxes = UniqueNames(), UniqueNames(), UniqueNames()
         self._map_keys: dict[str, tuple[str, str]] = {}  # file key -> (image name, class) it was made for
 
     def add(self, path: Path, name: str, explained: Explanation) -> None:
@@ -99,6 +101,13 @@ class PredictionFolder:
             maps[cls] = target.relative_to(self.out).as_posix()
         drawn_name = annotated.relative_to(self.out).as_posix()
         self.outputs[str(path)] = {"annotated": drawn_name, "heatmaps": maps}
+        if explained.boxes:  # the detection head's boxes (train.detector), drawn and listed
+            target = output_path(self.out / "boxes", name, ".png", self._boxes)
+            target.parent.mkdir(exist_ok=True)
+            draw_detections(explained.image, explained.boxes, self.classes, target)
+            self.boxes.add(target)
+            self.outputs[str(path)]["boxes"] = target.relative_to(self.out).as_posix()
+            self.outputs[str(path)]["detections"] = [d.to_dict(self.classes) for d in explained.boxes]
         for rank, c in enumerate(order, 1):
             self.rows.append(
                 [
@@ -136,6 +145,7 @@ class PredictionFolder:
     def summary(self) -> str:
         """What was written where, in one line."""
         return (
-            f"wrote {len(self.annotated)} annotated images, {len(self.heatmaps)} heatmaps, predictions.csv and "
-            f"predictions.json to {self.out}"
+            f"wrote {len(self.annotated)} annotated images, {len(self.heatmaps)} heatmaps, "
+            + (f"{len(self.boxes)} images with boxes, " if self.boxes else "")
+            + f"predictions.csv and predictions.json to {self.out}"
         )

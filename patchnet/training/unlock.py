@@ -83,9 +83,9 @@ class ImageMaps:
 
 
 @torch.inference_mode()
-def boundary_maps(extractor: PatchExtractor, image, part: int) -> ImageMaps:
-    """Shared mode's trunk passes stopped before trunk part ``part``: each level's map, and the level each
-    patch is pooled from."""
+def boundary_maps(extractor: PatchExtractor, image, part: int | None) -> ImageMaps:
+    """Shared mode's trunk passes stopped before trunk part ``part`` (None: the whole trunk): each level's map,
+    and the level each patch is pooled from."""
     img = extractor.prepare(image)
     h, w = img.shape[-2:]
     plan = extractor.plan(w, h)
@@ -222,30 +222,38 @@ class MapFeatures:
 
 
 def build_maps(
-    spec: CacheSpec, dataset: Dataset, extractor: PatchExtractor, unlock: Unlock, views: int = 0, progress: bool = True
+    spec: CacheSpec,
+    dataset: Dataset,
+    extractor: PatchExtractor,
+    unlock: Unlock | None,
+    views: int = 0,
+    progress: bool = True,
 ) -> MapStore:
     """Open the cached boundary maps of a split for ``train.unlock``, computing what is missing first.
 
-    Items, chunks and resumption as in ``build_features``; the key adds the unlocked stages.
+    Items, chunks and resumption as in ``build_features``; the key adds the unlocked stages. ``unlock`` None:
+    the trunk's last maps (the detection head's regions are pooled from them, ``train.detector``).
     """
     p = extractor.patches
+    user = "train.unlock" if unlock else "train.detector"
     if p.mode != "shared" or p.exact_up_to:
         raise PatchnetError(
-            f"train.unlock trains on the cached maps of shared mode's trunk passes, which "
+            f"{user} trains on the cached maps of shared mode's trunk passes, which "
             f"patches.mode={p.mode} with patches.exact_up_to={p.exact_up_to} does not make; set "
-            "patches.mode: shared and patches.exact_up_to: 0, or train.unlock: 0"
+            f"patches.mode: shared and patches.exact_up_to: 0, or turn {user} off"
         )
+    part, dim = (unlock.part, unlock.boundary.dim) if unlock else (None, extractor.feature_dim)
     spec = replace(spec, codec=FeatureCodec())  # maps are stored as they are
     fields = {
         **cache_fields(dataset, extractor, views, spec),
         "maps": MAP_VERSION,
-        "unlock": unlock.n,
-        "boundary": unlock.boundary.name,
+        "unlock": unlock.n if unlock else 0,
+        "boundary": unlock.boundary.name if unlock else "top",
     }
     path = keyed_folder(spec.root, fields)
 
     def build() -> None:
-        meta = {"fields": fields, "feature_dim": extractor.feature_dim, "map_dim": unlock.boundary.dim}
+        meta = {"fields": fields, "feature_dim": extractor.feature_dim, "map_dim": dim}
         num_chunks = fill_chunks(
             path,
             meta,
@@ -253,13 +261,13 @@ def build_maps(
             views,
             spec,
             extractor.device,
-            lambda image: _with_boxes(boundary_maps(extractor, image, unlock.part)),
-            lambda payloads: _pack_maps(payloads, unlock.boundary.dim),
+            lambda image: _with_boxes(boundary_maps(extractor, image, part)),
+            lambda payloads: _pack_maps(payloads, dim),
             f"maps {dataset.name.rsplit(':', 1)[-1]}",
             progress,
         )
         if is_main():
-            _join_map_chunks(path, num_chunks, unlock.boundary.dim)
+            _join_map_chunks(path, num_chunks, dim)
 
     return open_or_build(path, "map cache", build, MapStore)
 
