@@ -37,3 +37,10 @@ def test_region_weights_give_region_mean_as_a_matrix_product():
     (ref_grad,) = torch.autograd.grad((ref * g).sum(), fmap)
     (got_grad,) = torch.autograd.grad((got * g).sum(), fmap)
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_region_mean_by_row_sums_equals_cumsum():
+    rng = np.random.default_rng(3)
+    fmap = torch.from_numpy(rng.standard_normal((1, 7, 9, 11)).astype(np.float32))
+    boxes = torch.tensor([[0, 0, 11, 9], [1.5, 2.25, 7.5, 8.0], [3, 3, 4, 4], [-1, -1, 20, 20]], dtype=torch.float32)
+    torch.testing.assert_close(region_mean(fmap, boxes, row_sums=True), region_mean(fmap, boxes), rtol=1e-5, atol=1e-5)

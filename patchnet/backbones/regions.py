@@ -6,18 +6,29 @@ import torch
 import torch.nn.functional as F
 
 
-def region_mean(fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+def region_mean(fmap: torch.Tensor, cells: torch.Tensor, row_sums: bool = False) -> torch.Tensor:
     """Mean of a (1, C, h, w) map over boxes (N, 4) in cell units, each cell weighted by its overlap.
 
     The integral of a map that is constant on each cell is bilinear inside each cell, so bilinear
     interpolation of the summed-area table gives it exactly at fractional coordinates. A box that
     covers whole cells gets their plain mean, as in exact mode. The four corners' interpolations are
     16 weighted rows of the table per box: one ``embedding_bag`` sums them without temporaries.
+
+    ``row_sums``: build the table by adding rows and columns one after another, about 10x faster than
+    ``cumsum`` over its outer dimensions on a CPU, equal to its last bit or two (the detection head
+    pools 2048 channels of thousands of regions this way; patch features keep ``cumsum``'s bits).
     """
     _, c, h, w = fmap.shape
     sat = fmap.new_zeros((h + 1, w + 1, c), dtype=torch.float32)
     sat[1:, 1:] = fmap[0].permute(1, 2, 0)
-    sat = sat.cumsum_(0).cumsum_(1).reshape(-1, c)
+    if row_sums:
+        for i in range(2, h + 1):
+            sat[i] += sat[i - 1]
+        for j in range(2, w + 1):
+            sat[:, j] += sat[:, j - 1]
+        sat = sat.reshape(-1, c)
+    else:
+        sat = sat.cumsum_(0).cumsum_(1).reshape(-1, c)
     x1, y1, x2, y2 = cells.float().unbind(1)
     xs = torch.stack([x2.clamp(0, w), x1.clamp(0, w)], 1)  # (N, 2): corners with sign +, -
     ys = torch.stack([y2.clamp(0, h), y1.clamp(0, h)], 1)

@@ -67,7 +67,7 @@ class MILHead(nn.Module):
                 continue
             h_, w_, d = fmap.shape
             z = (fmap.reshape(-1, d).to(w.dtype) @ w.T).reshape(1, h_, w_, -1).permute(0, 3, 1, 2)
-            out.append(region_mean(z, boxes))
+            out.append(region_mean(z, boxes, row_sums=True))
         x = torch.cat(out) if out else w.new_zeros(0, w.shape[0])
         return F.relu(x + self.fca.bias)
 
