@@ -186,8 +186,12 @@ class DetectorConfig:
     step: float = 0.5
     ratios: list[float] = field(default_factory=lambda: [1.0, 0.5, 2.0, 1 / 3, 3.0])  # width : height
     refinements: int = 3  # OICR's refinement classifiers
+    context: float = 0.0  # > 0: the detection stream scores a region against its frame, the box grown this much
+    # the first refinement's top region of each class present: WSDDN's (OICR), or the region nearest the
+    # classification head's score-map box (infer.box_threshold, infer.map_prior)
+    seed: Literal["wsddn", "map"] = "wsddn"
     iou: float = 0.5  # a region overlapping a top region this much takes its class (pseudo-labels)
-    epochs: int = 6
+    epochs: int = 4  # the loss still falls a little after 4; 4 measured (docs/views.md)
     lr: float = 0.01
     image_batch: int = 4  # images per step
     nms: float = 0.3  # class-wise NMS of the detections

@@ -10,7 +10,15 @@ from torchvision.ops import batched_nms
 
 from patchnet.backbones import build_backbone
 from patchnet.backbones.regions import region_mean
-from patchnet.head.mil import MILHead, image_regions, mil_loss, nms_detections, pseudo_labels, wsddn_loss
+from patchnet.head.mil import (
+    MILHead,
+    frame_means,
+    image_regions,
+    mil_loss,
+    nms_detections,
+    pseudo_labels,
+    wsddn_loss,
+)
 from patchnet.patches.grid import patch_grid
 from patchnet.patches.regions import region_boxes, region_levels
 from patchnet.recipe import DetectorConfig
@@ -167,6 +175,7 @@ def test_a_run_with_a_detector_trains_it_and_every_box_path_uses_it(tmp_path, sm
     from patchnet.checkpoint import load_checkpoint
     from patchnet.evaluation.localize import BoxOptionError
     from patchnet.training.trainer import train
+
     from conftest import tiny_recipe
 
     recipe = tiny_recipe(tmp_path, small_voc, "train.supervision=images", "pool.name=topk", *DETECTOR)
@@ -206,9 +215,39 @@ def test_the_detector_needs_shared_mode_maps_and_unprojected_features(tmp_path, 
     from patchnet.errors import PatchnetError
     from patchnet.recipe import RecipeError
     from patchnet.training.trainer import train
+
     from conftest import tiny_recipe
 
     with pytest.raises(RecipeError, match="cache.compress"):
         tiny_recipe(tmp_path, small_voc, "cache.compress=pca", *DETECTOR)
     with pytest.raises(PatchnetError, match="patches.mode: shared"):
         train(tiny_recipe(tmp_path, small_voc, "patches.mode=exact", *DETECTOR), progress=False)
+
+
+def test_frame_means_by_hand():
+    """A box grown twice about its centre, less the box: the mean of the cells of the ring; a box that fills the
+    map has no frame and keeps its own mean."""
+    fmap = torch.from_numpy(np.random.default_rng(2).random((1, 3, 10, 12)).astype(np.float32))
+    cells = torch.tensor([[2.0, 2.0, 6.0, 6.0], [0.0, 0.0, 12.0, 10.0]])
+    inner = region_mean(fmap, cells)
+    got = frame_means(fmap, cells, inner, 2.0)
+    ring = torch.zeros(10, 12, dtype=torch.bool)
+    ring[0:8, 0:8] = True
+    ring[2:6, 2:6] = False
+    torch.testing.assert_close(got[0], fmap[0][:, ring].mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], inner[1])
+
+
+def test_context_scores_a_region_against_its_frame():
+    """With context, the detection stream's logit is the region's less its frame's (shared weights): a region whose
+    frame looks like it scores no higher than any other."""
+    head = MILHead(2, 1, hidden=2, refinements=0, context=1.8)
+    with torch.no_grad():
+        head.det.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        head.cls.weight.zero_()
+    regions = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    frames = torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # the first region's frame is as strong as it
+    with torch.no_grad():
+        out = head(torch.cat([regions, frames]))
+    det = torch.tensor([0.0, 3.0, 0.0]).softmax(0)
+    torch.testing.assert_close(out.region_scores[:, 0], det)  # one class: its softmax over classes is 1

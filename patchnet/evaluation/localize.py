@@ -165,6 +165,21 @@ def _class_boxes(
     return [(box, float(np.log(max(peak / top, 1e-12)))) for box, peak in regions[:max_boxes]]
 
 
+def map_boxes(head, store, item: int, width: int, height: int, classes, pool: str, infer: InferConfig) -> dict:
+    """class -> the first box of the score-map method (``infer.box_threshold``, ``infer.map_prior``) of feature
+    store ``item``, for ``classes`` (where the map has a region)."""
+    s = store.item_slice(item)
+    values = map_values(head.logits(store.rows[s]), pool).numpy()
+    out = {}
+    for c in classes:
+        found = _class_boxes(
+            store.patch_boxes[s], values[:, c], width, height, "map", infer.box_threshold, infer.map_prior, 1
+        )
+        if found:
+            out[c] = found[0][0]
+    return out
+
+
 def evaluate_localization(
     head,
     store,

@@ -48,9 +48,11 @@ class MILOutput:
 class MILHead(nn.Module):
     """The frozen FCa of a classification head, then WSDDN's two streams and OICR's refinements."""
 
-    def __init__(self, feature_dim: int, num_classes: int, hidden: int = 2048, refinements: int = 3):
+    def __init__(
+        self, feature_dim: int, num_classes: int, hidden: int = 2048, refinements: int = 3, context: float = 0.0
+    ):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.context = num_classes, context
         self.fca = nn.Linear(feature_dim, hidden)
         self.fca.requires_grad_(False)
         self.cls = nn.Linear(hidden, num_classes)
@@ -59,28 +61,59 @@ class MILHead(nn.Module):
 
     def hidden(self, maps: list[torch.Tensor], cells: list[torch.Tensor]) -> torch.Tensor:
         """(R, hidden) region features: ``maps[l]`` a (h, w, d) trunk map, ``cells[l]`` the (R_l, 4) boxes pooled
-        from it in its cell units; regions in the order of the levels."""
+        from it in its cell units; regions in the order of the levels. With ``context``, (2R, hidden): the
+        regions', then their frames' (``frame_means``)."""
         w = self.fca.weight
-        out = []
+        regions, frames = [], []
         for fmap, boxes in zip(maps, cells):
             if not len(boxes):
                 continue
             h_, w_, d = fmap.shape
             z = (fmap.reshape(-1, d).to(w.dtype) @ w.T).reshape(1, h_, w_, -1).permute(0, 3, 1, 2)
-            out.append(region_mean(z, boxes, row_sums=True))
-        x = torch.cat(out) if out else w.new_zeros(0, w.shape[0])
+            inner = region_mean(z, boxes, row_sums=True)
+            regions.append(inner)
+            if self.context:
+                frames.append(frame_means(z, boxes, inner, self.context))
+        x = torch.cat(regions + frames) if regions else w.new_zeros(0, w.shape[0])
         return F.relu(x + self.fca.bias)
 
     def forward(self, hidden: torch.Tensor) -> MILOutput:
-        """The outputs of one image from its (R, hidden) region features."""
+        """The outputs of one image from its region features (``hidden``'s)."""
+        frame = None
+        if self.context:
+            hidden, frame = hidden.chunk(2)
         layers = [self.cls, self.det, *self.refine]
         # one product for every stream: a few outputs each, separate products ran at a tenth of the speed
         z = F.linear(hidden, torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers])).float()
         c = self.num_classes
-        scores = z[:, :c].softmax(1) * z[:, c : 2 * c].softmax(0)
+        det = z[:, c : 2 * c]
+        if frame is not None:  # ContextLocNet's contrastive localisation: the region against its frame
+            det = det - F.linear(frame, self.det.weight).float()
+        scores = z[:, :c].softmax(1) * det.softmax(0)
         image = scores.sum(0).clamp(1e-6, 1 - 1e-6)
         refined = list(torch.split(z[:, 2 * c :], c + 1, dim=1)) if self.refine else []
         return MILOutput(scores, image, refined)
+
+
+def frame_means(fmap: torch.Tensor, cells: torch.Tensor, inner: torch.Tensor, factor: float) -> torch.Tensor:
+    """(N, C) means of a (1, C, h, w) map over the frames of boxes ``cells``: each box grown ``factor`` times about
+    its centre, less the box (``inner``: its ``region_mean``). Both are clipped to the map; an empty frame (a box
+    filling the map) gets the box's own mean."""
+    _, _, h, w = fmap.shape
+    x1, y1, x2, y2 = cells.float().unbind(1)
+    cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * factor / 2, (y2 - y1) * factor / 2
+    outer_cells = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], 1)
+    outer = region_mean(fmap, outer_cells, row_sums=True)
+
+    def area(b: torch.Tensor) -> torch.Tensor:
+        bw = b[:, 2].clamp(0, w) - b[:, 0].clamp(0, w)
+        bh = b[:, 3].clamp(0, h) - b[:, 1].clamp(0, h)
+        return (bw * bh)[:, None]
+
+    a_out, a_in = area(outer_cells), area(cells.float())
+    ring = (a_out - a_in).clamp(min=0)
+    frame = (outer * a_out - inner * a_in) / ring.clamp(min=1e-6)
+    return torch.where(ring > 1e-3 * a_in.clamp(min=1e-6), frame, inner)
 
 
 def wsddn_loss(image_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -117,16 +150,35 @@ def pseudo_labels(
 
 
 def refine_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """OICR's weighted cross-entropy of one image's (R, C + 1) logits, averaged over its regions."""
+    """OICR's weighted cross-entropy of one image's (R, C + 1) logits, the regions of an object class and those
+    of the background averaged apart and added: a dense grid has about 1 region in 100 near a top region
+    (selective search's proposals crowd around objects), and averaged together the background took all."""
     if not len(logits):
         return logits.sum() * 0.0
-    return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).mean()
+    loss = F.cross_entropy(logits.float(), targets, reduction="none") * weights
+    fg = targets < logits.shape[1] - 1
+    return loss[fg].sum() / fg.sum().clamp(min=1) + loss[~fg].sum() / (~fg).sum().clamp(min=1)
 
 
-def mil_loss(head_out: MILOutput, boxes: torch.Tensor, labels: torch.Tensor, iou: float = 0.5) -> torch.Tensor:
-    """One image's loss: WSDDN's plus each refinement's against the pseudo-labels of the stream before it."""
+def mil_loss(
+    head_out: MILOutput,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    iou: float = 0.5,
+    seeds: dict[int, np.ndarray] | None = None,
+) -> torch.Tensor:
+    """One image's loss: WSDDN's plus each refinement's against the pseudo-labels of the stream before it.
+
+    ``seeds``: class -> a box (pixels) that the first refinement takes as the class's top region instead of
+    WSDDN's (the region overlapping it most, weighted 1): the score map's box (``detector.seed: map``)."""
     loss = wsddn_loss(head_out.image_scores, labels)
     previous = head_out.region_scores.detach()
+    if seeds:
+        previous = previous.clone()
+        for c, box in seeds.items():
+            overlap = box_iou(boxes.float(), torch.as_tensor(np.asarray(box, np.float32)[None], device=boxes.device))
+            previous[:, c] = 0.0
+            previous[int(overlap[:, 0].argmax()), c] = 1.0
     for logits in head_out.refined:
         targets, weights = pseudo_labels(boxes, previous, labels, iou)
         loss = loss + refine_loss(logits, targets, weights)
@@ -207,6 +259,6 @@ def detect(
 def load_detector(state: dict, feature_dim: int, num_classes: int, cfg: DetectorConfig) -> MILHead:
     """The detection head of a checkpoint's ``detector`` field (its weights' shapes give the hidden size)."""
     weights = state["head"]
-    mil = MILHead(feature_dim, num_classes, int(weights["fca.weight"].shape[0]), cfg.refinements)
+    mil = MILHead(feature_dim, num_classes, int(weights["fca.weight"].shape[0]), cfg.refinements, cfg.context)
     mil.load_state_dict(weights)
     return mil.eval()

@@ -34,7 +34,7 @@ def detector_from_head(head: AdaptationHead, cfg: DetectorConfig) -> MILHead:
     """A detection head whose frozen FCa is the classification ``head``'s (its first member's)."""
     linear = cast(nn.Linear, head.fca[0])
     hidden = linear.out_features // head.members
-    mil = MILHead(linear.in_features, head.num_classes, hidden, cfg.refinements)
+    mil = MILHead(linear.in_features, head.num_classes, hidden, cfg.refinements, cfg.context)
     with torch.no_grad():
         mil.fca.weight.copy_(linear.weight[:hidden])
         mil.fca.bias.copy_(linear.bias[:hidden])
@@ -58,11 +58,13 @@ def train_detector(
     seed: int = 0,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    seeds: dict[int, dict[int, np.ndarray]] | None = None,
 ) -> list[float]:
     """Train ``mil``'s streams on store ``items`` of ``dataset`` (their image labels); the mean loss of each epoch.
 
     ``geometry``: the trunk's ``stride``, ``offset`` and ``input_size`` (``image_regions``); ``dtype``: the
-    autocast of the frozen FCa (None: fp32).
+    autocast of the frozen FCa (None: fp32); ``seeds``: record -> class -> the first refinement's top box
+    (``map_seeds``).
     """
     device = mil.cls.weight.device
     labels = torch.from_numpy(dataset.labels()[store.record[items]]).to(device)
@@ -84,7 +86,8 @@ def train_detector(
                 regions = store_regions(store, dataset, int(items[row]), cfg, geometry, device)
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
                     hidden = mil.hidden(regions.maps, regions.cells)
-                loss = loss + mil_loss(mil(hidden.float()), regions.boxes, labels[row], cfg.iou)
+                image_seeds = seeds.get(int(store.record[items[row]])) if seeds else None
+                loss = loss + mil_loss(mil(hidden.float()), regions.boxes, labels[row], cfg.iou, image_seeds)
             loss = loss / len(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -113,10 +116,12 @@ def fit_detector(
     dataset: Dataset,
     held_records: np.ndarray,
     progress: bool = True,
+    features=None,
 ) -> dict | None:
     """``train.detector: mil``: the detection head trained from ``head`` on the trunk maps of ``dataset`` (cached
     first), its images outside ``held_records``; the checkpoint's ``detector`` field. Every rank builds its share
-    of the maps; rank 0 trains and returns the field, the others None."""
+    of the maps; rank 0 trains and returns the field, the others None. ``features``: the split's patch feature
+    store (``detector.seed: map`` reads the head's score maps from it)."""
     if extractor.backbone.roi_size:
         raise PatchnetError(
             f"train.detector=mil pools regions as means of the trunk's map; {extractor.backbone.name} pools "
@@ -130,7 +135,26 @@ def fit_detector(
     torch.manual_seed(recipe.train.seed)
     mil = detector_from_head(head, cfg).to(extractor.device)
     started = time.perf_counter()
+    seeds = None
+    if cfg.seed == "map":  # the score map's boxes of the classification head, on the split's patch features
+        seen = (features.view == 0) & features.ok & np.isin(features.record, store.record[items])
+        seeds = map_seeds(head, features, dataset, np.flatnonzero(seen), recipe)
     dtype = extractor.autocast_dtype  # FCa is frozen: it runs at the trunk's precision
-    history = train_detector(mil, store, dataset, items, cfg, geometry, recipe.train.seed, progress, dtype)
+    history = train_detector(mil, store, dataset, items, cfg, geometry, recipe.train.seed, progress, dtype, seeds)
     log.info("detector: %d images, %d epochs in %.0f s", len(items), cfg.epochs, time.perf_counter() - started)
     return {"head": {k: v.cpu() for k, v in mil.state_dict().items()}, **geometry, "loss": history}
+
+
+def map_seeds(head: AdaptationHead, store, dataset: Dataset, items: np.ndarray, recipe: Recipe) -> dict:
+    """record -> class -> the score map's first box (``infer.box_threshold``, ``infer.map_prior``) of each class
+    present, from the classification ``head`` on feature store ``items``: ``detector.seed: map``."""
+    from ..evaluation.localize import map_boxes
+
+    out: dict[int, dict[int, np.ndarray]] = {}
+    pool = recipe.infer_pool
+    for i in items:
+        rec = dataset.records[store.record[i]]
+        present = [int(c) for c in np.flatnonzero(rec.labels == 1)]
+        found = map_boxes(head, store, int(i), rec.width, rec.height, present, pool, recipe.infer)
+        out[int(store.record[i])] = {c: np.asarray(box, np.float32) for c, box in found.items()}
+    return out

@@ -467,7 +467,7 @@ def _add_detector(
     held = train_data.store.record[selection.items] if selection is not None else np.zeros(0, np.int64)
     if selection is not None and selection.data is not train_data:
         held = np.zeros(0, np.int64)  # data.select_split: every training image trains the detector too
-    field = fit_detector(recipe, state.head, extractor, spec, train_data.dataset, held, progress)
+    field = fit_detector(recipe, state.head, extractor, spec, train_data.dataset, held, progress, train_data.store)
     if field is not None:
         for name in ("last.pt", "best.pt"):
             path = recipe.run_dir / name
