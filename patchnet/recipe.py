@@ -13,6 +13,7 @@ from typing import Any, Literal, cast
 import yaml
 
 from .errors import PatchnetError
+from .recipe_detector import DetectorConfig, detector_problem
 
 VOC_CLASSES = (  # noqa: SIM905  (one line of names reads better than twenty of one each)
     "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike person pottedplant "
@@ -25,7 +26,6 @@ Format = Literal["voc", "coco", "demo", "folder", "csv"]
 Supervision = Literal["boxes", "images", "both"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TrunkPrecision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
-Detector = Literal["none", "mil"]
 Compress = Literal["none", "int8", "pca", "pca_int8"]
 POOLINGS = typing.get_args(Pooling)
 PILLOW_LIMIT = 2 * 89_478_485  # Pillow refuses more (twice its MAX_IMAGE_PIXELS) as decompression bombs
@@ -60,9 +60,7 @@ class DataConfig:
 class PatchConfig:
     scales: list[float] = field(default_factory=lambda: list(PAPER_SCALES))
     step: float = 1 / 3  # grid step as a fraction of the patch side
-    mode: Literal["exact", "shared", "whole"] = (
-        "shared"  # exact (the paper's crops) | shared (one trunk pass per scale) | whole (baseline)
-    )
+    mode: Literal["exact", "shared", "whole"] = "shared"  # exact (the paper's crops) | shared (trunk passes) | whole
     levels: list[float] = field(default_factory=list)  # shared: pyramid levels; [] = one per scale
     max_side: int = 1600  # shared: cap on the long side of a rescaled image (memory bound)
     exact_up_to: float = 0.0  # shared: scales <= this are cropped and run alone, as in exact mode (0: none)
@@ -103,13 +101,10 @@ class TrainConfig:
     supervision: Supervision = "boxes"  # boxes (patch labels) | images (image labels) | both (the sum of the losses)
     image_weight: float = 1.0  # both: weight of the image loss against the patch loss
     image_batch: int = 8  # images / both: whole images per step (all their patches in one forward pass)
-    # images / both: share of each image's patches (redrawn each epoch) the image loss pools over; a step's cost follows
-    image_patches: float = 1.0
+    image_patches: float = 1.0  # images / both: share of each image's patches (redrawn each epoch) the image loss pools
     multilabel: bool = False  # boxes / both: keep patches that match objects of several classes, with a sigmoid loss
     holdout: float = 0.1  # fraction of the training images held out (fixed by the seed) to choose best.pt on
-    precision: Precision = (
-        "auto"  # the head's autocast: auto (bf16 on CUDA, CPUs with native bf16) | fp32 | bf16 | fp16
-    )
+    precision: Precision = "auto"  # the head's autocast: auto (bf16 on CUDA and CPUs with native bf16) | fp32 | ...
     epochs: int = 30
     batch_size: int = 256
     lr: float = 0.01
@@ -120,7 +115,7 @@ class TrainConfig:
     plateau_patience: int = 2
     max_decays: int = 3
     bg_rate: float = 0.1  # fraction of background patches redrawn each epoch
-    detector: Detector = "none"  # mil: also train a detection head on candidate regions (the detector section)
+    detector: Literal["none", "mil"] = "none"  # mil: also train a detection head (the detector section)
     unlock: int = 0  # also train the trunk's last N stages (EfficientNet-Lite; 1: its head conv); 0: the head alone
     unlock_lr: float = 0.1  # learning rate of the unlocked stages, as a fraction of train.lr
     seed: int = 0
@@ -129,14 +124,11 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    pool: Literal["", "power", "max", "lse", "topk"] = (
-        ""  # pooling that scores images: "" = the recipe's pool.name (the model's own), or one of POOLINGS
-    )
+    pool: Literal["", "power", "max", "lse", "topk"] = ""  # "": the model's own pool.name, or one of POOLINGS
     map_prior: float = 0.0  # score maps: pseudo-patches of the image's mean value added to each pixel's mean
     fuse: bool = False  # add a max-pool linear SVM's decision to the pooled score (weight chosen on held-out images)
     fuse_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])  # the SVM weights tried
-    # localize: auto (mil where the checkpoint has a detection head, else map) | mil (the detection head,
-    # train.detector) | map (regions of the score map) | patch (the top patch) | whole (the image)
+    # localize: auto (mil with a detection head, else map) | mil | map (score map) | patch (top patch) | whole
     box_method: Literal["auto", "mil", "map", "patch", "whole"] = "auto"
     # localize, map: a region is the map above this fraction of the way from its minimum to its peak (0.4
     # chosen among 0.2-0.8 by CorLoc on held-out devtrain images, for voc07_dev and voc07_weak alike)
@@ -173,29 +165,6 @@ class AugConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
     rotate: float = 10.0
     color: float = 0.2
-
-
-@dataclass
-class DetectorConfig:
-    """The detection head of ``train.detector: mil`` (``patchnet.head.mil``), trained on cached trunk maps after
-    the classification head, whose FCa it reads through."""
-
-    # candidate regions (patchnet.patches.regions): 5 ratios, step 1/2, scales to 6: about 3000 per VOC
-    # image, 82% of devtrain's boxes at IoU >= 0.5 (benchmarks/region_recall.py)
-    scales: list[float] = field(default_factory=lambda: [1.0, 1.3, 1.6, 2.0, 2.4, 2.8, 3.2, 3.6, 4.0, 5.0, 6.0])
-    step: float = 0.5
-    ratios: list[float] = field(default_factory=lambda: [1.0, 0.5, 2.0, 1 / 3, 3.0])  # width : height
-    refinements: int = 3  # OICR's refinement classifiers
-    context: float = 0.0  # > 0: the detection stream scores a region against its frame, the box grown this much
-    # the first refinement's top region of each class present: WSDDN's (OICR), or the region nearest the
-    # classification head's score-map box (infer.box_threshold, infer.map_prior)
-    seed: Literal["wsddn", "map"] = "wsddn"
-    iou: float = 0.5  # a region overlapping a top region this much takes its class (pseudo-labels)
-    epochs: int = 4  # the loss still falls a little after 4; 4 measured (docs/views.md)
-    lr: float = 0.01
-    image_batch: int = 4  # images per step
-    nms: float = 0.3  # class-wise NMS of the detections
-    max_boxes: int = 100  # per class and image, after NMS
 
 
 @dataclass
@@ -273,8 +242,9 @@ class Recipe:
                 f"train.unlock caches fp16 maps below the unlocked stages, not patch features, so "
                 f"cache.compress={self.cache.compress} has nothing to compress; set cache.compress: none"
             )
-        if self.train.detector == "mil":
-            self._check_detector()
+        problem = detector_problem(self.detector, self.cache.compress, self.train.unlock)
+        if self.train.detector == "mil" and problem:
+            raise RecipeError(problem)
         if self.cache.pca_dim < 1 or self.cache.pca_images < 1:
             raise RecipeError(
                 f"cache.pca_dim and cache.pca_images must be at least 1, got {self.cache.pca_dim} "
@@ -351,29 +321,6 @@ class Recipe:
             )
         if t.epochs < 1 or t.batch_size < 1 or self.runtime.threads < 0:
             raise RecipeError("train.epochs and train.batch_size must be at least 1, runtime.threads at least 0")
-
-    def _check_detector(self) -> None:
-        d = self.detector
-        if self.cache.compress.startswith("pca"):
-            raise RecipeError(
-                f"train.detector=mil reads the trunk's maps through the head's first layer, which "
-                f"cache.compress={self.cache.compress} fits to projected features; set cache.compress: none or int8"
-            )
-        if self.train.unlock:
-            raise RecipeError("train.detector=mil reads the frozen trunk's maps; set train.unlock: 0")
-        if not d.scales or min(d.scales) < 1 or not d.ratios or min(d.ratios) <= 0 or not 0 < d.step <= 0.5:
-            raise RecipeError(
-                f"detector: scales must be >= 1, ratios positive and step in (0, 0.5]; got scales={d.scales}, "
-                f"ratios={d.ratios}, step={d.step}"
-            )
-        if d.epochs < 1 or d.image_batch < 1 or d.lr <= 0 or d.refinements < 0 or d.max_boxes < 1:
-            raise RecipeError(
-                f"detector: epochs, image_batch and max_boxes must be at least 1, lr positive, refinements at least "
-                f"0; got epochs={d.epochs}, image_batch={d.image_batch}, max_boxes={d.max_boxes}, lr={d.lr}, "
-                f"refinements={d.refinements}"
-            )
-        if not 0 < d.iou < 1 or not 0 < d.nms <= 1:
-            raise RecipeError(f"detector.iou must lie in (0, 1) and detector.nms in (0, 1]; got {d.iou} and {d.nms}")
 
     def underfit_warnings(self) -> list[str]:
         """Settings that are valid but known to underfit, each a sentence naming the fix."""

@@ -230,8 +230,7 @@ def evaluate_detector(
 
     Every class of every image gets its boxes after class-wise NMS (``cfg.nms``, ``cfg.max_boxes``); CorLoc
     judges the top one of each class present."""
-    from ..head.mil import detect
-    from ..training.detector import store_regions
+    from ..head.mil import detect, store_regions
 
     num = len(dataset.classes)
     detections: list[list] = [[] for _ in range(num)]

@@ -262,3 +262,11 @@ def load_detector(state: dict, feature_dim: int, num_classes: int, cfg: Detector
     mil = MILHead(feature_dim, num_classes, int(weights["fca.weight"].shape[0]), cfg.refinements, cfg.context)
     mil.load_state_dict(weights)
     return mil.eval()
+
+
+def store_regions(store, dataset, item: int, cfg: DetectorConfig, geometry: dict, device) -> ImageRegions:
+    """The candidate regions of map store item ``item`` (``image_regions`` on its cached maps: a
+    ``patchnet.training.unlock.MapStore`` of ``dataset``)."""
+    rec = dataset.records[store.record[item]]
+    maps = store.item_maps(item)
+    return image_regions(maps.maps, maps.factors, rec.width, rec.height, cfg, device=device, **geometry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import cast
 
 import numpy as np
@@ -17,14 +18,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import Dataset
 from ..dist import is_main
 from ..errors import PatchnetError
 from ..features.extract import PatchExtractor
 from ..head.layers import AdaptationHead
-from ..head.mil import MILHead, image_regions, mil_loss
+from ..head.mil import MILHead, mil_loss, store_regions
 from ..recipe import DetectorConfig, Recipe
 from ..store import CacheSpec
+from .splits import Selection, SplitData
 from .unlock import MapStore, build_maps
 
 log = logging.getLogger("patchnet")
@@ -39,13 +42,6 @@ def detector_from_head(head: AdaptationHead, cfg: DetectorConfig) -> MILHead:
         mil.fca.weight.copy_(linear.weight[:hidden])
         mil.fca.bias.copy_(linear.bias[:hidden])
     return mil
-
-
-def store_regions(store: MapStore, dataset: Dataset, item: int, cfg: DetectorConfig, geometry: dict, device):
-    """The candidate regions of store item ``item`` (``image_regions`` on its cached maps)."""
-    rec = dataset.records[store.record[item]]
-    maps = store.item_maps(item)
-    return image_regions(maps.maps, maps.factors, rec.width, rec.height, cfg, device=device, **geometry)
 
 
 def train_detector(
@@ -158,3 +154,25 @@ def map_seeds(head: AdaptationHead, store, dataset: Dataset, items: np.ndarray, 
         found = map_boxes(head, store, int(i), rec.width, rec.height, present, pool, recipe.infer)
         out[int(store.record[i])] = {c: np.asarray(box, np.float32) for c, box in found.items()}
     return out
+
+
+def add_detector(
+    recipe: Recipe,
+    head: AdaptationHead,
+    extractor,
+    spec,
+    train_data: SplitData,
+    selection: Selection | None,
+    progress: bool,
+) -> None:
+    """``train.detector: mil``: the detection head, trained from the final head on the images it trained on, added
+    to best.pt and last.pt (trained anew by a resumed run: it is quick and deterministic)."""
+    held = train_data.store.record[selection.items] if selection is not None else np.zeros(0, np.int64)
+    if selection is not None and selection.data is not train_data:
+        held = np.zeros(0, np.int64)  # data.select_split: every training image trains the detector too
+    field = fit_detector(recipe, head, extractor, spec, train_data.dataset, held, progress, train_data.store)
+    if field is not None:
+        for name in ("last.pt", "best.pt"):
+            path = recipe.run_dir / name
+            if path.exists():
+                save_checkpoint(replace(load_checkpoint(path), detector=field), path)

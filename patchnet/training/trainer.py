@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
 
@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import backbone_spec, build_backbone, unlock_split
-from ..checkpoint import Checkpoint, load_checkpoint, run_folder, save_checkpoint
+from ..checkpoint import Checkpoint, run_folder
 from ..data import Dataset
 from ..dist import all_sum, init_distributed, is_main, rank_world, resolve_precision
 from ..errors import PatchnetError
@@ -51,7 +51,7 @@ from ..patches.labels import IGNORE
 from ..recipe import Recipe, save_recipe
 from ..store import FeatureStore
 from ..threads import tick
-from .detector import fit_detector
+from .detector import add_detector
 from .hooks import Checkpoints, EpochEnd, HookBase, SelectionEval, TrainingLog, check_hooks
 from .splits import Selection, SplitData, held_out, run_splits
 from .state import EpochSums, TrainState, hold_interrupts, resume_run, rng_state, saved_run, sums_path
@@ -449,30 +449,8 @@ def _run(
         log.info("resuming %s at epoch %d, step %d", recipe.run_dir, state.epoch + 1, state.step)
     Trainer(recipe, train_data, selection, state, facts, progress, hooks).fit()
     if recipe.train.detector == "mil":
-        _add_detector(recipe, state, extractor, spec, train_data, selection, progress)
+        add_detector(recipe, state.head, extractor, spec, train_data, selection, progress)
     return state, val
-
-
-def _add_detector(
-    recipe: Recipe,
-    state: TrainState,
-    extractor,
-    spec,
-    train_data: SplitData,
-    selection: Selection | None,
-    progress: bool,
-) -> None:
-    """``train.detector: mil``: the detection head, trained from the final head on the images it trained on, added
-    to best.pt and last.pt (trained anew by a resumed run: it is quick and deterministic)."""
-    held = train_data.store.record[selection.items] if selection is not None else np.zeros(0, np.int64)
-    if selection is not None and selection.data is not train_data:
-        held = np.zeros(0, np.int64)  # data.select_split: every training image trains the detector too
-    field = fit_detector(recipe, state.head, extractor, spec, train_data.dataset, held, progress, train_data.store)
-    if field is not None:
-        for name in ("last.pt", "best.pt"):
-            path = recipe.run_dir / name
-            if path.exists():
-                save_checkpoint(replace(load_checkpoint(path), detector=field), path)
 
 
 def _unlocked_stages(recipe: Recipe, backbone, device: torch.device, splits: list) -> UnlockedStages | None:
