@@ -223,3 +223,26 @@ def fused_tables(run: RunScores, sel_scores: np.ndarray, sel_pooled: np.ndarray,
         ap_table(fusion.combine(val_scores, val_decisions), run.val_labels, p.classes),
         ap_table(val_decisions, run.val_labels, p.classes),
     )
+
+
+def box_sheet(drawn: list[tuple[np.ndarray, list]], classes: list[str], out: Path, cols: int = 4) -> None:
+    """Images with their boxes (``patchnet.outputs.draw.draw_detections``), each fitted into 400 x 300, tiled
+    ``cols`` to a row into one JPEG at ``out``."""
+    from PIL import Image
+
+    from patchnet.outputs.draw import draw_detections
+
+    tiles = []
+    for n, (image, found) in enumerate(drawn):
+        path = out.parent / f".tile{n}.png"
+        draw_detections(image, found, classes, path)
+        tile = Image.open(path).convert("RGB")
+        tile.thumbnail((400, 300))  # keeps the aspect ratio
+        tiles.append(tile)
+        path.unlink()
+    sheet = Image.new("RGB", (400 * cols, 300 * ((len(tiles) + cols - 1) // cols)), "white")
+    for n, tile in enumerate(tiles):
+        x, y = 400 * (n % cols) + (400 - tile.width) // 2, 300 * (n // cols) + (300 - tile.height) // 2
+        sheet.paste(tile, (x, y))
+    sheet.save(out, quality=85)
+    print(f"wrote {out}")

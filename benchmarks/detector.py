@@ -28,7 +28,7 @@ from patchnet.store.codec import FeatureCodec
 from patchnet.training.splits import holdout_records
 from patchnet.training.unlock import build_maps
 
-from common import REPO, Timer, bench_parser, machine, require_voc, table
+from common import REPO, Timer, bench_parser, box_sheet, machine, require_voc, table
 
 
 def _methods(predictor: Predictor, name: str, voc: Path, held: bool) -> dict:
@@ -163,33 +163,18 @@ def main() -> None:
 
 def _sheet(predictor: Predictor, split: str, voc: Path, count: int, ids: list[str], out: Path) -> None:
     """The detection head's boxes (up to 3 per class present in the image) on ``count`` images, tiled."""
-    from PIL import Image
-
     from patchnet.api import _detection
     from patchnet.data import load_image, open_split
-    from patchnet.outputs.draw import draw_detections
 
     dataset = open_split(predictor.recipe.data, split, predictor.classes)
     by_id = {rec.image_id: rec for rec in dataset.records}
     records = [by_id[i] for i in ids] if ids else dataset.records[:count]
-    tiles = []
-    for n, rec in enumerate(records[:count]):
+    drawn = []
+    for rec in records[:count]:
         image = load_image(rec.path)
         present = [int(c) for c in np.flatnonzero(rec.labels == 1)]
-        found = [_detection(*d) for d in predictor.detect(image, present)]
-        path = out.parent / f".tile{n}.png"
-        draw_detections(image, found, dataset.classes, path)
-        tile = Image.open(path).convert("RGB")
-        tile.thumbnail((400, 300))
-        tiles.append(tile)
-        path.unlink()
-    cols = 4
-    sheet = Image.new("RGB", (400 * cols, 300 * ((len(tiles) + cols - 1) // cols)), "white")
-    for n, tile in enumerate(tiles):
-        x, y = 400 * (n % cols) + (400 - tile.width) // 2, 300 * (n // cols) + (300 - tile.height) // 2
-        sheet.paste(tile, (x, y))
-    sheet.save(out, quality=85)
-    print(f"wrote {out}")
+        drawn.append((image, [_detection(*d) for d in predictor.detect(image, present)]))
+    box_sheet(drawn, dataset.classes, out)
 
 
 if __name__ == "__main__":

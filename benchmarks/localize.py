@@ -26,7 +26,7 @@ from patchnet.evaluation.scoring import evaluation_items, image_scores
 from patchnet.features.build import build_features, cache_spec
 from patchnet.training.splits import holdout_records
 
-from common import REPO, Timer, bench_parser, machine, require_voc, table
+from common import REPO, Timer, bench_parser, box_sheet, machine, require_voc, table
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 PRIORS = (0.0, 20.0)
@@ -122,17 +122,14 @@ def main() -> None:
 
 def _sheet(predictor, dataset, store, items, scores, threshold, prior, out: Path) -> None:
     """The first box of each class judged present in each image, drawn, tiled into one picture."""
-    from PIL import Image
-
     from patchnet.data import load_image
     from patchnet.evaluation.localize import confidence, localize
     from patchnet.head.pooling import map_values
-    from patchnet.outputs.draw import draw_detections
 
     p = predictor
     # box scores in [0, 1]: localize takes the log of the image's confidence (calibrated probability, else squashed)
     sure = confidence(scores, p.pool, p.recipe.pool.k, p.calibration, p.fusion is not None)
-    tiles = []
+    drawn = []
     for row, i in enumerate(items):
         rec = dataset.records[store.record[i]]
         s = store.item_slice(i)
@@ -150,19 +147,8 @@ def _sheet(predictor, dataset, store, items, scores, threshold, prior, out: Path
             prior,
             max_boxes=1,
         )
-        path = out.parent / f".tile{row}.png"
-        draw_detections(load_image(rec.path), found, dataset.classes, path)
-        tile = Image.open(path).convert("RGB")
-        tile.thumbnail((400, 300))  # keeps the aspect ratio
-        tiles.append(tile)
-        path.unlink()
-    cols = 4
-    sheet = Image.new("RGB", (400 * cols, 300 * ((len(tiles) + cols - 1) // cols)), "white")
-    for n, tile in enumerate(tiles):
-        x, y = 400 * (n % cols) + (400 - tile.width) // 2, 300 * (n // cols) + (300 - tile.height) // 2
-        sheet.paste(tile, (x, y))
-    sheet.save(out, quality=85)
-    print(f"wrote {out}")
+        drawn.append((load_image(rec.path), found))
+    box_sheet(drawn, dataset.classes, out)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_localize_command_writes_coco_results_that_pycocotools_scores(model, tmp
     "option, said",
     [
         (["--classes", "unicorn"], "unknown class name(s) unicorn; valid names: cat, dog, person"),
-        (["--method", "bogus"], "the box method must be one of map, patch, whole, got 'bogus'"),
+        (["--method", "bogus"], "the box method must be one of auto, mil, map, patch, whole, got 'bogus'"),
         (["--threshold", "1.5"], "the map's cut must lie in [0, 1]"),
     ],
 )
