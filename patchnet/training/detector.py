@@ -22,6 +22,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import Dataset
 from ..dist import is_main
 from ..errors import PatchnetError
+from ..evaluation.localize import map_boxes
 from ..features.extract import PatchExtractor
 from ..head.layers import AdaptationHead
 from ..head.mil import MILHead, mil_loss, store_regions
@@ -144,8 +145,6 @@ def fit_detector(
 def map_seeds(head: AdaptationHead, store, dataset: Dataset, items: np.ndarray, recipe: Recipe) -> dict:
     """record -> class -> the score map's first box (``infer.box_threshold``, ``infer.map_prior``) of each class
     present, from the classification ``head`` on feature store ``items``: ``detector.seed: map``."""
-    from ..evaluation.localize import map_boxes
-
     out: dict[int, dict[int, np.ndarray]] = {}
     pool = recipe.infer_pool
     for i in items:
@@ -167,9 +166,9 @@ def add_detector(
 ) -> None:
     """``train.detector: mil``: the detection head, trained from the final head on the images it trained on, added
     to best.pt and last.pt (trained anew by a resumed run: it is quick and deterministic)."""
-    held = train_data.store.record[selection.items] if selection is not None else np.zeros(0, np.int64)
-    if selection is not None and selection.data is not train_data:
-        held = np.zeros(0, np.int64)  # data.select_split: every training image trains the detector too
+    held = np.zeros(0, np.int64)  # with data.select_split every training image trains the detector too
+    if selection is not None and selection.data is train_data:
+        held = train_data.store.record[selection.items]
     field = fit_detector(recipe, head, extractor, spec, train_data.dataset, held, progress, train_data.store)
     if field is not None:
         for name in ("last.pt", "best.pt"):
