@@ -188,7 +188,7 @@ def test_a_run_with_a_detector_trains_it_and_every_box_path_uses_it(tmp_path, sm
     model = load(recipe.run_dir / "last.pt")
     image = small_voc / "JPEGImages" / "e.jpg"
     boxes = model.localize(image, classes=["cat", "dog"])  # auto: the detection head
-    assert {d.class_index for d in boxes} == {0, 1}
+    assert {d.class_index for d in boxes} == {0, 1} and len(boxes) <= 10  # at most 5 a class, as the map gives
     assert all(0 <= d.score <= 1 and 0 <= d.box[0] < d.box[2] <= 88 and 0 <= d.box[1] < d.box[3] <= 66 for d in boxes)
     mapped = model.localize(image, classes=["cat"], method="map")  # the score maps stay one method away
     assert mapped and all(d.class_index == 0 for d in mapped)

@@ -85,9 +85,10 @@ class Predictor:
         )
         self.geometry = {k: detector[k] for k in ("stride", "offset", "input_size")} if detector else {}
 
-    def detect(self, image: np.ndarray, classes) -> list[tuple[int, np.ndarray, float]]:
+    def detect(self, image: np.ndarray, classes, max_boxes: int = 5) -> list[tuple[int, np.ndarray, float]]:
         """Boxes of ``classes`` in one RGB uint8 (H, W, 3) image from the detection head (``train.detector: mil``),
-        after class-wise NMS, as (class, box, score in [0, 1])."""
+        after class-wise NMS, as (class, box, score in [0, 1]): the best ``max_boxes`` of each class, as many as
+        the score map's method gives (detection AP reads ``detector.max_boxes``, 100, from the map cache)."""
         if self.detector is None:
             raise CheckpointError(
                 f"{self.state_path}: this checkpoint has no detection head (it was trained with train.detector: "
@@ -98,7 +99,8 @@ class Predictor:
         regions = image_regions(
             maps.maps, maps.factors, w, h, self.recipe.detector, device=self.extractor.device, **self.geometry
         )
-        return detect(self.detector, regions, self.recipe.detector, classes, self.extractor.autocast_dtype)[0]
+        cfg = replace(self.recipe.detector, max_boxes=max_boxes)
+        return detect(self.detector, regions, cfg, classes, self.extractor.autocast_dtype)[0]
 
     def _same_k(self, fitted: dict) -> bool:
         return self.pool != "power" or fitted.get("k", self.recipe.pool.k) == self.recipe.pool.k
