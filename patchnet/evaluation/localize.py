@@ -196,30 +196,46 @@ def evaluate_localization(
     (I, C) image ``scores`` (the first box of a class is the one CorLoc judges). Detections rank by the image's
     score plus the log of their region's share of the map's peak (the ranking is all detection AP sees)."""
     check_box_options(method, threshold)
-    num = len(dataset.classes)
-    detections: list[list] = [[] for _ in range(num)]
-    truth: list[dict] = [{} for _ in range(num)]
-    hits, pairs = np.zeros(num), np.zeros(num)
+    tally = _BoxTally(len(dataset.classes))
     for row, i in enumerate(tqdm(items, desc="localize", unit="img", disable=not progress)):
         rec = dataset.records[store.record[i]]
         s = store.item_slice(i)
         values = map_values(head.logits(store.rows[s]), pool).numpy()
-        first: dict[int, tuple] = {}
-        for c in range(num):
-            found = _class_boxes(store.patch_boxes[s], values[:, c], rec.width, rec.height, method, threshold, prior)
-            detections[c] += [(row, float(scores[row, c]) + share, np.asarray(box)) for box, share in found]
-            if found:
-                first[c] = found[0][0]
+        found = []
+        for c in range(len(dataset.classes)):
+            boxes = _class_boxes(store.patch_boxes[s], values[:, c], rec.width, rec.height, method, threshold, prior)
+            found += [(c, float(scores[row, c]) + share, box) for box, share in boxes]
+        tally.add(row, rec, found)
+    return tally.result(list(dataset.classes))
+
+
+class _BoxTally:
+    """Each image's boxes against its ground truth: what detection AP reads, and CorLoc's hits and pairs."""
+
+    def __init__(self, num: int):
+        self.detections: list[list] = [[] for _ in range(num)]
+        self.truth: list[dict] = [{} for _ in range(num)]
+        self.hits, self.pairs = np.zeros(num), np.zeros(num)
+
+    def add(self, row: int, rec, found) -> None:
+        """One image's (class, ranking score, box) boxes; the first of each class is the one CorLoc judges."""
+        first: dict[int, np.ndarray] = {}
+        for c, score, box in found:
+            self.detections[c].append((row, score, np.asarray(box, np.float64)))
+            first.setdefault(c, np.asarray(box, np.float64))
         for c in np.unique(rec.box_classes):
             mine = rec.box_classes == c
-            truth[c][row] = (rec.boxes[mine], rec.box_difficult[mine])
+            self.truth[c][row] = (rec.boxes[mine], rec.box_difficult[mine])
             if (~rec.box_difficult[mine]).any():  # a positive pair: the class has a box that is not difficult
-                pairs[c] += 1
-                hits[c] += c in first and corloc_hits(np.asarray(first[c]), rec.boxes[mine])
-    aps = np.array([detection_ap(detections[c], truth[c]) for c in range(num)]).reshape(num, 2)
-    with np.errstate(invalid="ignore"):
-        corloc = np.where(pairs > 0, hits / np.maximum(pairs, 1), np.nan)
-    return LocalizationResult(list(dataset.classes), corloc, pairs, aps[:, 0], aps[:, 1])
+                self.pairs[c] += 1
+                self.hits[c] += c in first and corloc_hits(first[c], rec.boxes[mine])
+
+    def result(self, classes: list[str]) -> LocalizationResult:
+        num = len(classes)
+        aps = np.array([detection_ap(self.detections[c], self.truth[c]) for c in range(num)]).reshape(num, 2)
+        with np.errstate(invalid="ignore"):
+            corloc = np.where(self.pairs > 0, self.hits / np.maximum(self.pairs, 1), np.nan)
+        return LocalizationResult(classes, corloc, self.pairs, aps[:, 0], aps[:, 1])
 
 
 def evaluate_detector(
@@ -233,26 +249,11 @@ def evaluate_detector(
     from ..head.mil import detect, store_regions
 
     num = len(dataset.classes)
-    detections: list[list] = [[] for _ in range(num)]
-    truth: list[dict] = [{} for _ in range(num)]
-    hits, pairs = np.zeros(num), np.zeros(num)
+    tally = _BoxTally(num)
     image_scores = np.zeros((len(items), num))
     device = mil.cls.weight.device
     for row, i in enumerate(tqdm(items, desc="detect", unit="img", disable=not progress)):
-        rec = dataset.records[store.record[i]]
         regions = store_regions(store, dataset, int(i), cfg, geometry, device)
         found, image_scores[row] = detect(mil, regions, cfg, range(num), dtype)
-        first: dict[int, np.ndarray] = {}
-        for c, box, score in found:
-            detections[c].append((row, score, np.asarray(box, np.float64)))
-            first.setdefault(c, box)
-        for c in np.unique(rec.box_classes):
-            mine = rec.box_classes == c
-            truth[c][row] = (rec.boxes[mine], rec.box_difficult[mine])
-            if (~rec.box_difficult[mine]).any():
-                pairs[c] += 1
-                hits[c] += c in first and corloc_hits(np.asarray(first[c]), rec.boxes[mine])
-    aps = np.array([detection_ap(detections[c], truth[c]) for c in range(num)]).reshape(num, 2)
-    with np.errstate(invalid="ignore"):
-        corloc = np.where(pairs > 0, hits / np.maximum(pairs, 1), np.nan)
-    return LocalizationResult(list(dataset.classes), corloc, pairs, aps[:, 0], aps[:, 1]), image_scores
+        tally.add(row, dataset.records[store.record[i]], [(c, score, box) for c, box, score in found])
+    return tally.result(list(dataset.classes)), image_scores

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 
 from ..backbones.regions import region_mean
 from ..patches.regions import region_boxes, region_levels
@@ -191,8 +191,6 @@ def nms_detections(
 ) -> list[tuple[int, np.ndarray, float]]:
     """Class-wise non-maximum suppression of one image's (R, 4) boxes with (R, C) scores, for ``classes``: up to
     ``max_boxes`` per class of score at least ``min_score``, as (class, box, score), best first per class."""
-    from torchvision.ops import nms
-
     out = []
     b = torch.from_numpy(np.asarray(boxes, np.float32))
     for c in classes:
