@@ -18,8 +18,10 @@ from patchnet.training.trainer import train
 from conftest import tiny_recipe
 
 
-@pytest.mark.parametrize(("compress", "members"), [("none", 1), ("pca_int8", 1), ("none", 3)])
-def test_the_exported_program_matches_the_api_without_patchnet(tmp_path, small_voc, compress, members):
+@pytest.mark.parametrize(
+    ("compress", "members", "unlock"), [("none", 1, 0), ("pca_int8", 1, 0), ("none", 3, 0), ("none", 1, 1)]
+)
+def test_the_exported_program_matches_the_api_without_patchnet(tmp_path, small_voc, compress, members, unlock):
     recipe = tiny_recipe(
         tmp_path,
         small_voc,
@@ -29,13 +31,17 @@ def test_the_exported_program_matches_the_api_without_patchnet(tmp_path, small_v
         f"cache.compress={compress}",
         "cache.pca_dim=8",
         f"head.members={members}",
+        f"train.unlock={unlock}",
+        "train.unlock_lr=30",  # the unlocked stage moves visibly in one epoch
     )
     train(recipe, progress=False)
     ckpt = recipe.run_dir / "last.pt"
     image = load_image(small_voc / "JPEGImages" / "e.jpg")  # 88 x 66
     h, w = image.shape[:2]
     model, _ = export(ckpt, w, h, tmp_path / "model.pt2")
-    api = patchnet.load(ckpt, device="cpu", precision="fp32").predictor.predict(image)
+    predictor = patchnet.load(ckpt, device="cpu", precision="fp32").predictor
+    api = predictor.predict(image)
+    assert ("+unlock1:" in predictor.extractor.backbone.weights_id) == bool(unlock)  # the trained stage is in it
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     probs, scores, values = model(x)
     np.testing.assert_allclose(scores.numpy(), api.scores, rtol=1e-4, atol=1e-5)
