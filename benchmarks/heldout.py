@@ -40,9 +40,9 @@ def split_scores(predictor: Predictor, dataset: Dataset) -> dict:
     items = evaluation_items(store)
     head = image_scores(predictor.head, store, items, recipe.pool, predictor.pool)
     fused, svm = head, np.full_like(head, np.nan)
-    if predictor.fusion is not None:
-        fused = image_scores(predictor.head, store, items, recipe.pool, predictor.pool, predictor.fusion)
+    if predictor.fusion is not None:  # as image_scores fuses, from the head's pooled scores computed once
         svm = predictor.fusion.decision(pool_features(store.trunk_rows, store.offsets, items, "max"))
+        fused = predictor.fusion.combine(head, svm)
     ids = [dataset.records[r].image_id for r in store.record[items]]
     labels = dataset.labels()[store.record[items]]
     return {"ids": ids, "fused": fused, "head": head, "svm": svm, "labels": labels}
