@@ -22,8 +22,9 @@ sleep); ``passive`` sets OMP_WAIT_POLICY=PASSIVE whatever the machine; ``threads
   (past its warm-up) and looping until the measured job ends;
 - cpu: a plain CPU-bound process, numpy matrix products on --hog-threads threads (default: the CPUs this
   process may use), started first;
-- later: the measured job starts alone (past its warm-up), then the second patchnet process starts, and the
-  timing begins once that one is past its warm-up: the case of a job that was alone when it chose.
+- later: the measured job starts alone and keeps working past its warm-up while the second patchnet process
+  starts (so that one finds the machine busy, as beside a running job), and the timing begins once that one
+  is past its warm-up: the case of a job that was alone when it chose.
 The machine's speed drifts, so each of --rounds rounds runs every cell, in an order that rotates from
 round to round, and a cell's time is the sum of its rounds. Do not run it beside other work.
 
@@ -144,10 +145,16 @@ def child(args) -> None:
     for i in range(warm):
         unit(i)
     print("BUSY ready", flush=True)
-    if args.wait:  # the parent starts a neighbour first, then says go
-        sys.stdin.readline()
-    n = args.images if args.child == "extract" else args.steps
     i = warm
+    if args.wait:  # the parent starts a neighbour first, then says go; the job works on meanwhile, as a run would
+        import threading
+
+        go = threading.Event()
+        threading.Thread(target=lambda: (sys.stdin.readline(), go.set()), daemon=True).start()
+        while not go.is_set():
+            unit(i)
+            i += 1
+    n = args.images if args.child == "extract" else args.steps
     while args.loop:
         unit(i)
         i += 1

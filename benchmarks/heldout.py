@@ -58,22 +58,6 @@ def held_out_split(predictor: Predictor) -> Dataset:
     return Dataset(f"{train.name} held out", train.classes, [train.records[i] for i in held], train.fixes)
 
 
-def resampled_ap07(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(R,) 11-point AP of one class for R resamples of the images, each given by how often it draws every image
-    (``counts``, (R, n)): ``voc_ap`` with weights, so that a resample costs a cumulative sum, not a sort."""
-    keep = labels != 0
-    scores, positive, counts = scores[keep], labels[keep] == 1, counts[:, keep]
-    order = np.argsort(-scores, kind="mergesort")
-    scores, positive, counts = scores[order], positive[order], counts[:, order]
-    tp, fp = np.cumsum(counts * positive, 1), np.cumsum(counts * ~positive, 1)
-    last_of_tie = np.r_[scores[1:] != scores[:-1], True]
-    tp, fp = tp[:, last_of_tie], fp[:, last_of_tie]
-    npos = tp[:, -1:]
-    recall, precision = tp / np.maximum(npos, 1), tp / np.maximum(tp + fp, 1)
-    ap = sum(np.where(recall >= t, precision, 0).max(1) for t in np.arange(11) / 10) / 11
-    return np.where(npos[:, 0] > 0, ap, np.nan)
-
-
 def bootstrap_gain(base: dict, other: dict, key: str, repeats: int, seed: int = 0) -> tuple[float, float, float]:
     """The 11-point mAP of ``other`` minus ``base`` on the same images, and its 95% paired bootstrap interval."""
     labels, classes = base["labels"], [str(c) for c in range(base["labels"].shape[1])]
@@ -83,13 +67,13 @@ def bootstrap_gain(base: dict, other: dict, key: str, repeats: int, seed: int = 
     counts = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
     diff = np.stack(
         [
-            resampled_ap07(other[key][:, c], labels[:, c], counts)
-            - resampled_ap07(base[key][:, c], labels[:, c], counts)
+            voc_ap(other[key][:, c], labels[:, c], weights=counts)
+            - voc_ap(base[key][:, c], labels[:, c], weights=counts)
             for c in range(len(classes))
         ],
         1,
     )
-    for r in range(min(repeats, 3)):  # the weighted AP is voc_ap's on the drawn images
+    for r in range(min(repeats, 3)):  # a weighted AP is the AP of the drawn images
         d, c = draws[r], 0
         expected = voc_ap(other[key][d, c], labels[d, c]) - voc_ap(base[key][d, c], labels[d, c])
         assert np.isclose(diff[r, c], expected, equal_nan=True), (diff[r, c], expected)

@@ -115,6 +115,29 @@ def test_envelope_ap_on_random_data_against_sklearn_curve():
         assert voc_ap(scores, labels, False) >= average_precision_score(labels == 1, scores) - 1e-12
 
 
+def test_weighted_ap_is_the_ap_of_the_images_repeated_as_often_as_their_weights():
+    # the bootstrap's resamples (benchmarks/heldout.py): ties, difficult images, draws without positives
+    rng = np.random.default_rng(3)
+    n = 40
+    scores = rng.integers(0, 12, n).astype(float)  # many ties
+    labels = rng.choice([1, -1, -1, 0], n)
+    draws = rng.integers(0, n, (200, n))
+    draws[0] = np.flatnonzero(labels != 1)[0]  # one draw of a single negative image: no positive
+    counts = np.stack([np.bincount(d, minlength=n) for d in draws])
+    weighted = voc_ap(scores, labels, weights=counts)
+    expected = np.array([voc_ap(scores[d], labels[d]) for d in draws])
+    assert weighted.shape == (200,)
+    np.testing.assert_allclose(weighted, expected, rtol=1e-12)  # NaN where NaN
+    assert np.isnan(weighted[0])
+    for d, c in zip(draws[1:20], counts[1:20], strict=True):  # one row: both metrics
+        for metric in (True, False):
+            assert voc_ap(scores, labels, metric, weights=c) == pytest.approx(voc_ap(scores[d], labels[d], metric))
+    with pytest.raises(ValueError, match="11-point"):
+        voc_ap(scores, labels, False, weights=counts)
+    with pytest.raises(ValueError, match="weights must be"):
+        voc_ap(scores, labels, weights=counts[:, :-1])
+
+
 def test_ap_table_and_format():
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.3]])
     labels = np.array([[1, -1], [-1, 1], [0, -1]])

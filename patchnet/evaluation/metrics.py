@@ -11,11 +11,14 @@ import numpy as np
 log = logging.getLogger("patchnet")
 
 
-def precision_recall(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def precision_recall(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall at each distinct score threshold, highest score first.
 
     Labels are 1 (positive), -1 (negative) or 0 (difficult: left out). Tied scores form one
-    threshold, so the result does not depend on the order of tied images.
+    threshold, so the result does not depend on the order of tied images. ``weights`` counts every
+    image that many times (a bootstrap resample); (R, n) weights give (R, thresholds) curves, one per row.
     """
     scores = np.asarray(scores, np.float64).ravel()
     labels = np.asarray(labels).ravel()
@@ -25,41 +28,56 @@ def precision_recall(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
         raise ValueError(f"labels must be 1, -1 or 0; got values {sorted(set(labels.tolist()) - {-1, 0, 1})}")
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
+    w = np.ones(len(scores)) if weights is None else np.asarray(weights, np.float64)
+    if w.shape[-1] != len(scores) or w.ndim > 2:
+        raise ValueError(f"weights must be (n,) or (R, n) for n = {len(scores)} images, got {w.shape}")
     keep = labels != 0
-    scores, positive = scores[keep], labels[keep] == 1
-    npos = int(positive.sum())
+    scores, positive, w = scores[keep], labels[keep] == 1, w[..., keep]
     order = np.argsort(-scores, kind="mergesort")
-    scores, positive = scores[order], positive[order]
-    tp = np.cumsum(positive)
-    fp = np.cumsum(~positive)
+    scores, positive, w = scores[order], positive[order], w[..., order]
+    tp = np.cumsum(w * positive, -1)
+    fp = np.cumsum(w * ~positive, -1)
     last_of_tie = np.r_[scores[1:] != scores[:-1], True] if len(scores) else np.zeros(0, bool)
-    tp, fp = tp[last_of_tie], fp[last_of_tie]
-    recall = tp / max(npos, 1)
-    precision = tp / np.maximum(tp + fp, 1)
+    tp, fp = tp[..., last_of_tie], fp[..., last_of_tie]
+    npos = (w * positive).sum(-1, keepdims=True)
+    recall = np.divide(tp, npos, out=np.zeros_like(tp), where=npos > 0)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
     return precision, recall
 
 
-def voc_ap(scores: np.ndarray, labels: np.ndarray, use_07_metric: bool = True) -> float:
+def voc_ap(scores: np.ndarray, labels: np.ndarray, use_07_metric: bool = True, weights: np.ndarray | None = None):
     """VOC average precision of one class; NaN (undefined) when it has no positive image.
 
     ``use_07_metric=True``: the VOC2007 11-point interpolated AP, the mean over recall levels
     t = 0, 0.1, ..., 1 of the best precision at recall >= t. ``False``: the VOC2010+ AP, the area
-    under the monotone envelope of the precision/recall curve.
+    under the monotone envelope of the precision/recall curve. (R, n) ``weights`` (11-point only): the
+    (R,) APs of R resamples of the images, each counting every image as often as its row says.
     """
-    precision, recall = precision_recall(scores, labels)
-    if not (np.asarray(labels) == 1).any():
+    if weights is not None and np.ndim(weights) == 2:
+        if not use_07_metric:
+            raise ValueError("voc_ap: (R, n) weights give the 11-point AP only (use_07_metric=True)")
+        precision, recall = precision_recall(scores, labels, weights)
+        positives = (np.asarray(weights) * (np.asarray(labels).ravel() == 1)).sum(1)
+        return np.where(positives > 0, _ap07(precision, recall), np.nan)
+    precision, recall = precision_recall(scores, labels, weights)
+    positive = np.asarray(labels).ravel() == 1
+    if not (positive.any() if weights is None else (np.asarray(weights) * positive).sum() > 0):
         return float("nan")
     return _curve_ap(precision, recall, use_07_metric)
+
+
+def _ap07(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    """The 11-point AP of curves along the last axis: the mean over t = i/10 of the best precision at recall >= t
+    (i/10, so that a recall of exactly 0.3 reaches t = 0.3)."""
+    if precision.shape[-1] == 0:
+        return np.zeros(precision.shape[:-1])
+    return sum(np.where(recall >= t, precision, 0.0).max(-1) for t in np.arange(11) / 10) / 11
 
 
 def _curve_ap(precision: np.ndarray, recall: np.ndarray, use_07_metric: bool) -> float:
     """AP of a precision/recall curve: the 11-point mean, or the area under the monotone envelope."""
     if use_07_metric:
-        ap = 0.0
-        for t in np.arange(11) / 10:  # i/10, so that a recall of exactly 0.3 reaches t=0.3
-            above = recall >= t
-            ap += precision[above].max() if above.any() else 0.0
-        return float(ap / 11)
+        return float(_ap07(precision, recall))
     mrec = np.concatenate([[0.0], recall, [1.0]])
     mpre = np.concatenate([[0.0], precision, [0.0]])
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # the envelope: best precision at any higher recall
