@@ -24,11 +24,13 @@ sleep); ``passive`` sets OMP_WAIT_POLICY=PASSIVE whatever the machine; ``threads
   process may use), started first;
 - later: the measured job starts alone and keeps working past its warm-up while the second patchnet process
   starts (so that one finds the machine busy, as beside a running job), and the timing begins once that one
-  is past its warm-up: the case of a job that was alone when it chose.
+  is past its warm-up: the case of a job that was alone when it chose;
+- together: as later, but the measured job pauses while the second one starts, so that both find the
+  machine idle and their threads spin until each one's governor gives way: two jobs started at once.
 The machine's speed drifts, so each of --rounds rounds runs every cell, in an order that rotates from
 round to round, and a cell's time is the sum of its rounds. Do not run it beside other work.
 
-    python benchmarks/busy.py --policy auto spin --images 10 --steps 100 --rounds 3
+    python benchmarks/busy.py --policy auto spin --images 30 --steps 300 --rounds 2  # windows of several 2 s periods
     python benchmarks/busy.py --policy auto --jobs head --steps 5 --rows 2048 --rounds 1   # a smoke test
 """
 
@@ -46,7 +48,7 @@ import patchnet  # before torch: patchnet.threads sets the thread count and wait
 HERE = Path(__file__).resolve()
 CLEARED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")
 CLEARED += ("GOMP_SPINCOUNT", "PATCHNET_THREADS")
-NEIGHBOURS = ("alone", "patchnet", "cpu", "later")
+NEIGHBOURS = ("alone", "patchnet", "cpu", "later", "together")
 UNIT = {"extract": "image", "head": "step"}
 HOG = """
 import numpy as np
@@ -146,7 +148,9 @@ def child(args) -> None:
         unit(i)
     print("BUSY ready", flush=True)
     i = warm
-    if args.wait:  # the parent starts a neighbour first, then says go; the job works on meanwhile, as a run would
+    if args.wait == "pause":  # the parent starts a neighbour first, then says go
+        sys.stdin.readline()
+    elif args.wait == "work":  # ... and meanwhile the job works on, as a run would
         import threading
 
         go = threading.Event()
@@ -187,10 +191,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def job_command(job: str, args, loop: bool = False, wait: bool = False) -> list[str]:
+def job_command(job: str, args, loop: bool = False, wait: str = "") -> list[str]:
     cmd = [sys.executable, str(HERE), "--child", job, "--voc", args.voc, "--recipe", args.recipe]
     cmd += ["--images", str(args.images), "--steps", str(args.steps), "--rows", str(args.rows)]
-    return cmd + (["--loop"] if loop else []) + (["--wait"] if wait else []) + ["--set", *args.set]
+    return cmd + (["--loop"] if loop else []) + (["--wait", wait] if wait else []) + ["--set", *args.set]
 
 
 def cell(job: str, policy: str, neighbour: str, args) -> dict:
@@ -198,8 +202,9 @@ def cell(job: str, policy: str, neighbour: str, args) -> dict:
     start = lambda cmd, env, **kw: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, **kw)
     side = None
     try:
-        if neighbour == "later":  # the measured job first, alone as it starts; then a second one
-            timed = start(job_command(job, args, wait=True), env_of(policy), stdin=subprocess.PIPE)
+        if neighbour in ("later", "together"):  # the measured job first, alone as it starts; then a second one
+            wait = "work" if neighbour == "later" else "pause"
+            timed = start(job_command(job, args, wait=wait), env_of(policy), stdin=subprocess.PIPE)
             try:
                 wait_for(timed, "ready")
                 side = start(job_command(job, args, loop=True), env_of(args.side_policy or policy))
@@ -247,7 +252,9 @@ def main() -> None:
     ap.add_argument("--hog-threads", type=int, default=usable_cpus(), help="cpu: the numpy process's threads")
     ap.add_argument("--child", choices=["extract", "head"], help="(internal) run one job in this process")
     ap.add_argument("--loop", action="store_true", help="(internal) the job loops until it is stopped")
-    ap.add_argument("--wait", action="store_true", help="(internal) the job waits for a line on stdin to start")
+    ap.add_argument(
+        "--wait", choices=["pause", "work"], help="(internal) wait for a line on stdin to start, idle or working"
+    )
     args = ap.parse_args()
     if args.child:
         return child(args)

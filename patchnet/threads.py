@@ -12,14 +12,9 @@ cores: 2.2 s/image each spinning, 0.35 passive). On an idle machine they spin, w
 arrives later, the spinning threads of this process are the ones that suffer (5-7x their time alone beside a
 passive second job), and the wait policy cannot change once torch has loaded: the ``governor`` then runs torch
 on one thread, which has no one to wait for, until the other work ends (``tick``, called by the loops over
-images and batches). A process whose threads wait passively has a governor too: where its neighbour uses
-less than half the CPUs against this process's full count (another patchnet job that gave way to one
-thread), it leaves the neighbour the CPUs it uses and runs on the rest, so that each job keeps a core
-instead of three threads sharing two; should the neighbour then use more than it was left (a job that does
-not give way, such as matrix products on every core), the full count comes back. Another thread count
-changes the last bits of a convolution or a matrix product (bf16 features: up to one unit in the last place),
-so a run that gave way is reproducible to its figures' noise, not to the bit; a fixed count
-(``PATCHNET_THREADS=N``, ``OMP_NUM_THREADS``) has no governor.
+images and batches). Another thread count changes the last bits of a convolution or a matrix product (bf16
+features: up to one unit in the last place), so a run that gave way is reproducible to its figures' noise,
+not to the bit; a fixed count (``PATCHNET_THREADS=N``, ``OMP_NUM_THREADS``) has no governor.
 
 The variables users know win: a count in ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``, a wait policy in
 ``OMP_WAIT_POLICY``, ``KMP_BLOCKTIME`` or ``GOMP_SPINCOUNT`` is left as it is. ``PATCHNET_THREADS=N`` sets
@@ -182,10 +177,9 @@ def configure(environ=os.environ, modules=sys.modules) -> Choice:
         env.update(PASSIVE)
     environ.update(env)
     choice = Choice(cpus, threads, source, env)
-    # only a count patchnet chose, of threads whose wait policy it chose, on CPUs whose use /proc/stat shows
-    # (no cgroup quota)
-    governor.passive = "OMP_WAIT_POLICY" in env
-    governor.enabled = source == "auto" and threads > 1 and not waits and cgroup_cpus() is None
+    # only a count patchnet chose, of threads that spin, on CPUs whose use /proc/stat shows (no cgroup quota)
+    spinning = source == "auto" and threads > 1 and not waits and "OMP_WAIT_POLICY" not in env
+    governor.enabled = spinning and cgroup_cpus() is None  # tick turns it off where /proc/stat cannot tell
     return choice
 
 
@@ -252,29 +246,21 @@ def use_threads(threads: int) -> None:
 
 BUSY_OTHERS = 0.5  # CPUs other processes use, over a period, before spinning threads give way
 IDLE_OTHERS = 0.25  # ... and below which the full count comes back
-# passive threads: the neighbour's use, above the CPUs left to it, that marks a job which does not give way
-GREEDY_MARGIN = 0.2
-GREEDY_HOLD = 30.0  # seconds a passive process keeps its full count after it met such a job
 
 
 class Governor:
-    """Fewer torch threads while other processes keep this one's CPUs busy, the chosen count again once they stop.
+    """One torch thread while other processes keep this one's CPUs busy, the chosen count again once they stop.
 
-    Spinning threads (``passive`` False) give way to one thread as soon as others use half a CPU. Passive
-    threads give way only to a neighbour that uses less than half the CPUs against their full count (its
-    demand is below theirs: another patchnet job on one thread), leaving it the CPUs it uses; should the
-    neighbour then use more than those (it does not give way), they take their full count back and keep it
-    a while. ``tick`` is cheap (a clock read) except once a ``period``, when it compares the busy time of this
-    process's CPUs with its own CPU time: the difference is the other processes' share. Spinning threads count
-    as this process's time, so a process alone reads about zero whatever its threads do."""
+    ``tick`` is cheap (a clock read) except once a ``period``, when it compares the busy time of this process's
+    CPUs with its own CPU time: the difference is the other processes' share. Spinning threads count as this
+    process's time, so a process alone reads about zero whatever its threads do."""
 
     def __init__(self, period: float = 2.0, clock=time.monotonic, own=own_seconds, cpus=None):
-        self.enabled, self.passive, self.period, self.clock, self.own = False, False, period, clock, own
+        self.enabled, self.period, self.clock, self.own = False, period, clock, own
         self.cpus = cpus
         self.last: tuple[float, float, float] | None = None  # (wall, CPUs' busy seconds, own seconds)
         self.full: int | None = None  # the count before giving way; None while it runs at full count
         self.others = 0.0  # the other processes' CPUs over the last period
-        self.hold_until = 0.0  # passive: no giving way before this time (a neighbour that does not give way)
 
     def tick(self) -> None:
         if not self.enabled:
@@ -298,22 +284,13 @@ class Governor:
         wall = sample[0] - previous[0]
         if wall <= 0:
             return
-        others = self.others = max(0.0, (sample[1] - previous[1]) - (sample[2] - previous[2])) / wall
-        count = torch.get_num_threads()
-        if self.full is not None:
-            left = self.full - count  # the CPUs left to the others
-            if others < IDLE_OTHERS or (self.passive and others > left + GREEDY_MARGIN):
-                if others >= IDLE_OTHERS:
-                    self.hold_until = sample[0] + GREEDY_HOLD
-                torch.set_num_threads(self.full)
-                self.full = None
-        elif count > 1 and others >= BUSY_OTHERS:
-            if not self.passive:
-                self.full = count
-                torch.set_num_threads(1)
-            elif others <= count / 2 - 0.1 and sample[0] >= self.hold_until:
-                self.full = count
-                torch.set_num_threads(max(1, count - math.ceil(others)))
+        self.others = max(0.0, (sample[1] - previous[1]) - (sample[2] - previous[2])) / wall
+        if self.full is None and self.others >= BUSY_OTHERS and torch.get_num_threads() > 1:
+            self.full = torch.get_num_threads()
+            torch.set_num_threads(1)
+        elif self.full is not None and self.others < IDLE_OTHERS:
+            torch.set_num_threads(self.full)
+            self.full = None
 
 
 governor = Governor()

@@ -263,7 +263,7 @@ def test_the_governor_gives_way_while_others_work_and_takes_the_cores_back_after
     assert gov.others == pytest.approx(0.1)
 
 
-def test_the_governor_acts_only_on_counts_and_waits_patchnet_chose(monkeypatch):
+def test_the_governor_acts_only_on_spinning_threads_patchnet_counted(monkeypatch):
     machine(monkeypatch, 2, 2, None)
     monkeypatch.setattr(threads, "cpu_seconds", lambda cpus: 0.0)
     monkeypatch.setattr(threads, "others_using", lambda glance: 0.0)  # idle: threads spin
@@ -275,50 +275,6 @@ def test_the_governor_acts_only_on_counts_and_waits_patchnet_chose(monkeypatch):
     ):
         threads.configure(environ, modules={})
         assert threads.governor.enabled is enabled, environ
-        assert not threads.governor.passive
-    monkeypatch.setattr(threads, "others_using", lambda glance: 2.0)  # busy: threads wait passively
-    threads.configure({}, modules={})
-    assert threads.governor.enabled and threads.governor.passive
-    machine(monkeypatch, 2, 2, 2.0)  # a cgroup quota: /proc/stat does not tell this process's share
+    monkeypatch.setattr(threads, "others_using", lambda glance: 2.0)  # busy: threads wait passively, no governor
     threads.configure({}, modules={})
     assert not threads.governor.enabled
-
-
-def run_governor(monkeypatch, passive, others, start=2):
-    """The counts a governor sets at each 2 s period while other processes use ``others`` CPUs in turn
-    (this process uses 1 CPU a period, whatever its count)."""
-    count = [start]
-    monkeypatch.setattr(torch, "get_num_threads", lambda: count[0])
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: count.__setitem__(0, n))
-    now, busy, own = [0.0], [0.0], [0.0]
-    gov = threads.Governor(period=2.0, clock=lambda: now[0], own=lambda: own[0], cpus=[0, 1])
-    gov.enabled, gov.passive = True, passive
-    monkeypatch.setattr(threads, "cpu_seconds", lambda cpus: busy[0])
-    gov.tick()
-    seen = []
-    for o in others:
-        now[0] += 2.0
-        own[0] += 2.0
-        busy[0] += 2.0 + 2.0 * o
-        gov.tick()
-        seen.append(count[0])
-    return seen, gov
-
-
-def test_passive_threads_leave_a_patchnet_neighbour_its_core_and_take_it_back_from_a_greedy_one(monkeypatch):
-    # a patchnet job that gave way to one thread (0.7 CPU against our 2 threads, then its full core against
-    # our 1), then gone: one thread while it runs, both once it has gone
-    seen, _ = run_governor(monkeypatch, True, [0.7, 1.0, 1.05, 0.1])
-    assert seen == [1, 1, 1, 2]
-    # matrix products on every core: 1.1 CPUs against our 2 threads is above half the CPUs, so no giving way
-    seen, _ = run_governor(monkeypatch, True, [1.1, 1.2, 1.0])
-    assert seen == [2, 2, 2]
-    # a neighbour that read like a patchnet job, then took more than the core left to it: the full count back,
-    # held for 30 s whatever the neighbour reads, then giving way again
-    seen, gov = run_governor(monkeypatch, True, [0.7, 1.4] + [0.7] * 15)
-    assert seen[:2] == [1, 2]
-    assert seen[2:16] == [2] * 14  # 4 .. 30 s after it took the full count back at 4 s
-    assert seen[16] == 1
-    # spinning threads give way to one thread beside any neighbour that uses half a CPU, greedy or not
-    seen, _ = run_governor(monkeypatch, False, [0.7, 1.4, 0.5, 0.1])
-    assert seen == [1, 1, 1, 2]
