@@ -171,9 +171,9 @@ class Model:
             f"{'calibrated' if p.calibration else 'not calibrated'}, on {p.extractor.device})"
         )
 
-    def _one(self, image) -> tuple[np.ndarray, Prediction]:
+    def _one(self, image, keep_maps: list | None = None) -> tuple[np.ndarray, Prediction]:
         array = as_image(image, self.recipe.data.max_pixels)
-        return array, self.predictor.predict(array)
+        return array, self.predictor.predict(array, keep_maps)
 
     def check_threshold(self, threshold: float | None) -> None:
         """Refuse a threshold (a calibrated probability) outside [0, 1], or any where the model has no probabilities."""
@@ -237,13 +237,14 @@ class Model:
         ``classes``; the best class where none is), beside the image as the model read it."""
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
         self.check_threshold(threshold)
-        array, p = self._one(image)
+        trunk_maps: list | None = [] if self.predictor.detector is not None else None  # for the boxes
+        array, p = self._one(image, trunk_maps)
         predictions = self._predictions([p], threshold)
         prior = self.predictor.map_prior(prior)
         chosen = self._class_indices(wanted, p, None if predictions.present is None else predictions.present[0])
         maps = {self.classes[c]: score_map(p.boxes, p.values[:, c], p.width, p.height, prior=prior) for c in chosen}
         boxes = (
-            [_detection(*found) for found in self.predictor.detect(array, chosen)]
+            [_detection(*found) for found in self.predictor.detect(array, chosen, maps=trunk_maps)]
             if self.predictor.detector is not None
             else []
         )
@@ -262,9 +263,11 @@ class Model:
         """Boxes of one image (``patchnet.evaluation.localize``): for the classes judged present, or ``classes``."""
         wanted = None if classes is None else self.class_indices(classes)  # checked before the model runs
         method, threshold = box_options(self.recipe.infer, method, threshold, self.predictor.detector is not None)
-        array, p = self._one(image)
+        trunk_maps: list | None = [] if method == "mil" else None  # for the detection head
+        array, p = self._one(image, trunk_maps)
         if method == "mil":  # the detection head's boxes, scored by their regions' refined class scores
-            return [_detection(*found) for found in self.predictor.detect(array, self._class_indices(wanted, p))]
+            chosen = self._class_indices(wanted, p)
+            return [_detection(*found) for found in self.predictor.detect(array, chosen, maps=trunk_maps)]
         # box scores are log-confidences in [0, 1]: the calibrated probability, else the squashed pooled score
         pr = self.predictor
         sure = confidence(p.scores, pr.pool, self.recipe.pool.k, pr.calibration, pr.fusion is not None)

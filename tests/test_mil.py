@@ -192,6 +192,18 @@ def test_a_run_with_a_detector_trains_it_and_every_box_path_uses_it(tmp_path, sm
     assert all(0 <= d.score <= 1 and 0 <= d.box[0] < d.box[2] <= 88 and 0 <= d.box[1] < d.box[3] <= 66 for d in boxes)
     mapped = model.localize(image, classes=["cat"], method="map")  # the score maps stay one method away
     assert mapped and all(d.class_index == 0 for d in mapped)
+    # the trunk runs once a level for the scores and the boxes: the boxes as from maps computed apart
+    backbone, calls = model.predictor.extractor.backbone, []
+    feature_map = backbone.feature_map
+    backbone.feature_map = lambda *a, **k: calls.append(1) or feature_map(*a, **k)
+    explained = model.explain(image, classes=["cat", "dog"])
+    levels = len(model.predictor.extractor.plan(88, 66).levels)
+    assert len(calls) == levels
+    apart = model.predictor.detect(explained.image, [0, 1])  # its own trunk passes
+    assert len(calls) == 2 * levels
+    assert explained.boxes
+    assert [(d.class_index, d.score) for d in explained.boxes] == [(c, pytest.approx(s)) for c, _, s in apart]
+    np.testing.assert_allclose([d.box for d in explained.boxes], [b for _, b, _ in apart], atol=1e-4)
     from typer.testing import CliRunner
 
     from patchnet.cli import app

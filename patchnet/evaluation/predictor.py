@@ -85,19 +85,26 @@ class Predictor:
         )
         self.geometry = {k: detector[k] for k in ("stride", "offset", "input_size")} if detector else {}
 
-    def detect(self, image: np.ndarray, classes, max_boxes: int = 5) -> list[tuple[int, np.ndarray, float]]:
+    def detect(
+        self, image: np.ndarray, classes, max_boxes: int = 5, maps: list | None = None
+    ) -> list[tuple[int, np.ndarray, float]]:
         """Boxes of ``classes`` in one RGB uint8 (H, W, 3) image from the detection head (``train.detector: mil``),
         after class-wise NMS, as (class, box, score in [0, 1]): the best ``max_boxes`` of each class, as many as
-        the score map's method gives (detection AP reads ``detector.max_boxes``, 100, from the map cache)."""
+        the score map's method gives (detection AP reads ``detector.max_boxes``, 100, from the map cache).
+        ``maps``: the trunk's maps of the image kept by ``predict`` (else the trunk runs here)."""
         if self.detector is None:
             raise CheckpointError(
                 f"{self.state_path}: this checkpoint has no detection head (it was trained with train.detector: "
                 "none); use the box method map, or train with --set train.detector=mil"
             )
         h, w = image.shape[:2]
-        maps = boundary_maps(self.extractor, image, None)
+        if maps:
+            levels, factors = [m for m, _ in maps], np.array([f for _, f in maps], np.float64)
+        else:
+            found = boundary_maps(self.extractor, image, None)
+            levels, factors = found.maps, found.factors
         regions = image_regions(
-            maps.maps, maps.factors, w, h, self.recipe.detector, device=self.extractor.device, **self.geometry
+            levels, factors, w, h, self.recipe.detector, device=self.extractor.device, **self.geometry
         )
         cfg = replace(self.recipe.detector, max_boxes=max_boxes)
         return detect(self.detector, regions, cfg, classes, self.extractor.autocast_dtype)[0]
@@ -121,12 +128,12 @@ class Predictor:
         else the resolved ``infer.map_prior``."""
         return self.recipe.infer.map_prior if prior is None else check_prior(prior)
 
-    def predict(self, image) -> Prediction:
-        """Score one image: a path or an RGB uint8 (H, W, 3) array."""
+    def predict(self, image, keep_maps: list | None = None) -> Prediction:
+        """Score one image: a path or an RGB uint8 (H, W, 3) array (``keep_maps``: see ``PatchExtractor.extract``)."""
         if isinstance(image, (str, Path)):
             image = load_image(image, self.recipe.data.max_pixels)
         h, w = image.shape[:2]
-        features, plan = self.extractor.extract(image)
+        features, plan = self.extractor.extract(image, keep_maps)
         return self.predict_features(self.codec.roundtrip(features), plan.boxes, w, h)
 
     def predict_features(self, features, boxes: np.ndarray, width: int, height: int) -> Prediction:

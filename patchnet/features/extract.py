@@ -160,8 +160,12 @@ class PatchExtractor:
         return self.extract(image)[0]
 
     @torch.inference_mode()
-    def extract(self, image) -> tuple[torch.Tensor, PatchPlan]:
-        """(N, d) float32 features of all patches of an image, on the CPU, and the plan they follow."""
+    def extract(self, image, keep_maps: list | None = None) -> tuple[torch.Tensor, PatchPlan]:
+        """(N, d) float32 features of all patches of an image, on the CPU, and the plan they follow.
+
+        ``keep_maps``: a list to append each pyramid level's trunk map to, as the detection head reads it
+        (``((h, w, d) float16 array, (x, y) rescaling)``), so that the trunk runs once for both; left empty
+        where the levels are rescaled otherwise than the detection head's maps (sides rounded to a multiple)."""
         self.require_calibration()
         tick()  # another process may have started: spinning threads give way (threads.py)
         img = self.prepare(image)
@@ -174,7 +178,8 @@ class PatchExtractor:
         ]
         for level, scaled in self.level_images(img, plan):
             grids = [plan.grids[i] for i in level.grids]
-            for i, f in zip(level.grids, self._shared_level(scaled, grids, w, h)):
+            keep = keep_maps if self.multiple == 1 else None
+            for i, f in zip(level.grids, self._shared_level(scaled, grids, w, h, keep)):
                 feats[i] = f
         return torch.cat(cast(list[torch.Tensor], feats)).float().cpu(), plan  # every grid is filled
 
@@ -213,11 +218,15 @@ class PatchExtractor:
             return self.backbone.pool_regions(fmap, cells).float()
 
     def _shared_level(
-        self, scaled: torch.Tensor, grids: list[ScaleGrid], width: int, height: int
+        self, scaled: torch.Tensor, grids: list[ScaleGrid], width: int, height: int, keep: list | None = None
     ) -> list[torch.Tensor]:
-        """Features of ``grids`` (boxes in pixels of the width x height image) pooled from one trunk pass."""
+        """Features of ``grids`` (boxes in pixels of the width x height image) pooled from one trunk pass (its map
+        appended to ``keep``, see ``extract``)."""
         with self.autocast():
             fmap = self.backbone.feature_map(scaled)
+        if keep is not None:
+            factors = (scaled.shape[-1] / width, scaled.shape[-2] / height)
+            keep.append((fmap[0].permute(1, 2, 0).to(torch.float16).cpu().numpy(), factors))
         boxes = torch.from_numpy(np.concatenate([g.boxes for g in grids])).to(self.device, torch.float32)
         cells = map_cells(self.backbone, boxes, scaled.shape[-1] / width, scaled.shape[-2] / height)
         with self.autocast():
