@@ -83,6 +83,42 @@ def test_depthwise_same_padding_without_a_padded_copy_matches_tf(h, w, kernel, s
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,stride,h,w", [(5, 1, 25, 37), (5, 2, 33, 48), (3, 2, 9, 10), (3, 1, 8, 8)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_depthwise_weight_gradient_is_torchs(kernel, stride, h, w, bf16):
+    """The depthwise convolutions that train (``train.unlock``) take their weight gradient from a grouped
+    convolution (``_DepthwiseConv``): the same gradients as torch's own, channels-last and under bf16 autocast."""
+    from patchnet.backbones import lite
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(8, 8, kernel, stride, groups=8, bias=True)
+    x = torch.randn(2, 8, h, w).to(memory_format=torch.channels_last)
+    grads = []
+    for fast in (True, False):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if fast:
+                y = conv(xx)
+            else:  # torch's convolution and its gradients
+                original, lite.depthwise_conv2d = (
+                    lite.depthwise_conv2d,
+                    lambda x, wt, b, st, p: F.conv2d(x, wt, b, st, p, 1, wt.shape[0]),
+                )
+                try:
+                    y = conv(xx)
+                finally:
+                    lite.depthwise_conv2d = original
+        assert y.grad_fn is not None and ("DepthwiseConv" in y.grad_fn.name()) is fast
+        weights = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+        grads.append(torch.autograd.grad((y.float() * weights).sum(), [xx, conv.weight, conv.bias]))
+    tol = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-4, "atol": 1e-4}
+    for fast, ref in zip(*grads, strict=True):
+        assert fast.dtype == ref.dtype
+        torch.testing.assert_close(fast, ref, **tol)
+    with torch.no_grad():  # inference: torch's convolution itself
+        assert conv(x).grad_fn is None
+
+
 def test_lite0_imagenet_weights_classify_a_real_photo():
     """The port (padding, ReLU6, BN eps, normalisation) is right if the packaged weights see a cat."""
     data = pytest.importorskip("skimage.data")
