@@ -176,9 +176,9 @@ class PatchExtractor:
         feats: list[torch.Tensor | None] = [
             self._exact(img, g) if i in plan.cropped else None for i, g in enumerate(plan.grids)
         ]
+        keep = keep_maps if self.multiple == 1 else None
         for level, scaled in self.level_images(img, plan):
             grids = [plan.grids[i] for i in level.grids]
-            keep = keep_maps if self.multiple == 1 else None
             for i, f in zip(level.grids, self._shared_level(scaled, grids, w, h, keep)):
                 feats[i] = f
         return torch.cat(cast(list[torch.Tensor], feats)).float().cpu(), plan  # every grid is filled
