@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..evaluation.metrics import ap_table
+from ..evaluation.metrics import mean_ap, voc_ap
 from .calibration import score_feature
 from .pooling import l2_normalize
 
@@ -95,8 +95,10 @@ def fit_fusion(
     tried, per_class = {}, {}
     for w in weights:
         fused = Fusion(pool, coef, intercept, **stats, weight=float(w))
-        t = ap_table(fused.combine(head_scores, decisions), labels, [str(i) for i in range(len(coef))])
-        tried[float(w)], per_class[float(w)] = t.map07, t.ap07
+        scores = fused.combine(head_scores, decisions)
+        ap07 = np.array([voc_ap(scores[:, k], labels[:, k]) for k in range(len(coef))])
+        # the held-out split's own table already warned of classes without positives, by their names
+        tried[float(w)], per_class[float(w)] = mean_ap(ap07, warn=False), ap07
     best = max(tried, key=lambda w: (np.nan_to_num(tried[w], nan=-1.0), -w))  # ties: the smaller weight
     if shrink is None:
         return Fusion(pool, coef, intercept, **stats, weight=best), tried
