@@ -15,6 +15,7 @@ region means of their patches, and the backward pass to the stages' weights, und
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -77,7 +78,7 @@ def main() -> None:
         cells = sum(m.shape[0] * m.shape[1] for item in items for m in item.maps) / len(items)
         rows.append((n, unlock.boundary.name, f"{cells:.0f}", f"{t:.2f}", f"{p:.2f}", f"{t / p:.2f}"))
         print(f"unlock {n}: torch {t:.2f} s, patchnet {p:.2f} s", flush=True)
-    print(f"\npython benchmarks/unlock_step.py {' '.join(__import__('sys').argv[1:])}")
+    print(f"\npython benchmarks/unlock_step.py {' '.join(sys.argv[1:])}")
     print(f"{machine()}; {recipe.backbone.name}, levels {recipe.patches.levels}, {recipe.train.precision}")
     print(f"{args.images} devval images a step, median of {args.rounds} rounds\n")
     head = ("unlock", "maps below", "map cells / image", "torch's gradient s/step", "patchnet's s/step", "ratio")

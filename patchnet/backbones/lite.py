@@ -30,7 +30,7 @@ class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding, ctx.bias = stride, padding, bias is not None
+        ctx.stride, ctx.padding = stride, padding
         return F.conv2d(x, weight, bias, stride, padding, 1, weight.shape[0])
 
     @staticmethod
@@ -52,7 +52,7 @@ class _DepthwiseConv(torch.autograd.Function):
                 groups=c,
             )
             gw = g[0, :, : weight.shape[-2], : weight.shape[-1]].reshape(weight.shape).to(weight.dtype)
-        if ctx.bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False without a bias
             gb = gy.sum((0, 2, 3))
         return gx, gw, gb, None, None
 
